@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# The project's test command (README, .ci/run). Runs on a fresh 2-core machine with the Rust
+# toolchain; installs what else it needs itself.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if ! command -v cc >/dev/null 2>&1; then
+  echo "== installing a C compiler (needed by the onig regex library of tokenizers)"
+  apt-get update -qq && apt-get install -y -qq build-essential
+fi
+
+echo "== cargo test (workspace)"
+cargo test --workspace --locked

@@ -1,0 +1,161 @@
+//! `sd-cli`: text-to-image from the command line with sd-core.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Instant;
+
+use clap::{Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use sd_core::hub::DEFAULT_MODEL_ID;
+use sd_core::pipeline::{parse_device, parse_dtype, GenerateParams, LoadOptions, RunHooks, StableDiffusionPipeline};
+
+#[derive(Parser)]
+#[command(name = "sd-cli", version, about = "Stable Diffusion 2.x text-to-image, matched to HF diffusers")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate images from a prompt.
+    Generate(GenerateArgs),
+    /// List the scheduler names `--scheduler` accepts.
+    Schedulers,
+}
+
+#[derive(clap::Args)]
+struct GenerateArgs {
+    #[arg(long)]
+    prompt: String,
+    #[arg(long)]
+    negative_prompt: Option<String>,
+    /// A hub model id or a local diffusers folder.
+    #[arg(long, default_value = DEFAULT_MODEL_ID)]
+    model: String,
+    /// Image height in pixels (a multiple of 8); default: the model's native size.
+    #[arg(long)]
+    height: Option<usize>,
+    #[arg(long)]
+    width: Option<usize>,
+    #[arg(long, default_value_t = 50)]
+    steps: usize,
+    #[arg(long, default_value_t = 7.5)]
+    guidance_scale: f64,
+    /// Seed of the torch-compatible generator; drawn at random (and printed) when absent.
+    #[arg(long)]
+    seed: Option<u64>,
+    #[arg(long, default_value_t = 1)]
+    num_images: usize,
+    /// Scheduler name (see `sd-cli schedulers`); default: the model's own.
+    #[arg(long)]
+    scheduler: Option<String>,
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Output PNG; with --num-images K > 1 the files are FILE-0.png ... FILE-(K-1).png.
+    #[arg(long)]
+    out: PathBuf,
+}
+
+fn main() -> ExitCode {
+    // A panic is a bug, but the user still gets one line and an exit code, not a backtrace.
+    std::panic::set_hook(Box::new(|info| {
+        let msg = info.payload().downcast_ref::<&str>().map(|s| s.to_string())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown panic".into());
+        eprintln!("error: internal error: {msg}");
+    }));
+    let cli = Cli::parse();
+    let result = std::panic::catch_unwind(|| match cli.command {
+        Command::Generate(args) => generate(args),
+        Command::Schedulers => {
+            for name in sd_core::schedulers::scheduler_names() {
+                println!("{name}");
+            }
+            Ok(())
+        }
+    });
+    match result {
+        Ok(Ok(())) => ExitCode::SUCCESS,
+        Ok(Err(e)) => {
+            eprintln!("error: {}", one_line(&e));
+            ExitCode::FAILURE
+        }
+        Err(_) => ExitCode::from(101),
+    }
+}
+
+fn one_line(e: &anyhow::Error) -> String {
+    e.chain().map(|c| c.to_string()).collect::<Vec<_>>().join(": ").replace('\n', " ")
+}
+
+fn output_paths(out: &Path, n: usize) -> Vec<PathBuf> {
+    if n == 1 {
+        return vec![out.to_path_buf()];
+    }
+    let stem = out.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "image".into());
+    let ext = out.extension().map(|e| e.to_string_lossy().into_owned()).unwrap_or_else(|| "png".into());
+    (0..n).map(|i| out.with_file_name(format!("{stem}-{i}.{ext}"))).collect()
+}
+
+fn generate(args: GenerateArgs) -> anyhow::Result<()> {
+    let dtype = parse_dtype(&args.dtype)?;
+    let device = parse_device(&args.device)?;
+    if args.num_images == 0 {
+        anyhow::bail!("--num-images must be at least 1");
+    }
+    if let Some(parent) = args.out.parent().filter(|p| !p.as_os_str().is_empty()) {
+        if !parent.is_dir() {
+            anyhow::bail!("output folder {} does not exist", parent.display());
+        }
+    }
+    let mut params = GenerateParams::new(args.prompt);
+    params.negative_prompts = args.negative_prompt.map(|n| vec![n]);
+    params.height = args.height;
+    params.width = args.width;
+    params.num_inference_steps = args.steps;
+    params.guidance_scale = args.guidance_scale;
+    params.num_images_per_prompt = args.num_images;
+    params.seeds = vec![args.seed.unwrap_or_else(sd_core::pipeline::random_seed)];
+    params.scheduler = args.scheduler;
+
+    let started = Instant::now();
+    let mut opts = LoadOptions { device, dtype, ..LoadOptions::default() };
+    opts.hub.progress = true;
+    let pipe = StableDiffusionPipeline::from_pretrained(&args.model, &opts)?;
+    // Check the scheduler name before the slow part.
+    pipe.scheduler(params.scheduler.as_deref(), None)?;
+    let load_time = started.elapsed();
+
+    let bar = ProgressBar::new(args.steps as u64);
+    bar.set_style(ProgressStyle::with_template("{spinner} step {pos}/{len} [{bar:30}] {elapsed} (eta {eta})")?.progress_chars("=> "));
+    let mut on_step = |p: &sd_core::pipeline::StepProgress| {
+        bar.set_length(p.total as u64);
+        bar.set_position(p.step as u64);
+        true
+    };
+    let hooks = RunHooks { on_step: Some(&mut on_step), cancel: None };
+    let out = pipe.generate_with(&params, hooks);
+    bar.finish_and_clear();
+    let out = out?;
+
+    let paths = output_paths(&args.out, out.images.len());
+    for (img, path) in out.images.iter().zip(&paths) {
+        img.save(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    }
+    let t = out.timings;
+    let steps = params.num_inference_steps.max(1) as f64;
+    println!(
+        "seed {} | load {:.2}s | text encoder {:.2}s | denoise {:.2}s ({:.2}s/step) | vae decode {:.2}s | wrote {}",
+        out.seeds[0],
+        load_time.as_secs_f64(),
+        t.text_encoder.as_secs_f64(),
+        t.denoise.as_secs_f64(),
+        t.denoise.as_secs_f64() / steps,
+        t.vae_decode.as_secs_f64(),
+        paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+    );
+    Ok(())
+}

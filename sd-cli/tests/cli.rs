@@ -1,0 +1,200 @@
+//! `sd-cli generate` end to end on the fixture models: images against diffusers' PNGs, file
+//! naming, and one-line errors with a non-zero exit for bad input.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn pipelines() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/pipelines")
+}
+
+fn sd_cli(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_sd-cli"))
+        .args(args)
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .expect("sd-cli runs")
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Mean and max absolute difference of two PNGs of the same size, in 8-bit levels.
+fn png_diff(a: &Path, b: &Path) -> (f64, u8) {
+    let a = image::open(a).unwrap().to_rgb8();
+    let b = image::open(b).unwrap().to_rgb8();
+    assert_eq!(a.dimensions(), b.dimensions());
+    let (mut sum, mut max) = (0u64, 0u8);
+    for (x, y) in a.as_raw().iter().zip(b.as_raw()) {
+        let d = x.abs_diff(*y);
+        sum += d as u64;
+        max = max.max(d);
+    }
+    (sum as f64 / a.as_raw().len() as f64, max)
+}
+
+/// Runs the CLI with the parameters of a fixture case and checks each image against diffusers'.
+fn generate_case(case: &str) {
+    let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(pipelines().join(format!("{case}.json"))).unwrap()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.png");
+    let model = pipelines().join(json["model"].as_str().unwrap());
+    let s = |k: &str| json[k].to_string();
+    let mut args: Vec<String> = vec![
+        "generate".into(), "--prompt".into(), json["prompt"].as_str().unwrap().into(),
+        "--model".into(), model.display().to_string(),
+        "--height".into(), s("height"), "--width".into(), s("width"),
+        "--steps".into(), s("num_inference_steps"), "--guidance-scale".into(), s("guidance_scale"),
+        "--seed".into(), s("seed"), "--num-images".into(), s("num_images_per_prompt"),
+        "--scheduler".into(), json["scheduler"].as_str().unwrap().into(),
+        "--out".into(), out.display().to_string(),
+    ];
+    if let Some(neg) = json["negative_prompt"].as_str() {
+        args.extend(["--negative-prompt".into(), neg.into()]);
+    }
+    let result = sd_cli(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(result.status.success(), "{case}: {}", stderr(&result));
+    let stdout = String::from_utf8_lossy(&result.stdout);
+    assert!(stdout.contains(&format!("seed {}", json["seed"])), "{case}: summary line: {stdout}");
+    let n = json["num_images_per_prompt"].as_u64().unwrap();
+    for i in 0..n {
+        let (ours, theirs) = if n == 1 {
+            (out.clone(), pipelines().join(format!("{case}.png")))
+        } else {
+            (dir.path().join(format!("out-{i}.png")), pipelines().join(format!("{case}-{i}.png")))
+        };
+        let (mean, max) = png_diff(&ours, &theirs);
+        assert!(mean <= 0.5 && max <= 4, "{case} image {i}: mean |diff| {mean:.3}, max {max}");
+    }
+}
+
+#[test]
+fn sd2_ddim_matches_diffusers() {
+    generate_case("sd2_ddim");
+}
+
+#[test]
+fn sd2_euler_nonsquare_two_images_match_diffusers() {
+    generate_case("sd2_euler");
+}
+
+#[test]
+fn sd2_long_prompt_matches_diffusers() {
+    generate_case("sd2_long");
+}
+
+#[test]
+fn sd1_fp16_only_folder_matches_diffusers() {
+    generate_case("sd1_euler");
+}
+
+#[test]
+fn sd1_ddim_matches_diffusers() {
+    generate_case("sd1_ddim");
+}
+
+#[test]
+fn without_seed_a_seed_is_printed_and_reproduces_the_image() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = pipelines().join("sd2-tiny").display().to_string();
+    let a = dir.path().join("a.png").display().to_string();
+    let first = sd_cli(&["generate", "--prompt", "x", "--model", &model, "--steps", "1", "--out", &a]);
+    assert!(first.status.success(), "{}", stderr(&first));
+    let stdout = String::from_utf8_lossy(&first.stdout);
+    let seed = stdout.split_whitespace().skip_while(|w| *w != "seed").nth(1).expect("seed printed").to_string();
+    let b = dir.path().join("b.png").display().to_string();
+    let second = sd_cli(&["generate", "--prompt", "x", "--model", &model, "--steps", "1", "--seed", &seed, "--out", &b]);
+    assert!(second.status.success(), "{}", stderr(&second));
+    assert_eq!(std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap());
+}
+
+/// Copies a fixture model so a test can damage it.
+fn copy_model(name: &str, to: &Path) -> PathBuf {
+    fn copy_dir(from: &Path, to: &Path) {
+        std::fs::create_dir_all(to).unwrap();
+        for entry in std::fs::read_dir(from).unwrap() {
+            let entry = entry.unwrap();
+            let target = to.join(entry.file_name());
+            if entry.file_type().unwrap().is_dir() {
+                copy_dir(&entry.path(), &target);
+            } else {
+                std::fs::copy(entry.path(), target).unwrap();
+            }
+        }
+    }
+    let dest = to.join(name);
+    copy_dir(&pipelines().join(name), &dest);
+    dest
+}
+
+/// Runs a generate that must fail; returns its one-line error.
+fn expect_error(model: &Path, extra: &[&str]) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("x.png").display().to_string();
+    let model = model.display().to_string();
+    let mut args = vec!["generate", "--prompt", "a cat", "--model", &model, "--seed", "1", "--out", &out];
+    if !extra.contains(&"--steps") {
+        args.extend(["--steps", "1"]);
+    }
+    args.extend_from_slice(extra);
+    let result = sd_cli(&args);
+    let err = stderr(&result);
+    assert!(!result.status.success(), "expected failure for {extra:?}");
+    assert_eq!(result.status.code(), Some(1), "exit code for {extra:?}: {err}");
+    assert!(!err.contains("panicked"), "panic for {extra:?}: {err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "one line expected: {err}");
+    assert!(!Path::new(&out).exists(), "no output file on error");
+    err
+}
+
+#[test]
+fn bad_input_gives_one_line_errors() {
+    let model = pipelines().join("sd2-tiny");
+    let err = expect_error(&model, &["--height", "65"]);
+    assert!(err.contains("height") && err.contains("multiple of 8"), "{err}");
+    let err = expect_error(&model, &["--steps", "0"]);
+    assert!(err.contains("num_inference_steps"), "{err}");
+    let err = expect_error(&model, &["--scheduler", "warp-drive"]);
+    assert!(err.contains("warp-drive") && err.contains("EulerDiscreteScheduler") && err.contains("ddim"), "{err}");
+    let err = expect_error(&model, &["--dtype", "f64"]);
+    assert!(err.contains("f64"), "{err}");
+    let missing = pipelines().join("no-such-model");
+    let err = expect_error(&missing, &[]);
+    assert!(err.contains("no-such-model"), "{err}");
+}
+
+#[test]
+fn truncated_weights_name_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = copy_model("sd2-tiny", dir.path());
+    let weights = model.join("unet/diffusion_pytorch_model.safetensors");
+    let len = std::fs::metadata(&weights).unwrap().len();
+    std::fs::OpenOptions::new().write(true).open(&weights).unwrap().set_len(len / 2).unwrap();
+    let err = expect_error(&model, &[]);
+    assert!(err.contains("diffusion_pytorch_model.safetensors") && err.contains("unet"), "{err}");
+}
+
+#[test]
+fn config_with_missing_key_names_file_and_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = copy_model("sd2-tiny", dir.path());
+    let config = model.join("unet/config.json");
+    let mut json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&config).unwrap()).unwrap();
+    json.as_object_mut().unwrap().remove("block_out_channels");
+    std::fs::write(&config, json.to_string()).unwrap();
+    let err = expect_error(&model, &[]);
+    assert!(err.contains("unet/config.json") && err.contains("block_out_channels"), "{err}");
+}
+
+#[test]
+fn mis_shaped_tensor_names_the_tensor() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = copy_model("sd2-tiny", dir.path());
+    let config = model.join("unet/config.json");
+    let mut json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&config).unwrap()).unwrap();
+    json["cross_attention_dim"] = serde_json::json!(48);
+    std::fs::write(&config, json.to_string()).unwrap();
+    let err = expect_error(&model, &[]);
+    assert!(err.contains("to_k.weight") && err.contains("expected"), "{err}");
+}

@@ -1,0 +1,28 @@
+//! # sd-core
+//!
+//! Stable Diffusion 2.x (and 1.x) text-to-image inference on [candle], numerically matched to
+//! HF diffusers. Every stage has a public API of its own:
+//!
+//! | stage | type |
+//! |---|---|
+//! | CLIP BPE tokenizer | [`tokenizer::ClipTokenizer`] |
+//! | CLIP text encoder | [`models::clip_text::ClipTextModel`] |
+//! | UNet | [`models::unet::UNet2DConditionModel`] |
+//! | VAE | [`models::vae::AutoencoderKL`] |
+//! | schedulers | [`schedulers::Scheduler`] and its implementations |
+//! | torch-compatible noise | [`rng::TorchGenerator`] |
+//! | the whole pipeline | [`pipeline::StableDiffusionPipeline`] |
+//!
+//! Every attention call goes through [`attention`], so device-specific kernels plug in there.
+
+pub mod attention;
+pub mod error;
+pub mod hub;
+pub mod loading;
+pub mod models;
+pub mod pipeline;
+pub mod rng;
+pub mod schedulers;
+pub mod tokenizer;
+
+pub use error::{Error, Result};

@@ -1,0 +1,22 @@
+//! The networks of a Stable Diffusion pipeline, one file per model part, each configured by the
+//! upstream `config.json` of its diffusers subfolder.
+
+pub mod clip_text;
+pub mod resnet;
+pub mod unet;
+pub mod vae;
+
+use candle_core::{Module, Result, Tensor};
+
+/// Parses diffusers' `act_fn` names; SD uses "silu" everywhere.
+pub(crate) fn check_act_fn(act_fn: &str) -> Result<()> {
+    match act_fn {
+        "silu" | "swish" => Ok(()),
+        other => candle_core::bail!("unsupported act_fn `{other}` (supported: silu)"),
+    }
+}
+
+/// `GroupNorm` followed by SiLU, the pattern at the start of every resnet block.
+pub(crate) fn group_norm_silu(norm: &candle_nn::GroupNorm, xs: &Tensor) -> Result<Tensor> {
+    candle_nn::ops::silu(&norm.forward(xs)?)
+}

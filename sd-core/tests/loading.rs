@@ -1,0 +1,158 @@
+//! Model folders beyond the plain layout: sharded weights, text-encoder keys without the
+//! `text_model.` prefix, variant preference, half-precision runs, and errors that name the file
+//! and the tensor.
+
+mod support;
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use sd_core::loading::{build_component, read_json, WeightStore};
+use sd_core::models::clip_text::{ClipTextConfig, ClipTextModel};
+use sd_core::pipeline::{GenerateParams, StableDiffusionPipeline};
+use support::*;
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
+fn read_tensors(path: &Path) -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(path, &Device::Cpu).unwrap()
+}
+
+fn unet_stage_output(pipe: &StableDiffusionPipeline) -> Tensor {
+    let refs = load_refs("sd2_stages.safetensors");
+    pipe.unet.forward(get(&refs, "unet.sample"), 981.0, get(&refs, "unet.encoder_hidden_states")).unwrap()
+}
+
+#[test]
+fn sharded_unet_loads_like_the_single_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("sd2-sharded");
+    copy_dir(&pipelines().join("sd2-tiny"), &model);
+    let unet = model.join("unet");
+    let single = unet.join("diffusion_pytorch_model.safetensors");
+    let tensors = read_tensors(&single);
+    std::fs::remove_file(&single).unwrap();
+
+    let mut names: Vec<&String> = tensors.keys().collect();
+    names.sort();
+    let (first, second) = names.split_at(names.len() / 2);
+    let mut weight_map = serde_json::Map::new();
+    for (i, part) in [first, second].iter().enumerate() {
+        let file = format!("diffusion_pytorch_model-0000{}-of-00002.safetensors", i + 1);
+        let shard: HashMap<String, Tensor> = part.iter().map(|n| ((*n).clone(), tensors[*n].clone())).collect();
+        candle_core::safetensors::save(&shard, unet.join(&file)).unwrap();
+        for n in part.iter() {
+            weight_map.insert((*n).clone(), file.clone().into());
+        }
+    }
+    let index = serde_json::json!({ "metadata": { "total_size": 0 }, "weight_map": weight_map });
+    std::fs::write(unet.join("diffusion_pytorch_model.safetensors.index.json"), index.to_string()).unwrap();
+
+    let pipe = StableDiffusionPipeline::from_folder(&model, DType::F32, &Device::Cpu, None).unwrap();
+    let refs = load_refs("sd2_stages.safetensors");
+    assert_close(&unet_stage_output(&pipe), get(&refs, "unet.out"), 1e-4, "sharded unet");
+}
+
+#[test]
+fn text_encoder_keys_without_prefix() {
+    let dir = tempfile::tempdir().unwrap();
+    let te = dir.path().join("text_encoder");
+    std::fs::create_dir_all(&te).unwrap();
+    let src = pipelines().join("sd2-tiny/text_encoder");
+    std::fs::copy(src.join("config.json"), te.join("config.json")).unwrap();
+    let stripped: HashMap<String, Tensor> = read_tensors(&src.join("model.safetensors"))
+        .into_iter()
+        .map(|(k, v)| (k.strip_prefix("text_model.").unwrap_or(&k).to_string(), v))
+        .collect();
+    assert!(stripped.contains_key("embeddings.token_embedding.weight"));
+    candle_core::safetensors::save(&stripped, te.join("model.safetensors")).unwrap();
+
+    let cfg: ClipTextConfig = read_json(&te.join("config.json")).unwrap();
+    let store = WeightStore::open_component(&te, "model", None).unwrap();
+    let model = build_component(&te, store, DType::F32, &Device::Cpu, |vb| ClipTextModel::new(vb, &cfg)).unwrap();
+    let refs = load_refs("sd2_stages.safetensors");
+    let out = model.forward(get(&refs, "text.input_ids")).unwrap();
+    assert_close(&out, get(&refs, "text.last_hidden_state"), 1e-4, "unprefixed text encoder");
+}
+
+/// A folder with both plain and fp16 files uses the plain ones for f32 and the fp16 variant when
+/// asked (here the fp16 file holds different weights, so the choice shows in the output).
+#[test]
+fn variant_preference() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("sd2-both");
+    copy_dir(&pipelines().join("sd2-tiny"), &model);
+    let unet = model.join("unet");
+    let halved: HashMap<String, Tensor> = read_tensors(&unet.join("diffusion_pytorch_model.safetensors"))
+        .into_iter()
+        .map(|(k, v)| (k, (v * 0.5).unwrap().to_dtype(DType::F16).unwrap()))
+        .collect();
+    candle_core::safetensors::save(&halved, unet.join("diffusion_pytorch_model.fp16.safetensors")).unwrap();
+
+    let refs = load_refs("sd2_stages.safetensors");
+    let plain = StableDiffusionPipeline::from_folder(&model, DType::F32, &Device::Cpu, None).unwrap();
+    assert_close(&unet_stage_output(&plain), get(&refs, "unet.out"), 1e-4, "plain weights chosen for f32");
+    let fp16 = StableDiffusionPipeline::from_folder(&model, DType::F32, &Device::Cpu, Some("fp16")).unwrap();
+    assert!(rel_err(&unet_stage_output(&fp16), get(&refs, "unet.out")) > 1e-2, "fp16 variant should have been used");
+}
+
+#[test]
+fn half_precision_runs_stay_close_to_f32() {
+    let model = pipelines().join("sd2-tiny");
+    let mut params = GenerateParams::new("a photograph of an astronaut riding a horse");
+    params.height = Some(64);
+    params.width = Some(64);
+    params.num_inference_steps = 2;
+    params.seeds = vec![42];
+    let reference = StableDiffusionPipeline::from_folder(&model, DType::F32, &Device::Cpu, None).unwrap().generate(&params).unwrap();
+    let pipe = StableDiffusionPipeline::from_folder(&model, DType::F16, &Device::Cpu, None).unwrap();
+    assert_eq!(pipe.dtype(), DType::F16);
+    let out = pipe.generate(&params).unwrap();
+    let (mean, max) = image_diff(out.images[0].as_raw(), reference.images[0].as_raw());
+    eprintln!("f16 vs f32: mean |diff| {mean:.3}, max {max}");
+    assert!(mean < 2.0, "f16: mean |diff| {mean} against f32");
+}
+
+#[test]
+fn bf16_on_cpu_is_a_clear_error() {
+    let err = StableDiffusionPipeline::from_folder(&pipelines().join("sd2-tiny"), DType::BF16, &Device::Cpu, None)
+        .err()
+        .expect("bf16 matmul is not available on candle's CPU backend")
+        .to_string();
+    assert!(err.contains("bf16") && err.contains("CPU"), "{err}");
+}
+
+#[test]
+fn missing_tensor_names_tensor_and_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("sd2-missing");
+    copy_dir(&pipelines().join("sd2-tiny"), &model);
+    let file = model.join("vae/diffusion_pytorch_model.safetensors");
+    let mut tensors = read_tensors(&file);
+    tensors.remove("decoder.conv_out.weight").unwrap();
+    candle_core::safetensors::save(&tensors, &file).unwrap();
+    let err = StableDiffusionPipeline::from_folder(&model, DType::F32, &Device::Cpu, None).err().expect("must fail").to_string();
+    assert!(err.contains("decoder.conv_out.weight") && err.contains("vae") && err.contains("diffusion_pytorch_model.safetensors"), "{err}");
+}
+
+#[test]
+fn missing_weight_file_is_an_error_naming_the_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("sd2-noweights");
+    copy_dir(&pipelines().join("sd2-tiny"), &model);
+    std::fs::remove_file(model.join("unet/diffusion_pytorch_model.safetensors")).unwrap();
+    let err = StableDiffusionPipeline::from_folder(&model, DType::F32, &Device::Cpu, None).err().expect("must fail").to_string();
+    assert!(err.contains("unet") && err.contains("diffusion_pytorch_model"), "{err}");
+}

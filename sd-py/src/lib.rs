@@ -1,0 +1,1 @@
+//! Python bindings for sd-core: placeholder until the `sd_py` work lands.
