@@ -128,6 +128,12 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
     // Check the scheduler name before the slow part.
     pipe.scheduler(params.scheduler.as_deref(), None)?;
     let load_time = started.elapsed();
+    for prompt in params.prompts.iter().chain(params.negative_prompts.iter().flatten()) {
+        if let Some(cut) = pipe.tokenizer.truncated_text(prompt)? {
+            let max = pipe.tokenizer.max_length();
+            eprintln!("warning: prompt longer than {max} tokens; this part is ignored: {cut}");
+        }
+    }
 
     let bar = ProgressBar::new(args.steps as u64);
     bar.set_style(ProgressStyle::with_template("{spinner} step {pos}/{len} [{bar:30}] {elapsed} (eta {eta})")?.progress_chars("=> "));

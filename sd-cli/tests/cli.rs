@@ -35,7 +35,7 @@ fn png_diff(a: &Path, b: &Path) -> (f64, u8) {
 }
 
 /// Runs the CLI with the parameters of a fixture case and checks each image against diffusers'.
-fn generate_case(case: &str) {
+fn generate_case(case: &str) -> Output {
     let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(pipelines().join(format!("{case}.json"))).unwrap()).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out.png");
@@ -67,11 +67,13 @@ fn generate_case(case: &str) {
         let (mean, max) = png_diff(&ours, &theirs);
         assert!(mean <= 0.5 && max <= 4, "{case} image {i}: mean |diff| {mean:.3}, max {max}");
     }
+    result
 }
 
 #[test]
 fn sd2_ddim_matches_diffusers() {
-    generate_case("sd2_ddim");
+    let out = generate_case("sd2_ddim");
+    assert!(!stderr(&out).contains("warning"), "{}", stderr(&out));
 }
 
 #[test]
@@ -81,7 +83,8 @@ fn sd2_euler_nonsquare_two_images_match_diffusers() {
 
 #[test]
 fn sd2_long_prompt_matches_diffusers() {
-    generate_case("sd2_long");
+    let out = generate_case("sd2_long");
+    assert!(stderr(&out).contains("warning: prompt longer than 77 tokens"), "{}", stderr(&out));
 }
 
 #[test]
