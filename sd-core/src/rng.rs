@@ -345,7 +345,9 @@ impl Generators {
         matches!(self, Generators::PerSample(g) if g.is_empty())
     }
 
-    /// diffusers' `randn_tensor(shape, generator=self)` in float32, on `device`.
+    /// diffusers' `randn_tensor(shape, generator=self)` in float32, on `device`. With one generator
+    /// per sample, `shape[0]` generators are used (an error if there are fewer; extra ones are left
+    /// untouched, as in diffusers).
     pub fn randn(&mut self, shape: &[usize], device: &Device) -> Result<Tensor> {
         match self {
             Generators::Single(g) => g.randn_tensor(shape, device),

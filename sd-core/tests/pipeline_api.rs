@@ -117,3 +117,24 @@ fn concurrent_calls_equal_serial_calls() {
         assert_eq!(h.join().unwrap(), expected);
     }
 }
+
+/// DDIM's eta draws its noise from the run's generator: it changes the result, repeats with the
+/// seed, and is refused by schedulers without an eta.
+#[test]
+fn ddim_eta_is_seeded_and_checked() {
+    let pipe = pipe();
+    let mut p = params(3);
+    p.scheduler = Some("ddim".into());
+    p.output = OutputType::Latent;
+    let deterministic = pipe.generate(&p).unwrap().latents;
+    p.eta = 1.0;
+    let a = pipe.generate(&p).unwrap().latents;
+    let b = pipe.generate(&p).unwrap().latents;
+    assert_close(&a, &b, 0.0, "eta=1 repeats with the same seed");
+    assert!(rel_err(&a, &deterministic) > 1e-3, "eta=1 should add noise");
+    p.scheduler = Some("euler".into());
+    let err = pipe.generate(&p).unwrap_err().to_string();
+    assert!(err.contains("eta"), "{err}");
+    p.eta = 2.0;
+    assert!(pipe.generate(&p).unwrap_err().to_string().contains("between 0 and 1"));
+}

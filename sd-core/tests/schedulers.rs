@@ -8,7 +8,8 @@ use std::path::PathBuf;
 use candle_core::{Device, Tensor};
 use sd_core::rng::{Generators, TorchGenerator};
 use sd_core::schedulers::{
-    scheduler_from_name, scheduler_names, DDIMScheduler, EulerDiscreteScheduler, Scheduler, SchedulerConfig,
+    find_scheduler, normalize_scheduler_name, scheduler_from_name, scheduler_names, DDIMScheduler, EulerDiscreteScheduler,
+    Scheduler, SchedulerConfig, SCHEDULERS,
 };
 use sd_core::Error;
 use serde_json::{json, Value};
@@ -61,13 +62,30 @@ const SCHEDULE_TOL: f64 = 1e-6;
 
 const STEP_TOL: f64 = 1e-5;
 
+/// Records a failed tolerance check (all of them are reported at the end of the test).
+macro_rules! soft {
+    ($failures:ident, $cond:expr, $($fmt:tt)*) => {
+        let ok: bool = $cond; // false for NaN too
+        if !ok {
+            $failures.push(format!($($fmt)*));
+        }
+    };
+}
+
+fn report(failures: &[String]) {
+    assert!(failures.is_empty(), "{} checks out of tolerance:\n{}", failures.len(), failures.join("\n"));
+}
+
 fn config_of(case: &Value) -> SchedulerConfig {
     SchedulerConfig::from_map(case["config"].as_object().unwrap().clone())
 }
 
+/// The scheduler of a case: by its registry name when the case has one (the fixture applied
+/// diffusers' documented overrides for that name), else by class name.
 fn build(case: &Value) -> Box<dyn Scheduler> {
     let class = case["class"].as_str().unwrap();
-    let mut s = scheduler_from_name(class, &config_of(case)).unwrap_or_else(|e| panic!("{}: {e}", case["name"]));
+    let name = case.get("scheduler_name").and_then(Value::as_str).unwrap_or(class);
+    let mut s = scheduler_from_name(name, &config_of(case)).unwrap_or_else(|e| panic!("{}: {e}", case["name"]));
     assert_eq!(s.class_name(), class);
     for (k, v) in case["options"].as_object().unwrap() {
         let v = v.as_f64().unwrap_or_else(|| if v.as_bool() == Some(true) { 1.0 } else { 0.0 });
@@ -93,7 +111,8 @@ fn noise_generators(case: &Value) -> Generators {
 fn schedules_match_diffusers() {
     let fx = load();
     let mut stats = Stats::default();
-    assert!(fx.cases.len() > 150, "expected the full case grid");
+    let mut failures = Vec::new();
+    assert!(fx.cases.len() > 500, "expected the full case grid");
     for case in &fx.cases {
         let (id, name) = (case["id"].as_str().unwrap(), case["name"].as_str().unwrap());
         let mut s = build(case);
@@ -104,34 +123,52 @@ fn schedules_match_diffusers() {
         assert_eq!(s.timesteps().len(), want_ts.len(), "{name}: timestep count");
         for (i, (&g, &w)) in s.timesteps().iter().zip(&want_ts).enumerate() {
             stats.add("timesteps", sched_err(g, w), name);
-            assert!(sched_err(g, w) <= SCHEDULE_TOL, "{name}: timestep {i}: {g} vs {w}\n{:?}\n{:?}", s.timesteps(), want_ts);
+            soft!(failures, sched_err(g, w) <= SCHEDULE_TOL, "{name}: timestep {i}: {g} vs {w}\n{:?}\n{:?}", s.timesteps(), want_ts);
         }
         let want_ins = vec_f64(&fx.tensors[&format!("{id}/ins")])[0];
         let e = sched_err(s.init_noise_sigma(), want_ins);
         stats.add("init_noise_sigma", e, name);
-        assert!(e <= SCHEDULE_TOL, "{name}: init_noise_sigma {} vs {want_ins}", s.init_noise_sigma());
-        if case["class"] == "EulerDiscreteScheduler" {
+        soft!(failures, e <= SCHEDULE_TOL, "{name}: init_noise_sigma {} vs {want_ins}", s.init_noise_sigma());
+        if case["class"] == "EulerDiscreteScheduler" && case.get("scheduler_name").is_none() {
             let mut eu = EulerDiscreteScheduler::from_config(&config_of(case)).unwrap();
             eu.set_timesteps(steps).unwrap();
-            let want = vec_f64(&fx.tensors[&format!("{id}/sigmas")]);
-            let got = eu.sigmas();
-            assert_eq!(got.len(), want.len(), "{name}: sigma count");
-            for (i, (&g, &w)) in got.iter().zip(&want).enumerate() {
-                stats.add("sigmas", sched_err(g, w), name);
-                assert!(sched_err(g, w) <= SCHEDULE_TOL, "{name}: sigma {i}: {g} vs {w}");
+            assert_eq!(eu.sigmas(), s.sigmas().unwrap(), "{name}: Scheduler::sigmas");
+        }
+        match fx.tensors.get(&format!("{id}/sigmas")) {
+            Some(want) => {
+                let want = vec_f64(want);
+                let got = s.sigmas().unwrap_or_else(|| panic!("{name}: no sigmas"));
+                assert_eq!(got.len(), want.len(), "{name}: sigma count");
+                for (i, (&g, &w)) in got.iter().zip(&want).enumerate() {
+                    // diffusers keeps NaN in KDPM2's unused first interpolated sigma only.
+                    if w.is_nan() && g.is_nan() {
+                        continue;
+                    }
+                    stats.add("sigmas", sched_err(g, w), name);
+                    soft!(failures, sched_err(g, w) <= SCHEDULE_TOL, "{name}: sigma {i}: {g} vs {w}\n{got:?}\n{want:?}");
+                }
             }
+            None => assert!(s.sigmas().is_none(), "{name}: diffusers has no sigmas"),
         }
     }
     stats.print();
+    report(&failures);
 }
 
 /// Counts exact and inexact values and the worst error, for the test log.
 #[derive(Default)]
-struct Stats(std::collections::BTreeMap<&'static str, (usize, usize, f64, String, std::collections::BTreeSet<String>)>);
+struct Stats(
+    std::collections::BTreeMap<&'static str, (usize, usize, f64, String, std::collections::BTreeSet<String>)>,
+    std::collections::BTreeMap<(&'static str, String), (usize, f64)>,
+);
 
 impl Stats {
     fn add(&mut self, what: &'static str, err: f64, case: &str) {
         let e = self.0.entry(what).or_default();
+        let class = case.split(' ').next().unwrap_or(case).to_string();
+        let c = self.1.entry((what, class)).or_insert((0, 0.0));
+        c.0 += 1;
+        c.1 = f64::max(c.1, err);
         e.0 += 1;
         if err != 0.0 {
             e.1 += 1;
@@ -145,9 +182,13 @@ impl Stats {
     fn print(&self) {
         for (what, (n, inexact, worst, case, cases)) in &self.0 {
             println!("{what}: {n} values, {inexact} not bit-identical, worst relative error {worst:e} ({case})");
-            if !cases.is_empty() {
+            if !cases.is_empty() && cases.len() <= 40 {
                 println!("    inexact in: {}", cases.iter().cloned().collect::<Vec<_>>().join("; "));
             }
+        }
+        println!("worst relative error per scheduler (first word of the case name):");
+        for ((what, class), (n, worst)) in &self.1 {
+            println!("    {what:<22} {class:<34} {n:>6} values, worst {worst:e}");
         }
     }
 }
@@ -156,6 +197,7 @@ impl Stats {
 fn step_sequences_match_diffusers() {
     let fx = load();
     let mut stats = Stats::default();
+    let mut failures = Vec::new();
     let mut runs = 0;
     for case in &fx.cases {
         let seq = &case["sequence"];
@@ -181,21 +223,23 @@ fn step_sequences_match_diffusers() {
                 Some(w) => {
                     let e = rel_err(&vec_f32(&scaled), &vec_f32(&w.get(k).unwrap()));
                     stats.add("scale_model_input", e, name);
-                    assert!(e <= STEP_TOL, "{name}: scale_model_input at step {k}: relative error {e:e}");
+                    soft!(failures, e <= STEP_TOL, "{name}: scale_model_input at step {k}: relative error {e:e}");
                 }
-                None => assert_eq!(vec_f32(&scaled), vec_f32(&sample), "{name}: DDIM does not scale its input"),
+                None => assert_eq!(vec_f32(&scaled), vec_f32(&sample), "{name}: does not scale its input"),
             }
             let prev = s.step(&model_output, t, &sample, &mut gens).unwrap_or_else(|e| panic!("{name} step {k}: {e}"));
             assert_eq!(prev.dims(), &shape[..]);
             let e = rel_err(&vec_f32(&prev), &vec_f32(&want_prev.get(k).unwrap()));
             stats.add("step", e, name);
-            assert!(e <= STEP_TOL, "{name}: step {k} (t = {t}): relative error {e:e}");
+            soft!(failures, e <= STEP_TOL, "{name}: step {k} (t = {t}): relative error {e:e}");
             sample = prev;
         }
-        let x0 = s.pred_original_sample().expect("pred_original_sample after a step");
-        let e = rel_err(&vec_f32(x0), &vec_f32(&fx.tensors[&format!("{id}/x0_last")]));
-        stats.add("pred_original_sample", e, name);
-        assert!(e <= STEP_TOL, "{name}: pred_original_sample: relative error {e:e}");
+        if let Some(want) = fx.tensors.get(&format!("{id}/x0_last")) {
+            let x0 = s.pred_original_sample().expect("pred_original_sample after a step");
+            let e = rel_err(&vec_f32(x0), &vec_f32(want));
+            stats.add("pred_original_sample", e, name);
+            soft!(failures, e <= STEP_TOL, "{name}: pred_original_sample: relative error {e:e}");
+        }
 
         if let Some(an) = case["add_noise"].as_object() {
             let mut fresh = build(case);
@@ -207,13 +251,14 @@ fn step_sequences_match_diffusers() {
             let got = fresh.add_noise(&original, &noise, t).unwrap();
             let e = rel_err(&vec_f32(&got), &vec_f32(&fx.tensors[&format!("{id}/add_noise")]));
             stats.add("add_noise", e, name);
-            assert!(e <= STEP_TOL, "{name}: add_noise: relative error {e:e}");
+            soft!(failures, e <= STEP_TOL, "{name}: add_noise: relative error {e:e}");
         }
         runs += 1;
     }
-    assert!(runs > 50);
+    assert!(runs > 300, "expected every scheduler's step sequences, ran {runs}");
     println!("{runs} step sequences");
     stats.print();
+    report(&failures);
 }
 
 // ---- config semantics ----
@@ -268,9 +313,10 @@ fn invalid_values_name_the_key_and_the_valid_values() {
         ("thresholding", json!(true), &["thresholding", "not supported"][..]),
     ];
     for (key, value, needles) in cases {
-        for class in ["EulerDiscreteScheduler", "DDIMScheduler"] {
-            if key == "thresholding" && class == "EulerDiscreteScheduler" {
-                continue; // not an Euler key: ignored
+        for &class in ALL_CLASSES {
+            let has_thresholding = ["DDIMScheduler", "DPMSolverMultistepScheduler", "UniPCMultistepScheduler", "DEISMultistepScheduler", "DDPMScheduler", "LCMScheduler"];
+            if key == "thresholding" && !has_thresholding.contains(&class) {
+                continue; // not a key of the class: ignored
             }
             let cfg = sd21().with(key, value.clone());
             let err = scheduler_from_name(class, &cfg).err().unwrap_or_else(|| panic!("{class} accepted {key}={value}"));
@@ -292,14 +338,44 @@ fn invalid_values_name_the_key_and_the_valid_values() {
     assert!(matches!(SchedulerConfig::from_file("/nonexistent/scheduler_config.json"), Err(Error::NotFound { .. })));
 }
 
+/// Every diffusers class in the registry.
+const ALL_CLASSES: &[&str] = &[
+    "EulerDiscreteScheduler",
+    "EulerAncestralDiscreteScheduler",
+    "DPMSolverMultistepScheduler",
+    "DDIMScheduler",
+    "PNDMScheduler",
+    "LMSDiscreteScheduler",
+    "HeunDiscreteScheduler",
+    "UniPCMultistepScheduler",
+    "DDPMScheduler",
+    "KDPM2DiscreteScheduler",
+    "KDPM2AncestralDiscreteScheduler",
+    "DEISMultistepScheduler",
+    "LCMScheduler",
+];
+
 #[test]
 fn set_timesteps_rejects_bad_step_counts() {
-    for name in ["euler", "ddim"] {
+    for &name in ALL_CLASSES {
         let mut s = scheduler_from_name(name, &sd21()).unwrap();
         assert!(matches!(s.set_timesteps(0), Err(Error::InvalidArgument(_))), "{name}: 0 steps");
         assert!(matches!(s.set_timesteps(1001), Err(Error::InvalidArgument(_))), "{name}: 1001 steps");
+        if name == "LCMScheduler" {
+            // At most original_inference_steps (50).
+            assert!(matches!(s.set_timesteps(51), Err(Error::InvalidArgument(_))), "{name}: 51 steps");
+            s.set_timesteps(50).unwrap();
+            assert_eq!(s.timesteps().len(), 50);
+            continue;
+        }
         s.set_timesteps(1000).unwrap();
-        assert_eq!(s.timesteps().len(), 1000);
+        let want = match s.order() {
+            2 => 1999, // two evaluations per step but the last
+            _ if name == "PNDMScheduler" => 1001, // the second timestep repeats
+            _ => 1000,
+        };
+        assert_eq!(s.timesteps().len(), want, "{name}");
+        assert_eq!(s.num_inference_steps(), Some(1000), "{name}");
     }
 }
 
@@ -340,6 +416,109 @@ fn names_resolve_case_insensitively() {
     }
 }
 
+/// A name, its diffusers class and the config values the name forces.
+type NameMapping = (&'static str, &'static str, Vec<(&'static str, Value)>);
+
+/// The A1111 names of the issue, mapped as diffusers' documentation maps them: a class plus
+/// `from_config` overrides applied on top of the model's config.
+fn a1111_table() -> Vec<NameMapping> {
+    let karras = ("use_karras_sigmas", json!(true));
+    let sde = ("algorithm_type", json!("sde-dpmsolver++"));
+    vec![
+        ("Euler", "EulerDiscreteScheduler", vec![]),
+        ("Euler a", "EulerAncestralDiscreteScheduler", vec![]),
+        ("DPM++ 2M", "DPMSolverMultistepScheduler", vec![("algorithm_type", json!("dpmsolver++")), ("use_karras_sigmas", json!(false))]),
+        ("DPM++ 2M Karras", "DPMSolverMultistepScheduler", vec![karras.clone(), ("algorithm_type", json!("dpmsolver++"))]),
+        ("DPM++ 2M SDE", "DPMSolverMultistepScheduler", vec![sde.clone(), ("use_karras_sigmas", json!(false))]),
+        ("DPM++ 2M SDE Karras", "DPMSolverMultistepScheduler", vec![sde.clone(), karras.clone()]),
+        ("DDIM", "DDIMScheduler", vec![]),
+        ("PNDM", "PNDMScheduler", vec![]),
+        ("UniPC", "UniPCMultistepScheduler", vec![]),
+        ("LMS", "LMSDiscreteScheduler", vec![("use_karras_sigmas", json!(false))]),
+        ("LMS Karras", "LMSDiscreteScheduler", vec![karras.clone()]),
+        ("Heun", "HeunDiscreteScheduler", vec![]),
+        ("DPM2", "KDPM2DiscreteScheduler", vec![("use_karras_sigmas", json!(false))]),
+        ("DPM2 a", "KDPM2AncestralDiscreteScheduler", vec![("use_karras_sigmas", json!(false))]),
+        ("DPM2 Karras", "KDPM2DiscreteScheduler", vec![karras.clone()]),
+        ("DPM2 a Karras", "KDPM2AncestralDiscreteScheduler", vec![karras.clone()]),
+        ("DEIS", "DEISMultistepScheduler", vec![]),
+        ("LCM", "LCMScheduler", vec![]),
+    ]
+}
+
+#[test]
+fn a1111_names_map_to_a_class_and_overrides() {
+    let cfg = sd21();
+    for (name, class, overrides) in a1111_table() {
+        for spelling in [name.to_string(), name.to_lowercase(), name.to_uppercase(), name.replace(' ', "_"), name.replace(' ', "-")] {
+            let s = scheduler_from_name(&spelling, &cfg).unwrap_or_else(|e| panic!("{spelling}: {e}"));
+            assert_eq!(s.class_name(), class, "{spelling}");
+            for (k, v) in &overrides {
+                assert_eq!(s.config().get(k), Some(v), "{spelling}: {k}");
+            }
+            // The model's own config values stay (SD 2.1 is v-prediction with leading spacing).
+            assert_eq!(s.config().get("prediction_type"), Some(&json!("v_prediction")), "{spelling}");
+            assert_eq!(s.config().get("steps_offset"), Some(&json!(1)), "{spelling}");
+        }
+        let entry = find_scheduler(name).unwrap();
+        assert!(entry.a1111_names.contains(&name), "{name} is listed as an A1111 name");
+        assert!(scheduler_names().contains(&name), "{name} is in scheduler_names()");
+    }
+    // Short names.
+    for (short, a1111) in [
+        ("dpmpp_2m", "DPM++ 2M"),
+        ("dpmpp_2m_karras", "DPM++ 2M Karras"),
+        ("dpmpp_2m_sde", "DPM++ 2M SDE"),
+        ("dpmpp_2m_sde_karras", "DPM++ 2M SDE Karras"),
+        ("euler_a", "Euler a"),
+        ("dpm2_a_karras", "DPM2 a Karras"),
+        ("lms_karras", "LMS Karras"),
+    ] {
+        assert!(std::ptr::eq(find_scheduler(short).unwrap(), find_scheduler(a1111).unwrap()), "{short} = {a1111}");
+    }
+    // An override wins over the model's value, and the rest of the model's config is kept.
+    let over = sd21().with("use_karras_sigmas", false).with("algorithm_type", "dpmsolver++").with("solver_order", 3);
+    let s = scheduler_from_name("DPM++ 2M SDE Karras", &over).unwrap();
+    assert_eq!(s.config().get("use_karras_sigmas"), Some(&json!(true)));
+    assert_eq!(s.config().get("algorithm_type"), Some(&json!("sde-dpmsolver++")));
+    assert_eq!(s.config().get("solver_order"), Some(&json!(3)));
+    // A class name means the class with no overrides (whatever the model's config says).
+    let s = scheduler_from_name("DPMSolverMultistepScheduler", &sd21().with("use_karras_sigmas", true)).unwrap();
+    assert_eq!(s.config().get("use_karras_sigmas"), Some(&json!(true)));
+}
+
+#[test]
+fn every_registry_name_is_unique_and_builds() {
+    let cfg = sd21();
+    let mut seen: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+    for (i, e) in SCHEDULERS.iter().enumerate() {
+        for n in e.aliases.iter().chain(e.a1111_names) {
+            if let Some(j) = seen.insert(normalize_scheduler_name(n), i) {
+                assert_eq!(i, j, "`{n}` names two entries");
+            }
+        }
+    }
+    for e in SCHEDULERS {
+        if let Some(&j) = seen.get(&normalize_scheduler_name(e.class_name)) {
+            assert_eq!(SCHEDULERS[j].class_name, e.class_name, "{} collides with a short name", e.class_name);
+        }
+    }
+    for &class in ALL_CLASSES {
+        assert!(SCHEDULERS.iter().any(|e| e.class_name == class && e.overrides.is_empty()), "{class} has a plain entry");
+    }
+    for name in scheduler_names() {
+        let e = find_scheduler(name).unwrap();
+        let mut s = scheduler_from_name(name, &cfg).unwrap_or_else(|err| panic!("{name}: {err}"));
+        assert_eq!(s.class_name(), e.class_name);
+        s.set_timesteps(4).unwrap_or_else(|err| panic!("{name}: {err}"));
+        // Built from a default config too (every class default).
+        scheduler_from_name(name, &SchedulerConfig::new()).unwrap_or_else(|err| panic!("{name}: {err}"));
+        // And the resolved config round-trips: the class rebuilt from its own config is the same.
+        let again = scheduler_from_name(e.class_name, s.config()).unwrap();
+        assert_eq!(again.config(), s.config(), "{name}: config round trip");
+    }
+}
+
 #[test]
 fn step_errors_are_reported() {
     let x = Tensor::zeros((1, 4, 2, 2), candle_core::DType::F32, &Device::Cpu).unwrap();
@@ -371,8 +550,8 @@ fn f16_inputs_are_stepped_in_f32() {
     let mut g = TorchGenerator::new(1);
     let x = g.randn_tensor(&[1, 4, 2, 2], &Device::Cpu).unwrap();
     let m = g.randn_tensor(&[1, 4, 2, 2], &Device::Cpu).unwrap();
-    let mut gens = Generators::from_seed(0);
-    for name in ["euler", "ddim"] {
+    for &name in ALL_CLASSES {
+        let mut gens = Generators::from_seed(0);
         let mut a = scheduler_from_name(name, &sd21()).unwrap();
         let mut b = scheduler_from_name(name, &sd21()).unwrap();
         a.set_timesteps(5).unwrap();
@@ -385,9 +564,80 @@ fn f16_inputs_are_stepped_in_f32() {
         let pa = a.step(&m16, t, &x16, &mut gens).unwrap();
         assert_eq!(pa.dtype(), candle_core::DType::F32);
         b.scale_model_input(&x16.to_dtype(candle_core::DType::F32).unwrap(), t).unwrap();
+        let mut gens = Generators::from_seed(0);
         let pb = b
             .step(&m16.to_dtype(candle_core::DType::F32).unwrap(), t, &x16.to_dtype(candle_core::DType::F32).unwrap(), &mut gens)
             .unwrap();
         assert_eq!(vec_f32(&pa), vec_f32(&pb), "{name}");
+    }
+}
+
+#[test]
+fn configs_with_python_non_finite_floats_load() {
+    // diffusers' save_config writes DPM-Solver's default lambda_min_clipped as a bare -Infinity.
+    let text = r#"{"_class_name": "DPMSolverMultistepScheduler", "algorithm_type": "dpmsolver++",
+        "beta_end": 0.012, "beta_schedule": "scaled_linear", "beta_start": 0.00085,
+        "lambda_min_clipped": -Infinity, "note": "Infinity and NaN inside strings stay", "solver_order": 2,
+        "prediction_type": "v_prediction", "steps_offset": 1, "timestep_spacing": "leading"}"#;
+    let cfg = SchedulerConfig::from_json_str(text).unwrap();
+    assert_eq!(cfg.get("note"), Some(&json!("Infinity and NaN inside strings stay")));
+    let mut s = scheduler_from_name("DPM++ 2M", &cfg).unwrap();
+    s.set_timesteps(4).unwrap();
+    assert_eq!(s.timesteps(), &[801.0, 601.0, 401.0, 201.0]);
+    let dpm = sd_core::schedulers::DPMSolverMultistepScheduler::from_config(&cfg).unwrap();
+    assert_eq!(dpm.typed_config().lambda_min_clipped, f64::NEG_INFINITY);
+    let clipped = SchedulerConfig::from_json_str(&text.replace("-Infinity", "-5.1")).unwrap();
+    let dpm = sd_core::schedulers::DPMSolverMultistepScheduler::from_config(&clipped).unwrap();
+    assert_eq!(dpm.typed_config().lambda_min_clipped, -5.1);
+    assert!(SchedulerConfig::from_json_str(r#"{"beta_start": Infinity, "x": NaN}"#).is_ok());
+}
+
+#[test]
+fn multistep_schedulers_repeat_timesteps_and_draw_noise_as_diffusers() {
+    // Heun and DPM2 evaluate the model twice per step; the pipeline just iterates timesteps().
+    // (SD 2.1's config as saved by diffusers spells out timestep_spacing "leading".)
+    let cfg = sd21().with("timestep_spacing", "leading");
+    let mut heun = scheduler_from_name("Heun", &cfg).unwrap();
+    heun.set_timesteps(3).unwrap();
+    assert_eq!(heun.timesteps(), &[667.0, 334.0, 334.0, 1.0, 1.0]);
+    assert_eq!(heun.order(), 2);
+    let mut dpm2 = scheduler_from_name("DPM2", &cfg).unwrap();
+    dpm2.set_timesteps(3).unwrap();
+    assert_eq!(dpm2.timesteps().len(), 5);
+    // Deterministic schedulers never touch the generators; stochastic ones draw the sample's shape
+    // from them at the steps diffusers draws at.
+    let x = Tensor::zeros((2, 4, 2, 2), candle_core::DType::F32, &Device::Cpu).unwrap();
+    for (name, draws) in [
+        ("Euler", 0),
+        ("DPM++ 2M Karras", 0),
+        ("UniPC", 0),
+        ("DEIS", 0),
+        ("LMS", 0),
+        ("Heun", 0),
+        ("DPM2", 0),
+        ("PNDM", 0),
+        ("DDIM", 0),
+        ("Euler a", 4),             // every step
+        ("DPM++ 2M SDE", 4),        // every step
+        ("DPM++ 2M SDE Karras", 4), // every step
+        ("DPM2 a", 3),              // the second evaluation of each step but the last
+        ("DDPMScheduler", 4),       // every step with t > 0 (SD's last timestep is 1)
+        ("LCM", 3),                 // every step but the last
+    ] {
+        let mut s = scheduler_from_name(name, &cfg).unwrap();
+        s.set_timesteps(4).unwrap();
+        let mut gens = Generators::PerSample(vec![TorchGenerator::new(1), TorchGenerator::new(2)]);
+        let mut reference = TorchGenerator::new(1);
+        let mut sample = x.clone();
+        for t in s.timesteps().to_vec() {
+            let input = s.scale_model_input(&sample, t).unwrap();
+            sample = s.step(&input, t, &sample, &mut gens).unwrap();
+        }
+        let per_sample = 4 * 2 * 2;
+        for _ in 0..draws {
+            reference.randn(per_sample);
+        }
+        let Generators::PerSample(g) = &mut gens else { unreachable!() };
+        assert_eq!(g[0].randn(3), reference.randn(3), "{name}: {draws} draws of [1, 4, 2, 2] from generator 0");
     }
 }

@@ -95,7 +95,9 @@ pub fn alphas_cumprod(betas: &[f32]) -> Vec<f32> {
 /// The float32 training schedule of a scheduler: betas and `alphas_cumprod`.
 #[derive(Debug, Clone)]
 pub struct TrainingSchedule {
+    /// One beta per training timestep.
     pub betas: Vec<f32>,
+    /// `cumprod(1 - betas)`, accumulated in f64 and rounded to f32 like torch.
     pub alphas_cumprod: Vec<f32>,
 }
 

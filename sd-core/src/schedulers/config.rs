@@ -51,7 +51,8 @@ impl SchedulerConfig {
     }
 
     fn parse(text: &str, path: &Path) -> Result<Self> {
-        match serde_json::from_str::<Value>(text) {
+        let text = quote_non_finite(text);
+        match serde_json::from_str::<Value>(&text) {
             Ok(Value::Object(map)) => Ok(Self { map, source: None }),
             Ok(other) => Err(Error::config(path, format!("expected a JSON object, got {}", json_kind(&other)))),
             Err(e) => Err(Error::config(path, e)),
@@ -127,6 +128,63 @@ impl From<Map<String, Value>> for SchedulerConfig {
     fn from(map: Map<String, Value>) -> Self {
         Self::from_map(map)
     }
+}
+
+/// The value of Python's JSON spellings of non-finite floats.
+fn non_finite(s: &str) -> Option<f64> {
+    match s {
+        "Infinity" => Some(f64::INFINITY),
+        "-Infinity" => Some(f64::NEG_INFINITY),
+        "NaN" => Some(f64::NAN),
+        _ => None,
+    }
+}
+
+/// Python's `json.dumps` writes non-finite floats as the bare tokens `Infinity`, `-Infinity` and
+/// `NaN` (e.g. `"lambda_min_clipped": -Infinity` in DPM-Solver configs), which are not JSON:
+/// quote them (outside strings) so they parse, and let the float readers take them back.
+fn quote_non_finite(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.contains("Infinity") && !text.contains("NaN") {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    let mut in_string = false;
+    let mut escaped = false;
+    let mut rest = text;
+    while let Some(c) = rest.chars().next() {
+        if in_string {
+            out.push(c);
+            if escaped {
+                escaped = false;
+            } else if c == '\\' {
+                escaped = true;
+            } else if c == '"' {
+                in_string = false;
+            }
+            rest = &rest[c.len_utf8()..];
+            continue;
+        }
+        if c == '"' {
+            in_string = true;
+            out.push(c);
+            rest = &rest[1..];
+            continue;
+        }
+        let token = ["-Infinity", "Infinity", "NaN"].into_iter().find(|t| rest.starts_with(t));
+        match token {
+            Some(t) => {
+                out.push('"');
+                out.push_str(t);
+                out.push('"');
+                rest = &rest[t.len()..];
+            }
+            None => {
+                out.push(c);
+                rest = &rest[c.len_utf8()..];
+            }
+        }
+    }
+    std::borrow::Cow::Owned(out)
 }
 
 fn json_kind(v: &Value) -> &'static str {
@@ -217,8 +275,11 @@ config_enum! {
     /// `timestep_spacing`: how inference timesteps are picked from the training ones (table 2 of
     /// "Common Diffusion Noise Schedules and Sample Steps are Flawed").
     TimestepSpacing {
+        /// Evenly spaced over `[0, N - 1]`, both ends included.
         Linspace = "linspace",
+        /// Multiples of `N / steps` from 0, plus `steps_offset`.
         Leading = "leading",
+        /// Evenly spaced down from `N - 1` (ends on the last training timestep).
         Trailing = "trailing",
     }
 }
@@ -226,7 +287,9 @@ config_enum! {
 config_enum! {
     /// `interpolation_type` of the sigma-based schedulers.
     InterpolationType {
+        /// Linear interpolation of the training sigmas at the timesteps.
         Linear = "linear",
+        /// Sigmas log-linearly spaced between the smallest and largest training sigma.
         LogLinear = "log_linear",
     }
 }
@@ -234,7 +297,9 @@ config_enum! {
 config_enum! {
     /// `final_sigmas_type`: the sigma after the last step.
     FinalSigmasType {
+        /// Sigma 0: the last step denoises completely.
         Zero = "zero",
+        /// The smallest training sigma.
         SigmaMin = "sigma_min",
     }
 }
@@ -242,8 +307,73 @@ config_enum! {
 config_enum! {
     /// `timestep_type` of the sigma-based schedulers.
     TimestepType {
+        /// The (interpolated) training timesteps.
         Discrete = "discrete",
+        /// `0.25 * ln(sigma)` (with v-prediction).
         Continuous = "continuous",
+    }
+}
+
+config_enum! {
+    /// `algorithm_type` of the multistep DPM-Solver family (`DPMSolverMultistepScheduler`,
+    /// `DEISMultistepScheduler`).
+    AlgorithmType {
+        /// DPM-Solver++ (data prediction), what "DPM++ 2M" means.
+        DpmSolverPlusPlus = "dpmsolver++",
+        /// The stochastic DPM-Solver++ ("DPM++ 2M SDE"); draws noise at every step.
+        SdeDpmSolverPlusPlus = "sde-dpmsolver++",
+        /// The original DPM-Solver (noise prediction; deprecated in diffusers).
+        DpmSolver = "dpmsolver",
+        /// The stochastic original DPM-Solver (deprecated in diffusers).
+        SdeDpmSolver = "sde-dpmsolver",
+        /// DEIS (`DEISMultistepScheduler`'s only algorithm).
+        Deis = "deis",
+    }
+}
+
+config_enum! {
+    /// `solver_type` of the multistep solvers. Each class accepts the others' values and maps
+    /// them to its own default, as diffusers does.
+    SolverType {
+        /// DPM-Solver's second-order midpoint update (the default).
+        Midpoint = "midpoint",
+        /// DPM-Solver's second-order Heun update.
+        Heun = "heun",
+        /// DEIS's log-rho solver.
+        Logrho = "logrho",
+        /// UniPC's B(h) = h.
+        Bh1 = "bh1",
+        /// UniPC's B(h) = e^h - 1 (the default).
+        Bh2 = "bh2",
+    }
+}
+
+config_enum! {
+    /// `variance_type` of `DDPMScheduler` (and DPM-Solver's optional learned variance).
+    VarianceType {
+        /// The posterior variance (the default).
+        FixedSmall = "fixed_small",
+        /// The posterior variance, computed through its log.
+        FixedSmallLog = "fixed_small_log",
+        /// `beta_t`.
+        FixedLarge = "fixed_large",
+        /// `log(beta_t)` (not usable as a variance; rejected).
+        FixedLargeLog = "fixed_large_log",
+        /// Predicted by the model in extra output channels.
+        Learned = "learned",
+        /// Interpolated between the fixed bounds by extra model output channels.
+        LearnedRange = "learned_range",
+    }
+}
+
+config_enum! {
+    /// `time_shift_type` of the flow-matching options (kept for config round trips; dynamic
+    /// shifting is not supported).
+    TimeShiftType {
+        /// `exp(mu) / (exp(mu) + (1 / t - 1) ** sigma)`.
+        Exponential = "exponential",
+        /// `mu / (mu + (1 / t - 1) ** sigma)`.
+        Linear = "linear",
     }
 }
 
@@ -282,11 +412,14 @@ impl<'a> ConfigReader<'a> {
         Ok(self.opt_f64(key)?.unwrap_or(default))
     }
 
-    /// An optional float key (`null` or absent: `None`).
+    /// An optional float key (`null` or absent: `None`). Python's `Infinity`, `-Infinity` and
+    /// `NaN` (which `json.dumps` writes for non-finite floats, e.g. DPM-Solver's default
+    /// `lambda_min_clipped`) are accepted.
     pub fn opt_f64(&mut self, key: &'static str) -> Result<Option<f64>> {
         match self.raw(key) {
             None => Ok(None),
             Some(Value::Number(n)) => Ok(n.as_f64()),
+            Some(Value::String(s)) if non_finite(s).is_some() => Ok(non_finite(s)),
             Some(v) => Err(self.error(key, format!("expected a number, got {}", json_kind(v)))),
         }
     }
@@ -356,6 +489,48 @@ impl<'a> ConfigReader<'a> {
         }
     }
 
+    /// An optional string key with a fixed set of values (`null` or absent: `None`).
+    pub fn opt_choice<T: ConfigEnum>(&mut self, key: &'static str) -> Result<Option<T>> {
+        match self.raw(key) {
+            None => Ok(None),
+            Some(Value::String(s)) => T::parse(s).map(Some).map_err(|m| self.error(key, m)),
+            Some(v) => Err(self.error(key, format!("expected a string or null, got {}", json_kind(v)))),
+        }
+    }
+
+    /// A list of non-negative integers (e.g. UniPC's `disable_corrector`); absent or `null`: the
+    /// default.
+    pub fn usize_vec(&mut self, key: &'static str, default: Vec<usize>) -> Result<Vec<usize>> {
+        match self.raw(key) {
+            None => Ok(default),
+            Some(Value::Array(a)) => {
+                let v: Option<Vec<usize>> = a
+                    .iter()
+                    .map(|x| x.as_u64().map(|u| u as usize).or_else(|| x.as_f64().filter(|f| f.fract() == 0.0 && *f >= 0.0).map(|f| f as usize)))
+                    .collect();
+                v.ok_or_else(|| self.error(key, "expected a list of non-negative integers"))
+            }
+            Some(v) => Err(self.error(key, format!("expected a list of integers, got {}", json_kind(v)))),
+        }
+    }
+
+    /// A key that must be absent or `null` here (e.g. UniPC's `solver_p`, a scheduler object in
+    /// diffusers that no JSON config can hold).
+    pub fn null(&mut self, key: &'static str) -> Result<()> {
+        match self.raw(key) {
+            None => Ok(()),
+            Some(v) => Err(self.error(key, format!("only null is supported here, got {}", json_kind(v)))),
+        }
+    }
+
+    /// What diffusers' `hasattr(self.config, key) and self.config.key` gives for a key that is
+    /// not an argument of the class but is kept from the source config as a hidden key (e.g.
+    /// `sigma_min` read by the Karras conversion of classes without such an argument). Not
+    /// recorded as a key of the class.
+    pub fn hidden_f64(&self, key: &str) -> Option<f64> {
+        self.cfg.init_value(key).and_then(Value::as_f64)
+    }
+
     /// The resolved config of the class, as diffusers' `scheduler.config`: the class's values
     /// for all its keys (`values`), the source's other keys kept as hidden keys,
     /// `_use_default_values` listing the defaulted keys, and `_class_name`.
@@ -395,6 +570,16 @@ impl ConfigWriter {
     /// Sets `key` to an optional list of floats (`null` for `None`).
     pub fn opt_f64_vec(&mut self, key: &str, value: Option<&[f64]>) -> &mut Self {
         self.set(key, value.map(|v| Value::from(v.to_vec())).unwrap_or(Value::Null))
+    }
+
+    /// Sets `key` to an optional enum (`null` for `None`).
+    pub fn opt_choice<T: ConfigEnum>(&mut self, key: &str, value: Option<T>) -> &mut Self {
+        self.set(key, value.map(|v| Value::from(v.as_str())).unwrap_or(Value::Null))
+    }
+
+    /// Sets `key` to a list of integers.
+    pub fn usize_vec(&mut self, key: &str, value: &[usize]) -> &mut Self {
+        self.set(key, Value::from(value.to_vec()))
     }
 
     /// Sets `key` to an enum's canonical spelling.

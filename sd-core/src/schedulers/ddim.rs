@@ -17,21 +17,35 @@ const CLASS: &str = "DDIMScheduler";
 /// The `__init__` arguments of diffusers' `DDIMScheduler`, with its defaults.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DDIMConfig {
+    /// Number of diffusion steps the model was trained with.
     pub num_train_timesteps: usize,
+    /// First training beta.
     pub beta_start: f64,
+    /// Last training beta.
     pub beta_end: f64,
+    /// How the betas go from `beta_start` to `beta_end`.
     pub beta_schedule: BetaSchedule,
+    /// Explicit betas, overriding `beta_start`/`beta_end`/`beta_schedule`.
     pub trained_betas: Option<Vec<f64>>,
+    /// Clip the predicted `x_0` to `[-clip_sample_range, clip_sample_range]`.
     pub clip_sample: bool,
+    /// Use alpha = 1 after the last step (else the first training alpha).
     pub set_alpha_to_one: bool,
+    /// Added to the timesteps with `leading` spacing (SD uses 1).
     pub steps_offset: i64,
+    /// What the model predicts (noise, `v`, or the sample).
     pub prediction_type: PredictionType,
     /// Dynamic thresholding is not supported: `true` is a config error.
     pub thresholding: bool,
+    /// Kept for config round trips (thresholding is not supported).
     pub dynamic_thresholding_ratio: f64,
+    /// The bound of `clip_sample`.
     pub clip_sample_range: f64,
+    /// Kept for config round trips (thresholding is not supported).
     pub sample_max_value: f64,
+    /// How inference timesteps are picked from the training ones.
     pub timestep_spacing: TimestepSpacing,
+    /// Rescale betas to a zero terminal SNR.
     pub rescale_betas_zero_snr: bool,
 }
 

@@ -9,7 +9,7 @@ use super::config::{
     BetaSchedule, ConfigReader, ConfigWriter, FinalSigmasType, InterpolationType, PredictionType, SchedulerConfig,
     TimestepSpacing, TimestepType,
 };
-use super::numeric::{np_arange, np_interp, np_linspace, np_round};
+use super::numeric::{np_arange, np_interp, np_linspace, np_log_f32, np_round};
 use super::{check_steps, div, index_for_timestep, mul, same_shape, to_f32, Scheduler};
 use crate::rng::Generators;
 use crate::{Error, Result};
@@ -19,23 +19,39 @@ const CLASS: &str = "EulerDiscreteScheduler";
 /// The `__init__` arguments of diffusers' `EulerDiscreteScheduler`, with its defaults.
 #[derive(Debug, Clone, PartialEq)]
 pub struct EulerDiscreteConfig {
+    /// Number of diffusion steps the model was trained with.
     pub num_train_timesteps: usize,
+    /// First training beta.
     pub beta_start: f64,
+    /// Last training beta.
     pub beta_end: f64,
+    /// How the betas go from `beta_start` to `beta_end`.
     pub beta_schedule: BetaSchedule,
+    /// Explicit betas, overriding `beta_start`/`beta_end`/`beta_schedule`.
     pub trained_betas: Option<Vec<f64>>,
+    /// What the model predicts (noise, `v`, or the sample).
     pub prediction_type: PredictionType,
+    /// How sigmas are interpolated between training timesteps.
     pub interpolation_type: InterpolationType,
+    /// Use the Karras et al. (2022) sigma schedule (rho = 7).
     pub use_karras_sigmas: bool,
+    /// Use exponentially spaced sigmas.
     pub use_exponential_sigmas: bool,
     /// Beta sigmas need scipy's beta quantile function; not supported (an error if true).
     pub use_beta_sigmas: bool,
+    /// Lowest sigma of Karras/exponential schedules (default: the schedule's own).
     pub sigma_min: Option<f64>,
+    /// Highest sigma of Karras/exponential schedules (default: the schedule's own).
     pub sigma_max: Option<f64>,
+    /// How inference timesteps are picked from the training ones.
     pub timestep_spacing: TimestepSpacing,
+    /// `continuous` with v-prediction uses `0.25 * ln(sigma)` as timesteps.
     pub timestep_type: TimestepType,
+    /// Added to the timesteps with `leading` spacing (SD uses 1).
     pub steps_offset: i64,
+    /// Rescale betas to a zero terminal SNR.
     pub rescale_betas_zero_snr: bool,
+    /// The sigma after the last step: 0 or the smallest training sigma.
     pub final_sigmas_type: FinalSigmasType,
 }
 
@@ -133,9 +149,13 @@ impl EulerDiscreteConfig {
 /// The keyword arguments of `EulerDiscreteScheduler.step()` (churn noise; off by default).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct EulerStepOptions {
+    /// Churn amount (0: no noise is added).
     pub s_churn: f64,
+    /// Noise is only added for sigmas at or above this.
     pub s_tmin: f64,
+    /// Noise is only added for sigmas at or below this.
     pub s_tmax: f64,
+    /// Scale of the added noise.
     pub s_noise: f64,
 }
 
@@ -315,14 +335,14 @@ impl Scheduler for EulerDiscreteScheduler {
             }
         };
         let train_sigmas = self.schedule.sigmas(); // float32, ascending in t
-        let log_sigmas: Vec<f32> = train_sigmas.iter().map(|s| s.ln()).collect();
+        let log_sigmas: Vec<f32> = train_sigmas.iter().map(|&s| np_log_f32(s)).collect();
         let xp: Vec<f64> = (0..n_train).map(|i| i as f64).collect();
         let fp: Vec<f64> = train_sigmas.iter().map(|&s| s as f64).collect();
         let mut sigmas: Vec<f64> = match c.interpolation_type {
             InterpolationType::Linear => np_interp(&timesteps, &xp, &fp),
             InterpolationType::LogLinear => {
-                let start = train_sigmas[n_train - 1].ln() as f64;
-                let end = train_sigmas[0].ln() as f64;
+                let start = np_log_f32(train_sigmas[n_train - 1]) as f64;
+                let end = np_log_f32(train_sigmas[0]) as f64;
                 super::numeric::torch_linspace_f32(start, end, n + 1).into_iter().map(|l| l.exp() as f64).collect()
             }
         };
@@ -360,6 +380,10 @@ impl Scheduler for EulerDiscreteScheduler {
 
     fn timesteps(&self) -> &[f64] {
         &self.timesteps
+    }
+
+    fn sigmas(&self) -> Option<Vec<f64>> {
+        Some(EulerDiscreteScheduler::sigmas(self))
     }
 
     /// `max(sigmas)` for linspace/trailing spacing, `sqrt(max(sigmas)^2 + 1)` for leading
