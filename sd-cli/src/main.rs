@@ -20,7 +20,8 @@ struct Cli {
 enum Command {
     /// Generate images from a prompt.
     Generate(GenerateArgs),
-    /// List the scheduler names `--scheduler` accepts.
+    /// List the scheduler names `--scheduler` accepts: A1111 name, short names, diffusers class and
+    /// the config overrides each name applies.
     Schedulers,
 }
 
@@ -42,13 +43,22 @@ struct GenerateArgs {
     steps: usize,
     #[arg(long, default_value_t = 7.5)]
     guidance_scale: f64,
+    /// Rescale the guided prediction toward the text prediction's std (diffusers' guidance_rescale; 0 = off).
+    #[arg(long, default_value_t = 0.0)]
+    guidance_rescale: f64,
+    /// DDIM's eta: 0 is deterministic DDIM, 1 adds DDPM-like noise (DDIM only).
+    #[arg(long, default_value_t = 0.0)]
+    eta: f64,
     /// Seed of the torch-compatible generator; drawn at random (and printed) when absent.
     #[arg(long)]
     seed: Option<u64>,
     #[arg(long, default_value_t = 1)]
     num_images: usize,
-    /// Scheduler name (see `sd-cli schedulers`); default: the model's own.
-    #[arg(long)]
+    /// Scheduler (sampler): a diffusers class name (DPMSolverMultistepScheduler), a short name
+    /// (dpmpp_2m_karras) or an A1111 name ("DPM++ 2M Karras"), case-insensitive; built from the
+    /// model's scheduler config plus the name's overrides. `sd-cli schedulers` lists them all.
+    /// Default: the model's own scheduler.
+    #[arg(long, value_name = "NAME")]
     scheduler: Option<String>,
     #[arg(long, default_value = "f32")]
     dtype: String,
@@ -71,9 +81,7 @@ fn main() -> ExitCode {
     let result = std::panic::catch_unwind(|| match cli.command {
         Command::Generate(args) => generate(args),
         Command::Schedulers => {
-            for name in sd_core::schedulers::scheduler_names() {
-                println!("{name}");
-            }
+            print!("{}", schedulers_table());
             Ok(())
         }
     });
@@ -85,6 +93,56 @@ fn main() -> ExitCode {
         }
         Err(_) => ExitCode::from(101),
     }
+}
+
+/// The `sd-cli schedulers` table: one row per registry entry.
+fn schedulers_table() -> String {
+    use sd_core::schedulers::{OverrideValue, SCHEDULERS};
+    let header = ["A1111 NAME", "SHORT NAMES", "DIFFUSERS CLASS", "CONFIG OVERRIDES"];
+    let rows: Vec<[String; 4]> = SCHEDULERS
+        .iter()
+        .map(|e| {
+            let overrides = e
+                .overrides
+                .iter()
+                .map(|(k, v)| match v {
+                    OverrideValue::Bool(b) => format!("{k}={b}"),
+                    OverrideValue::Str(s) => format!("{k}={s}"),
+                    OverrideValue::Float(f) => format!("{k}={f}"),
+                })
+                .collect::<Vec<_>>()
+                .join(", ");
+            let a1111 = if e.a1111_names.is_empty() { "-".to_string() } else { e.a1111_names.join(", ") };
+            [a1111, e.aliases.join(", "), e.class_name.to_string(), overrides]
+        })
+        .collect();
+    let mut widths = header.map(str::len);
+    for r in &rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.len());
+        }
+    }
+    let line = |cells: [&str; 4]| -> String {
+        let mut l = String::new();
+        for (i, (c, w)) in cells.iter().zip(widths).enumerate() {
+            if i == 3 {
+                l.push_str(c);
+            } else {
+                l.push_str(&format!("{c:<w$}  "));
+            }
+        }
+        l.trim_end().to_string() + "\n"
+    };
+    let mut out = line(header);
+    for r in &rows {
+        out.push_str(&line([&r[0], &r[1], &r[2], &r[3]]));
+    }
+    out.push_str(
+        "\nAny name in the first three columns works with --scheduler (case-insensitive; spaces, '-' and '_' are \
+         ignored, '+' reads as 'p').\nThe scheduler is built from the model's scheduler_config.json (diffusers' \
+         from_config) with the overrides on top;\na class name alone keeps the model's config as it is.\n",
+    );
+    out
 }
 
 fn one_line(e: &anyhow::Error) -> String {
@@ -117,6 +175,8 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
     params.width = args.width;
     params.num_inference_steps = args.steps;
     params.guidance_scale = args.guidance_scale;
+    params.guidance_rescale = args.guidance_rescale;
+    params.eta = args.eta;
     params.num_images_per_prompt = args.num_images;
     params.seeds = vec![args.seed.unwrap_or_else(sd_core::pipeline::random_seed)];
     params.scheduler = args.scheduler;

@@ -92,6 +92,13 @@ pub struct GenerateParams {
     pub num_inference_steps: usize,
     /// Classifier-free guidance is used when this is above 1.
     pub guidance_scale: f64,
+    /// diffusers' `guidance_rescale` ("Common Diffusion Noise Schedules and Sample Steps are
+    /// Flawed", section 3.4): with guidance and a value above 0, the guided prediction is rescaled
+    /// toward the text prediction's standard deviation (`rescale_noise_cfg`). Default 0 (off).
+    pub guidance_rescale: f64,
+    /// DDIM's `eta` (0 = deterministic DDIM, 1 = DDPM-like noise drawn from the run's generator).
+    /// Non-zero values need a scheduler with an `eta` step option.
+    pub eta: f64,
     pub num_images_per_prompt: usize,
     /// One seed for the whole batch (one torch generator) or one per image, as diffusers takes a
     /// generator or a list of generators. Empty: a random seed is drawn (see [`GenerateOutput::seeds`]).
@@ -112,6 +119,8 @@ impl GenerateParams {
             width: None,
             num_inference_steps: 50,
             guidance_scale: 7.5,
+            guidance_rescale: 0.0,
+            eta: 0.0,
             num_images_per_prompt: 1,
             seeds: vec![],
             scheduler: None,
@@ -283,6 +292,9 @@ impl StableDiffusionPipeline {
         let plan = self.validate(params)?;
         let mut scheduler = self.scheduler(params.scheduler.as_deref(), params.scheduler_config.as_ref())?;
         scheduler.set_timesteps(params.num_inference_steps)?;
+        if params.eta != 0.0 {
+            scheduler.set_step_option("eta", params.eta)?;
+        }
         let mut generators = Generators::from_seeds(&plan.seeds, plan.batch)?;
 
         // Text: [uncond..., cond...] when guiding, each prompt repeated per image (prompt-major).
@@ -319,7 +331,12 @@ impl StableDiffusionPipeline {
             let pred = self.unet.forward(&input, t, &context)?.to_dtype(DType::F32)?;
             let pred = if plan.guidance {
                 let (uncond, cond) = (pred.narrow(0, 0, plan.batch)?, pred.narrow(0, plan.batch, plan.batch)?);
-                (&uncond + ((cond - &uncond)? * params.guidance_scale)?)?
+                let guided = (&uncond + ((&cond - &uncond)? * params.guidance_scale)?)?;
+                if params.guidance_rescale > 0.0 {
+                    rescale_noise_cfg(&guided, &cond, params.guidance_rescale)?
+                } else {
+                    guided
+                }
             } else {
                 pred
             };
@@ -378,6 +395,12 @@ impl StableDiffusionPipeline {
         if !p.guidance_scale.is_finite() {
             return Err(Error::invalid(format!("guidance_scale must be a finite number, got {}", p.guidance_scale)));
         }
+        if !p.guidance_rescale.is_finite() || p.guidance_rescale < 0.0 {
+            return Err(Error::invalid(format!("guidance_rescale must be a finite number >= 0, got {}", p.guidance_rescale)));
+        }
+        if !(0.0..=1.0).contains(&p.eta) {
+            return Err(Error::invalid(format!("eta must be between 0 and 1, got {}", p.eta)));
+        }
         if let Some(n) = &p.negative_prompts {
             if n.len() != 1 && n.len() != p.prompts.len() {
                 return Err(Error::invalid(format!("{} negative prompts for {} prompts; give one, or one per prompt", n.len(), p.prompts.len())));
@@ -401,6 +424,35 @@ struct RunPlan {
     batch: usize,
     guidance: bool,
     seeds: Vec<u64>,
+}
+
+/// diffusers' `rescale_noise_cfg(noise_cfg, noise_pred_text, guidance_rescale)`: scales each
+/// sample of the guided prediction to the standard deviation (over all dims but the batch, with
+/// Bessel's correction, as `torch.std`) of the text prediction, then mixes it with the guided one:
+/// `r * cfg * (std_text / std_cfg) + (1 - r) * cfg`, in f32.
+pub fn rescale_noise_cfg(noise_cfg: &Tensor, noise_pred_text: &Tensor, guidance_rescale: f64) -> Result<Tensor> {
+    let cfg = noise_cfg.to_dtype(DType::F32)?;
+    let text = noise_pred_text.to_dtype(DType::F32)?;
+    let batch = cfg.dim(0)?;
+    let std = |t: &Tensor| -> Result<Vec<f32>> {
+        let rows = t.flatten_from(1)?.to_vec2::<f32>()?;
+        Ok(rows
+            .iter()
+            .map(|r| {
+                let n = r.len() as f64;
+                let mean = r.iter().map(|&v| v as f64).sum::<f64>() / n;
+                let var = r.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / (n - 1.0);
+                var.sqrt() as f32
+            })
+            .collect())
+    };
+    let (std_text, std_cfg) = (std(&text)?, std(&cfg)?);
+    let ratio: Vec<f32> = std_text.iter().zip(&std_cfg).map(|(t, c)| t / c).collect();
+    let mut shape = vec![1usize; cfg.rank()];
+    shape[0] = batch;
+    let ratio = Tensor::from_vec(ratio, shape, cfg.device())?;
+    let rescaled = cfg.broadcast_mul(&ratio)?;
+    Ok(((rescaled * guidance_rescale)? + (cfg * (1.0 - guidance_rescale))?)?)
 }
 
 /// A seed from the OS clock and address-space randomness; printed by callers so a run can be

@@ -1,0 +1,78 @@
+"""sd_py: Stable Diffusion on sd-core (Rust, candle) with a diffusers-shaped API.
+
+    from sd_py import EulerDiscreteScheduler, StableDiffusionPipeline
+
+    scheduler = EulerDiscreteScheduler.from_pretrained(model_id, subfolder="scheduler")
+    pipe = StableDiffusionPipeline.from_pretrained(model_id, scheduler=scheduler).to("cuda")
+    image = pipe("a photograph of an astronaut riding a horse", generator=42).images[0]
+
+Every scheduler sd-core implements is exported under its diffusers class name (the classes are
+generated from sd-core's registry, see `scheduler_classes()`).
+
+The names are loaded lazily: `import sd_py` (and `import sd_py.serve`) does not load the native
+extension, so a Ray head node without a GPU driver can import the Serve app of a CUDA build.
+"""
+
+from importlib import import_module
+from typing import Any, List
+
+try:  # the wheel's version; the extension carries the same one
+    from importlib.metadata import PackageNotFoundError, version as _dist_version
+
+    try:
+        __version__ = _dist_version("sd_py")
+    except PackageNotFoundError:  # pragma: no cover - running from a source tree
+        __version__ = "0.0.0"
+except ImportError:  # pragma: no cover
+    __version__ = "0.0.0"
+
+# name -> submodule that defines it
+_LAZY = {
+    "StableDiffusionPipeline": "._pipeline",
+    "StableDiffusionPipelineOutput": "._pipeline",
+    "SchedulerMixin": "._schedulers",
+    "FrozenDict": "._schedulers",
+    "scheduler_classes": "._schedulers",
+    "scheduler_names": "._schedulers",
+    "scheduler_from_name": "._schedulers",
+    "GenerationCancelled": "._errors",
+    "cuda_is_available": "._errors",
+}
+
+_STATIC_ALL = sorted(_LAZY)
+
+
+def _scheduler_class_names() -> List[str]:
+    from ._schedulers import scheduler_classes
+
+    return scheduler_classes()
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    if name == "__all__":
+        return _STATIC_ALL + _scheduler_class_names()
+    if name.endswith("Scheduler") and not name.startswith("_"):
+        from ._schedulers import scheduler_class
+
+        cls = scheduler_class(name)
+        if cls is not None:
+            globals()[name] = cls
+            return cls
+        raise AttributeError(
+            f"module 'sd_py' has no attribute {name!r}: sd-core has no scheduler of that class "
+            f"(available: {', '.join(_scheduler_class_names())})"
+        )
+    raise AttributeError(f"module 'sd_py' has no attribute {name!r}")
+
+
+def __dir__() -> List[str]:
+    names = set(globals()) | set(_LAZY)
+    try:
+        names |= set(_scheduler_class_names())
+    except ImportError:  # pragma: no cover - native module unavailable here
+        pass
+    return sorted(names)

@@ -1,0 +1,537 @@
+"""`StableDiffusionPipeline`: diffusers' text-to-image pipeline API on sd-core."""
+
+import json
+import logging
+import math
+import operator
+import os
+import threading
+import warnings
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+from . import _sd_py as _native
+from ._schedulers import FrozenDict, SchedulerMixin, scheduler_class
+
+__all__ = ["StableDiffusionPipeline", "StableDiffusionPipelineOutput"]
+
+logger = logging.getLogger("sd_py")
+
+_U64 = 1 << 64
+
+# `from_pretrained` keyword arguments of diffusers that need no action here: components sd_py
+# never has (no safety checker) and download options it takes from the environment.
+_SILENT_KWARGS = {"safety_checker", "feature_extractor", "requires_safety_checker", "image_encoder"}
+_IGNORED_LOADING_KWARGS = {
+    "force_download",
+    "resume_download",
+    "proxies",
+    "output_loading_info",
+    "use_auth_token",
+    "mirror",
+    "low_cpu_mem_usage",
+    "use_safetensors",
+    "device_map",
+    "max_memory",
+    "offload_folder",
+    "offload_state_dict",
+    "custom_pipeline",
+    "custom_revision",
+    "provider",
+    "sess_options",
+    "use_onnx",
+    "load_connected_pipeline",
+    "dduf_file",
+}
+
+
+class _Device(str):
+    """A device name ("cpu", "cuda:0") that also answers torch.device's `.type` and `.index`."""
+
+    @property
+    def type(self) -> str:
+        return self.split(":", 1)[0]
+
+    @property
+    def index(self) -> Optional[int]:  # type: ignore[override]
+        parts = self.split(":", 1)
+        return int(parts[1]) if len(parts) == 2 else None
+
+
+class StableDiffusionPipelineOutput:
+    """What a pipeline call returns, like diffusers' output: `.images` (PIL images, or a numpy
+    array for `output_type="np"` / `"latent"`) and `.nsfw_content_detected` (always None: there is
+    no safety checker). Also `.seeds`: the seed of each image (or the one seed of the batch), so
+    any image can be made again."""
+
+    def __init__(self, images: Any, nsfw_content_detected: Optional[List[bool]] = None, seeds: Optional[List[int]] = None):
+        self.images = images
+        self.nsfw_content_detected = nsfw_content_detected
+        self.seeds = seeds or []
+
+    def to_tuple(self) -> Tuple[Any, ...]:
+        return tuple(v for v in (self.images, self.nsfw_content_detected) if v is not None)
+
+    def __getitem__(self, key: Union[int, str]) -> Any:
+        if isinstance(key, str):
+            if key in ("images", "nsfw_content_detected"):
+                value = getattr(self, key)
+                if value is not None:
+                    return value
+            raise KeyError(key)
+        return self.to_tuple()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(k for k in ("images", "nsfw_content_detected") if getattr(self, k) is not None)
+
+    def __len__(self) -> int:
+        return len(self.to_tuple())
+
+    def __repr__(self) -> str:
+        n = len(self.images) if hasattr(self.images, "__len__") else "?"
+        return f"StableDiffusionPipelineOutput(images=<{n}>, nsfw_content_detected={self.nsfw_content_detected}, seeds={self.seeds})"
+
+
+# ---- argument parsing ----
+
+
+def _is_device_like(value: Any) -> bool:
+    s = str(value).strip().lower()
+    return s in ("cpu", "cuda", "mps") or s.startswith("cuda:") or type(value).__name__ == "device"
+
+
+def _device_name(device: Any) -> str:
+    """"cpu", "cuda", "cuda:1", a torch.device or a CUDA ordinal (int)."""
+    if isinstance(device, bool):
+        raise ValueError(f"invalid device {device!r}")
+    if isinstance(device, int):
+        if device < 0:
+            raise ValueError(f"invalid device ordinal {device}")
+        return f"cuda:{device}"
+    if not isinstance(device, str) and type(device).__name__ != "device":
+        raise ValueError(f"invalid device {device!r}: expected 'cpu', 'cuda', 'cuda:N' or a torch.device")
+    return str(device).strip()
+
+
+def _dtype_name(dtype: Any) -> str:
+    """"float32" | "float16" | "bfloat16" from a string or a torch dtype (recognised by its name,
+    e.g. "torch.float16", so torch is never imported)."""
+    if dtype is None:
+        return "float32"
+    if not isinstance(dtype, str):
+        name = str(dtype)
+        if not name.startswith("torch."):
+            raise ValueError(f"invalid torch_dtype {dtype!r}: expected torch.float32/float16/bfloat16 or their names")
+        dtype = name
+    return str(_native.normalize_dtype(dtype))
+
+
+def _positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool):
+        raise ValueError(f"`{name}` must be a positive integer, got {value!r}")
+    try:
+        n = operator.index(value)
+    except TypeError:
+        if isinstance(value, float) and value.is_integer():
+            n = int(value)
+        else:
+            raise ValueError(f"`{name}` must be a positive integer, got {value!r}") from None
+    if n < 1:
+        raise ValueError(f"`{name}` must be a positive integer, got {n}")
+    return n
+
+
+def _prompt_list(name: str, value: Any) -> List[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, (list, tuple)) and value and all(isinstance(p, str) for p in value):
+        return list(value)
+    raise ValueError(f"`{name}` has to be of type `str` or a non-empty `list` of `str`, got {type(value).__name__}")
+
+
+def _seed_of(gen: Any) -> int:
+    """A seed from an int or a torch.Generator (its `initial_seed()`)."""
+    if isinstance(gen, bool):
+        raise ValueError(f"invalid generator {gen!r}")
+    try:
+        seed = operator.index(gen)
+    except TypeError:
+        initial_seed = getattr(gen, "initial_seed", None)
+        if initial_seed is None:
+            raise ValueError(
+                f"`generator` must be an int seed, a torch.Generator or a list of them, got {type(gen).__name__}"
+            ) from None
+        device = getattr(gen, "device", None)
+        if device is not None and getattr(device, "type", "cpu") != "cpu":
+            warnings.warn(
+                "sd_py reproduces torch's CPU generator; a CUDA generator gives other noise in diffusers",
+                stacklevel=4,
+            )
+        seed = int(initial_seed())
+    # torch.manual_seed accepts [-2**63, 2**64) and maps negatives to their two's complement.
+    if not -(1 << 63) <= seed < _U64:
+        raise ValueError(f"seed {seed} is out of range [-2**63, 2**64)")
+    return seed % _U64
+
+
+def _seeds(generator: Any, batch: int) -> List[int]:
+    if generator is None:
+        return []
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != batch:
+            raise ValueError(
+                f"You have passed a list of generators of length {len(generator)}, but requested an effective "
+                f"batch size of {batch}. Make sure the batch size matches the length of the generators."
+            )
+        return [_seed_of(g) for g in generator]
+    return [_seed_of(generator)]
+
+
+class StableDiffusionPipeline:
+    """Text-to-image with a Stable Diffusion 2.x/1.x model in diffusers' folder layout.
+
+    Load with `from_pretrained`; call like diffusers' pipeline. Thread-safe: concurrent calls on
+    one pipeline run in parallel (the GIL is released while generating) and give the same
+    images as serial calls.
+    """
+
+    _native: Any  # sd_py._sd_py._Pipeline
+    _name_or_path: str
+    _interrupt: bool
+    _lock: threading.Lock
+    _scheduler: SchedulerMixin
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        raise TypeError("use StableDiffusionPipeline.from_pretrained(model_id_or_path, ...)")
+
+    @classmethod
+    def _from_native(cls, native: Any, scheduler: Optional[SchedulerMixin], name_or_path: str) -> "StableDiffusionPipeline":
+        self = cls.__new__(cls)
+        self._native = native
+        self._name_or_path = name_or_path
+        self._interrupt = False
+        self._lock = threading.Lock()
+        if scheduler is None:
+            scheduler = self._default_scheduler()
+        self.scheduler = scheduler
+        return self
+
+    def _default_scheduler(self) -> SchedulerMixin:
+        cls = scheduler_class(self._native.scheduler_class)
+        if cls is None:  # pragma: no cover - sd-core refuses to load such a model
+            raise RuntimeError(f"sd-core has no scheduler class {self._native.scheduler_class}")
+        return cls.from_config(json.loads(self._native.scheduler_config))
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: Union[str, "os.PathLike[str]"],
+        scheduler: Optional[SchedulerMixin] = None,
+        torch_dtype: Any = None,
+        variant: Optional[str] = None,
+        revision: Optional[str] = None,
+        local_files_only: bool = False,
+        **kwargs: Any,
+    ) -> "StableDiffusionPipeline":
+        """Loads a local diffusers folder or a hub model id (downloaded into the Hugging Face cache,
+        only the files the pipeline reads).
+
+        - `scheduler`: a scheduler object (default: the model's own class and config).
+        - `torch_dtype`: torch.float32/float16/bfloat16 (torch is not needed: any object whose
+          `str()` is "torch.float16" works) or "float32", "float16", "bfloat16"; default float32.
+        - `variant`: weight variant ("fp16"); by default fp16 weights are used for 16-bit runs.
+        - `revision`, `local_files_only` (offline: the cache only), `cache_dir`, `token`.
+        - `device` (sd_py extension): load straight onto "cuda"/"cpu" instead of calling `.to()`.
+
+        Other keyword arguments are ignored with a warning.
+        """
+        device = kwargs.pop("device", "cpu")
+        cache_dir = kwargs.pop("cache_dir", None)
+        token = kwargs.pop("token", None)
+        for key in list(kwargs):
+            if key in _SILENT_KWARGS and not kwargs[key]:
+                del kwargs[key]
+        if kwargs:
+            warnings.warn(
+                f"StableDiffusionPipeline.from_pretrained: ignoring unsupported argument(s) {', '.join(sorted(kwargs))}",
+                stacklevel=2,
+            )
+        if scheduler is not None and not isinstance(scheduler, SchedulerMixin):
+            raise ValueError(f"`scheduler` must be an sd_py scheduler (e.g. EulerDiscreteScheduler), got {type(scheduler).__name__}")
+        if variant is not None and not isinstance(variant, str):
+            raise ValueError(f"`variant` must be a string such as 'fp16', got {variant!r}")
+        name = os.fspath(pretrained_model_name_or_path)
+        native = _native._Pipeline.load(
+            name,
+            dtype=_dtype_name(torch_dtype),
+            device=_device_name(device),
+            variant=variant,
+            revision=revision,
+            local_files_only=bool(local_files_only),
+            cache_dir=None if cache_dir is None else os.fspath(cache_dir),
+            token=token if isinstance(token, str) else None,
+        )
+        return cls._from_native(native, scheduler, name)
+
+    # ---- placement ----
+
+    def to(self, *args: Any, **kwargs: Any) -> "StableDiffusionPipeline":
+        """Moves the pipeline to a device and/or dtype: `.to("cuda")`, `.to(torch.device("cpu"))`,
+        `.to(torch.float16)`, `.to("cuda", torch.float16)`, `.to(device=..., dtype=...)`.
+        Moving reloads the weights from the model folder on the new device. Returns the pipeline."""
+        device = kwargs.pop("device", None)
+        dtype = kwargs.pop("dtype", kwargs.pop("torch_dtype", None))
+        kwargs.pop("silence_dtype_warnings", None)
+        if kwargs:
+            warnings.warn(f"StableDiffusionPipeline.to: ignoring {', '.join(sorted(kwargs))}", stacklevel=2)
+        for arg in args:
+            if arg is None:
+                continue
+            if isinstance(arg, int) and not isinstance(arg, bool) or _is_device_like(arg):
+                if device is not None:
+                    raise ValueError("`to()` got two devices")
+                device = arg
+            else:
+                if dtype is not None:
+                    raise ValueError("`to()` got two dtypes")
+                dtype = arg
+        new_device = self._native.device if device is None else _device_name(device)
+        new_dtype = self._native.dtype if dtype is None else _dtype_name(dtype)
+        if new_device == "cuda":
+            new_device = "cuda:0"
+        if new_device == self._native.device and new_dtype == self._native.dtype:
+            return self
+        with self._lock:
+            self._native = self._native.reload(dtype=new_dtype, device=new_device)
+        return self
+
+    @property
+    def device(self) -> _Device:
+        """"cpu" or "cuda:N" (a str with torch.device's `.type` and `.index`)."""
+        return _Device(self._native.device)
+
+    @property
+    def dtype(self) -> str:
+        """"float32", "float16" or "bfloat16"."""
+        return str(self._native.dtype)
+
+    @property
+    def name_or_path(self) -> str:
+        return self._name_or_path
+
+    @property
+    def config(self) -> FrozenDict:
+        """The model's `model_index.json` (plus `_name_or_path`), read-only."""
+        path = os.path.join(self._native.folder, "model_index.json")
+        try:
+            with open(path, encoding="utf-8") as f:
+                index = json.load(f)
+        except (OSError, ValueError):
+            index = {}
+        index["_name_or_path"] = self._name_or_path
+        return FrozenDict(index)
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return int(self._native.vae_scale_factor)
+
+    @property
+    def default_sample_size(self) -> int:
+        """The default image side in pixels (768 for SD 2.1)."""
+        return int(self._native.default_size)
+
+    @property
+    def scheduler(self) -> SchedulerMixin:
+        return self._scheduler
+
+    @scheduler.setter
+    def scheduler(self, value: SchedulerMixin) -> None:
+        if not isinstance(value, SchedulerMixin):
+            raise ValueError(f"`scheduler` must be an sd_py scheduler (e.g. EulerDiscreteScheduler), got {type(value).__name__}")
+        self._scheduler = value
+
+    @property
+    def interrupt(self) -> bool:
+        """diffusers' `interrupt`: set `pipe._interrupt = True` (e.g. in `callback_on_step_end`, or from
+        another thread) to stop the running call(s) after the current step; they raise
+        `sd_py.GenerationCancelled`. Every call resets it to False when it starts."""
+        return bool(self._interrupt)
+
+    # Memory options of diffusers that do not apply to sd-core: accepted and ignored.
+    def enable_attention_slicing(self, slice_size: Any = "auto") -> None:
+        pass
+
+    def disable_attention_slicing(self) -> None:
+        pass
+
+    def enable_vae_slicing(self) -> None:
+        pass
+
+    def disable_vae_slicing(self) -> None:
+        pass
+
+    def enable_xformers_memory_efficient_attention(self, attention_op: Any = None) -> None:
+        pass
+
+    def disable_xformers_memory_efficient_attention(self) -> None:
+        pass
+
+    def set_progress_bar_config(self, **kwargs: Any) -> None:
+        pass
+
+    def __repr__(self) -> str:
+        return (
+            f"StableDiffusionPipeline(name_or_path={self._name_or_path!r}, device={self._native.device!r}, "
+            f"dtype={self._native.dtype!r}, scheduler={type(self._scheduler).__name__})"
+        )
+
+    # ---- generation ----
+
+    def __call__(
+        self,
+        prompt: Union[str, List[str], None] = None,
+        height: Optional[int] = None,
+        width: Optional[int] = None,
+        num_inference_steps: int = 50,
+        timesteps: Optional[List[int]] = None,
+        sigmas: Optional[List[float]] = None,
+        guidance_scale: float = 7.5,
+        negative_prompt: Union[str, List[str], None] = None,
+        num_images_per_prompt: Optional[int] = 1,
+        eta: float = 0.0,
+        generator: Any = None,
+        latents: Any = None,
+        prompt_embeds: Any = None,
+        negative_prompt_embeds: Any = None,
+        ip_adapter_image: Any = None,
+        ip_adapter_image_embeds: Any = None,
+        output_type: Optional[str] = "pil",
+        return_dict: bool = True,
+        cross_attention_kwargs: Optional[Dict[str, Any]] = None,
+        guidance_rescale: float = 0.0,
+        clip_skip: Optional[int] = None,
+        callback_on_step_end: Optional[Callable[..., Any]] = None,
+        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+        **kwargs: Any,
+    ) -> Any:
+        """Generates images, as diffusers' `StableDiffusionPipeline.__call__`.
+
+        - `prompt`: a string or a list of strings; `negative_prompt` likewise (one per prompt).
+        - `height`, `width`: multiples of 8; default the model's native size.
+        - `generator`: an int seed, a `torch.Generator` (its `initial_seed()` is used), or a list
+          of them, one per image. A seed gives the image of diffusers with
+          `torch.Generator("cpu").manual_seed(seed)`, and of `sd-cli --seed`.
+        - `output_type`: "pil" (PIL images), "np" (float32 array `[n, h, w, 3]` in [0, 1]) or
+          "latent" (float32 array `[n, 4, h/8, w/8]`).
+        - `callback_on_step_end(pipe, step_index, timestep, callback_kwargs)`: called after each
+          step (callback_kwargs is empty: latents are not exposed). Raising stops the run and the
+          exception propagates; `pipe._interrupt = True` stops it with `GenerationCancelled`.
+
+        - `guidance_rescale`: diffusers' rescaling of the guided prediction (0 = off).
+
+        `timesteps`, `sigmas`, `latents`, `prompt_embeds`, `negative_prompt_embeds`, IP-adapter
+        inputs, `cross_attention_kwargs` and `clip_skip` are not supported
+        (ValueError); other unknown keyword arguments are ignored with a warning.
+        """
+        self._interrupt = False
+        unsupported = {
+            "timesteps": timesteps,
+            "sigmas": sigmas,
+            "latents": latents,
+            "prompt_embeds": prompt_embeds,
+            "negative_prompt_embeds": negative_prompt_embeds,
+            "ip_adapter_image": ip_adapter_image,
+            "ip_adapter_image_embeds": ip_adapter_image_embeds,
+            "cross_attention_kwargs": cross_attention_kwargs or None,
+            "clip_skip": clip_skip,
+        }
+        given = [k for k, v in unsupported.items() if v is not None]
+        if given:
+            raise ValueError(f"sd_py does not support {', '.join(given)}")
+        if kwargs:
+            warnings.warn(f"StableDiffusionPipeline.__call__: ignoring unsupported argument(s) {', '.join(sorted(kwargs))}", stacklevel=2)
+        if prompt is None:
+            raise ValueError("`prompt` is required (prompt_embeds are not supported)")
+        prompts = _prompt_list("prompt", prompt)
+        negatives: Optional[List[str]] = None
+        if negative_prompt is not None:
+            negatives = _prompt_list("negative_prompt", negative_prompt)
+            if isinstance(negative_prompt, str):
+                negatives = negatives * len(prompts)
+            elif len(negatives) != len(prompts):
+                raise ValueError(
+                    f"`negative_prompt` has {len(negatives)} entries but `prompt` has {len(prompts)}: give one per prompt"
+                )
+        h = None if height is None else _positive_int("height", height)
+        w = None if width is None else _positive_int("width", width)
+        steps = _positive_int("num_inference_steps", num_inference_steps)
+        per_prompt = 1 if num_images_per_prompt is None else _positive_int("num_images_per_prompt", num_images_per_prompt)
+        if isinstance(guidance_scale, bool):
+            raise ValueError(f"`guidance_scale` must be a number, got {guidance_scale!r}")
+        try:
+            guidance = float(guidance_scale)
+        except (TypeError, ValueError):
+            raise ValueError(f"`guidance_scale` must be a number, got {guidance_scale!r}") from None
+        if not math.isfinite(guidance):
+            raise ValueError(f"`guidance_scale` must be finite, got {guidance}")
+        try:
+            rescale = float(guidance_rescale)
+        except (TypeError, ValueError):
+            raise ValueError(f"`guidance_rescale` must be a number, got {guidance_rescale!r}") from None
+        seeds = _seeds(generator, len(prompts) * per_prompt)
+        output = "pil" if output_type is None else output_type
+        if output not in ("pil", "np", "latent"):
+            raise ValueError(f"`output_type` must be 'pil', 'np' or 'latent', got {output_type!r}")
+        if callback_on_step_end is not None and not callable(callback_on_step_end):
+            raise ValueError("`callback_on_step_end` must be callable")
+
+        native = self._native
+        scheduler = self._scheduler
+        for p in prompts + (negatives or []):
+            cut = native.truncated_text(p)
+            if cut:
+                logger.warning(
+                    "The following part of your input was truncated because CLIP can only handle sequences up to %d tokens: %s",
+                    native.max_prompt_tokens,
+                    cut,
+                )
+
+        warned: List[bool] = []
+
+        def on_step(index: int, timestep: float) -> bool:
+            if callback_on_step_end is not None:
+                ret = callback_on_step_end(self, index, timestep, {})
+                if isinstance(ret, dict) and ret and not warned:
+                    warned.append(True)
+                    warnings.warn("sd_py ignores the tensors returned by callback_on_step_end", stacklevel=2)
+            return not self._interrupt
+
+        out = native.generate(
+            prompts,
+            negative_prompts=negatives,
+            height=h,
+            width=w,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            num_images_per_prompt=per_prompt,
+            seeds=seeds,
+            scheduler=scheduler._class_name,
+            scheduler_config=scheduler._config_as_json(),
+            output=output,
+            on_step=on_step,
+            guidance_rescale=rescale,
+            eta=float(eta),
+        )
+        images: Any
+        if output == "pil":
+            from PIL import Image
+
+            images = [Image.frombytes("RGB", (iw, ih), data) for iw, ih, data in out["images"]]
+        else:
+            import numpy as np
+
+            data, shape = out["array"] if output == "np" else out["latents"]
+            images = np.frombuffer(data, dtype="<f4").reshape(shape).astype(np.float32)
+        result = StableDiffusionPipelineOutput(images=images, nsfw_content_detected=None, seeds=list(out["seeds"]))
+        if not return_dict:
+            return (images, None)
+        return result

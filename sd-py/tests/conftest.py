@@ -1,0 +1,111 @@
+"""Shared fixtures of the sd_py tests: fixture model paths, a loaded pipeline, a local Ray cluster."""
+
+import json
+import os
+import socket
+import struct
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+PIPELINES = REPO / "tests" / "fixtures" / "pipelines"
+SD2 = PIPELINES / "sd2-tiny"
+SD1 = PIPELINES / "sd1-tiny"
+DEPLOY = REPO / "deploy"
+
+# Keep Gradio and Ray quiet and offline.
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def load_case(name: str) -> dict:
+    return json.loads((PIPELINES / f"{name}.json").read_text())
+
+
+def read_safetensors(path: Path) -> dict:
+    """A minimal safetensors reader (float32/int64 only), so the tests need no extra package."""
+    data = path.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + n])
+    body = data[8 + n :]
+    dtypes = {"F32": np.float32, "I64": np.int64, "F16": np.float16}
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__" or info["dtype"] not in dtypes:
+            continue
+        a, b = info["data_offsets"]
+        out[name] = np.frombuffer(body[a:b], dtype=dtypes[info["dtype"]]).reshape(info["shape"])
+    return out
+
+
+def pixels(image) -> np.ndarray:
+    return np.asarray(image.convert("RGB"), dtype=np.int16)
+
+
+@pytest.fixture(scope="session")
+def sd2_path() -> str:
+    return str(SD2)
+
+
+@pytest.fixture(scope="session")
+def pipe():
+    """The sd2-tiny pipeline on the CPU in float32 (its default DDIM scheduler)."""
+    from sd_py import StableDiffusionPipeline
+
+    return StableDiffusionPipeline.from_pretrained(str(SD2))
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory):
+    """A small local Ray cluster with Serve on 127.0.0.1:<free port>, shared by the Ray tests.
+
+    Yields `(base_url, app_dir)`: modules written into `app_dir` can be imported by the replicas.
+    """
+    ray = pytest.importorskip("ray")
+    from ray import serve
+
+    app_dir = tmp_path_factory.mktemp("serve_apps")
+    sys.path.insert(0, str(app_dir))
+    port = free_port()
+    env = {
+        "MODEL_ID": str(SD2),
+        "PYTHONPATH": os.pathsep.join([str(app_dir)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]),
+        "SD_BATCH_WAIT_S": os.environ["SD_BATCH_WAIT_S"],
+        "SD_DEFAULT_STEPS": os.environ["SD_DEFAULT_STEPS"],
+        "RAY_USAGE_STATS_ENABLED": "0",
+    }
+    ray.init(
+        address="local",
+        num_cpus=2,
+        num_gpus=0,
+        include_dashboard=False,
+        object_store_memory=128 * 1024 * 1024,
+        runtime_env={"env_vars": env},
+        logging_level="WARNING",
+        log_to_driver=True,
+    )
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        yield f"http://127.0.0.1:{port}", app_dir
+    finally:
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+            sys.path.remove(str(app_dir))
+
+
+# sd_py.serve reads these when imported, in this process and in the replicas (through the Ray
+# fixture's runtime_env): wait long enough for concurrent test requests to form one batch, and
+# keep the default step count small for the tiny model.
+os.environ.setdefault("SD_BATCH_WAIT_S", "1.0")
+os.environ.setdefault("SD_DEFAULT_STEPS", "10")

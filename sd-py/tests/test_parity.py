@@ -1,0 +1,138 @@
+"""Same images as diffusers (the committed reference PNGs) and as `sd-cli` (byte-identical pixels)."""
+
+import os
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import sd_py
+from sd_py import StableDiffusionPipeline
+from conftest import PIPELINES, REPO, load_case, pixels
+
+CASES = sorted(p.stem for p in PIPELINES.glob("*.json"))
+
+
+def _generator(case: dict):
+    """`seed` (one generator for the batch), or `seeds`: one seed for the batch, or one per image."""
+    if "seeds" in case:
+        seeds = case["seeds"]
+        return seeds[0] if len(seeds) == 1 else seeds
+    return case["seed"]
+
+
+def _run_case(case: dict):
+    """The case as a diffusers user writes it: the scheduler class (an A1111 name maps to a class
+    plus config overrides, as `sd_py.scheduler_from_name`) from the model's scheduler config."""
+    model = str(PIPELINES / case["model"])
+    pipe = StableDiffusionPipeline.from_pretrained(model)
+    pipe.scheduler = sd_py.scheduler_from_name(case["scheduler"], pipe.scheduler.config, **case.get("scheduler_config", {}))
+    return pipe(
+        case["prompt"],
+        negative_prompt=case["negative_prompt"],
+        height=case["height"],
+        width=case["width"],
+        num_inference_steps=case["num_inference_steps"],
+        guidance_scale=case["guidance_scale"],
+        guidance_rescale=case.get("guidance_rescale", 0.0),
+        num_images_per_prompt=case["num_images_per_prompt"],
+        generator=_generator(case),
+    ).images
+
+
+def _reference_pngs(name: str, n: int):
+    if n == 1:
+        return [PIPELINES / f"{name}.png"]
+    return [PIPELINES / f"{name}-{i}.png" for i in range(n)]
+
+
+def test_there_are_reference_cases():
+    assert len(CASES) >= 6, CASES
+
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_matches_diffusers(name):
+    """The committed diffusers images (same prompt, size, steps, guidance, scheduler and
+    `torch.Generator("cpu").manual_seed(seed)`): 8-bit pixels within mean |diff| 0.5, max 4."""
+    case = load_case(name)
+    images = _run_case(case)
+    refs = _reference_pngs(name, case["num_images_per_prompt"])
+    assert len(images) == len(refs)
+    for image, ref in zip(images, refs):
+        expected = pixels(Image.open(ref))
+        got = pixels(image)
+        assert got.shape == expected.shape
+        diff = np.abs(got - expected)
+        assert diff.mean() <= 0.5 and diff.max() <= 4, (ref.name, diff.mean(), diff.max())
+
+
+def _sd_cli() -> Path:
+    """The sd-cli binary `cargo test --workspace` built (built here if it is missing or older than
+    the sources, so that it runs the same sd-core as the wheel)."""
+    if os.environ.get("SD_CLI"):
+        return Path(os.environ["SD_CLI"])
+    target = Path(os.environ.get("CARGO_TARGET_DIR") or REPO / "target")
+    binary = target / "debug" / "sd-cli"
+    sources = [p for d in ("sd-core/src", "sd-cli/src") for p in (REPO / d).rglob("*") if p.is_file()]
+    newest = max((p.stat().st_mtime for p in sources), default=0.0)
+    if not binary.exists() or binary.stat().st_mtime < newest:
+        subprocess.run(["cargo", "build", "-p", "sd-cli"], cwd=REPO, check=True)
+    return binary
+
+
+@pytest.mark.parametrize("name, scheduler", [("sd2_euler", "EulerDiscreteScheduler"), ("sd1_ddim", "DDIMScheduler"), ("sd2_ddim", None)])
+def test_same_pixels_as_sd_cli(tmp_path, name, scheduler):
+    case = load_case(name)
+    model = str(PIPELINES / case["model"])
+    out = tmp_path / "cli.png"
+    args = [
+        str(_sd_cli()),
+        "generate",
+        "--prompt",
+        case["prompt"],
+        "--model",
+        model,
+        "--height",
+        str(case["height"]),
+        "--width",
+        str(case["width"]),
+        "--steps",
+        str(case["num_inference_steps"]),
+        "--guidance-scale",
+        str(case["guidance_scale"]),
+        "--seed",
+        str(case["seed"]),
+        "--num-images",
+        str(case["num_images_per_prompt"]),
+        "--out",
+        str(out),
+    ]
+    if scheduler:
+        args += ["--scheduler", scheduler]
+    if case["negative_prompt"]:
+        args += ["--negative-prompt", case["negative_prompt"]]
+    subprocess.run(args, check=True, capture_output=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
+    n = case["num_images_per_prompt"]
+    cli_files = [out] if n == 1 else [tmp_path / f"cli-{i}.png" for i in range(n)]
+
+    pipe = StableDiffusionPipeline.from_pretrained(model)
+    if scheduler:
+        pipe.scheduler = getattr(sd_py, scheduler).from_config(pipe.scheduler.config)
+    images = pipe(
+        case["prompt"],
+        negative_prompt=case["negative_prompt"],
+        height=case["height"],
+        width=case["width"],
+        num_inference_steps=case["num_inference_steps"],
+        guidance_scale=case["guidance_scale"],
+        num_images_per_prompt=n,
+        generator=case["seed"],
+    ).images
+    assert len(images) == len(cli_files)
+    for image, path in zip(images, cli_files):
+        cli = Image.open(path)
+        assert cli.size == image.size
+        assert cli.convert("RGB").tobytes() == image.tobytes(), path.name
