@@ -11,3 +11,11 @@ fi
 
 echo "== cargo test (workspace)"
 cargo test --workspace --locked
+
+echo "== CUDA kernels: NVRTC compile for sm_80/sm_90 (no GPU needed)"
+bash scripts/ci/check-cuda-kernels.sh
+
+echo "== Python: sd_py wheel, API, Ray Serve, Gradio"
+bash scripts/ci/test-python.sh
+
+echo "== all tests passed"
