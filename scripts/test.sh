@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 if ! command -v cc >/dev/null 2>&1; then
-  echo "== installing a C compiler (needed by the onig regex library of tokenizers)"
+  echo "== installing a C compiler (rustls' ring crate and the CUDA kernel emulator build C/C++)"
   apt-get update -qq && apt-get install -y -qq build-essential
 fi
 
