@@ -69,6 +69,12 @@ pub fn fused_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, causal: b
             v.dims()
         )
     }
+    if d == 0 {
+        // No features: every score is 0 and the output the mean of the values (of the visible
+        // ones when causal); not worth a kernel path.
+        let opts = super::AttentionOptions { scale, causal, upcast: true };
+        return super::reference_attention(q, k, v, opts);
+    }
     let prep = |t: &Tensor| -> Result<Tensor> { t.to_dtype(DType::F32)?.contiguous() };
     let (q32, k32, v32) = (prep(q)?, prep(k)?, prep(v)?);
     let out = q32.apply_op3_no_bwd(&k32, &v32, &FusedAttention { scale: scale as f32, causal })?;
@@ -122,13 +128,12 @@ struct Dims {
 
 fn run(q: &[f32], k: &[f32], v: &[f32], dims: Dims, scale: f32, causal: bool) -> Vec<f32> {
     let Dims { bh, seq_q, seq_k, dv, .. } = dims;
-    let mut out = vec![0f32; bh * seq_q * dv];
+    let out = vec![0f32; bh * seq_q * dv];
     if out.is_empty() {
         return out;
     }
     if seq_k == 0 {
-        // Attention over no keys: an empty softmax. Match the reference (0/0).
-        out.fill(f32::NAN);
+        // Attention over no keys: zeros, as the reference path's `probs @ v` gives.
         return out;
     }
     #[cfg(target_arch = "x86_64")]
@@ -308,7 +313,7 @@ fn run_with<const NR: usize>(
 /// One work item: query rows `q0..q0 + rows` of batch*head `i`, written to `out` (`rows x dv`).
 #[inline(always)]
 fn work_item<const MR: usize, const NR: usize, A: MulAdd>(c: &Ctx, i: usize, q0: usize, out: &mut [f32], scratch: &mut Scratch) {
-    const { assert!(BLOCK_K % NR == 0 && BLOCK_Q % MR == 0 && NR % COL_ALIGN == 0) };
+    const { assert!(BLOCK_K.is_multiple_of(NR) && BLOCK_Q.is_multiple_of(MR) && NR.is_multiple_of(COL_ALIGN)) };
     let Dims { seq_q, seq_k, d, dv, .. } = c.dims;
     let Packed { seq_k_pad, dv_pad, .. } = c.packed;
     let rows = out.len() / dv;
@@ -525,7 +530,7 @@ fn exp_approx<A: MulAdd>(x: f32) -> f32 {
     p = A::mul_add(p, r, 8.333_452e-3);
     p = A::mul_add(p, r, 4.166_579_6e-2);
     p = A::mul_add(p, r, 1.666_666_5e-1);
-    p = A::mul_add(p, r, 5.000_000_1e-1);
+    p = A::mul_add(p, r, 0.5);
     let e = A::mul_add(p, r * r, r) + 1.0;
     let n = (t.to_bits() as i32).wrapping_sub(ROUND.to_bits() as i32);
     e * f32::from_bits(((n + 127) << 23) as u32)
@@ -534,6 +539,76 @@ fn exp_approx<A: MulAdd>(x: f32) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn values(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed;
+        (0..n)
+            .map(|_| {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 4.0
+            })
+            .collect()
+    }
+
+    /// f64 attention, `[bh, seq, d]` slices.
+    fn naive(q: &[f32], k: &[f32], v: &[f32], dims: Dims, scale: f32, causal: bool) -> Vec<f64> {
+        let Dims { bh, seq_q, seq_k, d, dv } = dims;
+        let mut out = vec![0f64; bh * seq_q * dv];
+        for h in 0..bh {
+            for i in 0..seq_q {
+                let keys = if causal { (i + 1).min(seq_k) } else { seq_k };
+                let qi = &q[(h * seq_q + i) * d..][..d];
+                let s: Vec<f64> = (0..keys)
+                    .map(|j| {
+                        let kj = &k[(h * seq_k + j) * d..][..d];
+                        qi.iter().zip(kj).map(|(&a, &b)| a as f64 * b as f64).sum::<f64>() * scale as f64
+                    })
+                    .collect();
+                let mx = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let p: Vec<f64> = s.iter().map(|x| (x - mx).exp()).collect();
+                let sum: f64 = p.iter().sum();
+                for (j, pj) in p.iter().enumerate() {
+                    for c in 0..dv {
+                        out[(h * seq_q + i) * dv + c] += pj / sum * v[(h * seq_k + j) * dv + c] as f64;
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Every compiled version of the kernel this CPU can run (the dispatch only ever runs the
+    /// best one), on shapes with partial tiles everywhere.
+    #[test]
+    fn every_instruction_set_matches_f64() {
+        type Runner = fn(&[f32], &[f32], &[f32], Dims, f32, bool, Vec<f32>) -> Vec<f32>;
+        let mut runners: Vec<(&str, Runner)> = vec![("generic", run_generic)];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+                runners.push(("avx2", x86::run_avx2));
+            }
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                runners.push(("avx512", x86::run_avx512));
+            }
+        }
+        for (seq_q, seq_k, d, dv) in [(70, 300, 40, 40), (129, 77, 80, 24), (3, 1, 8, 8), (65, 200, 160, 72)] {
+            let dims = Dims { bh: 3, seq_q, seq_k, d, dv };
+            let q = values(3 * seq_q * d, 1);
+            let k = values(3 * seq_k * d, 2);
+            let v = values(3 * seq_k * dv, 3);
+            let scale = 1.0 / (d as f32).sqrt();
+            for causal in [false, true] {
+                let want = naive(&q, &k, &v, dims, scale, causal);
+                let max_ref = want.iter().fold(0f64, |a, x| a.max(x.abs()));
+                for (name, run) in &runners {
+                    let got = run(&q, &k, &v, dims, scale, causal, vec![0f32; want.len()]);
+                    let err = got.iter().zip(&want).fold(0f64, |a, (&g, w)| a.max((g as f64 - w).abs()));
+                    assert!(err / max_ref < 1e-5, "{name} {dims:?} causal {causal}: relative error {:.2e}", err / max_ref);
+                }
+            }
+        }
+    }
 
     #[test]
     fn exp_approx_is_accurate() {

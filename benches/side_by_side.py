@@ -1,0 +1,96 @@
+#!/usr/bin/env python3
+"""Side-by-side CPU benchmark: diffusers (in its own venv) against sd-cli on the same model folder
+and the same work, alternating runs (A B A B ...), printing per-stage medians, ratios and peak RSS.
+
+    python3 benches/side_by_side.py --model ~/.cache/sd-rs/sd21-random --size 512 --steps 4 --runs 2
+
+The model folder is the full SD 2.1 architecture with random weights
+(`cargo run --release -p sd-core --example make_random_model`); speed does not depend on weight
+values. Only the Python standard library is needed here; diffusers runs in --venv.
+"""
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+STAGES = ["load", "text_encoder", "unet_step", "vae_decode", "wall"]
+
+
+def run_child(cmd, env=None):
+    """Runs a command; returns (stdout, wall seconds, peak RSS in GiB) of that child alone."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    out, err = proc.stdout.read(), proc.stderr.read()
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        sys.exit(f"{cmd[0]} failed ({code}):\n{err[-3000:]}")
+    return out, wall, usage.ru_maxrss / 2**20  # ru_maxrss is in KiB on Linux
+
+
+def diffusers_run(args, mode):
+    py = Path(args.venv) / "bin" / "python"
+    cmd = [str(py), str(HERE / "diffusers_run.py"), "--model", args.model, "--size", str(args.size),
+           "--steps", str(args.steps), "--seed", str(args.seed), "--mode", mode]
+    out, wall, rss = run_child(cmd)
+    r = json.loads(out.strip().splitlines()[-1])
+    return {"load": r["load"], "text_encoder": r["text_encoder"], "unet_step": r["unet_step"],
+            "vae_decode": r["vae_decode"], "wall": wall, "rss": rss}
+
+
+SUMMARY = re.compile(r"load ([\d.]+)s \| text encoder ([\d.]+)s \| denoise ([\d.]+)s \(([\d.]+)s/step\) \| vae decode ([\d.]+)s")
+
+
+def ours_run(args, dtype):
+    cmd = [args.sd_cli, "generate", "--model", args.model, "--prompt", "a photograph of an astronaut riding a horse",
+           "--height", str(args.size), "--width", str(args.size), "--steps", str(args.steps), "--seed", str(args.seed),
+           "--scheduler", "euler", "--dtype", dtype, "--out", "/tmp/side_by_side.png"]
+    out, wall, rss = run_child(cmd)
+    m = SUMMARY.search(out)
+    if not m:
+        sys.exit(f"could not parse sd-cli output: {out}")
+    load, text, _, step, vae = map(float, m.groups())
+    return {"load": load, "text_encoder": text, "unet_step": step, "vae_decode": vae, "wall": wall, "rss": rss}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=str(Path.home() / ".cache/sd-rs/sd21-random"))
+    ap.add_argument("--sd-cli", default=str(HERE.parent / "target/release/sd-cli"))
+    ap.add_argument("--venv", default=str(Path.home() / ".cache/sd-rs/fixtures-venv"))
+    ap.add_argument("--size", type=int, default=512)
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--runs", type=int, default=2)
+    ap.add_argument("--mode", choices=["f32", "bf16"], default="f32",
+                    help="f32: both in f32; bf16: diffusers bf16 autocast against sd-cli --dtype bf16")
+    args = ap.parse_args()
+
+    theirs_mode, ours_dtype = ("f32", "f32") if args.mode == "f32" else ("bf16-autocast", "bf16")
+    results = {"diffusers": [], "sd-rs": []}
+    for i in range(args.runs):
+        for name, fn in (("diffusers", lambda: diffusers_run(args, theirs_mode)), ("sd-rs", lambda: ours_run(args, ours_dtype))):
+            r = fn()
+            results[name].append(r)
+            print(f"run {i + 1} {name}: " + ", ".join(f"{k} {v:.2f}" for k, v in r.items()), flush=True)
+
+    med = {n: {k: statistics.median(r[k] for r in rs) for k in STAGES + ["rss"]} for n, rs in results.items()}
+    print(f"\n{args.size}x{args.size}, {args.steps} Euler steps, CFG 7.5, mode {args.mode}, medians of {args.runs} runs")
+    print(f"| stage | diffusers | sd-rs | sd-rs / diffusers |\n|---|---|---|---|")
+    for k in STAGES:
+        a, b = med["diffusers"][k], med["sd-rs"][k]
+        print(f"| {k} | {a:.2f} s | {b:.2f} s | {b / a:.2f} |")
+    a, b = med["diffusers"]["rss"], med["sd-rs"]["rss"]
+    print(f"| peak RSS | {a:.2f} GiB | {b:.2f} GiB | {b / a:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
