@@ -9,8 +9,16 @@ if ! command -v cc >/dev/null 2>&1; then
   apt-get update -qq && apt-get install -y -qq build-essential
 fi
 
+echo "== Intel MKL from PyPI (sd-core loads it at run time for its CPU GEMMs and bf16)"
+python3 -m pip install -q --disable-pip-version-check --user --no-deps mkl==2026.2.0
+# Tests that measure the MKL paths fail instead of skipping if MKL cannot be loaded.
+export SD_REQUIRE_MKL=1
+
 echo "== cargo test (workspace)"
 cargo test --workspace --locked
+
+echo "== cargo test: sd-core's layers and parity with the builtin GEMM (no MKL)"
+SD_CPU_GEMM=builtin env -u SD_REQUIRE_MKL cargo test -p sd-core --locked --lib --test parity_pipeline --test parity_stages --test loading
 
 echo "== CUDA kernels: NVRTC compile for sm_80/sm_90 (no GPU needed)"
 bash scripts/ci/check-cuda-kernels.sh

@@ -64,6 +64,9 @@ struct GenerateArgs {
     dtype: String,
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// CPU worker threads (default: RAYON_NUM_THREADS, else one per core).
+    #[arg(long)]
+    threads: Option<usize>,
     /// Output PNG; with --num-images K > 1 the files are FILE-0.png ... FILE-(K-1).png.
     #[arg(long)]
     out: PathBuf,
@@ -161,6 +164,7 @@ fn output_paths(out: &Path, n: usize) -> Vec<PathBuf> {
 fn generate(args: GenerateArgs) -> anyhow::Result<()> {
     let dtype = parse_dtype(&args.dtype)?;
     let device = parse_device(&args.device)?;
+    sd_core::runtime::init_cpu(args.threads)?;
     if args.num_images == 0 {
         anyhow::bail!("--num-images must be at least 1");
     }

@@ -20,8 +20,10 @@ pub mod error;
 pub mod hub;
 pub mod loading;
 pub mod models;
+pub mod nn;
 pub mod pipeline;
 pub mod rng;
+pub mod runtime;
 pub mod schedulers;
 pub mod tokenizer;
 

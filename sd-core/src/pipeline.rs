@@ -42,6 +42,20 @@ impl Default for LoadOptions {
     }
 }
 
+/// On the CPU, bf16 needs MKL's bf16 GEMM; `SD_CPU_GEMM=mkl` needs MKL at all.
+fn check_cpu_gemm(dtype: DType) -> Result<()> {
+    use crate::nn::blas;
+    blas::check_requested_backend().map_err(Error::invalid)?;
+    if dtype == DType::BF16 && !blas::cpu_gemm().supports_bf16() {
+        let reason = blas::mkl_unavailable_reason().unwrap_or("unknown");
+        return Err(Error::invalid(format!(
+            "bf16 on the CPU runs its matrix products on Intel MKL's bf16 GEMM (AMX), which could not be loaded ({reason}); \
+             install it with `pip install --user mkl` or use f32"
+        )));
+    }
+    Ok(())
+}
+
 /// Parses the dtype names users type: f32/float32, f16/float16/fp16/half, bf16/bfloat16.
 pub fn parse_dtype(name: &str) -> Result<DType> {
     match name.to_ascii_lowercase().trim_start_matches("torch.") {
@@ -218,8 +232,8 @@ impl StableDiffusionPipeline {
         if !folder.is_dir() {
             return Err(Error::NotFound { path: folder.to_path_buf() });
         }
-        if device.is_cpu() && dtype == DType::BF16 {
-            return Err(Error::invalid("bf16 is not supported on the CPU (candle's CPU matmul has no bf16 kernel); use f32 or f16"));
+        if device.is_cpu() {
+            check_cpu_gemm(dtype)?;
         }
         let index: ModelIndex = read_json(&folder.join("model_index.json"))?;
         let scheduler_config = SchedulerConfig::from_file(&folder.join("scheduler").join("scheduler_config.json"))?;
@@ -258,6 +272,12 @@ impl StableDiffusionPipeline {
         self.dtype
     }
 
+    /// The dtype activations flow in: the model dtype, except bf16 on the CPU, where only
+    /// the GEMM operands are bf16 (see [`crate::nn`]).
+    pub fn activation_dtype(&self) -> DType {
+        crate::nn::activation_dtype(self.dtype, &self.device)
+    }
+
     /// Pixels per latent side (8 for SD).
     pub fn vae_scale_factor(&self) -> usize {
         self.vae.config().scale_factor()
@@ -274,7 +294,7 @@ impl StableDiffusionPipeline {
         scheduler_from_name(name.unwrap_or(&self.scheduler_class), config.unwrap_or(&self.scheduler_config))
     }
 
-    /// Tokenizes and encodes prompts: `[n, 77, hidden]` in the model dtype.
+    /// Tokenizes and encodes prompts: `[n, 77, hidden]` in the activation dtype.
     pub fn encode_prompts(&self, prompts: &[String]) -> Result<Tensor> {
         let mut ids = Vec::with_capacity(prompts.len() * self.tokenizer.max_length());
         for p in prompts {
@@ -327,7 +347,7 @@ impl StableDiffusionPipeline {
                 return Err(Error::Cancelled);
             }
             let input = if plan.guidance { Tensor::cat(&[&latents, &latents], 0)? } else { latents.clone() };
-            let input = scheduler.scale_model_input(&input, t)?.to_dtype(self.dtype)?;
+            let input = scheduler.scale_model_input(&input, t)?.to_dtype(self.activation_dtype())?;
             let pred = self.unet.forward(&input, t, &context)?.to_dtype(DType::F32)?;
             let pred = if plan.guidance {
                 let (uncond, cond) = (pred.narrow(0, 0, plan.batch)?, pred.narrow(0, plan.batch, plan.batch)?);
@@ -361,7 +381,7 @@ impl StableDiffusionPipeline {
 
     /// Decodes latents (as the denoising loop leaves them) into the VAE's output, roughly in [-1, 1].
     pub fn decode_latents(&self, latents: &Tensor) -> Result<Tensor> {
-        let scaled = (latents / self.vae.config().scaling_factor)?.to_dtype(self.dtype)?;
+        let scaled = (latents / self.vae.config().scaling_factor)?.to_dtype(self.activation_dtype())?;
         Ok(self.vae.decode(&scaled)?.to_dtype(DType::F32)?)
     }
 

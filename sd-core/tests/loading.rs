@@ -108,14 +108,19 @@ fn variant_preference() {
     assert!(rel_err(&unet_stage_output(&fp16), get(&refs, "unet.out")) > 1e-2, "fp16 variant should have been used");
 }
 
-#[test]
-fn half_precision_runs_stay_close_to_f32() {
-    let model = pipelines().join("sd2-tiny");
+/// The tiny SD2 model and a 64 px, 2-step run of it.
+fn small_run() -> (std::path::PathBuf, GenerateParams) {
     let mut params = GenerateParams::new("a photograph of an astronaut riding a horse");
     params.height = Some(64);
     params.width = Some(64);
     params.num_inference_steps = 2;
     params.seeds = vec![42];
+    (pipelines().join("sd2-tiny"), params)
+}
+
+#[test]
+fn half_precision_runs_stay_close_to_f32() {
+    let (model, params) = small_run();
     let reference = StableDiffusionPipeline::from_folder(&model, DType::F32, &Device::Cpu, None).unwrap().generate(&params).unwrap();
     let pipe = StableDiffusionPipeline::from_folder(&model, DType::F16, &Device::Cpu, None).unwrap();
     assert_eq!(pipe.dtype(), DType::F16);
@@ -125,13 +130,30 @@ fn half_precision_runs_stay_close_to_f32() {
     assert!(mean < 2.0, "f16: mean |diff| {mean} against f32");
 }
 
+/// bf16 on the CPU: bf16 GEMM operands on MKL (AMX), f32 everything else. Without MKL it is
+/// refused with an error that says what to install. CI sets SD_REQUIRE_MKL so that the
+/// measured path cannot silently turn into the refusal.
 #[test]
-fn bf16_on_cpu_is_a_clear_error() {
-    let err = StableDiffusionPipeline::from_folder(&pipelines().join("sd2-tiny"), DType::BF16, &Device::Cpu, None)
-        .err()
-        .expect("bf16 matmul is not available on candle's CPU backend")
-        .to_string();
-    assert!(err.contains("bf16") && err.contains("CPU"), "{err}");
+fn bf16_on_cpu_stays_close_to_f32_or_names_mkl() {
+    let (model, params) = small_run();
+    let pipe = match StableDiffusionPipeline::from_folder(&model, DType::BF16, &Device::Cpu, None) {
+        Ok(pipe) => pipe,
+        Err(e) => {
+            let err = e.to_string();
+            assert!(std::env::var("SD_REQUIRE_MKL").is_err(), "SD_REQUIRE_MKL is set but bf16 failed: {err}");
+            assert!(!sd_core::nn::blas::cpu_gemm().supports_bf16(), "MKL is loaded but bf16 failed: {err}");
+            assert!(err.contains("bf16") && err.contains("MKL") && err.contains("pip install"), "{err}");
+            return;
+        }
+    };
+    assert_eq!(pipe.dtype(), DType::BF16);
+    assert_eq!(pipe.activation_dtype(), DType::F32);
+    let reference = StableDiffusionPipeline::from_folder(&model, DType::F32, &Device::Cpu, None).unwrap().generate(&params).unwrap();
+    let out = pipe.generate(&params).unwrap();
+    let (mean, max) = image_diff(out.images[0].as_raw(), reference.images[0].as_raw());
+    eprintln!("bf16 vs f32: mean |diff| {mean:.3}, max {max}");
+    assert!(mean < 2.0, "bf16: mean |diff| {mean} against f32");
+    assert!(mean > 0.0, "bf16 products should round differently from f32");
 }
 
 #[test]

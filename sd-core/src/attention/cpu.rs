@@ -72,7 +72,7 @@ pub fn fused_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, causal: b
     if d == 0 {
         // No features: every score is 0 and the output the mean of the values (of the visible
         // ones when causal); not worth a kernel path.
-        let opts = super::AttentionOptions { scale, causal, upcast: true };
+        let opts = super::AttentionOptions { scale, causal, upcast: true, bf16_products: false };
         return super::reference_attention(q, k, v, opts);
     }
     let prep = |t: &Tensor| -> Result<Tensor> { t.to_dtype(DType::F32)?.contiguous() };
@@ -192,11 +192,11 @@ mod x86 {
 
 /// `a * b + c`, fused into one instruction where the target has one, else two roundings (a
 /// fused `mul_add` without hardware support is a slow library call).
-trait MulAdd {
+pub(crate) trait MulAdd {
     fn mul_add(a: f32, b: f32, c: f32) -> f32;
 }
 
-struct Fused;
+pub(crate) struct Fused;
 impl MulAdd for Fused {
     #[inline(always)]
     fn mul_add(a: f32, b: f32, c: f32) -> f32 {
@@ -205,7 +205,7 @@ impl MulAdd for Fused {
 }
 
 #[allow(dead_code)]
-struct Unfused;
+pub(crate) struct Unfused;
 impl MulAdd for Unfused {
     #[inline(always)]
     fn mul_add(a: f32, b: f32, c: f32) -> f32 {
@@ -514,7 +514,7 @@ fn exp_sub_sum<A: MulAdd>(row: &mut [f32], m: f32) -> f32 {
 /// range) give about `1e-38` instead of a denormal or zero: negligible next to the row's
 /// maximum, whose exponential is 1.
 #[inline(always)]
-fn exp_approx<A: MulAdd>(x: f32) -> f32 {
+pub(crate) fn exp_approx<A: MulAdd>(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;

@@ -6,11 +6,14 @@
 //!
 //! * CPU, f32/f16/bf16: [`cpu::fused_attention`], a tiled flash-attention kernel with online
 //!   softmax whose memory does not grow with `seq_q x seq_k` (f16/bf16 are computed in f32).
+//! * CPU, models loaded in bf16 (f32 activations): [`cpu_bf16::bf16_attention`], blocked
+//!   attention whose two products run on MKL's bf16 GEMM (AMX).
 //! * anything else: the reference path, one (batch, head) slice at a time for large problems.
 //!
 //! [`reference_attention`] is the plain matmul-softmax-matmul path that tests compare against.
 
 pub mod cpu;
+pub mod cpu_bf16;
 #[cfg(any(feature = "cuda", test))]
 pub mod cuda;
 
@@ -26,12 +29,15 @@ pub struct AttentionOptions {
     /// Compute scores and softmax in f32 even for f16/bf16 inputs (SD 2.x's `upcast_attention`:
     /// half-precision scores overflow and give black images).
     pub upcast: bool,
+    /// On the CPU, multiply bf16-rounded operands on MKL's AMX GEMM (scores, softmax and sums
+    /// in f32): set by models loaded in bf16 on the CPU, whose activations are f32.
+    pub bf16_products: bool,
 }
 
 impl AttentionOptions {
     /// Scale `head_dim^-0.5`, not causal, no upcast.
     pub fn new(head_dim: usize) -> Self {
-        Self { scale: 1.0 / (head_dim as f64).sqrt(), causal: false, upcast: false }
+        Self { scale: 1.0 / (head_dim as f64).sqrt(), causal: false, upcast: false, bf16_products: false }
     }
 }
 
@@ -50,6 +56,9 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, opts: AttentionOptions) -> 
     }
     let fused_dtype = matches!(q.dtype(), DType::F32 | DType::F16 | DType::BF16);
     match q.device() {
+        Device::Cpu if opts.bf16_products && crate::nn::blas::cpu_gemm().supports_bf16() => {
+            cpu_bf16::bf16_attention(q, k, v, opts.scale, opts.causal)
+        }
         Device::Cpu if fused_dtype => cpu::fused_attention(q, k, v, opts.scale, opts.causal),
         _ => chunked_attention(q, k, v, opts),
     }

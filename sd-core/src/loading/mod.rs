@@ -102,8 +102,11 @@ impl WeightStore {
         let (path, st) = &self.files[idx];
         let tensor = st
             .load(name, dev)
-            .and_then(|t| t.to_dtype(dtype))
+            .and_then(|t| convert(t, dtype))
             .map_err(|e| candle_core::Error::Msg(format!("{}: tensor `{name}`: {}", display_name(path), root_cause(&e))))?;
+        if let Ok(view) = st.get(name) {
+            release_pages(view.data());
+        }
         Ok((tensor, path))
     }
 }
@@ -142,6 +145,37 @@ pub fn build_component<M>(
 ) -> Result<M> {
     build(store.into_var_builder(dtype, device))
         .map_err(|e| Error::Weights { path: dir.to_path_buf(), msg: root_cause(&e) })
+}
+
+/// `t.to_dtype(dtype)`, with the f32 -> bf16 conversion of CPU models (1.3 G values for SD 2.1)
+/// vectorised and spread over the threads: candle's is a scalar loop, 3 s of the load.
+fn convert(t: Tensor, dtype: DType) -> candle_core::Result<Tensor> {
+    if t.device().is_cpu() && t.dtype() == DType::F32 && dtype == DType::BF16 {
+        let values = crate::nn::blas::to_bf16_par(&t.flatten_all()?.to_vec1::<f32>()?);
+        Tensor::from_vec(values, t.shape(), t.device())
+    } else {
+        t.to_dtype(dtype)
+    }
+}
+
+/// Drops the mapped file pages of a tensor that has been copied out, so that loading a model
+/// costs its weights once in memory, not twice (copies plus mapped file) until the whole
+/// component is loaded. The mapping is read-only and backed by the file: touching the range
+/// again faults the same bytes back in.
+fn release_pages(bytes: &[u8]) {
+    #[cfg(unix)]
+    {
+        // Safety: sysconf has no preconditions.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(1) as usize;
+        let start = (bytes.as_ptr() as usize).next_multiple_of(page);
+        let end = (bytes.as_ptr() as usize + bytes.len()) / page * page;
+        if end > start {
+            // Safety: whole pages inside a read-only file mapping we hold; see above.
+            unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_DONTNEED) };
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = bytes;
 }
 
 fn display_name(path: &Path) -> String {

@@ -2,7 +2,9 @@
 //! its `last_hidden_state`: every token's embedding after the final layer norm.
 
 use candle_core::{DType, Module, Result, Tensor};
-use candle_nn::{embedding, layer_norm, linear, Embedding, LayerNorm, Linear, VarBuilder};
+use candle_nn::{Embedding, LayerNorm, VarBuilder};
+
+use crate::nn::{embedding, layer_norm, linear, Linear};
 use serde::Deserialize;
 
 use crate::attention::{attention, AttentionOptions};
@@ -45,7 +47,7 @@ impl Activation {
     fn forward(self, xs: &Tensor) -> Result<Tensor> {
         match self {
             Self::QuickGelu => xs * candle_nn::ops::sigmoid(&(xs * 1.702)?)?,
-            Self::Gelu => xs.gelu_erf(),
+            Self::Gelu => crate::nn::gelu_erf(xs),
         }
     }
 }
@@ -78,7 +80,7 @@ impl ClipAttention {
         let q = split(self.q_proj.forward(xs)?)?;
         let k = split(self.k_proj.forward(xs)?)?;
         let v = split(self.v_proj.forward(xs)?)?;
-        let opts = AttentionOptions { causal: true, ..AttentionOptions::new(head_dim) };
+        let opts = AttentionOptions { causal: true, bf16_products: self.q_proj.bf16_on_cpu(), ..AttentionOptions::new(head_dim) };
         let out = attention(&q, &k, &v, opts)?.transpose(1, 2)?.reshape((b, seq, d))?;
         self.out_proj.forward(&out)
     }

@@ -6,7 +6,7 @@ pub mod resnet;
 pub mod unet;
 pub mod vae;
 
-use candle_core::{Module, Result, Tensor};
+use candle_core::{Result, Tensor};
 
 /// Parses diffusers' `act_fn` names; SD uses "silu" everywhere.
 pub(crate) fn check_act_fn(act_fn: &str) -> Result<()> {
@@ -17,6 +17,6 @@ pub(crate) fn check_act_fn(act_fn: &str) -> Result<()> {
 }
 
 /// `GroupNorm` followed by SiLU, the pattern at the start of every resnet block.
-pub(crate) fn group_norm_silu(norm: &candle_nn::GroupNorm, xs: &Tensor) -> Result<Tensor> {
-    candle_nn::ops::silu(&norm.forward(xs)?)
+pub(crate) fn group_norm_silu(norm: &crate::nn::GroupNorm, xs: &Tensor) -> Result<Tensor> {
+    norm.forward_silu(xs)
 }

@@ -2,7 +2,9 @@
 //! distributions, for img2img) and the decoder (latents to images).
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{conv2d, group_norm, linear, Conv2d, Conv2dConfig, GroupNorm, Linear, VarBuilder};
+use candle_nn::VarBuilder;
+
+use crate::nn::{conv2d, group_norm, linear, Conv2d, Conv2dConfig, GroupNorm, Linear};
 use serde::Deserialize;
 
 use super::resnet::{Downsample2D, ResnetBlock2D, ResnetBlock2DConfig, Upsample2D};
@@ -106,7 +108,7 @@ impl Module for VaeAttention {
         let tokens = self.group_norm.forward(xs)?.reshape((b, c, h * w))?.transpose(1, 2)?.contiguous()?;
         let heads = |l: &Linear| -> Result<Tensor> { l.forward(&tokens)?.unsqueeze(1) };
         let (q, k, v) = (heads(&self.to_q)?, heads(&self.to_k)?, heads(&self.to_v)?);
-        let opts = AttentionOptions { upcast: true, ..AttentionOptions::new(c) };
+        let opts = AttentionOptions { upcast: true, bf16_products: self.to_q.bf16_on_cpu(), ..AttentionOptions::new(c) };
         let out = self.to_out.forward(&attention(&q, &k, &v, opts)?.squeeze(1)?)?;
         out.transpose(1, 2)?.reshape((b, c, h, w))? + xs
     }

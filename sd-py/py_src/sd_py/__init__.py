@@ -13,8 +13,31 @@ The names are loaded lazily: `import sd_py` (and `import sd_py.serve`) does not 
 extension, so a Ray head node without a GPU driver can import the Serve app of a CUDA build.
 """
 
+import os
+import sys
 from importlib import import_module
+from pathlib import Path
 from typing import Any, List
+
+
+def _point_at_mkl() -> None:
+    """Tells sd-core where pip put Intel MKL (the `mkl` wheel installs libmkl_rt into
+    `<prefix>/lib`), unless SD_MKL_LIB says already. sd-core loads it at the first CPU matrix
+    product for its f32 and bf16 GEMMs; without it the builtin GEMM is used and bf16 on the
+    CPU is refused with a clear error."""
+    if os.environ.get("SD_MKL_LIB"):
+        return
+    import site
+
+    for prefix in (sys.prefix, getattr(site, "USER_BASE", None) or ""):
+        lib = Path(prefix) / "lib"
+        for name in ("libmkl_rt.so.3", "libmkl_rt.so.2"):
+            if (lib / name).is_file():
+                os.environ["SD_MKL_LIB"] = str(lib / name)
+                return
+
+
+_point_at_mkl()
 
 try:  # the wheel's version; the extension carries the same one
     from importlib.metadata import PackageNotFoundError, version as _dist_version

@@ -2,7 +2,9 @@
 //! `TimestepEmbedding`).
 
 use candle_core::{DType, Device, Module, Result, Tensor};
-use candle_nn::{linear, Linear, VarBuilder};
+use candle_nn::VarBuilder;
+
+use crate::nn::{linear, Linear};
 
 /// `[batch, dim]` sinusoidal features of the timesteps, computed in f32 as diffusers does.
 pub fn timestep_features(timesteps: &[f64], dim: usize, flip_sin_to_cos: bool, freq_shift: f64, device: &Device) -> Result<Tensor> {

@@ -9,7 +9,9 @@ pub use embeddings::{timestep_features, TimestepEmbedding};
 pub use transformer::{BasicTransformerBlock, CrossAttention, FeedForward, Transformer2DConfig, Transformer2DModel};
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{conv2d, group_norm, Conv2d, Conv2dConfig, GroupNorm, VarBuilder};
+use candle_nn::VarBuilder;
+
+use crate::nn::{conv2d, group_norm, Conv2d, Conv2dConfig, GroupNorm};
 use serde::Deserialize;
 
 use crate::models::resnet::ResnetBlock2DConfig;

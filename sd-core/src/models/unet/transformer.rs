@@ -2,7 +2,9 @@
 //! `BasicTransformerBlock`s (self attention, cross attention, GEGLU feed-forward).
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{conv2d, group_norm, layer_norm, linear, linear_no_bias, Conv2d, GroupNorm, LayerNorm, Linear, VarBuilder};
+use candle_nn::{LayerNorm, VarBuilder};
+
+use crate::nn::{conv2d, geglu, group_norm, layer_norm, linear, linear_no_bias, Conv2d, GroupNorm, Linear};
 
 use crate::attention::{attention, AttentionOptions};
 
@@ -33,13 +35,15 @@ impl CrossAttention {
     pub fn new(vb: VarBuilder, query_dim: usize, context_dim: Option<usize>, heads: usize, head_dim: usize, upcast: bool) -> Result<Self> {
         let inner = heads * head_dim;
         let context_dim = context_dim.unwrap_or(query_dim);
+        let to_q = linear_no_bias(query_dim, inner, vb.pp("to_q"))?;
+        let bf16_products = to_q.bf16_on_cpu();
         Ok(Self {
-            to_q: linear_no_bias(query_dim, inner, vb.pp("to_q"))?,
+            to_q,
             to_k: linear_no_bias(context_dim, inner, vb.pp("to_k"))?,
             to_v: linear_no_bias(context_dim, inner, vb.pp("to_v"))?,
             to_out: linear(inner, query_dim, vb.pp("to_out.0"))?,
             heads,
-            opts: AttentionOptions { upcast, ..AttentionOptions::new(head_dim) },
+            opts: AttentionOptions { upcast, bf16_products, ..AttentionOptions::new(head_dim) },
         })
     }
 
@@ -78,11 +82,7 @@ impl FeedForward {
 
 impl Module for FeedForward {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let projected = self.proj_in.forward(xs)?;
-        let inner = projected.dim(candle_core::D::Minus1)? / 2;
-        let value = projected.narrow(candle_core::D::Minus1, 0, inner)?;
-        let gate = projected.narrow(candle_core::D::Minus1, inner, inner)?.gelu_erf()?;
-        self.proj_out.forward(&(value * gate)?)
+        self.proj_out.forward(&geglu(&self.proj_in.forward(xs)?)?)
     }
 }
 

@@ -1,0 +1,397 @@
+//! The CPU matrix products behind [`super::Linear`] and [`super::Conv2d`].
+//!
+//! Two backends, chosen once per process:
+//!
+//! * **Intel MKL**, loaded at run time (`dlopen`) from the `mkl` wheel on PyPI or any MKL
+//!   install: `cblas_sgemm` for f32 and `cblas_gemm_bf16bf16f32` for bf16 operands with f32
+//!   accumulation, which runs on the AMX tiles of Sapphire Rapids and later. Nothing links
+//!   against MKL at build time, so the pure-Rust build is unchanged.
+//! * **builtin**: the `gemm` crate (the one candle uses), with its AVX-512 kernels. f32 only.
+//!
+//! MKL runs with its sequential threading layer: the callers split the work over rayon's
+//! threads themselves, so there is one thread pool in the process and `RAYON_NUM_THREADS` /
+//! `--threads` govern all of it.
+//!
+//! Environment: `SD_CPU_GEMM=mkl|builtin` forces a backend (`mkl` fails loudly if MKL cannot be
+//! loaded); `SD_MKL_LIB` names the library file or its folder. Otherwise MKL is looked up by the
+//! dynamic loader's usual search and then in `$VIRTUAL_ENV/lib`, `$CONDA_PREFIX/lib`,
+//! `~/.local/lib` (where `pip install --user mkl` puts it) and `/usr/local/lib`.
+
+use std::ffi::{c_char, c_int};
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+use half::bf16;
+
+/// The GEMM backend of this process.
+pub enum CpuGemm {
+    Mkl(Mkl),
+    Builtin,
+}
+
+impl CpuGemm {
+    /// `"mkl 2026.2.0"` or `"builtin"`, for logs and benchmark records.
+    pub fn describe(&self) -> String {
+        match self {
+            CpuGemm::Mkl(mkl) => format!("mkl {}", mkl.version),
+            CpuGemm::Builtin => "builtin".to_string(),
+        }
+    }
+
+    pub fn supports_bf16(&self) -> bool {
+        matches!(self, CpuGemm::Mkl(_))
+    }
+}
+
+struct Selected {
+    gemm: CpuGemm,
+    /// Why MKL is not used, when it is not.
+    mkl_error: Option<String>,
+}
+
+static SELECTED: OnceLock<Selected> = OnceLock::new();
+
+fn selected() -> &'static Selected {
+    SELECTED.get_or_init(|| {
+        let wanted = std::env::var("SD_CPU_GEMM").unwrap_or_default().to_ascii_lowercase();
+        if wanted == "builtin" {
+            return Selected { gemm: CpuGemm::Builtin, mkl_error: Some("SD_CPU_GEMM=builtin".into()) };
+        }
+        match Mkl::load() {
+            Ok(mkl) => Selected { gemm: CpuGemm::Mkl(mkl), mkl_error: None },
+            Err(e) => Selected { gemm: CpuGemm::Builtin, mkl_error: Some(e) },
+        }
+    })
+}
+
+/// The backend in use (loading MKL on first call).
+pub fn cpu_gemm() -> &'static CpuGemm {
+    &selected().gemm
+}
+
+/// Checks `SD_CPU_GEMM=mkl` and returns why MKL is unavailable, if it is.
+pub fn mkl_unavailable_reason() -> Option<&'static str> {
+    selected().mkl_error.as_deref()
+}
+
+/// `Err` when `SD_CPU_GEMM=mkl` asks for MKL and it could not be loaded.
+pub fn check_requested_backend() -> Result<(), String> {
+    let wanted = std::env::var("SD_CPU_GEMM").unwrap_or_default().to_ascii_lowercase();
+    match (wanted.as_str(), mkl_unavailable_reason()) {
+        ("" | "mkl" | "builtin", None) | ("" | "builtin", Some(_)) => Ok(()),
+        ("mkl", Some(reason)) => Err(format!("SD_CPU_GEMM=mkl but MKL could not be loaded: {reason}")),
+        (other, _) => Err(format!("SD_CPU_GEMM=`{other}` is not a backend (expected mkl or builtin)")),
+    }
+}
+
+const CBLAS_ROW_MAJOR: c_int = 101;
+const CBLAS_NO_TRANS: c_int = 111;
+const CBLAS_TRANS: c_int = 112;
+const MKL_THREADING_SEQUENTIAL: c_int = 1;
+
+type SgemmFn = unsafe extern "C" fn(
+    c_int, c_int, c_int, c_int, c_int, c_int, f32, *const f32, c_int, *const f32, c_int, f32, *mut f32, c_int,
+);
+type GemmBf16Fn = unsafe extern "C" fn(
+    c_int, c_int, c_int, c_int, c_int, c_int, f32, *const u16, c_int, *const u16, c_int, f32, *mut f32, c_int,
+);
+
+pub struct Mkl {
+    sgemm: SgemmFn,
+    gemm_bf16: GemmBf16Fn,
+    pub version: String,
+    pub path: PathBuf,
+    // Keeps the functions above valid for the life of the process.
+    _lib: libloading::Library,
+}
+
+#[cfg(target_os = "linux")]
+const LIB_NAMES: &[&str] = &["libmkl_rt.so.3", "libmkl_rt.so.2", "libmkl_rt.so"];
+#[cfg(target_os = "macos")]
+const LIB_NAMES: &[&str] = &["libmkl_rt.2.dylib", "libmkl_rt.dylib"];
+#[cfg(target_os = "windows")]
+const LIB_NAMES: &[&str] = &["mkl_rt.2.dll", "mkl_rt.dll"];
+#[cfg(not(any(target_os = "linux", target_os = "macos", target_os = "windows")))]
+const LIB_NAMES: &[&str] = &[];
+
+impl Mkl {
+    fn candidates() -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        if let Some(p) = std::env::var_os("SD_MKL_LIB").map(PathBuf::from) {
+            if p.is_dir() {
+                out.extend(LIB_NAMES.iter().map(|n| p.join(n)));
+            } else {
+                out.push(p);
+            }
+            return out;
+        }
+        // Bare names: the loader's own search (LD_LIBRARY_PATH, rpath, ld.so.cache).
+        out.extend(LIB_NAMES.iter().map(PathBuf::from));
+        let mut dirs: Vec<PathBuf> = ["VIRTUAL_ENV", "CONDA_PREFIX"]
+            .iter()
+            .filter_map(|v| std::env::var_os(v))
+            .map(|p| PathBuf::from(p).join("lib"))
+            .collect();
+        if let Some(home) = std::env::var_os("HOME") {
+            dirs.push(PathBuf::from(home).join(".local/lib"));
+        }
+        dirs.push(PathBuf::from("/usr/local/lib"));
+        for d in dirs {
+            out.extend(LIB_NAMES.iter().map(|n| d.join(n)));
+        }
+        out
+    }
+
+    fn load() -> Result<Self, String> {
+        let mut tried = Vec::new();
+        for path in Self::candidates() {
+            // Safety: loading MKL runs its initialisers, which have no preconditions.
+            match unsafe { libloading::Library::new(&path) } {
+                Ok(lib) => return unsafe { Self::from_library(lib, path) },
+                Err(_) => tried.push(path.display().to_string()),
+            }
+        }
+        Err(format!("libmkl_rt not found (tried {}); `pip install mkl` or set SD_MKL_LIB", tried.join(", ")))
+    }
+
+    /// Safety: `lib` must be an MKL runtime library (the symbols have the signatures above).
+    unsafe fn from_library(lib: libloading::Library, path: PathBuf) -> Result<Self, String> {
+        let err = |e: libloading::Error| format!("{}: {e}", path.display());
+        // The threading layer must be chosen before any other MKL call.
+        let set_layer = lib.get::<unsafe extern "C" fn(c_int) -> c_int>(b"MKL_Set_Threading_Layer\0").map_err(err)?;
+        set_layer(MKL_THREADING_SEQUENTIAL);
+        let sgemm = *lib.get::<SgemmFn>(b"cblas_sgemm\0").map_err(err)?;
+        let gemm_bf16 = *lib.get::<GemmBf16Fn>(b"cblas_gemm_bf16bf16f32\0").map_err(err)?;
+        let get_version = lib.get::<unsafe extern "C" fn(*mut c_char, c_int)>(b"mkl_get_version_string\0").map_err(err)?;
+        let mut buf = [0 as c_char; 256];
+        get_version(buf.as_mut_ptr(), buf.len() as c_int);
+        let full = std::ffi::CStr::from_ptr(buf.as_ptr()).to_string_lossy().into_owned();
+        // "Intel(R) oneAPI Math Kernel Library Version 2026.2-Product Build ..." -> "2026.2"
+        let version = full
+            .split_whitespace()
+            .skip_while(|w| *w != "Version")
+            .nth(1)
+            .map(|v| v.split('-').next().unwrap_or(v).to_string())
+            .unwrap_or(full);
+        Ok(Self { sgemm, gemm_bf16, version, path, _lib: lib })
+    }
+}
+
+/// A row-major matrix operand: `rows x cols` with row stride `ld`, or its transpose when
+/// `transposed` (then stored as `cols x rows`).
+#[derive(Clone, Copy)]
+pub struct Operand<'a, T> {
+    pub data: &'a [T],
+    pub ld: usize,
+    pub transposed: bool,
+}
+
+impl<'a, T> Operand<'a, T> {
+    pub fn new(data: &'a [T], ld: usize) -> Self {
+        Self { data, ld, transposed: false }
+    }
+    pub fn t(data: &'a [T], ld: usize) -> Self {
+        Self { data, ld, transposed: true }
+    }
+    /// Elements the operand spans for a `rows x cols` use.
+    fn span(&self, rows: usize, cols: usize) -> usize {
+        let (r, c) = if self.transposed { (cols, rows) } else { (rows, cols) };
+        if r == 0 || c == 0 { 0 } else { (r - 1) * self.ld + c }
+    }
+}
+
+fn check_dims<A, B>(m: usize, n: usize, k: usize, a: &Operand<A>, b: &Operand<B>, ldc: usize) {
+    assert!(a.data.len() >= a.span(m, k), "gemm: lhs too short");
+    assert!(b.data.len() >= b.span(k, n), "gemm: rhs too short");
+    assert!(ldc >= n, "gemm: output row stride below its width");
+    for v in [m, n, k, a.ld, b.ld, ldc] {
+        assert!(v <= c_int::MAX as usize, "gemm: dimension {v} exceeds MKL's 32-bit integers");
+    }
+}
+
+fn trans(op: bool) -> c_int {
+    if op { CBLAS_TRANS } else { CBLAS_NO_TRANS }
+}
+
+/// `C = A B + beta C` for an `m x n` output with row stride `ldc`, on the calling thread.
+///
+/// # Safety
+/// `c` must be valid for reads and writes of the `m x n` block with row stride `ldc`, and no
+/// other thread may access that block during the call. (A raw pointer, because parallel
+/// callers write disjoint column blocks of one matrix, which no slice can express.)
+pub unsafe fn gemm_f32(m: usize, n: usize, k: usize, a: Operand<f32>, b: Operand<f32>, beta: f32, c: *mut f32, ldc: usize) {
+    check_dims(m, n, k, &a, &b, ldc);
+    if m == 0 || n == 0 {
+        return;
+    }
+    match cpu_gemm() {
+        CpuGemm::Mkl(mkl) => {
+            (mkl.sgemm)(
+                CBLAS_ROW_MAJOR, trans(a.transposed), trans(b.transposed),
+                m as c_int, n as c_int, k as c_int, 1.0,
+                a.data.as_ptr(), a.ld as c_int, b.data.as_ptr(), b.ld as c_int,
+                beta, c, ldc as c_int,
+            )
+        },
+        CpuGemm::Builtin => {
+            // Row/column strides of each operand (the gemm crate takes both).
+            let strides = |op: &Operand<f32>| if op.transposed { (op.ld as isize, 1) } else { (1, op.ld as isize) };
+            let (a_cs, a_rs) = strides(&a);
+            let (b_cs, b_rs) = strides(&b);
+            // Safety: spans checked above, `c` by the caller; gemm computes dst = alpha dst + beta lhs rhs.
+            {
+                gemm::gemm(
+                    m, n, k, c, 1, ldc as isize, beta != 0.0,
+                    a.data.as_ptr(), a_cs, a_rs, b.data.as_ptr(), b_cs, b_rs,
+                    beta, 1.0, false, false, false, gemm::Parallelism::None,
+                )
+            }
+        }
+    }
+}
+
+/// `C = A B + beta C` with bf16 operands and f32 accumulation (MKL only; the callers check
+/// [`CpuGemm::supports_bf16`] when the model is built).
+///
+/// # Safety
+/// As for [`gemm_f32`].
+pub unsafe fn gemm_bf16(m: usize, n: usize, k: usize, a: Operand<bf16>, b: Operand<bf16>, beta: f32, c: *mut f32, ldc: usize) {
+    check_dims(m, n, k, &a, &b, ldc);
+    if m == 0 || n == 0 {
+        return;
+    }
+    match cpu_gemm() {
+        CpuGemm::Mkl(mkl) => {
+            (mkl.gemm_bf16)(
+                CBLAS_ROW_MAJOR, trans(a.transposed), trans(b.transposed),
+                m as c_int, n as c_int, k as c_int, 1.0,
+                a.data.as_ptr() as *const u16, a.ld as c_int, b.data.as_ptr() as *const u16, b.ld as c_int,
+                beta, c, ldc as c_int,
+            )
+        },
+        CpuGemm::Builtin => panic!("bf16 GEMM needs MKL; the model builder refuses bf16 without it"),
+    }
+}
+
+/// `dst[i] = bf16(src[i])`, rounding to nearest even as `half` and torch do; written with
+/// integer ops so it vectorises (`half`'s conversion is a scalar call per element).
+pub fn to_bf16(src: &[f32], dst: &mut [bf16]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // Safety: the CPU has AVX-512F.
+        return unsafe { to_bf16_avx512(src, dst) };
+    }
+    to_bf16_generic(src, dst)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2")]
+unsafe fn to_bf16_avx512(src: &[f32], dst: &mut [bf16]) {
+    to_bf16_generic(src, dst)
+}
+
+#[inline(always)]
+fn to_bf16_generic(src: &[f32], dst: &mut [bf16]) {
+    for (d, &v) in dst.iter_mut().zip(src) {
+        let bits = v.to_bits();
+        let rounded = bits.wrapping_add(0x7fff + ((bits >> 16) & 1)) >> 16;
+        // NaN stays NaN (quiet) instead of rounding into infinity.
+        let out = if v.is_nan() { (bits >> 16) | 0x40 } else { rounded };
+        *d = bf16::from_bits(out as u16);
+    }
+}
+
+/// [`to_bf16`] of a whole buffer, split over the threads.
+pub fn to_bf16_par(src: &[f32]) -> Vec<bf16> {
+    use rayon::prelude::*;
+    let mut dst = vec![bf16::ZERO; src.len()];
+    dst.par_chunks_mut(1 << 16).zip(src.par_chunks(1 << 16)).for_each(|(d, s)| to_bf16(s, d));
+    dst
+}
+
+/// A raw pointer that may cross rayon's thread boundary; each task writes a disjoint region.
+#[derive(Clone, Copy)]
+pub(crate) struct SendPtr<T>(pub *mut T);
+unsafe impl<T> Send for SendPtr<T> {}
+unsafe impl<T> Sync for SendPtr<T> {}
+
+impl<T> SendPtr<T> {
+    /// A method, so closures capture the whole wrapper rather than its non-`Send` field.
+    pub(crate) fn get(self) -> *mut T {
+        self.0
+    }
+}
+
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn naive(m: usize, n: usize, k: usize, a: &dyn Fn(usize, usize) -> f32, b: &dyn Fn(usize, usize) -> f32) -> Vec<f32> {
+        let mut c = vec![0f32; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                c[i * n + j] = (0..k).map(|p| a(i, p) as f64 * b(p, j) as f64).sum::<f64>() as f32;
+            }
+        }
+        c
+    }
+
+    fn vals(n: usize, seed: u32) -> Vec<f32> {
+        (0..n).map(|i| (((i as u32).wrapping_mul(2654435761).wrapping_add(seed) >> 8) % 1000) as f32 / 500.0 - 1.0).collect()
+    }
+
+    #[test]
+    fn f32_products_match_naive_for_every_layout() {
+        let (m, n, k) = (37, 53, 29);
+        for (ta, tb) in [(false, false), (false, true), (true, false), (true, true)] {
+            let a = vals(m * k + 5, 1);
+            let b = vals(k * n + 7, 2);
+            let (lda, ldb) = (if ta { m } else { k }, if tb { k } else { n });
+            let av = |i: usize, p: usize| if ta { a[p * lda + i] } else { a[i * lda + p] };
+            let bv = |p: usize, j: usize| if tb { b[j * ldb + p] } else { b[p * ldb + j] };
+            let want = naive(m, n, k, &av, &bv);
+            // Output with a wider row stride and beta = 1 on a prefilled value.
+            let ldc = n + 3;
+            let mut c = vec![0.5f32; m * ldc];
+            unsafe { gemm_f32(m, n, k, Operand { data: &a, ld: lda, transposed: ta }, Operand { data: &b, ld: ldb, transposed: tb }, 1.0, c.as_mut_ptr(), ldc) };
+            for i in 0..m {
+                for j in 0..n {
+                    assert!((c[i * ldc + j] - 0.5 - want[i * n + j]).abs() < 1e-4, "{ta} {tb} ({i},{j})");
+                }
+                assert_eq!(c[i * ldc + n], 0.5, "padding untouched");
+            }
+        }
+    }
+
+    #[test]
+    fn bf16_conversion_matches_half() {
+        let mut src = vals(1000, 9);
+        src.extend([0.0, -0.0, f32::INFINITY, f32::NEG_INFINITY, f32::MAX, f32::MIN_POSITIVE, 1e-40, 1.0 + f32::EPSILON, 3.0039062]);
+        let mut dst = vec![bf16::ZERO; src.len()];
+        to_bf16(&src, &mut dst);
+        for (s, d) in src.iter().zip(&dst) {
+            assert_eq!(d.to_bits(), bf16::from_f32(*s).to_bits(), "{s}");
+        }
+        to_bf16(&[f32::NAN], &mut dst[..1]);
+        assert!(dst[0].is_nan());
+        assert_eq!(to_bf16_par(&src), dst.iter().copied().take(0).chain(src.iter().map(|&v| bf16::from_f32(v))).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn bf16_products_accumulate_in_f32() {
+        if !cpu_gemm().supports_bf16() {
+            assert!(std::env::var("SD_REQUIRE_MKL").is_err(), "SD_REQUIRE_MKL set but {:?}", mkl_unavailable_reason());
+            return;
+        }
+        let (m, n, k) = (33, 40, 300);
+        let a: Vec<bf16> = vals(m * k, 3).into_iter().map(bf16::from_f32).collect();
+        let b: Vec<bf16> = vals(n * k, 4).into_iter().map(bf16::from_f32).collect();
+        let want = naive(m, n, k, &|i, p| a[i * k + p].to_f32(), &|p, j| b[j * k + p].to_f32());
+        let mut c = vec![0f32; m * n];
+        unsafe { gemm_bf16(m, n, k, Operand::new(&a, k), Operand::t(&b, k), 0.0, c.as_mut_ptr(), n) };
+        for (x, y) in c.iter().zip(&want) {
+            assert!((x - y).abs() < 1e-3, "{x} vs {y}");
+        }
+    }
+}

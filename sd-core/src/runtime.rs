@@ -1,0 +1,31 @@
+//! Process-wide CPU settings: the worker threads and the allocator.
+
+use crate::{Error, Result};
+
+/// Sets up the CPU side of the process once, before the first model call; returns the number
+/// of worker threads.
+///
+/// * Threads: `threads`, else `RAYON_NUM_THREADS`, else one per core. Every CPU kernel of
+///   sd-core (GEMMs included: MKL runs sequentially inside rayon tasks) uses this pool. If the
+///   pool was already built (by the embedding program), it is kept as it is.
+/// * Allocator (glibc): buffers the size of activations (tens to hundreds of MB) are kept by
+///   malloc for reuse instead of being returned to the kernel at every free, which otherwise
+///   costs a page fault per 4 KiB and a zero fill every time a layer allocates its output.
+pub fn init_cpu(threads: Option<usize>) -> Result<usize> {
+    if threads == Some(0) {
+        return Err(Error::invalid("--threads must be at least 1"));
+    }
+    let mut builder = rayon::ThreadPoolBuilder::new();
+    if let Some(n) = threads {
+        builder = builder.num_threads(n);
+    }
+    // Err means a global pool exists already; using it is the right thing then.
+    let _ = builder.build_global();
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // Safety: mallopt only changes allocator tuning parameters.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+    }
+    Ok(rayon::current_num_threads())
+}
