@@ -233,6 +233,7 @@ impl StableDiffusionPipeline {
             return Err(Error::NotFound { path: folder.to_path_buf() });
         }
         if device.is_cpu() {
+            crate::runtime::init_cpu(None)?;
             check_cpu_gemm(dtype)?;
         }
         let index: ModelIndex = read_json(&folder.join("model_index.json"))?;

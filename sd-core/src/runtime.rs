@@ -2,8 +2,8 @@
 
 use crate::{Error, Result};
 
-/// Sets up the CPU side of the process once, before the first model call; returns the number
-/// of worker threads.
+/// Sets up the CPU side of the process; returns the number of worker threads. Loading a CPU
+/// pipeline calls it with `None`; call it before that to choose the thread count.
 ///
 /// * Threads: `threads`, else `RAYON_NUM_THREADS`, else one per core. Every CPU kernel of
 ///   sd-core (GEMMs included: MKL runs sequentially inside rayon tasks) uses this pool. If the

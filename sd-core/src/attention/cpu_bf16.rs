@@ -1,7 +1,7 @@
 //! CPU attention with bf16 products on MKL's AMX GEMM, for models run in bf16 on the CPU.
 //!
-//! Per (batch, head) and block of query rows: `S = (scale q) k^T` as one bf16 GEMM into f32
-//! scores, an exact f32 softmax over the whole key row (no online rescaling: the block's
+//! Per (batch, head) and block of query rows: `S = q k^T` as one bf16 GEMM into f32 scores,
+//! an exact f32 softmax of `scale S` over the whole key row (no online rescaling: the block's
 //! scores, `BLOCK_BYTES` at most, fit in L2), then `O = P v` as a second bf16 GEMM and the
 //! division by the row sums. Keys and values are converted to bf16 once per call. The operand
 //! rounding is the same as torch's bf16 autocast; scores, softmax and accumulation stay f32.
@@ -11,7 +11,8 @@ use half::bf16;
 use rayon::prelude::*;
 
 use super::cpu::{exp_approx, Fused, MulAdd, Unfused};
-use crate::nn::blas::{gemm_bf16, to_bf16, to_bf16_par, Operand};
+use crate::nn::blas::{gemm_bf16, round_to_bf16, to_bf16, to_bf16_par, Operand};
+use crate::nn::{with_scratch, with_slice};
 
 /// Score block budget per task: 2 MiB of f32.
 const BLOCK_BYTES: usize = 2 << 20;
@@ -23,66 +24,79 @@ pub fn bf16_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, causal: bo
     if k.dims4()? != (b, h, seq_k, d) || v.dims4()?.0 != b || v.dims4()?.1 != h {
         candle_core::bail!("attention: incompatible shapes q {:?}, k {:?}, v {:?}", q.dims(), k.dims(), v.dims());
     }
-    let prep = |t: &Tensor| -> Result<Vec<f32>> { t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>() };
-    let q = prep(&(q * scale)?)?;
-    let k16 = to_bf16_par(&prep(k)?);
-    let v16 = to_bf16_par(&prep(v)?);
+    let (q, k, v) = (q.to_dtype(DType::F32)?.contiguous()?, k.to_dtype(DType::F32)?.contiguous()?, v.to_dtype(DType::F32)?.contiguous()?);
+    let k16 = with_slice(&k, to_bf16_par)?;
+    let v16 = with_slice(&v, to_bf16_par)?;
 
-    let block = (BLOCK_BYTES / 4 / seq_k.max(1)).clamp(16, 512).min(seq_q.max(1));
-    let blocks_per_head = seq_q.div_ceil(block);
+    let block = (BLOCK_BYTES / 4 / seq_k.max(1)).clamp(16, 512);
+    let shape = BlockShape { seq_k, d, dv, scale: scale as f32, causal };
     let mut out = vec![0f32; b * h * seq_q * dv];
-    // Work items (head, first query row); each writes its own rows of `out`.
-    let items: Vec<(usize, usize)> = (0..b * h).flat_map(|bh| (0..blocks_per_head).map(move |j| (bh, j * block))).collect();
-    let out_ptr = crate::nn::blas::SendPtr(out.as_mut_ptr());
-    items.par_iter().for_each(|&(bh, q0)| {
-        let rows = block.min(seq_q - q0);
-        let q_blk = &q[(bh * seq_q + q0) * d..][..rows * d];
-        let k_bh = &k16[bh * seq_k * d..][..seq_k * d];
-        let v_bh = &v16[bh * seq_k * dv..][..seq_k * dv];
-        let mut q16 = vec![bf16::ZERO; rows * d];
-        to_bf16(q_blk, &mut q16);
-        let mut scores = vec![0f32; rows * seq_k];
-        // Safety: `scores` is this task's own buffer.
-        unsafe { gemm_bf16(rows, seq_k, d, Operand::new(&q16, d), Operand::t(k_bh, d), 0.0, scores.as_mut_ptr(), seq_k) };
-        let mut probs = vec![bf16::ZERO; rows * seq_k];
-        let mut inv_sums = vec![0f32; rows];
-        for (r, (row, p)) in scores.chunks_mut(seq_k).zip(probs.chunks_mut(seq_k)).enumerate() {
-            // Causal: query q0 + r sees keys 0 ..= q0 + r (seq_q == seq_k for CLIP).
-            let visible = if causal { (q0 + r + 1).min(seq_k) } else { seq_k };
-            let sum = exp_row(&mut row[..visible]);
-            to_bf16(&row[..visible], &mut p[..visible]);
-            inv_sums[r] = 1.0 / sum;
-        }
-        // Safety: rows q0 .. q0 + rows of head bh belong to this item alone.
-        let o = unsafe { out_ptr.get().add((bh * seq_q + q0) * dv) };
-        unsafe { gemm_bf16(rows, dv, seq_k, Operand::new(&probs, seq_k), Operand::new(v_bh, dv), 0.0, o, dv) };
-        for (r, inv) in inv_sums.iter().enumerate() {
-            // Safety: as above.
-            let row = unsafe { std::slice::from_raw_parts_mut(o.add(r * dv), dv) };
-            row.iter_mut().for_each(|x| *x *= inv);
-        }
-    });
+    with_slice(&q, |q: &[f32]| {
+        // Heads, and blocks of query rows within a head, in parallel.
+        out.par_chunks_mut(seq_q * dv).zip(q.par_chunks(seq_q * d)).enumerate().for_each(|(bh, (out_h, q_h))| {
+            let k_h = &k16[bh * seq_k * d..][..seq_k * d];
+            let v_h = &v16[bh * seq_k * dv..][..seq_k * dv];
+            out_h.par_chunks_mut(block * dv).zip(q_h.par_chunks(block * d)).enumerate().for_each(|(j, (o, q_blk))| {
+                attend_block(&shape, j * block, q_blk, k_h, v_h, o)
+            })
+        })
+    })?;
     Tensor::from_vec(out, (b, h, seq_q, dv), &Device::Cpu)
 }
 
-/// `row = exp(row - max(row))`; returns the sum.
-fn exp_row(row: &mut [f32]) -> f32 {
+struct BlockShape {
+    seq_k: usize,
+    d: usize,
+    dv: usize,
+    scale: f32,
+    causal: bool,
+}
+
+/// Output rows `o` for the query rows `q` (the first being row `q0` of the head).
+fn attend_block(s: &BlockShape, q0: usize, q: &[f32], k: &[bf16], v: &[bf16], o: &mut [f32]) {
+    let (seq_k, d, dv) = (s.seq_k, s.d, s.dv);
+    let rows = q.len() / d;
+    with_scratch(0, rows * d, |q16: &mut [bf16]| {
+        with_scratch(1, rows * seq_k, |scores: &mut [f32]| {
+            with_scratch(2, rows * seq_k, |probs: &mut [bf16]| {
+                to_bf16(q, q16);
+                // Safety (both GEMMs): `scores` is this thread's scratch, `o` this block's rows.
+                unsafe { gemm_bf16(rows, seq_k, d, Operand::new(q16, d), Operand::t(k, d), 0.0, scores.as_mut_ptr(), seq_k) };
+                let mut inv_sums = Vec::with_capacity(rows);
+                for (r, (row, p)) in scores.chunks(seq_k).zip(probs.chunks_mut(seq_k)).enumerate() {
+                    // Causal: query q0 + r sees keys 0 ..= q0 + r (seq_q == seq_k for CLIP).
+                    let visible = if s.causal { (q0 + r + 1).min(seq_k) } else { seq_k };
+                    inv_sums.push(1.0 / softmax_numerators(&row[..visible], s.scale, &mut p[..visible]));
+                    p[visible..].fill(bf16::ZERO);
+                }
+                unsafe { gemm_bf16(rows, dv, seq_k, Operand::new(probs, seq_k), Operand::new(v, dv), 0.0, o.as_mut_ptr(), dv) };
+                for (row, inv) in o.chunks_mut(dv).zip(inv_sums) {
+                    row.iter_mut().for_each(|x| *x *= inv);
+                }
+            })
+        })
+    })
+}
+
+/// `probs = bf16(exp(scale (row - max(row))))` (`scale > 0`); returns the sum of the
+/// exponentials before rounding.
+fn softmax_numerators(row: &[f32], scale: f32, probs: &mut [bf16]) -> f32 {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx512f") {
         // Safety: the CPU has AVX-512F (and so AVX2 and FMA).
-        return unsafe { exp_row_avx512(row) };
+        return unsafe { softmax_numerators_avx512(row, scale, probs) };
     }
-    exp_row_with::<Unfused>(row)
+    softmax_numerators_with::<Unfused>(row, scale, probs)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512vl,avx512dq,avx512bw,avx2,fma")]
-unsafe fn exp_row_avx512(row: &mut [f32]) -> f32 {
-    exp_row_with::<Fused>(row)
+unsafe fn softmax_numerators_avx512(row: &[f32], scale: f32, probs: &mut [bf16]) -> f32 {
+    softmax_numerators_with::<Fused>(row, scale, probs)
 }
 
 #[inline(always)]
-fn exp_row_with<A: MulAdd>(row: &mut [f32]) -> f32 {
+fn softmax_numerators_with<A: MulAdd>(row: &[f32], scale: f32, probs: &mut [bf16]) -> f32 {
     const LANES: usize = 16;
     let mut max = [f32::NEG_INFINITY; LANES];
     let mut chunks = row.chunks_exact(LANES);
@@ -93,17 +107,20 @@ fn exp_row_with<A: MulAdd>(row: &mut [f32]) -> f32 {
     }
     let m = chunks.remainder().iter().fold(max.iter().copied().fold(f32::NEG_INFINITY, f32::max), |a, &b| a.max(b));
     let mut sum = [0f32; LANES];
-    let mut chunks = row.chunks_exact_mut(LANES);
-    for c in &mut chunks {
+    let mut out = probs.chunks_exact_mut(LANES);
+    let mut chunks = row.chunks_exact(LANES);
+    for (c, p) in (&mut chunks).zip(&mut out) {
         for i in 0..LANES {
-            c[i] = exp_approx::<A>(c[i] - m);
-            sum[i] += c[i];
+            let e = exp_approx::<A>((c[i] - m) * scale);
+            sum[i] += e;
+            p[i] = round_to_bf16(e);
         }
     }
     let mut total: f32 = sum.iter().sum();
-    for x in chunks.into_remainder() {
-        *x = exp_approx::<A>(*x - m);
-        total += *x;
+    for (&x, p) in chunks.remainder().iter().zip(out.into_remainder()) {
+        let e = exp_approx::<A>((x - m) * scale);
+        total += e;
+        *p = round_to_bf16(e);
     }
     total
 }

@@ -47,6 +47,8 @@ struct Selected {
     gemm: CpuGemm,
     /// Why MKL is not used, when it is not.
     mkl_error: Option<String>,
+    /// What is wrong with `SD_CPU_GEMM`, if anything.
+    request_error: Option<String>,
 }
 
 static SELECTED: OnceLock<Selected> = OnceLock::new();
@@ -54,13 +56,20 @@ static SELECTED: OnceLock<Selected> = OnceLock::new();
 fn selected() -> &'static Selected {
     SELECTED.get_or_init(|| {
         let wanted = std::env::var("SD_CPU_GEMM").unwrap_or_default().to_ascii_lowercase();
-        if wanted == "builtin" {
-            return Selected { gemm: CpuGemm::Builtin, mkl_error: Some("SD_CPU_GEMM=builtin".into()) };
-        }
-        match Mkl::load() {
-            Ok(mkl) => Selected { gemm: CpuGemm::Mkl(mkl), mkl_error: None },
-            Err(e) => Selected { gemm: CpuGemm::Builtin, mkl_error: Some(e) },
-        }
+        let (gemm, mkl_error) = if wanted == "builtin" {
+            (CpuGemm::Builtin, Some("SD_CPU_GEMM=builtin".to_string()))
+        } else {
+            match Mkl::load() {
+                Ok(mkl) => (CpuGemm::Mkl(mkl), None),
+                Err(e) => (CpuGemm::Builtin, Some(e)),
+            }
+        };
+        let request_error = match (wanted.as_str(), &mkl_error) {
+            ("mkl", Some(reason)) => Some(format!("SD_CPU_GEMM=mkl but MKL could not be loaded: {reason}")),
+            ("" | "mkl" | "builtin", _) => None,
+            (other, _) => Some(format!("SD_CPU_GEMM=`{other}` is not a backend (expected mkl or builtin)")),
+        };
+        Selected { gemm, mkl_error, request_error }
     })
 }
 
@@ -69,19 +78,14 @@ pub fn cpu_gemm() -> &'static CpuGemm {
     &selected().gemm
 }
 
-/// Checks `SD_CPU_GEMM=mkl` and returns why MKL is unavailable, if it is.
+/// Why MKL is not in use, if it is not.
 pub fn mkl_unavailable_reason() -> Option<&'static str> {
     selected().mkl_error.as_deref()
 }
 
-/// `Err` when `SD_CPU_GEMM=mkl` asks for MKL and it could not be loaded.
+/// `Err` when `SD_CPU_GEMM` names no backend, or asks for MKL and it could not be loaded.
 pub fn check_requested_backend() -> Result<(), String> {
-    let wanted = std::env::var("SD_CPU_GEMM").unwrap_or_default().to_ascii_lowercase();
-    match (wanted.as_str(), mkl_unavailable_reason()) {
-        ("" | "mkl" | "builtin", None) | ("" | "builtin", Some(_)) => Ok(()),
-        ("mkl", Some(reason)) => Err(format!("SD_CPU_GEMM=mkl but MKL could not be loaded: {reason}")),
-        (other, _) => Err(format!("SD_CPU_GEMM=`{other}` is not a backend (expected mkl or builtin)")),
-    }
+    selected().request_error.clone().map_or(Ok(()), Err)
 }
 
 const CBLAS_ROW_MAJOR: c_int = 101;
@@ -293,12 +297,18 @@ unsafe fn to_bf16_avx512(src: &[f32], dst: &mut [bf16]) {
 #[inline(always)]
 fn to_bf16_generic(src: &[f32], dst: &mut [bf16]) {
     for (d, &v) in dst.iter_mut().zip(src) {
-        let bits = v.to_bits();
-        let rounded = bits.wrapping_add(0x7fff + ((bits >> 16) & 1)) >> 16;
-        // NaN stays NaN (quiet) instead of rounding into infinity.
-        let out = if v.is_nan() { (bits >> 16) | 0x40 } else { rounded };
-        *d = bf16::from_bits(out as u16);
+        *d = round_to_bf16(v);
     }
+}
+
+/// One value of [`to_bf16`], for kernels that produce bf16 operands in their own loops.
+#[inline(always)]
+pub(crate) fn round_to_bf16(v: f32) -> bf16 {
+    let bits = v.to_bits();
+    let rounded = bits.wrapping_add(0x7fff + ((bits >> 16) & 1)) >> 16;
+    // NaN stays NaN (quiet) instead of rounding into infinity.
+    let out = if v.is_nan() { (bits >> 16) | 0x40 } else { rounded };
+    bf16::from_bits(out as u16)
 }
 
 /// [`to_bf16`] of a whole buffer, split over the threads.
@@ -375,7 +385,7 @@ mod tests {
         }
         to_bf16(&[f32::NAN], &mut dst[..1]);
         assert!(dst[0].is_nan());
-        assert_eq!(to_bf16_par(&src), dst.iter().copied().take(0).chain(src.iter().map(|&v| bf16::from_f32(v))).collect::<Vec<_>>());
+        assert_eq!(to_bf16_par(&src), src.iter().map(|&v| bf16::from_f32(v)).collect::<Vec<_>>());
     }
 
     #[test]

@@ -12,6 +12,7 @@ use half::bf16;
 use rayon::prelude::*;
 
 use super::blas::{gemm_bf16, gemm_f32, to_bf16_par, Operand, SendPtr};
+use super::scratch::with_scratch;
 use super::{param_dtype, task_count, use_cpu_kernels, with_slice};
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -142,10 +143,11 @@ impl Conv2d {
                 // Convert the input once, not once per kernel tap.
                 let x16 = to_bf16_par(x);
                 plan.run(&x16, |image, p0, len, beta, c| {
-                    let mut col = vec![bf16::ZERO; k * len];
-                    im2col(image, &g, p0, len, &mut col);
-                    // Safety: see `Plan::run`.
-                    unsafe { gemm_bf16(c_out, len, k, Operand::new(wt, k), Operand::new(&col, len), beta, c, pixels) };
+                    with_scratch(0, k * len, |col: &mut [bf16]| {
+                        im2col(image, &g, p0, len, col);
+                        // Safety: see `Plan::run`.
+                        unsafe { gemm_bf16(c_out, len, k, Operand::new(wt, k), Operand::new(col, len), beta, c, pixels) };
+                    })
                 })
             }),
             _ => with_slice::<f32, _>(&self.weight, |wt| {
@@ -155,9 +157,10 @@ impl Conv2d {
                     if pointwise {
                         unsafe { gemm_f32(c_out, len, k, Operand::new(wt, k), Operand::new(&image[p0..], pixels), beta, c, pixels) };
                     } else {
-                        let mut col = vec![0f32; k * len];
-                        im2col(image, &g, p0, len, &mut col);
-                        unsafe { gemm_f32(c_out, len, k, Operand::new(wt, k), Operand::new(&col, len), beta, c, pixels) };
+                        with_scratch(0, k * len, |col: &mut [f32]| {
+                            im2col(image, &g, p0, len, col);
+                            unsafe { gemm_f32(c_out, len, k, Operand::new(wt, k), Operand::new(col, len), beta, c, pixels) };
+                        })
                     }
                 })
             }),

@@ -6,6 +6,7 @@ use half::bf16;
 use rayon::prelude::*;
 
 use super::blas::{gemm_bf16, gemm_f32, to_bf16, Operand};
+use super::scratch::with_scratch;
 use super::{param_dtype, task_count, use_cpu_kernels, with_slice};
 
 #[derive(Debug, Clone)]
@@ -62,24 +63,24 @@ impl Linear {
         };
         // Rows are split over the threads; each task multiplies its rows by the whole weight.
         let rows_per_task = m.div_ceil(task_count(m.div_ceil(8)));
-        with_slice::<f32, _>(&xs, |x| match self.weight.dtype() {
-            DType::BF16 => with_slice::<bf16, _>(&self.weight, |w| {
-                out.par_chunks_mut(rows_per_task * n).enumerate().for_each(|(t, c)| {
-                    let rows = c.len() / n;
-                    let mut a = vec![bf16::ZERO; rows * k];
-                    to_bf16(&x[t * rows_per_task * k..][..rows * k], &mut a);
-                    // Safety: `c` is this task's own rows.
-                    unsafe { gemm_bf16(rows, n, k, Operand::new(&a, k), Operand::t(w, k), beta, c.as_mut_ptr(), n) };
-                })
-            }),
-            _ => with_slice::<f32, _>(&self.weight, |w| {
-                out.par_chunks_mut(rows_per_task * n).enumerate().for_each(|(t, c)| {
-                    let rows = c.len() / n;
-                    let a = &x[t * rows_per_task * k..][..rows * k];
-                    // Safety: `c` is this task's own rows.
-                    unsafe { gemm_f32(rows, n, k, Operand::new(a, k), Operand::t(w, k), beta, c.as_mut_ptr(), n) };
-                })
-            }),
+        with_slice::<f32, _>(&xs, |x| {
+            let tasks = out.par_chunks_mut(rows_per_task * n).zip(x.par_chunks(rows_per_task * k));
+            // Safety (both GEMMs): `c` is this task's own rows.
+            match self.weight.dtype() {
+                DType::BF16 => with_slice::<bf16, _>(&self.weight, |w| {
+                    tasks.for_each(|(c, a)| {
+                        with_scratch(0, a.len(), |a16: &mut [bf16]| {
+                            to_bf16(a, a16);
+                            unsafe { gemm_bf16(a.len() / k, n, k, Operand::new(a16, k), Operand::t(w, k), beta, c.as_mut_ptr(), n) };
+                        })
+                    })
+                }),
+                _ => with_slice::<f32, _>(&self.weight, |w| {
+                    tasks.for_each(|(c, a)| unsafe {
+                        gemm_f32(a.len() / k, n, k, Operand::new(a, k), Operand::t(w, k), beta, c.as_mut_ptr(), n)
+                    })
+                }),
+            }
         })??;
         Tensor::from_vec(out, out_dims, &Device::Cpu)
     }

@@ -19,6 +19,9 @@ pub mod blas;
 mod conv2d;
 mod group_norm;
 mod linear;
+mod scratch;
+
+pub(crate) use scratch::with_scratch;
 
 pub use activations::{geglu, gelu_erf};
 pub use conv2d::{conv2d, Conv2d, Conv2dConfig};
@@ -56,7 +59,7 @@ fn use_cpu_kernels(xs: &Tensor, weight: DType) -> bool {
 }
 
 /// Runs `f` on the contiguous CPU data of `t`.
-fn with_slice<T: WithDType, R>(t: &Tensor, f: impl FnOnce(&[T]) -> R) -> Result<R> {
+pub(crate) fn with_slice<T: WithDType, R>(t: &Tensor, f: impl FnOnce(&[T]) -> R) -> Result<R> {
     let (storage, layout) = t.storage_and_layout();
     let candle_core::Storage::Cpu(cpu) = &*storage else {
         candle_core::bail!("expected a CPU tensor");
