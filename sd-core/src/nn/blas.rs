@@ -301,7 +301,7 @@ fn to_bf16_generic(src: &[f32], dst: &mut [bf16]) {
     }
 }
 
-/// One value of [`to_bf16`], for kernels that produce bf16 operands in their own loops.
+/// One value of [`to_bf16`], for loops that produce bf16 values themselves.
 #[inline(always)]
 pub(crate) fn round_to_bf16(v: f32) -> bf16 {
     let bits = v.to_bits();

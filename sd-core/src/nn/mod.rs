@@ -21,7 +21,7 @@ mod group_norm;
 mod linear;
 mod scratch;
 
-pub(crate) use scratch::with_scratch;
+pub(crate) use scratch::{with_scratch, Pod};
 
 pub use activations::{geglu, gelu_erf};
 pub use conv2d::{conv2d, Conv2d, Conv2dConfig};

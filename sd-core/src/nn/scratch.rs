@@ -6,10 +6,12 @@ use std::cell::RefCell;
 
 use half::bf16;
 
-/// Plain values for which every bit pattern is valid, so a reused buffer can be viewed as them.
-pub(crate) trait Pod: Copy + 'static {}
+/// Plain values for which every bit pattern is valid, so raw bytes (a reused buffer, a mapped
+/// file) can be viewed as them.
+pub(crate) trait Pod: Copy + Send + Sync + 'static {}
 impl Pod for f32 {}
 impl Pod for bf16 {}
+impl Pod for half::f16 {}
 
 /// Independent buffers per thread; a kernel that needs two at once uses two slots.
 pub(crate) const SLOTS: usize = 3;
