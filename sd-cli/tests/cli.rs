@@ -112,6 +112,26 @@ fn without_seed_a_seed_is_printed_and_reproduces_the_image() {
     assert_eq!(std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap());
 }
 
+/// `--threads 1` gives the image of the default (all cores): the work is split differently,
+/// the result is not meant to change beyond GEMM rounding.
+#[test]
+fn thread_count_does_not_change_the_image() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = pipelines().join("sd2-tiny").display().to_string();
+    let run = |name: &str, extra: &[&str]| {
+        let out = dir.path().join(name);
+        let mut args = vec!["generate", "--prompt", "a cat", "--model", &model, "--steps", "2", "--seed", "7"];
+        args.extend_from_slice(extra);
+        let out_arg = out.display().to_string();
+        args.extend(["--out", &out_arg]);
+        let result = sd_cli(&args);
+        assert!(result.status.success(), "{extra:?}: {}", stderr(&result));
+        out
+    };
+    let (mean, max) = png_diff(&run("default.png", &[]), &run("one.png", &["--threads", "1"]));
+    assert!(mean < 0.1 && max <= 1, "mean {mean}, max {max}");
+}
+
 /// Copies a fixture model so a test can damage it.
 fn copy_model(name: &str, to: &Path) -> PathBuf {
     fn copy_dir(from: &Path, to: &Path) {
@@ -162,6 +182,8 @@ fn bad_input_gives_one_line_errors() {
     assert!(err.contains("warp-drive") && err.contains("EulerDiscreteScheduler") && err.contains("ddim"), "{err}");
     let err = expect_error(&model, &["--dtype", "f64"]);
     assert!(err.contains("f64"), "{err}");
+    let err = expect_error(&model, &["--threads", "0"]);
+    assert!(err.contains("--threads"), "{err}");
     let missing = pipelines().join("no-such-model");
     let err = expect_error(&missing, &[]);
     assert!(err.contains("no-such-model"), "{err}");
