@@ -11,6 +11,9 @@ use candle_nn::VarBuilder;
 use half::bf16;
 use rayon::prelude::*;
 
+use std::sync::Arc;
+
+use super::amx;
 use super::blas::{gemm_bf16, gemm_f32, to_bf16_par, Operand, SendPtr};
 use super::scratch::with_scratch;
 use super::{param_dtype, task_count, use_cpu_kernels, with_slice};
@@ -23,8 +26,7 @@ pub struct Conv2dConfig {
 
 #[derive(Debug, Clone)]
 pub struct Conv2d {
-    /// `[out, in, kh, kw]`, in the builder's dtype (bf16 for bf16 GEMMs on the CPU).
-    weight: Tensor,
+    weight: Weight,
     /// `[out]`, in [`param_dtype`].
     bias: Option<Tensor>,
     cfg: Conv2dConfig,
@@ -33,7 +35,7 @@ pub struct Conv2d {
 pub fn conv2d(in_channels: usize, out_channels: usize, kernel: usize, cfg: Conv2dConfig, vb: VarBuilder) -> Result<Conv2d> {
     let weight = vb.get((out_channels, in_channels, kernel, kernel), "weight")?;
     let bias = vb.get_with_hints_dtype(out_channels, "bias", Default::default(), param_dtype(&vb))?;
-    Ok(Conv2d::new(weight, Some(bias), cfg))
+    Conv2d::new(weight, Some(bias), cfg)
 }
 
 /// Elements of one task's im2col block: 4 Mi (16 MiB in f32, 8 in bf16). Smaller blocks mean
@@ -66,63 +68,85 @@ impl Geometry {
 
 /// Writes the im2col rows for output pixels `p0 .. p0 + len` of one image: row `(ci, ky, kx)`
 /// holds the input value each of those pixels sees through that kernel tap (0 in the padding).
-/// Works along output rows: per row and tap, zeros left and right and one run of input in
-/// between (a plain copy at stride 1).
 fn im2col<T: Copy + Default>(x: &[T], g: &Geometry, p0: usize, len: usize, col: &mut [T]) {
+    for (tap, row) in col.chunks_exact_mut(len).take(g.k()).enumerate() {
+        im2col_row(x, g, p0, tap, row);
+    }
+}
+
+/// One im2col row: kernel tap `tap = (ci kh + ky) kw + kx` for output pixels `p0 ..
+/// p0 + dst.len()`. Works along output rows: per row, zeros left and right and one run of
+/// input in between (a plain copy at stride 1).
+fn im2col_row<T: Copy + Default>(x: &[T], g: &Geometry, p0: usize, tap: usize, dst: &mut [T]) {
     let (s, pad) = (g.stride as isize, g.pad as isize);
-    let mut rows = col.chunks_exact_mut(len);
-    for plane in x.chunks_exact(g.h * g.w).take(g.c_in) {
-        for ky in 0..g.kh as isize {
-            for kx in 0..g.kw as isize {
-                let dst = rows.next().expect("im2col buffer holds c_in * kh * kw rows");
-                // Output columns whose input column ox*s + kx - pad lies inside the image.
-                let lo = ((pad - kx).max(0) as usize).div_ceil(g.stride);
-                let hi = ((g.w as isize + pad - kx).max(0) as usize).div_ceil(g.stride).min(g.w_out);
-                let mut j = 0;
-                while j < len {
-                    let (oy, ox0) = ((p0 + j) / g.w_out, (p0 + j) % g.w_out);
-                    let run = (g.w_out - ox0).min(len - j);
-                    let seg = &mut dst[j..j + run];
-                    j += run;
-                    let iy = oy as isize * s + ky - pad;
-                    if iy < 0 || iy >= g.h as isize {
-                        seg.fill(T::default());
-                        continue;
-                    }
-                    let src = &plane[iy as usize * g.w..][..g.w];
-                    let a = lo.clamp(ox0, ox0 + run);
-                    let b = hi.clamp(a, ox0 + run);
-                    seg[..a - ox0].fill(T::default());
-                    seg[b - ox0..].fill(T::default());
-                    let first = (a as isize * s + kx - pad) as usize;
-                    let inner = &mut seg[a - ox0..b - ox0];
-                    if s == 1 {
-                        inner.copy_from_slice(&src[first..first + inner.len()]);
-                    } else {
-                        for (i, d) in inner.iter_mut().enumerate() {
-                            *d = src[first + i * g.stride];
-                        }
-                    }
-                }
+    let (ci, ky, kx) = (tap / (g.kh * g.kw), (tap / g.kw % g.kh) as isize, (tap % g.kw) as isize);
+    let plane = &x[ci * g.h * g.w..][..g.h * g.w];
+    // Output columns whose input column ox*s + kx - pad lies inside the image.
+    let lo = ((pad - kx).max(0) as usize).div_ceil(g.stride);
+    let hi = ((g.w as isize + pad - kx).max(0) as usize).div_ceil(g.stride).min(g.w_out);
+    let len = dst.len();
+    let mut j = 0;
+    while j < len {
+        let (oy, ox0) = ((p0 + j) / g.w_out, (p0 + j) % g.w_out);
+        let run = (g.w_out - ox0).min(len - j);
+        let seg = &mut dst[j..j + run];
+        j += run;
+        let iy = oy as isize * s + ky - pad;
+        if iy < 0 || iy >= g.h as isize {
+            seg.fill(T::default());
+            continue;
+        }
+        let src = &plane[iy as usize * g.w..][..g.w];
+        let a = lo.clamp(ox0, ox0 + run);
+        let b = hi.clamp(a, ox0 + run);
+        seg[..a - ox0].fill(T::default());
+        seg[b - ox0..].fill(T::default());
+        let first = (a as isize * s + kx - pad) as usize;
+        let inner = &mut seg[a - ox0..b - ox0];
+        if s == 1 {
+            inner.copy_from_slice(&src[first..first + inner.len()]);
+        } else {
+            for (i, d) in inner.iter_mut().enumerate() {
+                *d = src[first + i * g.stride];
             }
         }
     }
 }
 
+#[derive(Debug, Clone)]
+enum Weight {
+    /// `[out, in, kh, kw]`, in the builder's dtype (bf16 for bf16 GEMMs on the CPU).
+    Dense(Tensor),
+    /// A bf16 CPU weight packed once for the AMX tiles, as the A operand `[out, in kh kw]`.
+    Tiles { packed: Arc<amx::Packed>, dims: (usize, usize, usize, usize) },
+}
+
 impl Conv2d {
-    pub fn new(weight: Tensor, bias: Option<Tensor>, cfg: Conv2dConfig) -> Self {
+    /// A bf16 weight on a CPU with AMX is packed for the tiles here (and the tensor dropped).
+    pub fn new(weight: Tensor, bias: Option<Tensor>, cfg: Conv2dConfig) -> Result<Self> {
         let cfg = Conv2dConfig { stride: cfg.stride.max(1), ..cfg };
-        Self { weight, bias, cfg }
+        let weight = if weight.device().is_cpu() && weight.dtype() == DType::BF16 && amx::available() {
+            let dims = weight.dims4()?;
+            let (c_out, c_in, kh, kw) = dims;
+            let packed = with_slice::<bf16, _>(&weight.contiguous()?, |w| amx::Packed::a_from_rows(w, c_out, c_in * kh * kw))?;
+            Weight::Tiles { packed: Arc::new(packed), dims }
+        } else {
+            Weight::Dense(weight)
+        };
+        Ok(Self { weight, bias, cfg })
     }
 
-    pub fn weight(&self) -> &Tensor {
-        &self.weight
+    fn dims(&self) -> Result<(usize, usize, usize, usize)> {
+        match &self.weight {
+            Weight::Dense(w) => w.dims4(),
+            Weight::Tiles { dims, .. } => Ok(*dims),
+        }
     }
 
     fn forward_cpu(&self, xs: &Tensor) -> Result<Tensor> {
         let xs = xs.contiguous()?;
         let (batch, c_in, h, w) = xs.dims4()?;
-        let (c_out, wc_in, kh, kw) = self.weight.dims4()?;
+        let (c_out, wc_in, kh, kw) = self.dims()?;
         if c_in != wc_in {
             candle_core::bail!("conv2d: input has {c_in} channels, the weight expects {wc_in}");
         }
@@ -135,11 +159,41 @@ impl Conv2d {
             Some(b) => Some(b.to_dtype(DType::F32)?.to_vec1::<f32>()?),
             None => None,
         };
-        let mut out = vec![0f32; batch * c_out * g.pixels()];
-        let plan = Plan::new(&g, batch, c_out, bias.as_deref(), SendPtr(out.as_mut_ptr()));
         let (k, pixels) = (g.k(), g.pixels());
-        with_slice::<f32, _>(&xs, |x| match self.weight.dtype() {
-            DType::BF16 => with_slice::<bf16, _>(&self.weight, |wt| {
+        // Every element is written by the tasks below (bias or GEMM); the length is set after.
+        let len = batch * c_out * pixels;
+        let mut out: Vec<f32> = Vec::with_capacity(len);
+        let dense = match &self.weight {
+            Weight::Tiles { packed, .. } => {
+                // One panel of columns per task: the packed block then stays in L2, and the
+                // weight is read once per panel whatever the block size.
+                let plan = Plan::new(&g, batch, c_out, None, (amx::BLOCK, amx::PANEL), SendPtr(out.as_mut_ptr()));
+                let bias = match &bias {
+                    Some(b) => amx::Bias::Rows(b),
+                    None => amx::Bias::None,
+                };
+                with_slice::<f32, _>(&xs, |x| {
+                    // Convert the input once, not once per kernel tap.
+                    let x16 = to_bf16_par(x);
+                    plan.run(&x16, |image, p0, len, _, c| {
+                        let cols = amx::packed_len(len, k);
+                        with_scratch(1, cols + 32, |buf: &mut [bf16]| {
+                            let cols = amx::aligned(buf, cols);
+                            amx::pack_b_rows(len, k, cols, |tap, row| im2col_row(image, &g, p0, tap, row));
+                            // Safety: AMX is available (the weight was packed); see `Plan::run`.
+                            unsafe { amx::gemm(packed.as_slice(), c_out, cols, len, k, bias, c, pixels) };
+                        })
+                    })
+                })?;
+                // Safety: the tasks covered every pixel of every channel of every image.
+                unsafe { out.set_len(len) };
+                return Tensor::from_vec(out, (batch, c_out, g.h_out, g.w_out), &Device::Cpu);
+            }
+            Weight::Dense(w) => w,
+        };
+        let plan = Plan::new(&g, batch, c_out, bias.as_deref(), (1, usize::MAX), SendPtr(out.as_mut_ptr()));
+        with_slice::<f32, _>(&xs, |x| match dense.dtype() {
+            DType::BF16 => with_slice::<bf16, _>(dense, |wt| {
                 // Convert the input once, not once per kernel tap.
                 let x16 = to_bf16_par(x);
                 plan.run(&x16, |image, p0, len, beta, c| {
@@ -150,7 +204,7 @@ impl Conv2d {
                     })
                 })
             }),
-            _ => with_slice::<f32, _>(&self.weight, |wt| {
+            _ => with_slice::<f32, _>(dense, |wt| {
                 let pointwise = kh == 1 && kw == 1 && stride == 1 && pad == 0;
                 plan.run(x, |image, p0, len, beta, c| {
                     // Safety (both GEMMs): see `Plan::run`.
@@ -165,6 +219,8 @@ impl Conv2d {
                 })
             }),
         })??;
+        // Safety: as above.
+        unsafe { out.set_len(len) };
         Tensor::from_vec(out, (batch, c_out, g.h_out, g.w_out), &Device::Cpu)
     }
 }
@@ -181,15 +237,20 @@ struct Plan<'a> {
 }
 
 impl<'a> Plan<'a> {
-    fn new(g: &Geometry, batch: usize, c_out: usize, bias: Option<&'a [f32]>, out: SendPtr<f32>) -> Self {
+    /// Blocks of at most `max_block` pixels (and `BLOCK_ELEMS` im2col elements), a multiple
+    /// of `align` but the last of an image, for GEMMs that work in blocks of columns. With
+    /// `bias`, `run` writes it into the output before the GEMM.
+    fn new(g: &Geometry, batch: usize, c_out: usize, bias: Option<&'a [f32]>, (align, max_block): (usize, usize), out: SendPtr<f32>) -> Self {
         let pixels = g.pixels();
+        let min = align.max(16);
         // As many pixels per block as the im2col budget allows, and enough blocks to keep
         // every thread busy.
-        let mut block = (BLOCK_ELEMS / g.k()).clamp(16, pixels.max(16));
-        let wanted = task_count(batch * pixels.div_ceil(16));
-        while block > 16 && batch * pixels.div_ceil(block) < wanted {
+        let mut block = (BLOCK_ELEMS / g.k()).min(max_block).clamp(min, pixels.max(min));
+        let wanted = task_count(batch * pixels.div_ceil(min));
+        while block > min && batch * pixels.div_ceil(block) < wanted {
             block = block.div_ceil(2);
         }
+        let block = block.next_multiple_of(align);
         let tasks = (0..batch).flat_map(|b| (0..pixels).step_by(block).map(move |p0| (b, p0))).collect();
         Self { tasks, block, pixels, image_len: g.c_in * g.h * g.w, c_out, bias, out }
     }
@@ -222,21 +283,22 @@ impl<'a> Plan<'a> {
 
 impl Module for Conv2d {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        if use_cpu_kernels(xs, self.weight.dtype()) {
-            return self.forward_cpu(xs);
-        }
+        let weight = match &self.weight {
+            Weight::Dense(w) if !use_cpu_kernels(xs, w.dtype()) => w,
+            Weight::Tiles { .. } if !use_cpu_kernels(xs, DType::BF16) => {
+                candle_core::bail!("conv2d: weights packed for the CPU's AMX tiles take f32 CPU inputs, got {:?} on {:?}", xs.dtype(), xs.device())
+            }
+            _ => return self.forward_cpu(xs),
+        };
         let cfg = candle_nn::Conv2dConfig { padding: self.cfg.padding, stride: self.cfg.stride, ..Default::default() };
-        candle_nn::Conv2d::new(self.weight.clone(), self.bias.clone(), cfg).forward(xs)
+        candle_nn::Conv2d::new(weight.clone(), self.bias.clone(), cfg).forward(xs)
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use super::super::test_values::{bf16_gemms, values};
     use super::*;
-
-    fn values(n: usize, seed: u32) -> Vec<f32> {
-        (0..n).map(|i| (((i as u32).wrapping_mul(2654435761).wrapping_add(seed) >> 9) % 2000) as f32 / 1000.0 - 1.0).collect()
-    }
 
     /// Against candle's own convolution, for the shapes SD uses and odd ones.
     #[test]
@@ -253,8 +315,40 @@ mod tests {
             let wt = Tensor::from_vec(values(co * ci * k * k, 2), (co, ci, k, k), &dev)?;
             let bias = Tensor::from_vec(values(co, 3), co, &dev)?;
             let cfg = Conv2dConfig { padding: pad, stride };
-            let ours = Conv2d::new(wt.clone(), Some(bias.clone()), cfg).forward(&x)?;
+            let ours = Conv2d::new(wt.clone(), Some(bias.clone()), cfg)?.forward(&x)?;
             let theirs = candle_nn::Conv2d::new(wt, Some(bias), candle_nn::Conv2dConfig { padding: pad, stride, ..Default::default() }).forward(&x)?;
+            assert_eq!(ours.dims(), theirs.dims());
+            let diff = (ours - theirs)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+            assert!(diff < 1e-4, "{b} {ci} {co} {h} {w} {k} {stride} {pad}: {diff}");
+        }
+        Ok(())
+    }
+
+    /// bf16 weights (AMX tiles where the CPU has them, else MKL): against candle's f32
+    /// convolution of the same bf16-rounded input and weight. Products of bf16 values are
+    /// exact in f32, so only the summation order differs. Shapes cut the tile blocks in every
+    /// dimension (channels, pixels, k), with strides, padding and 1x1.
+    #[test]
+    fn bf16_weights_match_rounded_f32() -> Result<()> {
+        if !bf16_gemms() {
+            return Ok(());
+        }
+        let dev = Device::Cpu;
+        for &(b, ci, co, h, w, k, stride, pad) in &[
+            (2, 5, 7, 9, 11, 3, 1, 1),
+            (1, 40, 64, 16, 16, 3, 1, 1),
+            (2, 36, 96, 13, 9, 3, 2, 1),
+            (1, 64, 33, 20, 20, 1, 1, 0),
+            (2, 32, 32, 24, 24, 3, 1, 1),
+        ] {
+            let round = |t: Tensor| t.to_dtype(DType::BF16)?.to_dtype(DType::F32);
+            let x = round(Tensor::from_vec(values(b * ci * h * w, 1), (b, ci, h, w), &dev)?)?;
+            let wt = Tensor::from_vec(values(co * ci * k * k, 2), (co, ci, k, k), &dev)?.to_dtype(DType::BF16)?;
+            let bias = Tensor::from_vec(values(co, 3), co, &dev)?;
+            let cfg = Conv2dConfig { padding: pad, stride };
+            let ours = Conv2d::new(wt.clone(), Some(bias.clone()), cfg)?.forward(&x)?;
+            let theirs = candle_nn::Conv2d::new(wt.to_dtype(DType::F32)?, Some(bias), candle_nn::Conv2dConfig { padding: pad, stride, ..Default::default() })
+                .forward(&x)?;
             assert_eq!(ours.dims(), theirs.dims());
             let diff = (ours - theirs)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
             assert!(diff < 1e-4, "{b} {ci} {co} {h} {w} {k} {stride} {pad}: {diff}");

@@ -5,46 +5,71 @@ use candle_nn::VarBuilder;
 use half::bf16;
 use rayon::prelude::*;
 
+use std::sync::Arc;
+
+use super::amx;
 use super::blas::{gemm_bf16, gemm_f32, to_bf16, Operand};
 use super::scratch::with_scratch;
 use super::{param_dtype, task_count, use_cpu_kernels, with_slice};
 
 #[derive(Debug, Clone)]
 pub struct Linear {
-    /// `[out, in]`, in the builder's dtype (bf16 for bf16 GEMMs on the CPU).
-    weight: Tensor,
+    weight: Weight,
     /// `[out]`, in [`param_dtype`].
     bias: Option<Tensor>,
+}
+
+#[derive(Debug, Clone)]
+enum Weight {
+    /// `[out, in]`, in the builder's dtype (bf16 for bf16 GEMMs on the CPU).
+    Dense(Tensor),
+    /// A bf16 CPU weight packed once for the AMX tiles, as the B operand `W^T`.
+    Tiles(Arc<amx::Packed>),
 }
 
 pub fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
     let weight = vb.get((out_dim, in_dim), "weight")?;
     let bias = vb.get_with_hints_dtype(out_dim, "bias", Default::default(), param_dtype(&vb))?;
-    Ok(Linear::new(weight, Some(bias)))
+    Linear::new(weight, Some(bias))
 }
 
 pub fn linear_no_bias(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
-    Ok(Linear::new(vb.get((out_dim, in_dim), "weight")?, None))
+    Linear::new(vb.get((out_dim, in_dim), "weight")?, None)
 }
 
 impl Linear {
-    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
-        Self { weight, bias }
-    }
-
-    pub fn weight(&self) -> &Tensor {
-        &self.weight
+    /// A bf16 weight on a CPU with AMX is packed for the tiles here (and the tensor dropped).
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
+        let weight = if weight.device().is_cpu() && weight.dtype() == DType::BF16 && amx::available() {
+            let (n, k) = weight.dims2()?;
+            let packed = with_slice::<bf16, _>(&weight.contiguous()?, |w| amx::Packed::b_from_transposed(w, n, k))?;
+            Weight::Tiles(Arc::new(packed))
+        } else {
+            Weight::Dense(weight)
+        };
+        Ok(Self { weight, bias })
     }
 
     /// Whether this layer multiplies in bf16 on the CPU (a model loaded in bf16 there); the
     /// attention next to it follows suit.
     pub fn bf16_on_cpu(&self) -> bool {
-        self.weight.device().is_cpu() && self.weight.dtype() == DType::BF16
+        match &self.weight {
+            Weight::Dense(w) => w.device().is_cpu() && w.dtype() == DType::BF16,
+            Weight::Tiles(_) => true,
+        }
+    }
+
+    /// `(out, in)` features.
+    fn dims(&self) -> Result<(usize, usize)> {
+        match &self.weight {
+            Weight::Dense(w) => w.dims2(),
+            Weight::Tiles(p) => Ok((p.outer, p.k)),
+        }
     }
 
     fn forward_cpu(&self, xs: &Tensor) -> Result<Tensor> {
         let xs = xs.contiguous()?;
-        let (n, k) = self.weight.dims2()?;
+        let (n, k) = self.dims()?;
         let mut out_dims = xs.dims().to_vec();
         let Some(last) = out_dims.last_mut() else { candle_core::bail!("linear: scalar input") };
         if *last != k {
@@ -52,6 +77,10 @@ impl Linear {
         }
         *last = n;
         let m = xs.elem_count() / k;
+        let weight = match &self.weight {
+            Weight::Tiles(packed) => return Tensor::from_vec(self.forward_tiles(&xs, packed, m)?, out_dims, &Device::Cpu),
+            Weight::Dense(w) => w,
+        };
         let mut out = vec![0f32; m * n];
         let beta = match &self.bias {
             Some(bias) => {
@@ -66,8 +95,8 @@ impl Linear {
         with_slice::<f32, _>(&xs, |x| {
             let tasks = out.par_chunks_mut(rows_per_task * n).zip(x.par_chunks(rows_per_task * k));
             // Safety (both GEMMs): `c` is this task's own rows.
-            match self.weight.dtype() {
-                DType::BF16 => with_slice::<bf16, _>(&self.weight, |w| {
+            match weight.dtype() {
+                DType::BF16 => with_slice::<bf16, _>(weight, |w| {
                     tasks.for_each(|(c, a)| {
                         with_scratch(0, a.len(), |a16: &mut [bf16]| {
                             to_bf16(a, a16);
@@ -75,7 +104,7 @@ impl Linear {
                         })
                     })
                 }),
-                _ => with_slice::<f32, _>(&self.weight, |w| {
+                _ => with_slice::<f32, _>(weight, |w| {
                     tasks.for_each(|(c, a)| unsafe {
                         gemm_f32(a.len() / k, n, k, Operand::new(a, k), Operand::t(w, k), beta, c.as_mut_ptr(), n)
                     })
@@ -84,14 +113,78 @@ impl Linear {
         })??;
         Tensor::from_vec(out, out_dims, &Device::Cpu)
     }
+
+    /// The AMX path: rows split into tasks of whole tile blocks; each task packs its rows
+    /// (rounding to bf16) and multiplies them by the packed weight, bias included.
+    fn forward_tiles(&self, xs: &Tensor, w: &amx::Packed, m: usize) -> Result<Vec<f32>> {
+        let (n, k) = (w.outer, w.k);
+        let bias = match &self.bias {
+            Some(b) => Some(b.to_dtype(DType::F32)?.to_vec1::<f32>()?),
+            None => None,
+        };
+        let bias = bias.as_deref().map_or(amx::Bias::None, amx::Bias::Cols);
+        // At most a panel of rows per task, so that the packed rows stay in L2 while every
+        // panel of the weight passes them.
+        let rows_per_task = m.div_ceil(task_count(amx::blocks(m))).next_multiple_of(amx::BLOCK).min(amx::PANEL);
+        let mut out: Vec<f32> = Vec::with_capacity(m * n);
+        with_slice::<f32, _>(xs, |x| {
+            let c = out.spare_capacity_mut();
+            c.par_chunks_mut(rows_per_task * n).zip(x.par_chunks(rows_per_task * k)).for_each(|(c, a)| {
+                let rows = a.len() / k;
+                let len = amx::packed_len(rows, k);
+                with_scratch(1, len + 32, |buf: &mut [bf16]| {
+                    let packed = amx::aligned(buf, len);
+                    amx::pack_a_f32(a, rows, k, packed);
+                    // Safety: AMX is available (the weight was packed); `c` is this task's rows.
+                    unsafe { amx::gemm(packed, rows, w.as_slice(), n, k, bias, c.as_mut_ptr().cast(), n) };
+                })
+            })
+        })?;
+        // Safety: the tasks wrote every row.
+        unsafe { out.set_len(m * n) };
+        Ok(out)
+    }
 }
 
 impl Module for Linear {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        if use_cpu_kernels(xs, self.weight.dtype()) {
-            self.forward_cpu(xs)
-        } else {
-            candle_nn::Linear::new(self.weight.clone(), self.bias.clone()).forward(xs)
+        match &self.weight {
+            Weight::Dense(w) if !use_cpu_kernels(xs, w.dtype()) => candle_nn::Linear::new(w.clone(), self.bias.clone()).forward(xs),
+            Weight::Tiles(_) if !use_cpu_kernels(xs, DType::BF16) => {
+                candle_core::bail!("linear: weights packed for the CPU's AMX tiles take f32 CPU inputs, got {:?} on {:?}", xs.dtype(), xs.device())
+            }
+            _ => self.forward_cpu(xs),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::test_values::{bf16_gemms, values};
+    use super::*;
+
+    /// bf16 weights (AMX tiles where the CPU has them, else MKL) against an f32 product of the
+    /// same bf16-rounded values, for row counts and feature sizes that cut the tile blocks,
+    /// more rows than one task takes, with and without bias.
+    #[test]
+    fn bf16_weights_match_rounded_f32() -> Result<()> {
+        if !bf16_gemms() {
+            return Ok(());
+        }
+        let dev = Device::Cpu;
+        for &(rows, k, n) in &[(2, 320, 1280), (77, 64, 96), (600, 96, 40), (33, 1100, 64)] {
+            let x = Tensor::from_vec(values(rows * k, 1), (1, rows, k), &dev)?.to_dtype(DType::BF16)?.to_dtype(DType::F32)?;
+            let w = Tensor::from_vec(values(n * k, 2), (n, k), &dev)?.to_dtype(DType::BF16)?;
+            let bias = Tensor::from_vec(values(n, 3), n, &dev)?;
+            for bias in [Some(bias), None] {
+                let ours = Linear::new(w.clone(), bias.clone())?.forward(&x)?;
+                let theirs = candle_nn::Linear::new(w.to_dtype(DType::F32)?, bias).forward(&x)?;
+                assert_eq!(ours.dims(), &[1, rows, n]);
+                let diff = (ours - theirs)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+                // f32 rounding of sums of k products of size ~1, in another order.
+                assert!(diff < 1e-6 * k as f32 + 1e-5, "{rows}x{k}x{n}: {diff}");
+            }
+        }
+        Ok(())
     }
 }

@@ -9,12 +9,14 @@
 //! # bf16 on the CPU
 //!
 //! A `VarBuilder` of dtype bf16 on the CPU means *bf16 GEMM operands, f32 everything else*:
-//! linear and convolution weights are stored in bf16 and multiplied on MKL's bf16 GEMM (AMX)
-//! with f32 accumulation, while activations, biases, norms, softmax and embeddings stay f32
-//! ([`param_dtype`]). This is the CPU counterpart of torch's bf16 autocast, minus its bf16
-//! elementwise ops.
+//! linear and convolution weights are stored in bf16 and multiplied with f32 accumulation,
+//! while activations, biases, norms, softmax and embeddings stay f32 ([`param_dtype`]). This
+//! is the CPU counterpart of torch's bf16 autocast, minus its bf16 elementwise ops. On CPUs
+//! with AMX the weights are packed once at load for [`amx`]'s tile GEMM (`SD_CPU_AMX=0` turns
+//! it off); elsewhere they stay plain and go through MKL's bf16 GEMM.
 
 mod activations;
+pub mod amx;
 pub mod blas;
 mod conv2d;
 mod group_norm;
@@ -74,4 +76,22 @@ pub(crate) fn with_slice<T: WithDType, R>(t: &Tensor, f: impl FnOnce(&[T]) -> R)
 /// balance nothing and cost more, as every GEMM call repacks the operand it shares (the weight).
 fn task_count(work_items: usize) -> usize {
     rayon::current_num_threads().min(work_items).max(1)
+}
+
+/// Inputs for the layer tests.
+#[cfg(test)]
+pub(crate) mod test_values {
+    /// `n` deterministic values in [-1, 1), spread over 2000 steps.
+    pub fn values(n: usize, seed: u32) -> Vec<f32> {
+        (0..n).map(|i| (((i as u32).wrapping_mul(2654435761).wrapping_add(seed) >> 9) % 2000) as f32 / 1000.0 - 1.0).collect()
+    }
+
+    /// Whether bf16 weights can be multiplied here (MKL or AMX); tests that need it say so.
+    pub fn bf16_gemms() -> bool {
+        let ok = super::blas::cpu_gemm().supports_bf16() || super::amx::available();
+        if !ok {
+            eprintln!("skipped: bf16 GEMMs need MKL or AMX");
+        }
+        ok
+    }
 }

@@ -1,0 +1,550 @@
+//! bf16 GEMM on Intel AMX tiles, for the CPU bf16 mode, with the weights packed once at load.
+//!
+//! MKL's `cblas_gemm_bf16bf16f32` repacks both operands into its tile layout on every call:
+//! 12-14% of a bf16 UNet step, most of it the same weights again and again. Here the weights
+//! are packed when the model loads (same size as the plain bf16 weight) and the activations are
+//! written straight into the tile layout by the op that produces them (im2col, bf16 conversion).
+//!
+//! # Layouts
+//!
+//! `C[m, n] = bias + A[m, k] B[k, n]`, both operands in blocks of 32 rows (A) or 32 columns (B)
+//! by 32 `k`, zero-padded to whole blocks. Block `(i, kb)` starts at `(i * kblocks + kb) * 1024`
+//! and holds two 16x32 tiles of 1 KiB:
+//! - A ([`pack_a_rows`], [`pack_a_f32`]): tile `h` row `r` = row `32 i + 16 h + r` of A,
+//!   `k = 32 kb .. 32 kb + 32`.
+//! - B ([`pack_b_rows`], [`pack_b_transposed`]), in the pair-interleaved ("VNNI") layout that
+//!   `TDPBF16PS` reads: tile `h` row `r` holds, for the 16 columns `j = 32 i + 16 h ..`, the pairs
+//!   `(B[32 kb + 2r, j], B[32 kb + 2r + 1, j])`.
+//!
+//! The micro-kernel keeps a 32x32 block of C in four tiles (two A tiles, two B tiles per step of
+//! 32 `k`); the driver walks `k` in chunks so the A chunk stays in L1 and the B panel in L2.
+
+use half::bf16;
+
+/// Rows (A) or columns (B) per packed block, and `k` per block.
+pub const BLOCK: usize = 32;
+/// Elements of one packed block (two 16x32 tiles).
+const BLOCK_ELEMS: usize = BLOCK * BLOCK;
+/// `k` blocks per chunk: an A chunk of 32 rows is 32 KiB, so it stays in L1 while it meets every
+/// B block of the panel.
+const KC_BLOCKS: usize = 16;
+/// B blocks per panel: 256 columns by one `k` chunk, 256 KiB, in L2.
+const NC_BLOCKS: usize = 8;
+/// Columns of B per panel. The whole A is read once per panel, so callers gain nothing from
+/// handing one call more columns than this, and a B of this width stays in L2.
+pub const PANEL: usize = NC_BLOCKS * BLOCK;
+
+/// Whether this CPU and OS run AMX bf16 tiles for this process, and `SD_CPU_AMX` does not say
+/// `0`. Asks the kernel for the tile state once (Linux `arch_prctl`).
+pub fn available() -> bool {
+    static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *AVAILABLE.get_or_init(|| std::env::var("SD_CPU_AMX").map_or(true, |v| v != "0") && detect())
+}
+
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+fn detect() -> bool {
+    // CPUID leaf 7: EDX bit 22 AMX-BF16, bit 24 AMX-TILE.
+    let leaf7 = std::arch::x86_64::__cpuid_count(7, 0);
+    if leaf7.edx & (1 << 22) == 0 || leaf7.edx & (1 << 24) == 0 {
+        return false;
+    }
+    const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+    const XFEATURE_XTILEDATA: libc::c_long = 18;
+    // Safety: a plain syscall with integer arguments; it fails cleanly on kernels without AMX.
+    unsafe { libc::syscall(libc::SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0 }
+}
+
+#[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+fn detect() -> bool {
+    false
+}
+
+/// Blocks needed for `len` rows, columns or `k`.
+pub fn blocks(len: usize) -> usize {
+    len.div_ceil(BLOCK)
+}
+
+/// Elements of a packed operand with `outer` rows (A) or columns (B) and inner size `k`.
+pub fn packed_len(outer: usize, k: usize) -> usize {
+    blocks(outer) * blocks(k) * BLOCK_ELEMS
+}
+
+/// A 64-byte aligned view of `len` elements inside `buf` (which must hold `len + 32`), as tile
+/// loads want whole cache lines.
+pub fn aligned(buf: &mut [bf16], len: usize) -> &mut [bf16] {
+    let skip = buf.as_ptr().align_offset(64);
+    &mut buf[skip..skip + len]
+}
+
+/// A packed operand that owns its 64-byte aligned storage (the weights).
+pub struct Packed {
+    lines: Vec<Line>,
+    /// Rows (A) or columns (B), unpadded.
+    pub outer: usize,
+    /// The inner dimension, unpadded.
+    pub k: usize,
+}
+
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct Line([bf16; 32]);
+
+impl std::fmt::Debug for Packed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Packed {{ outer: {}, k: {} }}", self.outer, self.k)
+    }
+}
+
+impl Packed {
+    /// Packs by all threads: `fill(i, block_row)` writes block row `i` (the `kblocks` blocks
+    /// of rows or columns `32 i ..`), which starts zeroed. Zeroing each block row just before
+    /// it is packed keeps the page faults and the fill parallel and in cache.
+    fn build(outer: usize, k: usize, fill: impl Fn(usize, &mut [bf16]) + Sync) -> Self {
+        use rayon::prelude::*;
+        let (count, per_row) = (packed_len(outer, k) / 32, blocks(k) * BLOCK_ELEMS / 32);
+        let mut lines: Vec<Line> = Vec::with_capacity(count);
+        lines.spare_capacity_mut().par_chunks_mut(per_row.max(1)).enumerate().for_each(|(i, chunk)| {
+            // Safety: zero bytes are a valid `Line`; the view covers exactly this chunk.
+            let block_row = unsafe {
+                std::ptr::write_bytes(chunk.as_mut_ptr(), 0, chunk.len());
+                std::slice::from_raw_parts_mut(chunk.as_mut_ptr() as *mut bf16, chunk.len() * 32)
+            };
+            fill(i, block_row);
+        });
+        // Safety: every line was zeroed, then packed, above.
+        unsafe { lines.set_len(count) };
+        Self { lines, outer, k }
+    }
+
+    pub fn as_slice(&self) -> &[bf16] {
+        // Safety: `Line` is 32 bf16 with no padding.
+        unsafe { std::slice::from_raw_parts(self.lines.as_ptr() as *const bf16, self.lines.len() * 32) }
+    }
+
+    /// A weight `[m, k]` (row-major) as the A operand.
+    pub fn a_from_rows(w: &[bf16], m: usize, k: usize) -> Self {
+        Self::build(m, k, |i, dst| pack_a_block(w, m, k, i, dst))
+    }
+
+    /// A weight `[n, k]` (row-major, as `nn.Linear` stores it) as the B operand `W^T`.
+    pub fn b_from_transposed(w: &[bf16], n: usize, k: usize) -> Self {
+        Self::build(n, k, |i, dst| pack_b_transposed_block(w, n, k, i, dst))
+    }
+}
+
+/// Offset of tile row `r` of half `h` of block `(i, kb)`.
+#[inline(always)]
+fn tile_row(i: usize, kb: usize, kblocks: usize, h: usize, r: usize) -> usize {
+    (i * kblocks + kb) * BLOCK_ELEMS + h * 512 + r * 32
+}
+
+/// Block row `i` of `src` (`m` rows of `k`, row-major) as the A operand, into zeroed `dst`.
+fn pack_a_block(src: &[bf16], m: usize, k: usize, i: usize, dst: &mut [bf16]) {
+    let kblocks = blocks(k);
+    for (r32, row) in (i * BLOCK..((i + 1) * BLOCK).min(m)).enumerate() {
+        for kb in 0..kblocks {
+            let (k0, at) = (kb * BLOCK, tile_row(0, kb, kblocks, r32 / 16, r32 % 16));
+            if k - k0 >= 32 {
+                // A constant length: an inlined 64-byte copy, not a call to memcpy.
+                dst[at..at + 32].copy_from_slice(&src[row * k + k0..][..32]);
+            } else {
+                dst[at..at + k - k0].copy_from_slice(&src[row * k + k0..row * k + k]);
+            }
+        }
+    }
+}
+
+/// Packs `src` (`m` rows of `k` f32, row-major) as the A operand into `dst`, rounding to bf16.
+pub fn pack_a_f32(src: &[f32], m: usize, k: usize, dst: &mut [bf16]) {
+    let kblocks = blocks(k);
+    for row in 0..blocks(m) * BLOCK {
+        let (i, h, r) = (row / BLOCK, row % BLOCK / 16, row % 16);
+        for kb in 0..kblocks {
+            let d = &mut dst[tile_row(i, kb, kblocks, h, r)..][..32];
+            let k0 = kb * BLOCK;
+            let n = if row < m { k.saturating_sub(k0).min(32) } else { 0 };
+            if n > 0 {
+                super::blas::to_bf16(&src[row * k + k0..][..n], &mut d[..n]);
+            }
+            d[n..].fill(bf16::ZERO);
+        }
+    }
+}
+
+/// Block row `i` of `W^T` as the B operand, for `w` of `n` rows of `k` (B's columns are W's
+/// rows), into zeroed `dst`: tile row `r` of column `j` is the pair `w[j][2r], w[j][2r + 1]`.
+/// Walks the destination in order, reading the 32 weight rows side by side.
+fn pack_b_transposed_block(w: &[bf16], n: usize, k: usize, i: usize, dst: &mut [bf16]) {
+    let cols = (i * BLOCK..((i + 1) * BLOCK).min(n)).len();
+    for (kb, dst) in dst.chunks_exact_mut(BLOCK_ELEMS).enumerate() {
+        for (h, tile) in dst.chunks_exact_mut(512).enumerate() {
+            let tile_cols = cols.saturating_sub(h * 16).min(16);
+            for (r, row) in tile.chunks_exact_mut(32).enumerate() {
+                let kk = kb * BLOCK + 2 * r;
+                if kk >= k {
+                    break;
+                }
+                for (j, d) in row.chunks_exact_mut(2).take(tile_cols).enumerate() {
+                    let at = (i * BLOCK + h * 16 + j) * k + kk;
+                    d[0] = w[at];
+                    if kk + 1 < k {
+                        d[1] = w[at + 1];
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Writes rows `2r` and `2r + 1` of `k` block `kb` of the B operand into every column block:
+/// `lo` and `hi` are those two rows of B, zero-padded to whole blocks.
+fn interleave(lo: &[bf16], hi: &[bf16], kb: usize, r: usize, kblocks: usize, dst: &mut [bf16]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512bw") {
+        // Safety: the CPU has AVX-512BW (and F).
+        return unsafe { interleave_avx512(lo, hi, kb, r, kblocks, dst) };
+    }
+    for (c16, (lo, hi)) in lo.chunks_exact(16).zip(hi.chunks_exact(16)).enumerate() {
+        let d = &mut dst[tile_row(c16 / 2, kb, kblocks, c16 % 2, r)..][..32];
+        for ((d, &a), &b) in d.chunks_exact_mut(2).zip(lo).zip(hi) {
+            d[0] = a;
+            d[1] = b;
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn interleave_avx512(lo: &[bf16], hi: &[bf16], kb: usize, r: usize, kblocks: usize, dst: &mut [bf16]) {
+    use std::arch::x86_64::*;
+    for (c16, (lo, hi)) in lo.chunks_exact(16).zip(hi.chunks_exact(16)).enumerate() {
+        let d = &mut dst[tile_row(c16 / 2, kb, kblocks, c16 % 2, r)..][..32];
+        // Each 32-bit lane: the `lo` value in its low half, the `hi` value in its high half.
+        let a = _mm512_cvtepu16_epi32(_mm256_loadu_si256(lo.as_ptr().cast()));
+        let b = _mm512_cvtepu16_epi32(_mm256_loadu_si256(hi.as_ptr().cast()));
+        _mm512_storeu_si512(d.as_mut_ptr().cast(), _mm512_or_si512(a, _mm512_slli_epi32::<16>(b)));
+    }
+}
+
+/// Packs B from its rows: `row(kk, out)` writes row `kk` of B (`n` columns) into `out`. Lets
+/// im2col write the tile layout without a row-major copy of the whole block in between.
+pub fn pack_b_rows(n: usize, k: usize, dst: &mut [bf16], mut row: impl FnMut(usize, &mut [bf16])) {
+    let (kblocks, nblocks) = (blocks(k), blocks(n));
+    let width = nblocks * BLOCK;
+    super::scratch::with_scratch(2, 2 * width, |pair: &mut [bf16]| {
+        let (lo, hi) = pair.split_at_mut(width);
+        lo[n..].fill(bf16::ZERO);
+        hi[n..].fill(bf16::ZERO);
+        for kp in 0..kblocks * BLOCK / 2 {
+            let (k0, k1) = (2 * kp, 2 * kp + 1);
+            if k0 < k { row(k0, &mut lo[..n]) } else { lo[..n].fill(bf16::ZERO) }
+            if k1 < k { row(k1, &mut hi[..n]) } else { hi[..n].fill(bf16::ZERO) }
+            interleave(lo, hi, k0 / BLOCK, kp % 16, kblocks, dst);
+        }
+    })
+}
+
+/// What C starts from.
+#[derive(Clone, Copy)]
+pub enum Bias<'a> {
+    None,
+    /// One value per row of C (a convolution's output channel).
+    Rows(&'a [f32]),
+    /// One value per column of C (a linear layer's output feature).
+    Cols(&'a [f32]),
+}
+
+/// `C = bias + A B` for packed `a` (`m` rows) and `b` (`n` columns) with `k` inner; `c` has row
+/// stride `ldc` and receives exactly `m x n` values.
+///
+/// # Safety
+/// [`available`] returned true; `a` and `b` are packed for these sizes and 64-byte aligned; `c`
+/// is valid for writes of rows `0..m`, columns `0..n` at stride `ldc`, and nothing else touches
+/// them meanwhile.
+#[cfg(target_arch = "x86_64")]
+pub unsafe fn gemm(a: &[bf16], m: usize, b: &[bf16], n: usize, k: usize, bias: Bias, c: *mut f32, ldc: usize) {
+    let (mblocks, nblocks, kblocks) = (blocks(m), blocks(n), blocks(k));
+    assert!(a.len() >= mblocks * kblocks * BLOCK_ELEMS && b.len() >= nblocks * kblocks * BLOCK_ELEMS);
+    debug_assert!(a.as_ptr() as usize % 64 == 0 && b.as_ptr() as usize % 64 == 0);
+    if let Bias::Rows(v) = bias {
+        assert!(v.len() >= m);
+    }
+    if let Bias::Cols(v) = bias {
+        assert!(v.len() >= n);
+    }
+    BIAS_TABLE.with(|table| {
+        let bias = BiasSource::new(&mut table.borrow_mut(), bias, mblocks, nblocks);
+        gemm_blocks(a.as_ptr(), m, b.as_ptr(), n, kblocks, bias, c, ldc)
+    })
+}
+
+#[cfg(target_arch = "x86_64")]
+unsafe fn gemm_blocks(a: *const bf16, m: usize, b: *const bf16, n: usize, kblocks: usize, bias: BiasSource, c: *mut f32, ldc: usize) {
+    let (mblocks, nblocks) = (blocks(m), blocks(n));
+    let (full_m, full_n) = (m / BLOCK, n / BLOCK);
+    let block = |i: usize, kb: usize| i * kblocks * BLOCK_ELEMS + kb * BLOCK_ELEMS;
+    tiles::configure();
+    // Whole 32x32 blocks of C, in place: k in chunks, C carried through memory between them.
+    for nc in (0..full_n).step_by(NC_BLOCKS) {
+        for kc in (0..kblocks).step_by(KC_BLOCKS) {
+            let steps = KC_BLOCKS.min(kblocks - kc);
+            for mi in 0..full_m {
+                // The next A chunk (`steps` blocks), an eighth per block of the panel.
+                let next = a.add(block((mi + 1).min(full_m - 1), kc));
+                for (q, ni) in (nc..full_n.min(nc + NC_BLOCKS)).enumerate() {
+                    let cp = c.add(mi * BLOCK * ldc + ni * BLOCK);
+                    let init = if kc > 0 { Init::from_c(cp, ldc) } else { bias.init(mi, ni) };
+                    tiles::block(a.add(block(mi, kc)), b.add(block(ni, kc)), steps, init, cp, ldc, next.add(q * steps * 128));
+                }
+            }
+        }
+    }
+    // Blocks cut by the edges of C: whole k at once into a 32x32 buffer, then the part inside.
+    let mut edge = EdgeBuffer([0.0; BLOCK_ELEMS]);
+    for mi in 0..mblocks {
+        for ni in 0..nblocks {
+            if mi < full_m && ni < full_n {
+                continue;
+            }
+            let cp = edge.0.as_mut_ptr();
+            let a = a.add(block(mi, 0));
+            tiles::block(a, b.add(block(ni, 0)), kblocks, bias.init(mi, ni), cp, BLOCK, a);
+            let rows = (m - mi * BLOCK).min(BLOCK);
+            let cols = (n - ni * BLOCK).min(BLOCK);
+            for r in 0..rows {
+                std::ptr::copy_nonoverlapping(cp.add(r * BLOCK), c.add((mi * BLOCK + r) * ldc + ni * BLOCK), cols);
+            }
+        }
+    }
+    tiles::release();
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+pub unsafe fn gemm(_: &[bf16], _: usize, _: &[bf16], _: usize, _: usize, _: Bias, _: *mut f32, _: usize) {
+    unreachable!("AMX is only detected on x86_64")
+}
+
+#[repr(C, align(64))]
+struct EdgeBuffer([f32; BLOCK_ELEMS]);
+
+/// Where the four C tiles of a block start from: zero, or loads from four addresses (row
+/// stride in bytes; 0 repeats one row).
+#[derive(Clone, Copy)]
+enum Init {
+    Zero,
+    Load([*const f32; 4], usize),
+}
+
+impl Init {
+    unsafe fn from_c(c: *const f32, ldc: usize) -> Self {
+        Init::Load([c, c.add(16), c.add(16 * ldc), c.add(16 * ldc + 16)], ldc * 4)
+    }
+}
+
+thread_local! {
+    /// The bias of the current call, laid out as tile sources.
+    static BIAS_TABLE: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// The bias laid out once per call so that each block's C tiles load it directly: a column
+/// bias zero-padded to whole blocks (one row of 16, loaded with stride 0), or a row bias with
+/// each row's value spread over 16 columns (`[rows, 16]`, stride 64 bytes).
+#[derive(Clone, Copy)]
+enum BiasSource {
+    None,
+    Rows(*const f32),
+    Cols(*const f32),
+}
+
+impl BiasSource {
+    fn new(table: &mut Vec<f32>, bias: Bias, mblocks: usize, nblocks: usize) -> Self {
+        // 16 spare floats to reach a 64-byte boundary.
+        let fill = |table: &mut Vec<f32>, len: usize, value: &dyn Fn(usize) -> f32| {
+            table.clear();
+            table.resize(len + 16, 0.0);
+            let skip = table.as_ptr().align_offset(64);
+            for (i, t) in table[skip..skip + len].iter_mut().enumerate() {
+                *t = value(i);
+            }
+            table[skip..].as_ptr()
+        };
+        let at = |v: &[f32], i: usize| v.get(i).copied().unwrap_or(0.0);
+        match bias {
+            Bias::None => Self::None,
+            Bias::Cols(v) => Self::Cols(fill(table, nblocks * BLOCK, &|i| at(v, i))),
+            Bias::Rows(v) => Self::Rows(fill(table, mblocks * BLOCK * 16, &|i| at(v, i / 16))),
+        }
+    }
+
+    /// Where block `(mi, ni)` of C starts from.
+    unsafe fn init(self, mi: usize, ni: usize) -> Init {
+        match self {
+            Self::None => Init::Zero,
+            Self::Cols(p) => {
+                let p = p.add(ni * BLOCK);
+                Init::Load([p, p.add(16), p, p.add(16)], 0)
+            }
+            Self::Rows(p) => {
+                let p = p.add(mi * BLOCK * 16);
+                Init::Load([p, p, p.add(16 * 16), p.add(16 * 16)], 64)
+            }
+        }
+    }
+}
+
+/// The tile instructions. Tile registers: C in tmm0-3, A in tmm4-5, B in tmm6-7.
+#[cfg(target_arch = "x86_64")]
+mod tiles {
+    use std::arch::asm;
+
+    use super::{Init, BLOCK_ELEMS};
+    use half::bf16;
+
+    /// `ldtilecfg` operand: palette 1, eight 16-row tiles of 64 bytes.
+    #[repr(C, align(64))]
+    struct Config {
+        palette: u8,
+        start_row: u8,
+        reserved: [u8; 14],
+        colsb: [u16; 16],
+        rows: [u8; 16],
+    }
+
+    pub(super) unsafe fn configure() {
+        let mut cfg = Config { palette: 1, start_row: 0, reserved: [0; 14], colsb: [0; 16], rows: [0; 16] };
+        cfg.colsb[..8].fill(64);
+        cfg.rows[..8].fill(16);
+        asm!("ldtilecfg [{0}]", in(reg) &cfg, options(nostack, readonly));
+    }
+
+    pub(super) unsafe fn release() {
+        asm!("tilerelease", options(nostack, nomem));
+    }
+
+    /// C block (32x32 f32 at `c`, row stride `ldc` floats) = init + the product of `steps`
+    /// k blocks of A (`a`) and B (`b`). Meanwhile 256 bytes per step from `prefetch` on are
+    /// fetched towards L2 (the next A chunk). B tiles are loaded with the streaming hint (`t1`):
+    /// each is used once per pass, while the A chunk is reused by every block of the panel.
+    #[inline(always)]
+    pub(super) unsafe fn block(a: *const bf16, b: *const bf16, steps: usize, init: Init, c: *mut f32, ldc: usize, prefetch: *const bf16) {
+        match init {
+            Init::Zero => asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3", options(nostack, nomem)),
+            Init::Load([p0, p1, p2, p3], stride) => asm!(
+                "tileloadd tmm0, [{p0} + {s}*1]",
+                "tileloadd tmm1, [{p1} + {s}*1]",
+                "tileloadd tmm2, [{p2} + {s}*1]",
+                "tileloadd tmm3, [{p3} + {s}*1]",
+                p0 = in(reg) p0, p1 = in(reg) p1, p2 = in(reg) p2, p3 = in(reg) p3, s = in(reg) stride,
+                options(nostack, readonly)
+            ),
+        }
+        for step in 0..steps {
+            let (a, b, p) = (a.add(step * BLOCK_ELEMS), b.add(step * BLOCK_ELEMS), prefetch.add(step * 128));
+            asm!(
+                "tileloadd tmm4, [{a} + {s}*1]",
+                "tileloaddt1 tmm6, [{b} + {s}*1]",
+                "tdpbf16ps tmm0, tmm4, tmm6",
+                "prefetcht1 [{p}]",
+                "tileloadd tmm5, [{a} + {s}*1 + 1024]",
+                "tdpbf16ps tmm2, tmm5, tmm6",
+                "prefetcht1 [{p} + 64]",
+                "tileloaddt1 tmm7, [{b} + {s}*1 + 1024]",
+                "tdpbf16ps tmm1, tmm4, tmm7",
+                "prefetcht1 [{p} + 128]",
+                "tdpbf16ps tmm3, tmm5, tmm7",
+                "prefetcht1 [{p} + 192]",
+                a = in(reg) a, b = in(reg) b, p = in(reg) p, s = in(reg) 64usize,
+                options(nostack, readonly)
+            );
+        }
+        let stride = ldc * 4;
+        asm!(
+            "tilestored [{c0} + {s}*1], tmm0",
+            "tilestored [{c1} + {s}*1], tmm1",
+            "tilestored [{c2} + {s}*1], tmm2",
+            "tilestored [{c3} + {s}*1], tmm3",
+            c0 = in(reg) c, c1 = in(reg) c.add(16), c2 = in(reg) c.add(16 * ldc), c3 = in(reg) c.add(16 * ldc + 16),
+            s = in(reg) stride,
+            options(nostack)
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::test_values::values as vals;
+    use super::*;
+
+    fn bf(v: &[f32]) -> Vec<bf16> {
+        v.iter().map(|&x| bf16::from_f32(x)).collect()
+    }
+
+    fn reference(a: &[bf16], b_t: &[bf16], m: usize, n: usize, k: usize, bias: Bias) -> Vec<f32> {
+        let mut c = vec![0f32; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                let dot: f64 = (0..k).map(|kk| a[i * k + kk].to_f64() * b_t[j * k + kk].to_f64()).sum();
+                let base = match bias {
+                    Bias::None => 0.0,
+                    Bias::Rows(v) => v[i],
+                    Bias::Cols(v) => v[j],
+                };
+                c[i * n + j] = base + dot as f32;
+            }
+        }
+        c
+    }
+
+    fn packed_scratch(len: usize) -> Vec<bf16> {
+        vec![bf16::ZERO; len + 32]
+    }
+
+    /// Every packing path and bias kind against a plain f64 product, with edges in m, n and k
+    /// and more than one k chunk (k > 512) and column panel (n > 256).
+    #[test]
+    fn products_match_reference() {
+        if !available() {
+            eprintln!("skipped: no AMX on this machine");
+            return;
+        }
+        for &(m, n, k) in &[(32, 32, 32), (64, 96, 64), (45, 37, 70), (70, 300, 600), (5, 3, 7), (96, 320, 1100)] {
+            let a = bf(&vals(m * k, 1));
+            let b_t = bf(&vals(n * k, 2)); // B^T: n rows of k
+            let rb = vals(m, 3);
+            let cb = vals(n, 4);
+            for bias in [Bias::None, Bias::Rows(&rb), Bias::Cols(&cb)] {
+                let expected = reference(&a, &b_t, m, n, k, bias);
+                // A from bf16 rows, B from B^T (the linear weight path).
+                let pa = Packed::a_from_rows(&a, m, k);
+                let pb = Packed::b_from_transposed(&b_t, n, k);
+                let ldc = n + 3;
+                let mut c = vec![f32::NAN; m * ldc];
+                unsafe { gemm(pa.as_slice(), m, pb.as_slice(), n, k, bias, c.as_mut_ptr(), ldc) };
+                // A from f32 rows, B from its rows (the linear input and im2col paths).
+                let a32: Vec<f32> = a.iter().map(|v| v.to_f32()).collect();
+                let mut sa = packed_scratch(packed_len(m, k));
+                let sa = aligned(&mut sa, packed_len(m, k));
+                pack_a_f32(&a32, m, k, sa);
+                let mut sb = packed_scratch(packed_len(n, k));
+                let sb = aligned(&mut sb, packed_len(n, k));
+                pack_b_rows(n, k, sb, |kk, out| {
+                    for (j, o) in out.iter_mut().enumerate() {
+                        *o = b_t[j * k + kk];
+                    }
+                });
+                let mut c2 = vec![f32::NAN; m * n];
+                unsafe { gemm(sa, m, sb, n, k, bias, c2.as_mut_ptr(), n) };
+                for i in 0..m {
+                    for j in 0..n {
+                        let e = expected[i * n + j];
+                        let tol = 1e-4 * (1.0 + e.abs());
+                        assert!((c[i * ldc + j] - e).abs() < tol, "{m}x{n}x{k} [{i},{j}]: {} vs {e}", c[i * ldc + j]);
+                        assert!((c2[i * n + j] - e).abs() < tol, "{m}x{n}x{k} [{i},{j}]: {} vs {e}", c2[i * n + j]);
+                    }
+                    // Columns past n are left alone.
+                    assert!(c[i * ldc + n].is_nan());
+                }
+            }
+        }
+    }
+}
