@@ -1,16 +1,20 @@
-//! CPU attention with bf16 products on MKL's AMX GEMM, for models run in bf16 on the CPU.
+//! CPU attention with bf16 products, for models run in bf16 on the CPU.
 //!
 //! Per (batch, head) and block of query rows: `S = q k^T` as one bf16 GEMM into f32 scores,
 //! an exact f32 softmax of `scale S` over the whole key row (no online rescaling: the block's
 //! scores, `BLOCK_BYTES` at most, fit in L2), then `O = P v` as a second bf16 GEMM and the
-//! division by the row sums. Keys and values are converted to bf16 once per call. The operand
-//! rounding is the same as torch's bf16 autocast; scores, softmax and accumulation stay f32.
+//! division by the row sums. The operand rounding is the same as torch's bf16 autocast;
+//! scores, softmax and accumulation stay f32.
+//!
+//! The GEMMs run on our AMX tiles where the CPU has them (keys and values packed once per
+//! call), else on MKL's bf16 GEMM (keys and values converted to bf16 once per call).
 
 use candle_core::{DType, Device, Result, Tensor};
 use half::bf16;
 use rayon::prelude::*;
 
 use super::cpu::{exp_approx, Fused, MulAdd, Unfused};
+use crate::nn::amx;
 use crate::nn::blas::{gemm_bf16, round_to_bf16, to_bf16, to_bf16_par, Operand};
 use crate::nn::{with_scratch, with_slice};
 
@@ -19,6 +23,10 @@ const BLOCK_BYTES: usize = 2 << 20;
 
 /// `softmax(scale q k^T) v` for f32 `[batch, heads, seq, d]` tensors on the CPU.
 pub fn bf16_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, causal: bool) -> Result<Tensor> {
+    bf16_attention_on(q, k, v, scale, causal, amx::available())
+}
+
+fn bf16_attention_on(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, causal: bool, tiles: bool) -> Result<Tensor> {
     let (b, h, seq_q, d) = q.dims4()?;
     let (_, _, seq_k, dv) = v.dims4()?;
     if k.dims4()? != (b, h, seq_k, d) || v.dims4()?.0 != b || v.dims4()?.1 != h {
@@ -28,16 +36,17 @@ pub fn bf16_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, causal: bo
     let k16 = with_slice(&k, to_bf16_par)?;
     let v16 = with_slice(&v, to_bf16_par)?;
 
-    let block = (BLOCK_BYTES / 4 / seq_k.max(1)).clamp(16, 512);
+    // Whole tile blocks of query rows.
+    let block = (BLOCK_BYTES / 4 / seq_k.max(1)).clamp(32, 512).next_multiple_of(amx::BLOCK);
     let shape = BlockShape { seq_k, d, dv, scale: scale as f32, causal };
     let mut out = vec![0f32; b * h * seq_q * dv];
+    let packed = tiles.then(|| PackedHeads::new(&k16, &v16, &shape));
     with_slice(&q, |q: &[f32]| {
         // Heads, and blocks of query rows within a head, in parallel.
         out.par_chunks_mut(seq_q * dv).zip(q.par_chunks(seq_q * d)).enumerate().for_each(|(bh, (out_h, q_h))| {
-            let k_h = &k16[bh * seq_k * d..][..seq_k * d];
-            let v_h = &v16[bh * seq_k * dv..][..seq_k * dv];
-            out_h.par_chunks_mut(block * dv).zip(q_h.par_chunks(block * d)).enumerate().for_each(|(j, (o, q_blk))| {
-                attend_block(&shape, j * block, q_blk, k_h, v_h, o)
+            out_h.par_chunks_mut(block * dv).zip(q_h.par_chunks(block * d)).enumerate().for_each(|(j, (o, q_blk))| match &packed {
+                Some(p) => attend_block_tiles(&shape, j * block, q_blk, p.keys(bh), p.values(bh), o),
+                None => attend_block(&shape, j * block, q_blk, &k16[bh * seq_k * d..][..seq_k * d], &v16[bh * seq_k * dv..][..seq_k * dv], o),
             })
         })
     })?;
@@ -52,7 +61,7 @@ struct BlockShape {
     causal: bool,
 }
 
-/// Output rows `o` for the query rows `q` (the first being row `q0` of the head).
+/// Output rows `o` for the query rows `q` (the first being row `q0` of the head), on MKL.
 fn attend_block(s: &BlockShape, q0: usize, q: &[f32], k: &[bf16], v: &[bf16], o: &mut [f32]) {
     let (seq_k, d, dv) = (s.seq_k, s.d, s.dv);
     let rows = q.len() / d;
@@ -62,20 +71,93 @@ fn attend_block(s: &BlockShape, q0: usize, q: &[f32], k: &[bf16], v: &[bf16], o:
                 to_bf16(q, q16);
                 // Safety (both GEMMs): `scores` is this thread's scratch, `o` this block's rows.
                 unsafe { gemm_bf16(rows, seq_k, d, Operand::new(q16, d), Operand::t(k, d), 0.0, scores.as_mut_ptr(), seq_k) };
-                let mut inv_sums = Vec::with_capacity(rows);
-                for (r, (row, p)) in scores.chunks(seq_k).zip(probs.chunks_mut(seq_k)).enumerate() {
-                    // Causal: query q0 + r sees keys 0 ..= q0 + r (seq_q == seq_k for CLIP).
-                    let visible = if s.causal { (q0 + r + 1).min(seq_k) } else { seq_k };
-                    inv_sums.push(1.0 / softmax_numerators(&row[..visible], s.scale, &mut p[..visible]));
-                    p[visible..].fill(bf16::ZERO);
-                }
+                let inv_sums = softmax_rows(s, q0, scores, probs);
                 unsafe { gemm_bf16(rows, dv, seq_k, Operand::new(probs, seq_k), Operand::new(v, dv), 0.0, o.as_mut_ptr(), dv) };
-                for (row, inv) in o.chunks_mut(dv).zip(inv_sums) {
-                    row.iter_mut().for_each(|x| *x *= inv);
-                }
+                scale_rows(o, dv, &inv_sums);
             })
         })
     })
+}
+
+/// Keys (as `k^T`) and values of every head, packed as B operands of the AMX GEMM.
+struct PackedHeads {
+    keys: Vec<bf16>,
+    values: Vec<bf16>,
+    key_len: usize,
+    value_len: usize,
+}
+
+impl PackedHeads {
+    fn new(k16: &[bf16], v16: &[bf16], s: &BlockShape) -> Self {
+        let (key_len, value_len) = (amx::packed_len(s.seq_k, s.d), amx::packed_len(s.dv, s.seq_k));
+        let heads = k16.len() / (s.seq_k * s.d).max(1);
+        let mut keys = vec![bf16::ZERO; heads * key_len + 32];
+        let mut values = vec![bf16::ZERO; heads * value_len + 32];
+        // Every head's packing is a whole number of 2 KiB blocks, so one aligned start
+        // aligns them all.
+        amx::aligned(&mut keys, heads * key_len).par_chunks_mut(key_len).zip(k16.par_chunks(s.seq_k * s.d)).for_each(|(dst, k)| {
+            amx::pack_b_transposed(k, s.seq_k, s.d, dst);
+        });
+        amx::aligned(&mut values, heads * value_len).par_chunks_mut(value_len).zip(v16.par_chunks(s.seq_k * s.dv)).for_each(|(dst, v)| {
+            amx::pack_b_rows(s.dv, s.seq_k, dst, |j, row| row.copy_from_slice(&v[j * s.dv..][..s.dv]));
+        });
+        Self { keys, values, key_len, value_len }
+    }
+
+    fn keys(&self, head: usize) -> &[bf16] {
+        let skip = self.keys.as_ptr().align_offset(64);
+        &self.keys[skip + head * self.key_len..][..self.key_len]
+    }
+
+    fn values(&self, head: usize) -> &[bf16] {
+        let skip = self.values.as_ptr().align_offset(64);
+        &self.values[skip + head * self.value_len..][..self.value_len]
+    }
+}
+
+/// [`attend_block`] on the AMX tiles, with the head's packed keys and values.
+fn attend_block_tiles(s: &BlockShape, q0: usize, q: &[f32], keys: &[bf16], values: &[bf16], o: &mut [f32]) {
+    let (seq_k, d, dv) = (s.seq_k, s.d, s.dv);
+    let rows = q.len() / d;
+    let (q_len, p_len) = (amx::packed_len(rows, d), amx::packed_len(rows, seq_k));
+    with_scratch(0, q_len + 32, |q16: &mut [bf16]| {
+        with_scratch(1, rows * seq_k, |scores: &mut [f32]| {
+            with_scratch(2, rows * seq_k, |probs: &mut [bf16]| {
+                with_scratch(3, p_len + 32, |packed_probs: &mut [bf16]| {
+                    let q16 = amx::aligned(q16, q_len);
+                    amx::pack_a_f32(q, rows, d, q16);
+                    // Safety (both GEMMs): AMX is available (the caller checked); operands
+                    // packed above; `scores` is this thread's scratch, `o` this block's rows.
+                    unsafe { amx::gemm(q16, rows, keys, seq_k, d, amx::Bias::None, scores.as_mut_ptr(), seq_k) };
+                    let inv_sums = softmax_rows(s, q0, scores, probs);
+                    let packed_probs = amx::aligned(packed_probs, p_len);
+                    amx::pack_a(probs, rows, seq_k, packed_probs);
+                    unsafe { amx::gemm(packed_probs, rows, values, dv, seq_k, amx::Bias::None, o.as_mut_ptr(), dv) };
+                    scale_rows(o, dv, &inv_sums);
+                })
+            })
+        })
+    })
+}
+
+/// The softmax numerators of each row of `scores` into `probs` (0 past the causal limit), and
+/// the inverse of each row's sum.
+fn softmax_rows(s: &BlockShape, q0: usize, scores: &[f32], probs: &mut [bf16]) -> Vec<f32> {
+    let seq_k = s.seq_k;
+    let mut inv_sums = Vec::with_capacity(scores.len() / seq_k.max(1));
+    for (r, (row, p)) in scores.chunks(seq_k).zip(probs.chunks_mut(seq_k)).enumerate() {
+        // Causal: query q0 + r sees keys 0 ..= q0 + r (seq_q == seq_k for CLIP).
+        let visible = if s.causal { (q0 + r + 1).min(seq_k) } else { seq_k };
+        inv_sums.push(1.0 / softmax_numerators(&row[..visible], s.scale, &mut p[..visible]));
+        p[visible..].fill(bf16::ZERO);
+    }
+    inv_sums
+}
+
+fn scale_rows(o: &mut [f32], dv: usize, inv_sums: &[f32]) {
+    for (row, inv) in o.chunks_mut(dv).zip(inv_sums) {
+        row.iter_mut().for_each(|x| *x *= inv);
+    }
 }
 
 /// `probs = bf16(exp(scale (row - max(row))))` (`scale > 0`); returns the sum of the
@@ -130,12 +212,14 @@ mod tests {
     use super::*;
     use crate::attention::{reference_attention, AttentionOptions};
 
+    /// Both GEMM paths (MKL, AMX tiles) where this machine has them.
     #[test]
     fn close_to_f32_reference() -> Result<()> {
-        if !crate::nn::blas::cpu_gemm().supports_bf16() {
+        let mkl = crate::nn::blas::cpu_gemm().supports_bf16();
+        if !mkl {
             assert!(std::env::var("SD_REQUIRE_MKL").is_err(), "SD_REQUIRE_MKL set but MKL is not loaded");
-            return Ok(());
         }
+        let paths: Vec<bool> = [(false, mkl), (true, amx::available())].into_iter().filter(|p| p.1).map(|p| p.0).collect();
         let dev = Device::Cpu;
         for &(b, h, sq, sk, d, causal) in &[(2, 3, 100, 100, 64, true), (1, 2, 700, 77, 40, false), (1, 1, 33, 1030, 80, false)] {
             let vals = |n: usize, seed: usize| -> Vec<f32> { (0..n).map(|i| ((i * 7919 + seed * 104729) % 2001) as f32 / 1000.0 - 1.0).collect() };
@@ -144,10 +228,12 @@ mod tests {
             let v = Tensor::from_vec(vals(b * h * sk * d, 3), (b, h, sk, d), &dev)?;
             let opts = AttentionOptions { causal, ..AttentionOptions::new(d) };
             let want = reference_attention(&q, &k, &v, opts)?;
-            let got = bf16_attention(&q, &k, &v, opts.scale, causal)?;
-            let err = (got - &want)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
-            // bf16 operands: 8 mantissa bits, values of order 1.
-            assert!(err < 2e-2, "({b},{h},{sq},{sk},{d},{causal}): {err}");
+            for &tiles in &paths {
+                let got = bf16_attention_on(&q, &k, &v, opts.scale, causal, tiles)?;
+                let err = (got - &want)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+                // bf16 operands: 8 mantissa bits, values of order 1.
+                assert!(err < 2e-2, "({b},{h},{sq},{sk},{d},{causal}) tiles {tiles}: {err}");
+            }
         }
         Ok(())
     }

@@ -154,6 +154,17 @@ fn pack_a_block(src: &[bf16], m: usize, k: usize, i: usize, dst: &mut [bf16]) {
     }
 }
 
+/// Packs `src` (`m` rows of `k` bf16, row-major) as the A operand into `dst`.
+pub fn pack_a(src: &[bf16], m: usize, k: usize, dst: &mut [bf16]) {
+    let per_block = blocks(k) * BLOCK_ELEMS;
+    for (i, dst) in dst[..packed_len(m, k)].chunks_exact_mut(per_block).enumerate() {
+        if m % BLOCK != 0 || k % BLOCK != 0 {
+            dst.fill(bf16::ZERO);
+        }
+        pack_a_block(src, m, k, i, dst);
+    }
+}
+
 /// Packs `src` (`m` rows of `k` f32, row-major) as the A operand into `dst`, rounding to bf16.
 pub fn pack_a_f32(src: &[f32], m: usize, k: usize, dst: &mut [bf16]) {
     let kblocks = blocks(k);
@@ -193,6 +204,17 @@ fn pack_b_transposed_block(w: &[bf16], n: usize, k: usize, i: usize, dst: &mut [
                 }
             }
         }
+    }
+}
+
+/// Packs `W^T` as the B operand into `dst`, for `w` of `n` rows of `k` bf16.
+pub fn pack_b_transposed(w: &[bf16], n: usize, k: usize, dst: &mut [bf16]) {
+    let per_block = blocks(k) * BLOCK_ELEMS;
+    for (i, dst) in dst[..packed_len(n, k)].chunks_exact_mut(per_block).enumerate() {
+        if n % BLOCK != 0 || k % BLOCK != 0 {
+            dst.fill(bf16::ZERO);
+        }
+        pack_b_transposed_block(w, n, k, i, dst);
     }
 }
 

@@ -14,7 +14,7 @@ impl Pod for bf16 {}
 impl Pod for half::f16 {}
 
 /// Independent buffers per thread; a kernel that needs two at once uses two slots.
-pub(crate) const SLOTS: usize = 3;
+pub(crate) const SLOTS: usize = 4;
 
 thread_local! {
     static SCRATCH: [RefCell<Vec<u64>>; SLOTS] = const { [const { RefCell::new(Vec::new()) }; SLOTS] };
