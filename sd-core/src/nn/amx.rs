@@ -156,12 +156,21 @@ fn pack_a_block(src: &[bf16], m: usize, k: usize, i: usize, dst: &mut [bf16]) {
 
 /// Packs `src` (`m` rows of `k` bf16, row-major) as the A operand into `dst`.
 pub fn pack_a(src: &[bf16], m: usize, k: usize, dst: &mut [bf16]) {
-    let per_block = blocks(k) * BLOCK_ELEMS;
-    for (i, dst) in dst[..packed_len(m, k)].chunks_exact_mut(per_block).enumerate() {
-        if m % BLOCK != 0 || k % BLOCK != 0 {
-            dst.fill(bf16::ZERO);
+    pack_serial(m, k, dst, |i, block_row| pack_a_block(src, m, k, i, block_row))
+}
+
+/// Packs `W^T` as the B operand into `dst`, for `w` of `n` rows of `k` bf16.
+pub fn pack_b_transposed(w: &[bf16], n: usize, k: usize, dst: &mut [bf16]) {
+    pack_serial(n, k, dst, |i, block_row| pack_b_transposed_block(w, n, k, i, block_row))
+}
+
+/// Runs a block-row packer over `dst` on this thread, zeroing first where there is padding.
+fn pack_serial(outer: usize, k: usize, dst: &mut [bf16], fill: impl Fn(usize, &mut [bf16])) {
+    for (i, block_row) in dst[..packed_len(outer, k)].chunks_exact_mut(blocks(k) * BLOCK_ELEMS).enumerate() {
+        if outer % BLOCK != 0 || k % BLOCK != 0 {
+            block_row.fill(bf16::ZERO);
         }
-        pack_a_block(src, m, k, i, dst);
+        fill(i, block_row);
     }
 }
 
@@ -207,16 +216,6 @@ fn pack_b_transposed_block(w: &[bf16], n: usize, k: usize, i: usize, dst: &mut [
     }
 }
 
-/// Packs `W^T` as the B operand into `dst`, for `w` of `n` rows of `k` bf16.
-pub fn pack_b_transposed(w: &[bf16], n: usize, k: usize, dst: &mut [bf16]) {
-    let per_block = blocks(k) * BLOCK_ELEMS;
-    for (i, dst) in dst[..packed_len(n, k)].chunks_exact_mut(per_block).enumerate() {
-        if n % BLOCK != 0 || k % BLOCK != 0 {
-            dst.fill(bf16::ZERO);
-        }
-        pack_b_transposed_block(w, n, k, i, dst);
-    }
-}
 
 /// Writes rows `2r` and `2r + 1` of `k` block `kb` of the B operand into every column block:
 /// `lo` and `hi` are those two rows of B, zero-padded to whole blocks.
