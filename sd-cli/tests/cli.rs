@@ -9,9 +9,14 @@ fn pipelines() -> PathBuf {
 }
 
 fn sd_cli(args: &[&str]) -> Output {
+    sd_cli_env(args, &[])
+}
+
+fn sd_cli_env(args: &[&str], env: &[(&str, &str)]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_sd-cli"))
         .args(args)
         .env("HF_HUB_OFFLINE", "1")
+        .envs(env.iter().copied())
         .output()
         .expect("sd-cli runs")
 }
@@ -130,6 +135,35 @@ fn thread_count_does_not_change_the_image() {
     };
     let (mean, max) = png_diff(&run("default.png", &[]), &run("one.png", &["--threads", "1"]));
     assert!(mean < 0.1 && max <= 1, "mean {mean}, max {max}");
+}
+
+/// `--dtype bf16`: the AMX tile GEMMs and MKL's bf16 GEMM (`SD_CPU_AMX=0`) give the same image
+/// where this machine has both; with neither (`SD_CPU_AMX=0 SD_CPU_GEMM=builtin`) the run is
+/// refused with one line that says what to install.
+#[test]
+fn bf16_tiles_and_mkl_agree_and_neither_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = pipelines().join("sd2-tiny").display().to_string();
+    let run = |name: &str, env: &[(&str, &str)]| {
+        let out = dir.path().join(name).display().to_string();
+        let args = ["generate", "--prompt", "a cat", "--model", &model, "--steps", "2", "--seed", "7", "--dtype", "bf16", "--out", &out];
+        (sd_cli_env(&args, env), out)
+    };
+    let (tiles, tiles_png) = run("tiles.png", &[]);
+    let (mkl, mkl_png) = run("mkl.png", &[("SD_CPU_AMX", "0")]);
+    if tiles.status.success() && mkl.status.success() {
+        let (mean, max) = png_diff(Path::new(&tiles_png), Path::new(&mkl_png));
+        assert!(mean < 0.1 && max <= 1, "AMX tiles against MKL: mean {mean}, max {max}");
+    } else {
+        // CI installs MKL and runs on AMX machines: both paths must work there.
+        assert!(std::env::var("SD_REQUIRE_MKL").is_err(), "{}{}", stderr(&tiles), stderr(&mkl));
+    }
+    let (neither, png) = run("neither.png", &[("SD_CPU_AMX", "0"), ("SD_CPU_GEMM", "builtin")]);
+    let err = stderr(&neither);
+    assert_eq!(neither.status.code(), Some(1), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert!(err.contains("bf16") && err.contains("AMX") && err.contains("MKL") && err.contains("pip install"), "{err}");
+    assert!(!Path::new(&png).exists());
 }
 
 /// Copies a fixture model so a test can damage it.

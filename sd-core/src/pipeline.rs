@@ -42,15 +42,15 @@ impl Default for LoadOptions {
     }
 }
 
-/// On the CPU, bf16 needs MKL's bf16 GEMM; `SD_CPU_GEMM=mkl` needs MKL at all.
+/// On the CPU, bf16 needs AMX tiles or MKL's bf16 GEMM; `SD_CPU_GEMM=mkl` needs MKL at all.
 fn check_cpu_gemm(dtype: DType) -> Result<()> {
-    use crate::nn::blas;
+    use crate::nn::{amx, blas};
     blas::check_requested_backend().map_err(Error::invalid)?;
-    if dtype == DType::BF16 && !blas::cpu_gemm().supports_bf16() {
+    if dtype == DType::BF16 && !amx::available() && !blas::cpu_gemm().supports_bf16() {
         let reason = blas::mkl_unavailable_reason().unwrap_or("unknown");
         return Err(Error::invalid(format!(
-            "bf16 on the CPU runs its matrix products on Intel MKL's bf16 GEMM (AMX), which could not be loaded ({reason}); \
-             install it with `pip install --user mkl` or use f32"
+            "bf16 on the CPU runs its matrix products on AMX tiles, which this CPU lacks (or SD_CPU_AMX=0 turned off), \
+             or on Intel MKL's bf16 GEMM, which could not be loaded ({reason}); install it with `pip install --user mkl` or use f32"
         )));
     }
     Ok(())

@@ -130,9 +130,9 @@ fn half_precision_runs_stay_close_to_f32() {
     assert!(mean < 2.0, "f16: mean |diff| {mean} against f32");
 }
 
-/// bf16 on the CPU: bf16 GEMM operands on MKL (AMX), f32 everything else. Without MKL it is
-/// refused with an error that says what to install. CI sets SD_REQUIRE_MKL so that the
-/// measured path cannot silently turn into the refusal.
+/// bf16 on the CPU: bf16 GEMM operands on AMX tiles or MKL, f32 everything else. Without
+/// either it is refused with an error that says what to install. CI sets SD_REQUIRE_MKL so
+/// that the measured path cannot silently turn into the refusal.
 #[test]
 fn bf16_on_cpu_stays_close_to_f32_or_names_mkl() {
     let (model, params) = small_run();
@@ -142,6 +142,7 @@ fn bf16_on_cpu_stays_close_to_f32_or_names_mkl() {
             let err = e.to_string();
             assert!(std::env::var("SD_REQUIRE_MKL").is_err(), "SD_REQUIRE_MKL is set but bf16 failed: {err}");
             assert!(!sd_core::nn::blas::cpu_gemm().supports_bf16(), "MKL is loaded but bf16 failed: {err}");
+            assert!(!sd_core::nn::amx::available(), "AMX is available but bf16 failed: {err}");
             assert!(err.contains("bf16") && err.contains("MKL") && err.contains("pip install"), "{err}");
             return;
         }

@@ -56,7 +56,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, opts: AttentionOptions) -> 
     }
     let fused_dtype = matches!(q.dtype(), DType::F32 | DType::F16 | DType::BF16);
     match q.device() {
-        Device::Cpu if opts.bf16_products && crate::nn::blas::cpu_gemm().supports_bf16() => {
+        Device::Cpu if opts.bf16_products && (crate::nn::amx::available() || crate::nn::blas::cpu_gemm().supports_bf16()) => {
             cpu_bf16::bf16_attention(q, k, v, opts.scale, opts.causal)
         }
         Device::Cpu if fused_dtype => cpu::fused_attention(q, k, v, opts.scale, opts.causal),
