@@ -8,6 +8,9 @@
 //! loads the models in bf16 (bf16 GEMMs on MKL, f32 activations). The GEMM backend in use (MKL
 //! or builtin, see `SD_CPU_GEMM`) is printed first.
 //!
+//! `layers_bf16`: the same convolution and the 16x16 level's 1280-channel one with bf16 weights,
+//! on the AMX tile GEMM, or on MKL's bf16 GEMM under `SD_CPU_AMX=0` (the entry names say which).
+//!
 //! `cargo bench -p sd-core --bench stages [-- FILTER]`, e.g. `-- unet_256` or `-- layers`.
 
 use std::path::PathBuf;
@@ -90,5 +93,37 @@ fn layers(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, layers, stages);
+/// bf16 3x3 convolutions with CFG at the UNet's first (`[2, 320, 64, 64]`) and third
+/// (`[2, 1280, 16, 16]`) levels at 512 px, where MKL's per-call repacking of the weight costs most.
+fn layers_bf16(c: &mut Criterion) {
+    sd_core::runtime::init_cpu(None).unwrap();
+    let path = if sd_core::nn::amx::available() {
+        "amx"
+    } else if sd_core::nn::blas::cpu_gemm().supports_bf16() {
+        "mkl"
+    } else {
+        eprintln!("layers_bf16 skipped: neither AMX nor MKL");
+        return;
+    };
+    let mut g = c.benchmark_group("layers_bf16");
+    g.sample_size(10).warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(5));
+    for (channels, size) in [(320usize, 64usize), (1280, 16)] {
+        let x = randn(&[2, channels, size, size], 3);
+        let weights = candle_nn::VarBuilder::from_tensors(
+            [
+                ("weight".to_string(), (randn(&[channels, channels, 3, 3], 4) * 0.02).unwrap()),
+                ("bias".to_string(), randn(&[channels], 5)),
+            ]
+            .into_iter()
+            .collect(),
+            DType::BF16,
+            &Device::Cpu,
+        );
+        let conv = conv2d(channels, channels, 3, Conv2dConfig { padding: 1, stride: 1 }, weights).unwrap();
+        g.bench_function(format!("conv3x3_{channels}_{size}x{size}/{path}"), |b| b.iter(|| conv.forward(&x).unwrap()));
+    }
+    g.finish();
+}
+
+criterion_group!(benches, layers, layers_bf16, stages);
 criterion_main!(benches);

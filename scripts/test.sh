@@ -13,6 +13,10 @@ echo "== Intel MKL from PyPI (sd-core loads it at run time for its CPU GEMMs and
 python3 -m pip install -q --disable-pip-version-check --user --no-deps mkl==2026.2.0
 # Tests that measure the MKL paths fail instead of skipping if MKL cannot be loaded.
 export SD_REQUIRE_MKL=1
+# Likewise the AMX tile GEMM, on CPUs that have AMX (this project's machines do).
+if grep -q amx_bf16 /proc/cpuinfo 2>/dev/null; then
+  export SD_REQUIRE_AMX=1
+fi
 
 echo "== cargo test (workspace)"
 cargo test --workspace --locked
