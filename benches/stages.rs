@@ -5,8 +5,9 @@
 //!
 //! The model folder is made once by `cargo run --release -p sd-core --example make_random_model`
 //! (default `~/.cache/sd-rs/sd21-random`; `SD_BENCH_MODEL` overrides). `SD_BENCH_DTYPE=bf16`
-//! loads the models in bf16 (bf16 GEMMs on MKL, f32 activations). The GEMM backend in use (MKL
-//! or builtin, see `SD_CPU_GEMM`) is printed first.
+//! loads the models in bf16 (bf16 GEMMs on the AMX tiles, or MKL under `SD_CPU_AMX=0`; f32
+//! activations). The GEMM backend in use (MKL or builtin, see `SD_CPU_GEMM`) and whether AMX is
+//! used are printed first.
 //!
 //! `layers_bf16`: the same convolution and the 16x16 level's 1280-channel one with bf16 weights,
 //! on the AMX tile GEMM, or on MKL's bf16 GEMM under `SD_CPU_AMX=0` (the entry names say which).
@@ -43,7 +44,12 @@ fn stages(c: &mut Criterion) {
         _ => DType::F32,
     };
     sd_core::runtime::init_cpu(None).unwrap();
-    eprintln!("gemm: {}, dtype {dtype:?}, {} threads", sd_core::nn::blas::cpu_gemm().describe(), rayon::current_num_threads());
+    eprintln!(
+        "gemm: {}, bf16 on AMX tiles: {}, dtype {dtype:?}, {} threads",
+        sd_core::nn::blas::cpu_gemm().describe(),
+        sd_core::nn::amx::available(),
+        rayon::current_num_threads()
+    );
     let pipe = StableDiffusionPipeline::from_folder(&dir, dtype, &Device::Cpu, None).unwrap();
     let context = pipe.encode_prompts(&["".to_string(), "a photograph of an astronaut riding a horse".to_string()]).unwrap();
 

@@ -5,13 +5,16 @@
 //! the `[C_out, C_in kh kw]` weight straight into the output's columns. candle instead builds
 //! the whole im2col matrix first: `kh kw` times the input, 1.2 GB for the last VAE block at
 //! 512 px, written to memory and read back.
+//!
+//! With bf16 weights on a CPU with AMX, the weight is packed for [`amx`] once, and each task's
+//! im2col rows (one 256-pixel panel) are interleaved straight into the tile layout.
+
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 use half::bf16;
 use rayon::prelude::*;
-
-use std::sync::Arc;
 
 use super::amx;
 use super::blas::{gemm_bf16, gemm_f32, to_bf16_par, Operand, SendPtr};

@@ -1,11 +1,11 @@
 //! `Linear`: `y = x W^T + b` over the last dimension.
 
+use std::sync::Arc;
+
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 use half::bf16;
 use rayon::prelude::*;
-
-use std::sync::Arc;
 
 use super::amx;
 use super::blas::{gemm_bf16, gemm_f32, to_bf16, Operand};
