@@ -9,7 +9,7 @@ if ! command -v cc >/dev/null 2>&1; then
   apt-get update -qq && apt-get install -y -qq build-essential
 fi
 
-echo "== Intel MKL from PyPI (sd-core loads it at run time for its CPU GEMMs and bf16)"
+echo "== Intel MKL from PyPI (sd-core loads it at run time: f32 GEMMs, and bf16 on CPUs without AMX)"
 python3 -m pip install -q --disable-pip-version-check --user --no-deps mkl==2026.2.0
 # Tests that measure the MKL paths fail instead of skipping if MKL cannot be loaded.
 export SD_REQUIRE_MKL=1
