@@ -67,7 +67,9 @@ def test_gil_is_released_while_generating():
     t.start()
     try:
         start = time.monotonic()
-        pipe("a wide landscape", height=256, width=256, num_inference_steps=1, generator=0)
+        # 384 px: the decode must outlast the heartbeat's resolution by far, on fast CPUs too
+        # (at 256 px it had come down to 0.29 s).
+        pipe("a wide landscape", height=384, width=384, num_inference_steps=1, generator=0)
         duration = time.monotonic() - start
     finally:
         stop.set()
