@@ -76,7 +76,14 @@ impl Linear {
             candle_core::bail!("linear: input has {} features, the weight expects {k}", *last);
         }
         *last = n;
-        let m = xs.elem_count() / k;
+        let m: usize = xs.dims()[..xs.rank() - 1].iter().product();
+        if m == 0 || n == 0 || k == 0 {
+            // Nothing to multiply (and no chunks to split the rows into): the bias, or zeros.
+            return match &self.bias {
+                Some(b) => b.to_dtype(DType::F32)?.broadcast_as(out_dims)?.contiguous(),
+                None => Tensor::zeros(out_dims, DType::F32, &Device::Cpu),
+            };
+        }
         let weight = match &self.weight {
             Weight::Tiles(packed) => return Tensor::from_vec(self.forward_tiles(&xs, packed, m)?, out_dims, &Device::Cpu),
             Weight::Dense(w) => w,
@@ -183,6 +190,26 @@ mod tests {
                 let diff = (ours - theirs)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
                 // f32 rounding of sums of k products of size ~1, in another order.
                 assert!(diff < 1e-6 * k as f32 + 1e-5, "{rows}x{k}x{n}: {diff}");
+            }
+        }
+        Ok(())
+    }
+
+    /// No rows, or no input features: an empty output, or the bias, without a panic.
+    #[test]
+    fn degenerate_sizes_give_bias_or_nothing() -> Result<()> {
+        if !bf16_gemms() {
+            return Ok(());
+        }
+        let dev = Device::Cpu;
+        let bias = Tensor::from_vec(values(32, 3), 32, &dev)?;
+        for (rows, k) in [(0usize, 64usize), (3, 0)] {
+            let w = Tensor::zeros((32, k), DType::BF16, &dev)?;
+            let x = Tensor::zeros((1, rows, k), DType::F32, &dev)?;
+            let out = Linear::new(w, Some(bias.clone()))?.forward(&x)?;
+            assert_eq!(out.dims(), &[1, rows, 32]);
+            for row in out.squeeze(0)?.to_vec2::<f32>()? {
+                assert_eq!(row, bias.to_vec1::<f32>()?);
             }
         }
         Ok(())
