@@ -123,7 +123,7 @@ impl Packed {
 
     /// A weight `[m, k]` (row-major) as the A operand.
     pub fn a_from_rows(w: &[bf16], m: usize, k: usize) -> Self {
-        Self::build(m, k, |i, dst| pack_a_block(w, m, k, i, dst))
+        Self::build(m, k, |i, dst| pack_a_block(w, m, k, i, dst, |s, d: &mut [bf16]| d.copy_from_slice(s)))
     }
 
     /// A weight `[n, k]` (row-major, as `nn.Linear` stores it) as the B operand `W^T`.
@@ -138,17 +138,18 @@ fn tile_row(i: usize, kb: usize, kblocks: usize, h: usize, r: usize) -> usize {
     (i * kblocks + kb) * BLOCK_ELEMS + h * 512 + r * 32
 }
 
-/// Block row `i` of `src` (`m` rows of `k`, row-major) as the A operand, into zeroed `dst`.
-fn pack_a_block(src: &[bf16], m: usize, k: usize, i: usize, dst: &mut [bf16]) {
+/// Block row `i` of `src` (`m` rows of `k`, row-major) as the A operand, into zeroed `dst`;
+/// `copy(run, out)` moves (or rounds to bf16) one run of a row.
+fn pack_a_block<S: Copy>(src: &[S], m: usize, k: usize, i: usize, dst: &mut [bf16], copy: impl Fn(&[S], &mut [bf16])) {
     let kblocks = blocks(k);
     for (r32, row) in (i * BLOCK..((i + 1) * BLOCK).min(m)).enumerate() {
         for kb in 0..kblocks {
             let (k0, at) = (kb * BLOCK, tile_row(0, kb, kblocks, r32 / 16, r32 % 16));
             if k - k0 >= 32 {
                 // A constant length: an inlined 64-byte copy, not a call to memcpy.
-                dst[at..at + 32].copy_from_slice(&src[row * k + k0..][..32]);
+                copy(&src[row * k + k0..][..32], &mut dst[at..at + 32]);
             } else {
-                dst[at..at + k - k0].copy_from_slice(&src[row * k + k0..row * k + k]);
+                copy(&src[row * k + k0..row * k + k], &mut dst[at..at + k - k0]);
             }
         }
     }
@@ -156,7 +157,7 @@ fn pack_a_block(src: &[bf16], m: usize, k: usize, i: usize, dst: &mut [bf16]) {
 
 /// Packs `src` (`m` rows of `k` bf16, row-major) as the A operand into `dst`.
 pub fn pack_a(src: &[bf16], m: usize, k: usize, dst: &mut [bf16]) {
-    pack_serial(m, k, dst, |i, block_row| pack_a_block(src, m, k, i, block_row))
+    pack_serial(m, k, dst, |i, block_row| pack_a_block(src, m, k, i, block_row, |s, d: &mut [bf16]| d.copy_from_slice(s)))
 }
 
 /// Packs `W^T` as the B operand into `dst`, for `w` of `n` rows of `k` bf16.
@@ -166,6 +167,9 @@ pub fn pack_b_transposed(w: &[bf16], n: usize, k: usize, dst: &mut [bf16]) {
 
 /// Runs a block-row packer over `dst` on this thread, zeroing first where there is padding.
 fn pack_serial(outer: usize, k: usize, dst: &mut [bf16], fill: impl Fn(usize, &mut [bf16])) {
+    if packed_len(outer, k) == 0 {
+        return;
+    }
     for (i, block_row) in dst[..packed_len(outer, k)].chunks_exact_mut(blocks(k) * BLOCK_ELEMS).enumerate() {
         if outer % BLOCK != 0 || k % BLOCK != 0 {
             block_row.fill(bf16::ZERO);
@@ -176,19 +180,7 @@ fn pack_serial(outer: usize, k: usize, dst: &mut [bf16], fill: impl Fn(usize, &m
 
 /// Packs `src` (`m` rows of `k` f32, row-major) as the A operand into `dst`, rounding to bf16.
 pub fn pack_a_f32(src: &[f32], m: usize, k: usize, dst: &mut [bf16]) {
-    let kblocks = blocks(k);
-    for row in 0..blocks(m) * BLOCK {
-        let (i, h, r) = (row / BLOCK, row % BLOCK / 16, row % 16);
-        for kb in 0..kblocks {
-            let d = &mut dst[tile_row(i, kb, kblocks, h, r)..][..32];
-            let k0 = kb * BLOCK;
-            let n = if row < m { k.saturating_sub(k0).min(32) } else { 0 };
-            if n > 0 {
-                super::blas::to_bf16(&src[row * k + k0..][..n], &mut d[..n]);
-            }
-            d[n..].fill(bf16::ZERO);
-        }
-    }
+    pack_serial(m, k, dst, |i, block_row| pack_a_block(src, m, k, i, block_row, super::blas::to_bf16))
 }
 
 /// Block row `i` of `W^T` as the B operand, for `w` of `n` rows of `k` (B's columns are W's

@@ -19,7 +19,7 @@ use rayon::prelude::*;
 use super::amx;
 use super::blas::{gemm_bf16, gemm_f32, to_bf16_par, Operand, SendPtr};
 use super::scratch::with_scratch;
-use super::{param_dtype, task_count, use_cpu_kernels, with_slice};
+use super::{packs_for_tiles, param_dtype, task_count, use_cpu_kernels, with_slice};
 
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Conv2dConfig {
@@ -128,7 +128,7 @@ impl Conv2d {
     /// A bf16 weight on a CPU with AMX is packed for the tiles here (and the tensor dropped).
     pub fn new(weight: Tensor, bias: Option<Tensor>, cfg: Conv2dConfig) -> Result<Self> {
         let cfg = Conv2dConfig { stride: cfg.stride.max(1), ..cfg };
-        let weight = if weight.device().is_cpu() && weight.dtype() == DType::BF16 && amx::available() {
+        let weight = if packs_for_tiles(&weight) {
             let dims = weight.dims4()?;
             let (c_out, c_in, kh, kw) = dims;
             let packed = with_slice::<bf16, _>(&weight.contiguous()?, |w| amx::Packed::a_from_rows(w, c_out, c_in * kh * kw))?;
@@ -166,15 +166,12 @@ impl Conv2d {
         // Every element is written by the tasks below (bias or GEMM); the length is set after.
         let len = batch * c_out * pixels;
         let mut out: Vec<f32> = Vec::with_capacity(len);
-        let dense = match &self.weight {
+        match &self.weight {
             Weight::Tiles { packed, .. } => {
                 // One panel of columns per task: the packed block then stays in L2, and the
                 // weight is read once per panel whatever the block size.
                 let plan = Plan::new(&g, batch, c_out, None, (amx::BLOCK, amx::PANEL), SendPtr(out.as_mut_ptr()));
-                let bias = match &bias {
-                    Some(b) => amx::Bias::Rows(b),
-                    None => amx::Bias::None,
-                };
+                let bias = bias.as_deref().map_or(amx::Bias::None, amx::Bias::Rows);
                 with_slice::<f32, _>(&xs, |x| {
                     // Convert the input once, not once per kernel tap.
                     let x16 = to_bf16_par(x);
@@ -187,42 +184,40 @@ impl Conv2d {
                             unsafe { amx::gemm(packed.as_slice(), c_out, cols, len, k, bias, c, pixels) };
                         })
                     })
-                })?;
-                // Safety: the tasks covered every pixel of every channel of every image.
-                unsafe { out.set_len(len) };
-                return Tensor::from_vec(out, (batch, c_out, g.h_out, g.w_out), &Device::Cpu);
+                })?
             }
-            Weight::Dense(w) => w,
-        };
-        let plan = Plan::new(&g, batch, c_out, bias.as_deref(), (1, usize::MAX), SendPtr(out.as_mut_ptr()));
-        with_slice::<f32, _>(&xs, |x| match dense.dtype() {
-            DType::BF16 => with_slice::<bf16, _>(dense, |wt| {
-                // Convert the input once, not once per kernel tap.
-                let x16 = to_bf16_par(x);
-                plan.run(&x16, |image, p0, len, beta, c| {
-                    with_scratch(0, k * len, |col: &mut [bf16]| {
-                        im2col(image, &g, p0, len, col);
-                        // Safety: see `Plan::run`.
-                        unsafe { gemm_bf16(c_out, len, k, Operand::new(wt, k), Operand::new(col, len), beta, c, pixels) };
-                    })
-                })
-            }),
-            _ => with_slice::<f32, _>(dense, |wt| {
-                let pointwise = kh == 1 && kw == 1 && stride == 1 && pad == 0;
-                plan.run(x, |image, p0, len, beta, c| {
-                    // Safety (both GEMMs): see `Plan::run`.
-                    if pointwise {
-                        unsafe { gemm_f32(c_out, len, k, Operand::new(wt, k), Operand::new(&image[p0..], pixels), beta, c, pixels) };
-                    } else {
-                        with_scratch(0, k * len, |col: &mut [f32]| {
-                            im2col(image, &g, p0, len, col);
-                            unsafe { gemm_f32(c_out, len, k, Operand::new(wt, k), Operand::new(col, len), beta, c, pixels) };
+            Weight::Dense(dense) => {
+                let plan = Plan::new(&g, batch, c_out, bias.as_deref(), (1, usize::MAX), SendPtr(out.as_mut_ptr()));
+                with_slice::<f32, _>(&xs, |x| match dense.dtype() {
+                    DType::BF16 => with_slice::<bf16, _>(dense, |wt| {
+                        // Convert the input once, not once per kernel tap.
+                        let x16 = to_bf16_par(x);
+                        plan.run(&x16, |image, p0, len, beta, c| {
+                            with_scratch(0, k * len, |col: &mut [bf16]| {
+                                im2col(image, &g, p0, len, col);
+                                // Safety: see `Plan::run`.
+                                unsafe { gemm_bf16(c_out, len, k, Operand::new(wt, k), Operand::new(col, len), beta, c, pixels) };
+                            })
                         })
-                    }
-                })
-            }),
-        })??;
-        // Safety: as above.
+                    }),
+                    _ => with_slice::<f32, _>(dense, |wt| {
+                        let pointwise = kh == 1 && kw == 1 && stride == 1 && pad == 0;
+                        plan.run(x, |image, p0, len, beta, c| {
+                            // Safety (both GEMMs): see `Plan::run`.
+                            if pointwise {
+                                unsafe { gemm_f32(c_out, len, k, Operand::new(wt, k), Operand::new(&image[p0..], pixels), beta, c, pixels) };
+                            } else {
+                                with_scratch(0, k * len, |col: &mut [f32]| {
+                                    im2col(image, &g, p0, len, col);
+                                    unsafe { gemm_f32(c_out, len, k, Operand::new(wt, k), Operand::new(col, len), beta, c, pixels) };
+                                })
+                            }
+                        })
+                    }),
+                })??;
+            }
+        }
+        // Safety: the tasks covered every pixel of every channel of every image.
         unsafe { out.set_len(len) };
         Tensor::from_vec(out, (batch, c_out, g.h_out, g.w_out), &Device::Cpu)
     }
@@ -303,50 +298,18 @@ mod tests {
     use super::super::test_values::{bf16_gemms, values};
     use super::*;
 
-    /// Against candle's own convolution, for the shapes SD uses and odd ones.
-    #[test]
-    fn matches_candle_conv() -> Result<()> {
-        let dev = Device::Cpu;
-        for &(b, ci, co, h, w, k, stride, pad) in &[
-            (2, 5, 7, 9, 11, 3, 1, 1),
-            (1, 4, 6, 10, 7, 3, 2, 0),
-            (2, 3, 8, 8, 8, 3, 2, 1),
-            (2, 16, 9, 13, 5, 1, 1, 0),
-            (1, 3, 4, 40, 41, 3, 1, 1),
-        ] {
-            let x = Tensor::from_vec(values(b * ci * h * w, 1), (b, ci, h, w), &dev)?;
-            let wt = Tensor::from_vec(values(co * ci * k * k, 2), (co, ci, k, k), &dev)?;
-            let bias = Tensor::from_vec(values(co, 3), co, &dev)?;
-            let cfg = Conv2dConfig { padding: pad, stride };
-            let ours = Conv2d::new(wt.clone(), Some(bias.clone()), cfg)?.forward(&x)?;
-            let theirs = candle_nn::Conv2d::new(wt, Some(bias), candle_nn::Conv2dConfig { padding: pad, stride, ..Default::default() }).forward(&x)?;
-            assert_eq!(ours.dims(), theirs.dims());
-            let diff = (ours - theirs)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
-            assert!(diff < 1e-4, "{b} {ci} {co} {h} {w} {k} {stride} {pad}: {diff}");
-        }
-        Ok(())
-    }
+    /// `(batch, c_in, c_out, h, w, kernel, stride, pad)`.
+    type Case = (usize, usize, usize, usize, usize, usize, usize, usize);
 
-    /// bf16 weights (AMX tiles where the CPU has them, else MKL): against candle's f32
-    /// convolution of the same bf16-rounded input and weight. Products of bf16 values are
-    /// exact in f32, so only the summation order differs. Shapes cut the tile blocks in every
-    /// dimension (channels, pixels, k), with strides, padding and 1x1.
-    #[test]
-    fn bf16_weights_match_rounded_f32() -> Result<()> {
-        if !bf16_gemms() {
-            return Ok(());
-        }
+    /// Our convolution with weights of `dtype` against candle's f32 one on the same values:
+    /// for bf16 the input and weight are rounded to bf16 first, so the products are exact in
+    /// f32 and only the summation order differs.
+    fn check_against_candle(cases: &[Case], dtype: DType) -> Result<()> {
         let dev = Device::Cpu;
-        for &(b, ci, co, h, w, k, stride, pad) in &[
-            (2, 5, 7, 9, 11, 3, 1, 1),
-            (1, 40, 64, 16, 16, 3, 1, 1),
-            (2, 36, 96, 13, 9, 3, 2, 1),
-            (1, 64, 33, 20, 20, 1, 1, 0),
-            (2, 32, 32, 24, 24, 3, 1, 1),
-        ] {
-            let round = |t: Tensor| t.to_dtype(DType::BF16)?.to_dtype(DType::F32);
+        for &(b, ci, co, h, w, k, stride, pad) in cases {
+            let round = |t: Tensor| if dtype == DType::F32 { Ok(t) } else { t.to_dtype(dtype)?.to_dtype(DType::F32) };
             let x = round(Tensor::from_vec(values(b * ci * h * w, 1), (b, ci, h, w), &dev)?)?;
-            let wt = Tensor::from_vec(values(co * ci * k * k, 2), (co, ci, k, k), &dev)?.to_dtype(DType::BF16)?;
+            let wt = Tensor::from_vec(values(co * ci * k * k, 2), (co, ci, k, k), &dev)?.to_dtype(dtype)?;
             let bias = Tensor::from_vec(values(co, 3), co, &dev)?;
             let cfg = Conv2dConfig { padding: pad, stride };
             let ours = Conv2d::new(wt.clone(), Some(bias.clone()), cfg)?.forward(&x)?;
@@ -354,8 +317,26 @@ mod tests {
                 .forward(&x)?;
             assert_eq!(ours.dims(), theirs.dims());
             let diff = (ours - theirs)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
-            assert!(diff < 1e-4, "{b} {ci} {co} {h} {w} {k} {stride} {pad}: {diff}");
+            assert!(diff < 1e-4, "{dtype:?} {b} {ci} {co} {h} {w} {k} {stride} {pad}: {diff}");
         }
         Ok(())
+    }
+
+    /// Against candle's own convolution, for the shapes SD uses and odd ones.
+    #[test]
+    fn matches_candle_conv() -> Result<()> {
+        let cases = [(2, 5, 7, 9, 11, 3, 1, 1), (1, 4, 6, 10, 7, 3, 2, 0), (2, 3, 8, 8, 8, 3, 2, 1), (2, 16, 9, 13, 5, 1, 1, 0), (1, 3, 4, 40, 41, 3, 1, 1)];
+        check_against_candle(&cases, DType::F32)
+    }
+
+    /// bf16 weights (AMX tiles where the CPU has them, else MKL). Shapes cut the tile blocks in
+    /// every dimension (channels, pixels, k), with strides, padding and 1x1.
+    #[test]
+    fn bf16_weights_match_rounded_f32() -> Result<()> {
+        if !bf16_gemms() {
+            return Ok(());
+        }
+        let cases = [(2, 5, 7, 9, 11, 3, 1, 1), (1, 40, 64, 16, 16, 3, 1, 1), (2, 36, 96, 13, 9, 3, 2, 1), (1, 64, 33, 20, 20, 1, 1, 0), (2, 32, 32, 24, 24, 3, 1, 1)];
+        check_against_candle(&cases, DType::BF16)
     }
 }

@@ -10,7 +10,7 @@ use rayon::prelude::*;
 use super::amx;
 use super::blas::{gemm_bf16, gemm_f32, to_bf16, Operand};
 use super::scratch::with_scratch;
-use super::{param_dtype, task_count, use_cpu_kernels, with_slice};
+use super::{packs_for_tiles, param_dtype, task_count, use_cpu_kernels, with_slice};
 
 #[derive(Debug, Clone)]
 pub struct Linear {
@@ -40,7 +40,7 @@ pub fn linear_no_bias(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<L
 impl Linear {
     /// A bf16 weight on a CPU with AMX is packed for the tiles here (and the tensor dropped).
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
-        let weight = if weight.device().is_cpu() && weight.dtype() == DType::BF16 && amx::available() {
+        let weight = if packs_for_tiles(&weight) {
             let (n, k) = weight.dims2()?;
             let packed = with_slice::<bf16, _>(&weight.contiguous()?, |w| amx::Packed::b_from_transposed(w, n, k))?;
             Weight::Tiles(Arc::new(packed))

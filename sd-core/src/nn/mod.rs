@@ -55,6 +55,12 @@ pub fn embedding(count: usize, dim: usize, vb: VarBuilder) -> Result<candle_nn::
     candle_nn::embedding(count, dim, vb.to_dtype(dtype))
 }
 
+/// Whether a layer packs this weight for the AMX tiles when it is built (and keeps no tensor):
+/// bf16 on the CPU, where the CPU has AMX.
+fn packs_for_tiles(weight: &Tensor) -> bool {
+    weight.device().is_cpu() && weight.dtype() == DType::BF16 && amx::available()
+}
+
 /// Whether the CPU kernels of this module handle `xs` with weights of dtype `weight`.
 fn use_cpu_kernels(xs: &Tensor, weight: DType) -> bool {
     xs.device().is_cpu() && xs.dtype() == DType::F32 && matches!(weight, DType::F32 | DType::BF16)
