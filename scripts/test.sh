@@ -9,8 +9,16 @@ if ! command -v cc >/dev/null 2>&1; then
   apt-get update -qq && apt-get install -y -qq build-essential
 fi
 
-echo "== Intel MKL from PyPI (sd-core loads it at run time: f32 GEMMs, and bf16 on CPUs without AMX)"
-python3 -m pip install -q --disable-pip-version-check --user --no-deps mkl==2026.2.0
+# Disk: CI's machine has had less than 10 GB free. No pip cache (every wheel would be stored
+# twice) and no incremental cargo artifacts (rebuilt from scratch there anyway); the dev profile
+# keeps line tables only (Cargo.toml). Each stage prints what is left, so a full disk is plain.
+export PIP_NO_CACHE_DIR=1
+export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
+stage() { echo "== $* [$(df -h --output=avail . | tail -1 | tr -d ' ') free on disk]"; }
+
+stage "Intel MKL from PyPI (sd-core loads it at run time: f32 GEMMs, and bf16 on CPUs without AMX)"
+export SD_MKL_WHEEL=mkl==2026.2.0
+python3 -m pip install -q --disable-pip-version-check --user --no-deps "$SD_MKL_WHEEL"
 # Tests that measure the MKL paths fail instead of skipping if MKL cannot be loaded.
 export SD_REQUIRE_MKL=1
 # Likewise the AMX tile GEMM, on CPUs that have AMX (this project's machines do).
@@ -18,17 +26,17 @@ if grep -q amx_bf16 /proc/cpuinfo 2>/dev/null; then
   export SD_REQUIRE_AMX=1
 fi
 
-echo "== cargo test (workspace)"
+stage "cargo test (workspace)"
 cargo test --workspace --locked
 
-echo "== cargo test: sd-core's layers and parity with the builtin GEMM (no MKL)"
+stage "cargo test: sd-core's layers and parity with the builtin GEMM (no MKL)"
 # --workspace (not -p sd-core) keeps the feature set of the run above, so nothing recompiles.
 SD_CPU_GEMM=builtin env -u SD_REQUIRE_MKL cargo test --workspace --locked --lib --test parity_pipeline --test parity_stages --test loading
 
-echo "== CUDA kernels: NVRTC compile for sm_80/sm_90 (no GPU needed)"
+stage "CUDA kernels: NVRTC compile for sm_80/sm_90 (no GPU needed)"
 bash scripts/ci/check-cuda-kernels.sh
 
-echo "== Python: sd_py wheel, API, Ray Serve, Gradio"
+stage "Python: sd_py wheel, API, Ray Serve, Gradio"
 bash scripts/ci/test-python.sh
 
-echo "== all tests passed"
+stage "all tests passed"

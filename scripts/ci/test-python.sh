@@ -24,6 +24,8 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 py="$venv/bin/python"
 "$py" -m pip install -q --disable-pip-version-check -r sd-py/requirements-test.txt
+# Found in the venv's lib/ by sd_py at import. The same pin as scripts/test.sh.
+"$py" -m pip install -q --disable-pip-version-check --no-deps "${SD_MKL_WHEEL:-mkl==2026.2.0}"
 
 if ! command -v chromium >/dev/null 2>&1; then
   step "installing Debian's chromium (for the Gradio UI test)"
