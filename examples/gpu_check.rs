@@ -620,7 +620,7 @@ mod gpu {
                 true
             };
             let started = Instant::now();
-            let out = pipe.generate_with(&params, RunHooks { on_step: Some(&mut on_step), cancel: None })?;
+            let out = pipe.generate_with(&params, RunHooks { on_step: Some(&mut on_step), ..Default::default() })?;
             sync(dev)?;
             let total = started.elapsed();
             let peak = peak.finish();

@@ -206,7 +206,7 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
         bar.set_position(p.step as u64);
         true
     };
-    let hooks = RunHooks { on_step: Some(&mut on_step), cancel: None };
+    let hooks = RunHooks { on_step: Some(&mut on_step), ..Default::default() };
     let out = pipe.generate_with(&params, hooks);
     bar.finish_and_clear();
     let out = out?;

@@ -170,11 +170,26 @@ impl CancelToken {
     }
 }
 
+/// What a run does after [`RunHooks::on_step_end`] returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StepControl {
+    /// Go on with the next step.
+    Continue,
+    /// Skip the remaining steps and decode the latents as they are now: diffusers' `interrupt`.
+    Finish,
+    /// Stop the run with [`Error::Cancelled`].
+    Cancel,
+}
+
 /// Optional per-run hooks.
 #[derive(Default)]
 pub struct RunHooks<'a> {
     /// Called after each step; returning `false` cancels the run ([`Error::Cancelled`]).
     pub on_step: Option<&'a mut dyn FnMut(&StepProgress) -> bool>,
+    /// diffusers' `callback_on_step_end`: called after each step (before `on_step`) with the
+    /// latents `[batch, C, h/8, w/8]` (f32) as the scheduler left them. It may replace them with
+    /// a tensor of the same shape, which the next step (or the decoder) then takes.
+    pub on_step_end: Option<&'a mut dyn FnMut(&StepProgress, &mut Tensor) -> StepControl>,
     pub cancel: Option<CancelToken>,
 }
 
@@ -363,10 +378,23 @@ impl StableDiffusionPipeline {
             };
             latents = scheduler.step(&pred, t, &latents, &mut generators)?;
             let progress = StepProgress { step: i + 1, total: timesteps.len(), timestep: t, elapsed: started.elapsed() };
+            let control = match hooks.on_step_end.as_mut() {
+                Some(on_step_end) => {
+                    let control = on_step_end(&progress, &mut latents);
+                    latents = checked_latents(latents, &shape, &self.device)?;
+                    control
+                }
+                None => StepControl::Continue,
+            };
             if let Some(on_step) = hooks.on_step.as_mut() {
                 if !on_step(&progress) {
                     return Err(Error::Cancelled);
                 }
+            }
+            match control {
+                StepControl::Continue => {}
+                StepControl::Finish => break,
+                StepControl::Cancel => return Err(Error::Cancelled),
             }
         }
         let denoise_time = started.elapsed();
@@ -445,6 +473,18 @@ struct RunPlan {
     batch: usize,
     guidance: bool,
     seeds: Vec<u64>,
+}
+
+/// The latents a step hook left: those of the run, or its replacement, which must have the same
+/// shape; taken as f32 on the run's device.
+fn checked_latents(latents: Tensor, shape: &[usize], device: &Device) -> Result<Tensor> {
+    if latents.dims() != shape {
+        return Err(Error::invalid(format!(
+            "the step hook replaced the latents {shape:?} with a tensor of shape {:?}",
+            latents.dims()
+        )));
+    }
+    Ok(latents.to_dtype(DType::F32)?.to_device(device)?)
 }
 
 /// diffusers' `rescale_noise_cfg(noise_cfg, noise_pred_text, guidance_rescale)`: scales each

@@ -5,7 +5,7 @@
 mod support;
 
 use candle_core::{DType, Device, Tensor};
-use sd_core::pipeline::{GenerateParams, StableDiffusionPipeline};
+use sd_core::pipeline::{GenerateParams, RunHooks, StableDiffusionPipeline, StepControl, StepProgress};
 use sd_core::rng::Generators;
 use support::*;
 
@@ -80,12 +80,22 @@ fn check_steps(name: &str) {
     assert_close(&decoded, get(&refs, "decoded"), TOL, &format!("{name} decoded"));
 }
 
-/// Runs `generate` as a user would and compares the final images with diffusers' PNGs.
+/// Runs `generate` as a user would and compares the final images with diffusers' PNGs, and the
+/// latents the step hook sees with those of diffusers' `callback_on_step_end`.
 fn check_images(name: &str) {
     let case = load_case(name);
     let refs = load_refs(&format!("{name}.safetensors"));
     let pipe = pipeline(&case.model);
-    let out = pipe.generate(&params(&case)).unwrap();
+    let mut step_latents = vec![];
+    let mut on_step_end = |_: &StepProgress, latents: &mut Tensor| {
+        step_latents.push(latents.clone());
+        StepControl::Continue
+    };
+    let out = pipe.generate_with(&params(&case), RunHooks { on_step_end: Some(&mut on_step_end), ..Default::default() }).unwrap();
+    assert_eq!(step_latents.len(), case.num_inference_steps);
+    for (i, latents) in step_latents.iter().enumerate() {
+        assert_close(latents, get(&refs, &format!("step{i}.latents")), TOL, &format!("{name} hook latents {i}"));
+    }
     let n = case.num_images_per_prompt;
     assert_eq!(out.images.len(), n);
     assert_eq!(out.seeds, vec![case.seed]);

@@ -6,7 +6,7 @@ mod support;
 use std::sync::Arc;
 
 use candle_core::{DType, Device};
-use sd_core::pipeline::{CancelToken, GenerateParams, OutputType, RunHooks, StableDiffusionPipeline};
+use sd_core::pipeline::{CancelToken, GenerateParams, OutputType, RunHooks, StableDiffusionPipeline, StepControl, StepProgress};
 use sd_core::Error;
 use support::*;
 
@@ -31,7 +31,7 @@ fn progress_is_reported_every_step_and_can_cancel() {
         seen.push((p.step, p.total));
         true
     };
-    pipe.generate_with(&params(3), RunHooks { on_step: Some(&mut on_step), cancel: None }).unwrap();
+    pipe.generate_with(&params(3), RunHooks { on_step: Some(&mut on_step), ..Default::default() }).unwrap();
     assert_eq!(seen, vec![(1, 3), (2, 3), (3, 3)]);
 
     let mut calls = 0;
@@ -39,14 +39,80 @@ fn progress_is_reported_every_step_and_can_cancel() {
         calls += 1;
         false
     };
-    let err = pipe.generate_with(&params(3), RunHooks { on_step: Some(&mut stop_after_one), cancel: None }).unwrap_err();
+    let err = pipe.generate_with(&params(3), RunHooks { on_step: Some(&mut stop_after_one), ..Default::default() }).unwrap_err();
     assert!(matches!(err, Error::Cancelled), "{err}");
     assert_eq!(calls, 1);
 
     let token = CancelToken::new();
     token.cancel();
-    let err = pipe.generate_with(&params(3), RunHooks { on_step: None, cancel: Some(token) }).unwrap_err();
+    let err = pipe.generate_with(&params(3), RunHooks { cancel: Some(token), ..Default::default() }).unwrap_err();
     assert!(matches!(err, Error::Cancelled), "{err}");
+}
+
+/// `on_step_end` sees the latents after every step; `Finish` skips the remaining steps and
+/// decodes the latents of that step (diffusers' `interrupt`), with progress reported up to it.
+#[test]
+fn finish_decodes_the_latents_of_the_step_it_was_asked_at() {
+    let pipe = pipe();
+    let mut every_step = vec![];
+    let mut keep = |_: &StepProgress, latents: &mut candle_core::Tensor| {
+        every_step.push(latents.clone());
+        StepControl::Continue
+    };
+    let full = pipe.generate_with(&params(3), RunHooks { on_step_end: Some(&mut keep), ..Default::default() }).unwrap();
+    assert_eq!(every_step.len(), 3);
+    assert_close(&full.latents, &every_step[2], 0.0, "last step latents");
+
+    let mut progress = vec![];
+    let mut on_step = |p: &StepProgress| {
+        progress.push(p.step);
+        true
+    };
+    let mut finish_at_two = |p: &StepProgress, _: &mut candle_core::Tensor| {
+        if p.step == 2 { StepControl::Finish } else { StepControl::Continue }
+    };
+    let hooks = RunHooks { on_step: Some(&mut on_step), on_step_end: Some(&mut finish_at_two), ..Default::default() };
+    let early = pipe.generate_with(&params(3), hooks).unwrap();
+    assert_eq!(progress, vec![1, 2]);
+    assert_close(&early.latents, &every_step[1], 0.0, "latents at the finish");
+    let expected = pipe.decode_to_images(&every_step[1]).unwrap();
+    assert_eq!(early.images.len(), 1);
+    assert_eq!(early.images[0].as_raw(), expected[0].as_raw());
+    assert_ne!(early.images[0].as_raw(), full.images[0].as_raw());
+}
+
+/// A hook may replace the latents (diffusers' callback returning `latents`); the replacement must
+/// keep the shape, and `Cancel` stops the run.
+#[test]
+fn on_step_end_can_replace_the_latents_or_cancel() {
+    let pipe = pipe();
+    let mut to_zero = |p: &StepProgress, latents: &mut candle_core::Tensor| {
+        if p.step == p.total {
+            *latents = latents.zeros_like().unwrap().to_dtype(DType::F64).unwrap();
+        }
+        StepControl::Continue
+    };
+    let out = pipe.generate_with(&params(2), RunHooks { on_step_end: Some(&mut to_zero), ..Default::default() }).unwrap();
+    assert_eq!(out.latents.dtype(), DType::F32);
+    assert_close(&out.latents, &out.latents.zeros_like().unwrap(), 0.0, "replaced latents");
+    let decoded_zeros = pipe.decode_to_images(&out.latents).unwrap();
+    assert_eq!(out.images[0].as_raw(), decoded_zeros[0].as_raw());
+
+    let mut wrong_shape = |_: &StepProgress, latents: &mut candle_core::Tensor| {
+        *latents = latents.narrow(3, 0, 4).unwrap();
+        StepControl::Continue
+    };
+    let err = pipe.generate_with(&params(2), RunHooks { on_step_end: Some(&mut wrong_shape), ..Default::default() }).unwrap_err();
+    assert!(matches!(err, Error::InvalidArgument(ref m) if m.contains("[1, 4, 8, 4]")), "{err}");
+
+    let mut calls = 0;
+    let mut cancel = |_: &StepProgress, _: &mut candle_core::Tensor| {
+        calls += 1;
+        StepControl::Cancel
+    };
+    let err = pipe.generate_with(&params(3), RunHooks { on_step_end: Some(&mut cancel), ..Default::default() }).unwrap_err();
+    assert!(matches!(err, Error::Cancelled), "{err}");
+    assert_eq!(calls, 1);
 }
 
 /// Per-image seeds behave like diffusers' list of generators: image i of a batch equals the single

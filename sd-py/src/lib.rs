@@ -17,11 +17,11 @@ use std::sync::Arc;
 use candle_core::{DType, Device, DeviceLocation, Tensor};
 use pyo3::exceptions::{PyFileNotFoundError, PyOSError, PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyDict, PyList};
+use pyo3::types::{PyBytes, PyDict, PyList, PyTuple};
 use sd_core::hub::{removed_repo_mirror, resolve_model, HubOptions};
 use sd_core::pipeline::{
     parse_device, parse_dtype, GenerateParams, LoadOptions, OutputType, RunHooks,
-    StableDiffusionPipeline, StepProgress,
+    StableDiffusionPipeline, StepControl, StepProgress,
 };
 use sd_core::schedulers::{
     find_scheduler, scheduler_from_name, scheduler_names as core_scheduler_names, SchedulerConfig,
@@ -33,7 +33,7 @@ pyo3::create_exception!(
     sd_py,
     GenerationCancelled,
     PyRuntimeError,
-    "A generation stopped before its last step: `pipe._interrupt` was set, or a step callback asked to stop."
+    "A generation stopped before its last step because its native step callback asked to cancel (`pipe._interrupt` does not raise it: as in diffusers, it decodes the latents as they are)."
 );
 
 // ---- errors and panics ----
@@ -214,6 +214,54 @@ fn f32_bytes(data: &[f32]) -> Vec<u8> {
     data.iter().flat_map(|x| x.to_le_bytes()).collect()
 }
 
+/// What a Python step callback asked for. A plain value: truthy goes on, falsy cancels. A pair
+/// `(action, latents)`: action "continue", "finish" (decode the latents now) or "cancel", and
+/// `None` or the latents to go on with, as float32 bytes.
+fn step_reply(ret: &Bound<'_, PyAny>) -> PyResult<(StepControl, Option<Vec<f32>>)> {
+    let Ok(pair) = ret.cast::<PyTuple>() else {
+        let control = if ret.is_truthy()? { StepControl::Continue } else { StepControl::Cancel };
+        return Ok((control, None));
+    };
+    let malformed = || {
+        PyValueError::new_err(
+            "on_step must return a bool or a pair (action, float32 latents bytes or None)",
+        )
+    };
+    let (action, latents): (String, Bound<'_, PyAny>) = pair.extract().map_err(|_| malformed())?;
+    let control = match action.as_str() {
+        "continue" => StepControl::Continue,
+        "finish" => StepControl::Finish,
+        "cancel" => StepControl::Cancel,
+        other => {
+            return Err(PyValueError::new_err(format!(
+                "on_step: unknown action `{other}` (expected continue, finish or cancel)"
+            )))
+        }
+    };
+    if latents.is_none() {
+        return Ok((control, None));
+    }
+    let bytes = latents.cast::<PyBytes>().map_err(|_| malformed())?.as_bytes();
+    if bytes.len() % 4 != 0 {
+        return Err(malformed());
+    }
+    let values = bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+    Ok((control, Some(values.collect())))
+}
+
+/// Latents handed back by a step callback, in the shape and on the device of the run's.
+fn replaced_latents(values: Vec<f32>, latents: &Tensor) -> PyResult<Tensor> {
+    if values.len() != latents.elem_count() {
+        return Err(PyValueError::new_err(format!(
+            "the step callback returned {} latent values, the run has {} (shape {:?})",
+            values.len(),
+            latents.elem_count(),
+            latents.dims()
+        )));
+    }
+    Tensor::from_vec(values, latents.shape(), latents.device()).map_err(|e| to_pyerr(e.into()))
+}
+
 #[pymethods]
 impl PyPipeline {
     /// Loads a diffusers folder or hub model id.
@@ -325,9 +373,12 @@ impl PyPipeline {
     /// `seeds`: empty (random), one (one generator for the batch) or one per image.
     /// `output`: "pil" (raw RGB bytes per image), "np" (float32 `[b, h, w, 3]` bytes) or
     /// "latent" (float32 latents). `on_step(step_index, timestep)` is called after each step with
-    /// the GIL held; a falsy return stops the run (`GenerationCancelled`), an exception stops it
-    /// and is re-raised.
-    #[pyo3(signature = (prompts, negative_prompts=None, height=None, width=None, num_inference_steps=50, guidance_scale=7.5, num_images_per_prompt=1, seeds=Vec::new(), scheduler=None, scheduler_config=None, output="pil", on_step=None, guidance_rescale=0.0, eta=0.0))]
+    /// the GIL held, with a third argument `(float32 bytes, shape)` of the latents when
+    /// `step_latents`. It returns a bool (falsy stops the run with `GenerationCancelled`) or a
+    /// pair `(action, latents)`: "continue", "finish" (skip the remaining steps and decode the
+    /// latents as they are) or "cancel", and `None` or replacement latents as float32 bytes. An
+    /// exception stops the run and is re-raised.
+    #[pyo3(signature = (prompts, negative_prompts=None, height=None, width=None, num_inference_steps=50, guidance_scale=7.5, num_images_per_prompt=1, seeds=Vec::new(), scheduler=None, scheduler_config=None, output="pil", on_step=None, guidance_rescale=0.0, eta=0.0, step_latents=false))]
     #[allow(clippy::too_many_arguments)]
     fn generate<'py>(
         &self,
@@ -346,6 +397,7 @@ impl PyPipeline {
         on_step: Option<Py<PyAny>>,
         guidance_rescale: f64,
         eta: f64,
+        step_latents: bool,
     ) -> PyResult<Bound<'py, PyDict>> {
         let kind = match output {
             "pil" => OutputType::Image,
@@ -385,27 +437,36 @@ impl PyPipeline {
             let callback_error = &mut callback_error;
             py.detach(move || {
                 guard(|| {
-                    let mut step_hook = |p: &StepProgress| -> bool {
+                    let mut step_hook = |p: &StepProgress, latents: &mut Tensor| -> StepControl {
                         let Some(cb) = on_step.as_ref() else {
-                            return true;
+                            return StepControl::Continue;
                         };
                         Python::attach(|py| {
-                            let keep_going = py
-                                .check_signals()
-                                .and_then(|_| cb.call1(py, (p.step - 1, p.timestep)))
-                                .and_then(|ret| ret.bind(py).is_truthy());
-                            match keep_going {
-                                Ok(go) => go,
-                                Err(e) => {
-                                    *callback_error = Some(e);
-                                    false
+                            let reply = py.check_signals().and_then(|_| {
+                                let ret = if step_latents {
+                                    let l = latents.flatten_all().and_then(|l| l.to_vec1::<f32>());
+                                    let values = l.map_err(|e| to_pyerr(e.into()))?;
+                                    let shape = latents.dims().to_vec();
+                                    let arg = (PyBytes::new(py, &f32_bytes(&values)), shape);
+                                    cb.call1(py, (p.step - 1, p.timestep, arg))?
+                                } else {
+                                    cb.call1(py, (p.step - 1, p.timestep))?
+                                };
+                                let (control, replacement) = step_reply(ret.bind(py))?;
+                                if let Some(values) = replacement {
+                                    *latents = replaced_latents(values, latents)?;
                                 }
-                            }
+                                Ok(control)
+                            });
+                            reply.unwrap_or_else(|e| {
+                                *callback_error = Some(e);
+                                StepControl::Cancel
+                            })
                         })
                     };
                     let hooks = RunHooks {
-                        on_step: Some(&mut step_hook),
-                        cancel: None,
+                        on_step_end: Some(&mut step_hook),
+                        ..Default::default()
                     };
                     let out = pipe.generate_with(&params, hooks)?;
                     let produced = if want_array {

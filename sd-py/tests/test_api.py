@@ -415,12 +415,77 @@ def test_callback_on_step_end(pipe):
         calls.append((p, step, timestep, dict(callback_kwargs)))
         return callback_kwargs
 
-    pipe("a", height=64, width=64, num_inference_steps=4, generator=0, callback_on_step_end=cb)
+    out = pipe("a", height=64, width=64, num_inference_steps=4, generator=0, callback_on_step_end=cb, output_type="latent")
     assert [c[1] for c in calls] == [0, 1, 2, 3]
     assert all(c[0] is pipe for c in calls)
     s = DDIMScheduler.from_config(pipe.scheduler.config)
     s.set_timesteps(4)
     assert [c[2] for c in calls] == s.timesteps
+    latents = [c[3]["latents"] for c in calls]
+    assert all(set(c[3]) == {"latents"} for c in calls)
+    assert all(l.dtype == np.float32 and l.shape == (1, 4, 8, 8) for l in latents)
+    assert not np.array_equal(latents[0], latents[1])
+    assert np.array_equal(latents[-1], out.images)
+
+    # Without "latents" in the tensor inputs, callback_kwargs is empty, as in diffusers.
+    seen = []
+    pipe("a", height=64, width=64, num_inference_steps=2, generator=0,
+         callback_on_step_end=lambda p, i, t, kw: seen.append(dict(kw)) or kw, callback_on_step_end_tensor_inputs=[])
+    assert seen == [{}, {}]
+
+
+def _latents_at_every_step(pipe, steps, **kwargs):
+    captured = []
+
+    def keep(p, step, timestep, kw):
+        captured.append(kw["latents"].copy())
+        return kw
+
+    pipe("a", height=64, width=64, num_inference_steps=steps, generator=0, callback_on_step_end=keep, **kwargs)
+    return captured
+
+
+def test_callback_can_replace_the_latents(pipe):
+    """The latents in the returned dict, or the array changed in place, are what the run goes on with."""
+    every_step = _latents_at_every_step(pipe, 3)
+
+    def swap_in_step_one(p, step, timestep, kw):
+        return {"latents": every_step[0]} if step == 2 else kw
+
+    def zero_in_place(p, step, timestep, kw):
+        if step == 2:
+            kw["latents"][...] = 0.0
+        return kw
+
+    def returns_nothing(p, step, timestep, kw):
+        if step == 2:
+            kw["latents"][...] = 0.0
+
+    swapped = pipe("a", height=64, width=64, num_inference_steps=3, generator=0, callback_on_step_end=swap_in_step_one, output_type="latent")
+    assert np.array_equal(swapped.images, every_step[0])
+    for cb in (zero_in_place, returns_nothing):
+        zeroed = pipe("a", height=64, width=64, num_inference_steps=3, generator=0, callback_on_step_end=cb, output_type="latent")
+        assert not zeroed.images.any(), cb.__name__
+
+
+@pytest.mark.parametrize(
+    "returned, message",
+    [
+        (np.zeros((1, 4, 8, 4), np.float32), r"shape \[1, 4, 8, 4\], expected \[1, 4, 8, 8\]"),
+        ("not latents", "not an array of numbers"),
+    ],
+)
+def test_callback_latents_of_the_wrong_kind_are_a_value_error(pipe, returned, message):
+    with pytest.raises(ValueError, match=message):
+        pipe("a", height=64, width=64, num_inference_steps=2, generator=0,
+             callback_on_step_end=lambda p, i, t, kw: {"latents": returned})
+    assert pipe("a", height=64, width=64, num_inference_steps=1, generator=0).images[0].size == (64, 64)
+
+
+def test_callback_tensor_inputs_other_than_latents_are_a_value_error(pipe):
+    with pytest.raises(ValueError, match="'prompt_embeds'"):
+        pipe("a", height=64, width=64, num_inference_steps=1, generator=0,
+             callback_on_step_end=lambda p, i, t, kw: kw, callback_on_step_end_tensor_inputs=["latents", "prompt_embeds"])
 
 
 def test_callback_exception_propagates(pipe):
@@ -442,7 +507,10 @@ def test_callback_exception_propagates(pipe):
     assert pipe("a", height=64, width=64, num_inference_steps=1, generator=0).images[0].size == (64, 64)
 
 
-def test_interrupt(pipe):
+def test_interrupt_decodes_the_latents_of_that_step(pipe):
+    """As diffusers: `pipe._interrupt = True` skips the remaining steps, and the call returns the
+    latents of the step it was set at, decoded."""
+    every_step = _latents_at_every_step(pipe, 5)
     seen = []
 
     def cb(p, step, timestep, kw):
@@ -451,13 +519,42 @@ def test_interrupt(pipe):
             p._interrupt = True
         return kw
 
-    with pytest.raises(sd_py.GenerationCancelled):
-        pipe("a", height=64, width=64, num_inference_steps=5, generator=0, callback_on_step_end=cb)
+    early = pipe("a", height=64, width=64, num_inference_steps=5, generator=0, callback_on_step_end=cb, output_type="latent")
     assert seen == [0, 1] and pipe.interrupt
-    assert issubclass(sd_py.GenerationCancelled, RuntimeError)
-    # The next call resets the flag, as diffusers does.
-    assert pipe("a", height=64, width=64, num_inference_steps=1, generator=0).images[0].size == (64, 64)
+    assert np.array_equal(early.images, every_step[1])
+
+    # The image is the decoder's on those latents: the same as a full run whose last step is handed them.
+    interrupted = pipe("a", height=64, width=64, num_inference_steps=5, generator=0, callback_on_step_end=cb).images[0]
+    handed = pipe("a", height=64, width=64, num_inference_steps=5, generator=0,
+                  callback_on_step_end=lambda p, i, t, kw: {"latents": every_step[1]} if i == 4 else kw).images[0]
+    full = pipe("a", height=64, width=64, num_inference_steps=5, generator=0).images[0]
+    assert np.array_equal(pixels(interrupted), pixels(handed))
+    assert not np.array_equal(pixels(interrupted), pixels(full))
+    # The call that started after the interrupt reset the flag, as diffusers does.
     assert not pipe.interrupt
+
+
+def test_native_step_callback_protocol(pipe):
+    """The native `on_step` behind callback_on_step_end: a falsy return or "cancel" stops the run
+    with GenerationCancelled, "finish" ends it with the latents as they are, a malformed reply is a
+    ValueError."""
+    native = pipe._native
+
+    def run(on_step, steps=3):
+        return native.generate(["a"], height=64, width=64, num_inference_steps=steps, seeds=[0], output="latent",
+                               on_step=on_step, step_latents=True)
+
+    assert issubclass(sd_py.GenerationCancelled, RuntimeError)
+    for reply in (False, ("cancel", None)):
+        with pytest.raises(sd_py.GenerationCancelled):
+            run(lambda i, t, latents: reply)
+    seen = []
+    out = run(lambda i, t, latents: seen.append(latents) or ("finish" if i == 1 else "continue", None))
+    assert len(seen) == 2 and out["latents"] == seen[1]
+    for reply, message in [(("stop", None), "unknown action `stop`"), (("continue", "text"), "pair"), (("continue", b"abc"), "pair"),
+                           (("continue", b"\0\0\0\0"), "returned 1 latent values, the run has 256")]:
+        with pytest.raises(ValueError, match=message):
+            run(lambda i, t, latents: reply)
 
 
 def test_long_prompt_is_truncated_with_a_warning(pipe, caplog):

@@ -10,7 +10,7 @@ from PIL import Image
 
 import sd_py
 from sd_py import StableDiffusionPipeline
-from conftest import PIPELINES, REPO, load_case, pixels
+from conftest import PIPELINES, REPO, load_case, pixels, read_safetensors
 
 CASES = sorted(p.stem for p in PIPELINES.glob("*.json"))
 
@@ -23,9 +23,10 @@ def _generator(case: dict):
     return case["seed"]
 
 
-def _run_case(case: dict):
+def _run_case(case: dict, **extra):
     """The case as a diffusers user writes it: the scheduler class (an A1111 name maps to a class
-    plus config overrides, as `sd_py.scheduler_from_name`) from the model's scheduler config."""
+    plus config overrides, as `sd_py.scheduler_from_name`) from the model's scheduler config.
+    `extra`: more call arguments."""
     model = str(PIPELINES / case["model"])
     pipe = StableDiffusionPipeline.from_pretrained(model)
     pipe.scheduler = sd_py.scheduler_from_name(case["scheduler"], pipe.scheduler.config, **case.get("scheduler_config", {}))
@@ -39,6 +40,7 @@ def _run_case(case: dict):
         guidance_rescale=case.get("guidance_rescale", 0.0),
         num_images_per_prompt=case["num_images_per_prompt"],
         generator=_generator(case),
+        **extra,
     ).images
 
 
@@ -67,6 +69,22 @@ def test_matches_diffusers(name):
         assert got.shape == expected.shape
         diff = np.abs(got - expected)
         assert diff.mean() <= 0.5 and diff.max() <= 4, (ref.name, diff.mean(), diff.max())
+
+
+@pytest.mark.parametrize("name", ["sd2_ddim", "sd2_euler"])
+def test_callback_latents_match_diffusers(name):
+    """`callback_kwargs["latents"]` at every step against the latents diffusers handed its
+    `callback_on_step_end` (the fixture's `step{i}.latents`), within 1e-4 of their largest value."""
+    case = load_case(name)
+    refs = read_safetensors(PIPELINES / f"{name}.safetensors")
+    seen = []
+    _run_case(case, callback_on_step_end=lambda p, i, t, kw: seen.append(kw["latents"].copy()) or kw)
+    assert len(seen) == case["num_inference_steps"]
+    for i, latents in enumerate(seen):
+        expected = refs[f"step{i}.latents"]
+        assert latents.shape == expected.shape
+        err = np.abs(latents - expected).max() / np.abs(expected).max()
+        assert err <= 1e-4, (i, err)
 
 
 def _sd_cli() -> Path:

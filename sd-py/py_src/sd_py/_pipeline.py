@@ -140,6 +140,27 @@ def _positive_int(name: str, value: Any) -> int:
     return n
 
 
+def _latents_array(data: bytes, shape: List[int]) -> Any:
+    """The latents of a step as a writable float32 numpy array, for `callback_kwargs`."""
+    import numpy as np
+
+    return np.frombuffer(data, dtype="<f4").reshape(shape).astype(np.float32)
+
+
+def _latents_bytes(latents: Any, shape: List[int]) -> bytes:
+    """The latents a step callback goes on with (a numpy array, or anything `np.asarray` takes,
+    such as a CPU torch tensor) as float32 bytes, after checking the shape."""
+    import numpy as np
+
+    try:
+        array = np.asarray(latents, dtype=np.float32)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"callback_on_step_end returned latents that are not an array of numbers: {e}") from None
+    if list(array.shape) != list(shape):
+        raise ValueError(f"callback_on_step_end returned latents of shape {list(array.shape)}, expected {list(shape)}")
+    return array.astype("<f4", copy=False).tobytes()
+
+
 def _prompt_list(name: str, value: Any) -> List[str]:
     if isinstance(value, str):
         return [value]
@@ -352,8 +373,9 @@ class StableDiffusionPipeline:
     @property
     def interrupt(self) -> bool:
         """diffusers' `interrupt`: set `pipe._interrupt = True` (e.g. in `callback_on_step_end`, or from
-        another thread) to stop the running call(s) after the current step; they raise
-        `sd_py.GenerationCancelled`. Every call resets it to False when it starts."""
+        another thread) to end the running call(s) after the current step: as in diffusers, the
+        remaining steps are skipped and the latents as they are then are decoded and returned.
+        Every call resets it to False when it starts."""
         return bool(self._interrupt)
 
     # Memory options of diffusers that do not apply to sd-core: accepted and ignored.
@@ -423,8 +445,12 @@ class StableDiffusionPipeline:
         - `output_type`: "pil" (PIL images), "np" (float32 array `[n, h, w, 3]` in [0, 1]) or
           "latent" (float32 array `[n, 4, h/8, w/8]`).
         - `callback_on_step_end(pipe, step_index, timestep, callback_kwargs)`: called after each
-          step (callback_kwargs is empty: latents are not exposed). Raising stops the run and the
-          exception propagates; `pipe._interrupt = True` stops it with `GenerationCancelled`.
+          step. With "latents" in `callback_on_step_end_tensor_inputs` (the default),
+          `callback_kwargs["latents"]` holds the latents after that step as a writable float32
+          numpy array `[n, 4, h/8, w/8]` (diffusers gives a torch tensor); the latents in the
+          returned dict (or the array changed in place) are what the run goes on with. Raising
+          stops the run and the exception propagates; `pipe._interrupt = True` skips the
+          remaining steps and decodes the latents of this step, as diffusers does.
 
         - `guidance_rescale`: diffusers' rescaling of the guided prediction (0 = off).
 
@@ -483,6 +509,13 @@ class StableDiffusionPipeline:
             raise ValueError(f"`output_type` must be 'pil', 'np' or 'latent', got {output_type!r}")
         if callback_on_step_end is not None and not callable(callback_on_step_end):
             raise ValueError("`callback_on_step_end` must be callable")
+        tensor_inputs = [] if callback_on_step_end_tensor_inputs is None else list(callback_on_step_end_tensor_inputs)
+        not_exposed = [k for k in tensor_inputs if k != "latents"]
+        if not_exposed:
+            raise ValueError(
+                f"`callback_on_step_end_tensor_inputs` may only hold 'latents' in sd_py, got {', '.join(map(repr, not_exposed))}"
+            )
+        step_latents = callback_on_step_end is not None and "latents" in tensor_inputs
 
         native = self._native
         scheduler = self._scheduler
@@ -495,15 +528,19 @@ class StableDiffusionPipeline:
                     cut,
                 )
 
-        warned: List[bool] = []
-
-        def on_step(index: int, timestep: float) -> bool:
+        def on_step(index: int, timestep: float, latents: Optional[Tuple[bytes, List[int]]] = None) -> Tuple[str, Optional[bytes]]:
+            replacement = None
             if callback_on_step_end is not None:
-                ret = callback_on_step_end(self, index, timestep, {})
-                if isinstance(ret, dict) and ret and not warned:
-                    warned.append(True)
-                    warnings.warn("sd_py ignores the tensors returned by callback_on_step_end", stacklevel=2)
-            return not self._interrupt
+                kwargs: Dict[str, Any] = {}
+                if latents is not None:
+                    kwargs["latents"] = _latents_array(*latents)
+                ret = callback_on_step_end(self, index, timestep, kwargs)
+                if latents is not None:
+                    # As diffusers' `callback_outputs.pop("latents", latents)`; an array changed in
+                    # place is taken too, as a torch tensor changed in place would be.
+                    chosen = ret.get("latents", kwargs["latents"]) if isinstance(ret, dict) else kwargs["latents"]
+                    replacement = _latents_bytes(chosen, latents[1])
+            return ("finish" if self._interrupt else "continue", replacement)
 
         out = native.generate(
             prompts,
@@ -520,6 +557,7 @@ class StableDiffusionPipeline:
             on_step=on_step,
             guidance_rescale=rescale,
             eta=float(eta),
+            step_latents=step_latents,
         )
         images: Any
         if output == "pil":

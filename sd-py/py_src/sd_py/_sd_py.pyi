@@ -52,8 +52,10 @@ class _Pipeline:
         scheduler: Optional[str] = None,
         scheduler_config: Optional[str] = None,
         output: str = "pil",
-        on_step: Optional[Callable[[int, float], bool]] = None,
+        on_step: Optional[Callable[..., Any]] = None,
         guidance_rescale: float = 0.0,
+        eta: float = 0.0,
+        step_latents: bool = False,
     ) -> Dict[str, Any]: ...
 
 def scheduler_classes() -> List[str]: ...
