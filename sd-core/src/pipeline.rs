@@ -122,6 +122,10 @@ pub struct GenerateParams {
     /// Overrides the model's `scheduler_config.json` (diffusers' `X.from_config(...)`).
     pub scheduler_config: Option<SchedulerConfig>,
     pub output: OutputType,
+    /// diffusers' `latents`: the initial noise `[batch, C, h/8, w/8]`, used instead of drawing it
+    /// from the seeds, and scaled by the scheduler's `init_noise_sigma` as diffusers does. The
+    /// seeds still drive the noise of stochastic schedulers' steps.
+    pub latents: Option<Tensor>,
 }
 
 impl GenerateParams {
@@ -140,6 +144,7 @@ impl GenerateParams {
             scheduler: None,
             scheduler_config: None,
             output: OutputType::Image,
+            latents: None,
         }
     }
 }
@@ -355,8 +360,12 @@ impl StableDiffusionPipeline {
         let text_time = started.elapsed();
 
         let started = Instant::now();
-        let shape = [plan.batch, self.unet.config().in_channels, plan.height / plan.scale, plan.width / plan.scale];
-        let mut latents = (generators.randn(&shape, &self.device)? * scheduler.init_noise_sigma())?;
+        let shape = plan.latents_shape;
+        let noise = match &params.latents {
+            Some(given) => given.to_dtype(DType::F32)?.to_device(&self.device)?,
+            None => generators.randn(&shape, &self.device)?,
+        };
+        let mut latents = (noise * scheduler.init_noise_sigma())?;
         let timesteps = scheduler.timesteps().to_vec();
         for (i, &t) in timesteps.iter().enumerate() {
             if hooks.cancel.as_ref().is_some_and(|c| c.is_cancelled()) {
@@ -456,21 +465,28 @@ impl StableDiffusionPipeline {
             }
         }
         let batch = p.prompts.len() * p.num_images_per_prompt;
+        let latents_shape = [batch, self.unet.config().in_channels, height / scale, width / scale];
+        if let Some(given) = &p.latents {
+            if given.dims() != latents_shape {
+                return Err(Error::invalid(format!(
+                    "latents have shape {:?}, expected {latents_shape:?} ([images, channels, height/{scale}, width/{scale}])",
+                    given.dims()
+                )));
+            }
+        }
         let seeds = match p.seeds.len() {
             0 => vec![random_seed()],
             1 => p.seeds.clone(),
             n if n == batch => p.seeds.clone(),
             n => return Err(Error::invalid(format!("{n} seeds for {batch} images; give one seed, or one per image"))),
         };
-        Ok(RunPlan { height, width, scale, batch, guidance: p.guidance_scale > 1.0, seeds })
+        Ok(RunPlan { batch, latents_shape, guidance: p.guidance_scale > 1.0, seeds })
     }
 }
 
 struct RunPlan {
-    height: usize,
-    width: usize,
-    scale: usize,
     batch: usize,
+    latents_shape: [usize; 4],
     guidance: bool,
     seeds: Vec<u64>,
 }

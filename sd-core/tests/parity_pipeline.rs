@@ -109,6 +109,23 @@ fn check_images(name: &str) {
     }
 }
 
+/// diffusers' `latents` argument: its initial noise (DDIM's `init_noise_sigma` is 1) given
+/// with another seed gives diffusers' image.
+#[test]
+fn sd2_ddim_given_latents_images() {
+    let case = load_case("sd2_ddim");
+    let refs = load_refs("sd2_ddim.safetensors");
+    let pipe = pipeline(&case.model);
+    let mut p = params(&case);
+    p.seeds = vec![case.seed + 1];
+    p.latents = Some(get(&refs, "init_latents").clone());
+    let out = pipe.generate(&p).unwrap();
+    let expected = image::open(pipelines().join("sd2_ddim.png")).unwrap().to_rgb8();
+    assert_image_close(out.images[0].as_raw(), expected.as_raw(), "sd2_ddim with given latents");
+    let seeded_differently = pipe.generate(&GenerateParams { latents: None, ..p }).unwrap();
+    assert_ne!(seeded_differently.images[0].as_raw(), out.images[0].as_raw());
+}
+
 #[test]
 fn sd2_ddim_steps() {
     check_steps("sd2_ddim");

@@ -115,6 +115,29 @@ fn on_step_end_can_replace_the_latents_or_cancel() {
     assert_eq!(calls, 1);
 }
 
+/// diffusers' `latents`: given noise replaces the seeded draw (and is scaled by the scheduler's
+/// `init_noise_sigma`, here Euler's); its shape must be the run's.
+#[test]
+fn given_latents_replace_the_seeded_noise() {
+    let pipe = pipe();
+    let mut seeded = params(2);
+    seeded.scheduler = Some("euler".into());
+    seeded.output = OutputType::Latent;
+    let expected = pipe.generate(&seeded).unwrap();
+
+    let noise = sd_core::rng::Generators::from_seeds(&[7], 1).unwrap().randn(&[1, 4, 8, 8], &Device::Cpu).unwrap();
+    let mut given = seeded.clone();
+    given.seeds = vec![1234];
+    given.latents = Some(noise.to_dtype(DType::F64).unwrap());
+    let out = pipe.generate(&given).unwrap();
+    assert_close(&out.latents, &expected.latents, 0.0, "latents from the given noise");
+    assert_eq!(out.seeds, vec![1234]);
+
+    given.latents = Some(noise.narrow(2, 0, 4).unwrap());
+    let err = pipe.generate(&given).unwrap_err();
+    assert!(matches!(err, Error::InvalidArgument(ref m) if m.contains("latents have shape [1, 4, 4, 8], expected [1, 4, 8, 8]")), "{err}");
+}
+
 /// Per-image seeds behave like diffusers' list of generators: image i of a batch equals the single
 /// image made with seed i.
 #[test]

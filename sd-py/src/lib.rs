@@ -249,6 +249,20 @@ fn step_reply(ret: &Bound<'_, PyAny>) -> PyResult<(StepControl, Option<Vec<f32>>
     Ok((control, Some(values.collect())))
 }
 
+/// A CPU tensor of `shape` from little-endian float32 bytes.
+fn tensor_from_f32_bytes(bytes: &[u8], shape: &[usize]) -> PyResult<Tensor> {
+    let count: usize = shape.iter().product();
+    if bytes.len() != count * 4 {
+        return Err(PyValueError::new_err(format!(
+            "{} bytes are not float32 values of shape {shape:?}",
+            bytes.len()
+        )));
+    }
+    let values: Vec<f32> =
+        bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+    Tensor::from_vec(values, shape, &Device::Cpu).map_err(|e| to_pyerr(e.into()))
+}
+
 /// Latents handed back by a step callback, in the shape and on the device of the run's.
 fn replaced_latents(values: Vec<f32>, latents: &Tensor) -> PyResult<Tensor> {
     if values.len() != latents.elem_count() {
@@ -377,8 +391,9 @@ impl PyPipeline {
     /// `step_latents`. It returns a bool (falsy stops the run with `GenerationCancelled`) or a
     /// pair `(action, latents)`: "continue", "finish" (skip the remaining steps and decode the
     /// latents as they are) or "cancel", and `None` or replacement latents as float32 bytes. An
-    /// exception stops the run and is re-raised.
-    #[pyo3(signature = (prompts, negative_prompts=None, height=None, width=None, num_inference_steps=50, guidance_scale=7.5, num_images_per_prompt=1, seeds=Vec::new(), scheduler=None, scheduler_config=None, output="pil", on_step=None, guidance_rescale=0.0, eta=0.0, step_latents=false))]
+    /// exception stops the run and is re-raised. `latents`: `(float32 bytes, shape)` of the
+    /// initial noise, instead of drawing it from the seeds.
+    #[pyo3(signature = (prompts, negative_prompts=None, height=None, width=None, num_inference_steps=50, guidance_scale=7.5, num_images_per_prompt=1, seeds=Vec::new(), scheduler=None, scheduler_config=None, output="pil", on_step=None, guidance_rescale=0.0, eta=0.0, step_latents=false, latents=None))]
     #[allow(clippy::too_many_arguments)]
     fn generate<'py>(
         &self,
@@ -398,6 +413,7 @@ impl PyPipeline {
         guidance_rescale: f64,
         eta: f64,
         step_latents: bool,
+        latents: Option<(Bound<'py, PyBytes>, Vec<usize>)>,
     ) -> PyResult<Bound<'py, PyDict>> {
         let kind = match output {
             "pil" => OutputType::Image,
@@ -430,6 +446,10 @@ impl PyPipeline {
         params.scheduler = scheduler;
         params.scheduler_config = scheduler_config;
         params.output = kind;
+        params.latents = match latents {
+            Some((bytes, shape)) => Some(tensor_from_f32_bytes(bytes.as_bytes(), &shape)?),
+            None => None,
+        };
 
         let pipe = Arc::clone(&self.inner);
         let mut callback_error: Option<PyErr> = None;

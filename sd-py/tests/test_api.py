@@ -377,7 +377,8 @@ def test_prompt_lists_and_generator_lists(pipe):
         dict(generator=[1, 2]),
         dict(generator="seed"),
         dict(generator=2**64),
-        dict(latents=np.zeros((1, 4, 8, 8))),
+        dict(latents=np.zeros((1, 4, 8, 4))),
+        dict(latents="noise"),
         dict(prompt_embeds=np.zeros((1, 77, 32))),
         dict(eta=1.5),
         dict(guidance_rescale="lots"),
@@ -472,7 +473,7 @@ def test_callback_can_replace_the_latents(pipe):
     "returned, message",
     [
         (np.zeros((1, 4, 8, 4), np.float32), r"shape \[1, 4, 8, 4\], expected \[1, 4, 8, 8\]"),
-        ("not latents", "not an array of numbers"),
+        ("not latents", "must be an array of numbers"),
     ],
 )
 def test_callback_latents_of_the_wrong_kind_are_a_value_error(pipe, returned, message):

@@ -87,6 +87,19 @@ def test_callback_latents_match_diffusers(name):
         assert err <= 1e-4, (i, err)
 
 
+def test_given_latents_give_diffusers_image():
+    """diffusers' `latents` argument: the case's initial noise (DDIM's init_noise_sigma is 1),
+    given with another seed, gives diffusers' image."""
+    case = load_case("sd2_ddim")
+    noise = read_safetensors(PIPELINES / "sd2_ddim.safetensors")["init_latents"]
+    case_with_other_seed = {**case, "seed": case["seed"] + 1}
+    (image,) = _run_case(case_with_other_seed, latents=noise)
+    diff = np.abs(pixels(image) - pixels(Image.open(PIPELINES / "sd2_ddim.png")))
+    assert diff.mean() <= 0.5 and diff.max() <= 4, (diff.mean(), diff.max())
+    (other,) = _run_case(case_with_other_seed)
+    assert not np.array_equal(pixels(other), pixels(image))
+
+
 def _sd_cli() -> Path:
     """The sd-cli binary `cargo test --workspace` built (built here if it is missing or older than
     the sources, so that it runs the same sd-core as the wheel)."""

@@ -147,18 +147,23 @@ def _latents_array(data: bytes, shape: List[int]) -> Any:
     return np.frombuffer(data, dtype="<f4").reshape(shape).astype(np.float32)
 
 
-def _latents_bytes(latents: Any, shape: List[int]) -> bytes:
-    """The latents a step callback goes on with (a numpy array, or anything `np.asarray` takes,
-    such as a CPU torch tensor) as float32 bytes, after checking the shape."""
+def _float32_array(what: str, value: Any) -> Any:
+    """`value` (a numpy array, or anything `np.asarray` takes, such as a CPU torch tensor) as a
+    little-endian float32 array."""
     import numpy as np
 
     try:
-        array = np.asarray(latents, dtype=np.float32)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"callback_on_step_end returned latents that are not an array of numbers: {e}") from None
+        return np.ascontiguousarray(np.asarray(value, dtype=np.float32), dtype="<f4")
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise ValueError(f"{what} must be an array of numbers (on the CPU): {e}") from None
+
+
+def _latents_bytes(latents: Any, shape: List[int]) -> bytes:
+    """The latents a step callback goes on with, as float32 bytes, after checking the shape."""
+    array = _float32_array("the latents returned by callback_on_step_end", latents)
     if list(array.shape) != list(shape):
         raise ValueError(f"callback_on_step_end returned latents of shape {list(array.shape)}, expected {list(shape)}")
-    return array.astype("<f4", copy=False).tobytes()
+    return array.tobytes()
 
 
 def _prompt_list(name: str, value: Any) -> List[str]:
@@ -454,7 +459,11 @@ class StableDiffusionPipeline:
 
         - `guidance_rescale`: diffusers' rescaling of the guided prediction (0 = off).
 
-        `timesteps`, `sigmas`, `latents`, `prompt_embeds`, `negative_prompt_embeds`, IP-adapter
+        - `latents`: the initial noise `[n, 4, h/8, w/8]` (a numpy array, or anything `np.asarray`
+          takes, such as a CPU torch tensor) instead of the one drawn from `generator`; scaled by
+          the scheduler's `init_noise_sigma`, as diffusers does.
+
+        `timesteps`, `sigmas`, `prompt_embeds`, `negative_prompt_embeds`, IP-adapter
         inputs, `cross_attention_kwargs` and `clip_skip` are not supported
         (ValueError); other unknown keyword arguments are ignored with a warning.
         """
@@ -462,7 +471,6 @@ class StableDiffusionPipeline:
         unsupported = {
             "timesteps": timesteps,
             "sigmas": sigmas,
-            "latents": latents,
             "prompt_embeds": prompt_embeds,
             "negative_prompt_embeds": negative_prompt_embeds,
             "ip_adapter_image": ip_adapter_image,
@@ -516,6 +524,10 @@ class StableDiffusionPipeline:
                 f"`callback_on_step_end_tensor_inputs` may only hold 'latents' in sd_py, got {', '.join(map(repr, not_exposed))}"
             )
         step_latents = callback_on_step_end is not None and "latents" in tensor_inputs
+        initial_noise = None
+        if latents is not None:
+            noise = _float32_array("latents", latents)
+            initial_noise = (noise.tobytes(), list(noise.shape))
 
         native = self._native
         scheduler = self._scheduler
@@ -558,6 +570,7 @@ class StableDiffusionPipeline:
             guidance_rescale=rescale,
             eta=float(eta),
             step_latents=step_latents,
+            latents=initial_noise,
         )
         images: Any
         if output == "pil":

@@ -56,6 +56,7 @@ class _Pipeline:
         guidance_rescale: float = 0.0,
         eta: float = 0.0,
         step_latents: bool = False,
+        latents: Optional[Tuple[bytes, List[int]]] = None,
     ) -> Dict[str, Any]: ...
 
 def scheduler_classes() -> List[str]: ...
