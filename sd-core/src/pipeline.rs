@@ -97,9 +97,16 @@ pub enum OutputType {
 /// The inputs of one text-to-image run; defaults match diffusers' `__call__`.
 #[derive(Debug, Clone)]
 pub struct GenerateParams {
+    /// The prompts; empty when `prompt_embeds` are given instead.
     pub prompts: Vec<String>,
     /// One negative prompt per prompt, or a single one for all; `None` means "".
     pub negative_prompts: Option<Vec<String>>,
+    /// diffusers' `prompt_embeds`: text embeddings `[prompts, tokens, hidden]` used instead of
+    /// encoding `prompts` (which must then be empty), e.g. from a prompt-weighting library.
+    pub prompt_embeds: Option<Tensor>,
+    /// diffusers' `negative_prompt_embeds`, shaped as the prompt embeddings: used with guidance
+    /// instead of encoding the negative prompts (which must then be `None`).
+    pub negative_prompt_embeds: Option<Tensor>,
     /// Defaults to the UNet's `sample_size` times the VAE scale factor.
     pub height: Option<usize>,
     pub width: Option<usize>,
@@ -133,6 +140,8 @@ impl GenerateParams {
         Self {
             prompts: vec![prompt.into()],
             negative_prompts: None,
+            prompt_embeds: None,
+            negative_prompt_embeds: None,
             height: None,
             width: None,
             num_inference_steps: 50,
@@ -345,15 +354,25 @@ impl StableDiffusionPipeline {
             let k = params.num_images_per_prompt;
             Ok(embeds.unsqueeze(1)?.repeat((1, k, 1, 1))?.reshape((n * k, seq, d))?)
         };
-        let cond = repeat(self.encode_prompts(&params.prompts)?)?;
+        let given = |embeds: &Tensor| embeds.to_dtype(self.activation_dtype())?.to_device(&self.device);
+        let cond = match &params.prompt_embeds {
+            Some(embeds) => given(embeds)?,
+            None => self.encode_prompts(&params.prompts)?,
+        };
+        let cond = repeat(cond)?;
         let context = if plan.guidance {
-            let negatives = match &params.negative_prompts {
-                None => vec![String::new(); params.prompts.len()],
-                Some(n) if n.len() == 1 => vec![n[0].clone(); params.prompts.len()],
-                Some(n) => n.clone(),
+            let uncond = match &params.negative_prompt_embeds {
+                Some(embeds) => given(embeds)?,
+                None => {
+                    let negatives = match &params.negative_prompts {
+                        None => vec![String::new(); plan.prompts],
+                        Some(n) if n.len() == 1 => vec![n[0].clone(); plan.prompts],
+                        Some(n) => n.clone(),
+                    };
+                    self.encode_prompts(&negatives)?
+                }
             };
-            let uncond = repeat(self.encode_prompts(&negatives)?)?;
-            Tensor::cat(&[uncond, cond], 0)?
+            Tensor::cat(&[repeat(uncond)?, cond], 0)?
         } else {
             cond
         };
@@ -441,9 +460,7 @@ impl StableDiffusionPipeline {
                 return Err(Error::invalid(format!("{name} {v} is larger than the supported maximum of 4096")));
             }
         }
-        if p.prompts.is_empty() {
-            return Err(Error::invalid("at least one prompt is required"));
-        }
+        let prompts = self.validate_prompts(p)?;
         if p.num_inference_steps == 0 {
             return Err(Error::invalid("num_inference_steps must be at least 1"));
         }
@@ -459,12 +476,7 @@ impl StableDiffusionPipeline {
         if !(0.0..=1.0).contains(&p.eta) {
             return Err(Error::invalid(format!("eta must be between 0 and 1, got {}", p.eta)));
         }
-        if let Some(n) = &p.negative_prompts {
-            if n.len() != 1 && n.len() != p.prompts.len() {
-                return Err(Error::invalid(format!("{} negative prompts for {} prompts; give one, or one per prompt", n.len(), p.prompts.len())));
-            }
-        }
-        let batch = p.prompts.len() * p.num_images_per_prompt;
+        let batch = prompts * p.num_images_per_prompt;
         let latents_shape = [batch, self.unet.config().in_channels, height / scale, width / scale];
         if let Some(given) = &p.latents {
             if given.dims() != latents_shape {
@@ -480,11 +492,56 @@ impl StableDiffusionPipeline {
             n if n == batch => p.seeds.clone(),
             n => return Err(Error::invalid(format!("{n} seeds for {batch} images; give one seed, or one per image"))),
         };
-        Ok(RunPlan { batch, latents_shape, guidance: p.guidance_scale > 1.0, seeds })
+        Ok(RunPlan { prompts, batch, latents_shape, guidance: p.guidance_scale > 1.0, seeds })
+    }
+
+    /// Checks the prompts or prompt embeddings (and their negatives) and returns how many
+    /// prompts there are.
+    fn validate_prompts(&self, p: &GenerateParams) -> Result<usize> {
+        let hidden = self.unet.config().cross_attention_dim;
+        let tokens = self.tokenizer.max_length();
+        let cond_dims = match &p.prompt_embeds {
+            Some(_) if !p.prompts.is_empty() => {
+                return Err(Error::invalid("give prompts or prompt_embeds, not both"));
+            }
+            Some(embeds) => match embeds.dims() {
+                &[n, seq, h] if n > 0 && seq > 0 && h == hidden => vec![n, seq, h],
+                dims => {
+                    return Err(Error::invalid(format!(
+                        "prompt_embeds have shape {dims:?}, expected [prompts, tokens, {hidden}]"
+                    )))
+                }
+            },
+            None if p.prompts.is_empty() => return Err(Error::invalid("at least one prompt is required")),
+            None => vec![p.prompts.len(), tokens, hidden],
+        };
+        let prompts = cond_dims[0];
+        if let Some(n) = &p.negative_prompts {
+            if p.negative_prompt_embeds.is_some() {
+                return Err(Error::invalid("give negative prompts or negative_prompt_embeds, not both"));
+            }
+            if n.len() != 1 && n.len() != prompts {
+                return Err(Error::invalid(format!("{} negative prompts for {prompts} prompts; give one, or one per prompt", n.len())));
+            }
+        }
+        match &p.negative_prompt_embeds {
+            Some(embeds) if embeds.dims() != cond_dims => Err(Error::invalid(format!(
+                "negative_prompt_embeds have shape {:?}, expected that of the prompt embeddings, {cond_dims:?}",
+                embeds.dims()
+            ))),
+            // Encoded negative prompts have the tokenizer's length; they must match to be batched.
+            None if p.guidance_scale > 1.0 && cond_dims[1] != tokens => Err(Error::invalid(format!(
+                "prompt_embeds of {} tokens need negative_prompt_embeds of the same shape (negative prompts are encoded to {tokens} tokens)",
+                cond_dims[1]
+            ))),
+            _ => Ok(prompts),
+        }
     }
 }
 
 struct RunPlan {
+    /// Prompts (or rows of prompt embeddings); `batch` is this times the images per prompt.
+    prompts: usize,
     batch: usize,
     latents_shape: [usize; 4],
     guidance: bool,

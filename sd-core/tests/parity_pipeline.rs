@@ -126,6 +126,25 @@ fn sd2_ddim_given_latents_images() {
     assert_ne!(seeded_differently.images[0].as_raw(), out.images[0].as_raw());
 }
 
+/// diffusers' `prompt_embeds` / `negative_prompt_embeds`: the embeddings diffusers computed for
+/// the case, given instead of the prompts (with and without the negative ones), give its image.
+#[test]
+fn sd2_ddim_given_prompt_embeds_images() {
+    let case = load_case("sd2_ddim");
+    let refs = load_refs("sd2_ddim.safetensors");
+    let pipe = pipeline(&case.model);
+    let expected = image::open(pipelines().join("sd2_ddim.png")).unwrap().to_rgb8();
+    let mut p = params(&case);
+    p.prompts.clear();
+    p.prompt_embeds = Some(get(&refs, "prompt_embeds").clone());
+    let negative_encoded = pipe.generate(&p).unwrap();
+    assert_image_close(negative_encoded.images[0].as_raw(), expected.as_raw(), "sd2_ddim with prompt_embeds");
+    p.negative_prompts = None;
+    p.negative_prompt_embeds = Some(get(&refs, "negative_prompt_embeds").clone());
+    let both_given = pipe.generate(&p).unwrap();
+    assert_image_close(both_given.images[0].as_raw(), expected.as_raw(), "sd2_ddim with both embeddings");
+}
+
 #[test]
 fn sd2_ddim_steps() {
     check_steps("sd2_ddim");

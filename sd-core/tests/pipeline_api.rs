@@ -138,6 +138,45 @@ fn given_latents_replace_the_seeded_noise() {
     assert!(matches!(err, Error::InvalidArgument(ref m) if m.contains("latents have shape [1, 4, 4, 8], expected [1, 4, 8, 8]")), "{err}");
 }
 
+/// Prompt embeddings come instead of prompts, with the shapes the model takes.
+#[test]
+fn prompt_embeds_are_checked() {
+    let pipe = pipe();
+    let embeds = pipe.encode_prompts(&["a red cube".into(), "a blue ball".into()]).unwrap();
+    let hidden = embeds.dim(2).unwrap();
+    let with = |f: &dyn Fn(&mut GenerateParams)| {
+        let mut p = params(1);
+        p.prompts.clear();
+        p.prompt_embeds = Some(embeds.clone());
+        f(&mut p);
+        pipe.generate(&p)
+    };
+    let two = with(&|_| {}).unwrap();
+    assert_eq!(two.images.len(), 2);
+    let mut by_prompt = params(1);
+    by_prompt.prompts = vec!["a red cube".into(), "a blue ball".into()];
+    assert_close(&two.latents, &pipe.generate(&by_prompt).unwrap().latents, 0.0, "embeddings vs prompts");
+
+    type Change<'a> = Box<dyn Fn(&mut GenerateParams) + 'a>;
+    let cases: Vec<(Change, String)> = vec![
+        (Box::new(|p| p.prompts = vec!["x".into()]), "prompts or prompt_embeds, not both".into()),
+        (Box::new(|p| p.prompt_embeds = Some(embeds.narrow(2, 0, 8).unwrap())), format!("shape [2, 77, 8], expected [prompts, tokens, {hidden}]")),
+        (Box::new(|p| p.prompt_embeds = Some(embeds.get(0).unwrap())), "expected [prompts, tokens".into()),
+        (Box::new(|p| { p.negative_prompts = Some(vec!["x".into()]); p.negative_prompt_embeds = Some(embeds.clone()) }), "not both".into()),
+        (Box::new(|p| p.negative_prompts = Some(vec!["x".into(), "y".into(), "z".into()])), "3 negative prompts for 2 prompts".into()),
+        (Box::new(|p| p.negative_prompt_embeds = Some(embeds.narrow(0, 0, 1).unwrap())), "negative_prompt_embeds have shape [1, 77,".into()),
+        (Box::new(|p| p.prompt_embeds = Some(embeds.narrow(1, 0, 20).unwrap())), "prompt_embeds of 20 tokens need negative_prompt_embeds".into()),
+    ];
+    for (change, needle) in cases {
+        let err = with(&*change).unwrap_err();
+        assert!(matches!(err, Error::InvalidArgument(ref m) if m.contains(&needle)), "{needle}: {err}");
+    }
+    // Any number of tokens works when both embeddings are given (or without guidance).
+    let short = embeds.narrow(1, 0, 20).unwrap();
+    with(&|p| { p.prompt_embeds = Some(short.clone()); p.negative_prompt_embeds = Some(short.clone()) }).unwrap();
+    with(&|p| { p.prompt_embeds = Some(short.clone()); p.guidance_scale = 1.0 }).unwrap();
+}
+
 /// Per-image seeds behave like diffusers' list of generators: image i of a batch equals the single
 /// image made with seed i.
 #[test]

@@ -392,8 +392,10 @@ impl PyPipeline {
     /// pair `(action, latents)`: "continue", "finish" (skip the remaining steps and decode the
     /// latents as they are) or "cancel", and `None` or replacement latents as float32 bytes. An
     /// exception stops the run and is re-raised. `latents`: `(float32 bytes, shape)` of the
-    /// initial noise, instead of drawing it from the seeds.
-    #[pyo3(signature = (prompts, negative_prompts=None, height=None, width=None, num_inference_steps=50, guidance_scale=7.5, num_images_per_prompt=1, seeds=Vec::new(), scheduler=None, scheduler_config=None, output="pil", on_step=None, guidance_rescale=0.0, eta=0.0, step_latents=false, latents=None))]
+    /// initial noise, instead of drawing it from the seeds. `prompt_embeds`,
+    /// `negative_prompt_embeds`: `(float32 bytes, shape)` of text embeddings, instead of encoding
+    /// the prompts (then empty) or the negative prompts.
+    #[pyo3(signature = (prompts, negative_prompts=None, height=None, width=None, num_inference_steps=50, guidance_scale=7.5, num_images_per_prompt=1, seeds=Vec::new(), scheduler=None, scheduler_config=None, output="pil", on_step=None, guidance_rescale=0.0, eta=0.0, step_latents=false, latents=None, prompt_embeds=None, negative_prompt_embeds=None))]
     #[allow(clippy::too_many_arguments)]
     fn generate<'py>(
         &self,
@@ -414,6 +416,8 @@ impl PyPipeline {
         eta: f64,
         step_latents: bool,
         latents: Option<(Bound<'py, PyBytes>, Vec<usize>)>,
+        prompt_embeds: Option<(Bound<'py, PyBytes>, Vec<usize>)>,
+        negative_prompt_embeds: Option<(Bound<'py, PyBytes>, Vec<usize>)>,
     ) -> PyResult<Bound<'py, PyDict>> {
         let kind = match output {
             "pil" => OutputType::Image,
@@ -446,10 +450,13 @@ impl PyPipeline {
         params.scheduler = scheduler;
         params.scheduler_config = scheduler_config;
         params.output = kind;
-        params.latents = match latents {
-            Some((bytes, shape)) => Some(tensor_from_f32_bytes(bytes.as_bytes(), &shape)?),
-            None => None,
+        let tensor = |arg: Option<(Bound<'py, PyBytes>, Vec<usize>)>| match arg {
+            Some((bytes, shape)) => tensor_from_f32_bytes(bytes.as_bytes(), &shape).map(Some),
+            None => Ok(None),
         };
+        params.latents = tensor(latents)?;
+        params.prompt_embeds = tensor(prompt_embeds)?;
+        params.negative_prompt_embeds = tensor(negative_prompt_embeds)?;
 
         let pipe = Arc::clone(&self.inner);
         let mut callback_error: Option<PyErr> = None;

@@ -100,6 +100,21 @@ def test_given_latents_give_diffusers_image():
     assert not np.array_equal(pixels(other), pixels(image))
 
 
+@pytest.mark.parametrize("negative", ["encoded", "given"])
+def test_given_prompt_embeds_give_diffusers_image(negative):
+    """diffusers' `prompt_embeds` (and `negative_prompt_embeds`): the embeddings diffusers computed
+    for the case, given instead of the prompts, give its image."""
+    case = {**load_case("sd2_ddim"), "prompt": None}
+    refs = read_safetensors(PIPELINES / "sd2_ddim.safetensors")
+    extra = dict(prompt_embeds=refs["prompt_embeds"])
+    if negative == "given":
+        case["negative_prompt"] = None
+        extra["negative_prompt_embeds"] = refs["negative_prompt_embeds"]
+    (image,) = _run_case(case, **extra)
+    diff = np.abs(pixels(image) - pixels(Image.open(PIPELINES / "sd2_ddim.png")))
+    assert diff.mean() <= 0.5 and diff.max() <= 4, (diff.mean(), diff.max())
+
+
 def _sd_cli() -> Path:
     """The sd-cli binary `cargo test --workspace` built (built here if it is missing or older than
     the sources, so that it runs the same sd-core as the wheel)."""

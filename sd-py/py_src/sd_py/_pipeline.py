@@ -463,7 +463,13 @@ class StableDiffusionPipeline:
           takes, such as a CPU torch tensor) instead of the one drawn from `generator`; scaled by
           the scheduler's `init_noise_sigma`, as diffusers does.
 
-        `timesteps`, `sigmas`, `prompt_embeds`, `negative_prompt_embeds`, IP-adapter
+        - `prompt_embeds` (instead of `prompt`), `negative_prompt_embeds` (instead of
+          `negative_prompt`): text embeddings `[prompts, tokens, hidden]` as float32 arrays (or CPU
+          torch tensors), e.g. from a prompt-weighting library; with guidance and no negative
+          embeddings, the negative prompts are encoded (then `prompt_embeds` must have the
+          tokenizer's 77 tokens).
+
+        `timesteps`, `sigmas`, IP-adapter
         inputs, `cross_attention_kwargs` and `clip_skip` are not supported
         (ValueError); other unknown keyword arguments are ignored with a warning.
         """
@@ -471,8 +477,6 @@ class StableDiffusionPipeline:
         unsupported = {
             "timesteps": timesteps,
             "sigmas": sigmas,
-            "prompt_embeds": prompt_embeds,
-            "negative_prompt_embeds": negative_prompt_embeds,
             "ip_adapter_image": ip_adapter_image,
             "ip_adapter_image_embeds": ip_adapter_image_embeds,
             "cross_attention_kwargs": cross_attention_kwargs or None,
@@ -483,17 +487,22 @@ class StableDiffusionPipeline:
             raise ValueError(f"sd_py does not support {', '.join(given)}")
         if kwargs:
             warnings.warn(f"StableDiffusionPipeline.__call__: ignoring unsupported argument(s) {', '.join(sorted(kwargs))}", stacklevel=2)
-        if prompt is None:
-            raise ValueError("`prompt` is required (prompt_embeds are not supported)")
-        prompts = _prompt_list("prompt", prompt)
+        if (prompt is None) == (prompt_embeds is None):
+            raise ValueError("give `prompt` or `prompt_embeds` (one of them)")
+        if negative_prompt is not None and negative_prompt_embeds is not None:
+            raise ValueError("give `negative_prompt` or `negative_prompt_embeds`, not both")
+        embeds = None if prompt_embeds is None else _float32_array("prompt_embeds", prompt_embeds)
+        negative_embeds = None if negative_prompt_embeds is None else _float32_array("negative_prompt_embeds", negative_prompt_embeds)
+        prompts = [] if prompt is None else _prompt_list("prompt", prompt)
+        n_prompts = len(prompts) if embeds is None else (embeds.shape[0] if embeds.ndim == 3 else 0)
         negatives: Optional[List[str]] = None
         if negative_prompt is not None:
             negatives = _prompt_list("negative_prompt", negative_prompt)
             if isinstance(negative_prompt, str):
-                negatives = negatives * len(prompts)
-            elif len(negatives) != len(prompts):
+                negatives = negatives * n_prompts
+            elif len(negatives) != n_prompts:
                 raise ValueError(
-                    f"`negative_prompt` has {len(negatives)} entries but `prompt` has {len(prompts)}: give one per prompt"
+                    f"`negative_prompt` has {len(negatives)} entries but there are {n_prompts} prompts: give one per prompt"
                 )
         h = None if height is None else _positive_int("height", height)
         w = None if width is None else _positive_int("width", width)
@@ -511,7 +520,7 @@ class StableDiffusionPipeline:
             rescale = float(guidance_rescale)
         except (TypeError, ValueError):
             raise ValueError(f"`guidance_rescale` must be a number, got {guidance_rescale!r}") from None
-        seeds = _seeds(generator, len(prompts) * per_prompt)
+        seeds = _seeds(generator, n_prompts * per_prompt)
         output = "pil" if output_type is None else output_type
         if output not in ("pil", "np", "latent"):
             raise ValueError(f"`output_type` must be 'pil', 'np' or 'latent', got {output_type!r}")
@@ -571,6 +580,8 @@ class StableDiffusionPipeline:
             eta=float(eta),
             step_latents=step_latents,
             latents=initial_noise,
+            prompt_embeds=None if embeds is None else (embeds.tobytes(), list(embeds.shape)),
+            negative_prompt_embeds=None if negative_embeds is None else (negative_embeds.tobytes(), list(negative_embeds.shape)),
         )
         images: Any
         if output == "pil":

@@ -57,6 +57,8 @@ class _Pipeline:
         eta: float = 0.0,
         step_latents: bool = False,
         latents: Optional[Tuple[bytes, List[int]]] = None,
+        prompt_embeds: Optional[Tuple[bytes, List[int]]] = None,
+        negative_prompt_embeds: Optional[Tuple[bytes, List[int]]] = None,
     ) -> Dict[str, Any]: ...
 
 def scheduler_classes() -> List[str]: ...
