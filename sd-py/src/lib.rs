@@ -214,6 +214,11 @@ fn f32_bytes(data: &[f32]) -> Vec<u8> {
     data.iter().flat_map(|x| x.to_le_bytes()).collect()
 }
 
+/// The inverse of [`f32_bytes`] (a trailing partial value is dropped; callers check the length).
+fn f32_values(bytes: &[u8]) -> Vec<f32> {
+    bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
+}
+
 /// What a Python step callback asked for. A plain value: truthy goes on, falsy cancels. A pair
 /// `(action, latents)`: action "continue", "finish" (decode the latents now) or "cancel", and
 /// `None` or the latents to go on with, as float32 bytes.
@@ -245,8 +250,7 @@ fn step_reply(ret: &Bound<'_, PyAny>) -> PyResult<(StepControl, Option<Vec<f32>>
     if bytes.len() % 4 != 0 {
         return Err(malformed());
     }
-    let values = bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]));
-    Ok((control, Some(values.collect())))
+    Ok((control, Some(f32_values(bytes))))
 }
 
 /// A CPU tensor of `shape` from little-endian float32 bytes.
@@ -258,9 +262,7 @@ fn tensor_from_f32_bytes(bytes: &[u8], shape: &[usize]) -> PyResult<Tensor> {
             bytes.len()
         )));
     }
-    let values: Vec<f32> =
-        bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
-    Tensor::from_vec(values, shape, &Device::Cpu).map_err(|e| to_pyerr(e.into()))
+    Tensor::from_vec(f32_values(bytes), shape, &Device::Cpu).map_err(|e| to_pyerr(e.into()))
 }
 
 /// Latents handed back by a step callback, in the shape and on the device of the run's.
