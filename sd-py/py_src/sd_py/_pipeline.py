@@ -140,11 +140,19 @@ def _positive_int(name: str, value: Any) -> int:
     return n
 
 
-def _latents_array(data: bytes, shape: List[int]) -> Any:
-    """The latents of a step as a writable float32 numpy array, for `callback_kwargs`."""
+def _from_native(data: bytes, shape: List[int]) -> Any:
+    """A `(float32 bytes, shape)` pair from the native module as a writable float32 numpy array."""
     import numpy as np
 
     return np.frombuffer(data, dtype="<f4").reshape(shape).astype(np.float32)
+
+
+def _to_native(what: str, value: Any) -> Optional[Tuple[bytes, List[int]]]:
+    """An optional array argument as the native module's `(float32 bytes, shape)` pair."""
+    if value is None:
+        return None
+    array = _float32_array(what, value)
+    return (array.tobytes(), list(array.shape))
 
 
 def _float32_array(what: str, value: Any) -> Any:
@@ -491,10 +499,10 @@ class StableDiffusionPipeline:
             raise ValueError("give `prompt` or `prompt_embeds` (one of them)")
         if negative_prompt is not None and negative_prompt_embeds is not None:
             raise ValueError("give `negative_prompt` or `negative_prompt_embeds`, not both")
-        embeds = None if prompt_embeds is None else _float32_array("prompt_embeds", prompt_embeds)
-        negative_embeds = None if negative_prompt_embeds is None else _float32_array("negative_prompt_embeds", negative_prompt_embeds)
+        embeds = _to_native("prompt_embeds", prompt_embeds)
+        negative_embeds = _to_native("negative_prompt_embeds", negative_prompt_embeds)
         prompts = [] if prompt is None else _prompt_list("prompt", prompt)
-        n_prompts = len(prompts) if embeds is None else (embeds.shape[0] if embeds.ndim == 3 else 0)
+        n_prompts = len(prompts) if embeds is None else (embeds[1][0] if len(embeds[1]) == 3 else 0)
         negatives: Optional[List[str]] = None
         if negative_prompt is not None:
             negatives = _prompt_list("negative_prompt", negative_prompt)
@@ -533,10 +541,7 @@ class StableDiffusionPipeline:
                 f"`callback_on_step_end_tensor_inputs` may only hold 'latents' in sd_py, got {', '.join(map(repr, not_exposed))}"
             )
         step_latents = callback_on_step_end is not None and "latents" in tensor_inputs
-        initial_noise = None
-        if latents is not None:
-            noise = _float32_array("latents", latents)
-            initial_noise = (noise.tobytes(), list(noise.shape))
+        initial_noise = _to_native("latents", latents)
 
         native = self._native
         scheduler = self._scheduler
@@ -554,7 +559,7 @@ class StableDiffusionPipeline:
             if callback_on_step_end is not None:
                 kwargs: Dict[str, Any] = {}
                 if latents is not None:
-                    kwargs["latents"] = _latents_array(*latents)
+                    kwargs["latents"] = _from_native(*latents)
                 ret = callback_on_step_end(self, index, timestep, kwargs)
                 if latents is not None:
                     # As diffusers' `callback_outputs.pop("latents", latents)`; an array changed in
@@ -580,8 +585,8 @@ class StableDiffusionPipeline:
             eta=float(eta),
             step_latents=step_latents,
             latents=initial_noise,
-            prompt_embeds=None if embeds is None else (embeds.tobytes(), list(embeds.shape)),
-            negative_prompt_embeds=None if negative_embeds is None else (negative_embeds.tobytes(), list(negative_embeds.shape)),
+            prompt_embeds=embeds,
+            negative_prompt_embeds=negative_embeds,
         )
         images: Any
         if output == "pil":
@@ -589,10 +594,7 @@ class StableDiffusionPipeline:
 
             images = [Image.frombytes("RGB", (iw, ih), data) for iw, ih, data in out["images"]]
         else:
-            import numpy as np
-
-            data, shape = out["array"] if output == "np" else out["latents"]
-            images = np.frombuffer(data, dtype="<f4").reshape(shape).astype(np.float32)
+            images = _from_native(*(out["array"] if output == "np" else out["latents"]))
         result = StableDiffusionPipelineOutput(images=images, nsfw_content_detected=None, seeds=list(out["seeds"]))
         if not return_dict:
             return (images, None)
