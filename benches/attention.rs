@@ -38,7 +38,14 @@ struct Shape {
     per_head_reference: bool,
 }
 
-const fn shape(name: &'static str, b: usize, h: usize, seq_q: usize, seq_k: usize, d: usize) -> Shape {
+const fn shape(
+    name: &'static str,
+    b: usize,
+    h: usize,
+    seq_q: usize,
+    seq_k: usize,
+    d: usize,
+) -> Shape {
     Shape { name, b, h, seq_q, seq_k, d, causal: false, per_head_reference: false }
 }
 
@@ -73,12 +80,23 @@ fn peak_bytes(f: impl FnOnce() -> Result<Tensor>) -> Option<u64> {
     Some(peak.saturating_sub(before) * 1024)
 }
 
-fn per_head_reference(q: &Tensor, k: &Tensor, v: &Tensor, opts: AttentionOptions) -> Result<Tensor> {
+fn per_head_reference(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    opts: AttentionOptions,
+) -> Result<Tensor> {
     let (b, h, seq_q, d) = q.dims4()?;
     let seq_k = k.dim(2)?;
-    let (q, k, v) = (q.reshape((b * h, 1, seq_q, d))?, k.reshape((b * h, 1, seq_k, d))?, v.reshape((b * h, 1, seq_k, d))?);
+    let (q, k, v) = (
+        q.reshape((b * h, 1, seq_q, d))?,
+        k.reshape((b * h, 1, seq_k, d))?,
+        v.reshape((b * h, 1, seq_k, d))?,
+    );
     let outs = (0..b * h)
-        .map(|i| reference_attention(&q.narrow(0, i, 1)?, &k.narrow(0, i, 1)?, &v.narrow(0, i, 1)?, opts))
+        .map(|i| {
+            reference_attention(&q.narrow(0, i, 1)?, &k.narrow(0, i, 1)?, &v.narrow(0, i, 1)?, opts)
+        })
         .collect::<Result<Vec<_>>>()?;
     Tensor::cat(&outs, 0)?.reshape((b, h, seq_q, d))
 }
@@ -108,9 +126,16 @@ fn bench(c: &mut Criterion) {
             }
         };
 
-        let mb = |b: Option<u64>| b.map_or("n/a".to_string(), |b| format!("{:.1} MB", b as f64 / 1e6));
+        let mb =
+            |b: Option<u64>| b.map_or("n/a".to_string(), |b| format!("{:.1} MB", b as f64 / 1e6));
         let output = (s.b * s.h * s.seq_q * s.d * 4) as f64 / 1e6;
-        let probe = |id: &str, f: &dyn Fn() -> Result<Tensor>| if wanted(id) { mb(peak_bytes(f)) } else { "-".into() };
+        let probe = |id: &str, f: &dyn Fn() -> Result<Tensor>| {
+            if wanted(id) {
+                mb(peak_bytes(f))
+            } else {
+                "-".into()
+            }
+        };
         eprintln!(
             "{}: peak memory above baseline: fused {}, {} {} (output alone {:.1} MB, one f32 score matrix {:.1} MB)",
             s.name,
@@ -122,10 +147,16 @@ fn bench(c: &mut Criterion) {
         );
 
         let mut g = c.benchmark_group(s.name);
-        g.sample_size(10).warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(3));
+        g.sample_size(10)
+            .warm_up_time(Duration::from_millis(500))
+            .measurement_time(Duration::from_secs(3));
         g.sampling_mode(SamplingMode::Flat);
-        g.bench_function(BenchmarkId::from_parameter("fused"), |bench| bench.iter(|| fused().unwrap()));
-        g.bench_function(BenchmarkId::from_parameter(ref_name), |bench| bench.iter(|| reference().unwrap()));
+        g.bench_function(BenchmarkId::from_parameter("fused"), |bench| {
+            bench.iter(|| fused().unwrap())
+        });
+        g.bench_function(BenchmarkId::from_parameter(ref_name), |bench| {
+            bench.iter(|| reference().unwrap())
+        });
         g.finish();
     }
 }

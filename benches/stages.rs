@@ -37,7 +37,10 @@ fn randn(shape: &[usize], seed: u64) -> Tensor {
 fn stages(c: &mut Criterion) {
     let dir = model_dir();
     if !dir.join("model_index.json").is_file() {
-        panic!("{} is missing: run `cargo run --release -p sd-core --example make_random_model` first", dir.display());
+        panic!(
+            "{} is missing: run `cargo run --release -p sd-core --example make_random_model` first",
+            dir.display()
+        );
     }
     let dtype = match std::env::var("SD_BENCH_DTYPE").as_deref() {
         Ok("bf16") => DType::BF16,
@@ -51,15 +54,25 @@ fn stages(c: &mut Criterion) {
         rayon::current_num_threads()
     );
     let pipe = StableDiffusionPipeline::from_folder(&dir, dtype, &Device::Cpu, None).unwrap();
-    let context = pipe.encode_prompts(&["".to_string(), "a photograph of an astronaut riding a horse".to_string()]).unwrap();
+    let context = pipe
+        .encode_prompts(&[
+            "".to_string(),
+            "a photograph of an astronaut riding a horse".to_string(),
+        ])
+        .unwrap();
 
     let mut g = c.benchmark_group("stages");
-    g.sampling_mode(SamplingMode::Flat).sample_size(10).warm_up_time(Duration::from_millis(1)).measurement_time(Duration::from_secs(20));
+    g.sampling_mode(SamplingMode::Flat)
+        .sample_size(10)
+        .warm_up_time(Duration::from_millis(1))
+        .measurement_time(Duration::from_secs(20));
     let prompts = vec!["".to_string(), "a photograph of an astronaut riding a horse".to_string()];
     g.bench_function("text_encoder", |b| b.iter(|| pipe.encode_prompts(&prompts).unwrap()));
     for px in [256usize, 512] {
         let latents = randn(&[2, 4, px / 8, px / 8], 1);
-        g.bench_function(format!("unet_{px}"), |b| b.iter(|| pipe.unet.forward(&latents, 999.0, &context).unwrap()));
+        g.bench_function(format!("unet_{px}"), |b| {
+            b.iter(|| pipe.unet.forward(&latents, 999.0, &context).unwrap())
+        });
     }
     let latents = randn(&[1, 4, 64, 64], 2);
     g.bench_function("vae_decode_512", |b| b.iter(|| pipe.vae.decode(&latents).unwrap()));
@@ -83,16 +96,28 @@ fn layers(c: &mut Criterion) {
         DType::F32,
         &dev,
     );
-    let ours_conv = conv2d(320, 320, 3, Conv2dConfig { padding: 1, stride: 1 }, weights.pp("conv")).unwrap();
-    let candle_conv = candle_nn::conv2d(320, 320, 3, candle_nn::Conv2dConfig { padding: 1, ..Default::default() }, weights.pp("conv")).unwrap();
+    let ours_conv =
+        conv2d(320, 320, 3, Conv2dConfig { padding: 1, stride: 1 }, weights.pp("conv")).unwrap();
+    let candle_conv = candle_nn::conv2d(
+        320,
+        320,
+        3,
+        candle_nn::Conv2dConfig { padding: 1, ..Default::default() },
+        weights.pp("conv"),
+    )
+    .unwrap();
     let ours_norm = group_norm(32, 320, 1e-5, weights.pp("norm")).unwrap();
     let candle_norm = candle_nn::group_norm(32, 320, 1e-5, weights.pp("norm")).unwrap();
 
     let mut g = c.benchmark_group("layers");
-    g.sample_size(10).warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(5));
+    g.sample_size(10)
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(5));
     g.bench_function("conv3x3_320_64x64/ours", |b| b.iter(|| ours_conv.forward(&x).unwrap()));
     g.bench_function("conv3x3_320_64x64/candle", |b| b.iter(|| candle_conv.forward(&x).unwrap()));
-    g.bench_function("group_norm_silu_320_64x64/ours", |b| b.iter(|| ours_norm.forward_silu(&x).unwrap()));
+    g.bench_function("group_norm_silu_320_64x64/ours", |b| {
+        b.iter(|| ours_norm.forward_silu(&x).unwrap())
+    });
     g.bench_function("group_norm_silu_320_64x64/candle", |b| {
         b.iter(|| candle_nn::ops::silu(&candle_norm.forward(&x).unwrap()).unwrap())
     });
@@ -112,7 +137,9 @@ fn layers_bf16(c: &mut Criterion) {
         return;
     };
     let mut g = c.benchmark_group("layers_bf16");
-    g.sample_size(10).warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(5));
+    g.sample_size(10)
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(5));
     for (channels, size) in [(320usize, 64usize), (1280, 16)] {
         let x = randn(&[2, channels, size, size], 3);
         let weights = candle_nn::VarBuilder::from_tensors(
@@ -125,8 +152,11 @@ fn layers_bf16(c: &mut Criterion) {
             DType::BF16,
             &Device::Cpu,
         );
-        let conv = conv2d(channels, channels, 3, Conv2dConfig { padding: 1, stride: 1 }, weights).unwrap();
-        g.bench_function(format!("conv3x3_{channels}_{size}x{size}/{path}"), |b| b.iter(|| conv.forward(&x).unwrap()));
+        let conv =
+            conv2d(channels, channels, 3, Conv2dConfig { padding: 1, stride: 1 }, weights).unwrap();
+        g.bench_function(format!("conv3x3_{channels}_{size}x{size}/{path}"), |b| {
+            b.iter(|| conv.forward(&x).unwrap())
+        });
     }
     g.finish();
 }

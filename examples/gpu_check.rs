@@ -78,7 +78,11 @@ fn parse_args(argv: &[String]) -> Result<Args, String> {
             "--arch" => {
                 let v = it.next().ok_or("--arch needs a value")?;
                 args.archs = v.split(',').map(str::to_string).collect();
-                if args.archs.iter().any(|a| !a.starts_with("sm_") || a[3..].parse::<u32>().is_err()) {
+                if args
+                    .archs
+                    .iter()
+                    .any(|a| !a.starts_with("sm_") || a[3..].parse::<u32>().is_err())
+                {
                     return Err(format!("--arch: `{v}` is not a list like sm_80,sm_90"));
                 }
             }
@@ -92,7 +96,9 @@ fn parse_args(argv: &[String]) -> Result<Args, String> {
                     _ => return Err(format!("--dtype: `{v}` is not f16 or bf16")),
                 }
             }
-            "--tokenizer" => args.tokenizer = PathBuf::from(it.next().ok_or("--tokenizer needs a value")?),
+            "--tokenizer" => {
+                args.tokenizer = PathBuf::from(it.next().ok_or("--tokenizer needs a value")?)
+            }
             "--work" => args.work = Some(PathBuf::from(it.next().ok_or("--work needs a value")?)),
             "--keep" => args.keep = true,
             "-h" | "--help" => return Err(USAGE.to_string()),
@@ -137,12 +143,48 @@ fn sd21_unet_attention(size: usize, batch: usize) -> Vec<AttnShape> {
         let seq = (latent >> i) * (latent >> i);
         // 2 transformers going down, 3 coming up.
         let count = 2 + 3;
-        out.push(AttnShape { what: "unet self", batch, heads, seq_q: seq, seq_k: seq, head_dim: ch / heads, causal: false, count });
-        out.push(AttnShape { what: "unet cross", batch, heads, seq_q: seq, seq_k: 77, head_dim: ch / heads, causal: false, count });
+        out.push(AttnShape {
+            what: "unet self",
+            batch,
+            heads,
+            seq_q: seq,
+            seq_k: seq,
+            head_dim: ch / heads,
+            causal: false,
+            count,
+        });
+        out.push(AttnShape {
+            what: "unet cross",
+            batch,
+            heads,
+            seq_q: seq,
+            seq_k: 77,
+            head_dim: ch / heads,
+            causal: false,
+            count,
+        });
     }
     let seq = (latent >> 3) * (latent >> 3);
-    out.push(AttnShape { what: "unet mid self", batch, heads: 20, seq_q: seq, seq_k: seq, head_dim: 64, causal: false, count: 1 });
-    out.push(AttnShape { what: "unet mid cross", batch, heads: 20, seq_q: seq, seq_k: 77, head_dim: 64, causal: false, count: 1 });
+    out.push(AttnShape {
+        what: "unet mid self",
+        batch,
+        heads: 20,
+        seq_q: seq,
+        seq_k: seq,
+        head_dim: 64,
+        causal: false,
+        count: 1,
+    });
+    out.push(AttnShape {
+        what: "unet mid cross",
+        batch,
+        heads: 20,
+        seq_q: seq,
+        seq_k: 77,
+        head_dim: 64,
+        causal: false,
+        count: 1,
+    });
     out
 }
 
@@ -227,7 +269,9 @@ mod gpu {
     use sd_core::models::clip_text::{ClipTextConfig, ClipTextModel};
     use sd_core::models::unet::{UNet2DConditionConfig, UNet2DConditionModel};
     use sd_core::models::vae::{AutoencoderKL, AutoencoderKLConfig};
-    use sd_core::pipeline::{parse_dtype, GenerateParams, RunHooks, StableDiffusionPipeline, StepProgress};
+    use sd_core::pipeline::{
+        parse_dtype, GenerateParams, RunHooks, StableDiffusionPipeline, StepProgress,
+    };
 
     use super::{sd21, sd21_unet_attention, Args, AttnShape};
 
@@ -236,7 +280,17 @@ mod gpu {
             for arch in &args.archs {
                 for ty in [HalfType::F16, HalfType::Bf16] {
                     let (cubin, report) = fa::compile_cubin(arch, ty)?;
-                    println!("NVRTC {arch} {}: {} bytes of cubin in {:.2} s{}", ty.name(), cubin.len(), report.compile_time.as_secs_f64(), if report.log.is_empty() { String::new() } else { format!("\n{}", report.log) });
+                    println!(
+                        "NVRTC {arch} {}: {} bytes of cubin in {:.2} s{}",
+                        ty.name(),
+                        cubin.len(),
+                        report.compile_time.as_secs_f64(),
+                        if report.log.is_empty() {
+                            String::new()
+                        } else {
+                            format!("\n{}", report.log)
+                        }
+                    );
                 }
             }
             if !(args.kernels || args.bench || args.pipeline) {
@@ -295,13 +349,24 @@ mod gpu {
         Offset,
     }
 
-    fn make_input(b: usize, h: usize, s: usize, d: usize, std: f64, dtype: DType, layout: Layout, dev: &Device) -> anyhow::Result<Tensor> {
+    fn make_input(
+        b: usize,
+        h: usize,
+        s: usize,
+        d: usize,
+        std: f64,
+        dtype: DType,
+        layout: Layout,
+        dev: &Device,
+    ) -> anyhow::Result<Tensor> {
         // Convert first: to_dtype makes a fresh contiguous tensor.
         let random = |shape: &[usize]| Tensor::randn(0f32, std as f32, shape, dev)?.to_dtype(dtype);
         Ok(match layout {
             Layout::Contiguous => random(&[b, h, s, d])?,
             Layout::Transposed => random(&[b, s, h, d])?.transpose(1, 2)?,
-            Layout::Offset => random(&[b * h * s * d + 3])?.narrow(0, 3, b * h * s * d)?.reshape((b, h, s, d))?,
+            Layout::Offset => {
+                random(&[b * h * s * d + 3])?.narrow(0, 3, b * h * s * d)?.reshape((b, h, s, d))?
+            }
         })
     }
 
@@ -321,7 +386,7 @@ mod gpu {
         }
         // (b, h, seq_q, seq_k, d, causal, std, layout)
         let mut cases: Vec<(usize, usize, usize, usize, usize, bool, f64, Layout)> = vec![
-            (1, 16, 77, 77, 64, true, 1.0, Layout::Transposed),   // CLIP text encoder
+            (1, 16, 77, 77, 64, true, 1.0, Layout::Transposed), // CLIP text encoder
             (2, 5, 1024, 77, 64, false, 1.0, Layout::Transposed), // UNet cross attention
             (2, 5, 1024, 1024, 64, false, 1.0, Layout::Contiguous),
             (1, 3, 333, 129, 40, false, 1.0, Layout::Transposed),
@@ -350,7 +415,9 @@ mod gpu {
                 let v = make_input(b, h, sk, d, 1.0, dtype, layout, dev)?;
                 let opts = AttentionOptions { causal, upcast: true, ..AttentionOptions::new(d) };
                 let out = fa::flash_attention(&q, &k, &v, opts)?;
-                let cpu = |t: &Tensor| -> anyhow::Result<Tensor> { Ok(t.to_device(&Device::Cpu)?.to_dtype(DType::F32)?) };
+                let cpu = |t: &Tensor| -> anyhow::Result<Tensor> {
+                    Ok(t.to_device(&Device::Cpu)?.to_dtype(DType::F32)?)
+                };
                 let reference = reference_attention(&cpu(&q)?, &cpu(&k)?, &cpu(&v)?, opts)?;
                 let err = rel_err(&out, &reference)?;
                 let pass = err <= tol; // false for NaN
@@ -375,12 +442,19 @@ mod gpu {
         let direct = fa::flash_attention(&q, &q, &q, opts)?;
         let same = rel_err(&via_dispatch, &direct)? == 0.0;
         ok &= same;
-        println!("{} attention() dispatches f16 CUDA tensors to the kernel", if same { "ok  " } else { "FAIL" });
+        println!(
+            "{} attention() dispatches f16 CUDA tensors to the kernel",
+            if same { "ok  " } else { "FAIL" }
+        );
         Ok(ok)
     }
 
     /// Median wall time of `f` over `iters` runs after one warm-up, synchronised.
-    fn time_it(dev: &Device, iters: usize, mut f: impl FnMut() -> anyhow::Result<()>) -> anyhow::Result<Duration> {
+    fn time_it(
+        dev: &Device,
+        iters: usize,
+        mut f: impl FnMut() -> anyhow::Result<()>,
+    ) -> anyhow::Result<Duration> {
         f()?;
         sync(dev)?;
         let mut times = Vec::with_capacity(iters);
@@ -395,11 +469,22 @@ mod gpu {
     }
 
     /// Time of one call per shape with the kernels and with the reference path.
-    fn time_shape(dev: &Device, s: &AttnShape, dtype: DType) -> anyhow::Result<(Duration, Duration)> {
-        let q = make_input(s.batch, s.heads, s.seq_q, s.head_dim, 1.0, dtype, Layout::Transposed, dev)?;
-        let k = make_input(s.batch, s.heads, s.seq_k, s.head_dim, 1.0, dtype, Layout::Transposed, dev)?;
-        let v = make_input(s.batch, s.heads, s.seq_k, s.head_dim, 1.0, dtype, Layout::Transposed, dev)?;
-        let opts = AttentionOptions { causal: s.causal, upcast: true, ..AttentionOptions::new(s.head_dim) };
+    fn time_shape(
+        dev: &Device,
+        s: &AttnShape,
+        dtype: DType,
+    ) -> anyhow::Result<(Duration, Duration)> {
+        let q =
+            make_input(s.batch, s.heads, s.seq_q, s.head_dim, 1.0, dtype, Layout::Transposed, dev)?;
+        let k =
+            make_input(s.batch, s.heads, s.seq_k, s.head_dim, 1.0, dtype, Layout::Transposed, dev)?;
+        let v =
+            make_input(s.batch, s.heads, s.seq_k, s.head_dim, 1.0, dtype, Layout::Transposed, dev)?;
+        let opts = AttentionOptions {
+            causal: s.causal,
+            upcast: true,
+            ..AttentionOptions::new(s.head_dim)
+        };
         let iters = if s.seq_q * s.seq_k >= 1 << 24 { 5 } else { 20 };
         fa::set_enabled(true);
         let flash = time_it(dev, iters, || {
@@ -418,15 +503,47 @@ mod gpu {
     fn bench_attention(dev: &Device, args: &Args) -> anyhow::Result<()> {
         let dtype = parse_dtype(&args.dtype)?;
         println!("\n== attention at {} px, {:?}, batch 2 (classifier-free guidance): kernels vs the reference path", args.size, dtype);
-        println!("{:<15} {:>5} {:>6} {:>6} {:>4} {:>3} {:>5} {:>10} {:>8} {:>10} {:>8}", "call", "heads", "seq_q", "seq_k", "d", "c", "count", "flash ms", "TFLOP/s", "ref ms", "speedup");
+        println!(
+            "{:<15} {:>5} {:>6} {:>6} {:>4} {:>3} {:>5} {:>10} {:>8} {:>10} {:>8}",
+            "call",
+            "heads",
+            "seq_q",
+            "seq_k",
+            "d",
+            "c",
+            "count",
+            "flash ms",
+            "TFLOP/s",
+            "ref ms",
+            "speedup"
+        );
         let latent = args.size / 8;
         let mut shapes = sd21_unet_attention(args.size, 2);
-        shapes.push(AttnShape { what: "vae mid", batch: 1, heads: 1, seq_q: latent * latent, seq_k: latent * latent, head_dim: 512, causal: false, count: 1 });
-        shapes.push(AttnShape { what: "clip", batch: 2, heads: 16, seq_q: 77, seq_k: 77, head_dim: 64, causal: true, count: 23 });
+        shapes.push(AttnShape {
+            what: "vae mid",
+            batch: 1,
+            heads: 1,
+            seq_q: latent * latent,
+            seq_k: latent * latent,
+            head_dim: 512,
+            causal: false,
+            count: 1,
+        });
+        shapes.push(AttnShape {
+            what: "clip",
+            batch: 2,
+            heads: 16,
+            seq_q: 77,
+            seq_k: 77,
+            head_dim: 64,
+            causal: true,
+            count: 23,
+        });
         let (mut unet_flash, mut unet_ref) = (Duration::ZERO, Duration::ZERO);
         for s in &shapes {
             let (f, r) = time_shape(dev, s, dtype)?;
-            let flops = 4.0 * (s.batch * s.heads * s.seq_q * s.seq_k * s.head_dim) as f64 / if s.causal { 2.0 } else { 1.0 };
+            let flops = 4.0 * (s.batch * s.heads * s.seq_q * s.seq_k * s.head_dim) as f64
+                / if s.causal { 2.0 } else { 1.0 };
             println!(
                 "{:<15} {:>5} {:>6} {:>6} {:>4} {:>3} {:>5} {:>10.3} {:>8.1} {:>10.3} {:>7.1}x",
                 s.what,
@@ -506,7 +623,14 @@ mod gpu {
     }
 
     impl SimpleBackend for RandomWeights {
-        fn get(&self, shape: Shape, name: &str, _: candle_nn::Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        fn get(
+            &self,
+            shape: Shape,
+            name: &str,
+            _: candle_nn::Init,
+            dtype: DType,
+            dev: &Device,
+        ) -> candle_core::Result<Tensor> {
             let dims = shape.dims();
             let t = if dims.len() == 1 {
                 if name.ends_with("bias") {
@@ -536,14 +660,25 @@ mod gpu {
 
     /// Builds one component with random f16 weights on `dev` and saves them as `dir/file`, with
     /// its config. Returns the number of parameters.
-    fn write_component(dir: &Path, file: &str, config: &str, dev: &Device, build: impl FnOnce(VarBuilder) -> candle_core::Result<()>) -> anyhow::Result<usize> {
+    fn write_component(
+        dir: &Path,
+        file: &str,
+        config: &str,
+        dev: &Device,
+        build: impl FnOnce(VarBuilder) -> candle_core::Result<()>,
+    ) -> anyhow::Result<usize> {
         std::fs::create_dir_all(dir)?;
         std::fs::write(dir.join("config.json"), config)?;
         let made = Arc::new(Mutex::new(HashMap::new()));
-        build(VarBuilder::from_backend(Box::new(RandomWeights { made: made.clone() }), DType::F16, dev.clone()))?;
+        build(VarBuilder::from_backend(
+            Box::new(RandomWeights { made: made.clone() }),
+            DType::F16,
+            dev.clone(),
+        ))?;
         let tensors = std::mem::take(&mut *made.lock().unwrap());
         let params = tensors.values().map(|t| t.elem_count()).sum();
-        candle_core::safetensors::save(&tensors, dir.join(file)).with_context(|| format!("writing {}", dir.join(file).display()))?;
+        candle_core::safetensors::save(&tensors, dir.join(file))
+            .with_context(|| format!("writing {}", dir.join(file).display()))?;
         Ok(params)
     }
 
@@ -555,16 +690,41 @@ mod gpu {
         std::fs::create_dir_all(model.join("tokenizer"))?;
         std::fs::write(model.join("model_index.json"), sd21::MODEL_INDEX)?;
         std::fs::write(model.join("scheduler/scheduler_config.json"), sd21::SCHEDULER)?;
-        for name in ["vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json"] {
-            std::fs::copy(tokenizer.join(name), model.join("tokenizer").join(name))
-                .with_context(|| format!("copying the tokenizer file {} (pass --tokenizer DIR)", tokenizer.join(name).display()))?;
+        for name in ["vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json"]
+        {
+            std::fs::copy(tokenizer.join(name), model.join("tokenizer").join(name)).with_context(
+                || {
+                    format!(
+                        "copying the tokenizer file {} (pass --tokenizer DIR)",
+                        tokenizer.join(name).display()
+                    )
+                },
+            )?;
         }
         let clip: ClipTextConfig = serde_json::from_str(sd21::TEXT_ENCODER)?;
-        let te = write_component(&model.join("text_encoder"), "model.safetensors", sd21::TEXT_ENCODER, dev, |vb| ClipTextModel::new(vb, &clip).map(drop))?;
+        let te = write_component(
+            &model.join("text_encoder"),
+            "model.safetensors",
+            sd21::TEXT_ENCODER,
+            dev,
+            |vb| ClipTextModel::new(vb, &clip).map(drop),
+        )?;
         let unet_cfg: UNet2DConditionConfig = serde_json::from_str(sd21::UNET)?;
-        let unet = write_component(&model.join("unet"), "diffusion_pytorch_model.safetensors", sd21::UNET, dev, |vb| UNet2DConditionModel::new(vb, &unet_cfg).map(drop))?;
+        let unet = write_component(
+            &model.join("unet"),
+            "diffusion_pytorch_model.safetensors",
+            sd21::UNET,
+            dev,
+            |vb| UNet2DConditionModel::new(vb, &unet_cfg).map(drop),
+        )?;
         let vae_cfg: AutoencoderKLConfig = serde_json::from_str(sd21::VAE)?;
-        let vae = write_component(&model.join("vae"), "diffusion_pytorch_model.safetensors", sd21::VAE, dev, |vb| AutoencoderKL::new(vb, &vae_cfg).map(drop))?;
+        let vae = write_component(
+            &model.join("vae"),
+            "diffusion_pytorch_model.safetensors",
+            sd21::VAE,
+            dev,
+            |vb| AutoencoderKL::new(vb, &vae_cfg).map(drop),
+        )?;
         println!(
             "random SD 2.1 written to {} in {:.1} s: text encoder {:.1} M, UNet {:.1} M, VAE {:.1} M parameters (f16)",
             model.display(),
@@ -580,7 +740,9 @@ mod gpu {
         let dtype = parse_dtype(&args.dtype)?;
         let size = args.size;
         println!("\n== SD 2.1 architecture, random weights, end to end at {size} px, {} steps, {dtype:?}", args.steps);
-        let work = args.work.clone().unwrap_or_else(|| std::env::temp_dir().join(format!("sd-gpu-check-{}", std::process::id())));
+        let work = args.work.clone().unwrap_or_else(|| {
+            std::env::temp_dir().join(format!("sd-gpu-check-{}", std::process::id()))
+        });
         let model = work.join("sd21-random");
         let result = (|| -> anyhow::Result<bool> {
             let before = used_memory(dev)?;
@@ -606,7 +768,10 @@ mod gpu {
             let started = Instant::now();
             pipe.generate(&params)?;
             sync(dev)?;
-            println!("warm-up run (1 step; includes NVRTC and candle's kernel loading): {:.1} s", started.elapsed().as_secs_f64());
+            println!(
+                "warm-up run (1 step; includes NVRTC and candle's kernel loading): {:.1} s",
+                started.elapsed().as_secs_f64()
+            );
 
             params.num_inference_steps = args.steps;
             let peak = MemPeak::start(dev);
@@ -620,7 +785,10 @@ mod gpu {
                 true
             };
             let started = Instant::now();
-            let out = pipe.generate_with(&params, RunHooks { on_step: Some(&mut on_step), ..Default::default() })?;
+            let out = pipe.generate_with(
+                &params,
+                RunHooks { on_step: Some(&mut on_step), ..Default::default() },
+            )?;
             sync(dev)?;
             let total = started.elapsed();
             let peak = peak.finish();
@@ -639,10 +807,15 @@ mod gpu {
                 median.as_secs_f64() * 1e3,
                 step_times.iter().map(|t| format!("{:.1}", t.as_secs_f64() * 1e3)).collect::<Vec<_>>().join(", ")
             );
-            println!("peak GPU memory during the run: {:.2} GiB ({:.2} GiB above the loaded weights)", gib(peak), gib(peak.saturating_sub(loaded)));
+            println!(
+                "peak GPU memory during the run: {:.2} GiB ({:.2} GiB above the loaded weights)",
+                gib(peak),
+                gib(peak.saturating_sub(loaded))
+            );
             let mut ok = true;
             let finite = out.latents.flatten_all()?.to_vec1::<f32>()?.iter().all(|x| x.is_finite());
-            let image_ok = out.images.len() == 1 && out.images[0].dimensions() == (size as u32, size as u32);
+            let image_ok =
+                out.images.len() == 1 && out.images[0].dimensions() == (size as u32, size as u32);
             println!("{} final latents finite", if finite { "ok  " } else { "FAIL" });
             println!("{} one {size}x{size} image", if image_ok { "ok  " } else { "FAIL" });
             ok &= finite && image_ok;
@@ -654,7 +827,8 @@ mod gpu {
 
             // The attention kernels' share: one UNet step and one VAE decode with the kernels
             // and with the reference path.
-            let latents = Tensor::randn(0f32, 1.0, (2, 4, size / 8, size / 8), dev)?.to_dtype(dtype)?;
+            let latents =
+                Tensor::randn(0f32, 1.0, (2, 4, size / 8, size / 8), dev)?.to_dtype(dtype)?;
             let context = pipe.encode_prompts(&["".to_string(), params.prompts[0].clone()])?;
             let unet_step = |flash: bool| -> anyhow::Result<(Duration, usize)> {
                 fa::set_enabled(flash);
@@ -723,7 +897,10 @@ mod tests {
     fn defaults_run_everything() {
         let a = parse("").unwrap();
         assert!(a.kernels && a.bench && a.pipeline);
-        assert_eq!((a.steps, a.size, a.dtype.as_str(), a.device, a.keep), (4, 768, "f16", 0, false));
+        assert_eq!(
+            (a.steps, a.size, a.dtype.as_str(), a.device, a.keep),
+            (4, 768, "f16", 0, false)
+        );
         assert_eq!(a.tokenizer, PathBuf::from("tests/fixtures/pipelines/sd2-tiny/tokenizer"));
         assert_eq!(parse("all").unwrap(), a);
     }
@@ -732,7 +909,10 @@ mod tests {
     fn subcommands_and_options() {
         let a = parse("kernels pipeline --steps 2 --size 512 --dtype bf16 --device 1 --work /tmp/w --keep --tokenizer tok").unwrap();
         assert!(a.kernels && !a.bench && a.pipeline);
-        assert_eq!((a.steps, a.size, a.dtype.as_str(), a.device, a.keep), (2, 512, "bf16", 1, true));
+        assert_eq!(
+            (a.steps, a.size, a.dtype.as_str(), a.device, a.keep),
+            (2, 512, "bf16", 1, true)
+        );
         assert_eq!(a.work, Some(PathBuf::from("/tmp/w")));
         assert_eq!(a.tokenizer, PathBuf::from("tok"));
     }
@@ -747,7 +927,16 @@ mod tests {
 
     #[test]
     fn bad_arguments_are_errors() {
-        for bad in ["--steps", "--steps x", "--steps 0", "--size 700", "--size 0", "--dtype f32", "--frobnicate", "kernels --work"] {
+        for bad in [
+            "--steps",
+            "--steps x",
+            "--steps 0",
+            "--size 700",
+            "--size 0",
+            "--dtype f32",
+            "--frobnicate",
+            "kernels --work",
+        ] {
             assert!(parse(bad).is_err(), "{bad} should fail");
         }
         assert!(parse("--help").unwrap_err().starts_with("usage:"));
@@ -772,9 +961,11 @@ mod tests {
         for c in [sd21::MODEL_INDEX, sd21::SCHEDULER, sd21::TEXT_ENCODER, sd21::UNET, sd21::VAE] {
             serde_json::from_str::<serde_json::Value>(c).unwrap();
         }
-        let unet: sd_core::models::unet::UNet2DConditionConfig = serde_json::from_str(sd21::UNET).unwrap();
+        let unet: sd_core::models::unet::UNet2DConditionConfig =
+            serde_json::from_str(sd21::UNET).unwrap();
         assert_eq!(unet.block_out_channels, vec![320, 640, 1280, 1280]);
         let _: sd_core::models::vae::AutoencoderKLConfig = serde_json::from_str(sd21::VAE).unwrap();
-        let _: sd_core::models::clip_text::ClipTextConfig = serde_json::from_str(sd21::TEXT_ENCODER).unwrap();
+        let _: sd_core::models::clip_text::ClipTextConfig =
+            serde_json::from_str(sd21::TEXT_ENCODER).unwrap();
     }
 }

@@ -33,10 +33,13 @@ use sd_core::models::vae::{AutoencoderKL, AutoencoderKLConfig};
 
 fn main() -> anyhow::Result<()> {
     let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-    let mut configs = std::env::var_os("SD21_CONFIGS").map(PathBuf::from).unwrap_or_else(|| repo.join("../shared/sd21-configs"));
+    let mut configs = std::env::var_os("SD21_CONFIGS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo.join("../shared/sd21-configs"));
     let mut out = match std::env::var_os("SD_RS_RANDOM_MODEL") {
         Some(p) => PathBuf::from(p),
-        None => PathBuf::from(std::env::var_os("HOME").context("HOME is not set; pass --out")?).join(".cache/sd-rs/sd21-random"),
+        None => PathBuf::from(std::env::var_os("HOME").context("HOME is not set; pass --out")?)
+            .join(".cache/sd-rs/sd21-random"),
     };
     let mut seed = 0u64;
     let mut args = std::env::args().skip(1);
@@ -50,7 +53,10 @@ fn main() -> anyhow::Result<()> {
         }
     }
     if !configs.join("unet/config.json").exists() {
-        bail!("SD 2.1 configs not found at {} (pass --configs or set SD21_CONFIGS)", configs.display());
+        bail!(
+            "SD 2.1 configs not found at {} (pass --configs or set SD21_CONFIGS)",
+            configs.display()
+        );
     }
     let tokenizer = repo.join("tests/fixtures/pipelines/sd2-tiny/tokenizer");
 
@@ -58,22 +64,42 @@ fn main() -> anyhow::Result<()> {
         std::fs::create_dir_all(out.join(sub))?;
     }
     copy(&configs.join("model_index.json"), &out.join("model_index.json"))?;
-    copy(&configs.join("scheduler/scheduler_config.json"), &out.join("scheduler/scheduler_config.json"))?;
-    for entry in std::fs::read_dir(&tokenizer).with_context(|| format!("reading {}", tokenizer.display()))? {
+    copy(
+        &configs.join("scheduler/scheduler_config.json"),
+        &out.join("scheduler/scheduler_config.json"),
+    )?;
+    for entry in
+        std::fs::read_dir(&tokenizer).with_context(|| format!("reading {}", tokenizer.display()))?
+    {
         let entry = entry?;
         copy(&entry.path(), &out.join("tokenizer").join(entry.file_name()))?;
     }
 
     // One component at a time, so only one is in memory.
-    component(&configs, &out, "text_encoder", "model.safetensors", seed, |vb, cfg: &ClipTextConfig| {
-        ClipTextModel::new(vb.pp("text_model"), cfg).map(drop)
-    })?;
-    component(&configs, &out, "unet", "diffusion_pytorch_model.safetensors", seed, |vb, cfg: &UNet2DConditionConfig| {
-        UNet2DConditionModel::new(vb, cfg).map(drop)
-    })?;
-    component(&configs, &out, "vae", "diffusion_pytorch_model.safetensors", seed, |vb, cfg: &AutoencoderKLConfig| {
-        AutoencoderKL::new(vb, cfg).map(drop)
-    })?;
+    component(
+        &configs,
+        &out,
+        "text_encoder",
+        "model.safetensors",
+        seed,
+        |vb, cfg: &ClipTextConfig| ClipTextModel::new(vb.pp("text_model"), cfg).map(drop),
+    )?;
+    component(
+        &configs,
+        &out,
+        "unet",
+        "diffusion_pytorch_model.safetensors",
+        seed,
+        |vb, cfg: &UNet2DConditionConfig| UNet2DConditionModel::new(vb, cfg).map(drop),
+    )?;
+    component(
+        &configs,
+        &out,
+        "vae",
+        "diffusion_pytorch_model.safetensors",
+        seed,
+        |vb, cfg: &AutoencoderKLConfig| AutoencoderKL::new(vb, cfg).map(drop),
+    )?;
     println!("wrote {}", out.display());
     Ok(())
 }
@@ -100,7 +126,8 @@ fn component<C: serde::de::DeserializeOwned>(
     let cfg: C = read_json(&config_path)?;
     let map = VarMap::new();
     build(VarBuilder::from_varmap(&map, DType::F32, &Device::Cpu), &cfg)?;
-    let mut vars: Vec<(String, Var)> = map.data().lock().unwrap().iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    let mut vars: Vec<(String, Var)> =
+        map.data().lock().unwrap().iter().map(|(k, v)| (k.clone(), v.clone())).collect();
     vars.sort_by(|a, b| a.0.cmp(&b.0));
     let params: usize = vars.iter().map(|(_, v)| v.elem_count()).sum();
     for (name, var) in &vars {
@@ -109,7 +136,12 @@ fn component<C: serde::de::DeserializeOwned>(
     copy(&config_path, &out.join(sub).join("config.json"))?;
     let path = out.join(sub).join(file);
     map.save(&path)?;
-    println!("{sub}: {} tensors, {:.1} M parameters -> {}", vars.len(), params as f64 / 1e6, path.display());
+    println!(
+        "{sub}: {} tensors, {:.1} M parameters -> {}",
+        vars.len(),
+        params as f64 / 1e6,
+        path.display()
+    );
     Ok(())
 }
 

@@ -13,7 +13,8 @@ use sd_core::rng::Generators;
 
 fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
-    let model = PathBuf::from(args.next().unwrap_or_else(|| "tests/fixtures/pipelines/sd2-tiny".into()));
+    let model =
+        PathBuf::from(args.next().unwrap_or_else(|| "tests/fixtures/pipelines/sd2-tiny".into()));
     let out = PathBuf::from(args.next().unwrap_or_else(|| "stages.png".into()));
     let device = Device::Cpu;
     let pipe = StableDiffusionPipeline::from_folder(&model, DType::F32, &device, None)?;
@@ -24,7 +25,11 @@ fn main() -> anyhow::Result<()> {
     println!("{} tokens, first ids {:?}", ids.len(), &ids[..8]);
 
     // 2. Encode text: unconditional ("") and conditional embeddings, one batch of 2.
-    let ids = Tensor::from_vec([pipe.tokenizer.encode("")?, ids].concat(), (2, pipe.tokenizer.max_length()), &device)?;
+    let ids = Tensor::from_vec(
+        [pipe.tokenizer.encode("")?, ids].concat(),
+        (2, pipe.tokenizer.max_length()),
+        &device,
+    )?;
     let context = pipe.text_encoder.forward(&ids)?;
 
     // 3. Scheduler: Euler, configured from the model's scheduler config (diffusers' from_config).
@@ -33,7 +38,12 @@ fn main() -> anyhow::Result<()> {
 
     // 4. Initial noise from a torch-compatible generator, then the denoising loop.
     let size = pipe.default_size();
-    let shape = [1, pipe.unet.config().in_channels, size / pipe.vae_scale_factor(), size / pipe.vae_scale_factor()];
+    let shape = [
+        1,
+        pipe.unet.config().in_channels,
+        size / pipe.vae_scale_factor(),
+        size / pipe.vae_scale_factor(),
+    ];
     let mut generators = Generators::from_seeds(&[42], 1)?;
     let mut latents = (generators.randn(&shape, &device)? * scheduler.init_noise_sigma())?;
     let guidance = 7.5;

@@ -7,10 +7,16 @@ use std::time::Instant;
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use sd_core::hub::DEFAULT_MODEL_ID;
-use sd_core::pipeline::{parse_device, parse_dtype, GenerateParams, LoadOptions, RunHooks, StableDiffusionPipeline};
+use sd_core::pipeline::{
+    parse_device, parse_dtype, GenerateParams, LoadOptions, RunHooks, StableDiffusionPipeline,
+};
 
 #[derive(Parser)]
-#[command(name = "sd-cli", version, about = "Stable Diffusion 2.x text-to-image, matched to HF diffusers")]
+#[command(
+    name = "sd-cli",
+    version,
+    about = "Stable Diffusion 2.x text-to-image, matched to HF diffusers"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -75,7 +81,10 @@ struct GenerateArgs {
 fn main() -> ExitCode {
     // A panic is a bug, but the user still gets one line and an exit code, not a backtrace.
     std::panic::set_hook(Box::new(|info| {
-        let msg = info.payload().downcast_ref::<&str>().map(|s| s.to_string())
+        let msg = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
             .or_else(|| info.payload().downcast_ref::<String>().cloned())
             .unwrap_or_else(|| "unknown panic".into());
         eprintln!("error: internal error: {msg}");
@@ -115,7 +124,8 @@ fn schedulers_table() -> String {
                 })
                 .collect::<Vec<_>>()
                 .join(", ");
-            let a1111 = if e.a1111_names.is_empty() { "-".to_string() } else { e.a1111_names.join(", ") };
+            let a1111 =
+                if e.a1111_names.is_empty() { "-".to_string() } else { e.a1111_names.join(", ") };
             [a1111, e.aliases.join(", "), e.class_name.to_string(), overrides]
         })
         .collect();
@@ -156,8 +166,10 @@ fn output_paths(out: &Path, n: usize) -> Vec<PathBuf> {
     if n == 1 {
         return vec![out.to_path_buf()];
     }
-    let stem = out.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "image".into());
-    let ext = out.extension().map(|e| e.to_string_lossy().into_owned()).unwrap_or_else(|| "png".into());
+    let stem =
+        out.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "image".into());
+    let ext =
+        out.extension().map(|e| e.to_string_lossy().into_owned()).unwrap_or_else(|| "png".into());
     (0..n).map(|i| out.with_file_name(format!("{stem}-{i}.{ext}"))).collect()
 }
 
@@ -200,7 +212,12 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
     }
 
     let bar = ProgressBar::new(args.steps as u64);
-    bar.set_style(ProgressStyle::with_template("{spinner} step {pos}/{len} [{bar:30}] {elapsed} (eta {eta})")?.progress_chars("=> "));
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{spinner} step {pos}/{len} [{bar:30}] {elapsed} (eta {eta})",
+        )?
+        .progress_chars("=> "),
+    );
     let mut on_step = |p: &sd_core::pipeline::StepProgress| {
         bar.set_length(p.total as u64);
         bar.set_position(p.step as u64);

@@ -41,19 +41,36 @@ fn png_diff(a: &Path, b: &Path) -> (f64, u8) {
 
 /// Runs the CLI with the parameters of a fixture case and checks each image against diffusers'.
 fn generate_case(case: &str) -> Output {
-    let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(pipelines().join(format!("{case}.json"))).unwrap()).unwrap();
+    let json: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(pipelines().join(format!("{case}.json"))).unwrap(),
+    )
+    .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out.png");
     let model = pipelines().join(json["model"].as_str().unwrap());
     let s = |k: &str| json[k].to_string();
     let mut args: Vec<String> = vec![
-        "generate".into(), "--prompt".into(), json["prompt"].as_str().unwrap().into(),
-        "--model".into(), model.display().to_string(),
-        "--height".into(), s("height"), "--width".into(), s("width"),
-        "--steps".into(), s("num_inference_steps"), "--guidance-scale".into(), s("guidance_scale"),
-        "--seed".into(), s("seed"), "--num-images".into(), s("num_images_per_prompt"),
-        "--scheduler".into(), json["scheduler"].as_str().unwrap().into(),
-        "--out".into(), out.display().to_string(),
+        "generate".into(),
+        "--prompt".into(),
+        json["prompt"].as_str().unwrap().into(),
+        "--model".into(),
+        model.display().to_string(),
+        "--height".into(),
+        s("height"),
+        "--width".into(),
+        s("width"),
+        "--steps".into(),
+        s("num_inference_steps"),
+        "--guidance-scale".into(),
+        s("guidance_scale"),
+        "--seed".into(),
+        s("seed"),
+        "--num-images".into(),
+        s("num_images_per_prompt"),
+        "--scheduler".into(),
+        json["scheduler"].as_str().unwrap().into(),
+        "--out".into(),
+        out.display().to_string(),
     ];
     if let Some(neg) = json["negative_prompt"].as_str() {
         args.extend(["--negative-prompt".into(), neg.into()]);
@@ -107,12 +124,21 @@ fn without_seed_a_seed_is_printed_and_reproduces_the_image() {
     let dir = tempfile::tempdir().unwrap();
     let model = pipelines().join("sd2-tiny").display().to_string();
     let a = dir.path().join("a.png").display().to_string();
-    let first = sd_cli(&["generate", "--prompt", "x", "--model", &model, "--steps", "1", "--out", &a]);
+    let first =
+        sd_cli(&["generate", "--prompt", "x", "--model", &model, "--steps", "1", "--out", &a]);
     assert!(first.status.success(), "{}", stderr(&first));
     let stdout = String::from_utf8_lossy(&first.stdout);
-    let seed = stdout.split_whitespace().skip_while(|w| *w != "seed").nth(1).expect("seed printed").to_string();
+    let seed = stdout
+        .split_whitespace()
+        .skip_while(|w| *w != "seed")
+        .nth(1)
+        .expect("seed printed")
+        .to_string();
     let b = dir.path().join("b.png").display().to_string();
-    let second = sd_cli(&["generate", "--prompt", "x", "--model", &model, "--steps", "1", "--seed", &seed, "--out", &b]);
+    let second = sd_cli(&[
+        "generate", "--prompt", "x", "--model", &model, "--steps", "1", "--seed", &seed, "--out",
+        &b,
+    ]);
     assert!(second.status.success(), "{}", stderr(&second));
     assert_eq!(std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap());
 }
@@ -125,7 +151,8 @@ fn thread_count_does_not_change_the_image() {
     let model = pipelines().join("sd2-tiny").display().to_string();
     let run = |name: &str, extra: &[&str]| {
         let out = dir.path().join(name);
-        let mut args = vec!["generate", "--prompt", "a cat", "--model", &model, "--steps", "2", "--seed", "7"];
+        let mut args =
+            vec!["generate", "--prompt", "a cat", "--model", &model, "--steps", "2", "--seed", "7"];
         args.extend_from_slice(extra);
         let out_arg = out.display().to_string();
         args.extend(["--out", &out_arg]);
@@ -146,7 +173,10 @@ fn bf16_tiles_and_mkl_agree_and_neither_is_refused() {
     let model = pipelines().join("sd2-tiny").display().to_string();
     let run = |name: &str, env: &[(&str, &str)]| {
         let out = dir.path().join(name).display().to_string();
-        let args = ["generate", "--prompt", "a cat", "--model", &model, "--steps", "2", "--seed", "7", "--dtype", "bf16", "--out", &out];
+        let args = [
+            "generate", "--prompt", "a cat", "--model", &model, "--steps", "2", "--seed", "7",
+            "--dtype", "bf16", "--out", &out,
+        ];
         (sd_cli_env(&args, env), out)
     };
     let (tiles, tiles_png) = run("tiles.png", &[]);
@@ -162,7 +192,13 @@ fn bf16_tiles_and_mkl_agree_and_neither_is_refused() {
     let err = stderr(&neither);
     assert_eq!(neither.status.code(), Some(1), "{err}");
     assert_eq!(err.trim_end().lines().count(), 1, "{err}");
-    assert!(err.contains("bf16") && err.contains("AMX") && err.contains("MKL") && err.contains("pip install"), "{err}");
+    assert!(
+        err.contains("bf16")
+            && err.contains("AMX")
+            && err.contains("MKL")
+            && err.contains("pip install"),
+        "{err}"
+    );
     assert!(!Path::new(&png).exists());
 }
 
@@ -190,7 +226,8 @@ fn expect_error(model: &Path, extra: &[&str]) -> String {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("x.png").display().to_string();
     let model = model.display().to_string();
-    let mut args = vec!["generate", "--prompt", "a cat", "--model", &model, "--seed", "1", "--out", &out];
+    let mut args =
+        vec!["generate", "--prompt", "a cat", "--model", &model, "--seed", "1", "--out", &out];
     if !extra.contains(&"--steps") {
         args.extend(["--steps", "1"]);
     }
@@ -213,7 +250,12 @@ fn bad_input_gives_one_line_errors() {
     let err = expect_error(&model, &["--steps", "0"]);
     assert!(err.contains("num_inference_steps"), "{err}");
     let err = expect_error(&model, &["--scheduler", "warp-drive"]);
-    assert!(err.contains("warp-drive") && err.contains("EulerDiscreteScheduler") && err.contains("ddim"), "{err}");
+    assert!(
+        err.contains("warp-drive")
+            && err.contains("EulerDiscreteScheduler")
+            && err.contains("ddim"),
+        "{err}"
+    );
     let err = expect_error(&model, &["--dtype", "f64"]);
     assert!(err.contains("f64"), "{err}");
     let err = expect_error(&model, &["--threads", "0"]);
@@ -239,7 +281,8 @@ fn config_with_missing_key_names_file_and_key() {
     let dir = tempfile::tempdir().unwrap();
     let model = copy_model("sd2-tiny", dir.path());
     let config = model.join("unet/config.json");
-    let mut json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&config).unwrap()).unwrap();
+    let mut json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&config).unwrap()).unwrap();
     json.as_object_mut().unwrap().remove("block_out_channels");
     std::fs::write(&config, json.to_string()).unwrap();
     let err = expect_error(&model, &[]);
@@ -251,7 +294,8 @@ fn mis_shaped_tensor_names_the_tensor() {
     let dir = tempfile::tempdir().unwrap();
     let model = copy_model("sd2-tiny", dir.path());
     let config = model.join("unet/config.json");
-    let mut json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&config).unwrap()).unwrap();
+    let mut json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&config).unwrap()).unwrap();
     json["cross_attention_dim"] = serde_json::json!(48);
     std::fs::write(&config, json.to_string()).unwrap();
     let err = expect_error(&model, &[]);

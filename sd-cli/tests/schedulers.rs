@@ -10,7 +10,11 @@ fn pipelines() -> PathBuf {
 }
 
 fn sd_cli(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_sd-cli")).args(args).env("HF_HUB_OFFLINE", "1").output().expect("sd-cli runs")
+    Command::new(env!("CARGO_BIN_EXE_sd-cli"))
+        .args(args)
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .expect("sd-cli runs")
 }
 
 fn png_diff(a: &Path, b: &Path) -> (f64, u8) {
@@ -29,11 +33,16 @@ fn png_diff(a: &Path, b: &Path) -> (f64, u8) {
 /// Runs `sd-cli generate` with the parameters of fixture `case` and `--scheduler scheduler` (a
 /// spelling that must mean the case's scheduler), and compares the image with diffusers'.
 fn generate_with(case: &str, scheduler: &str) {
-    let json: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(pipelines().join(format!("{case}.json"))).unwrap()).unwrap();
+    let json: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(pipelines().join(format!("{case}.json"))).unwrap(),
+    )
+    .unwrap();
     assert_eq!(json["num_images_per_prompt"], 1, "{case}: one image");
     assert_eq!(json["seeds"].as_array().unwrap().len(), 1, "{case}: one seed");
-    assert!(json["scheduler_config"].as_object().unwrap().is_empty(), "{case}: the model's scheduler config");
+    assert!(
+        json["scheduler_config"].as_object().unwrap().is_empty(),
+        "{case}: the model's scheduler config"
+    );
     assert_eq!(json["guidance_rescale"].as_f64(), Some(0.0), "{case}: no guidance rescale");
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out.png");
@@ -64,9 +73,16 @@ fn generate_with(case: &str, scheduler: &str) {
         args.extend(["--negative-prompt".into(), neg.into()]);
     }
     let result = sd_cli(&args.iter().map(String::as_str).collect::<Vec<_>>());
-    assert!(result.status.success(), "{case} --scheduler {scheduler:?}: {}", String::from_utf8_lossy(&result.stderr));
+    assert!(
+        result.status.success(),
+        "{case} --scheduler {scheduler:?}: {}",
+        String::from_utf8_lossy(&result.stderr)
+    );
     let (mean, max) = png_diff(&out, &pipelines().join(format!("{case}.png")));
-    assert!(mean <= 0.5 && max <= 4, "{case} --scheduler {scheduler:?}: mean |diff| {mean:.3}, max |diff| {max}");
+    assert!(
+        mean <= 0.5 && max <= 4,
+        "{case} --scheduler {scheduler:?}: mean |diff| {mean:.3}, max |diff| {max}"
+    );
 }
 
 #[test]
@@ -104,17 +120,40 @@ fn schedulers_lists_every_name() {
         assert!(header.contains(col), "header: {header}");
     }
     for name in [
-        "Euler", "Euler a", "DPM++ 2M", "DPM++ 2M Karras", "DPM++ 2M SDE", "DPM++ 2M SDE Karras", "DDIM", "PNDM", "UniPC",
-        "LMS", "LMS Karras", "Heun", "DPM2", "DPM2 a", "DPM2 Karras", "DPM2 a Karras", "DEIS", "LCM",
+        "Euler",
+        "Euler a",
+        "DPM++ 2M",
+        "DPM++ 2M Karras",
+        "DPM++ 2M SDE",
+        "DPM++ 2M SDE Karras",
+        "DDIM",
+        "PNDM",
+        "UniPC",
+        "LMS",
+        "LMS Karras",
+        "Heun",
+        "DPM2",
+        "DPM2 a",
+        "DPM2 Karras",
+        "DPM2 a Karras",
+        "DEIS",
+        "LCM",
     ] {
-        assert!(text.lines().any(|l| l.starts_with(&format!("{name}  "))), "no row for `{name}`:\n{text}");
+        assert!(
+            text.lines().any(|l| l.starts_with(&format!("{name}  "))),
+            "no row for `{name}`:\n{text}"
+        );
     }
     for name in sd_core::schedulers::scheduler_names() {
         assert!(text.contains(name), "`{name}` is not listed:\n{text}");
     }
     let karras = text.lines().find(|l| l.starts_with("DPM++ 2M SDE Karras ")).unwrap();
     assert!(karras.contains("DPMSolverMultistepScheduler"), "{karras}");
-    assert!(karras.contains("algorithm_type=sde-dpmsolver++") && karras.contains("use_karras_sigmas=true"), "{karras}");
+    assert!(
+        karras.contains("algorithm_type=sde-dpmsolver++")
+            && karras.contains("use_karras_sigmas=true"),
+        "{karras}"
+    );
 }
 
 #[test]

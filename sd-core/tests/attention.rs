@@ -51,7 +51,15 @@ fn checked_rows(n: usize) -> Vec<usize> {
 }
 
 /// f64 attention of one query row of one (batch, head) slice.
-fn reference_row(q: &[f32], k: &[f32], v: &[f32], c: &Case, bh: usize, i: usize, scale: f64) -> Vec<f64> {
+fn reference_row(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    c: &Case,
+    bh: usize,
+    i: usize,
+    scale: f64,
+) -> Vec<f64> {
     let qi = &q[(bh * c.seq_q + i) * c.d..][..c.d];
     let keys = if c.causal { (i + 1).min(c.seq_k) } else { c.seq_k };
     let scores: Vec<f64> = (0..keys)
@@ -84,9 +92,12 @@ fn relative_error(c: &Case, dtype: DType) -> f64 {
     let tensor = |data: &[f32], seq: usize, d: usize| -> Tensor {
         Tensor::from_slice(data, (c.b, c.h, seq, d), &dev).unwrap().to_dtype(dtype).unwrap()
     };
-    let (qt, kt, vt) = (tensor(&q, c.seq_q, c.d), tensor(&k, c.seq_k, c.d), tensor(&v, c.seq_k, c.dv));
+    let (qt, kt, vt) =
+        (tensor(&q, c.seq_q, c.d), tensor(&k, c.seq_k, c.d), tensor(&v, c.seq_k, c.dv));
     // The reference sees the values the kernel sees (rounded to f16 for f16 runs).
-    let back = |t: &Tensor| t.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let back = |t: &Tensor| {
+        t.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    };
     let (q, k, v) = (back(&qt), back(&kt), back(&vt));
 
     let opts = AttentionOptions { causal: c.causal, ..AttentionOptions::new(c.d) };
@@ -110,7 +121,8 @@ fn relative_error(c: &Case, dtype: DType) -> f64 {
     max_err / max_ref
 }
 
-const SHAPES: [(usize, usize); 8] = [(77, 77), (1, 1), (1, 77), (33, 77), (33, 1), (1, 1025), (1000, 1025), (1000, 77)];
+const SHAPES: [(usize, usize); 8] =
+    [(77, 77), (1, 1), (1, 77), (33, 77), (33, 1), (1, 1025), (1000, 1025), (1000, 77)];
 
 fn check_head_dim(d: usize, b: usize, h: usize) {
     let mut worst = 0f64;
@@ -120,7 +132,10 @@ fn check_head_dim(d: usize, b: usize, h: usize) {
             let (b, h) = if seq_q * seq_k > 100_000 { (1, 2) } else { (b, h) };
             let c = Case::new(b, h, seq_q, seq_k, d, causal);
             let err = relative_error(&c, DType::F32);
-            assert!(err < 1e-5, "d {d} seq_q {seq_q} seq_k {seq_k} causal {causal}: relative error {err:.2e}");
+            assert!(
+                err < 1e-5,
+                "d {d} seq_q {seq_q} seq_k {seq_k} causal {causal}: relative error {err:.2e}"
+            );
             worst = worst.max(err);
         }
     }

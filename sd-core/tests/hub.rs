@@ -27,15 +27,20 @@ fn contents(path: &str) -> Vec<u8> {
 }
 
 fn index_json(shards: &[&str]) -> String {
-    let map: serde_json::Map<String, serde_json::Value> =
-        shards.iter().enumerate().map(|(i, s)| (format!("tensor.{i}"), serde_json::Value::from(*s))).collect();
+    let map: serde_json::Map<String, serde_json::Value> = shards
+        .iter()
+        .enumerate()
+        .map(|(i, s)| (format!("tensor.{i}"), serde_json::Value::from(*s)))
+        .collect();
     serde_json::json!({ "metadata": { "total_size": 1234 }, "weight_map": map }).to_string()
 }
 
 const UNET_INDEX: &str = "unet/diffusion_pytorch_model.safetensors.index.json";
 const UNET_INDEX_FP16: &str = "unet/diffusion_pytorch_model.safetensors.index.fp16.json";
-const UNET_SHARDS: [&str; 2] =
-    ["diffusion_pytorch_model-00001-of-00002.safetensors", "diffusion_pytorch_model-00002-of-00002.safetensors"];
+const UNET_SHARDS: [&str; 2] = [
+    "diffusion_pytorch_model-00001-of-00002.safetensors",
+    "diffusion_pytorch_model-00002-of-00002.safetensors",
+];
 const UNET_SHARDS_FP16: [&str; 2] = [
     "diffusion_pytorch_model.fp16-00001-of-00002.safetensors",
     "diffusion_pytorch_model.fp16-00002-of-00002.safetensors",
@@ -189,9 +194,16 @@ fn check_snapshot(setup: &Setup, snapshot: &Path, expected: &BTreeSet<String>) {
         let want = std::fs::read(setup.repo_root.join(f)).unwrap();
         assert!(got == want, "{f}: wrong bytes ({} vs {} bytes)", got.len(), want.len());
         // huggingface_hub layout: snapshot entries are symlinks into ../blobs.
-        let link = std::fs::read_link(snapshot.join(f)).unwrap_or_else(|e| panic!("{f} is not a symlink: {e}"));
+        let link = std::fs::read_link(snapshot.join(f))
+            .unwrap_or_else(|e| panic!("{f} is not a symlink: {e}"));
         let target = snapshot.join(f).parent().unwrap().join(link).canonicalize().unwrap();
-        let blobs = setup.cache.path().join("models--test-org--tiny-sd").join("blobs").canonicalize().unwrap();
+        let blobs = setup
+            .cache
+            .path()
+            .join("models--test-org--tiny-sd")
+            .join("blobs")
+            .canonicalize()
+            .unwrap();
         assert!(target.starts_with(&blobs), "{f} -> {}", target.display());
     }
 }
@@ -205,7 +217,11 @@ fn downloads_only_the_pipeline_files_into_the_hf_cache() {
     let repo_cache = setup.cache.path().join("models--test-org--tiny-sd");
     assert_eq!(std::fs::read_to_string(repo_cache.join("refs/main")).unwrap().trim(), SHA);
     // Only branch names get refs, like huggingface_hub.
-    let refs: Vec<_> = std::fs::read_dir(repo_cache.join("refs")).unwrap().flatten().map(|e| e.file_name()).collect();
+    let refs: Vec<_> = std::fs::read_dir(repo_cache.join("refs"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
     assert_eq!(refs, ["main"]);
 
     let log = setup.hub.requests();
@@ -219,7 +235,10 @@ fn downloads_only_the_pipeline_files_into_the_hf_cache() {
         assert_eq!(r.authorization, None, "no token configured, none must be sent");
     }
     assert_eq!(log.iter().filter(|r| r.path.starts_with("/api/models/")).count(), 1);
-    assert!(log.iter().any(|r| r.range.as_deref() == Some("bytes=0-0")), "hf-hub asks metadata with a range");
+    assert!(
+        log.iter().any(|r| r.range.as_deref() == Some("bytes=0-0")),
+        "hf-hub asks metadata with a range"
+    );
 
     // Resolving again online only asks the repo info: every file is already in the snapshot.
     setup.hub.clear_requests();
@@ -236,17 +255,27 @@ fn downloads_only_the_pipeline_files_into_the_hf_cache() {
     // fp16 wanted offline, only plain weights cached: the plain ones are used.
     offline.variant = Some("fp16".into());
     assert_eq!(resolve_model(REPO, &offline).unwrap(), snapshot);
-    assert!(setup.hub.requests().is_empty(), "offline mode touched the server: {:?}", setup.hub.requests());
+    assert!(
+        setup.hub.requests().is_empty(),
+        "offline mode touched the server: {:?}",
+        setup.hub.requests()
+    );
 
     // A file missing from the cache is named in offline mode.
     std::fs::remove_file(snapshot.join("unet").join(UNET_SHARDS[1])).unwrap();
     offline.variant = None;
     let msg = hub_err(resolve_model(REPO, &offline));
-    assert!(msg.contains(&format!("unet/{}", UNET_SHARDS[1])) && msg.contains("HF_HUB_OFFLINE=1"), "{msg}");
+    assert!(
+        msg.contains(&format!("unet/{}", UNET_SHARDS[1])) && msg.contains("HF_HUB_OFFLINE=1"),
+        "{msg}"
+    );
     // ...and online it is fetched again (and only it).
     let snapshot2 = resolve_model(REPO, &setup.opts()).unwrap();
     check_snapshot(&setup, &snapshot2, &expected_plain());
-    assert_eq!(requested_files(&setup.hub.requests()), BTreeSet::from([format!("unet/{}", UNET_SHARDS[1])]));
+    assert_eq!(
+        requested_files(&setup.hub.requests()),
+        BTreeSet::from([format!("unet/{}", UNET_SHARDS[1])])
+    );
     assert!(setup.hub.requests().iter().all(|r| r.authorization.is_none()));
 }
 
@@ -259,7 +288,10 @@ fn fp16_variant_fetches_the_fp16_files() {
     check_snapshot(&setup, &snapshot, &expected_fp16());
     let asked = requested_files(&setup.hub.requests());
     assert_eq!(asked, expected_fp16());
-    assert!(asked.iter().all(|f| !f.ends_with("model.safetensors") || f.contains("fp16")), "{asked:?}");
+    assert!(
+        asked.iter().all(|f| !f.ends_with("model.safetensors") || f.contains("fp16")),
+        "{asked:?}"
+    );
 
     // Offline without a variant: the cached fp16 weights are all there is, so they are used.
     setup.hub.clear_requests();
@@ -374,13 +406,19 @@ fn unknown_repo_is_a_clear_error() {
 fn missing_file_is_named() {
     let setup = Setup::with(|repo| repo.broken = vec!["tokenizer/merges.txt".into()]);
     let msg = hub_err(resolve_model(REPO, &setup.opts()));
-    assert!(msg.contains("tokenizer/merges.txt") && msg.contains("not found") && msg.contains(REPO), "{msg}");
+    assert!(
+        msg.contains("tokenizer/merges.txt") && msg.contains("not found") && msg.contains(REPO),
+        "{msg}"
+    );
 }
 
 #[test]
 fn repo_without_safetensors_is_a_clear_error() {
     let setup = Setup::with(|repo| {
-        for f in ["vae/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.fp16.safetensors"] {
+        for f in [
+            "vae/diffusion_pytorch_model.safetensors",
+            "vae/diffusion_pytorch_model.fp16.safetensors",
+        ] {
             std::fs::remove_file(repo.root.join(f)).unwrap();
         }
     });
@@ -400,7 +438,10 @@ fn connection_refused_names_the_endpoint_and_offline_mode() {
     let mut opts = HubOptions::new(cache.path());
     opts.endpoint = format!("http://127.0.0.1:{port}");
     let msg = hub_err(resolve_model(REPO, &opts));
-    assert!(msg.contains(&opts.endpoint) && msg.contains("HF_HUB_OFFLINE=1") && msg.contains(REPO), "{msg}");
+    assert!(
+        msg.contains(&opts.endpoint) && msg.contains("HF_HUB_OFFLINE=1") && msg.contains(REPO),
+        "{msg}"
+    );
 }
 
 #[test]

@@ -32,7 +32,9 @@ fn read_tensors(path: &Path) -> HashMap<String, Tensor> {
 
 fn unet_stage_output(pipe: &StableDiffusionPipeline) -> Tensor {
     let refs = load_refs("sd2_stages.safetensors");
-    pipe.unet.forward(get(&refs, "unet.sample"), 981.0, get(&refs, "unet.encoder_hidden_states")).unwrap()
+    pipe.unet
+        .forward(get(&refs, "unet.sample"), 981.0, get(&refs, "unet.encoder_hidden_states"))
+        .unwrap()
 }
 
 #[test]
@@ -51,16 +53,19 @@ fn sharded_unet_loads_like_the_single_file() {
     let mut weight_map = serde_json::Map::new();
     for (i, part) in [first, second].iter().enumerate() {
         let file = format!("diffusion_pytorch_model-0000{}-of-00002.safetensors", i + 1);
-        let shard: HashMap<String, Tensor> = part.iter().map(|n| ((*n).clone(), tensors[*n].clone())).collect();
+        let shard: HashMap<String, Tensor> =
+            part.iter().map(|n| ((*n).clone(), tensors[*n].clone())).collect();
         candle_core::safetensors::save(&shard, unet.join(&file)).unwrap();
         for n in part.iter() {
             weight_map.insert((*n).clone(), file.clone().into());
         }
     }
     let index = serde_json::json!({ "metadata": { "total_size": 0 }, "weight_map": weight_map });
-    std::fs::write(unet.join("diffusion_pytorch_model.safetensors.index.json"), index.to_string()).unwrap();
+    std::fs::write(unet.join("diffusion_pytorch_model.safetensors.index.json"), index.to_string())
+        .unwrap();
 
-    let pipe = StableDiffusionPipeline::from_folder(&model, DType::F32, &Device::Cpu, None).unwrap();
+    let pipe =
+        StableDiffusionPipeline::from_folder(&model, DType::F32, &Device::Cpu, None).unwrap();
     let refs = load_refs("sd2_stages.safetensors");
     assert_close(&unet_stage_output(&pipe), get(&refs, "unet.out"), 1e-4, "sharded unet");
 }
@@ -81,7 +86,9 @@ fn text_encoder_keys_without_prefix() {
 
     let cfg: ClipTextConfig = read_json(&te.join("config.json")).unwrap();
     let store = WeightStore::open_component(&te, "model", None).unwrap();
-    let model = build_component(&te, store, DType::F32, &Device::Cpu, |vb| ClipTextModel::new(vb, &cfg)).unwrap();
+    let model =
+        build_component(&te, store, DType::F32, &Device::Cpu, |vb| ClipTextModel::new(vb, &cfg))
+            .unwrap();
     let refs = load_refs("sd2_stages.safetensors");
     let out = model.forward(get(&refs, "text.input_ids")).unwrap();
     assert_close(&out, get(&refs, "text.last_hidden_state"), 1e-4, "unprefixed text encoder");
@@ -95,17 +102,29 @@ fn variant_preference() {
     let model = dir.path().join("sd2-both");
     copy_dir(&pipelines().join("sd2-tiny"), &model);
     let unet = model.join("unet");
-    let halved: HashMap<String, Tensor> = read_tensors(&unet.join("diffusion_pytorch_model.safetensors"))
-        .into_iter()
-        .map(|(k, v)| (k, (v * 0.5).unwrap().to_dtype(DType::F16).unwrap()))
-        .collect();
-    candle_core::safetensors::save(&halved, unet.join("diffusion_pytorch_model.fp16.safetensors")).unwrap();
+    let halved: HashMap<String, Tensor> =
+        read_tensors(&unet.join("diffusion_pytorch_model.safetensors"))
+            .into_iter()
+            .map(|(k, v)| (k, (v * 0.5).unwrap().to_dtype(DType::F16).unwrap()))
+            .collect();
+    candle_core::safetensors::save(&halved, unet.join("diffusion_pytorch_model.fp16.safetensors"))
+        .unwrap();
 
     let refs = load_refs("sd2_stages.safetensors");
-    let plain = StableDiffusionPipeline::from_folder(&model, DType::F32, &Device::Cpu, None).unwrap();
-    assert_close(&unet_stage_output(&plain), get(&refs, "unet.out"), 1e-4, "plain weights chosen for f32");
-    let fp16 = StableDiffusionPipeline::from_folder(&model, DType::F32, &Device::Cpu, Some("fp16")).unwrap();
-    assert!(rel_err(&unet_stage_output(&fp16), get(&refs, "unet.out")) > 1e-2, "fp16 variant should have been used");
+    let plain =
+        StableDiffusionPipeline::from_folder(&model, DType::F32, &Device::Cpu, None).unwrap();
+    assert_close(
+        &unet_stage_output(&plain),
+        get(&refs, "unet.out"),
+        1e-4,
+        "plain weights chosen for f32",
+    );
+    let fp16 = StableDiffusionPipeline::from_folder(&model, DType::F32, &Device::Cpu, Some("fp16"))
+        .unwrap();
+    assert!(
+        rel_err(&unet_stage_output(&fp16), get(&refs, "unet.out")) > 1e-2,
+        "fp16 variant should have been used"
+    );
 }
 
 /// The tiny SD2 model and a 64 px, 2-step run of it.
@@ -121,8 +140,12 @@ fn small_run() -> (std::path::PathBuf, GenerateParams) {
 #[test]
 fn half_precision_runs_stay_close_to_f32() {
     let (model, params) = small_run();
-    let reference = StableDiffusionPipeline::from_folder(&model, DType::F32, &Device::Cpu, None).unwrap().generate(&params).unwrap();
-    let pipe = StableDiffusionPipeline::from_folder(&model, DType::F16, &Device::Cpu, None).unwrap();
+    let reference = StableDiffusionPipeline::from_folder(&model, DType::F32, &Device::Cpu, None)
+        .unwrap()
+        .generate(&params)
+        .unwrap();
+    let pipe =
+        StableDiffusionPipeline::from_folder(&model, DType::F16, &Device::Cpu, None).unwrap();
     assert_eq!(pipe.dtype(), DType::F16);
     let out = pipe.generate(&params).unwrap();
     let (mean, max) = image_diff(out.images[0].as_raw(), reference.images[0].as_raw());
@@ -140,16 +163,28 @@ fn bf16_on_cpu_stays_close_to_f32_or_names_mkl() {
         Ok(pipe) => pipe,
         Err(e) => {
             let err = e.to_string();
-            assert!(std::env::var("SD_REQUIRE_MKL").is_err(), "SD_REQUIRE_MKL is set but bf16 failed: {err}");
-            assert!(!sd_core::nn::blas::cpu_gemm().supports_bf16(), "MKL is loaded but bf16 failed: {err}");
+            assert!(
+                std::env::var("SD_REQUIRE_MKL").is_err(),
+                "SD_REQUIRE_MKL is set but bf16 failed: {err}"
+            );
+            assert!(
+                !sd_core::nn::blas::cpu_gemm().supports_bf16(),
+                "MKL is loaded but bf16 failed: {err}"
+            );
             assert!(!sd_core::nn::amx::available(), "AMX is available but bf16 failed: {err}");
-            assert!(err.contains("bf16") && err.contains("MKL") && err.contains("pip install"), "{err}");
+            assert!(
+                err.contains("bf16") && err.contains("MKL") && err.contains("pip install"),
+                "{err}"
+            );
             return;
         }
     };
     assert_eq!(pipe.dtype(), DType::BF16);
     assert_eq!(pipe.activation_dtype(), DType::F32);
-    let reference = StableDiffusionPipeline::from_folder(&model, DType::F32, &Device::Cpu, None).unwrap().generate(&params).unwrap();
+    let reference = StableDiffusionPipeline::from_folder(&model, DType::F32, &Device::Cpu, None)
+        .unwrap()
+        .generate(&params)
+        .unwrap();
     let out = pipe.generate(&params).unwrap();
     let (mean, max) = image_diff(out.images[0].as_raw(), reference.images[0].as_raw());
     eprintln!("bf16 vs f32: mean |diff| {mean:.3}, max {max}");
@@ -166,8 +201,16 @@ fn missing_tensor_names_tensor_and_folder() {
     let mut tensors = read_tensors(&file);
     tensors.remove("decoder.conv_out.weight").unwrap();
     candle_core::safetensors::save(&tensors, &file).unwrap();
-    let err = StableDiffusionPipeline::from_folder(&model, DType::F32, &Device::Cpu, None).err().expect("must fail").to_string();
-    assert!(err.contains("decoder.conv_out.weight") && err.contains("vae") && err.contains("diffusion_pytorch_model.safetensors"), "{err}");
+    let err = StableDiffusionPipeline::from_folder(&model, DType::F32, &Device::Cpu, None)
+        .err()
+        .expect("must fail")
+        .to_string();
+    assert!(
+        err.contains("decoder.conv_out.weight")
+            && err.contains("vae")
+            && err.contains("diffusion_pytorch_model.safetensors"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -176,6 +219,9 @@ fn missing_weight_file_is_an_error_naming_the_folder() {
     let model = dir.path().join("sd2-noweights");
     copy_dir(&pipelines().join("sd2-tiny"), &model);
     std::fs::remove_file(model.join("unet/diffusion_pytorch_model.safetensors")).unwrap();
-    let err = StableDiffusionPipeline::from_folder(&model, DType::F32, &Device::Cpu, None).err().expect("must fail").to_string();
+    let err = StableDiffusionPipeline::from_folder(&model, DType::F32, &Device::Cpu, None)
+        .err()
+        .expect("must fail")
+        .to_string();
     assert!(err.contains("unet") && err.contains("diffusion_pytorch_model"), "{err}");
 }

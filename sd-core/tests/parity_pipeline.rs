@@ -5,14 +5,17 @@
 mod support;
 
 use candle_core::{DType, Device, Tensor};
-use sd_core::pipeline::{GenerateParams, RunHooks, StableDiffusionPipeline, StepControl, StepProgress};
+use sd_core::pipeline::{
+    GenerateParams, RunHooks, StableDiffusionPipeline, StepControl, StepProgress,
+};
 use sd_core::rng::Generators;
 use support::*;
 
 const TOL: f32 = 1e-4;
 
 fn pipeline(model: &str) -> StableDiffusionPipeline {
-    StableDiffusionPipeline::from_folder(&pipelines().join(model), DType::F32, &Device::Cpu, None).unwrap()
+    StableDiffusionPipeline::from_folder(&pipelines().join(model), DType::F32, &Device::Cpu, None)
+        .unwrap()
 }
 
 fn params(case: &Case) -> GenerateParams {
@@ -38,14 +41,23 @@ fn check_steps(name: &str) {
 
     let ids = pipe.tokenizer.encode(&case.prompt).unwrap();
     let expected_ids: Vec<i64> = get(&refs, "input_ids").flatten_all().unwrap().to_vec1().unwrap();
-    assert_eq!(ids.iter().map(|&i| i as i64).collect::<Vec<_>>(), expected_ids, "{name}: token ids");
+    assert_eq!(
+        ids.iter().map(|&i| i as i64).collect::<Vec<_>>(),
+        expected_ids,
+        "{name}: token ids"
+    );
     let cond = pipe.encode_prompts(&[case.prompt.clone()]).unwrap();
     assert_close(&cond, get(&refs, "prompt_embeds"), TOL, &format!("{name} prompt_embeds"));
     let mut context = cond.repeat((n, 1, 1)).unwrap();
     if guidance {
         let negative = case.negative_prompt.clone().unwrap_or_default();
         let uncond = pipe.encode_prompts(&[negative]).unwrap();
-        assert_close(&uncond, get(&refs, "negative_prompt_embeds"), TOL, &format!("{name} negative_prompt_embeds"));
+        assert_close(
+            &uncond,
+            get(&refs, "negative_prompt_embeds"),
+            TOL,
+            &format!("{name} negative_prompt_embeds"),
+        );
         context = Tensor::cat(&[uncond.repeat((n, 1, 1)).unwrap(), context], 0).unwrap();
     }
 
@@ -57,24 +69,46 @@ fn check_steps(name: &str) {
 
     let mut generators = Generators::from_seeds(&[case.seed], n).unwrap();
     let shape = get(&refs, "init_latents").dims().to_vec();
-    let mut latents = (generators.randn(&shape, &Device::Cpu).unwrap() * scheduler.init_noise_sigma()).unwrap();
+    let mut latents =
+        (generators.randn(&shape, &Device::Cpu).unwrap() * scheduler.init_noise_sigma()).unwrap();
     assert_close(&latents, get(&refs, "init_latents"), 1e-6, &format!("{name} init_latents"));
 
     for (i, &t) in scheduler.timesteps().to_vec().iter().enumerate() {
-        let input = if guidance { Tensor::cat(&[&latents, &latents], 0).unwrap() } else { latents.clone() };
+        let input =
+            if guidance { Tensor::cat(&[&latents, &latents], 0).unwrap() } else { latents.clone() };
         let input = scheduler.scale_model_input(&input, t).unwrap();
-        assert_close(&input, get(&refs, &format!("step{i}.model_input")), TOL, &format!("{name} step {i} model_input"));
+        assert_close(
+            &input,
+            get(&refs, &format!("step{i}.model_input")),
+            TOL,
+            &format!("{name} step {i} model_input"),
+        );
         let raw = pipe.unet.forward(&input, t, &context).unwrap();
-        assert_close(&raw, get(&refs, &format!("step{i}.noise_pred_raw")), TOL, &format!("{name} step {i} unet"));
+        assert_close(
+            &raw,
+            get(&refs, &format!("step{i}.noise_pred_raw")),
+            TOL,
+            &format!("{name} step {i} unet"),
+        );
         let pred = if guidance {
             let (u, c) = (raw.narrow(0, 0, n).unwrap(), raw.narrow(0, n, n).unwrap());
             (&u + ((c - &u).unwrap() * case.guidance_scale).unwrap()).unwrap()
         } else {
             raw
         };
-        assert_close(&pred, get(&refs, &format!("step{i}.noise_pred")), TOL, &format!("{name} step {i} guidance"));
+        assert_close(
+            &pred,
+            get(&refs, &format!("step{i}.noise_pred")),
+            TOL,
+            &format!("{name} step {i} guidance"),
+        );
         latents = scheduler.step(&pred, t, &latents, &mut generators).unwrap();
-        assert_close(&latents, get(&refs, &format!("step{i}.latents")), TOL, &format!("{name} step {i} latents"));
+        assert_close(
+            &latents,
+            get(&refs, &format!("step{i}.latents")),
+            TOL,
+            &format!("{name} step {i} latents"),
+        );
     }
     let decoded = pipe.decode_latents(&latents).unwrap();
     assert_close(&decoded, get(&refs, "decoded"), TOL, &format!("{name} decoded"));
@@ -91,10 +125,20 @@ fn check_images(name: &str) {
         step_latents.push(latents.clone());
         StepControl::Continue
     };
-    let out = pipe.generate_with(&params(&case), RunHooks { on_step_end: Some(&mut on_step_end), ..Default::default() }).unwrap();
+    let out = pipe
+        .generate_with(
+            &params(&case),
+            RunHooks { on_step_end: Some(&mut on_step_end), ..Default::default() },
+        )
+        .unwrap();
     assert_eq!(step_latents.len(), case.num_inference_steps);
     for (i, latents) in step_latents.iter().enumerate() {
-        assert_close(latents, get(&refs, &format!("step{i}.latents")), TOL, &format!("{name} hook latents {i}"));
+        assert_close(
+            latents,
+            get(&refs, &format!("step{i}.latents")),
+            TOL,
+            &format!("{name} hook latents {i}"),
+        );
     }
     let n = case.num_images_per_prompt;
     assert_eq!(out.images.len(), n);
@@ -138,11 +182,19 @@ fn sd2_ddim_given_prompt_embeds_images() {
     p.prompts.clear();
     p.prompt_embeds = Some(get(&refs, "prompt_embeds").clone());
     let negative_encoded = pipe.generate(&p).unwrap();
-    assert_image_close(negative_encoded.images[0].as_raw(), expected.as_raw(), "sd2_ddim with prompt_embeds");
+    assert_image_close(
+        negative_encoded.images[0].as_raw(),
+        expected.as_raw(),
+        "sd2_ddim with prompt_embeds",
+    );
     p.negative_prompts = None;
     p.negative_prompt_embeds = Some(get(&refs, "negative_prompt_embeds").clone());
     let both_given = pipe.generate(&p).unwrap();
-    assert_image_close(both_given.images[0].as_raw(), expected.as_raw(), "sd2_ddim with both embeddings");
+    assert_image_close(
+        both_given.images[0].as_raw(),
+        expected.as_raw(),
+        "sd2_ddim with both embeddings",
+    );
 }
 
 #[test]

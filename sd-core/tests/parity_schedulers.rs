@@ -35,12 +35,23 @@ struct SchedCase {
 
 fn sd2() -> &'static StableDiffusionPipeline {
     static PIPE: OnceLock<StableDiffusionPipeline> = OnceLock::new();
-    PIPE.get_or_init(|| StableDiffusionPipeline::from_folder(&pipelines().join("sd2-tiny"), DType::F32, &Device::Cpu, None).unwrap())
+    PIPE.get_or_init(|| {
+        StableDiffusionPipeline::from_folder(
+            &pipelines().join("sd2-tiny"),
+            DType::F32,
+            &Device::Cpu,
+            None,
+        )
+        .unwrap()
+    })
 }
 
 fn load(name: &str) -> SchedCase {
     let path = pipelines().join(format!("{name}.json"));
-    serde_json::from_str(&std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))).unwrap()
+    serde_json::from_str(
+        &std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display())),
+    )
+    .unwrap()
 }
 
 /// Runs `generate` as a user would, with the case's scheduler name, and compares timesteps,
@@ -73,7 +84,11 @@ fn check(name: &str) {
     let want_t: Vec<f64> = get(&refs, "timesteps").to_vec1().unwrap();
     assert_eq!(scheduler.timesteps().len(), want_t.len(), "{name}: timestep count");
     for (g, w) in scheduler.timesteps().iter().zip(&want_t) {
-        assert!((g - w).abs() <= 1e-6 * w.abs().max(1.0), "{name}: timesteps {:?} vs {want_t:?}", scheduler.timesteps());
+        assert!(
+            (g - w).abs() <= 1e-6 * w.abs().max(1.0),
+            "{name}: timesteps {:?} vs {want_t:?}",
+            scheduler.timesteps()
+        );
     }
 
     let out = pipe.generate(&params).unwrap_or_else(|e| panic!("{name}: {e}"));

@@ -17,21 +17,24 @@ fn text_encoder(model: &str) -> ClipTextModel {
     let dir = pipelines().join(format!("{model}-tiny")).join("text_encoder");
     let cfg: ClipTextConfig = read_json(&dir.join("config.json")).unwrap();
     let store = WeightStore::open_component(&dir, "model", None).unwrap();
-    build_component(&dir, store, DType::F32, &Device::Cpu, |vb| ClipTextModel::new(vb, &cfg)).unwrap()
+    build_component(&dir, store, DType::F32, &Device::Cpu, |vb| ClipTextModel::new(vb, &cfg))
+        .unwrap()
 }
 
 fn unet(model: &str) -> UNet2DConditionModel {
     let dir = pipelines().join(format!("{model}-tiny")).join("unet");
     let cfg: UNet2DConditionConfig = read_json(&dir.join("config.json")).unwrap();
     let store = WeightStore::open_component(&dir, "diffusion_pytorch_model", None).unwrap();
-    build_component(&dir, store, DType::F32, &Device::Cpu, |vb| UNet2DConditionModel::new(vb, &cfg)).unwrap()
+    build_component(&dir, store, DType::F32, &Device::Cpu, |vb| UNet2DConditionModel::new(vb, &cfg))
+        .unwrap()
 }
 
 fn vae(model: &str) -> AutoencoderKL {
     let dir = pipelines().join(format!("{model}-tiny")).join("vae");
     let cfg: AutoencoderKLConfig = read_json(&dir.join("config.json")).unwrap();
     let store = WeightStore::open_component(&dir, "diffusion_pytorch_model", None).unwrap();
-    build_component(&dir, store, DType::F32, &Device::Cpu, |vb| AutoencoderKL::new(vb, &cfg)).unwrap()
+    build_component(&dir, store, DType::F32, &Device::Cpu, |vb| AutoencoderKL::new(vb, &cfg))
+        .unwrap()
 }
 
 fn check_text_encoder(model: &str) {
@@ -44,9 +47,17 @@ fn check_unet(model: &str) {
     let refs = load_refs(&format!("{model}_stages.safetensors"));
     let unet = unet(model);
     for case in ["unet", "unet_ns", "unet_odd"] {
-        let t = get(&refs, &format!("{case}.timestep")).to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap();
+        let t = get(&refs, &format!("{case}.timestep"))
+            .to_dtype(DType::F64)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
         let out = unet
-            .forward(get(&refs, &format!("{case}.sample")), t, get(&refs, &format!("{case}.encoder_hidden_states")))
+            .forward(
+                get(&refs, &format!("{case}.sample")),
+                t,
+                get(&refs, &format!("{case}.encoder_hidden_states")),
+            )
             .unwrap();
         assert_close(&out, get(&refs, &format!("{case}.out")), TOL, &format!("{model} {case}"));
     }
@@ -58,7 +69,12 @@ fn check_vae(model: &str) {
     let decoded = vae.decode(get(&refs, "vae.latents")).unwrap();
     assert_close(&decoded, get(&refs, "vae.decoded"), TOL, &format!("{model} vae decode"));
     let dist = vae.encode(get(&refs, "vae.image")).unwrap();
-    assert_close(&dist.mean, get(&refs, "vae.latent_mean"), TOL, &format!("{model} vae encode mean"));
+    assert_close(
+        &dist.mean,
+        get(&refs, "vae.latent_mean"),
+        TOL,
+        &format!("{model} vae encode mean"),
+    );
     assert_close(&dist.std, get(&refs, "vae.latent_std"), TOL, &format!("{model} vae encode std"));
 }
 

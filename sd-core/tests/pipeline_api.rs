@@ -6,12 +6,21 @@ mod support;
 use std::sync::Arc;
 
 use candle_core::{DType, Device};
-use sd_core::pipeline::{CancelToken, GenerateParams, OutputType, RunHooks, StableDiffusionPipeline, StepControl, StepProgress};
+use sd_core::pipeline::{
+    CancelToken, GenerateParams, OutputType, RunHooks, StableDiffusionPipeline, StepControl,
+    StepProgress,
+};
 use sd_core::Error;
 use support::*;
 
 fn pipe() -> StableDiffusionPipeline {
-    StableDiffusionPipeline::from_folder(&pipelines().join("sd2-tiny"), DType::F32, &Device::Cpu, None).unwrap()
+    StableDiffusionPipeline::from_folder(
+        &pipelines().join("sd2-tiny"),
+        DType::F32,
+        &Device::Cpu,
+        None,
+    )
+    .unwrap()
 }
 
 fn params(steps: usize) -> GenerateParams {
@@ -31,7 +40,8 @@ fn progress_is_reported_every_step_and_can_cancel() {
         seen.push((p.step, p.total));
         true
     };
-    pipe.generate_with(&params(3), RunHooks { on_step: Some(&mut on_step), ..Default::default() }).unwrap();
+    pipe.generate_with(&params(3), RunHooks { on_step: Some(&mut on_step), ..Default::default() })
+        .unwrap();
     assert_eq!(seen, vec![(1, 3), (2, 3), (3, 3)]);
 
     let mut calls = 0;
@@ -39,13 +49,20 @@ fn progress_is_reported_every_step_and_can_cancel() {
         calls += 1;
         false
     };
-    let err = pipe.generate_with(&params(3), RunHooks { on_step: Some(&mut stop_after_one), ..Default::default() }).unwrap_err();
+    let err = pipe
+        .generate_with(
+            &params(3),
+            RunHooks { on_step: Some(&mut stop_after_one), ..Default::default() },
+        )
+        .unwrap_err();
     assert!(matches!(err, Error::Cancelled), "{err}");
     assert_eq!(calls, 1);
 
     let token = CancelToken::new();
     token.cancel();
-    let err = pipe.generate_with(&params(3), RunHooks { cancel: Some(token), ..Default::default() }).unwrap_err();
+    let err = pipe
+        .generate_with(&params(3), RunHooks { cancel: Some(token), ..Default::default() })
+        .unwrap_err();
     assert!(matches!(err, Error::Cancelled), "{err}");
 }
 
@@ -59,7 +76,9 @@ fn finish_decodes_the_latents_of_the_step_it_was_asked_at() {
         every_step.push(latents.clone());
         StepControl::Continue
     };
-    let full = pipe.generate_with(&params(3), RunHooks { on_step_end: Some(&mut keep), ..Default::default() }).unwrap();
+    let full = pipe
+        .generate_with(&params(3), RunHooks { on_step_end: Some(&mut keep), ..Default::default() })
+        .unwrap();
     assert_eq!(every_step.len(), 3);
     assert_close(&full.latents, &every_step[2], 0.0, "last step latents");
 
@@ -69,9 +88,17 @@ fn finish_decodes_the_latents_of_the_step_it_was_asked_at() {
         true
     };
     let mut finish_at_two = |p: &StepProgress, _: &mut candle_core::Tensor| {
-        if p.step == 2 { StepControl::Finish } else { StepControl::Continue }
+        if p.step == 2 {
+            StepControl::Finish
+        } else {
+            StepControl::Continue
+        }
     };
-    let hooks = RunHooks { on_step: Some(&mut on_step), on_step_end: Some(&mut finish_at_two), ..Default::default() };
+    let hooks = RunHooks {
+        on_step: Some(&mut on_step),
+        on_step_end: Some(&mut finish_at_two),
+        ..Default::default()
+    };
     let early = pipe.generate_with(&params(3), hooks).unwrap();
     assert_eq!(progress, vec![1, 2]);
     assert_close(&early.latents, &every_step[1], 0.0, "latents at the finish");
@@ -92,7 +119,12 @@ fn on_step_end_can_replace_the_latents_or_cancel() {
         }
         StepControl::Continue
     };
-    let out = pipe.generate_with(&params(2), RunHooks { on_step_end: Some(&mut to_zero), ..Default::default() }).unwrap();
+    let out = pipe
+        .generate_with(
+            &params(2),
+            RunHooks { on_step_end: Some(&mut to_zero), ..Default::default() },
+        )
+        .unwrap();
     assert_eq!(out.latents.dtype(), DType::F32);
     assert_close(&out.latents, &out.latents.zeros_like().unwrap(), 0.0, "replaced latents");
     let decoded_zeros = pipe.decode_to_images(&out.latents).unwrap();
@@ -102,7 +134,12 @@ fn on_step_end_can_replace_the_latents_or_cancel() {
         *latents = latents.narrow(3, 0, 4).unwrap();
         StepControl::Continue
     };
-    let err = pipe.generate_with(&params(2), RunHooks { on_step_end: Some(&mut wrong_shape), ..Default::default() }).unwrap_err();
+    let err = pipe
+        .generate_with(
+            &params(2),
+            RunHooks { on_step_end: Some(&mut wrong_shape), ..Default::default() },
+        )
+        .unwrap_err();
     assert!(matches!(err, Error::InvalidArgument(ref m) if m.contains("[1, 4, 8, 4]")), "{err}");
 
     let mut calls = 0;
@@ -110,7 +147,12 @@ fn on_step_end_can_replace_the_latents_or_cancel() {
         calls += 1;
         StepControl::Cancel
     };
-    let err = pipe.generate_with(&params(3), RunHooks { on_step_end: Some(&mut cancel), ..Default::default() }).unwrap_err();
+    let err = pipe
+        .generate_with(
+            &params(3),
+            RunHooks { on_step_end: Some(&mut cancel), ..Default::default() },
+        )
+        .unwrap_err();
     assert!(matches!(err, Error::Cancelled), "{err}");
     assert_eq!(calls, 1);
 }
@@ -125,7 +167,10 @@ fn given_latents_replace_the_seeded_noise() {
     seeded.output = OutputType::Latent;
     let expected = pipe.generate(&seeded).unwrap();
 
-    let noise = sd_core::rng::Generators::from_seeds(&[7], 1).unwrap().randn(&[1, 4, 8, 8], &Device::Cpu).unwrap();
+    let noise = sd_core::rng::Generators::from_seeds(&[7], 1)
+        .unwrap()
+        .randn(&[1, 4, 8, 8], &Device::Cpu)
+        .unwrap();
     let mut given = seeded.clone();
     given.seeds = vec![1234];
     given.latents = Some(noise.to_dtype(DType::F64).unwrap());
@@ -135,7 +180,10 @@ fn given_latents_replace_the_seeded_noise() {
 
     given.latents = Some(noise.narrow(2, 0, 4).unwrap());
     let err = pipe.generate(&given).unwrap_err();
-    assert!(matches!(err, Error::InvalidArgument(ref m) if m.contains("latents have shape [1, 4, 4, 8], expected [1, 4, 8, 8]")), "{err}");
+    assert!(
+        matches!(err, Error::InvalidArgument(ref m) if m.contains("latents have shape [1, 4, 4, 8], expected [1, 4, 8, 8]")),
+        "{err}"
+    );
 }
 
 /// Prompt embeddings come instead of prompts, with the shapes the model takes.
@@ -155,26 +203,63 @@ fn prompt_embeds_are_checked() {
     assert_eq!(two.images.len(), 2);
     let mut by_prompt = params(1);
     by_prompt.prompts = vec!["a red cube".into(), "a blue ball".into()];
-    assert_close(&two.latents, &pipe.generate(&by_prompt).unwrap().latents, 0.0, "embeddings vs prompts");
+    assert_close(
+        &two.latents,
+        &pipe.generate(&by_prompt).unwrap().latents,
+        0.0,
+        "embeddings vs prompts",
+    );
 
     type Change<'a> = Box<dyn Fn(&mut GenerateParams) + 'a>;
     let cases: Vec<(Change, String)> = vec![
         (Box::new(|p| p.prompts = vec!["x".into()]), "prompts or prompt_embeds, not both".into()),
-        (Box::new(|p| p.prompt_embeds = Some(embeds.narrow(2, 0, 8).unwrap())), format!("shape [2, 77, 8], expected [prompts, tokens, {hidden}]")),
-        (Box::new(|p| p.prompt_embeds = Some(embeds.get(0).unwrap())), "expected [prompts, tokens".into()),
-        (Box::new(|p| { p.negative_prompts = Some(vec!["x".into()]); p.negative_prompt_embeds = Some(embeds.clone()) }), "not both".into()),
-        (Box::new(|p| p.negative_prompts = Some(vec!["x".into(), "y".into(), "z".into()])), "3 negative prompts for 2 prompts".into()),
-        (Box::new(|p| p.negative_prompt_embeds = Some(embeds.narrow(0, 0, 1).unwrap())), "negative_prompt_embeds have shape [1, 77,".into()),
-        (Box::new(|p| p.prompt_embeds = Some(embeds.narrow(1, 0, 20).unwrap())), "prompt_embeds of 20 tokens need negative_prompt_embeds".into()),
+        (
+            Box::new(|p| p.prompt_embeds = Some(embeds.narrow(2, 0, 8).unwrap())),
+            format!("shape [2, 77, 8], expected [prompts, tokens, {hidden}]"),
+        ),
+        (
+            Box::new(|p| p.prompt_embeds = Some(embeds.get(0).unwrap())),
+            "expected [prompts, tokens".into(),
+        ),
+        (
+            Box::new(|p| {
+                p.negative_prompts = Some(vec!["x".into()]);
+                p.negative_prompt_embeds = Some(embeds.clone())
+            }),
+            "not both".into(),
+        ),
+        (
+            Box::new(|p| p.negative_prompts = Some(vec!["x".into(), "y".into(), "z".into()])),
+            "3 negative prompts for 2 prompts".into(),
+        ),
+        (
+            Box::new(|p| p.negative_prompt_embeds = Some(embeds.narrow(0, 0, 1).unwrap())),
+            "negative_prompt_embeds have shape [1, 77,".into(),
+        ),
+        (
+            Box::new(|p| p.prompt_embeds = Some(embeds.narrow(1, 0, 20).unwrap())),
+            "prompt_embeds of 20 tokens need negative_prompt_embeds".into(),
+        ),
     ];
     for (change, needle) in cases {
         let err = with(&*change).unwrap_err();
-        assert!(matches!(err, Error::InvalidArgument(ref m) if m.contains(&needle)), "{needle}: {err}");
+        assert!(
+            matches!(err, Error::InvalidArgument(ref m) if m.contains(&needle)),
+            "{needle}: {err}"
+        );
     }
     // Any number of tokens works when both embeddings are given (or without guidance).
     let short = embeds.narrow(1, 0, 20).unwrap();
-    with(&|p| { p.prompt_embeds = Some(short.clone()); p.negative_prompt_embeds = Some(short.clone()) }).unwrap();
-    with(&|p| { p.prompt_embeds = Some(short.clone()); p.guidance_scale = 1.0 }).unwrap();
+    with(&|p| {
+        p.prompt_embeds = Some(short.clone());
+        p.negative_prompt_embeds = Some(short.clone())
+    })
+    .unwrap();
+    with(&|p| {
+        p.prompt_embeds = Some(short.clone());
+        p.guidance_scale = 1.0
+    })
+    .unwrap();
 }
 
 /// Per-image seeds behave like diffusers' list of generators: image i of a batch equals the single
@@ -193,7 +278,12 @@ fn per_image_seeds_equal_single_runs() {
         single.seeds = vec![seed];
         single.output = OutputType::Latent;
         let one = pipe.generate(&single).unwrap();
-        assert_close(&out.latents.narrow(0, i, 1).unwrap(), &one.latents, 1e-5, &format!("image {i}"));
+        assert_close(
+            &out.latents.narrow(0, i, 1).unwrap(),
+            &one.latents,
+            1e-5,
+            &format!("image {i}"),
+        );
     }
 }
 
@@ -201,20 +291,86 @@ fn per_image_seeds_equal_single_runs() {
 fn bad_arguments_are_invalid_argument_errors() {
     let pipe = pipe();
     let cases: Vec<(GenerateParams, &str)> = vec![
-        ({ let mut p = params(2); p.height = Some(60); p }, "height"),
-        ({ let mut p = params(2); p.width = Some(0); p }, "width"),
+        (
+            {
+                let mut p = params(2);
+                p.height = Some(60);
+                p
+            },
+            "height",
+        ),
+        (
+            {
+                let mut p = params(2);
+                p.width = Some(0);
+                p
+            },
+            "width",
+        ),
         (params(0), "num_inference_steps"),
-        ({ let mut p = params(2); p.num_inference_steps = 5000; p }, "5000"),
-        ({ let mut p = params(2); p.num_images_per_prompt = 0; p }, "num_images_per_prompt"),
-        ({ let mut p = params(2); p.guidance_scale = f64::NAN; p }, "guidance_scale"),
-        ({ let mut p = params(2); p.seeds = vec![1, 2, 3]; p }, "seeds"),
-        ({ let mut p = params(2); p.prompts = vec![]; p }, "prompt"),
-        ({ let mut p = params(2); p.negative_prompts = Some(vec!["a".into(), "b".into()]); p }, "negative"),
-        ({ let mut p = params(2); p.scheduler = Some("nope".into()); p }, "nope"),
+        (
+            {
+                let mut p = params(2);
+                p.num_inference_steps = 5000;
+                p
+            },
+            "5000",
+        ),
+        (
+            {
+                let mut p = params(2);
+                p.num_images_per_prompt = 0;
+                p
+            },
+            "num_images_per_prompt",
+        ),
+        (
+            {
+                let mut p = params(2);
+                p.guidance_scale = f64::NAN;
+                p
+            },
+            "guidance_scale",
+        ),
+        (
+            {
+                let mut p = params(2);
+                p.seeds = vec![1, 2, 3];
+                p
+            },
+            "seeds",
+        ),
+        (
+            {
+                let mut p = params(2);
+                p.prompts = vec![];
+                p
+            },
+            "prompt",
+        ),
+        (
+            {
+                let mut p = params(2);
+                p.negative_prompts = Some(vec!["a".into(), "b".into()]);
+                p
+            },
+            "negative",
+        ),
+        (
+            {
+                let mut p = params(2);
+                p.scheduler = Some("nope".into());
+                p
+            },
+            "nope",
+        ),
     ];
     for (p, needle) in cases {
         let err = pipe.generate(&p).unwrap_err();
-        assert!(matches!(err, Error::InvalidArgument(_) | Error::UnknownScheduler { .. }), "{needle}: {err:?}");
+        assert!(
+            matches!(err, Error::InvalidArgument(_) | Error::UnknownScheduler { .. }),
+            "{needle}: {err:?}"
+        );
         assert!(err.to_string().contains(needle), "{needle}: {err}");
     }
 }

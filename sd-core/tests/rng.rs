@@ -18,14 +18,23 @@ struct Fixtures {
 
 fn load() -> Fixtures {
     let dir = fixtures_dir();
-    let tensors = candle_core::safetensors::load(dir.join("rng.safetensors"), &Device::Cpu).expect("rng.safetensors");
-    let meta = serde_json::from_str(&std::fs::read_to_string(dir.join("rng.json")).expect("rng.json")).expect("rng.json parses");
+    let tensors = candle_core::safetensors::load(dir.join("rng.safetensors"), &Device::Cpu)
+        .expect("rng.safetensors");
+    let meta =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("rng.json")).expect("rng.json"))
+            .expect("rng.json parses");
     Fixtures { tensors, meta }
 }
 
 impl Fixtures {
     fn f32(&self, key: &str) -> Vec<f32> {
-        self.tensors.get(key).unwrap_or_else(|| panic!("fixture tensor {key} missing")).flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        self.tensors
+            .get(key)
+            .unwrap_or_else(|| panic!("fixture tensor {key} missing"))
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
     }
     fn seeds(&self) -> Vec<u64> {
         self.meta["seeds"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect()
@@ -48,7 +57,9 @@ fn assert_bits(what: &str, got: &[f32], want: &[f32]) {
 
 /// `sum(bits[i] * (2i + 1)) mod 2^64`, as the fixture generator computes it.
 fn checksum(v: &[f32]) -> u64 {
-    v.iter().enumerate().fold(0u64, |acc, (i, x)| acc.wrapping_add((x.to_bits() as u64).wrapping_mul(2 * i as u64 + 1)))
+    v.iter().enumerate().fold(0u64, |acc, (i, x)| {
+        acc.wrapping_add((x.to_bits() as u64).wrapping_mul(2 * i as u64 + 1))
+    })
 }
 
 #[test]
@@ -76,7 +87,11 @@ fn randn_matches_torch_for_every_size_and_seed() {
                 assert_bits(&key, &got, &fx.f32(&key));
             } else {
                 assert_bits(&format!("{key} head"), &got[..head], &fx.f32(&format!("{key}/head")));
-                assert_bits(&format!("{key} tail"), &got[n - head..], &fx.f32(&format!("{key}/tail")));
+                assert_bits(
+                    &format!("{key} tail"),
+                    &got[n - head..],
+                    &fx.f32(&format!("{key}/tail")),
+                );
                 let want: u64 = fx.meta["checksums"][&key].as_str().unwrap().parse().unwrap();
                 assert_eq!(checksum(&got), want, "{key}: checksum of all bits");
             }
@@ -104,7 +119,11 @@ fn shaped_rand_and_mixed_draws_match() {
     for seed in fx.seeds() {
         let t = TorchGenerator::new(seed).randn_tensor(&[2, 4, 6, 8], &Device::Cpu).unwrap();
         assert_eq!(t.dims(), &[2, 4, 6, 8]);
-        assert_bits("randn_shape", &t.flatten_all().unwrap().to_vec1::<f32>().unwrap(), &fx.f32(&format!("randn_shape/{seed}")));
+        assert_bits(
+            "randn_shape",
+            &t.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            &fx.f32(&format!("randn_shape/{seed}")),
+        );
 
         assert_bits("rand", &TorchGenerator::new(seed).rand(37), &fx.f32(&format!("rand/{seed}")));
 
@@ -114,7 +133,8 @@ fn shaped_rand_and_mixed_draws_match() {
         assert_eq!(got, want, "randint63/{seed}: raw random64 draws (high word first)");
 
         let mut g = TorchGenerator::new(seed);
-        let draws: Vec<Vec<f32>> = vec![g.rand(5), g.randn(3), g.rand(20), g.randn(1), g.randn(20), g.randn(1)];
+        let draws: Vec<Vec<f32>> =
+            vec![g.rand(5), g.randn(3), g.rand(20), g.randn(1), g.randn(20), g.randn(1)];
         for (i, d) in draws.iter().enumerate() {
             let key = format!("mixed/{seed}/{i}");
             assert_bits(&key, d, &fx.f32(&key));
@@ -177,10 +197,14 @@ fn generators_validate_counts() {
     assert!(Generators::from_seeds(&[1, 2], 3).is_err());
     assert!(matches!(Generators::from_seeds(&[1], 4).unwrap(), Generators::Single(_)));
     let mut two = Generators::from_seeds(&[1, 2], 2).unwrap();
-    assert!(two.randn(&[3, 4], &Device::Cpu).is_err(), "two generators cannot draw a batch of three");
+    assert!(
+        two.randn(&[3, 4], &Device::Cpu).is_err(),
+        "two generators cannot draw a batch of three"
+    );
     assert!(two.randn(&[], &Device::Cpu).is_err());
     // A list of one is a single generator, as in diffusers.
     let mut one = Generators::PerSample(vec![TorchGenerator::new(4)]);
-    let a = one.randn(&[2, 8], &Device::Cpu).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let a =
+        one.randn(&[2, 8], &Device::Cpu).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
     assert_eq!(a, TorchGenerator::new(4).randn(16));
 }

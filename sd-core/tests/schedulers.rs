@@ -8,8 +8,8 @@ use std::path::PathBuf;
 use candle_core::{Device, Tensor};
 use sd_core::rng::{Generators, TorchGenerator};
 use sd_core::schedulers::{
-    find_scheduler, normalize_scheduler_name, scheduler_from_name, scheduler_names, DDIMScheduler, EulerDiscreteScheduler,
-    Scheduler, SchedulerConfig, SCHEDULERS,
+    find_scheduler, normalize_scheduler_name, scheduler_from_name, scheduler_names, DDIMScheduler,
+    EulerDiscreteScheduler, Scheduler, SchedulerConfig, SCHEDULERS,
 };
 use sd_core::Error;
 use serde_json::{json, Value};
@@ -25,10 +25,12 @@ struct Fixtures {
 
 fn load() -> Fixtures {
     let dir = fixtures_dir();
-    let tensors =
-        candle_core::safetensors::load(dir.join("schedulers.safetensors"), &Device::Cpu).expect("schedulers.safetensors");
-    let meta: Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("schedulers.json")).expect("schedulers.json")).unwrap();
+    let tensors = candle_core::safetensors::load(dir.join("schedulers.safetensors"), &Device::Cpu)
+        .expect("schedulers.safetensors");
+    let meta: Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.join("schedulers.json")).expect("schedulers.json"),
+    )
+    .unwrap();
     Fixtures { tensors, cases: meta["cases"].as_array().unwrap().clone() }
 }
 
@@ -73,7 +75,12 @@ macro_rules! soft {
 }
 
 fn report(failures: &[String]) {
-    assert!(failures.is_empty(), "{} checks out of tolerance:\n{}", failures.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} checks out of tolerance:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
 }
 
 fn config_of(case: &Value) -> SchedulerConfig {
@@ -85,7 +92,8 @@ fn config_of(case: &Value) -> SchedulerConfig {
 fn build(case: &Value) -> Box<dyn Scheduler> {
     let class = case["class"].as_str().unwrap();
     let name = case.get("scheduler_name").and_then(Value::as_str).unwrap_or(class);
-    let mut s = scheduler_from_name(name, &config_of(case)).unwrap_or_else(|e| panic!("{}: {e}", case["name"]));
+    let mut s = scheduler_from_name(name, &config_of(case))
+        .unwrap_or_else(|e| panic!("{}: {e}", case["name"]));
     assert_eq!(s.class_name(), class);
     for (k, v) in case["options"].as_object().unwrap() {
         let v = v.as_f64().unwrap_or_else(|| if v.as_bool() == Some(true) { 1.0 } else { 0.0 });
@@ -100,7 +108,8 @@ fn noise_generators(case: &Value) -> Generators {
         // Deterministic cases must not draw: an empty list would fail if they did.
         return Generators::PerSample(vec![]);
     }
-    let seeds: Vec<u64> = noise["seeds"].as_array().unwrap().iter().map(|s| s.as_u64().unwrap()).collect();
+    let seeds: Vec<u64> =
+        noise["seeds"].as_array().unwrap().iter().map(|s| s.as_u64().unwrap()).collect();
     match noise["kind"].as_str().unwrap() {
         "single" => Generators::Single(TorchGenerator::new(seeds[0])),
         _ => Generators::PerSample(seeds.into_iter().map(TorchGenerator::new).collect()),
@@ -123,12 +132,23 @@ fn schedules_match_diffusers() {
         assert_eq!(s.timesteps().len(), want_ts.len(), "{name}: timestep count");
         for (i, (&g, &w)) in s.timesteps().iter().zip(&want_ts).enumerate() {
             stats.add("timesteps", sched_err(g, w), name);
-            soft!(failures, sched_err(g, w) <= SCHEDULE_TOL, "{name}: timestep {i}: {g} vs {w}\n{:?}\n{:?}", s.timesteps(), want_ts);
+            soft!(
+                failures,
+                sched_err(g, w) <= SCHEDULE_TOL,
+                "{name}: timestep {i}: {g} vs {w}\n{:?}\n{:?}",
+                s.timesteps(),
+                want_ts
+            );
         }
         let want_ins = vec_f64(&fx.tensors[&format!("{id}/ins")])[0];
         let e = sched_err(s.init_noise_sigma(), want_ins);
         stats.add("init_noise_sigma", e, name);
-        soft!(failures, e <= SCHEDULE_TOL, "{name}: init_noise_sigma {} vs {want_ins}", s.init_noise_sigma());
+        soft!(
+            failures,
+            e <= SCHEDULE_TOL,
+            "{name}: init_noise_sigma {} vs {want_ins}",
+            s.init_noise_sigma()
+        );
         if case["class"] == "EulerDiscreteScheduler" && case.get("scheduler_name").is_none() {
             let mut eu = EulerDiscreteScheduler::from_config(&config_of(case)).unwrap();
             eu.set_timesteps(steps).unwrap();
@@ -145,7 +165,11 @@ fn schedules_match_diffusers() {
                         continue;
                     }
                     stats.add("sigmas", sched_err(g, w), name);
-                    soft!(failures, sched_err(g, w) <= SCHEDULE_TOL, "{name}: sigma {i}: {g} vs {w}\n{got:?}\n{want:?}");
+                    soft!(
+                        failures,
+                        sched_err(g, w) <= SCHEDULE_TOL,
+                        "{name}: sigma {i}: {g} vs {w}\n{got:?}\n{want:?}"
+                    );
                 }
             }
             None => assert!(s.sigmas().is_none(), "{name}: diffusers has no sigmas"),
@@ -158,7 +182,10 @@ fn schedules_match_diffusers() {
 /// Counts exact and inexact values and the worst error, for the test log.
 #[derive(Default)]
 struct Stats(
-    std::collections::BTreeMap<&'static str, (usize, usize, f64, String, std::collections::BTreeSet<String>)>,
+    std::collections::BTreeMap<
+        &'static str,
+        (usize, usize, f64, String, std::collections::BTreeSet<String>),
+    >,
     std::collections::BTreeMap<(&'static str, String), (usize, f64)>,
 );
 
@@ -183,7 +210,10 @@ impl Stats {
         for (what, (n, inexact, worst, case, cases)) in &self.0 {
             println!("{what}: {n} values, {inexact} not bit-identical, worst relative error {worst:e} ({case})");
             if !cases.is_empty() && cases.len() <= 40 {
-                println!("    inexact in: {}", cases.iter().cloned().collect::<Vec<_>>().join("; "));
+                println!(
+                    "    inexact in: {}",
+                    cases.iter().cloned().collect::<Vec<_>>().join("; ")
+                );
             }
         }
         println!("worst relative error per scheduler (first word of the case name):");
@@ -207,7 +237,8 @@ fn step_sequences_match_diffusers() {
         let (id, name) = (case["id"].as_str().unwrap(), case["name"].as_str().unwrap());
         let mut s = build(case);
         s.set_timesteps(case["steps"].as_u64().unwrap() as usize).unwrap();
-        let shape: Vec<usize> = seq["shape"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect();
+        let shape: Vec<usize> =
+            seq["shape"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect();
         let mut inputs = TorchGenerator::new(seq["seed"].as_u64().unwrap());
         let mut gens = noise_generators(case);
         let noise0 = inputs.randn_tensor(&shape, &Device::Cpu).unwrap();
@@ -223,11 +254,21 @@ fn step_sequences_match_diffusers() {
                 Some(w) => {
                     let e = rel_err(&vec_f32(&scaled), &vec_f32(&w.get(k).unwrap()));
                     stats.add("scale_model_input", e, name);
-                    soft!(failures, e <= STEP_TOL, "{name}: scale_model_input at step {k}: relative error {e:e}");
+                    soft!(
+                        failures,
+                        e <= STEP_TOL,
+                        "{name}: scale_model_input at step {k}: relative error {e:e}"
+                    );
                 }
-                None => assert_eq!(vec_f32(&scaled), vec_f32(&sample), "{name}: does not scale its input"),
+                None => assert_eq!(
+                    vec_f32(&scaled),
+                    vec_f32(&sample),
+                    "{name}: does not scale its input"
+                ),
             }
-            let prev = s.step(&model_output, t, &sample, &mut gens).unwrap_or_else(|e| panic!("{name} step {k}: {e}"));
+            let prev = s
+                .step(&model_output, t, &sample, &mut gens)
+                .unwrap_or_else(|e| panic!("{name} step {k}: {e}"));
             assert_eq!(prev.dims(), &shape[..]);
             let e = rel_err(&vec_f32(&prev), &vec_f32(&want_prev.get(k).unwrap()));
             stats.add("step", e, name);
@@ -306,20 +347,41 @@ fn from_config_uses_each_class_defaults() {
 #[test]
 fn invalid_values_name_the_key_and_the_valid_values() {
     let cases = [
-        ("beta_schedule", json!("cubic"), &["beta_schedule", "cubic", "scaled_linear", "squaredcos_cap_v2"][..]),
-        ("prediction_type", json!("flow"), &["prediction_type", "epsilon", "v_prediction", "sample"][..]),
-        ("timestep_spacing", json!("middle"), &["timestep_spacing", "linspace", "leading", "trailing"][..]),
+        (
+            "beta_schedule",
+            json!("cubic"),
+            &["beta_schedule", "cubic", "scaled_linear", "squaredcos_cap_v2"][..],
+        ),
+        (
+            "prediction_type",
+            json!("flow"),
+            &["prediction_type", "epsilon", "v_prediction", "sample"][..],
+        ),
+        (
+            "timestep_spacing",
+            json!("middle"),
+            &["timestep_spacing", "linspace", "leading", "trailing"][..],
+        ),
         ("num_train_timesteps", json!("many"), &["num_train_timesteps", "integer"][..]),
         ("thresholding", json!(true), &["thresholding", "not supported"][..]),
     ];
     for (key, value, needles) in cases {
         for &class in ALL_CLASSES {
-            let has_thresholding = ["DDIMScheduler", "DPMSolverMultistepScheduler", "UniPCMultistepScheduler", "DEISMultistepScheduler", "DDPMScheduler", "LCMScheduler"];
+            let has_thresholding = [
+                "DDIMScheduler",
+                "DPMSolverMultistepScheduler",
+                "UniPCMultistepScheduler",
+                "DEISMultistepScheduler",
+                "DDPMScheduler",
+                "LCMScheduler",
+            ];
             if key == "thresholding" && !has_thresholding.contains(&class) {
                 continue; // not a key of the class: ignored
             }
             let cfg = sd21().with(key, value.clone());
-            let err = scheduler_from_name(class, &cfg).err().unwrap_or_else(|| panic!("{class} accepted {key}={value}"));
+            let err = scheduler_from_name(class, &cfg)
+                .err()
+                .unwrap_or_else(|| panic!("{class} accepted {key}={value}"));
             assert!(matches!(err, Error::Config { .. }), "{class} {key}: {err:?}");
             let msg = err.to_string();
             for n in needles {
@@ -327,15 +389,22 @@ fn invalid_values_name_the_key_and_the_valid_values() {
             }
         }
     }
-    let err = EulerDiscreteScheduler::from_config(&sd21().with("beta_schedule", "sigmoid")).unwrap_err();
+    let err =
+        EulerDiscreteScheduler::from_config(&sd21().with("beta_schedule", "sigmoid")).unwrap_err();
     assert!(err.to_string().contains("not supported"), "{err}");
-    let err = EulerDiscreteScheduler::from_config(&sd21().with("use_beta_sigmas", true)).unwrap_err();
+    let err =
+        EulerDiscreteScheduler::from_config(&sd21().with("use_beta_sigmas", true)).unwrap_err();
     assert!(err.to_string().contains("use_beta_sigmas"), "{err}");
-    let err = EulerDiscreteScheduler::from_config(&sd21().with("use_karras_sigmas", true).with("use_exponential_sigmas", true));
+    let err = EulerDiscreteScheduler::from_config(
+        &sd21().with("use_karras_sigmas", true).with("use_exponential_sigmas", true),
+    );
     assert!(err.is_err());
     assert!(matches!(SchedulerConfig::from_json_str("[1, 2]"), Err(Error::Config { .. })));
     assert!(matches!(SchedulerConfig::from_json_str("{oops"), Err(Error::Config { .. })));
-    assert!(matches!(SchedulerConfig::from_file("/nonexistent/scheduler_config.json"), Err(Error::NotFound { .. })));
+    assert!(matches!(
+        SchedulerConfig::from_file("/nonexistent/scheduler_config.json"),
+        Err(Error::NotFound { .. })
+    ));
 }
 
 /// Every diffusers class in the registry.
@@ -360,17 +429,23 @@ fn set_timesteps_rejects_bad_step_counts() {
     for &name in ALL_CLASSES {
         let mut s = scheduler_from_name(name, &sd21()).unwrap();
         assert!(matches!(s.set_timesteps(0), Err(Error::InvalidArgument(_))), "{name}: 0 steps");
-        assert!(matches!(s.set_timesteps(1001), Err(Error::InvalidArgument(_))), "{name}: 1001 steps");
+        assert!(
+            matches!(s.set_timesteps(1001), Err(Error::InvalidArgument(_))),
+            "{name}: 1001 steps"
+        );
         if name == "LCMScheduler" {
             // At most original_inference_steps (50).
-            assert!(matches!(s.set_timesteps(51), Err(Error::InvalidArgument(_))), "{name}: 51 steps");
+            assert!(
+                matches!(s.set_timesteps(51), Err(Error::InvalidArgument(_))),
+                "{name}: 51 steps"
+            );
             s.set_timesteps(50).unwrap();
             assert_eq!(s.timesteps().len(), 50);
             continue;
         }
         s.set_timesteps(1000).unwrap();
         let want = match s.order() {
-            2 => 1999, // two evaluations per step but the last
+            2 => 1999,                            // two evaluations per step but the last
             _ if name == "PNDMScheduler" => 1001, // the second timestep repeats
             _ => 1000,
         };
@@ -427,9 +502,21 @@ fn a1111_table() -> Vec<NameMapping> {
     vec![
         ("Euler", "EulerDiscreteScheduler", vec![]),
         ("Euler a", "EulerAncestralDiscreteScheduler", vec![]),
-        ("DPM++ 2M", "DPMSolverMultistepScheduler", vec![("algorithm_type", json!("dpmsolver++")), ("use_karras_sigmas", json!(false))]),
-        ("DPM++ 2M Karras", "DPMSolverMultistepScheduler", vec![karras.clone(), ("algorithm_type", json!("dpmsolver++"))]),
-        ("DPM++ 2M SDE", "DPMSolverMultistepScheduler", vec![sde.clone(), ("use_karras_sigmas", json!(false))]),
+        (
+            "DPM++ 2M",
+            "DPMSolverMultistepScheduler",
+            vec![("algorithm_type", json!("dpmsolver++")), ("use_karras_sigmas", json!(false))],
+        ),
+        (
+            "DPM++ 2M Karras",
+            "DPMSolverMultistepScheduler",
+            vec![karras.clone(), ("algorithm_type", json!("dpmsolver++"))],
+        ),
+        (
+            "DPM++ 2M SDE",
+            "DPMSolverMultistepScheduler",
+            vec![sde.clone(), ("use_karras_sigmas", json!(false))],
+        ),
         ("DPM++ 2M SDE Karras", "DPMSolverMultistepScheduler", vec![sde.clone(), karras.clone()]),
         ("DDIM", "DDIMScheduler", vec![]),
         ("PNDM", "PNDMScheduler", vec![]),
@@ -450,14 +537,25 @@ fn a1111_table() -> Vec<NameMapping> {
 fn a1111_names_map_to_a_class_and_overrides() {
     let cfg = sd21();
     for (name, class, overrides) in a1111_table() {
-        for spelling in [name.to_string(), name.to_lowercase(), name.to_uppercase(), name.replace(' ', "_"), name.replace(' ', "-")] {
-            let s = scheduler_from_name(&spelling, &cfg).unwrap_or_else(|e| panic!("{spelling}: {e}"));
+        for spelling in [
+            name.to_string(),
+            name.to_lowercase(),
+            name.to_uppercase(),
+            name.replace(' ', "_"),
+            name.replace(' ', "-"),
+        ] {
+            let s =
+                scheduler_from_name(&spelling, &cfg).unwrap_or_else(|e| panic!("{spelling}: {e}"));
             assert_eq!(s.class_name(), class, "{spelling}");
             for (k, v) in &overrides {
                 assert_eq!(s.config().get(k), Some(v), "{spelling}: {k}");
             }
             // The model's own config values stay (SD 2.1 is v-prediction with leading spacing).
-            assert_eq!(s.config().get("prediction_type"), Some(&json!("v_prediction")), "{spelling}");
+            assert_eq!(
+                s.config().get("prediction_type"),
+                Some(&json!("v_prediction")),
+                "{spelling}"
+            );
             assert_eq!(s.config().get("steps_offset"), Some(&json!(1)), "{spelling}");
         }
         let entry = find_scheduler(name).unwrap();
@@ -474,16 +572,24 @@ fn a1111_names_map_to_a_class_and_overrides() {
         ("dpm2_a_karras", "DPM2 a Karras"),
         ("lms_karras", "LMS Karras"),
     ] {
-        assert!(std::ptr::eq(find_scheduler(short).unwrap(), find_scheduler(a1111).unwrap()), "{short} = {a1111}");
+        assert!(
+            std::ptr::eq(find_scheduler(short).unwrap(), find_scheduler(a1111).unwrap()),
+            "{short} = {a1111}"
+        );
     }
     // An override wins over the model's value, and the rest of the model's config is kept.
-    let over = sd21().with("use_karras_sigmas", false).with("algorithm_type", "dpmsolver++").with("solver_order", 3);
+    let over = sd21()
+        .with("use_karras_sigmas", false)
+        .with("algorithm_type", "dpmsolver++")
+        .with("solver_order", 3);
     let s = scheduler_from_name("DPM++ 2M SDE Karras", &over).unwrap();
     assert_eq!(s.config().get("use_karras_sigmas"), Some(&json!(true)));
     assert_eq!(s.config().get("algorithm_type"), Some(&json!("sde-dpmsolver++")));
     assert_eq!(s.config().get("solver_order"), Some(&json!(3)));
     // A class name means the class with no overrides (whatever the model's config says).
-    let s = scheduler_from_name("DPMSolverMultistepScheduler", &sd21().with("use_karras_sigmas", true)).unwrap();
+    let s =
+        scheduler_from_name("DPMSolverMultistepScheduler", &sd21().with("use_karras_sigmas", true))
+            .unwrap();
     assert_eq!(s.config().get("use_karras_sigmas"), Some(&json!(true)));
 }
 
@@ -500,11 +606,18 @@ fn every_registry_name_is_unique_and_builds() {
     }
     for e in SCHEDULERS {
         if let Some(&j) = seen.get(&normalize_scheduler_name(e.class_name)) {
-            assert_eq!(SCHEDULERS[j].class_name, e.class_name, "{} collides with a short name", e.class_name);
+            assert_eq!(
+                SCHEDULERS[j].class_name, e.class_name,
+                "{} collides with a short name",
+                e.class_name
+            );
         }
     }
     for &class in ALL_CLASSES {
-        assert!(SCHEDULERS.iter().any(|e| e.class_name == class && e.overrides.is_empty()), "{class} has a plain entry");
+        assert!(
+            SCHEDULERS.iter().any(|e| e.class_name == class && e.overrides.is_empty()),
+            "{class} has a plain entry"
+        );
     }
     for name in scheduler_names() {
         let e = find_scheduler(name).unwrap();
@@ -512,7 +625,8 @@ fn every_registry_name_is_unique_and_builds() {
         assert_eq!(s.class_name(), e.class_name);
         s.set_timesteps(4).unwrap_or_else(|err| panic!("{name}: {err}"));
         // Built from a default config too (every class default).
-        scheduler_from_name(name, &SchedulerConfig::new()).unwrap_or_else(|err| panic!("{name}: {err}"));
+        scheduler_from_name(name, &SchedulerConfig::new())
+            .unwrap_or_else(|err| panic!("{name}: {err}"));
         // And the resolved config round-trips: the class rebuilt from its own config is the same.
         let again = scheduler_from_name(e.class_name, s.config()).unwrap();
         assert_eq!(again.config(), s.config(), "{name}: config round trip");
@@ -566,7 +680,12 @@ fn f16_inputs_are_stepped_in_f32() {
         b.scale_model_input(&x16.to_dtype(candle_core::DType::F32).unwrap(), t).unwrap();
         let mut gens = Generators::from_seed(0);
         let pb = b
-            .step(&m16.to_dtype(candle_core::DType::F32).unwrap(), t, &x16.to_dtype(candle_core::DType::F32).unwrap(), &mut gens)
+            .step(
+                &m16.to_dtype(candle_core::DType::F32).unwrap(),
+                t,
+                &x16.to_dtype(candle_core::DType::F32).unwrap(),
+                &mut gens,
+            )
             .unwrap();
         assert_eq!(vec_f32(&pa), vec_f32(&pb), "{name}");
     }
@@ -638,6 +757,10 @@ fn multistep_schedulers_repeat_timesteps_and_draw_noise_as_diffusers() {
             reference.randn(per_sample);
         }
         let Generators::PerSample(g) = &mut gens else { unreachable!() };
-        assert_eq!(g[0].randn(3), reference.randn(3), "{name}: {draws} draws of [1, 4, 2, 2] from generator 0");
+        assert_eq!(
+            g[0].randn(3),
+            reference.randn(3),
+            "{name}: {draws} draws of [1, 4, 2, 2] from generator 0"
+        );
     }
 }

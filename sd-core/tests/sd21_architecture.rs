@@ -12,10 +12,14 @@ use sd_core::models::unet::{UNet2DConditionConfig, UNet2DConditionModel};
 use sd_core::models::vae::{AutoencoderKL, AutoencoderKLConfig};
 
 fn configs() -> PathBuf {
-    let dir = std::env::var_os("SD21_CONFIGS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/sd21-configs"));
-    assert!(dir.join("unet/config.json").exists(), "SD 2.1 configs not found at {} (set SD21_CONFIGS)", dir.display());
+    let dir = std::env::var_os("SD21_CONFIGS").map(PathBuf::from).unwrap_or_else(|| {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/sd21-configs")
+    });
+    assert!(
+        dir.join("unet/config.json").exists(),
+        "SD 2.1 configs not found at {} (set SD21_CONFIGS)",
+        dir.display()
+    );
     dir
 }
 
@@ -32,7 +36,9 @@ fn millions(n: usize) -> f64 {
 fn sd21_unet_has_the_real_shapes_and_runs() {
     let cfg: UNet2DConditionConfig = read_json(&configs().join("unet/config.json")).unwrap();
     let map = VarMap::new();
-    let unet = UNet2DConditionModel::new(VarBuilder::from_varmap(&map, DType::F32, &Device::Cpu), &cfg).unwrap();
+    let unet =
+        UNet2DConditionModel::new(VarBuilder::from_varmap(&map, DType::F32, &Device::Cpu), &cfg)
+            .unwrap();
     assert_eq!(millions(param_count(&map)), 865.9);
 
     // One CFG-sized call on a 128 px image's latents; 1024-wide OpenCLIP-H text features.

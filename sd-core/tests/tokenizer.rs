@@ -24,11 +24,7 @@ fn doc() -> &'static Value {
 }
 
 fn ids(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .expect("an id list")
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
+    v.as_array().expect("an id list").iter().map(|x| x.as_u64().unwrap() as u32).collect()
 }
 
 /// A scratch folder under the system temp dir, removed on drop.
@@ -46,12 +42,7 @@ impl Scratch {
     /// A scratch folder holding a copy of the sd2 fixture (all four files).
     fn with_sd2(name: &str) -> Self {
         let s = Self::new(name);
-        for f in [
-            "vocab.json",
-            "merges.txt",
-            "tokenizer_config.json",
-            "special_tokens_map.json",
-        ] {
+        for f in ["vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json"] {
             std::fs::copy(fixtures().join("sd2").join(f), s.0.join(f)).unwrap();
         }
         s
@@ -71,30 +62,24 @@ fn check_case(tok: &ClipTokenizer, prompt: &str, expected: &Value, label: &str) 
     let want = ids(&expected["ids"]);
     let got = tok.encode(prompt).unwrap();
     if got != want {
-        failures.push(format!(
-            "{label} {prompt:?}: encode\n   got {got:?}\n  want {want:?}"
-        ));
+        failures.push(format!("{label} {prompt:?}: encode\n   got {got:?}\n  want {want:?}"));
     }
     let want = ids(&expected["unpadded"]);
     let got = tok.encode_unpadded(prompt).unwrap();
     if got != want {
-        failures.push(format!(
-            "{label} {prompt:?}: encode_unpadded\n   got {got:?}\n  want {want:?}"
-        ));
+        failures
+            .push(format!("{label} {prompt:?}: encode_unpadded\n   got {got:?}\n  want {want:?}"));
     }
     let want = expected["decoded"].as_str().unwrap();
     let got = tok.decode(&got).unwrap();
     if got != want {
-        failures.push(format!(
-            "{label} {prompt:?}: decode\n   got {got:?}\n  want {want:?}"
-        ));
+        failures.push(format!("{label} {prompt:?}: decode\n   got {got:?}\n  want {want:?}"));
     }
     let want = expected.get("truncated_text").and_then(Value::as_str);
     let got = tok.truncated_text(prompt).unwrap();
     if got.as_deref() != want {
-        failures.push(format!(
-            "{label} {prompt:?}: truncated_text\n   got {got:?}\n  want {want:?}"
-        ));
+        failures
+            .push(format!("{label} {prompt:?}: truncated_text\n   got {got:?}\n  want {want:?}"));
     }
     failures
 }
@@ -103,10 +88,7 @@ fn check_folder(name: &str) {
     let doc = doc();
     let tok = ClipTokenizer::from_folder(&fixtures().join(name)).unwrap();
     let info = &doc["folders"][name];
-    assert_eq!(
-        tok.max_length(),
-        info["model_max_length"].as_u64().unwrap() as usize
-    );
+    assert_eq!(tok.max_length(), info["model_max_length"].as_u64().unwrap() as usize);
     assert_eq!(tok.pad_id() as u64, info["pad_id"].as_u64().unwrap());
     assert_eq!(tok.bos_id() as u64, info["bos_id"].as_u64().unwrap());
     assert_eq!(tok.eos_id() as u64, info["eos_id"].as_u64().unwrap());
@@ -149,10 +131,7 @@ fn matches_transformers_sd1_pad_endoftext() {
 fn pad_conventions() {
     let sd2 = ClipTokenizer::from_folder(&fixtures().join("sd2")).unwrap();
     let sd1 = ClipTokenizer::from_folder(&fixtures().join("sd1")).unwrap();
-    assert_eq!(
-        (sd2.pad_id(), sd2.bos_id(), sd2.eos_id(), sd2.max_length()),
-        (0, 49406, 49407, 77)
-    );
+    assert_eq!((sd2.pad_id(), sd2.bos_id(), sd2.eos_id(), sd2.max_length()), (0, 49406, 49407, 77));
     assert_eq!(
         (sd1.pad_id(), sd1.bos_id(), sd1.eos_id(), sd1.max_length()),
         (49407, 49406, 49407, 77)
@@ -177,10 +156,7 @@ fn pad_conventions() {
     assert_eq!(sd2.encode_unpadded(&long).unwrap().len(), 102);
     assert_eq!(&sd2.encode_unpadded(&long).unwrap()[..76], &ids[..76]);
     assert_eq!(sd2.truncated_text(&"a ".repeat(75)).unwrap(), None);
-    assert_eq!(
-        sd2.truncated_text(&"a ".repeat(76)).unwrap().as_deref(),
-        Some("a")
-    );
+    assert_eq!(sd2.truncated_text(&"a ".repeat(76)).unwrap().as_deref(), Some("a"));
 }
 
 #[test]
@@ -222,11 +198,7 @@ fn matches_transformers_config_variants() {
                 "variant {name}: (pad, bos, eos, max_length) {header:?}, want {want:?}"
             ));
         }
-        assert_eq!(
-            tok.pad_token(),
-            v["pad_token"].as_str().unwrap(),
-            "variant {name}"
-        );
+        assert_eq!(tok.pad_token(), v["pad_token"].as_str().unwrap(), "variant {name}");
         for case in v["cases"].as_array().unwrap() {
             let prompt = case["prompt"].as_str().unwrap();
             failures.extend(check_case(&tok, prompt, case, &format!("variant {name}")));
@@ -296,19 +268,11 @@ fn malformed_vocab_names_the_file() {
 #[test]
 fn malformed_merges_name_the_file() {
     let s = Scratch::with_sd2("bad-merges");
-    std::fs::write(
-        s.0.join("merges.txt"),
-        "#version: 0.2\ni n\nthree parts here\n",
-    )
-    .unwrap();
+    std::fs::write(s.0.join("merges.txt"), "#version: 0.2\ni n\nthree parts here\n").unwrap();
     expect_config_error(&s.0, "merges.txt", "line 3");
 
     // A merge of tokens the vocabulary lacks.
-    std::fs::write(
-        s.0.join("merges.txt"),
-        "#version: 0.2\nnot-a-token other-missing\n",
-    )
-    .unwrap();
+    std::fs::write(s.0.join("merges.txt"), "#version: 0.2\nnot-a-token other-missing\n").unwrap();
     expect_config_error(&s.0, "merges.txt", "not-a-token");
 }
 
@@ -318,18 +282,10 @@ fn malformed_configs_name_the_file() {
     std::fs::write(s.0.join("tokenizer_config.json"), "{ not json").unwrap();
     expect_config_error(&s.0, "tokenizer_config.json", "not valid JSON");
 
-    std::fs::write(
-        s.0.join("tokenizer_config.json"),
-        r#"{"model_max_length": "77"}"#,
-    )
-    .unwrap();
+    std::fs::write(s.0.join("tokenizer_config.json"), r#"{"model_max_length": "77"}"#).unwrap();
     expect_config_error(&s.0, "tokenizer_config.json", "model_max_length");
 
-    std::fs::write(
-        s.0.join("tokenizer_config.json"),
-        r#"{"model_max_length": 1}"#,
-    )
-    .unwrap();
+    std::fs::write(s.0.join("tokenizer_config.json"), r#"{"model_max_length": 1}"#).unwrap();
     expect_config_error(&s.0, "tokenizer_config.json", "model_max_length");
 
     std::fs::write(s.0.join("tokenizer_config.json"), r#"{"pad_token": 5}"#).unwrap();
@@ -340,11 +296,8 @@ fn malformed_configs_name_the_file() {
     expect_config_error(&s.0, "tokenizer_config.json", "pad_token");
 
     std::fs::write(s.0.join("tokenizer_config.json"), "{}").unwrap();
-    std::fs::write(
-        s.0.join("special_tokens_map.json"),
-        r#"{"pad_token": {"lstrip": false}}"#,
-    )
-    .unwrap();
+    std::fs::write(s.0.join("special_tokens_map.json"), r#"{"pad_token": {"lstrip": false}}"#)
+        .unwrap();
     expect_config_error(&s.0, "special_tokens_map.json", "content");
 }
 
@@ -372,8 +325,5 @@ fn max_length_sentinels_default_to_77() {
 #[test]
 fn decode_rejects_unknown_ids() {
     let tok = ClipTokenizer::from_folder(&fixtures().join("sd2")).unwrap();
-    assert!(matches!(
-        tok.decode(&[49406, 1_000_000]),
-        Err(Error::Tokenizer(_))
-    ));
+    assert!(matches!(tok.decode(&[49406, 1_000_000]), Err(Error::Tokenizer(_))));
 }

@@ -74,9 +74,9 @@ fn unguard<T>(r: Guarded<T>) -> PyResult<T> {
     match r {
         Ok(Ok(v)) => Ok(v),
         Ok(Err(e)) => Err(to_pyerr(e)),
-        Err(msg) => Err(PyRuntimeError::new_err(format!(
-            "internal error in sd-core (Rust panic): {msg}"
-        ))),
+        Err(msg) => {
+            Err(PyRuntimeError::new_err(format!("internal error in sd-core (Rust panic): {msg}")))
+        }
     }
 }
 
@@ -159,9 +159,7 @@ fn hub_options(
 
 /// The weight variant a run in `dtype` loads (sd-core's rule in `from_pretrained`).
 fn effective_variant(variant: Option<&str>, dtype: DType) -> Option<String> {
-    variant
-        .map(str::to_string)
-        .or_else(|| (dtype != DType::F32).then(|| "fp16".to_string()))
+    variant.map(str::to_string).or_else(|| (dtype != DType::F32).then(|| "fp16".to_string()))
 }
 
 // ---- the pipeline ----
@@ -197,10 +195,7 @@ struct RunResult {
 /// [0, 1], computed in float32 (`(x / 2 + 0.5).clamp(0, 1)`).
 fn to_unit_hwc(decoded: &Tensor) -> sd_core::Result<(Vec<f32>, [usize; 4])> {
     let (b, c, h, w) = decoded.dims4()?;
-    let hwc = decoded
-        .to_dtype(DType::F32)?
-        .permute((0, 2, 3, 1))?
-        .contiguous()?;
+    let hwc = decoded.to_dtype(DType::F32)?.permute((0, 2, 3, 1))?.contiguous()?;
     let data = hwc
         .flatten_all()?
         .to_vec1::<f32>()?
@@ -299,20 +294,10 @@ impl PyPipeline {
         let device = device_from_name(device)?;
         let variant = variant.filter(|v| !v.is_empty());
         let hub = hub_options(revision, local_files_only, cache_dir, token);
-        let opts = LoadOptions {
-            device,
-            dtype,
-            variant: variant.clone(),
-            hub,
-        };
+        let opts = LoadOptions { device, dtype, variant: variant.clone(), hub };
         let model = model.to_string_lossy().into_owned();
-        let inner = detached(py, move || {
-            StableDiffusionPipeline::from_pretrained(&model, &opts)
-        })?;
-        Ok(Self {
-            inner: Arc::new(inner),
-            variant,
-        })
+        let inner = detached(py, move || StableDiffusionPipeline::from_pretrained(&model, &opts))?;
+        Ok(Self { inner: Arc::new(inner), variant })
     }
 
     /// The same model loaded again on `device` in `dtype` (from the resolved local folder).
@@ -324,10 +309,7 @@ impl PyPipeline {
         let inner = detached(py, move || {
             StableDiffusionPipeline::from_folder(&folder, dtype, &device, variant.as_deref())
         })?;
-        Ok(Self {
-            inner: Arc::new(inner),
-            variant: self.variant.clone(),
-        })
+        Ok(Self { inner: Arc::new(inner), variant: self.variant.clone() })
     }
 
     /// The local diffusers folder the weights were read from.
@@ -493,10 +475,8 @@ impl PyPipeline {
                             })
                         })
                     };
-                    let hooks = RunHooks {
-                        on_step_end: Some(&mut step_hook),
-                        ..Default::default()
-                    };
+                    let hooks =
+                        RunHooks { on_step_end: Some(&mut step_hook), ..Default::default() };
                     let out = pipe.generate_with(&params, hooks)?;
                     let produced = if want_array {
                         let decoded = pipe.decode_latents(&out.latents)?;
@@ -542,10 +522,7 @@ impl PyPipeline {
                 out.set_item("images", list)?;
             }
             Produced::Array { data, shape } => {
-                out.set_item(
-                    "array",
-                    (PyBytes::new(py, &f32_bytes(&data)), shape.to_vec()),
-                )?;
+                out.set_item("array", (PyBytes::new(py, &f32_bytes(&data)), shape.to_vec()))?;
             }
             Produced::Latents => {}
         }
@@ -602,10 +579,7 @@ fn scheduler_entry(name: &str) -> PyResult<(&'static str, String)> {
             .iter()
             .map(|(k, v)| (k.to_string(), serde_json::Value::from(*v)))
             .collect();
-        Ok((
-            entry.class_name,
-            serde_json::Value::Object(overrides).to_string(),
-        ))
+        Ok((entry.class_name, serde_json::Value::Object(overrides).to_string()))
     })
 }
 
@@ -636,11 +610,7 @@ fn scheduler_schedule(
         if let Some(n) = num_inference_steps {
             scheduler.set_timesteps(n)?;
         }
-        Ok((
-            scheduler.timesteps().to_vec(),
-            scheduler.init_noise_sigma(),
-            scheduler.order(),
-        ))
+        Ok((scheduler.timesteps().to_vec(), scheduler.init_noise_sigma(), scheduler.order()))
     })
     .map_err(config_arg_error)
 }
@@ -649,8 +619,7 @@ fn scheduler_schedule(
 fn is_valid_repo_id(id: &str) -> bool {
     let part_ok = |p: &str| {
         !p.is_empty()
-            && p.chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+            && p.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
             && !p.starts_with(['-', '.'])
             && !p.ends_with(['-', '.'])
     };
@@ -668,11 +637,7 @@ fn model_file(id_or_path: &str, file: &str, hub: &HubOptions) -> sd_core::Result
     let path = Path::new(id_or_path);
     if path.is_dir() {
         let p = path.join(file);
-        return if p.is_file() {
-            Ok(p)
-        } else {
-            Err(Error::NotFound { path: p })
-        };
+        return if p.is_file() { Ok(p) } else { Err(Error::NotFound { path: p }) };
     }
     if path.exists() || !is_valid_repo_id(id_or_path) || removed_repo_mirror(id_or_path).is_some() {
         // Not a repo id (a missing folder, a file), or a removed repo: sd-core's resolver gives
@@ -680,11 +645,7 @@ fn model_file(id_or_path: &str, file: &str, hub: &HubOptions) -> sd_core::Result
         let folder = resolve_model(id_or_path, hub)?;
         return model_file(&folder.to_string_lossy(), file, hub);
     }
-    let rev = hub
-        .revision
-        .clone()
-        .filter(|r| !r.is_empty())
-        .unwrap_or_else(|| "main".to_string());
+    let rev = hub.revision.clone().filter(|r| !r.is_empty()).unwrap_or_else(|| "main".to_string());
     let repo =
         hf_hub::Repo::with_revision(id_or_path.to_string(), hf_hub::RepoType::Model, rev.clone());
     let cache = hf_hub::Cache::new(hub.cache_dir.clone());
@@ -734,10 +695,7 @@ fn read_model_file(
             if e.kind() == std::io::ErrorKind::NotFound {
                 Error::NotFound { path: path.clone() }
             } else {
-                Error::Io {
-                    path: path.clone(),
-                    source: e,
-                }
+                Error::Io { path: path.clone(), source: e }
             }
         })?;
         Ok((text, path))
@@ -769,10 +727,7 @@ fn _panic_for_tests(py: Python<'_>, message: String) -> PyResult<()> {
 #[pymodule]
 fn _sd_py(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyPipeline>()?;
-    m.add(
-        "GenerationCancelled",
-        m.py().get_type::<GenerationCancelled>(),
-    )?;
+    m.add("GenerationCancelled", m.py().get_type::<GenerationCancelled>())?;
     m.add_function(wrap_pyfunction!(scheduler_classes, m)?)?;
     m.add_function(wrap_pyfunction!(scheduler_names, m)?)?;
     m.add_function(wrap_pyfunction!(scheduler_entry, m)?)?;

@@ -56,7 +56,13 @@ pub const BLOCK_K: usize = 128;
 /// `q` and `k` share `head_dim`; `v` may have another last dimension. f16/bf16 inputs are
 /// converted to f32 and the output converted back to the input dtype; all arithmetic is f32.
 /// Non-contiguous inputs are made contiguous first.
-pub fn fused_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, causal: bool) -> Result<Tensor> {
+pub fn fused_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    causal: bool,
+) -> Result<Tensor> {
     let in_dtype = q.dtype();
     let (b, h, _, d) = q.dims4()?;
     let (kb, kh, seq_k, kd) = k.dims4()?;
@@ -102,7 +108,9 @@ impl CustomOp3 for FusedAttention {
         vl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
-            let CpuStorage::F32(data) = s else { candle_core::bail!("fused attention: expected f32 storage") };
+            let CpuStorage::F32(data) = s else {
+                candle_core::bail!("fused attention: expected f32 storage")
+            };
             let Some((start, end)) = l.contiguous_offsets() else {
                 candle_core::bail!("fused attention: expected contiguous input")
             };
@@ -112,7 +120,8 @@ impl CustomOp3 for FusedAttention {
         let seq_k = kl.shape().dims()[2];
         let dv = vl.shape().dims()[3];
         let dims = Dims { bh: b * h, seq_q, seq_k, d, dv };
-        let out = run(slice(qs, ql)?, slice(ks, kl)?, slice(vs, vl)?, dims, self.scale, self.causal);
+        let out =
+            run(slice(qs, ql)?, slice(ks, kl)?, slice(vs, vl)?, dims, self.scale, self.causal);
         Ok((CpuStorage::F32(out), Shape::from((b, h, seq_q, dv))))
     }
 }
@@ -141,7 +150,8 @@ fn run(q: &[f32], k: &[f32], v: &[f32], dims: Dims, scale: f32, causal: bool) ->
         if std::arch::is_x86_feature_detected!("avx512f") {
             return x86::run_avx512(q, k, v, dims, scale, causal, out);
         }
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
             return x86::run_avx2(q, k, v, dims, scale, causal, out);
         }
     }
@@ -150,7 +160,15 @@ fn run(q: &[f32], k: &[f32], v: &[f32], dims: Dims, scale: f32, causal: bool) ->
 
 /// The kernel for CPUs without the instruction sets below: 4 x 16 register tiles (NEON on
 /// aarch64, SSE on baseline x86-64), fused multiply-adds where they are a baseline instruction.
-fn run_generic(q: &[f32], k: &[f32], v: &[f32], dims: Dims, scale: f32, causal: bool, out: Vec<f32>) -> Vec<f32> {
+fn run_generic(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    dims: Dims,
+    scale: f32,
+    causal: bool,
+    out: Vec<f32>,
+) -> Vec<f32> {
     #[cfg(target_arch = "aarch64")]
     type A = Fused;
     #[cfg(not(target_arch = "aarch64"))]
@@ -178,15 +196,35 @@ mod x86 {
     }
 
     /// The caller checked that the CPU has AVX-512F (and so AVX2 and FMA).
-    pub(super) fn run_avx512(q: &[f32], k: &[f32], v: &[f32], dims: Dims, scale: f32, causal: bool, out: Vec<f32>) -> Vec<f32> {
+    pub(super) fn run_avx512(
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        dims: Dims,
+        scale: f32,
+        causal: bool,
+        out: Vec<f32>,
+    ) -> Vec<f32> {
         // SAFETY: see above.
-        run_with::<64>(q, k, v, dims, scale, causal, out, |c, i, q0, o, s| unsafe { item_avx512(c, i, q0, o, s) })
+        run_with::<64>(q, k, v, dims, scale, causal, out, |c, i, q0, o, s| unsafe {
+            item_avx512(c, i, q0, o, s)
+        })
     }
 
     /// The caller checked that the CPU has AVX2 and FMA.
-    pub(super) fn run_avx2(q: &[f32], k: &[f32], v: &[f32], dims: Dims, scale: f32, causal: bool, out: Vec<f32>) -> Vec<f32> {
+    pub(super) fn run_avx2(
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        dims: Dims,
+        scale: f32,
+        causal: bool,
+        out: Vec<f32>,
+    ) -> Vec<f32> {
         // SAFETY: see above.
-        run_with::<16>(q, k, v, dims, scale, causal, out, |c, i, q0, o, s| unsafe { item_avx2(c, i, q0, o, s) })
+        run_with::<16>(q, k, v, dims, scale, causal, out, |c, i, q0, o, s| unsafe {
+            item_avx2(c, i, q0, o, s)
+        })
     }
 }
 
@@ -240,21 +278,23 @@ fn pack<const NR: usize>(k: &[f32], v: &[f32], dims: Dims) -> Packed {
     let (k_head, v_head) = (k_tiles * d * NR, v_tiles * seq_k_pad * NR);
     let mut kp = vec![0f32; bh * k_head];
     let mut vp = vec![0f32; bh * v_head];
-    kp.par_chunks_mut(k_head).zip(vp.par_chunks_mut(v_head)).enumerate().for_each(|(i, (kp, vp))| {
-        let k = &k[i * seq_k * d..][..seq_k * d];
-        for (j, key) in k.chunks_exact(d).enumerate() {
-            let tile = &mut kp[(j / NR) * d * NR..][..d * NR];
-            for (dd, &x) in key.iter().enumerate() {
-                tile[dd * NR + j % NR] = x;
+    kp.par_chunks_mut(k_head).zip(vp.par_chunks_mut(v_head)).enumerate().for_each(
+        |(i, (kp, vp))| {
+            let k = &k[i * seq_k * d..][..seq_k * d];
+            for (j, key) in k.chunks_exact(d).enumerate() {
+                let tile = &mut kp[(j / NR) * d * NR..][..d * NR];
+                for (dd, &x) in key.iter().enumerate() {
+                    tile[dd * NR + j % NR] = x;
+                }
             }
-        }
-        let v = &v[i * seq_k * dv..][..seq_k * dv];
-        for (j, row) in v.chunks_exact(dv).enumerate() {
-            for (t, cols) in row.chunks(NR).enumerate() {
-                vp[(t * seq_k_pad + j) * NR..][..cols.len()].copy_from_slice(cols);
+            let v = &v[i * seq_k * dv..][..seq_k * dv];
+            for (j, row) in v.chunks_exact(dv).enumerate() {
+                for (t, cols) in row.chunks(NR).enumerate() {
+                    vp[(t * seq_k_pad + j) * NR..][..cols.len()].copy_from_slice(cols);
+                }
             }
-        }
-    });
+        },
+    );
     Packed { k: kp, v: vp, k_head, v_head, seq_k_pad, dv_pad }
 }
 
@@ -297,14 +337,19 @@ fn run_with<const NR: usize>(
     let dv_pad = packed.dv_pad;
     let ctx = Ctx { q, packed, dims, scale, causal };
     // Work items: (batch*head, query block), each owning its rows of the output.
-    let mut items: Vec<(usize, usize, &mut [f32])> = Vec::with_capacity(bh * seq_q.div_ceil(BLOCK_Q));
+    let mut items: Vec<(usize, usize, &mut [f32])> =
+        Vec::with_capacity(bh * seq_q.div_ceil(BLOCK_Q));
     for (i, head) in out.chunks_mut(seq_q * dv).enumerate() {
         for (j, rows) in head.chunks_mut(BLOCK_Q * dv).enumerate() {
             items.push((i, j * BLOCK_Q, rows));
         }
     }
     items.into_par_iter().for_each_init(
-        || Scratch { q: vec![0f32; BLOCK_Q * d], s: vec![0f32; BLOCK_Q * BLOCK_K], o: vec![0f32; BLOCK_Q * dv_pad] },
+        || Scratch {
+            q: vec![0f32; BLOCK_Q * d],
+            s: vec![0f32; BLOCK_Q * BLOCK_K],
+            o: vec![0f32; BLOCK_Q * dv_pad],
+        },
         |scratch, (i, q0, o)| item(&ctx, i, q0, o, scratch),
     );
     out
@@ -312,8 +357,20 @@ fn run_with<const NR: usize>(
 
 /// One work item: query rows `q0..q0 + rows` of batch*head `i`, written to `out` (`rows x dv`).
 #[inline(always)]
-fn work_item<const MR: usize, const NR: usize, A: MulAdd>(c: &Ctx, i: usize, q0: usize, out: &mut [f32], scratch: &mut Scratch) {
-    const { assert!(BLOCK_K.is_multiple_of(NR) && BLOCK_Q.is_multiple_of(MR) && NR.is_multiple_of(COL_ALIGN)) };
+fn work_item<const MR: usize, const NR: usize, A: MulAdd>(
+    c: &Ctx,
+    i: usize,
+    q0: usize,
+    out: &mut [f32],
+    scratch: &mut Scratch,
+) {
+    const {
+        assert!(
+            BLOCK_K.is_multiple_of(NR)
+                && BLOCK_Q.is_multiple_of(MR)
+                && NR.is_multiple_of(COL_ALIGN)
+        )
+    };
     let Dims { seq_q, seq_k, d, dv, .. } = c.dims;
     let Packed { seq_k_pad, dv_pad, .. } = c.packed;
     let rows = out.len() / dv;
@@ -344,7 +401,17 @@ fn work_item<const MR: usize, const NR: usize, A: MulAdd>(c: &Ctx, i: usize, q0:
             let w = NR.min(bk_pad - col);
             let b = &kp[(j0 + col) / NR * d * NR..][..d * NR];
             for r in (0..rows_pad).step_by(MR) {
-                tile::<MR, NR, A>(w, d, &qp[r * d..], d, b, NR, &mut s[r * BLOCK_K + col..], BLOCK_K, false);
+                tile::<MR, NR, A>(
+                    w,
+                    d,
+                    &qp[r * d..],
+                    d,
+                    b,
+                    NR,
+                    &mut s[r * BLOCK_K + col..],
+                    BLOCK_K,
+                    false,
+                );
             }
         }
         // Online softmax on the rows of the tile.
@@ -377,7 +444,17 @@ fn work_item<const MR: usize, const NR: usize, A: MulAdd>(c: &Ctx, i: usize, q0:
             let w = NR.min(dv_pad - col);
             let b = &vp[(col / NR * seq_k_pad + j0) * NR..][..bk_pad * NR];
             for r in (0..rows_pad).step_by(MR) {
-                tile::<MR, NR, A>(w, bk_pad, &s[r * BLOCK_K..], BLOCK_K, b, NR, &mut o[r * dv_pad + col..], dv_pad, true);
+                tile::<MR, NR, A>(
+                    w,
+                    bk_pad,
+                    &s[r * BLOCK_K..],
+                    BLOCK_K,
+                    b,
+                    NR,
+                    &mut o[r * dv_pad + col..],
+                    dv_pad,
+                    true,
+                );
             }
         }
     }
@@ -429,7 +506,12 @@ fn micro<const MR: usize, const W: usize, A: MulAdd>(
     ldc: usize,
     accumulate: bool,
 ) {
-    assert!(kc > 0 && a.len() >= (MR - 1) * lda + kc && b.len() >= (kc - 1) * ldb + W && c.len() >= (MR - 1) * ldc + W);
+    assert!(
+        kc > 0
+            && a.len() >= (MR - 1) * lda + kc
+            && b.len() >= (kc - 1) * ldb + W
+            && c.len() >= (MR - 1) * ldc + W
+    );
     let mut acc = [[0f32; W]; MR];
     for kk in 0..kc {
         // SAFETY: bounds checked by the assert above.
@@ -561,7 +643,8 @@ mod tests {
                 let s: Vec<f64> = (0..keys)
                     .map(|j| {
                         let kj = &k[(h * seq_k + j) * d..][..d];
-                        qi.iter().zip(kj).map(|(&a, &b)| a as f64 * b as f64).sum::<f64>() * scale as f64
+                        qi.iter().zip(kj).map(|(&a, &b)| a as f64 * b as f64).sum::<f64>()
+                            * scale as f64
                     })
                     .collect();
                 let mx = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
@@ -569,7 +652,8 @@ mod tests {
                 let sum: f64 = p.iter().sum();
                 for (j, pj) in p.iter().enumerate() {
                     for c in 0..dv {
-                        out[(h * seq_q + i) * dv + c] += pj / sum * v[(h * seq_k + j) * dv + c] as f64;
+                        out[(h * seq_q + i) * dv + c] +=
+                            pj / sum * v[(h * seq_k + j) * dv + c] as f64;
                     }
                 }
             }
@@ -585,14 +669,18 @@ mod tests {
         let mut runners: Vec<(&str, Runner)> = vec![("generic", run_generic)];
         #[cfg(target_arch = "x86_64")]
         {
-            if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            if std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+            {
                 runners.push(("avx2", x86::run_avx2));
             }
             if std::arch::is_x86_feature_detected!("avx512f") {
                 runners.push(("avx512", x86::run_avx512));
             }
         }
-        for (seq_q, seq_k, d, dv) in [(70, 300, 40, 40), (129, 77, 80, 24), (3, 1, 8, 8), (65, 200, 160, 72)] {
+        for (seq_q, seq_k, d, dv) in
+            [(70, 300, 40, 40), (129, 77, 80, 24), (3, 1, 8, 8), (65, 200, 160, 72)]
+        {
             let dims = Dims { bh: 3, seq_q, seq_k, d, dv };
             let q = values(3 * seq_q * d, 1);
             let k = values(3 * seq_k * d, 2);
@@ -603,8 +691,13 @@ mod tests {
                 let max_ref = want.iter().fold(0f64, |a, x| a.max(x.abs()));
                 for (name, run) in &runners {
                     let got = run(&q, &k, &v, dims, scale, causal, vec![0f32; want.len()]);
-                    let err = got.iter().zip(&want).fold(0f64, |a, (&g, w)| a.max((g as f64 - w).abs()));
-                    assert!(err / max_ref < 1e-5, "{name} {dims:?} causal {causal}: relative error {:.2e}", err / max_ref);
+                    let err =
+                        got.iter().zip(&want).fold(0f64, |a, (&g, w)| a.max((g as f64 - w).abs()));
+                    assert!(
+                        err / max_ref < 1e-5,
+                        "{name} {dims:?} causal {causal}: relative error {:.2e}",
+                        err / max_ref
+                    );
                 }
             }
         }

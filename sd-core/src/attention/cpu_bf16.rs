@@ -22,17 +22,39 @@ use crate::nn::{with_scratch, with_slice};
 const BLOCK_BYTES: usize = 2 << 20;
 
 /// `softmax(scale q k^T) v` for f32 `[batch, heads, seq, d]` tensors on the CPU.
-pub fn bf16_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, causal: bool) -> Result<Tensor> {
+pub fn bf16_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    causal: bool,
+) -> Result<Tensor> {
     bf16_attention_on(q, k, v, scale, causal, amx::available())
 }
 
-fn bf16_attention_on(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, causal: bool, tiles: bool) -> Result<Tensor> {
+fn bf16_attention_on(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    causal: bool,
+    tiles: bool,
+) -> Result<Tensor> {
     let (b, h, seq_q, d) = q.dims4()?;
     let (_, _, seq_k, dv) = v.dims4()?;
     if k.dims4()? != (b, h, seq_k, d) || v.dims4()?.0 != b || v.dims4()?.1 != h {
-        candle_core::bail!("attention: incompatible shapes q {:?}, k {:?}, v {:?}", q.dims(), k.dims(), v.dims());
+        candle_core::bail!(
+            "attention: incompatible shapes q {:?}, k {:?}, v {:?}",
+            q.dims(),
+            k.dims(),
+            v.dims()
+        );
     }
-    let (q, k, v) = (q.to_dtype(DType::F32)?.contiguous()?, k.to_dtype(DType::F32)?.contiguous()?, v.to_dtype(DType::F32)?.contiguous()?);
+    let (q, k, v) = (
+        q.to_dtype(DType::F32)?.contiguous()?,
+        k.to_dtype(DType::F32)?.contiguous()?,
+        v.to_dtype(DType::F32)?.contiguous()?,
+    );
     let k16 = with_slice(&k, to_bf16_par)?;
     let v16 = with_slice(&v, to_bf16_par)?;
 
@@ -43,12 +65,32 @@ fn bf16_attention_on(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, causal: boo
     let packed = tiles.then(|| PackedHeads::new(&k16, &v16, &shape));
     with_slice(&q, |q: &[f32]| {
         // Heads, and blocks of query rows within a head, in parallel.
-        out.par_chunks_mut(seq_q * dv).zip(q.par_chunks(seq_q * d)).enumerate().for_each(|(bh, (out_h, q_h))| {
-            out_h.par_chunks_mut(block * dv).zip(q_h.par_chunks(block * d)).enumerate().for_each(|(j, (o, q_blk))| match &packed {
-                Some(p) => attend_block_tiles(&shape, j * block, q_blk, p.keys(bh), p.values(bh), o),
-                None => attend_block(&shape, j * block, q_blk, &k16[bh * seq_k * d..][..seq_k * d], &v16[bh * seq_k * dv..][..seq_k * dv], o),
-            })
-        })
+        out.par_chunks_mut(seq_q * dv).zip(q.par_chunks(seq_q * d)).enumerate().for_each(
+            |(bh, (out_h, q_h))| {
+                out_h
+                    .par_chunks_mut(block * dv)
+                    .zip(q_h.par_chunks(block * d))
+                    .enumerate()
+                    .for_each(|(j, (o, q_blk))| match &packed {
+                        Some(p) => attend_block_tiles(
+                            &shape,
+                            j * block,
+                            q_blk,
+                            p.keys(bh),
+                            p.values(bh),
+                            o,
+                        ),
+                        None => attend_block(
+                            &shape,
+                            j * block,
+                            q_blk,
+                            &k16[bh * seq_k * d..][..seq_k * d],
+                            &v16[bh * seq_k * dv..][..seq_k * dv],
+                            o,
+                        ),
+                    })
+            },
+        )
     })?;
     Tensor::from_vec(out, (b, h, seq_q, dv), &Device::Cpu)
 }
@@ -70,9 +112,31 @@ fn attend_block(s: &BlockShape, q0: usize, q: &[f32], k: &[bf16], v: &[bf16], o:
             with_scratch(2, rows * seq_k, |probs: &mut [bf16]| {
                 to_bf16(q, q16);
                 // Safety (both GEMMs): `scores` is this thread's scratch, `o` this block's rows.
-                unsafe { gemm_bf16(rows, seq_k, d, Operand::new(q16, d), Operand::t(k, d), 0.0, scores.as_mut_ptr(), seq_k) };
+                unsafe {
+                    gemm_bf16(
+                        rows,
+                        seq_k,
+                        d,
+                        Operand::new(q16, d),
+                        Operand::t(k, d),
+                        0.0,
+                        scores.as_mut_ptr(),
+                        seq_k,
+                    )
+                };
                 let inv_sums = softmax_rows(s, q0, scores, probs);
-                unsafe { gemm_bf16(rows, dv, seq_k, Operand::new(probs, seq_k), Operand::new(v, dv), 0.0, o.as_mut_ptr(), dv) };
+                unsafe {
+                    gemm_bf16(
+                        rows,
+                        dv,
+                        seq_k,
+                        Operand::new(probs, seq_k),
+                        Operand::new(v, dv),
+                        0.0,
+                        o.as_mut_ptr(),
+                        dv,
+                    )
+                };
                 scale_rows(o, dv, &inv_sums);
             })
         })
@@ -95,12 +159,20 @@ impl PackedHeads {
         let mut values = vec![bf16::ZERO; heads * value_len + 32];
         // Every head's packing is a whole number of 2 KiB blocks, so one aligned start
         // aligns them all.
-        amx::aligned(&mut keys, heads * key_len).par_chunks_mut(key_len).zip(k16.par_chunks(s.seq_k * s.d)).for_each(|(dst, k)| {
-            amx::pack_b_transposed(k, s.seq_k, s.d, dst);
-        });
-        amx::aligned(&mut values, heads * value_len).par_chunks_mut(value_len).zip(v16.par_chunks(s.seq_k * s.dv)).for_each(|(dst, v)| {
-            amx::pack_b_rows(s.dv, s.seq_k, dst, |j, row| row.copy_from_slice(&v[j * s.dv..][..s.dv]));
-        });
+        amx::aligned(&mut keys, heads * key_len)
+            .par_chunks_mut(key_len)
+            .zip(k16.par_chunks(s.seq_k * s.d))
+            .for_each(|(dst, k)| {
+                amx::pack_b_transposed(k, s.seq_k, s.d, dst);
+            });
+        amx::aligned(&mut values, heads * value_len)
+            .par_chunks_mut(value_len)
+            .zip(v16.par_chunks(s.seq_k * s.dv))
+            .for_each(|(dst, v)| {
+                amx::pack_b_rows(s.dv, s.seq_k, dst, |j, row| {
+                    row.copy_from_slice(&v[j * s.dv..][..s.dv])
+                });
+            });
         Self { keys, values, key_len, value_len }
     }
 
@@ -116,7 +188,14 @@ impl PackedHeads {
 }
 
 /// [`attend_block`] on the AMX tiles, with the head's packed keys and values.
-fn attend_block_tiles(s: &BlockShape, q0: usize, q: &[f32], keys: &[bf16], values: &[bf16], o: &mut [f32]) {
+fn attend_block_tiles(
+    s: &BlockShape,
+    q0: usize,
+    q: &[f32],
+    keys: &[bf16],
+    values: &[bf16],
+    o: &mut [f32],
+) {
     let (seq_k, d, dv) = (s.seq_k, s.d, s.dv);
     let rows = q.len() / d;
     let (q_len, p_len) = (amx::packed_len(rows, d), amx::packed_len(rows, seq_k));
@@ -128,11 +207,33 @@ fn attend_block_tiles(s: &BlockShape, q0: usize, q: &[f32], keys: &[bf16], value
                     amx::pack_a_f32(q, rows, d, q16);
                     // Safety (both GEMMs): AMX is available (the caller checked); operands
                     // packed above; `scores` is this thread's scratch, `o` this block's rows.
-                    unsafe { amx::gemm(q16, rows, keys, seq_k, d, amx::Bias::None, scores.as_mut_ptr(), seq_k) };
+                    unsafe {
+                        amx::gemm(
+                            q16,
+                            rows,
+                            keys,
+                            seq_k,
+                            d,
+                            amx::Bias::None,
+                            scores.as_mut_ptr(),
+                            seq_k,
+                        )
+                    };
                     let inv_sums = softmax_rows(s, q0, scores, probs);
                     let packed_probs = amx::aligned(packed_probs, p_len);
                     amx::pack_a(probs, rows, seq_k, packed_probs);
-                    unsafe { amx::gemm(packed_probs, rows, values, dv, seq_k, amx::Bias::None, o.as_mut_ptr(), dv) };
+                    unsafe {
+                        amx::gemm(
+                            packed_probs,
+                            rows,
+                            values,
+                            dv,
+                            seq_k,
+                            amx::Bias::None,
+                            o.as_mut_ptr(),
+                            dv,
+                        )
+                    };
                     scale_rows(o, dv, &inv_sums);
                 })
             })
@@ -187,7 +288,10 @@ fn softmax_numerators_with<A: MulAdd>(row: &[f32], scale: f32, probs: &mut [bf16
             max[i] = max[i].max(c[i]);
         }
     }
-    let m = chunks.remainder().iter().fold(max.iter().copied().fold(f32::NEG_INFINITY, f32::max), |a, &b| a.max(b));
+    let m = chunks
+        .remainder()
+        .iter()
+        .fold(max.iter().copied().fold(f32::NEG_INFINITY, f32::max), |a, &b| a.max(b));
     let mut sum = [0f32; LANES];
     let mut out = probs.chunks_exact_mut(LANES);
     let mut chunks = row.chunks_exact(LANES);
@@ -217,12 +321,23 @@ mod tests {
     fn close_to_f32_reference() -> Result<()> {
         let mkl = crate::nn::blas::cpu_gemm().supports_bf16();
         if !mkl {
-            assert!(std::env::var("SD_REQUIRE_MKL").is_err(), "SD_REQUIRE_MKL set but MKL is not loaded");
+            assert!(
+                std::env::var("SD_REQUIRE_MKL").is_err(),
+                "SD_REQUIRE_MKL set but MKL is not loaded"
+            );
         }
-        let paths: Vec<bool> = [(false, mkl), (true, amx::available())].into_iter().filter(|p| p.1).map(|p| p.0).collect();
+        let paths: Vec<bool> = [(false, mkl), (true, amx::available())]
+            .into_iter()
+            .filter(|p| p.1)
+            .map(|p| p.0)
+            .collect();
         let dev = Device::Cpu;
-        for &(b, h, sq, sk, d, causal) in &[(2, 3, 100, 100, 64, true), (1, 2, 700, 77, 40, false), (1, 1, 33, 1030, 80, false)] {
-            let vals = |n: usize, seed: usize| -> Vec<f32> { (0..n).map(|i| ((i * 7919 + seed * 104729) % 2001) as f32 / 1000.0 - 1.0).collect() };
+        for &(b, h, sq, sk, d, causal) in
+            &[(2, 3, 100, 100, 64, true), (1, 2, 700, 77, 40, false), (1, 1, 33, 1030, 80, false)]
+        {
+            let vals = |n: usize, seed: usize| -> Vec<f32> {
+                (0..n).map(|i| ((i * 7919 + seed * 104729) % 2001) as f32 / 1000.0 - 1.0).collect()
+            };
             let q = Tensor::from_vec(vals(b * h * sq * d, 1), (b, h, sq, d), &dev)?;
             let k = Tensor::from_vec(vals(b * h * sk * d, 2), (b, h, sk, d), &dev)?;
             let v = Tensor::from_vec(vals(b * h * sk * d, 3), (b, h, sk, d), &dev)?;

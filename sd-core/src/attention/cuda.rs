@@ -126,11 +126,14 @@ mod imp {
 
     use candle_core::backend::BackendStorage;
     use candle_core::cuda_backend::cudarc::driver::{
-        sys, CudaContext, CudaFunction, CudaModule, CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg,
+        sys, CudaContext, CudaFunction, CudaModule, CudaSlice, DeviceRepr, LaunchConfig,
+        PushKernelArg,
     };
     use candle_core::cuda_backend::cudarc::nvrtc;
     use candle_core::cuda_backend::{CudaDType, WrapErr};
-    use candle_core::{bail, CpuStorage, CudaDevice, CudaStorage, DType, Device, Layout, Result, Shape, Tensor};
+    use candle_core::{
+        bail, CpuStorage, CudaDevice, CudaStorage, DType, Device, Layout, Result, Shape, Tensor,
+    };
 
     use super::{HalfType, KernelSpec, SOURCE};
     use crate::attention::AttentionOptions;
@@ -148,7 +151,8 @@ mod imp {
     pub fn is_enabled() -> bool {
         let env = match ENV_SETTING.load(Ordering::Relaxed) {
             0 => {
-                let off = std::env::var("SD_CUDA_ATTENTION").is_ok_and(|v| v.eq_ignore_ascii_case("reference"));
+                let off = std::env::var("SD_CUDA_ATTENTION")
+                    .is_ok_and(|v| v.eq_ignore_ascii_case("reference"));
                 let v = if off { 2 } else { 1 };
                 ENV_SETTING.store(v, Ordering::Relaxed);
                 v
@@ -185,7 +189,13 @@ mod imp {
 
     fn cache() -> &'static Mutex<Cache> {
         static CACHE: OnceLock<Mutex<Cache>> = OnceLock::new();
-        CACHE.get_or_init(|| Mutex::new(Cache { compiled: HashMap::new(), modules: HashMap::new(), functions: HashMap::new() }))
+        CACHE.get_or_init(|| {
+            Mutex::new(Cache {
+                compiled: HashMap::new(),
+                modules: HashMap::new(),
+                functions: HashMap::new(),
+            })
+        })
     }
 
     fn context_of(dev: &CudaDevice) -> Arc<CudaContext> {
@@ -206,11 +216,18 @@ mod imp {
         let started = Instant::now();
         let src = CString::new(SOURCE).expect("the CUDA source has no NUL byte");
         let name = CString::new("flash_attn.cu").expect("no NUL");
-        let options = [format!("--gpu-architecture={arch}"), "--std=c++17".to_string(), ty.only_define().to_string()];
-        let prog = nvrtc::result::create_program(&src, Some(name.as_c_str())).map_err(|e| candle_core::Error::Msg(format!("nvrtc: {e:?}")))?;
+        let options = [
+            format!("--gpu-architecture={arch}"),
+            "--std=c++17".to_string(),
+            ty.only_define().to_string(),
+        ];
+        let prog = nvrtc::result::create_program(&src, Some(name.as_c_str()))
+            .map_err(|e| candle_core::Error::Msg(format!("nvrtc: {e:?}")))?;
         let log = || -> String {
             match unsafe { nvrtc::result::get_program_log(prog) } {
-                Ok(raw) => unsafe { CStr::from_ptr(raw.as_ptr()) }.to_string_lossy().trim().to_string(),
+                Ok(raw) => {
+                    unsafe { CStr::from_ptr(raw.as_ptr()) }.to_string_lossy().trim().to_string()
+                }
                 Err(e) => format!("(no log: {e:?})"),
             }
         };
@@ -226,7 +243,13 @@ mod imp {
             unsafe { nvrtc::sys::nvrtcGetCUBIN(prog, cubin.as_mut_ptr().cast()) }
                 .result()
                 .map_err(|e| candle_core::Error::Msg(format!("nvrtcGetCUBIN: {e:?}")))?;
-            let report = CompileReport { arch: arch.to_string(), ty, compile_time: started.elapsed(), cubin_bytes: size, log: log() };
+            let report = CompileReport {
+                arch: arch.to_string(),
+                ty,
+                compile_time: started.elapsed(),
+                cubin_bytes: size,
+                log: log(),
+            };
             Ok((cubin, report))
         })();
         let _ = unsafe { nvrtc::result::destroy_program(prog) };
@@ -235,7 +258,9 @@ mod imp {
 
     fn compiled_for(cache: &mut Cache, arch: &str, ty: HalfType) -> Result<Arc<Compiled>> {
         let entry = cache.compiled.entry((arch.to_string(), ty)).or_insert_with(|| {
-            compile_cubin(arch, ty).map(|(cubin, report)| Arc::new(Compiled { cubin: Arc::new(cubin), report })).map_err(|e| e.to_string())
+            compile_cubin(arch, ty)
+                .map(|(cubin, report)| Arc::new(Compiled { cubin: Arc::new(cubin), report }))
+                .map_err(|e| e.to_string())
         });
         match entry {
             Ok(c) => Ok(c.clone()),
@@ -253,7 +278,8 @@ mod imp {
         let ctx = context_of(dev);
         let key = (ctx.cu_ctx() as usize, ty);
         if !cache.modules.contains_key(&key) {
-            let module = ctx.load_module(nvrtc::Ptx::from_binary(compiled.cubin.as_ref().clone())).w()?;
+            let module =
+                ctx.load_module(nvrtc::Ptx::from_binary(compiled.cubin.as_ref().clone())).w()?;
             cache.modules.insert(key, module);
         }
         Ok(compiled.report.clone())
@@ -273,11 +299,22 @@ mod imp {
         let module = cache.modules.get(&(ctx_key, ty)).expect("prepare loaded the module").clone();
         let func = module.load_function(&spec.name(ty)).w()?;
         let smem = spec.smem_bytes();
-        let limit = ctx.attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN).w()? as usize;
+        let limit = ctx
+            .attribute(
+                sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
+            )
+            .w()? as usize;
         if smem > limit {
-            bail!("{} needs {smem} bytes of shared memory per block, the device allows {limit}", spec.name(ty))
+            bail!(
+                "{} needs {smem} bytes of shared memory per block, the device allows {limit}",
+                spec.name(ty)
+            )
         }
-        func.set_attribute(sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32).w()?;
+        func.set_attribute(
+            sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            smem as i32,
+        )
+        .w()?;
         cache.functions.insert((ctx_key, ty, spec.head_dim), func.clone());
         Ok(func)
     }
@@ -286,7 +323,9 @@ mod imp {
     /// 16-bit type, `[b, h, seq, d]` with a supported `d`, `v` of the same width.
     pub fn supports(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
         let Device::Cuda(_) = q.device() else { return false };
-        let (Ok((b, h, _, d)), Ok((kb, kh, sk, kd)), Ok((vb, vh, vs, vd))) = (q.dims4(), k.dims4(), v.dims4()) else {
+        let (Ok((b, h, _, d)), Ok((kb, kh, sk, kd)), Ok((vb, vh, vs, vd))) =
+            (q.dims4(), k.dims4(), v.dims4())
+        else {
             return false;
         };
         HalfType::from_dtype(q.dtype()).is_some()
@@ -301,7 +340,12 @@ mod imp {
     /// The dispatch of [`super::super::attention`]: the kernel's result, or `None` when these
     /// inputs are not for it (not CUDA, not f16/bf16, unsupported shape, kernels switched off, a
     /// device older than sm_80, or NVRTC unavailable, which is reported once on stderr).
-    pub fn try_flash_attention(q: &Tensor, k: &Tensor, v: &Tensor, opts: AttentionOptions) -> Result<Option<Tensor>> {
+    pub fn try_flash_attention(
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        opts: AttentionOptions,
+    ) -> Result<Option<Tensor>> {
         if !supports(q, k, v) || !is_enabled() {
             return Ok(None);
         }
@@ -310,7 +354,9 @@ mod imp {
         if let Err(e) = prepare(dev, ty) {
             static WARNED: AtomicBool = AtomicBool::new(false);
             if !WARNED.swap(true, Ordering::Relaxed) {
-                eprintln!("sd-core: CUDA flash attention unavailable, using the reference path: {e}");
+                eprintln!(
+                    "sd-core: CUDA flash attention unavailable, using the reference path: {e}"
+                );
             }
             return Ok(None);
         }
@@ -319,7 +365,12 @@ mod imp {
 
     /// Flash attention with the CUDA kernels; errors for inputs they do not take (see
     /// [`supports`]). Computes in f32 whatever `opts.upcast` says.
-    pub fn flash_attention(q: &Tensor, k: &Tensor, v: &Tensor, opts: AttentionOptions) -> Result<Tensor> {
+    pub fn flash_attention(
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        opts: AttentionOptions,
+    ) -> Result<Tensor> {
         if !supports(q, k, v) {
             bail!(
                 "CUDA flash attention takes f16/bf16 CUDA tensors [b, h, seq, d] with d in {:?}, got q {:?} {:?}, k {:?}, v {:?} on {:?}",
@@ -344,7 +395,9 @@ mod imp {
     fn kernel_layout(t: &Tensor) -> Result<Tensor> {
         let layout = t.layout();
         let stride = layout.stride();
-        let aligned = stride[3] == 1 && stride[..3].iter().all(|s| s % 8 == 0) && layout.start_offset() % 8 == 0;
+        let aligned = stride[3] == 1
+            && stride[..3].iter().all(|s| s % 8 == 0)
+            && layout.start_offset() % 8 == 0;
         if aligned {
             Ok(t.clone())
         } else if t.is_contiguous() {
@@ -364,15 +417,35 @@ mod imp {
             "sd-flash-attention"
         }
 
-        fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        fn cpu_fwd(
+            &self,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+        ) -> Result<(CpuStorage, Shape)> {
             bail!("sd-flash-attention runs on CUDA only")
         }
 
-        fn cuda_fwd(&self, q: &CudaStorage, ql: &Layout, k: &CudaStorage, kl: &Layout, v: &CudaStorage, vl: &Layout) -> Result<(CudaStorage, Shape)> {
+        fn cuda_fwd(
+            &self,
+            q: &CudaStorage,
+            ql: &Layout,
+            k: &CudaStorage,
+            kl: &Layout,
+            v: &CudaStorage,
+            vl: &Layout,
+        ) -> Result<(CudaStorage, Shape)> {
             let dev = q.device().clone();
             let slice = match q.dtype() {
-                DType::F16 => candle_core::cuda_backend::CudaStorageSlice::F16(self.launch::<half::f16>(&dev, HalfType::F16, q, ql, k, kl, v, vl)?),
-                DType::BF16 => candle_core::cuda_backend::CudaStorageSlice::BF16(self.launch::<half::bf16>(&dev, HalfType::Bf16, q, ql, k, kl, v, vl)?),
+                DType::F16 => candle_core::cuda_backend::CudaStorageSlice::F16(
+                    self.launch::<half::f16>(&dev, HalfType::F16, q, ql, k, kl, v, vl)?,
+                ),
+                DType::BF16 => candle_core::cuda_backend::CudaStorageSlice::BF16(
+                    self.launch::<half::bf16>(&dev, HalfType::Bf16, q, ql, k, kl, v, vl)?,
+                ),
                 other => bail!("sd-flash-attention: unsupported dtype {other:?}"),
             };
             let (b, h, seq_q, d) = ql.shape().dims4()?;
@@ -395,7 +468,9 @@ mod imp {
         ) -> Result<CudaSlice<T>> {
             let (b, h, seq_q, d) = ql.shape().dims4()?;
             let seq_k = kl.shape().dims4()?.2;
-            let Some(spec) = KernelSpec::for_head_dim(d) else { bail!("sd-flash-attention: head_dim {d} has no kernel") };
+            let Some(spec) = KernelSpec::for_head_dim(d) else {
+                bail!("sd-flash-attention: head_dim {d} has no kernel")
+            };
             for (name, l) in [("q", ql), ("k", kl), ("v", vl)] {
                 let s = l.stride();
                 if s[3] != 1 || s[..3].iter().any(|x| x % 8 != 0) || l.start_offset() % 8 != 0 {
@@ -415,7 +490,9 @@ mod imp {
                 shared_mem_bytes: spec.smem_bytes() as u32,
             };
             let (seq_q_i, seq_k_i, heads_i) = (seq_q as i32, seq_k as i32, h as i32);
-            let st = |l: &Layout| -> [i64; 3] { [l.stride()[0] as i64, l.stride()[1] as i64, l.stride()[2] as i64] };
+            let st = |l: &Layout| -> [i64; 3] {
+                [l.stride()[0] as i64, l.stride()[1] as i64, l.stride()[2] as i64]
+            };
             let (qst, kst, vst) = (st(ql), st(kl), st(vl));
             let scale_log2 = self.scale * std::f32::consts::LOG2_E;
             let causal = self.causal as i32;
@@ -462,8 +539,16 @@ mod tests {
                 HalfType::Bf16 => "FaBf16",
             };
             for spec in KERNELS {
-                let row = table.iter().find(|r| r.0 == spec.name(ty)).unwrap_or_else(|| panic!("{} missing from the source", spec.name(ty)));
-                assert_eq!((row.1.as_str(), row.2, row.3, row.4, row.5), (tag, spec.head_dim, spec.dv, spec.warps, spec.bc), "{}", spec.name(ty));
+                let row = table
+                    .iter()
+                    .find(|r| r.0 == spec.name(ty))
+                    .unwrap_or_else(|| panic!("{} missing from the source", spec.name(ty)));
+                assert_eq!(
+                    (row.1.as_str(), row.2, row.3, row.4, row.5),
+                    (tag, spec.head_dim, spec.dv, spec.warps, spec.bc),
+                    "{}",
+                    spec.name(ty)
+                );
             }
         }
     }

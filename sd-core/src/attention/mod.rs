@@ -37,7 +37,12 @@ pub struct AttentionOptions {
 impl AttentionOptions {
     /// Scale `head_dim^-0.5`, not causal, no upcast.
     pub fn new(head_dim: usize) -> Self {
-        Self { scale: 1.0 / (head_dim as f64).sqrt(), causal: false, upcast: false, bf16_products: false }
+        Self {
+            scale: 1.0 / (head_dim as f64).sqrt(),
+            causal: false,
+            upcast: false,
+            bf16_products: false,
+        }
     }
 }
 
@@ -56,7 +61,10 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, opts: AttentionOptions) -> 
     }
     let fused_dtype = matches!(q.dtype(), DType::F32 | DType::F16 | DType::BF16);
     match q.device() {
-        Device::Cpu if opts.bf16_products && (crate::nn::amx::available() || crate::nn::blas::cpu_gemm().supports_bf16()) => {
+        Device::Cpu
+            if opts.bf16_products
+                && (crate::nn::amx::available() || crate::nn::blas::cpu_gemm().supports_bf16()) =>
+        {
             cpu_bf16::bf16_attention(q, k, v, opts.scale, opts.causal)
         }
         Device::Cpu if fused_dtype => cpu::fused_attention(q, k, v, opts.scale, opts.causal),
@@ -66,7 +74,12 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, opts: AttentionOptions) -> 
 
 /// The reference path: the whole score matrix at once (`q k^T`, scale, mask, softmax, `@ v`).
 /// Computes in f32 when `opts.upcast` or the input is f32, else in the input dtype.
-pub fn reference_attention(q: &Tensor, k: &Tensor, v: &Tensor, opts: AttentionOptions) -> Result<Tensor> {
+pub fn reference_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    opts: AttentionOptions,
+) -> Result<Tensor> {
     let in_dtype = q.dtype();
     let compute = if opts.upcast || in_dtype == DType::F32 { DType::F32 } else { in_dtype };
     let (q, k, v) = (q.to_dtype(compute)?, k.to_dtype(compute)?, v.to_dtype(compute)?);
@@ -92,7 +105,10 @@ fn chunked_attention(q: &Tensor, k: &Tensor, v: &Tensor, opts: AttentionOptions)
     let mut outs = Vec::with_capacity(b * h);
     for i in 0..b * h {
         let (qi, ki, vi) = (q.narrow(0, i, 1)?, k.narrow(0, i, 1)?, v.narrow(0, i, 1)?);
-        outs.push(reference_attention(&qi.unsqueeze(0)?, &ki.unsqueeze(0)?, &vi.unsqueeze(0)?, opts)?.squeeze(0)?);
+        outs.push(
+            reference_attention(&qi.unsqueeze(0)?, &ki.unsqueeze(0)?, &vi.unsqueeze(0)?, opts)?
+                .squeeze(0)?,
+        );
     }
     Tensor::cat(&outs, 0)?.reshape((b, h, seq_q, ()))
 }

@@ -29,18 +29,22 @@ pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T> {
 /// The weight files of one component folder (`unet/`, `vae/`, `text_encoder/`), as chosen by
 /// [`choose_weight_files`]: the requested variant first, plain files next, and the fp16 variant
 /// when it is the only thing present.
-pub fn component_weight_paths(dir: &Path, stem: &str, variant: Option<&str>) -> Result<Vec<PathBuf>> {
+pub fn component_weight_paths(
+    dir: &Path,
+    stem: &str,
+    variant: Option<&str>,
+) -> Result<Vec<PathBuf>> {
     let entries = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
-    let available: Vec<String> = entries
-        .filter_map(|e| e.ok())
-        .filter_map(|e| e.file_name().into_string().ok())
-        .collect();
+    let available: Vec<String> =
+        entries.filter_map(|e| e.ok()).filter_map(|e| e.file_name().into_string().ok()).collect();
     match choose_weight_files(&available, stem, variant) {
         Some(WeightFiles::Single(name)) => Ok(vec![dir.join(name)]),
         Some(WeightFiles::Sharded { index }) => shard_paths(&dir.join(index)),
         None => Err(Error::Weights {
             path: dir.to_path_buf(),
-            msg: format!("no `{stem}.safetensors` weights (plain, fp16 variant or sharded) in this folder"),
+            msg: format!(
+                "no `{stem}.safetensors` weights (plain, fp16 variant or sharded) in this folder"
+            ),
         }),
     }
 }
@@ -64,7 +68,10 @@ impl WeightStore {
             // candle) we rely on the file not being truncated by another process while loaded.
             let st = unsafe { MmapedSafetensors::new(path) }.map_err(|e| Error::Weights {
                 path: path.clone(),
-                msg: format!("not a valid safetensors file (truncated or corrupt?): {}", root_cause(&e)),
+                msg: format!(
+                    "not a valid safetensors file (truncated or corrupt?): {}",
+                    root_cause(&e)
+                ),
             })?;
             for (name, _) in st.tensors() {
                 routing.insert(name, files.len());
@@ -108,7 +115,13 @@ impl WeightStore {
         };
         let tensor = fast
             .unwrap_or_else(|| st.load(name, dev).and_then(|t| t.to_dtype(dtype)))
-            .map_err(|e| candle_core::Error::Msg(format!("{}: tensor `{name}`: {}", display_name(path), root_cause(&e))))?;
+            .map_err(|e| {
+                candle_core::Error::Msg(format!(
+                    "{}: tensor `{name}`: {}",
+                    display_name(path),
+                    root_cause(&e)
+                ))
+            })?;
         if let Ok(view) = st.get(name) {
             release_pages(view.data());
         }
@@ -117,7 +130,14 @@ impl WeightStore {
 }
 
 impl SimpleBackend for WeightStore {
-    fn get(&self, shape: Shape, name: &str, _: candle_nn::Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+    fn get(
+        &self,
+        shape: Shape,
+        name: &str,
+        _: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
         let (tensor, path) = self.load(name, dtype, dev)?;
         if tensor.shape() != &shape {
             candle_core::bail!(
@@ -156,19 +176,40 @@ pub fn build_component<M>(
 /// threads; `None` for the cases candle's loader handles (other dtypes and devices). Copying
 /// SD 2.1's 5 GB is page faults and memory bandwidth, so it scales with the threads; candle's
 /// copy and its scalar conversions run on one.
-fn copy_out(view: &safetensors::tensor::TensorView, dtype: DType) -> Option<candle_core::Result<Tensor>> {
+fn copy_out(
+    view: &safetensors::tensor::TensorView,
+    dtype: DType,
+) -> Option<candle_core::Result<Tensor>> {
     use half::{bf16, f16};
     use safetensors::Dtype as Stored;
     let (bytes, shape) = (view.data(), view.shape());
     Some(match (view.dtype(), dtype) {
-        (Stored::F32, DType::F32) => Tensor::from_vec(convert_par(as_values::<f32>(bytes)?, |v| v), shape, &Device::Cpu),
-        (Stored::F32, DType::BF16) => Tensor::from_vec(convert_par(as_values::<f32>(bytes)?, round_to_bf16), shape, &Device::Cpu),
-        (Stored::F16, DType::F32) => Tensor::from_vec(convert_par(as_values::<f16>(bytes)?, f16::to_f32), shape, &Device::Cpu),
-        (Stored::F16, DType::BF16) => {
-            Tensor::from_vec(convert_par(as_values::<f16>(bytes)?, |v| round_to_bf16(v.to_f32())), shape, &Device::Cpu)
+        (Stored::F32, DType::F32) => {
+            Tensor::from_vec(convert_par(as_values::<f32>(bytes)?, |v| v), shape, &Device::Cpu)
         }
-        (Stored::BF16, DType::F32) => Tensor::from_vec(convert_par(as_values::<bf16>(bytes)?, bf16::to_f32), shape, &Device::Cpu),
-        (Stored::BF16, DType::BF16) => Tensor::from_vec(convert_par(as_values::<bf16>(bytes)?, |v| v), shape, &Device::Cpu),
+        (Stored::F32, DType::BF16) => Tensor::from_vec(
+            convert_par(as_values::<f32>(bytes)?, round_to_bf16),
+            shape,
+            &Device::Cpu,
+        ),
+        (Stored::F16, DType::F32) => Tensor::from_vec(
+            convert_par(as_values::<f16>(bytes)?, f16::to_f32),
+            shape,
+            &Device::Cpu,
+        ),
+        (Stored::F16, DType::BF16) => Tensor::from_vec(
+            convert_par(as_values::<f16>(bytes)?, |v| round_to_bf16(v.to_f32())),
+            shape,
+            &Device::Cpu,
+        ),
+        (Stored::BF16, DType::F32) => Tensor::from_vec(
+            convert_par(as_values::<bf16>(bytes)?, bf16::to_f32),
+            shape,
+            &Device::Cpu,
+        ),
+        (Stored::BF16, DType::BF16) => {
+            Tensor::from_vec(convert_par(as_values::<bf16>(bytes)?, |v| v), shape, &Device::Cpu)
+        }
         _ => return None,
     })
 }
@@ -189,11 +230,14 @@ fn convert_par<S: Copy + Sync, T: Send>(src: &[S], f: impl Fn(S) -> T + Sync) ->
     use rayon::prelude::*;
     let mut out: Vec<T> = Vec::with_capacity(src.len());
     advise_huge_pages(out.as_mut_ptr().cast(), src.len() * std::mem::size_of::<T>());
-    out.spare_capacity_mut()[..src.len()].par_chunks_mut(1 << 16).zip(src.par_chunks(1 << 16)).for_each(|(dst, src)| {
-        for (d, &s) in dst.iter_mut().zip(src) {
-            d.write(f(s));
-        }
-    });
+    out.spare_capacity_mut()[..src.len()]
+        .par_chunks_mut(1 << 16)
+        .zip(src.par_chunks(1 << 16))
+        .for_each(|(dst, src)| {
+            for (d, &s) in dst.iter_mut().zip(src) {
+                d.write(f(s));
+            }
+        });
     // Safety: every one of the `src.len()` elements was written above.
     unsafe { out.set_len(src.len()) };
     out
@@ -235,7 +279,9 @@ fn release_pages(bytes: &[u8]) {
 }
 
 fn display_name(path: &Path) -> String {
-    path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| path.display().to_string())
+    path.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| path.display().to_string())
 }
 
 /// candle wraps errors in backtraces and paths; keep the message a user can act on.

@@ -81,7 +81,11 @@ fn candidates(stem: &str, variant: Option<&str>) -> Vec<WeightFiles> {
 ///
 /// Within one variant a sharded index wins over a single file, as in diffusers. Returns `None`
 /// when the folder holds no usable safetensors weights (e.g. only `.bin` or `.ckpt` files).
-pub fn choose_weight_files(available: &[String], stem: &str, variant: Option<&str>) -> Option<WeightFiles> {
+pub fn choose_weight_files(
+    available: &[String],
+    stem: &str,
+    variant: Option<&str>,
+) -> Option<WeightFiles> {
     let variant = variant.filter(|v| !v.is_empty());
     let mut order: Vec<Option<&str>> = Vec::with_capacity(3);
     if let Some(v) = variant {
@@ -91,7 +95,10 @@ pub fn choose_weight_files(available: &[String], stem: &str, variant: Option<&st
     if variant != Some(FP16_VARIANT) {
         order.push(Some(FP16_VARIANT));
     }
-    order.into_iter().flat_map(|v| candidates(stem, v)).find(|c| available.iter().any(|a| a == c.file_name()))
+    order
+        .into_iter()
+        .flat_map(|v| candidates(stem, v))
+        .find(|c| available.iter().any(|a| a == c.file_name()))
 }
 
 #[derive(serde::Deserialize)]
@@ -138,7 +145,9 @@ fn parse_shards(index_json: &str) -> std::result::Result<Vec<String>, String> {
             || shard == ".."
             || Path::new(shard).is_absolute();
         if bad {
-            return Err(format!("`weight_map` names `{shard}`, which is not a file name in the index's folder"));
+            return Err(format!(
+                "`weight_map` names `{shard}`, which is not a file name in the index's folder"
+            ));
         }
     }
     Ok(shards.into_iter().collect())
@@ -164,10 +173,20 @@ mod tests {
 
     #[test]
     fn plain_single_file() {
-        let avail = names(&["config.json", "diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"]);
-        assert_eq!(choose_weight_files(&avail, U, None), single("diffusion_pytorch_model.safetensors"));
+        let avail = names(&[
+            "config.json",
+            "diffusion_pytorch_model.safetensors",
+            "diffusion_pytorch_model.bin",
+        ]);
+        assert_eq!(
+            choose_weight_files(&avail, U, None),
+            single("diffusion_pytorch_model.safetensors")
+        );
         // The variant is missing: fall back to the plain file.
-        assert_eq!(choose_weight_files(&avail, U, Some("fp16")), single("diffusion_pytorch_model.safetensors"));
+        assert_eq!(
+            choose_weight_files(&avail, U, Some("fp16")),
+            single("diffusion_pytorch_model.safetensors")
+        );
     }
 
     #[test]
@@ -178,25 +197,47 @@ mod tests {
             "diffusion_pytorch_model.fp16.safetensors",
             "diffusion_pytorch_model.fp16.bin",
         ]);
-        assert_eq!(choose_weight_files(&avail, U, Some("fp16")), single("diffusion_pytorch_model.fp16.safetensors"));
-        assert_eq!(choose_weight_files(&avail, U, None), single("diffusion_pytorch_model.safetensors"));
+        assert_eq!(
+            choose_weight_files(&avail, U, Some("fp16")),
+            single("diffusion_pytorch_model.fp16.safetensors")
+        );
+        assert_eq!(
+            choose_weight_files(&avail, U, None),
+            single("diffusion_pytorch_model.safetensors")
+        );
         // An empty variant means no variant.
-        assert_eq!(choose_weight_files(&avail, U, Some("")), single("diffusion_pytorch_model.safetensors"));
+        assert_eq!(
+            choose_weight_files(&avail, U, Some("")),
+            single("diffusion_pytorch_model.safetensors")
+        );
     }
 
     #[test]
     fn fp16_only_folder_loads_without_variant() {
         let avail = names(&["config.json", "diffusion_pytorch_model.fp16.safetensors"]);
-        assert_eq!(choose_weight_files(&avail, U, None), single("diffusion_pytorch_model.fp16.safetensors"));
+        assert_eq!(
+            choose_weight_files(&avail, U, None),
+            single("diffusion_pytorch_model.fp16.safetensors")
+        );
         // Another variant asked for, neither it nor plain files present: fp16 still loads.
-        assert_eq!(choose_weight_files(&avail, U, Some("bf16")), single("diffusion_pytorch_model.fp16.safetensors"));
+        assert_eq!(
+            choose_weight_files(&avail, U, Some("bf16")),
+            single("diffusion_pytorch_model.fp16.safetensors")
+        );
     }
 
     #[test]
     fn other_variant_preferred_over_plain() {
-        let avail = names(&["model.safetensors", "model.bf16.safetensors", "model.fp16.safetensors"]);
-        assert_eq!(choose_weight_files(&avail, TRANSFORMERS_STEM, Some("bf16")), single("model.bf16.safetensors"));
-        assert_eq!(choose_weight_files(&avail, TRANSFORMERS_STEM, None), single("model.safetensors"));
+        let avail =
+            names(&["model.safetensors", "model.bf16.safetensors", "model.fp16.safetensors"]);
+        assert_eq!(
+            choose_weight_files(&avail, TRANSFORMERS_STEM, Some("bf16")),
+            single("model.bf16.safetensors")
+        );
+        assert_eq!(
+            choose_weight_files(&avail, TRANSFORMERS_STEM, None),
+            single("model.safetensors")
+        );
     }
 
     #[test]
@@ -219,7 +260,10 @@ mod tests {
     fn stems_do_not_mix() {
         let avail = names(&["model.safetensors"]);
         assert_eq!(choose_weight_files(&avail, U, None), None);
-        assert_eq!(choose_weight_files(&avail, TRANSFORMERS_STEM, None), single("model.safetensors"));
+        assert_eq!(
+            choose_weight_files(&avail, TRANSFORMERS_STEM, None),
+            single("model.safetensors")
+        );
         // A different stem that merely ends like ours is not ours.
         let avail = names(&["my_model.safetensors", "model.safetensors.bak"]);
         assert_eq!(choose_weight_files(&avail, TRANSFORMERS_STEM, None), None);
@@ -235,7 +279,10 @@ mod tests {
             "diffusion_pytorch_model.fp16-00001-of-00002.safetensors",
             "diffusion_pytorch_model.fp16-00002-of-00002.safetensors",
         ]);
-        assert_eq!(choose_weight_files(&avail, U, None), sharded("diffusion_pytorch_model.safetensors.index.json"));
+        assert_eq!(
+            choose_weight_files(&avail, U, None),
+            sharded("diffusion_pytorch_model.safetensors.index.json")
+        );
         assert_eq!(
             choose_weight_files(&avail, U, Some("fp16")),
             sharded("diffusion_pytorch_model.safetensors.index.fp16.json")
@@ -244,11 +291,21 @@ mod tests {
 
     #[test]
     fn sharded_index_wins_over_single_of_same_variant() {
-        let avail = names(&["model.safetensors", "model.safetensors.index.json", "model-00001-of-00001.safetensors"]);
-        assert_eq!(choose_weight_files(&avail, TRANSFORMERS_STEM, None), sharded("model.safetensors.index.json"));
+        let avail = names(&[
+            "model.safetensors",
+            "model.safetensors.index.json",
+            "model-00001-of-00001.safetensors",
+        ]);
+        assert_eq!(
+            choose_weight_files(&avail, TRANSFORMERS_STEM, None),
+            sharded("model.safetensors.index.json")
+        );
         // ...but the requested variant wins over a plain index.
         let avail = names(&["model.safetensors.index.json", "model.fp16.safetensors"]);
-        assert_eq!(choose_weight_files(&avail, TRANSFORMERS_STEM, Some("fp16")), single("model.fp16.safetensors"));
+        assert_eq!(
+            choose_weight_files(&avail, TRANSFORMERS_STEM, Some("fp16")),
+            single("model.fp16.safetensors")
+        );
     }
 
     #[test]
@@ -321,7 +378,8 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("sd-core-weight-files-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("model.safetensors.index.json");
-        std::fs::write(&path, r#"{"weight_map": {"x": "model-00001-of-00001.safetensors"}}"#).unwrap();
+        std::fs::write(&path, r#"{"weight_map": {"x": "model-00001-of-00001.safetensors"}}"#)
+            .unwrap();
         assert_eq!(shard_paths(&path).unwrap(), vec![dir.join("model-00001-of-00001.safetensors")]);
         std::fs::write(&path, "{").unwrap();
         let err = read_shard_files(&path).unwrap_err();

@@ -9,9 +9,15 @@ use serde::Deserialize;
 
 use crate::attention::{attention, AttentionOptions};
 
-fn quick_gelu() -> String { "quick_gelu".into() }
-fn eps() -> f64 { 1e-5 }
-fn positions() -> usize { 77 }
+fn quick_gelu() -> String {
+    "quick_gelu".into()
+}
+fn eps() -> f64 {
+    1e-5
+}
+fn positions() -> usize {
+    77
+}
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct ClipTextConfig {
@@ -40,7 +46,9 @@ impl Activation {
         match name {
             "quick_gelu" => Ok(Self::QuickGelu),
             "gelu" => Ok(Self::Gelu),
-            other => candle_core::bail!("unsupported text encoder `hidden_act` = {other:?} (supported: gelu, quick_gelu)"),
+            other => candle_core::bail!(
+                "unsupported text encoder `hidden_act` = {other:?} (supported: gelu, quick_gelu)"
+            ),
         }
     }
 
@@ -76,11 +84,17 @@ impl ClipAttention {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let (b, seq, d) = xs.dims3()?;
         let head_dim = d / self.heads;
-        let split = |t: Tensor| -> Result<Tensor> { t.reshape((b, seq, self.heads, head_dim))?.transpose(1, 2)?.contiguous() };
+        let split = |t: Tensor| -> Result<Tensor> {
+            t.reshape((b, seq, self.heads, head_dim))?.transpose(1, 2)?.contiguous()
+        };
         let q = split(self.q_proj.forward(xs)?)?;
         let k = split(self.k_proj.forward(xs)?)?;
         let v = split(self.v_proj.forward(xs)?)?;
-        let opts = AttentionOptions { causal: true, bf16_products: self.q_proj.bf16_on_cpu(), ..AttentionOptions::new(head_dim) };
+        let opts = AttentionOptions {
+            causal: true,
+            bf16_products: self.q_proj.bf16_on_cpu(),
+            ..AttentionOptions::new(head_dim)
+        };
         let out = attention(&q, &k, &v, opts)?.transpose(1, 2)?.reshape((b, seq, d))?;
         self.out_proj.forward(&out)
     }
@@ -128,11 +142,18 @@ pub struct ClipTextModel {
 impl ClipTextModel {
     /// `vb` may point at a checkpoint with or without the `text_model.` key prefix.
     pub fn new(vb: VarBuilder, config: &ClipTextConfig) -> Result<Self> {
-        let vb = if vb.contains_tensor("text_model.embeddings.token_embedding.weight") { vb.pp("text_model") } else { vb };
+        let vb = if vb.contains_tensor("text_model.embeddings.token_embedding.weight") {
+            vb.pp("text_model")
+        } else {
+            vb
+        };
         let act = Activation::parse(&config.hidden_act)?;
         let d = config.hidden_size;
         if config.num_attention_heads == 0 || d % config.num_attention_heads != 0 {
-            candle_core::bail!("text encoder config: hidden_size {d} is not divisible by num_attention_heads {}", config.num_attention_heads)
+            candle_core::bail!(
+                "text encoder config: hidden_size {d} is not divisible by num_attention_heads {}",
+                config.num_attention_heads
+            )
         }
         let emb = vb.pp("embeddings");
         let layers = (0..config.num_hidden_layers)
@@ -140,7 +161,11 @@ impl ClipTextModel {
             .collect::<Result<_>>()?;
         Ok(Self {
             token_embedding: embedding(config.vocab_size, d, emb.pp("token_embedding"))?,
-            position_embedding: embedding(config.max_position_embeddings, d, emb.pp("position_embedding"))?,
+            position_embedding: embedding(
+                config.max_position_embeddings,
+                d,
+                emb.pp("position_embedding"),
+            )?,
             layers,
             final_layer_norm: layer_norm(d, config.layer_norm_eps, vb.pp("final_layer_norm"))?,
             config: config.clone(),
@@ -155,11 +180,17 @@ impl ClipTextModel {
     pub fn forward(&self, input_ids: &Tensor) -> Result<Tensor> {
         let (_, seq) = input_ids.dims2()?;
         if seq > self.config.max_position_embeddings {
-            candle_core::bail!("text encoder input has {seq} tokens, more than max_position_embeddings {}", self.config.max_position_embeddings)
+            candle_core::bail!(
+                "text encoder input has {seq} tokens, more than max_position_embeddings {}",
+                self.config.max_position_embeddings
+            )
         }
         let input_ids = input_ids.to_dtype(DType::U32)?;
         let positions = Tensor::arange(0u32, seq as u32, input_ids.device())?.unsqueeze(0)?;
-        let mut xs = self.token_embedding.forward(&input_ids)?.broadcast_add(&self.position_embedding.forward(&positions)?)?;
+        let mut xs = self
+            .token_embedding
+            .forward(&input_ids)?
+            .broadcast_add(&self.position_embedding.forward(&positions)?)?;
         for layer in &self.layers {
             xs = layer.forward(&xs)?;
         }

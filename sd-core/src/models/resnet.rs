@@ -46,7 +46,15 @@ impl ResnetBlock2D {
         } else {
             None
         };
-        Ok(Self { norm1, conv1, norm2, conv2, time_emb_proj, conv_shortcut, output_scale_factor: cfg.output_scale_factor })
+        Ok(Self {
+            norm1,
+            conv1,
+            norm2,
+            conv2,
+            time_emb_proj,
+            conv_shortcut,
+            output_scale_factor: cfg.output_scale_factor,
+        })
     }
 
     /// `temb` is the (already SiLU-free) time embedding `[batch, temb_channels]`, or `None`.
@@ -79,7 +87,12 @@ pub struct Downsample2D {
 }
 
 impl Downsample2D {
-    pub fn new(vb: VarBuilder, channels: usize, out_channels: usize, padding: usize) -> Result<Self> {
+    pub fn new(
+        vb: VarBuilder,
+        channels: usize,
+        out_channels: usize,
+        padding: usize,
+    ) -> Result<Self> {
         let cfg = Conv2dConfig { stride: 2, padding, ..Default::default() };
         let conv = conv2d(channels, out_channels, 3, cfg, vb.pp("conv"))?;
         Ok(Self { conv, asymmetric_pad: padding == 0 })
@@ -105,7 +118,13 @@ pub struct Upsample2D {
 
 impl Upsample2D {
     pub fn new(vb: VarBuilder, channels: usize, out_channels: usize) -> Result<Self> {
-        let conv = conv2d(channels, out_channels, 3, Conv2dConfig { padding: 1, ..Default::default() }, vb.pp("conv"))?;
+        let conv = conv2d(
+            channels,
+            out_channels,
+            3,
+            Conv2dConfig { padding: 1, ..Default::default() },
+            vb.pp("conv"),
+        )?;
         Ok(Self { conv })
     }
 

@@ -11,11 +11,21 @@ use super::resnet::{Downsample2D, ResnetBlock2D, ResnetBlock2DConfig, Upsample2D
 use super::{check_act_fn, group_norm_silu};
 use crate::attention::{attention, AttentionOptions};
 
-fn three() -> usize { 3 }
-fn one() -> usize { 1 }
-fn groups_32() -> usize { 32 }
-fn silu() -> String { "silu".into() }
-fn sd_scaling_factor() -> f64 { 0.18215 }
+fn three() -> usize {
+    3
+}
+fn one() -> usize {
+    1
+}
+fn groups_32() -> usize {
+    32
+}
+fn silu() -> String {
+    "silu".into()
+}
+fn sd_scaling_factor() -> f64 {
+    0.18215
+}
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct AutoencoderKLConfig {
@@ -73,7 +83,13 @@ impl AutoencoderKLConfig {
     }
 
     fn resnet(&self, out_channels: usize) -> ResnetBlock2DConfig {
-        ResnetBlock2DConfig { out_channels, temb_channels: None, groups: self.norm_num_groups, eps: 1e-6, output_scale_factor: 1.0 }
+        ResnetBlock2DConfig {
+            out_channels,
+            temb_channels: None,
+            groups: self.norm_num_groups,
+            eps: 1e-6,
+            output_scale_factor: 1.0,
+        }
     }
 }
 
@@ -105,10 +121,15 @@ impl VaeAttention {
 impl Module for VaeAttention {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let (b, c, h, w) = xs.dims4()?;
-        let tokens = self.group_norm.forward(xs)?.reshape((b, c, h * w))?.transpose(1, 2)?.contiguous()?;
+        let tokens =
+            self.group_norm.forward(xs)?.reshape((b, c, h * w))?.transpose(1, 2)?.contiguous()?;
         let heads = |l: &Linear| -> Result<Tensor> { l.forward(&tokens)?.unsqueeze(1) };
         let (q, k, v) = (heads(&self.to_q)?, heads(&self.to_k)?, heads(&self.to_v)?);
-        let opts = AttentionOptions { upcast: true, bf16_products: self.to_q.bf16_on_cpu(), ..AttentionOptions::new(c) };
+        let opts = AttentionOptions {
+            upcast: true,
+            bf16_products: self.to_q.bf16_on_cpu(),
+            ..AttentionOptions::new(c)
+        };
         let out = self.to_out.forward(&attention(&q, &k, &v, opts)?.squeeze(1)?)?;
         out.transpose(1, 2)?.reshape((b, c, h, w))? + xs
     }
@@ -175,9 +196,19 @@ impl Encoder {
             let vb = vb.pp(format!("down_blocks.{i}"));
             let input = if i == 0 { ch[0] } else { ch[i - 1] };
             let resnets = (0..cfg.layers_per_block)
-                .map(|j| ResnetBlock2D::new(vb.pp(format!("resnets.{j}")), if j == 0 { input } else { out }, cfg.resnet(out)))
+                .map(|j| {
+                    ResnetBlock2D::new(
+                        vb.pp(format!("resnets.{j}")),
+                        if j == 0 { input } else { out },
+                        cfg.resnet(out),
+                    )
+                })
                 .collect::<Result<_>>()?;
-            let downsampler = if i + 1 < ch.len() { Some(Downsample2D::new(vb.pp("downsamplers.0"), out, out, 0)?) } else { None };
+            let downsampler = if i + 1 < ch.len() {
+                Some(Downsample2D::new(vb.pp("downsamplers.0"), out, out, 0)?)
+            } else {
+                None
+            };
             blocks.push(EncoderBlock { resnets, downsampler });
         }
         let last = ch[ch.len() - 1];
@@ -232,9 +263,19 @@ impl Decoder {
         for (i, &out) in reversed.iter().enumerate() {
             let vb = vb.pp(format!("up_blocks.{i}"));
             let resnets = (0..cfg.layers_per_block + 1)
-                .map(|j| ResnetBlock2D::new(vb.pp(format!("resnets.{j}")), if j == 0 { prev } else { out }, cfg.resnet(out)))
+                .map(|j| {
+                    ResnetBlock2D::new(
+                        vb.pp(format!("resnets.{j}")),
+                        if j == 0 { prev } else { out },
+                        cfg.resnet(out),
+                    )
+                })
                 .collect::<Result<_>>()?;
-            let upsampler = if i + 1 < reversed.len() { Some(Upsample2D::new(vb.pp("upsamplers.0"), out, out)?) } else { None };
+            let upsampler = if i + 1 < reversed.len() {
+                Some(Upsample2D::new(vb.pp("upsamplers.0"), out, out)?)
+            } else {
+                None
+            };
             blocks.push(DecoderBlock { resnets, upsampler });
             prev = out;
         }
@@ -293,8 +334,16 @@ impl AutoencoderKL {
     pub fn new(vb: VarBuilder, config: &AutoencoderKLConfig) -> Result<Self> {
         config.validate()?;
         let l = config.latent_channels;
-        let quant_conv = if config.use_quant_conv.unwrap_or(true) { Some(conv2d(2 * l, 2 * l, 1, Default::default(), vb.pp("quant_conv"))?) } else { None };
-        let post_quant_conv = if config.use_post_quant_conv.unwrap_or(true) { Some(conv2d(l, l, 1, Default::default(), vb.pp("post_quant_conv"))?) } else { None };
+        let quant_conv = if config.use_quant_conv.unwrap_or(true) {
+            Some(conv2d(2 * l, 2 * l, 1, Default::default(), vb.pp("quant_conv"))?)
+        } else {
+            None
+        };
+        let post_quant_conv = if config.use_post_quant_conv.unwrap_or(true) {
+            Some(conv2d(l, l, 1, Default::default(), vb.pp("post_quant_conv"))?)
+        } else {
+            None
+        };
         Ok(Self {
             encoder: Encoder::new(vb.pp("encoder"), config)?,
             decoder: Decoder::new(vb.pp("decoder"), config)?,

@@ -54,7 +54,8 @@ fn dispatch(gate: &[f32], value: Option<&[f32]>, dst: &mut [f32]) {
             // Safety: the CPU has AVX-512F (and so AVX2 and FMA).
             return unsafe { gelu_avx512(gate, value, dst) };
         }
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
             // Safety: checked just above.
             return unsafe { gelu_avx2(gate, value, dst) };
         }
@@ -118,7 +119,9 @@ mod tests {
         let dev = Device::Cpu;
         let data: Vec<f32> = (0..2 * 3 * 64).map(|i| (i as f32 - 190.0) * 0.047).collect();
         let x = Tensor::from_vec(data, (2, 3, 64), &dev)?;
-        let max_diff = |a: Tensor, b: Tensor| -> Result<f32> { (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>() };
+        let max_diff = |a: Tensor, b: Tensor| -> Result<f32> {
+            (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
+        };
         assert!(max_diff(gelu_erf(&x)?, x.gelu_erf()?)? < 1e-6);
         let want = (x.narrow(2, 0, 32)? * x.narrow(2, 32, 32)?.gelu_erf()?)?;
         let got = geglu(&x)?;

@@ -103,14 +103,19 @@ impl Packed {
         use rayon::prelude::*;
         let (count, per_row) = (packed_len(outer, k) / 32, blocks(k) * BLOCK_ELEMS / 32);
         let mut lines: Vec<Line> = Vec::with_capacity(count);
-        lines.spare_capacity_mut().par_chunks_mut(per_row.max(1)).enumerate().for_each(|(i, chunk)| {
-            // Safety: zero bytes are a valid `Line`; the view covers exactly this chunk.
-            let block_row = unsafe {
-                std::ptr::write_bytes(chunk.as_mut_ptr(), 0, chunk.len());
-                std::slice::from_raw_parts_mut(chunk.as_mut_ptr() as *mut bf16, chunk.len() * 32)
-            };
-            fill(i, block_row);
-        });
+        lines.spare_capacity_mut().par_chunks_mut(per_row.max(1)).enumerate().for_each(
+            |(i, chunk)| {
+                // Safety: zero bytes are a valid `Line`; the view covers exactly this chunk.
+                let block_row = unsafe {
+                    std::ptr::write_bytes(chunk.as_mut_ptr(), 0, chunk.len());
+                    std::slice::from_raw_parts_mut(
+                        chunk.as_mut_ptr() as *mut bf16,
+                        chunk.len() * 32,
+                    )
+                };
+                fill(i, block_row);
+            },
+        );
         // Safety: every line was zeroed, then packed, above.
         unsafe { lines.set_len(count) };
         Self { lines, outer, k }
@@ -118,12 +123,16 @@ impl Packed {
 
     pub fn as_slice(&self) -> &[bf16] {
         // Safety: `Line` is 32 bf16 with no padding.
-        unsafe { std::slice::from_raw_parts(self.lines.as_ptr() as *const bf16, self.lines.len() * 32) }
+        unsafe {
+            std::slice::from_raw_parts(self.lines.as_ptr() as *const bf16, self.lines.len() * 32)
+        }
     }
 
     /// A weight `[m, k]` (row-major) as the A operand.
     pub fn a_from_rows(w: &[bf16], m: usize, k: usize) -> Self {
-        Self::build(m, k, |i, dst| pack_a_block(w, m, k, i, dst, |s, d: &mut [bf16]| d.copy_from_slice(s)))
+        Self::build(m, k, |i, dst| {
+            pack_a_block(w, m, k, i, dst, |s, d: &mut [bf16]| d.copy_from_slice(s))
+        })
     }
 
     /// A weight `[n, k]` (row-major, as `nn.Linear` stores it) as the B operand `W^T`.
@@ -140,7 +149,14 @@ fn tile_row(i: usize, kb: usize, kblocks: usize, h: usize, r: usize) -> usize {
 
 /// Block row `i` of `src` (`m` rows of `k`, row-major) as the A operand, into zeroed `dst`;
 /// `copy(run, out)` moves (or rounds to bf16) one run of a row.
-fn pack_a_block<S: Copy>(src: &[S], m: usize, k: usize, i: usize, dst: &mut [bf16], copy: impl Fn(&[S], &mut [bf16])) {
+fn pack_a_block<S: Copy>(
+    src: &[S],
+    m: usize,
+    k: usize,
+    i: usize,
+    dst: &mut [bf16],
+    copy: impl Fn(&[S], &mut [bf16]),
+) {
     let kblocks = blocks(k);
     for (r32, row) in (i * BLOCK..((i + 1) * BLOCK).min(m)).enumerate() {
         for kb in 0..kblocks {
@@ -157,7 +173,9 @@ fn pack_a_block<S: Copy>(src: &[S], m: usize, k: usize, i: usize, dst: &mut [bf1
 
 /// Packs `src` (`m` rows of `k` bf16, row-major) as the A operand into `dst`.
 pub fn pack_a(src: &[bf16], m: usize, k: usize, dst: &mut [bf16]) {
-    pack_serial(m, k, dst, |i, block_row| pack_a_block(src, m, k, i, block_row, |s, d: &mut [bf16]| d.copy_from_slice(s)))
+    pack_serial(m, k, dst, |i, block_row| {
+        pack_a_block(src, m, k, i, block_row, |s, d: &mut [bf16]| d.copy_from_slice(s))
+    })
 }
 
 /// Packs `W^T` as the B operand into `dst`, for `w` of `n` rows of `k` bf16.
@@ -170,7 +188,9 @@ fn pack_serial(outer: usize, k: usize, dst: &mut [bf16], fill: impl Fn(usize, &m
     if packed_len(outer, k) == 0 {
         return;
     }
-    for (i, block_row) in dst[..packed_len(outer, k)].chunks_exact_mut(blocks(k) * BLOCK_ELEMS).enumerate() {
+    for (i, block_row) in
+        dst[..packed_len(outer, k)].chunks_exact_mut(blocks(k) * BLOCK_ELEMS).enumerate()
+    {
         if outer % BLOCK != 0 || k % BLOCK != 0 {
             block_row.fill(bf16::ZERO);
         }
@@ -180,7 +200,9 @@ fn pack_serial(outer: usize, k: usize, dst: &mut [bf16], fill: impl Fn(usize, &m
 
 /// Packs `src` (`m` rows of `k` f32, row-major) as the A operand into `dst`, rounding to bf16.
 pub fn pack_a_f32(src: &[f32], m: usize, k: usize, dst: &mut [bf16]) {
-    pack_serial(m, k, dst, |i, block_row| pack_a_block(src, m, k, i, block_row, super::blas::to_bf16))
+    pack_serial(m, k, dst, |i, block_row| {
+        pack_a_block(src, m, k, i, block_row, super::blas::to_bf16)
+    })
 }
 
 /// Block row `i` of `W^T` as the B operand, for `w` of `n` rows of `k` (B's columns are W's
@@ -208,7 +230,6 @@ fn pack_b_transposed_block(w: &[bf16], n: usize, k: usize, i: usize, dst: &mut [
     }
 }
 
-
 /// Writes rows `2r` and `2r + 1` of `k` block `kb` of the B operand into every column block:
 /// `lo` and `hi` are those two rows of B, zero-padded to whole blocks.
 fn interleave(lo: &[bf16], hi: &[bf16], kb: usize, r: usize, kblocks: usize, dst: &mut [bf16]) {
@@ -228,7 +249,14 @@ fn interleave(lo: &[bf16], hi: &[bf16], kb: usize, r: usize, kblocks: usize, dst
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw")]
-unsafe fn interleave_avx512(lo: &[bf16], hi: &[bf16], kb: usize, r: usize, kblocks: usize, dst: &mut [bf16]) {
+unsafe fn interleave_avx512(
+    lo: &[bf16],
+    hi: &[bf16],
+    kb: usize,
+    r: usize,
+    kblocks: usize,
+    dst: &mut [bf16],
+) {
     use std::arch::x86_64::*;
     for (c16, (lo, hi)) in lo.chunks_exact(16).zip(hi.chunks_exact(16)).enumerate() {
         let d = &mut dst[tile_row(c16 / 2, kb, kblocks, c16 % 2, r)..][..32];
@@ -250,8 +278,16 @@ pub fn pack_b_rows(n: usize, k: usize, dst: &mut [bf16], mut row: impl FnMut(usi
         hi[n..].fill(bf16::ZERO);
         for kp in 0..kblocks * BLOCK / 2 {
             let (k0, k1) = (2 * kp, 2 * kp + 1);
-            if k0 < k { row(k0, &mut lo[..n]) } else { lo[..n].fill(bf16::ZERO) }
-            if k1 < k { row(k1, &mut hi[..n]) } else { hi[..n].fill(bf16::ZERO) }
+            if k0 < k {
+                row(k0, &mut lo[..n])
+            } else {
+                lo[..n].fill(bf16::ZERO)
+            }
+            if k1 < k {
+                row(k1, &mut hi[..n])
+            } else {
+                hi[..n].fill(bf16::ZERO)
+            }
             interleave(lo, hi, k0 / BLOCK, kp % 16, kblocks, dst);
         }
     })
@@ -275,9 +311,20 @@ pub enum Bias<'a> {
 /// is valid for writes of rows `0..m`, columns `0..n` at stride `ldc`, and nothing else touches
 /// them meanwhile.
 #[cfg(target_arch = "x86_64")]
-pub unsafe fn gemm(a: &[bf16], m: usize, b: &[bf16], n: usize, k: usize, bias: Bias, c: *mut f32, ldc: usize) {
+pub unsafe fn gemm(
+    a: &[bf16],
+    m: usize,
+    b: &[bf16],
+    n: usize,
+    k: usize,
+    bias: Bias,
+    c: *mut f32,
+    ldc: usize,
+) {
     let (mblocks, nblocks, kblocks) = (blocks(m), blocks(n), blocks(k));
-    assert!(a.len() >= mblocks * kblocks * BLOCK_ELEMS && b.len() >= nblocks * kblocks * BLOCK_ELEMS);
+    assert!(
+        a.len() >= mblocks * kblocks * BLOCK_ELEMS && b.len() >= nblocks * kblocks * BLOCK_ELEMS
+    );
     debug_assert!(a.as_ptr() as usize % 64 == 0 && b.as_ptr() as usize % 64 == 0);
     if let Bias::Rows(v) = bias {
         assert!(v.len() >= m);
@@ -292,7 +339,16 @@ pub unsafe fn gemm(a: &[bf16], m: usize, b: &[bf16], n: usize, k: usize, bias: B
 }
 
 #[cfg(target_arch = "x86_64")]
-unsafe fn gemm_blocks(a: *const bf16, m: usize, b: *const bf16, n: usize, kblocks: usize, bias: BiasSource, c: *mut f32, ldc: usize) {
+unsafe fn gemm_blocks(
+    a: *const bf16,
+    m: usize,
+    b: *const bf16,
+    n: usize,
+    kblocks: usize,
+    bias: BiasSource,
+    c: *mut f32,
+    ldc: usize,
+) {
     let (mblocks, nblocks) = (blocks(m), blocks(n));
     let (full_m, full_n) = (m / BLOCK, n / BLOCK);
     let block = |i: usize, kb: usize| i * kblocks * BLOCK_ELEMS + kb * BLOCK_ELEMS;
@@ -308,7 +364,15 @@ unsafe fn gemm_blocks(a: *const bf16, m: usize, b: *const bf16, n: usize, kblock
                 for (q, ni) in (nc..full_n.min(nc + NC_BLOCKS)).enumerate() {
                     let cp = c.add(mi * BLOCK * ldc + ni * BLOCK);
                     let init = if kc > 0 { Init::from_c(cp, ldc) } else { bias.init(mi, ni) };
-                    tiles::block(a.add(block(mi, kc)), b.add(block(ni, kc)), steps, init, cp, ldc, next.add(q * steps * 128));
+                    tiles::block(
+                        a.add(block(mi, kc)),
+                        b.add(block(ni, kc)),
+                        steps,
+                        init,
+                        cp,
+                        ldc,
+                        next.add(q * steps * 128),
+                    );
                 }
             }
         }
@@ -326,7 +390,11 @@ unsafe fn gemm_blocks(a: *const bf16, m: usize, b: *const bf16, n: usize, kblock
             let rows = (m - mi * BLOCK).min(BLOCK);
             let cols = (n - ni * BLOCK).min(BLOCK);
             for r in 0..rows {
-                std::ptr::copy_nonoverlapping(cp.add(r * BLOCK), c.add((mi * BLOCK + r) * ldc + ni * BLOCK), cols);
+                std::ptr::copy_nonoverlapping(
+                    cp.add(r * BLOCK),
+                    c.add((mi * BLOCK + r) * ldc + ni * BLOCK),
+                    cols,
+                );
             }
         }
     }
@@ -334,7 +402,16 @@ unsafe fn gemm_blocks(a: *const bf16, m: usize, b: *const bf16, n: usize, kblock
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-pub unsafe fn gemm(_: &[bf16], _: usize, _: &[bf16], _: usize, _: usize, _: Bias, _: *mut f32, _: usize) {
+pub unsafe fn gemm(
+    _: &[bf16],
+    _: usize,
+    _: &[bf16],
+    _: usize,
+    _: usize,
+    _: Bias,
+    _: *mut f32,
+    _: usize,
+) {
     unreachable!("AMX is only detected on x86_64")
 }
 
@@ -425,7 +502,8 @@ mod tiles {
     }
 
     pub(super) unsafe fn configure() {
-        let mut cfg = Config { palette: 1, start_row: 0, reserved: [0; 14], colsb: [0; 16], rows: [0; 16] };
+        let mut cfg =
+            Config { palette: 1, start_row: 0, reserved: [0; 14], colsb: [0; 16], rows: [0; 16] };
         cfg.colsb[..8].fill(64);
         cfg.rows[..8].fill(16);
         asm!("ldtilecfg [{0}]", in(reg) &cfg, options(nostack, readonly));
@@ -440,9 +518,23 @@ mod tiles {
     /// fetched towards L2 (the next A chunk). B tiles are loaded with the streaming hint (`t1`):
     /// each is used once per pass, while the A chunk is reused by every block of the panel.
     #[inline(always)]
-    pub(super) unsafe fn block(a: *const bf16, b: *const bf16, steps: usize, init: Init, c: *mut f32, ldc: usize, prefetch: *const bf16) {
+    pub(super) unsafe fn block(
+        a: *const bf16,
+        b: *const bf16,
+        steps: usize,
+        init: Init,
+        c: *mut f32,
+        ldc: usize,
+        prefetch: *const bf16,
+    ) {
         match init {
-            Init::Zero => asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3", options(nostack, nomem)),
+            Init::Zero => asm!(
+                "tilezero tmm0",
+                "tilezero tmm1",
+                "tilezero tmm2",
+                "tilezero tmm3",
+                options(nostack, nomem)
+            ),
             Init::Load([p0, p1, p2, p3], stride) => asm!(
                 "tileloadd tmm0, [{p0} + {s}*1]",
                 "tileloadd tmm1, [{p1} + {s}*1]",
@@ -453,7 +545,8 @@ mod tiles {
             ),
         }
         for step in 0..steps {
-            let (a, b, p) = (a.add(step * BLOCK_ELEMS), b.add(step * BLOCK_ELEMS), prefetch.add(step * 128));
+            let (a, b, p) =
+                (a.add(step * BLOCK_ELEMS), b.add(step * BLOCK_ELEMS), prefetch.add(step * 128));
             asm!(
                 "tileloadd tmm4, [{a} + {s}*1]",
                 "tileloaddt1 tmm6, [{b} + {s}*1]",
@@ -497,7 +590,8 @@ mod tests {
         let mut c = vec![0f32; m * n];
         for i in 0..m {
             for j in 0..n {
-                let dot: f64 = (0..k).map(|kk| a[i * k + kk].to_f64() * b_t[j * k + kk].to_f64()).sum();
+                let dot: f64 =
+                    (0..k).map(|kk| a[i * k + kk].to_f64() * b_t[j * k + kk].to_f64()).sum();
                 let base = match bias {
                     Bias::None => 0.0,
                     Bias::Rows(v) => v[i],
@@ -518,11 +612,22 @@ mod tests {
     #[test]
     fn products_match_reference() {
         if !available() {
-            assert!(std::env::var("SD_REQUIRE_AMX").is_err(), "SD_REQUIRE_AMX is set but AMX is not available");
+            assert!(
+                std::env::var("SD_REQUIRE_AMX").is_err(),
+                "SD_REQUIRE_AMX is set but AMX is not available"
+            );
             eprintln!("skipped: no AMX on this machine");
             return;
         }
-        for &(m, n, k) in &[(32, 32, 32), (64, 96, 64), (45, 37, 70), (70, 300, 600), (5, 3, 7), (96, 320, 1100), (64, 64, 0)] {
+        for &(m, n, k) in &[
+            (32, 32, 32),
+            (64, 96, 64),
+            (45, 37, 70),
+            (70, 300, 600),
+            (5, 3, 7),
+            (96, 320, 1100),
+            (64, 64, 0),
+        ] {
             let a = bf(&vals(m * k, 1));
             let b_t = bf(&vals(n * k, 2)); // B^T: n rows of k
             let rb = vals(m, 3);
@@ -553,8 +658,16 @@ mod tests {
                     for j in 0..n {
                         let e = expected[i * n + j];
                         let tol = 1e-4 * (1.0 + e.abs());
-                        assert!((c[i * ldc + j] - e).abs() < tol, "{m}x{n}x{k} [{i},{j}]: {} vs {e}", c[i * ldc + j]);
-                        assert!((c2[i * n + j] - e).abs() < tol, "{m}x{n}x{k} [{i},{j}]: {} vs {e}", c2[i * n + j]);
+                        assert!(
+                            (c[i * ldc + j] - e).abs() < tol,
+                            "{m}x{n}x{k} [{i},{j}]: {} vs {e}",
+                            c[i * ldc + j]
+                        );
+                        assert!(
+                            (c2[i * n + j] - e).abs() < tol,
+                            "{m}x{n}x{k} [{i},{j}]: {} vs {e}",
+                            c2[i * n + j]
+                        );
                     }
                     // Columns past n are left alone.
                     assert!(c[i * ldc + n].is_nan());

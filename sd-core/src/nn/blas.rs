@@ -65,9 +65,13 @@ fn selected() -> &'static Selected {
             }
         };
         let request_error = match (wanted.as_str(), &mkl_error) {
-            ("mkl", Some(reason)) => Some(format!("SD_CPU_GEMM=mkl but MKL could not be loaded: {reason}")),
+            ("mkl", Some(reason)) => {
+                Some(format!("SD_CPU_GEMM=mkl but MKL could not be loaded: {reason}"))
+            }
             ("" | "mkl" | "builtin", _) => None,
-            (other, _) => Some(format!("SD_CPU_GEMM=`{other}` is not a backend (expected mkl or builtin)")),
+            (other, _) => {
+                Some(format!("SD_CPU_GEMM=`{other}` is not a backend (expected mkl or builtin)"))
+            }
         };
         Selected { gemm, mkl_error, request_error }
     })
@@ -94,10 +98,36 @@ const CBLAS_TRANS: c_int = 112;
 const MKL_THREADING_SEQUENTIAL: c_int = 1;
 
 type SgemmFn = unsafe extern "C" fn(
-    c_int, c_int, c_int, c_int, c_int, c_int, f32, *const f32, c_int, *const f32, c_int, f32, *mut f32, c_int,
+    c_int,
+    c_int,
+    c_int,
+    c_int,
+    c_int,
+    c_int,
+    f32,
+    *const f32,
+    c_int,
+    *const f32,
+    c_int,
+    f32,
+    *mut f32,
+    c_int,
 );
 type GemmBf16Fn = unsafe extern "C" fn(
-    c_int, c_int, c_int, c_int, c_int, c_int, f32, *const u16, c_int, *const u16, c_int, f32, *mut f32, c_int,
+    c_int,
+    c_int,
+    c_int,
+    c_int,
+    c_int,
+    c_int,
+    f32,
+    *const u16,
+    c_int,
+    *const u16,
+    c_int,
+    f32,
+    *mut f32,
+    c_int,
 );
 
 pub struct Mkl {
@@ -155,18 +185,25 @@ impl Mkl {
                 Err(_) => tried.push(path.display().to_string()),
             }
         }
-        Err(format!("libmkl_rt not found (tried {}); `pip install mkl` or set SD_MKL_LIB", tried.join(", ")))
+        Err(format!(
+            "libmkl_rt not found (tried {}); `pip install mkl` or set SD_MKL_LIB",
+            tried.join(", ")
+        ))
     }
 
     /// Safety: `lib` must be an MKL runtime library (the symbols have the signatures above).
     unsafe fn from_library(lib: libloading::Library, path: PathBuf) -> Result<Self, String> {
         let err = |e: libloading::Error| format!("{}: {e}", path.display());
         // The threading layer must be chosen before any other MKL call.
-        let set_layer = lib.get::<unsafe extern "C" fn(c_int) -> c_int>(b"MKL_Set_Threading_Layer\0").map_err(err)?;
+        let set_layer = lib
+            .get::<unsafe extern "C" fn(c_int) -> c_int>(b"MKL_Set_Threading_Layer\0")
+            .map_err(err)?;
         set_layer(MKL_THREADING_SEQUENTIAL);
         let sgemm = *lib.get::<SgemmFn>(b"cblas_sgemm\0").map_err(err)?;
         let gemm_bf16 = *lib.get::<GemmBf16Fn>(b"cblas_gemm_bf16bf16f32\0").map_err(err)?;
-        let get_version = lib.get::<unsafe extern "C" fn(*mut c_char, c_int)>(b"mkl_get_version_string\0").map_err(err)?;
+        let get_version = lib
+            .get::<unsafe extern "C" fn(*mut c_char, c_int)>(b"mkl_get_version_string\0")
+            .map_err(err)?;
         let mut buf = [0 as c_char; 256];
         get_version(buf.as_mut_ptr(), buf.len() as c_int);
         let full = std::ffi::CStr::from_ptr(buf.as_ptr()).to_string_lossy().into_owned();
@@ -200,7 +237,11 @@ impl<'a, T> Operand<'a, T> {
     /// Elements the operand spans for a `rows x cols` use.
     fn span(&self, rows: usize, cols: usize) -> usize {
         let (r, c) = if self.transposed { (cols, rows) } else { (rows, cols) };
-        if r == 0 || c == 0 { 0 } else { (r - 1) * self.ld + c }
+        if r == 0 || c == 0 {
+            0
+        } else {
+            (r - 1) * self.ld + c
+        }
     }
 }
 
@@ -214,7 +255,11 @@ fn check_dims<A, B>(m: usize, n: usize, k: usize, a: &Operand<A>, b: &Operand<B>
 }
 
 fn trans(op: bool) -> c_int {
-    if op { CBLAS_TRANS } else { CBLAS_NO_TRANS }
+    if op {
+        CBLAS_TRANS
+    } else {
+        CBLAS_NO_TRANS
+    }
 }
 
 /// `C = A B + beta C` for an `m x n` output with row stride `ldc`, on the calling thread.
@@ -223,31 +268,70 @@ fn trans(op: bool) -> c_int {
 /// `c` must be valid for reads and writes of the `m x n` block with row stride `ldc`, and no
 /// other thread may access that block during the call. (A raw pointer, because parallel
 /// callers write disjoint column blocks of one matrix, which no slice can express.)
-pub unsafe fn gemm_f32(m: usize, n: usize, k: usize, a: Operand<f32>, b: Operand<f32>, beta: f32, c: *mut f32, ldc: usize) {
+pub unsafe fn gemm_f32(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: Operand<f32>,
+    b: Operand<f32>,
+    beta: f32,
+    c: *mut f32,
+    ldc: usize,
+) {
     check_dims(m, n, k, &a, &b, ldc);
     if m == 0 || n == 0 {
         return;
     }
     match cpu_gemm() {
-        CpuGemm::Mkl(mkl) => {
-            (mkl.sgemm)(
-                CBLAS_ROW_MAJOR, trans(a.transposed), trans(b.transposed),
-                m as c_int, n as c_int, k as c_int, 1.0,
-                a.data.as_ptr(), a.ld as c_int, b.data.as_ptr(), b.ld as c_int,
-                beta, c, ldc as c_int,
-            )
-        },
+        CpuGemm::Mkl(mkl) => (mkl.sgemm)(
+            CBLAS_ROW_MAJOR,
+            trans(a.transposed),
+            trans(b.transposed),
+            m as c_int,
+            n as c_int,
+            k as c_int,
+            1.0,
+            a.data.as_ptr(),
+            a.ld as c_int,
+            b.data.as_ptr(),
+            b.ld as c_int,
+            beta,
+            c,
+            ldc as c_int,
+        ),
         CpuGemm::Builtin => {
             // Row/column strides of each operand (the gemm crate takes both).
-            let strides = |op: &Operand<f32>| if op.transposed { (op.ld as isize, 1) } else { (1, op.ld as isize) };
+            let strides = |op: &Operand<f32>| {
+                if op.transposed {
+                    (op.ld as isize, 1)
+                } else {
+                    (1, op.ld as isize)
+                }
+            };
             let (a_cs, a_rs) = strides(&a);
             let (b_cs, b_rs) = strides(&b);
             // Safety: spans checked above, `c` by the caller; gemm computes dst = alpha dst + beta lhs rhs.
             {
                 gemm::gemm(
-                    m, n, k, c, 1, ldc as isize, beta != 0.0,
-                    a.data.as_ptr(), a_cs, a_rs, b.data.as_ptr(), b_cs, b_rs,
-                    beta, 1.0, false, false, false, gemm::Parallelism::None,
+                    m,
+                    n,
+                    k,
+                    c,
+                    1,
+                    ldc as isize,
+                    beta != 0.0,
+                    a.data.as_ptr(),
+                    a_cs,
+                    a_rs,
+                    b.data.as_ptr(),
+                    b_cs,
+                    b_rs,
+                    beta,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
                 )
             }
         }
@@ -259,21 +343,40 @@ pub unsafe fn gemm_f32(m: usize, n: usize, k: usize, a: Operand<f32>, b: Operand
 ///
 /// # Safety
 /// As for [`gemm_f32`].
-pub unsafe fn gemm_bf16(m: usize, n: usize, k: usize, a: Operand<bf16>, b: Operand<bf16>, beta: f32, c: *mut f32, ldc: usize) {
+pub unsafe fn gemm_bf16(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: Operand<bf16>,
+    b: Operand<bf16>,
+    beta: f32,
+    c: *mut f32,
+    ldc: usize,
+) {
     check_dims(m, n, k, &a, &b, ldc);
     if m == 0 || n == 0 {
         return;
     }
     match cpu_gemm() {
-        CpuGemm::Mkl(mkl) => {
-            (mkl.gemm_bf16)(
-                CBLAS_ROW_MAJOR, trans(a.transposed), trans(b.transposed),
-                m as c_int, n as c_int, k as c_int, 1.0,
-                a.data.as_ptr() as *const u16, a.ld as c_int, b.data.as_ptr() as *const u16, b.ld as c_int,
-                beta, c, ldc as c_int,
-            )
-        },
-        CpuGemm::Builtin => panic!("bf16 GEMM needs MKL; the model builder refuses bf16 without it"),
+        CpuGemm::Mkl(mkl) => (mkl.gemm_bf16)(
+            CBLAS_ROW_MAJOR,
+            trans(a.transposed),
+            trans(b.transposed),
+            m as c_int,
+            n as c_int,
+            k as c_int,
+            1.0,
+            a.data.as_ptr() as *const u16,
+            a.ld as c_int,
+            b.data.as_ptr() as *const u16,
+            b.ld as c_int,
+            beta,
+            c,
+            ldc as c_int,
+        ),
+        CpuGemm::Builtin => {
+            panic!("bf16 GEMM needs MKL; the model builder refuses bf16 without it")
+        }
     }
 }
 
@@ -332,12 +435,17 @@ impl<T> SendPtr<T> {
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn naive(m: usize, n: usize, k: usize, a: &dyn Fn(usize, usize) -> f32, b: &dyn Fn(usize, usize) -> f32) -> Vec<f32> {
+    fn naive(
+        m: usize,
+        n: usize,
+        k: usize,
+        a: &dyn Fn(usize, usize) -> f32,
+        b: &dyn Fn(usize, usize) -> f32,
+    ) -> Vec<f32> {
         let mut c = vec![0f32; m * n];
         for i in 0..m {
             for j in 0..n {
@@ -348,7 +456,13 @@ mod tests {
     }
 
     fn vals(n: usize, seed: u32) -> Vec<f32> {
-        (0..n).map(|i| (((i as u32).wrapping_mul(2654435761).wrapping_add(seed) >> 8) % 1000) as f32 / 500.0 - 1.0).collect()
+        (0..n)
+            .map(|i| {
+                (((i as u32).wrapping_mul(2654435761).wrapping_add(seed) >> 8) % 1000) as f32
+                    / 500.0
+                    - 1.0
+            })
+            .collect()
     }
 
     #[test]
@@ -364,10 +478,24 @@ mod tests {
             // Output with a wider row stride and beta = 1 on a prefilled value.
             let ldc = n + 3;
             let mut c = vec![0.5f32; m * ldc];
-            unsafe { gemm_f32(m, n, k, Operand { data: &a, ld: lda, transposed: ta }, Operand { data: &b, ld: ldb, transposed: tb }, 1.0, c.as_mut_ptr(), ldc) };
+            unsafe {
+                gemm_f32(
+                    m,
+                    n,
+                    k,
+                    Operand { data: &a, ld: lda, transposed: ta },
+                    Operand { data: &b, ld: ldb, transposed: tb },
+                    1.0,
+                    c.as_mut_ptr(),
+                    ldc,
+                )
+            };
             for i in 0..m {
                 for j in 0..n {
-                    assert!((c[i * ldc + j] - 0.5 - want[i * n + j]).abs() < 1e-4, "{ta} {tb} ({i},{j})");
+                    assert!(
+                        (c[i * ldc + j] - 0.5 - want[i * n + j]).abs() < 1e-4,
+                        "{ta} {tb} ({i},{j})"
+                    );
                 }
                 assert_eq!(c[i * ldc + n], 0.5, "padding untouched");
             }
@@ -377,7 +505,17 @@ mod tests {
     #[test]
     fn bf16_conversion_matches_half() {
         let mut src = vals(1000, 9);
-        src.extend([0.0, -0.0, f32::INFINITY, f32::NEG_INFINITY, f32::MAX, f32::MIN_POSITIVE, 1e-40, 1.0 + f32::EPSILON, 3.0039062]);
+        src.extend([
+            0.0,
+            -0.0,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::MAX,
+            f32::MIN_POSITIVE,
+            1e-40,
+            1.0 + f32::EPSILON,
+            3.0039062,
+        ]);
         let mut dst = vec![bf16::ZERO; src.len()];
         to_bf16(&src, &mut dst);
         for (s, d) in src.iter().zip(&dst) {
@@ -391,7 +529,11 @@ mod tests {
     #[test]
     fn bf16_products_accumulate_in_f32() {
         if !cpu_gemm().supports_bf16() {
-            assert!(std::env::var("SD_REQUIRE_MKL").is_err(), "SD_REQUIRE_MKL set but {:?}", mkl_unavailable_reason());
+            assert!(
+                std::env::var("SD_REQUIRE_MKL").is_err(),
+                "SD_REQUIRE_MKL set but {:?}",
+                mkl_unavailable_reason()
+            );
             return;
         }
         let (m, n, k) = (33, 40, 300);
@@ -399,7 +541,9 @@ mod tests {
         let b: Vec<bf16> = vals(n * k, 4).into_iter().map(bf16::from_f32).collect();
         let want = naive(m, n, k, &|i, p| a[i * k + p].to_f32(), &|p, j| b[j * k + p].to_f32());
         let mut c = vec![0f32; m * n];
-        unsafe { gemm_bf16(m, n, k, Operand::new(&a, k), Operand::t(&b, k), 0.0, c.as_mut_ptr(), n) };
+        unsafe {
+            gemm_bf16(m, n, k, Operand::new(&a, k), Operand::t(&b, k), 0.0, c.as_mut_ptr(), n)
+        };
         for (x, y) in c.iter().zip(&want) {
             assert!((x - y).abs() < 1e-3, "{x} vs {y}");
         }

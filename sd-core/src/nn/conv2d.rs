@@ -35,9 +35,16 @@ pub struct Conv2d {
     cfg: Conv2dConfig,
 }
 
-pub fn conv2d(in_channels: usize, out_channels: usize, kernel: usize, cfg: Conv2dConfig, vb: VarBuilder) -> Result<Conv2d> {
+pub fn conv2d(
+    in_channels: usize,
+    out_channels: usize,
+    kernel: usize,
+    cfg: Conv2dConfig,
+    vb: VarBuilder,
+) -> Result<Conv2d> {
     let weight = vb.get((out_channels, in_channels, kernel, kernel), "weight")?;
-    let bias = vb.get_with_hints_dtype(out_channels, "bias", Default::default(), param_dtype(&vb))?;
+    let bias =
+        vb.get_with_hints_dtype(out_channels, "bias", Default::default(), param_dtype(&vb))?;
     Conv2d::new(weight, Some(bias), cfg)
 }
 
@@ -131,7 +138,9 @@ impl Conv2d {
         let weight = if packs_for_tiles(&weight) {
             let dims = weight.dims4()?;
             let (c_out, c_in, kh, kw) = dims;
-            let packed = with_slice::<bf16, _>(&weight.contiguous()?, |w| amx::Packed::a_from_rows(w, c_out, c_in * kh * kw))?;
+            let packed = with_slice::<bf16, _>(&weight.contiguous()?, |w| {
+                amx::Packed::a_from_rows(w, c_out, c_in * kh * kw)
+            })?;
             Weight::Tiles { packed: Arc::new(packed), dims }
         } else {
             Weight::Dense(weight)
@@ -155,9 +164,21 @@ impl Conv2d {
         }
         let (stride, pad) = (self.cfg.stride, self.cfg.padding);
         if h + 2 * pad < kh || w + 2 * pad < kw {
-            candle_core::bail!("conv2d: input {h}x{w} (padding {pad}) smaller than the {kh}x{kw} kernel");
+            candle_core::bail!(
+                "conv2d: input {h}x{w} (padding {pad}) smaller than the {kh}x{kw} kernel"
+            );
         }
-        let g = Geometry { c_in, h, w, kh, kw, stride, pad, h_out: (h + 2 * pad - kh) / stride + 1, w_out: (w + 2 * pad - kw) / stride + 1 };
+        let g = Geometry {
+            c_in,
+            h,
+            w,
+            kh,
+            kw,
+            stride,
+            pad,
+            h_out: (h + 2 * pad - kh) / stride + 1,
+            w_out: (w + 2 * pad - kw) / stride + 1,
+        };
         let bias = match &self.bias {
             Some(b) => Some(b.to_dtype(DType::F32)?.to_vec1::<f32>()?),
             None => None,
@@ -170,7 +191,14 @@ impl Conv2d {
             Weight::Tiles { packed, .. } => {
                 // One panel of columns per task: the packed block then stays in L2, and the
                 // weight is read once per panel whatever the block size.
-                let plan = Plan::new(&g, batch, c_out, None, (amx::BLOCK, amx::PANEL), SendPtr(out.as_mut_ptr()));
+                let plan = Plan::new(
+                    &g,
+                    batch,
+                    c_out,
+                    None,
+                    (amx::BLOCK, amx::PANEL),
+                    SendPtr(out.as_mut_ptr()),
+                );
                 let bias = bias.as_deref().map_or(amx::Bias::None, amx::Bias::Rows);
                 with_slice::<f32, _>(&xs, |x| {
                     // Convert the input once, not once per kernel tap.
@@ -179,15 +207,26 @@ impl Conv2d {
                         let cols = amx::packed_len(len, k);
                         with_scratch(1, cols + 32, |buf: &mut [bf16]| {
                             let cols = amx::aligned(buf, cols);
-                            amx::pack_b_rows(len, k, cols, |tap, row| im2col_row(image, &g, p0, tap, row));
+                            amx::pack_b_rows(len, k, cols, |tap, row| {
+                                im2col_row(image, &g, p0, tap, row)
+                            });
                             // Safety: AMX is available (the weight was packed); see `Plan::run`.
-                            unsafe { amx::gemm(packed.as_slice(), c_out, cols, len, k, bias, c, pixels) };
+                            unsafe {
+                                amx::gemm(packed.as_slice(), c_out, cols, len, k, bias, c, pixels)
+                            };
                         })
                     })
                 })?
             }
             Weight::Dense(dense) => {
-                let plan = Plan::new(&g, batch, c_out, bias.as_deref(), (1, usize::MAX), SendPtr(out.as_mut_ptr()));
+                let plan = Plan::new(
+                    &g,
+                    batch,
+                    c_out,
+                    bias.as_deref(),
+                    (1, usize::MAX),
+                    SendPtr(out.as_mut_ptr()),
+                );
                 with_slice::<f32, _>(&xs, |x| match dense.dtype() {
                     DType::BF16 => with_slice::<bf16, _>(dense, |wt| {
                         // Convert the input once, not once per kernel tap.
@@ -196,7 +235,18 @@ impl Conv2d {
                             with_scratch(0, k * len, |col: &mut [bf16]| {
                                 im2col(image, &g, p0, len, col);
                                 // Safety: see `Plan::run`.
-                                unsafe { gemm_bf16(c_out, len, k, Operand::new(wt, k), Operand::new(col, len), beta, c, pixels) };
+                                unsafe {
+                                    gemm_bf16(
+                                        c_out,
+                                        len,
+                                        k,
+                                        Operand::new(wt, k),
+                                        Operand::new(col, len),
+                                        beta,
+                                        c,
+                                        pixels,
+                                    )
+                                };
                             })
                         })
                     }),
@@ -205,11 +255,33 @@ impl Conv2d {
                         plan.run(x, |image, p0, len, beta, c| {
                             // Safety (both GEMMs): see `Plan::run`.
                             if pointwise {
-                                unsafe { gemm_f32(c_out, len, k, Operand::new(wt, k), Operand::new(&image[p0..], pixels), beta, c, pixels) };
+                                unsafe {
+                                    gemm_f32(
+                                        c_out,
+                                        len,
+                                        k,
+                                        Operand::new(wt, k),
+                                        Operand::new(&image[p0..], pixels),
+                                        beta,
+                                        c,
+                                        pixels,
+                                    )
+                                };
                             } else {
                                 with_scratch(0, k * len, |col: &mut [f32]| {
                                     im2col(image, &g, p0, len, col);
-                                    unsafe { gemm_f32(c_out, len, k, Operand::new(wt, k), Operand::new(col, len), beta, c, pixels) };
+                                    unsafe {
+                                        gemm_f32(
+                                            c_out,
+                                            len,
+                                            k,
+                                            Operand::new(wt, k),
+                                            Operand::new(col, len),
+                                            beta,
+                                            c,
+                                            pixels,
+                                        )
+                                    };
                                 })
                             }
                         })
@@ -238,7 +310,14 @@ impl<'a> Plan<'a> {
     /// Blocks of at most `max_block` pixels (and `BLOCK_ELEMS` im2col elements), a multiple
     /// of `align` but the last of an image, for GEMMs that work in blocks of columns. With
     /// `bias`, `run` writes it into the output before the GEMM.
-    fn new(g: &Geometry, batch: usize, c_out: usize, bias: Option<&'a [f32]>, (align, max_block): (usize, usize), out: SendPtr<f32>) -> Self {
+    fn new(
+        g: &Geometry,
+        batch: usize,
+        c_out: usize,
+        bias: Option<&'a [f32]>,
+        (align, max_block): (usize, usize),
+        out: SendPtr<f32>,
+    ) -> Self {
         let pixels = g.pixels();
         let min = align.max(16);
         // As many pixels per block as the im2col budget allows, and enough blocks to keep
@@ -249,7 +328,8 @@ impl<'a> Plan<'a> {
             block = block.div_ceil(2);
         }
         let block = block.next_multiple_of(align);
-        let tasks = (0..batch).flat_map(|b| (0..pixels).step_by(block).map(move |p0| (b, p0))).collect();
+        let tasks =
+            (0..batch).flat_map(|b| (0..pixels).step_by(block).map(move |p0| (b, p0))).collect();
         Self { tasks, block, pixels, image_len: g.c_in * g.h * g.w, c_out, bias, out }
     }
 
@@ -268,7 +348,8 @@ impl<'a> Plan<'a> {
                 Some(bias) => {
                     for (co, &v) in bias.iter().enumerate() {
                         // Safety: row `co` of this task's block.
-                        unsafe { std::slice::from_raw_parts_mut(c.add(co * self.pixels), len) }.fill(v);
+                        unsafe { std::slice::from_raw_parts_mut(c.add(co * self.pixels), len) }
+                            .fill(v);
                     }
                     1.0
                 }
@@ -288,7 +369,11 @@ impl Module for Conv2d {
             }
             _ => return self.forward_cpu(xs),
         };
-        let cfg = candle_nn::Conv2dConfig { padding: self.cfg.padding, stride: self.cfg.stride, ..Default::default() };
+        let cfg = candle_nn::Conv2dConfig {
+            padding: self.cfg.padding,
+            stride: self.cfg.stride,
+            ..Default::default()
+        };
         candle_nn::Conv2d::new(weight.clone(), self.bias.clone(), cfg).forward(xs)
     }
 }
@@ -307,14 +392,25 @@ mod tests {
     fn check_against_candle(cases: &[Case], dtype: DType) -> Result<()> {
         let dev = Device::Cpu;
         for &(b, ci, co, h, w, k, stride, pad) in cases {
-            let round = |t: Tensor| if dtype == DType::F32 { Ok(t) } else { t.to_dtype(dtype)?.to_dtype(DType::F32) };
+            let round = |t: Tensor| {
+                if dtype == DType::F32 {
+                    Ok(t)
+                } else {
+                    t.to_dtype(dtype)?.to_dtype(DType::F32)
+                }
+            };
             let x = round(Tensor::from_vec(values(b * ci * h * w, 1), (b, ci, h, w), &dev)?)?;
-            let wt = Tensor::from_vec(values(co * ci * k * k, 2), (co, ci, k, k), &dev)?.to_dtype(dtype)?;
+            let wt = Tensor::from_vec(values(co * ci * k * k, 2), (co, ci, k, k), &dev)?
+                .to_dtype(dtype)?;
             let bias = Tensor::from_vec(values(co, 3), co, &dev)?;
             let cfg = Conv2dConfig { padding: pad, stride };
             let ours = Conv2d::new(wt.clone(), Some(bias.clone()), cfg)?.forward(&x)?;
-            let theirs = candle_nn::Conv2d::new(wt.to_dtype(DType::F32)?, Some(bias), candle_nn::Conv2dConfig { padding: pad, stride, ..Default::default() })
-                .forward(&x)?;
+            let theirs = candle_nn::Conv2d::new(
+                wt.to_dtype(DType::F32)?,
+                Some(bias),
+                candle_nn::Conv2dConfig { padding: pad, stride, ..Default::default() },
+            )
+            .forward(&x)?;
             assert_eq!(ours.dims(), theirs.dims());
             let diff = (ours - theirs)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
             assert!(diff < 1e-4, "{dtype:?} {b} {ci} {co} {h} {w} {k} {stride} {pad}: {diff}");
@@ -325,7 +421,13 @@ mod tests {
     /// Against candle's own convolution, for the shapes SD uses and odd ones.
     #[test]
     fn matches_candle_conv() -> Result<()> {
-        let cases = [(2, 5, 7, 9, 11, 3, 1, 1), (1, 4, 6, 10, 7, 3, 2, 0), (2, 3, 8, 8, 8, 3, 2, 1), (2, 16, 9, 13, 5, 1, 1, 0), (1, 3, 4, 40, 41, 3, 1, 1)];
+        let cases = [
+            (2, 5, 7, 9, 11, 3, 1, 1),
+            (1, 4, 6, 10, 7, 3, 2, 0),
+            (2, 3, 8, 8, 8, 3, 2, 1),
+            (2, 16, 9, 13, 5, 1, 1, 0),
+            (1, 3, 4, 40, 41, 3, 1, 1),
+        ];
         check_against_candle(&cases, DType::F32)
     }
 
@@ -336,7 +438,13 @@ mod tests {
         if !bf16_gemms() {
             return Ok(());
         }
-        let cases = [(2, 5, 7, 9, 11, 3, 1, 1), (1, 40, 64, 16, 16, 3, 1, 1), (2, 36, 96, 13, 9, 3, 2, 1), (1, 64, 33, 20, 20, 1, 1, 0), (2, 32, 32, 24, 24, 3, 1, 1)];
+        let cases = [
+            (2, 5, 7, 9, 11, 3, 1, 1),
+            (1, 40, 64, 16, 16, 3, 1, 1),
+            (2, 36, 96, 13, 9, 3, 2, 1),
+            (1, 64, 33, 20, 20, 1, 1, 0),
+            (2, 32, 32, 24, 24, 3, 1, 1),
+        ];
         check_against_candle(&cases, DType::BF16)
     }
 }

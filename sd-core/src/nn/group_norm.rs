@@ -19,7 +19,12 @@ pub struct GroupNorm {
     eps: f64,
 }
 
-pub fn group_norm(num_groups: usize, channels: usize, eps: f64, vb: VarBuilder) -> Result<GroupNorm> {
+pub fn group_norm(
+    num_groups: usize,
+    channels: usize,
+    eps: f64,
+    vb: VarBuilder,
+) -> Result<GroupNorm> {
     if num_groups == 0 || channels % num_groups != 0 {
         candle_core::bail!("group norm: {channels} channels do not split into {num_groups} groups");
     }
@@ -40,12 +45,22 @@ impl GroupNorm {
     }
 
     fn cpu_kernel_applies(&self, xs: &Tensor) -> bool {
-        xs.device().is_cpu() && xs.dtype() == DType::F32 && self.weight.dtype() == DType::F32 && xs.rank() >= 3
+        xs.device().is_cpu()
+            && xs.dtype() == DType::F32
+            && self.weight.dtype() == DType::F32
+            && xs.rank() >= 3
     }
 
     fn candle_forward(&self, xs: &Tensor) -> Result<Tensor> {
         let channels = self.weight.dim(0)?;
-        candle_nn::GroupNorm::new(self.weight.clone(), self.bias.clone(), channels, self.num_groups, self.eps)?.forward(xs)
+        candle_nn::GroupNorm::new(
+            self.weight.clone(),
+            self.bias.clone(),
+            channels,
+            self.num_groups,
+            self.eps,
+        )?
+        .forward(xs)
     }
 
     fn forward_cpu(&self, xs: &Tensor, silu: bool) -> Result<Tensor> {
@@ -53,7 +68,10 @@ impl GroupNorm {
         let dims = xs.dims().to_vec();
         let channels = dims[1];
         if channels != self.weight.dim(0)? {
-            candle_core::bail!("group norm: input has {channels} channels, the norm {}", self.weight.dim(0)?);
+            candle_core::bail!(
+                "group norm: input has {channels} channels, the norm {}",
+                self.weight.dim(0)?
+            );
         }
         let spatial: usize = dims[2..].iter().product();
         let group_len = channels / self.num_groups * spatial;
@@ -63,19 +81,23 @@ impl GroupNorm {
         let eps = self.eps;
         let groups = self.num_groups;
         with_slice::<f32, _>(&xs, |x| {
-            out.par_chunks_mut(group_len).zip(x.par_chunks(group_len)).enumerate().for_each(|(i, (dst, src))| {
-                let (sum, sum_sq) = moments(src);
-                let n = src.len() as f64;
-                let mean = sum / n;
-                let var = (sum_sq / n - mean * mean).max(0.0);
-                let rstd = 1.0 / (var + eps).sqrt();
-                let c0 = (i % groups) * (channels / groups);
-                for (c, (d, s)) in dst.chunks_mut(spatial).zip(src.chunks(spatial)).enumerate() {
-                    let scale = (rstd * gamma[c0 + c] as f64) as f32;
-                    let shift = (beta[c0 + c] as f64 - mean * rstd * gamma[c0 + c] as f64) as f32;
-                    affine(s, d, scale, shift, silu);
-                }
-            })
+            out.par_chunks_mut(group_len).zip(x.par_chunks(group_len)).enumerate().for_each(
+                |(i, (dst, src))| {
+                    let (sum, sum_sq) = moments(src);
+                    let n = src.len() as f64;
+                    let mean = sum / n;
+                    let var = (sum_sq / n - mean * mean).max(0.0);
+                    let rstd = 1.0 / (var + eps).sqrt();
+                    let c0 = (i % groups) * (channels / groups);
+                    for (c, (d, s)) in dst.chunks_mut(spatial).zip(src.chunks(spatial)).enumerate()
+                    {
+                        let scale = (rstd * gamma[c0 + c] as f64) as f32;
+                        let shift =
+                            (beta[c0 + c] as f64 - mean * rstd * gamma[c0 + c] as f64) as f32;
+                        affine(s, d, scale, shift, silu);
+                    }
+                },
+            )
         })?;
         Tensor::from_vec(out, dims, &Device::Cpu)
     }
@@ -123,7 +145,8 @@ fn affine(src: &[f32], dst: &mut [f32], scale: f32, shift: f32, silu: bool) {
             // Safety: the CPU has AVX-512F (and so AVX2 and FMA).
             return unsafe { affine_avx512(src, dst, scale, shift, silu) };
         }
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
             // Safety: checked just above.
             return unsafe { affine_avx2(src, dst, scale, shift, silu) };
         }
@@ -166,15 +189,24 @@ mod tests {
     fn matches_candle_group_norm_and_silu() -> Result<()> {
         let dev = Device::Cpu;
         let (b, c, h, w, groups) = (2, 12, 5, 7, 4);
-        let data: Vec<f32> = (0..b * c * h * w).map(|i| ((i * 7919 % 1013) as f32 / 101.3 - 5.0) * 3.0 + 2.0).collect();
+        let data: Vec<f32> = (0..b * c * h * w)
+            .map(|i| ((i * 7919 % 1013) as f32 / 101.3 - 5.0) * 3.0 + 2.0)
+            .collect();
         let x = Tensor::from_vec(data, (b, c, h, w), &dev)?;
-        let gamma = Tensor::from_vec((0..c).map(|i| 0.5 + i as f32 * 0.1).collect::<Vec<_>>(), c, &dev)?;
-        let beta = Tensor::from_vec((0..c).map(|i| i as f32 * 0.05 - 0.3).collect::<Vec<_>>(), c, &dev)?;
-        let ours = GroupNorm { weight: gamma.clone(), bias: beta.clone(), num_groups: groups, eps: 1e-6 };
+        let gamma =
+            Tensor::from_vec((0..c).map(|i| 0.5 + i as f32 * 0.1).collect::<Vec<_>>(), c, &dev)?;
+        let beta =
+            Tensor::from_vec((0..c).map(|i| i as f32 * 0.05 - 0.3).collect::<Vec<_>>(), c, &dev)?;
+        let ours =
+            GroupNorm { weight: gamma.clone(), bias: beta.clone(), num_groups: groups, eps: 1e-6 };
         let theirs = candle_nn::GroupNorm::new(gamma, beta, c, groups, 1e-6)?;
-        let max_diff = |a: Tensor, b: Tensor| -> Result<f32> { (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>() };
+        let max_diff = |a: Tensor, b: Tensor| -> Result<f32> {
+            (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
+        };
         assert!(max_diff(ours.forward(&x)?, theirs.forward(&x)?)? < 1e-5);
-        assert!(max_diff(ours.forward_silu(&x)?, candle_nn::ops::silu(&theirs.forward(&x)?)?)? < 1e-5);
+        assert!(
+            max_diff(ours.forward_silu(&x)?, candle_nn::ops::silu(&theirs.forward(&x)?)?)? < 1e-5
+        );
         Ok(())
     }
 }

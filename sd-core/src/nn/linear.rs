@@ -42,7 +42,9 @@ impl Linear {
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
         let weight = if packs_for_tiles(&weight) {
             let (n, k) = weight.dims2()?;
-            let packed = with_slice::<bf16, _>(&weight.contiguous()?, |w| amx::Packed::b_from_transposed(w, n, k))?;
+            let packed = with_slice::<bf16, _>(&weight.contiguous()?, |w| {
+                amx::Packed::b_from_transposed(w, n, k)
+            })?;
             Weight::Tiles(Arc::new(packed))
         } else {
             Weight::Dense(weight)
@@ -85,14 +87,22 @@ impl Linear {
             };
         }
         let weight = match &self.weight {
-            Weight::Tiles(packed) => return Tensor::from_vec(self.forward_tiles(&xs, packed, m)?, out_dims, &Device::Cpu),
+            Weight::Tiles(packed) => {
+                return Tensor::from_vec(
+                    self.forward_tiles(&xs, packed, m)?,
+                    out_dims,
+                    &Device::Cpu,
+                )
+            }
             Weight::Dense(w) => w,
         };
         let mut out = vec![0f32; m * n];
         let beta = match &self.bias {
             Some(bias) => {
                 let bias = bias.to_dtype(DType::F32)?;
-                with_slice::<f32, _>(&bias, |b| out.par_chunks_mut(n).for_each(|row| row.copy_from_slice(b)))?;
+                with_slice::<f32, _>(&bias, |b| {
+                    out.par_chunks_mut(n).for_each(|row| row.copy_from_slice(b))
+                })?;
                 1.0
             }
             None => 0.0,
@@ -107,13 +117,33 @@ impl Linear {
                     tasks.for_each(|(c, a)| {
                         with_scratch(0, a.len(), |a16: &mut [bf16]| {
                             to_bf16(a, a16);
-                            unsafe { gemm_bf16(a.len() / k, n, k, Operand::new(a16, k), Operand::t(w, k), beta, c.as_mut_ptr(), n) };
+                            unsafe {
+                                gemm_bf16(
+                                    a.len() / k,
+                                    n,
+                                    k,
+                                    Operand::new(a16, k),
+                                    Operand::t(w, k),
+                                    beta,
+                                    c.as_mut_ptr(),
+                                    n,
+                                )
+                            };
                         })
                     })
                 }),
                 _ => with_slice::<f32, _>(weight, |w| {
                     tasks.for_each(|(c, a)| unsafe {
-                        gemm_f32(a.len() / k, n, k, Operand::new(a, k), Operand::t(w, k), beta, c.as_mut_ptr(), n)
+                        gemm_f32(
+                            a.len() / k,
+                            n,
+                            k,
+                            Operand::new(a, k),
+                            Operand::t(w, k),
+                            beta,
+                            c.as_mut_ptr(),
+                            n,
+                        )
                     })
                 }),
             }
@@ -132,20 +162,34 @@ impl Linear {
         let bias = bias.as_deref().map_or(amx::Bias::None, amx::Bias::Cols);
         // At most a panel of rows per task, so that the packed rows stay in L2 while every
         // panel of the weight passes them.
-        let rows_per_task = m.div_ceil(task_count(amx::blocks(m))).next_multiple_of(amx::BLOCK).min(amx::PANEL);
+        let rows_per_task =
+            m.div_ceil(task_count(amx::blocks(m))).next_multiple_of(amx::BLOCK).min(amx::PANEL);
         let mut out: Vec<f32> = Vec::with_capacity(m * n);
         with_slice::<f32, _>(xs, |x| {
             let c = out.spare_capacity_mut();
-            c.par_chunks_mut(rows_per_task * n).zip(x.par_chunks(rows_per_task * k)).for_each(|(c, a)| {
-                let rows = a.len() / k;
-                let len = amx::packed_len(rows, k);
-                with_scratch(1, len + 32, |buf: &mut [bf16]| {
-                    let packed = amx::aligned(buf, len);
-                    amx::pack_a_f32(a, rows, k, packed);
-                    // Safety: AMX is available (the weight was packed); `c` is this task's rows.
-                    unsafe { amx::gemm(packed, rows, w.as_slice(), n, k, bias, c.as_mut_ptr().cast(), n) };
-                })
-            })
+            c.par_chunks_mut(rows_per_task * n).zip(x.par_chunks(rows_per_task * k)).for_each(
+                |(c, a)| {
+                    let rows = a.len() / k;
+                    let len = amx::packed_len(rows, k);
+                    with_scratch(1, len + 32, |buf: &mut [bf16]| {
+                        let packed = amx::aligned(buf, len);
+                        amx::pack_a_f32(a, rows, k, packed);
+                        // Safety: AMX is available (the weight was packed); `c` is this task's rows.
+                        unsafe {
+                            amx::gemm(
+                                packed,
+                                rows,
+                                w.as_slice(),
+                                n,
+                                k,
+                                bias,
+                                c.as_mut_ptr().cast(),
+                                n,
+                            )
+                        };
+                    })
+                },
+            )
         })?;
         // Safety: the tasks wrote every row.
         unsafe { out.set_len(m * n) };
@@ -156,7 +200,9 @@ impl Linear {
 impl Module for Linear {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         match &self.weight {
-            Weight::Dense(w) if !use_cpu_kernels(xs, w.dtype()) => candle_nn::Linear::new(w.clone(), self.bias.clone()).forward(xs),
+            Weight::Dense(w) if !use_cpu_kernels(xs, w.dtype()) => {
+                candle_nn::Linear::new(w.clone(), self.bias.clone()).forward(xs)
+            }
             Weight::Tiles(_) if !use_cpu_kernels(xs, DType::BF16) => {
                 candle_core::bail!("linear: weights packed for the CPU's AMX tiles take f32 CPU inputs, got {:?} on {:?}", xs.dtype(), xs.device())
             }
@@ -180,7 +226,9 @@ mod tests {
         }
         let dev = Device::Cpu;
         for &(rows, k, n) in &[(2, 320, 1280), (77, 64, 96), (600, 96, 40), (33, 1100, 64)] {
-            let x = Tensor::from_vec(values(rows * k, 1), (1, rows, k), &dev)?.to_dtype(DType::BF16)?.to_dtype(DType::F32)?;
+            let x = Tensor::from_vec(values(rows * k, 1), (1, rows, k), &dev)?
+                .to_dtype(DType::BF16)?
+                .to_dtype(DType::F32)?;
             let w = Tensor::from_vec(values(n * k, 2), (n, k), &dev)?.to_dtype(DType::BF16)?;
             let bias = Tensor::from_vec(values(n, 3), n, &dev)?;
             for bias in [Some(bias), None] {

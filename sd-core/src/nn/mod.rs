@@ -40,7 +40,11 @@ pub fn param_dtype(vb: &VarBuilder) -> DType {
 
 /// The dtype activations flow in for models whose weights were loaded as `dtype` on `device`.
 pub fn activation_dtype(dtype: DType, device: &Device) -> DType {
-    if device.is_cpu() && dtype == DType::BF16 { DType::F32 } else { dtype }
+    if device.is_cpu() && dtype == DType::BF16 {
+        DType::F32
+    } else {
+        dtype
+    }
 }
 
 /// candle-nn's `LayerNorm`, with its parameters in [`param_dtype`].
@@ -89,7 +93,13 @@ fn task_count(work_items: usize) -> usize {
 pub(crate) mod test_values {
     /// `n` deterministic values in [-1, 1), spread over 2000 steps.
     pub fn values(n: usize, seed: u32) -> Vec<f32> {
-        (0..n).map(|i| (((i as u32).wrapping_mul(2654435761).wrapping_add(seed) >> 9) % 2000) as f32 / 1000.0 - 1.0).collect()
+        (0..n)
+            .map(|i| {
+                (((i as u32).wrapping_mul(2654435761).wrapping_add(seed) >> 9) % 2000) as f32
+                    / 1000.0
+                    - 1.0
+            })
+            .collect()
     }
 
     /// Whether bf16 weights can be multiplied here (MKL or AMX); tests that need it say so.

@@ -30,10 +30,12 @@ pub fn betas(
     }
     Ok(match schedule {
         BetaSchedule::Linear => torch_linspace_f32(beta_start, beta_end, num_train_timesteps),
-        BetaSchedule::ScaledLinear => torch_linspace_f32(beta_start.sqrt(), beta_end.sqrt(), num_train_timesteps)
-            .into_iter()
-            .map(|b| b * b)
-            .collect(),
+        BetaSchedule::ScaledLinear => {
+            torch_linspace_f32(beta_start.sqrt(), beta_end.sqrt(), num_train_timesteps)
+                .into_iter()
+                .map(|b| b * b)
+                .collect()
+        }
         BetaSchedule::SquaredcosCapV2 => betas_for_alpha_bar_cosine(num_train_timesteps, 0.999),
         BetaSchedule::Sigmoid => {
             let scale = (beta_end - beta_start) as f32;

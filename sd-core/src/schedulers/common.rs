@@ -53,40 +53,92 @@ macro_rules! scheduler_config {
 pub(crate) use scheduler_config;
 
 macro_rules! read_field {
-    ($r:ident, usize, $k:expr, $d:expr) => { $r.usize($k, $d)? };
-    ($r:ident, f64, $k:expr, $d:expr) => { $r.f64($k, $d)? };
-    ($r:ident, i64, $k:expr, $d:expr) => { $r.i64($k, $d)? };
-    ($r:ident, bool, $k:expr, $d:expr) => { $r.bool($k, $d)? };
-    ($r:ident, opt_f64, $k:expr, $d:expr) => {{ let _ = $d; $r.opt_f64($k)? }};
-    ($r:ident, opt_f64_vec, $k:expr, $d:expr) => {{ let _ = $d; $r.opt_f64_vec($k)? }};
-    ($r:ident, choice, $k:expr, $d:expr) => { $r.choice($k, $d)? };
-    ($r:ident, opt_choice, $k:expr, $d:expr) => {{ let _ = $d; $r.opt_choice($k)? }};
-    ($r:ident, usize_vec, $k:expr, $d:expr) => { $r.usize_vec($k, $d)? };
+    ($r:ident, usize, $k:expr, $d:expr) => {
+        $r.usize($k, $d)?
+    };
+    ($r:ident, f64, $k:expr, $d:expr) => {
+        $r.f64($k, $d)?
+    };
+    ($r:ident, i64, $k:expr, $d:expr) => {
+        $r.i64($k, $d)?
+    };
+    ($r:ident, bool, $k:expr, $d:expr) => {
+        $r.bool($k, $d)?
+    };
+    ($r:ident, opt_f64, $k:expr, $d:expr) => {{
+        let _ = $d;
+        $r.opt_f64($k)?
+    }};
+    ($r:ident, opt_f64_vec, $k:expr, $d:expr) => {{
+        let _ = $d;
+        $r.opt_f64_vec($k)?
+    }};
+    ($r:ident, choice, $k:expr, $d:expr) => {
+        $r.choice($k, $d)?
+    };
+    ($r:ident, opt_choice, $k:expr, $d:expr) => {{
+        let _ = $d;
+        $r.opt_choice($k)?
+    }};
+    ($r:ident, usize_vec, $k:expr, $d:expr) => {
+        $r.usize_vec($k, $d)?
+    };
 }
 pub(crate) use read_field;
 
 macro_rules! write_field {
-    ($w:ident, usize, $k:expr, $v:expr) => { $w.set($k, *$v) };
-    ($w:ident, f64, $k:expr, $v:expr) => { $w.set($k, *$v) };
-    ($w:ident, i64, $k:expr, $v:expr) => { $w.set($k, *$v) };
-    ($w:ident, bool, $k:expr, $v:expr) => { $w.set($k, *$v) };
-    ($w:ident, opt_f64, $k:expr, $v:expr) => { $w.opt_f64($k, *$v) };
-    ($w:ident, opt_f64_vec, $k:expr, $v:expr) => { $w.opt_f64_vec($k, $v.as_deref()) };
-    ($w:ident, choice, $k:expr, $v:expr) => { $w.choice($k, *$v) };
-    ($w:ident, opt_choice, $k:expr, $v:expr) => { $w.opt_choice($k, *$v) };
-    ($w:ident, usize_vec, $k:expr, $v:expr) => { $w.usize_vec($k, $v) };
+    ($w:ident, usize, $k:expr, $v:expr) => {
+        $w.set($k, *$v)
+    };
+    ($w:ident, f64, $k:expr, $v:expr) => {
+        $w.set($k, *$v)
+    };
+    ($w:ident, i64, $k:expr, $v:expr) => {
+        $w.set($k, *$v)
+    };
+    ($w:ident, bool, $k:expr, $v:expr) => {
+        $w.set($k, *$v)
+    };
+    ($w:ident, opt_f64, $k:expr, $v:expr) => {
+        $w.opt_f64($k, *$v)
+    };
+    ($w:ident, opt_f64_vec, $k:expr, $v:expr) => {
+        $w.opt_f64_vec($k, $v.as_deref())
+    };
+    ($w:ident, choice, $k:expr, $v:expr) => {
+        $w.choice($k, *$v)
+    };
+    ($w:ident, opt_choice, $k:expr, $v:expr) => {
+        $w.opt_choice($k, *$v)
+    };
+    ($w:ident, usize_vec, $k:expr, $v:expr) => {
+        $w.usize_vec($k, $v)
+    };
 }
 pub(crate) use write_field;
 
 // ---- config helpers ----
 
 /// Errors unless `value` is one of `allowed` (a config error naming the key and the valid values).
-pub(crate) fn check_choice<T: ConfigEnum>(r: &ConfigReader<'_>, class: &str, key: &'static str, value: T, allowed: &[T]) -> Result<()> {
+pub(crate) fn check_choice<T: ConfigEnum>(
+    r: &ConfigReader<'_>,
+    class: &str,
+    key: &'static str,
+    value: T,
+    allowed: &[T],
+) -> Result<()> {
     if allowed.contains(&value) {
         return Ok(());
     }
     let valid: Vec<&str> = allowed.iter().map(|a| a.as_str()).collect();
-    Err(r.error(key, format!("`{}` is not supported by {class}; valid values: {}", value.as_str(), valid.join(", "))))
+    Err(r.error(
+        key,
+        format!(
+            "`{}` is not supported by {class}; valid values: {}",
+            value.as_str(),
+            valid.join(", ")
+        ),
+    ))
 }
 
 /// The beta schedules every class here implements.
@@ -95,7 +147,12 @@ pub(crate) const STANDARD_BETAS: &[BetaSchedule] =
 
 /// Errors when more than one of the alternative sigma schedules is chosen, or beta sigmas (which
 /// need scipy's `beta.ppf`) are.
-pub(crate) fn check_sigma_choice(r: &ConfigReader<'_>, karras: bool, exponential: bool, beta: bool) -> Result<()> {
+pub(crate) fn check_sigma_choice(
+    r: &ConfigReader<'_>,
+    karras: bool,
+    exponential: bool,
+    beta: bool,
+) -> Result<()> {
     if [karras, exponential, beta].iter().filter(|&&b| b).count() > 1 {
         return Err(r.error(
             "use_karras_sigmas",
@@ -103,13 +160,21 @@ pub(crate) fn check_sigma_choice(r: &ConfigReader<'_>, karras: bool, exponential
         ));
     }
     if beta {
-        return Err(r.error("use_beta_sigmas", "beta sigmas are not supported (they need scipy's beta.ppf)"));
+        return Err(r.error(
+            "use_beta_sigmas",
+            "beta sigmas are not supported (they need scipy's beta.ppf)",
+        ));
     }
     Ok(())
 }
 
 /// Errors when a flag that this implementation does not support is set.
-pub(crate) fn reject_flag(r: &ConfigReader<'_>, key: &'static str, value: bool, what: &str) -> Result<()> {
+pub(crate) fn reject_flag(
+    r: &ConfigReader<'_>,
+    key: &'static str,
+    value: bool,
+    what: &str,
+) -> Result<()> {
     if value {
         return Err(r.error(key, format!("{what} is not supported; set it to false")));
     }
@@ -128,8 +193,19 @@ pub(crate) fn training_schedule(
     trained_betas: Option<&[f64]>,
     rescale_betas_zero_snr: bool,
 ) -> Result<TrainingSchedule> {
-    TrainingSchedule::new(schedule, beta_start, beta_end, num_train_timesteps, trained_betas, rescale_betas_zero_snr).map_err(|e| {
-        Error::config(resolved.source().unwrap_or(std::path::Path::new("<scheduler config>")), format!("{class}: {e}"))
+    TrainingSchedule::new(
+        schedule,
+        beta_start,
+        beta_end,
+        num_train_timesteps,
+        trained_betas,
+        rescale_betas_zero_snr,
+    )
+    .map_err(|e| {
+        Error::config(
+            resolved.source().unwrap_or(std::path::Path::new("<scheduler config>")),
+            format!("{class}: {e}"),
+        )
     })
 }
 
@@ -137,31 +213,56 @@ pub(crate) fn training_schedule(
 
 /// The float32 timesteps of the k-diffusion style schedulers (Euler, Euler ancestral, LMS, Heun,
 /// KDPM2): `n` values, descending, as numpy computes them before the cast to float32.
-pub(crate) fn k_timesteps(spacing: TimestepSpacing, n_train: usize, n: usize, steps_offset: i64) -> Vec<f32> {
+pub(crate) fn k_timesteps(
+    spacing: TimestepSpacing,
+    n_train: usize,
+    n: usize,
+    steps_offset: i64,
+) -> Vec<f32> {
     match spacing {
-        TimestepSpacing::Linspace => np_linspace(0.0, (n_train - 1) as f64, n).into_iter().rev().map(|t| t as f32).collect(),
+        TimestepSpacing::Linspace => {
+            np_linspace(0.0, (n_train - 1) as f64, n).into_iter().rev().map(|t| t as f32).collect()
+        }
         TimestepSpacing::Leading => {
             let ratio = n_train / n;
-            (0..n).rev().map(|i| np_round((i * ratio) as f64) as f32 + steps_offset as f32).collect()
+            (0..n)
+                .rev()
+                .map(|i| np_round((i * ratio) as f64) as f32 + steps_offset as f32)
+                .collect()
         }
         TimestepSpacing::Trailing => {
             let ratio = n_train as f64 / n as f64;
-            np_arange(n_train as f64, 0.0, -ratio).into_iter().map(|t| np_round(t) as f32 - 1.0).collect()
+            np_arange(n_train as f64, 0.0, -ratio)
+                .into_iter()
+                .map(|t| np_round(t) as f32 - 1.0)
+                .collect()
         }
     }
 }
 
 /// The integer timesteps of DDIM / DDPM (`n` values, descending).
-pub(crate) fn discrete_timesteps(spacing: TimestepSpacing, n_train: usize, n: usize, steps_offset: i64) -> Vec<i64> {
+pub(crate) fn discrete_timesteps(
+    spacing: TimestepSpacing,
+    n_train: usize,
+    n: usize,
+    steps_offset: i64,
+) -> Vec<i64> {
     match spacing {
-        TimestepSpacing::Linspace => np_linspace(0.0, (n_train - 1) as f64, n).into_iter().rev().map(|t| np_round(t) as i64).collect(),
+        TimestepSpacing::Linspace => np_linspace(0.0, (n_train - 1) as f64, n)
+            .into_iter()
+            .rev()
+            .map(|t| np_round(t) as i64)
+            .collect(),
         TimestepSpacing::Leading => {
             let ratio = n_train / n;
             (0..n).rev().map(|i| (i * ratio) as i64 + steps_offset).collect()
         }
         TimestepSpacing::Trailing => {
             let ratio = n_train as f64 / n as f64;
-            np_arange(n_train as f64, 0.0, -ratio).into_iter().map(|t| np_round(t) as i64 - 1).collect()
+            np_arange(n_train as f64, 0.0, -ratio)
+                .into_iter()
+                .map(|t| np_round(t) as i64 - 1)
+                .collect()
         }
     }
 }
@@ -169,11 +270,20 @@ pub(crate) fn discrete_timesteps(spacing: TimestepSpacing, n_train: usize, n: us
 /// The integer timesteps of the multistep solvers (DPM-Solver, UniPC, DEIS): `n + 1` points with
 /// the last (0) dropped for linspace/leading; `last_timestep` is the first training timestep not
 /// clipped by `lambda_min_clipped` (`num_train_timesteps` otherwise).
-pub(crate) fn multistep_timesteps(spacing: TimestepSpacing, n_train: usize, last_timestep: usize, n: usize, steps_offset: i64) -> Vec<i64> {
+pub(crate) fn multistep_timesteps(
+    spacing: TimestepSpacing,
+    n_train: usize,
+    last_timestep: usize,
+    n: usize,
+    steps_offset: i64,
+) -> Vec<i64> {
     match spacing {
         TimestepSpacing::Linspace => {
-            let mut t: Vec<i64> =
-                np_linspace(0.0, last_timestep as f64 - 1.0, n + 1).into_iter().rev().map(|t| np_round(t) as i64).collect();
+            let mut t: Vec<i64> = np_linspace(0.0, last_timestep as f64 - 1.0, n + 1)
+                .into_iter()
+                .rev()
+                .map(|t| np_round(t) as i64)
+                .collect();
             t.pop();
             t
         }
@@ -183,7 +293,10 @@ pub(crate) fn multistep_timesteps(spacing: TimestepSpacing, n_train: usize, last
         }
         TimestepSpacing::Trailing => {
             let ratio = n_train as f64 / n as f64;
-            np_arange(last_timestep as f64, 0.0, -ratio).into_iter().map(|t| np_round(t) as i64 - 1).collect()
+            np_arange(last_timestep as f64, 0.0, -ratio)
+                .into_iter()
+                .map(|t| np_round(t) as i64 - 1)
+                .collect()
         }
     }
 }
@@ -212,7 +325,10 @@ pub(crate) fn karras_sigmas(sigma_min: f64, sigma_max: f64, n: usize) -> Vec<f64
     let rho = 7.0f64;
     let min_inv_rho = sigma_min.powf(1.0 / rho);
     let max_inv_rho = sigma_max.powf(1.0 / rho);
-    np_linspace(0.0, 1.0, n).into_iter().map(|r| (max_inv_rho + r * (min_inv_rho - max_inv_rho)).powf(rho)).collect()
+    np_linspace(0.0, 1.0, n)
+        .into_iter()
+        .map(|r| (max_inv_rho + r * (min_inv_rho - max_inv_rho)).powf(rho))
+        .collect()
 }
 
 /// `_convert_to_exponential`: `n` sigmas log-linearly spaced from `sigma_max` to `sigma_min`.
@@ -353,7 +469,13 @@ impl StepIndex {
     /// `_init_step_index`: the begin index if set, else the position of `timestep` in
     /// `schedule` (the second match when there are several). `or_last`: the multistep solvers'
     /// rule of taking the last index when the timestep is not in the schedule (else an error).
-    pub(crate) fn init(&mut self, schedule: &[f64], timestep: f64, class: &str, or_last: bool) -> Result<usize> {
+    pub(crate) fn init(
+        &mut self,
+        schedule: &[f64],
+        timestep: f64,
+        class: &str,
+        or_last: bool,
+    ) -> Result<usize> {
         if let Some(i) = self.step {
             return Ok(i);
         }
@@ -362,7 +484,11 @@ impl StepIndex {
             None => match super::index_for_timestep(schedule, timestep) {
                 Some(i) => i,
                 None if or_last && !schedule.is_empty() => schedule.len() - 1,
-                None => return Err(Error::invalid(format!("timestep {timestep} is not in the {class} schedule"))),
+                None => {
+                    return Err(Error::invalid(format!(
+                        "timestep {timestep} is not in the {class} schedule"
+                    )))
+                }
             },
         };
         self.step = Some(i);
@@ -371,12 +497,20 @@ impl StepIndex {
 
     /// The index `add_noise` uses: the timestep's own index without a begin index, else the
     /// current step index (or the begin index before the first step).
-    pub(crate) fn for_add_noise(&self, schedule: &[f64], timestep: f64, class: &str, or_last: bool) -> Result<usize> {
+    pub(crate) fn for_add_noise(
+        &self,
+        schedule: &[f64],
+        timestep: f64,
+        class: &str,
+        or_last: bool,
+    ) -> Result<usize> {
         match (self.begin, self.step) {
             (None, _) => match super::index_for_timestep(schedule, timestep) {
                 Some(i) => Ok(i),
                 None if or_last && !schedule.is_empty() => Ok(schedule.len() - 1),
-                None => Err(Error::invalid(format!("timestep {timestep} is not in the {class} schedule"))),
+                None => Err(Error::invalid(format!(
+                    "timestep {timestep} is not in the {class} schedule"
+                ))),
             },
             (Some(_), Some(s)) => Ok(s),
             (Some(b), None) => Ok(b),
@@ -400,21 +534,27 @@ pub(crate) fn int_timestep(timestep: f64, class: &str) -> Result<i64> {
 
 /// `alphas_cumprod[t]`, checked.
 pub(crate) fn alpha_at(alphas_cumprod: &[f32], t: i64, class: &str) -> Result<f32> {
-    usize::try_from(t)
-        .ok()
-        .and_then(|i| alphas_cumprod.get(i).copied())
-        .ok_or_else(|| Error::invalid(format!("{class}: timestep {t} is outside 0..{}", alphas_cumprod.len())))
+    usize::try_from(t).ok().and_then(|i| alphas_cumprod.get(i).copied()).ok_or_else(|| {
+        Error::invalid(format!("{class}: timestep {t} is outside 0..{}", alphas_cumprod.len()))
+    })
 }
 
 /// `sqrt(alpha_prod) * original + sqrt(1 - alpha_prod) * noise` in float32 (DDPM-style
 /// `add_noise`).
-pub(crate) fn alpha_add_noise(original: &Tensor, noise: &Tensor, alpha_prod: f32) -> Result<Tensor> {
-    Ok((mul(&to_f32(original)?, alpha_prod.sqrt())? + mul(&to_f32(noise)?, (1.0 - alpha_prod).sqrt())?)?)
+pub(crate) fn alpha_add_noise(
+    original: &Tensor,
+    noise: &Tensor,
+    alpha_prod: f32,
+) -> Result<Tensor> {
+    Ok((mul(&to_f32(original)?, alpha_prod.sqrt())?
+        + mul(&to_f32(noise)?, (1.0 - alpha_prod).sqrt())?)?)
 }
 
 /// Errors unless `i` (a sigma index) is inside the schedule.
 pub(crate) fn sigma_at(sigmas: &[f32], i: usize, class: &str) -> Result<f32> {
-    sigmas.get(i).copied().ok_or_else(|| Error::invalid(format!("{class}: step index {i} is past the end of the schedule")))
+    sigmas.get(i).copied().ok_or_else(|| {
+        Error::invalid(format!("{class}: step index {i} is past the end of the schedule"))
+    })
 }
 
 // ---- numerics ----

@@ -54,7 +54,10 @@ impl SchedulerConfig {
         let text = quote_non_finite(text);
         match serde_json::from_str::<Value>(&text) {
             Ok(Value::Object(map)) => Ok(Self { map, source: None }),
-            Ok(other) => Err(Error::config(path, format!("expected a JSON object, got {}", json_kind(&other)))),
+            Ok(other) => Err(Error::config(
+                path,
+                format!("expected a JSON object, got {}", json_kind(&other)),
+            )),
             Err(e) => Err(Error::config(path, e)),
         }
     }
@@ -399,7 +402,8 @@ impl<'a> ConfigReader<'a> {
 
     fn raw(&mut self, key: &'static str) -> Option<&'a Value> {
         self.keys.push(key);
-        let present = !key.starts_with('_') && !self.cfg.is_defaulted(key) && self.cfg.map.contains_key(key);
+        let present =
+            !key.starts_with('_') && !self.cfg.is_defaulted(key) && self.cfg.map.contains_key(key);
         if !present {
             self.defaulted.push(key);
             return None;
@@ -427,7 +431,8 @@ impl<'a> ConfigReader<'a> {
     /// A non-negative integer key (integral floats such as `1000.0` are accepted).
     pub fn usize(&mut self, key: &'static str, default: usize) -> Result<usize> {
         let v = self.i64(key, default as i64)?;
-        usize::try_from(v).map_err(|_| self.error(key, format!("expected a non-negative integer, got {v}")))
+        usize::try_from(v)
+            .map_err(|_| self.error(key, format!("expected a non-negative integer, got {v}")))
     }
 
     /// An integer key (integral floats such as `1.0` are accepted).
@@ -453,7 +458,9 @@ impl<'a> ConfigReader<'a> {
         match self.raw(key) {
             None => Ok(default),
             Some(Value::Bool(b)) => Ok(*b),
-            Some(v) => Err(self.error(key, format!("expected true or false, got {}", json_kind(v)))),
+            Some(v) => {
+                Err(self.error(key, format!("expected true or false, got {}", json_kind(v))))
+            }
         }
     }
 
@@ -465,7 +472,9 @@ impl<'a> ConfigReader<'a> {
                 let v: Option<Vec<f64>> = a.iter().map(Value::as_f64).collect();
                 v.map(Some).ok_or_else(|| self.error(key, "expected a list of numbers"))
             }
-            Some(v) => Err(self.error(key, format!("expected a list of numbers, got {}", json_kind(v)))),
+            Some(v) => {
+                Err(self.error(key, format!("expected a list of numbers, got {}", json_kind(v))))
+            }
         }
     }
 
@@ -479,13 +488,26 @@ impl<'a> ConfigReader<'a> {
     }
 
     /// Like [`choice`](Self::choice), restricted to the values this class implements.
-    pub fn choice_among<T: ConfigEnum>(&mut self, key: &'static str, default: T, allowed: &[T]) -> Result<T> {
+    pub fn choice_among<T: ConfigEnum>(
+        &mut self,
+        key: &'static str,
+        default: T,
+        allowed: &[T],
+    ) -> Result<T> {
         let v = self.choice(key, default)?;
         if allowed.contains(&v) {
             Ok(v)
         } else {
             let valid: Vec<&str> = allowed.iter().map(|a| a.as_str()).collect();
-            Err(self.error(key, format!("`{}` is not supported by {}; valid values: {}", v.as_str(), self.class, valid.join(", "))))
+            Err(self.error(
+                key,
+                format!(
+                    "`{}` is not supported by {}; valid values: {}",
+                    v.as_str(),
+                    self.class,
+                    valid.join(", ")
+                ),
+            ))
         }
     }
 
@@ -494,7 +516,9 @@ impl<'a> ConfigReader<'a> {
         match self.raw(key) {
             None => Ok(None),
             Some(Value::String(s)) => T::parse(s).map(Some).map_err(|m| self.error(key, m)),
-            Some(v) => Err(self.error(key, format!("expected a string or null, got {}", json_kind(v)))),
+            Some(v) => {
+                Err(self.error(key, format!("expected a string or null, got {}", json_kind(v))))
+            }
         }
     }
 
@@ -506,11 +530,17 @@ impl<'a> ConfigReader<'a> {
             Some(Value::Array(a)) => {
                 let v: Option<Vec<usize>> = a
                     .iter()
-                    .map(|x| x.as_u64().map(|u| u as usize).or_else(|| x.as_f64().filter(|f| f.fract() == 0.0 && *f >= 0.0).map(|f| f as usize)))
+                    .map(|x| {
+                        x.as_u64().map(|u| u as usize).or_else(|| {
+                            x.as_f64().filter(|f| f.fract() == 0.0 && *f >= 0.0).map(|f| f as usize)
+                        })
+                    })
                     .collect();
                 v.ok_or_else(|| self.error(key, "expected a list of non-negative integers"))
             }
-            Some(v) => Err(self.error(key, format!("expected a list of integers, got {}", json_kind(v)))),
+            Some(v) => {
+                Err(self.error(key, format!("expected a list of integers, got {}", json_kind(v))))
+            }
         }
     }
 
@@ -519,7 +549,9 @@ impl<'a> ConfigReader<'a> {
     pub fn null(&mut self, key: &'static str) -> Result<()> {
         match self.raw(key) {
             None => Ok(()),
-            Some(v) => Err(self.error(key, format!("only null is supported here, got {}", json_kind(v)))),
+            Some(v) => {
+                Err(self.error(key, format!("only null is supported here, got {}", json_kind(v))))
+            }
         }
     }
 
@@ -542,7 +574,10 @@ impl<'a> ConfigReader<'a> {
             values.insert(k.clone(), v.clone());
         }
         if !self.defaulted.is_empty() {
-            values.insert("_use_default_values".into(), Value::Array(self.defaulted.iter().map(|k| Value::from(*k)).collect()));
+            values.insert(
+                "_use_default_values".into(),
+                Value::Array(self.defaulted.iter().map(|k| Value::from(*k)).collect()),
+            );
         } else {
             values.remove("_use_default_values");
         }

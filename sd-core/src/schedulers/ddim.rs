@@ -6,7 +6,9 @@ use candle_core::Tensor;
 use serde_json::Map;
 
 use super::betas::TrainingSchedule;
-use super::config::{BetaSchedule, ConfigReader, ConfigWriter, PredictionType, SchedulerConfig, TimestepSpacing};
+use super::config::{
+    BetaSchedule, ConfigReader, ConfigWriter, PredictionType, SchedulerConfig, TimestepSpacing,
+};
 use super::numeric::{np_arange, np_linspace, np_round};
 use super::{check_steps, div, mul, same_shape, to_f32, Scheduler};
 use crate::rng::Generators;
@@ -94,14 +96,17 @@ impl DDIMConfig {
             steps_offset: r.i64("steps_offset", d.steps_offset)?,
             prediction_type: r.choice("prediction_type", d.prediction_type)?,
             thresholding: r.bool("thresholding", d.thresholding)?,
-            dynamic_thresholding_ratio: r.f64("dynamic_thresholding_ratio", d.dynamic_thresholding_ratio)?,
+            dynamic_thresholding_ratio: r
+                .f64("dynamic_thresholding_ratio", d.dynamic_thresholding_ratio)?,
             clip_sample_range: r.f64("clip_sample_range", d.clip_sample_range)?,
             sample_max_value: r.f64("sample_max_value", d.sample_max_value)?,
             timestep_spacing: r.choice("timestep_spacing", d.timestep_spacing)?,
             rescale_betas_zero_snr: r.bool("rescale_betas_zero_snr", d.rescale_betas_zero_snr)?,
         };
         if c.thresholding {
-            return Err(r.error("thresholding", "dynamic thresholding is not supported; set it to false"));
+            return Err(
+                r.error("thresholding", "dynamic thresholding is not supported; set it to false")
+            );
         }
         Ok(c)
     }
@@ -165,7 +170,10 @@ impl DDIMScheduler {
             c.rescale_betas_zero_snr,
         )
         .map_err(|e| {
-            Error::config(resolved.source().unwrap_or(std::path::Path::new("<scheduler config>")), format!("{CLASS}: {e}"))
+            Error::config(
+                resolved.source().unwrap_or(std::path::Path::new("<scheduler config>")),
+                format!("{CLASS}: {e}"),
+            )
         })?;
         let final_alpha_cumprod = if c.set_alpha_to_one { 1.0 } else { schedule.alphas_cumprod[0] };
         let timesteps = (0..c.num_train_timesteps).rev().map(|t| t as f64).collect();
@@ -200,7 +208,12 @@ impl DDIMScheduler {
         usize::try_from(t)
             .ok()
             .and_then(|i| self.schedule.alphas_cumprod.get(i).copied())
-            .ok_or_else(|| Error::invalid(format!("{CLASS}: timestep {t} is outside 0..{}", self.config.num_train_timesteps)))
+            .ok_or_else(|| {
+                Error::invalid(format!(
+                    "{CLASS}: timestep {t} is outside 0..{}",
+                    self.config.num_train_timesteps
+                ))
+            })
     }
 
     fn int_timestep(timestep: f64) -> Result<i64> {
@@ -226,16 +239,21 @@ impl Scheduler for DDIMScheduler {
         check_steps(num_inference_steps, n_train)?;
         let n = num_inference_steps;
         let timesteps: Vec<i64> = match c.timestep_spacing {
-            TimestepSpacing::Linspace => {
-                np_linspace(0.0, (n_train - 1) as f64, n).into_iter().rev().map(|t| np_round(t) as i64).collect()
-            }
+            TimestepSpacing::Linspace => np_linspace(0.0, (n_train - 1) as f64, n)
+                .into_iter()
+                .rev()
+                .map(|t| np_round(t) as i64)
+                .collect(),
             TimestepSpacing::Leading => {
                 let ratio = n_train / n;
                 (0..n).rev().map(|i| (i * ratio) as i64 + c.steps_offset).collect()
             }
             TimestepSpacing::Trailing => {
                 let ratio = n_train as f64 / n as f64;
-                np_arange(n_train as f64, 0.0, -ratio).into_iter().map(|t| np_round(t) as i64 - 1).collect()
+                np_arange(n_train as f64, 0.0, -ratio)
+                    .into_iter()
+                    .map(|t| np_round(t) as i64 - 1)
+                    .collect()
             }
         };
         self.timesteps = timesteps.into_iter().map(|t| t as f64).collect();
@@ -260,7 +278,13 @@ impl Scheduler for DDIMScheduler {
         to_f32(sample)
     }
 
-    fn step(&mut self, model_output: &Tensor, timestep: f64, sample: &Tensor, generators: &mut Generators) -> Result<Tensor> {
+    fn step(
+        &mut self,
+        model_output: &Tensor,
+        timestep: f64,
+        sample: &Tensor,
+        generators: &mut Generators,
+    ) -> Result<Tensor> {
         same_shape(model_output, sample, "DDIMScheduler::step")?;
         let n = self
             .num_inference_steps
@@ -268,23 +292,32 @@ impl Scheduler for DDIMScheduler {
         let t = Self::int_timestep(timestep)?;
         let prev_t = t - (self.config.num_train_timesteps / n) as i64;
         let alpha_prod_t = self.alpha_at(t)?;
-        let alpha_prod_t_prev = if prev_t >= 0 { self.alpha_at(prev_t)? } else { self.final_alpha_cumprod };
+        let alpha_prod_t_prev =
+            if prev_t >= 0 { self.alpha_at(prev_t)? } else { self.final_alpha_cumprod };
         let beta_prod_t = 1.0 - alpha_prod_t;
         let sample = to_f32(sample)?;
         let model_output = to_f32(model_output)?;
 
         let (mut pred_original, mut pred_epsilon) = match self.config.prediction_type {
             PredictionType::Epsilon => {
-                let x0 = div(&(&sample - mul(&model_output, beta_prod_t.sqrt())?)?, alpha_prod_t.sqrt())?;
+                let x0 = div(
+                    &(&sample - mul(&model_output, beta_prod_t.sqrt())?)?,
+                    alpha_prod_t.sqrt(),
+                )?;
                 (x0, model_output.clone())
             }
             PredictionType::Sample => {
-                let eps = div(&(&sample - mul(&model_output, alpha_prod_t.sqrt())?)?, beta_prod_t.sqrt())?;
+                let eps = div(
+                    &(&sample - mul(&model_output, alpha_prod_t.sqrt())?)?,
+                    beta_prod_t.sqrt(),
+                )?;
                 (model_output.clone(), eps)
             }
             PredictionType::VPrediction => {
-                let x0 = (mul(&sample, alpha_prod_t.sqrt())? - mul(&model_output, beta_prod_t.sqrt())?)?;
-                let eps = (mul(&model_output, alpha_prod_t.sqrt())? + mul(&sample, beta_prod_t.sqrt())?)?;
+                let x0 =
+                    (mul(&sample, alpha_prod_t.sqrt())? - mul(&model_output, beta_prod_t.sqrt())?)?;
+                let eps =
+                    (mul(&model_output, alpha_prod_t.sqrt())? + mul(&sample, beta_prod_t.sqrt())?)?;
                 (x0, eps)
             }
         };
@@ -298,9 +331,11 @@ impl Scheduler for DDIMScheduler {
         let eta = self.options.eta;
         let std_dev_t = eta as f32 * variance.sqrt();
         if self.options.use_clipped_model_output {
-            pred_epsilon = div(&(&sample - mul(&pred_original, alpha_prod_t.sqrt())?)?, beta_prod_t.sqrt())?;
+            pred_epsilon =
+                div(&(&sample - mul(&pred_original, alpha_prod_t.sqrt())?)?, beta_prod_t.sqrt())?;
         }
-        let direction = mul(&pred_epsilon, (1.0 - alpha_prod_t_prev - std_dev_t * std_dev_t).sqrt())?;
+        let direction =
+            mul(&pred_epsilon, (1.0 - alpha_prod_t_prev - std_dev_t * std_dev_t).sqrt())?;
         let mut prev = (mul(&pred_original, alpha_prod_t_prev.sqrt())? + direction)?;
         if eta > 0.0 {
             let noise = generators.randn(model_output.dims(), model_output.device())?;
@@ -314,7 +349,12 @@ impl Scheduler for DDIMScheduler {
         self.pred_original_sample.as_ref()
     }
 
-    fn add_noise(&self, original_samples: &Tensor, noise: &Tensor, timestep: f64) -> Result<Tensor> {
+    fn add_noise(
+        &self,
+        original_samples: &Tensor,
+        noise: &Tensor,
+        timestep: f64,
+    ) -> Result<Tensor> {
         same_shape(original_samples, noise, "DDIMScheduler::add_noise")?;
         let a = self.alpha_at(Self::int_timestep(timestep)?)?;
         Ok((mul(&to_f32(original_samples)?, a.sqrt())? + mul(&to_f32(noise)?, (1.0 - a).sqrt())?)?)
@@ -330,7 +370,9 @@ impl Scheduler for DDIMScheduler {
             }
             "use_clipped_model_output" => self.options.use_clipped_model_output = value != 0.0,
             _ => {
-                return Err(Error::invalid(format!("{CLASS} has no step option `{name}`; valid: eta, use_clipped_model_output")))
+                return Err(Error::invalid(format!(
+                    "{CLASS} has no step option `{name}`; valid: eta, use_clipped_model_output"
+                )))
             }
         }
         Ok(())

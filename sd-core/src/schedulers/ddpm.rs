@@ -5,8 +5,13 @@
 use candle_core::Tensor;
 
 use super::betas::TrainingSchedule;
-use super::common::{alpha_add_noise, alpha_at, check_choice, discrete_timesteps, int_timestep, reject_flag, scheduler_config, training_schedule};
-use super::config::{BetaSchedule, ConfigReader, PredictionType, SchedulerConfig, TimestepSpacing, VarianceType};
+use super::common::{
+    alpha_add_noise, alpha_at, check_choice, discrete_timesteps, int_timestep, reject_flag,
+    scheduler_config, training_schedule,
+};
+use super::config::{
+    BetaSchedule, ConfigReader, PredictionType, SchedulerConfig, TimestepSpacing, VarianceType,
+};
 use super::{check_steps, div, mul, same_shape, to_f32, Scheduler};
 use crate::rng::Generators;
 use crate::{Error, Result};
@@ -99,7 +104,14 @@ impl DDPMScheduler {
             c.rescale_betas_zero_snr,
         )?;
         let timesteps = (0..c.num_train_timesteps).rev().map(|t| t as f64).collect();
-        Ok(Self { config: c, resolved, schedule, timesteps, num_inference_steps: None, pred_original_sample: None })
+        Ok(Self {
+            config: c,
+            resolved,
+            schedule,
+            timesteps,
+            num_inference_steps: None,
+            pred_original_sample: None,
+        })
     }
 
     /// `DDPMScheduler(**config)`.
@@ -122,11 +134,9 @@ impl DDPMScheduler {
         if self.num_inference_steps.is_none() {
             return Ok(t - 1);
         }
-        let i = self
-            .timesteps
-            .iter()
-            .position(|&s| s as i64 == t)
-            .ok_or_else(|| Error::invalid(format!("timestep {t} is not in the {CLASS} schedule")))?;
+        let i = self.timesteps.iter().position(|&s| s as i64 == t).ok_or_else(|| {
+            Error::invalid(format!("timestep {t} is not in the {CLASS} schedule"))
+        })?;
         Ok(self.timesteps.get(i + 1).map(|&s| s as i64).unwrap_or(-1))
     }
 }
@@ -143,7 +153,12 @@ impl Scheduler for DDPMScheduler {
     fn set_timesteps(&mut self, num_inference_steps: usize) -> Result<()> {
         let c = &self.config;
         check_steps(num_inference_steps, c.num_train_timesteps)?;
-        let ts = discrete_timesteps(c.timestep_spacing, c.num_train_timesteps, num_inference_steps, c.steps_offset);
+        let ts = discrete_timesteps(
+            c.timestep_spacing,
+            c.num_train_timesteps,
+            num_inference_steps,
+            c.steps_offset,
+        );
         self.timesteps = ts.into_iter().map(|t| t as f64).collect();
         self.num_inference_steps = Some(num_inference_steps);
         self.pred_original_sample = None;
@@ -166,7 +181,13 @@ impl Scheduler for DDPMScheduler {
         to_f32(sample)
     }
 
-    fn step(&mut self, model_output: &Tensor, timestep: f64, sample: &Tensor, generators: &mut Generators) -> Result<Tensor> {
+    fn step(
+        &mut self,
+        model_output: &Tensor,
+        timestep: f64,
+        sample: &Tensor,
+        generators: &mut Generators,
+    ) -> Result<Tensor> {
         same_shape(model_output, sample, "DDPMScheduler::step")?;
         let t = int_timestep(timestep, CLASS)?;
         let prev_t = self.previous_timestep(t)?;
@@ -179,9 +200,13 @@ impl Scheduler for DDPMScheduler {
         let current_beta_t = 1.0 - current_alpha_t;
         let (sample, model_output) = (to_f32(sample)?, to_f32(model_output)?);
         let mut pred_original = match self.config.prediction_type {
-            PredictionType::Epsilon => div(&(&sample - mul(&model_output, beta_prod_t.sqrt())?)?, alpha_prod_t.sqrt())?,
+            PredictionType::Epsilon => {
+                div(&(&sample - mul(&model_output, beta_prod_t.sqrt())?)?, alpha_prod_t.sqrt())?
+            }
             PredictionType::Sample => model_output.clone(),
-            PredictionType::VPrediction => (mul(&sample, alpha_prod_t.sqrt())? - mul(&model_output, beta_prod_t.sqrt())?)?,
+            PredictionType::VPrediction => {
+                (mul(&sample, alpha_prod_t.sqrt())? - mul(&model_output, beta_prod_t.sqrt())?)?
+            }
         };
         if self.config.clip_sample {
             let r = self.config.clip_sample_range as f32;
@@ -189,11 +214,13 @@ impl Scheduler for DDPMScheduler {
         }
         let pred_original_coeff = alpha_prod_t_prev.sqrt() * current_beta_t / beta_prod_t;
         let current_sample_coeff = current_alpha_t.sqrt() * beta_prod_t_prev / beta_prod_t;
-        let mut prev = (mul(&pred_original, pred_original_coeff)? + mul(&sample, current_sample_coeff)?)?;
+        let mut prev =
+            (mul(&pred_original, pred_original_coeff)? + mul(&sample, current_sample_coeff)?)?;
         if t > 0 {
             let noise = generators.randn(model_output.dims(), model_output.device())?;
             // _get_variance
-            let variance = ((1.0 - alpha_prod_t_prev) / (1.0 - alpha_prod_t) * current_beta_t).max(1e-20);
+            let variance =
+                ((1.0 - alpha_prod_t_prev) / (1.0 - alpha_prod_t) * current_beta_t).max(1e-20);
             let scale = match self.config.variance_type {
                 VarianceType::FixedSmallLog => (0.5 * variance.ln()).exp(),
                 VarianceType::FixedLarge => current_beta_t.sqrt(),
@@ -209,7 +236,12 @@ impl Scheduler for DDPMScheduler {
         self.pred_original_sample.as_ref()
     }
 
-    fn add_noise(&self, original_samples: &Tensor, noise: &Tensor, timestep: f64) -> Result<Tensor> {
+    fn add_noise(
+        &self,
+        original_samples: &Tensor,
+        noise: &Tensor,
+        timestep: f64,
+    ) -> Result<Tensor> {
         same_shape(original_samples, noise, "DDPMScheduler::add_noise")?;
         let a = alpha_at(&self.schedule.alphas_cumprod, int_timestep(timestep, CLASS)?, CLASS)?;
         alpha_add_noise(original_samples, noise, a)

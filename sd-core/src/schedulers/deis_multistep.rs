@@ -5,11 +5,14 @@ use candle_core::Tensor;
 
 use super::betas::TrainingSchedule;
 use super::common::{
-    alpha_sigma, check_choice, check_sigma_choice, exponential_sigmas, interp_sigmas, int_timestep, karras_sigmas, lambda,
-    log_sigmas, multistep_timesteps, reject_flag, scheduler_config, sigma_at, sigma_to_t, train_sigmas, training_schedule,
-    StepIndex, STANDARD_BETAS,
+    alpha_sigma, check_choice, check_sigma_choice, exponential_sigmas, int_timestep, interp_sigmas,
+    karras_sigmas, lambda, log_sigmas, multistep_timesteps, reject_flag, scheduler_config,
+    sigma_at, sigma_to_t, train_sigmas, training_schedule, StepIndex, STANDARD_BETAS,
 };
-use super::config::{AlgorithmType, BetaSchedule, ConfigReader, PredictionType, SchedulerConfig, SolverType, TimeShiftType, TimestepSpacing};
+use super::config::{
+    AlgorithmType, BetaSchedule, ConfigReader, PredictionType, SchedulerConfig, SolverType,
+    TimeShiftType, TimestepSpacing,
+};
 use super::numeric::{np_linspace, np_round};
 use super::{check_steps, div, mul, same_shape, to_f32, Scheduler};
 use crate::rng::Generators;
@@ -81,12 +84,20 @@ impl DEISMultistepConfig {
         reject_flag(r, "use_flow_sigmas", c.use_flow_sigmas, "flow sigmas")?;
         reject_flag(r, "use_dynamic_shifting", c.use_dynamic_shifting, "dynamic shifting")?;
         if !(1..=3).contains(&c.solver_order) {
-            return Err(r.error("solver_order", format!("must be 1, 2 or 3, got {}", c.solver_order)));
+            return Err(
+                r.error("solver_order", format!("must be 1, 2 or 3, got {}", c.solver_order))
+            );
         }
         match c.algorithm_type {
             AlgorithmType::Deis => {}
-            AlgorithmType::DpmSolver | AlgorithmType::DpmSolverPlusPlus => c.algorithm_type = AlgorithmType::Deis,
-            other => return Err(r.error("algorithm_type", format!("`{other}` is not implemented for {CLASS}"))),
+            AlgorithmType::DpmSolver | AlgorithmType::DpmSolverPlusPlus => {
+                c.algorithm_type = AlgorithmType::Deis
+            }
+            other => {
+                return Err(
+                    r.error("algorithm_type", format!("`{other}` is not implemented for {CLASS}"))
+                )
+            }
         }
         c.solver_type = SolverType::Logrho;
         Ok(c)
@@ -115,7 +126,8 @@ impl DEISMultistepScheduler {
     pub fn from_config(config: &SchedulerConfig) -> Result<Self> {
         let mut r = ConfigReader::new(config, CLASS);
         let c = DEISMultistepConfig::read(&mut r)?;
-        let (hidden_sigma_min, hidden_sigma_max) = (r.hidden_f64("sigma_min"), r.hidden_f64("sigma_max"));
+        let (hidden_sigma_min, hidden_sigma_max) =
+            (r.hidden_f64("sigma_min"), r.hidden_f64("sigma_max"));
         let resolved = r.resolved(c.write());
         let schedule = training_schedule(
             CLASS,
@@ -128,7 +140,11 @@ impl DEISMultistepScheduler {
             false,
         )?;
         let n = c.num_train_timesteps;
-        let timesteps = np_linspace(0.0, (n - 1) as f64, n).into_iter().rev().map(|t| t as f32 as f64).collect();
+        let timesteps = np_linspace(0.0, (n - 1) as f64, n)
+            .into_iter()
+            .rev()
+            .map(|t| t as f32 as f64)
+            .collect();
         let sigmas = train_sigmas(&schedule.alphas_cumprod);
         let order = c.solver_order;
         Ok(Self {
@@ -157,7 +173,12 @@ impl DEISMultistepScheduler {
     }
 
     /// `convert_model_output`: the noise prediction (via `x_0`, as diffusers computes it).
-    fn convert_model_output(&self, model_output: &Tensor, sample: &Tensor, i: usize) -> Result<Tensor> {
+    fn convert_model_output(
+        &self,
+        model_output: &Tensor,
+        sample: &Tensor,
+        i: usize,
+    ) -> Result<Tensor> {
         let (alpha_t, sigma_t) = alpha_sigma(self.sigmas[i]);
         let x0 = match self.config.prediction_type {
             PredictionType::Epsilon => div(&(sample - mul(model_output, sigma_t)?)?, alpha_t)?,
@@ -208,7 +229,9 @@ impl Scheduler for DEISMultistepScheduler {
         let train = train_sigmas(&self.schedule.alphas_cumprod);
         let lo = self.hidden_sigma_min.unwrap_or(train[0] as f64);
         let hi = self.hidden_sigma_max.unwrap_or(train[n_train - 1] as f64);
-        let (sigmas, timesteps): (Vec<f32>, Vec<i64>) = if c.use_karras_sigmas || c.use_exponential_sigmas {
+        let (sigmas, timesteps): (Vec<f32>, Vec<i64>) = if c.use_karras_sigmas
+            || c.use_exponential_sigmas
+        {
             let logs = log_sigmas(&train);
             let karras = c.use_karras_sigmas;
             let s = if karras { karras_sigmas(lo, hi, n) } else { exponential_sigmas(lo, hi, n) };
@@ -224,7 +247,8 @@ impl Scheduler for DEISMultistepScheduler {
             (s32, t)
         } else {
             let ts64: Vec<f64> = int_ts.iter().map(|&t| t as f64).collect();
-            let mut s32: Vec<f32> = interp_sigmas(&ts64, &train).iter().map(|&x| x as f32).collect();
+            let mut s32: Vec<f32> =
+                interp_sigmas(&ts64, &train).iter().map(|&x| x as f32).collect();
             let a0 = self.schedule.alphas_cumprod[0];
             s32.push(((1.0 - a0) / a0).sqrt());
             (s32, int_ts)
@@ -258,7 +282,13 @@ impl Scheduler for DEISMultistepScheduler {
         to_f32(sample)
     }
 
-    fn step(&mut self, model_output: &Tensor, timestep: f64, sample: &Tensor, _generators: &mut Generators) -> Result<Tensor> {
+    fn step(
+        &mut self,
+        model_output: &Tensor,
+        timestep: f64,
+        sample: &Tensor,
+        _generators: &mut Generators,
+    ) -> Result<Tensor> {
         same_shape(model_output, sample, "DEISMultistepScheduler::step")?;
         if self.num_inference_steps.is_none() {
             return Err(Error::invalid(format!("{CLASS}: call set_timesteps before step")));
@@ -287,7 +317,8 @@ impl Scheduler for DEISMultistepScheduler {
             let (alpha_s0, sigma_s0) = alpha_sigma(s[i]);
             let (alpha_s1, sigma_s1) = alpha_sigma(s[i - 1]);
             let m1 = self.model_outputs[n - 2].as_ref().ok_or_else(Self::missing)?;
-            let (rho_t, rho_s0, rho_s1) = (sigma_t / alpha_t, sigma_s0 / alpha_s0, sigma_s1 / alpha_s1);
+            let (rho_t, rho_s0, rho_s1) =
+                (sigma_t / alpha_t, sigma_s0 / alpha_s0, sigma_s1 / alpha_s1);
             let coef1 = ind2(rho_t, rho_s0, rho_s1) - ind2(rho_s0, rho_s0, rho_s1);
             let coef2 = ind2(rho_t, rho_s1, rho_s0) - ind2(rho_s0, rho_s1, rho_s0);
             let inner = ((div(&sample, alpha_s0)? + mul(&m0, coef1)?)? + mul(m1, coef2)?)?;
@@ -304,7 +335,8 @@ impl Scheduler for DEISMultistepScheduler {
             let coef1 = ind3(rho_t, rho_s0, rho_s1, rho_s2) - ind3(rho_s0, rho_s0, rho_s1, rho_s2);
             let coef2 = ind3(rho_t, rho_s1, rho_s2, rho_s0) - ind3(rho_s0, rho_s1, rho_s2, rho_s0);
             let coef3 = ind3(rho_t, rho_s2, rho_s0, rho_s1) - ind3(rho_s0, rho_s2, rho_s0, rho_s1);
-            let inner = (((div(&sample, alpha_s0)? + mul(&m0, coef1)?)? + mul(m1, coef2)?)? + mul(m2, coef3)?)?;
+            let inner = (((div(&sample, alpha_s0)? + mul(&m0, coef1)?)? + mul(m1, coef2)?)?
+                + mul(m2, coef3)?)?;
             mul(&inner, alpha_t)?
         };
         if self.lower_order_nums < order {
@@ -314,7 +346,12 @@ impl Scheduler for DEISMultistepScheduler {
         Ok(prev)
     }
 
-    fn add_noise(&self, original_samples: &Tensor, noise: &Tensor, timestep: f64) -> Result<Tensor> {
+    fn add_noise(
+        &self,
+        original_samples: &Tensor,
+        noise: &Tensor,
+        timestep: f64,
+    ) -> Result<Tensor> {
         same_shape(original_samples, noise, "DEISMultistepScheduler::add_noise")?;
         let i = self.index.for_add_noise(&self.timesteps, timestep, CLASS, true)?;
         let (alpha_t, sigma_t) = alpha_sigma(sigma_at(&self.sigmas, i, CLASS)?);

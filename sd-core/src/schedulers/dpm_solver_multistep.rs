@@ -6,13 +6,13 @@ use candle_core::Tensor;
 
 use super::betas::TrainingSchedule;
 use super::common::{
-    alpha_sigma, check_choice, check_sigma_choice, exponential_sigmas, interp_sigmas, int_timestep, karras_sigmas, lambda,
-    log_sigmas, multistep_timesteps, reject_flag, scheduler_config, sigma_at, sigma_to_t, train_sigmas, training_schedule,
-    StepIndex, STANDARD_BETAS,
+    alpha_sigma, check_choice, check_sigma_choice, exponential_sigmas, int_timestep, interp_sigmas,
+    karras_sigmas, lambda, log_sigmas, multistep_timesteps, reject_flag, scheduler_config,
+    sigma_at, sigma_to_t, train_sigmas, training_schedule, StepIndex, STANDARD_BETAS,
 };
 use super::config::{
-    AlgorithmType, BetaSchedule, ConfigReader, FinalSigmasType, PredictionType, SchedulerConfig, SolverType, TimeShiftType,
-    TimestepSpacing, VarianceType,
+    AlgorithmType, BetaSchedule, ConfigReader, FinalSigmasType, PredictionType, SchedulerConfig,
+    SolverType, TimeShiftType, TimestepSpacing, VarianceType,
 };
 use super::numeric::{np_linspace, np_round};
 use super::{check_steps, div, mul, same_shape, to_f32, Scheduler};
@@ -100,15 +100,23 @@ impl DPMSolverMultistepConfig {
         reject_flag(r, "use_flow_sigmas", c.use_flow_sigmas, "flow sigmas")?;
         reject_flag(r, "use_dynamic_shifting", c.use_dynamic_shifting, "dynamic shifting")?;
         if !(1..=3).contains(&c.solver_order) {
-            return Err(r.error("solver_order", format!("must be 1, 2 or 3, got {}", c.solver_order)));
+            return Err(
+                r.error("solver_order", format!("must be 1, 2 or 3, got {}", c.solver_order))
+            );
         }
         // diffusers checks the algorithm as given (so `deis` needs `sigma_min` too), then reads
         // `deis` as `dpmsolver++`.
-        let plus_plus = matches!(c.algorithm_type, AlgorithmType::DpmSolverPlusPlus | AlgorithmType::SdeDpmSolverPlusPlus);
+        let plus_plus = matches!(
+            c.algorithm_type,
+            AlgorithmType::DpmSolverPlusPlus | AlgorithmType::SdeDpmSolverPlusPlus
+        );
         if !plus_plus && c.final_sigmas_type == FinalSigmasType::Zero {
             return Err(r.error(
                 "final_sigmas_type",
-                format!("`zero` is not supported for algorithm_type `{}`; use `sigma_min`", c.algorithm_type),
+                format!(
+                    "`zero` is not supported for algorithm_type `{}`; use `sigma_min`",
+                    c.algorithm_type
+                ),
             ));
         }
         if c.algorithm_type == AlgorithmType::Deis {
@@ -118,20 +126,35 @@ impl DPMSolverMultistepConfig {
             c.solver_type = SolverType::Midpoint;
         }
         if c.algorithm_type == AlgorithmType::SdeDpmSolver && c.solver_order == 3 {
-            return Err(r.error("solver_order", "third order is not implemented for `sde-dpmsolver` (diffusers neither)"));
+            return Err(r.error(
+                "solver_order",
+                "third order is not implemented for `sde-dpmsolver` (diffusers neither)",
+            ));
         }
         if let Some(v) = c.variance_type {
-            check_choice(r, CLASS, "variance_type", v, &[VarianceType::Learned, VarianceType::LearnedRange])?;
+            check_choice(
+                r,
+                CLASS,
+                "variance_type",
+                v,
+                &[VarianceType::Learned, VarianceType::LearnedRange],
+            )?;
         }
         Ok(c)
     }
 
     fn plus_plus(&self) -> bool {
-        matches!(self.algorithm_type, AlgorithmType::DpmSolverPlusPlus | AlgorithmType::SdeDpmSolverPlusPlus)
+        matches!(
+            self.algorithm_type,
+            AlgorithmType::DpmSolverPlusPlus | AlgorithmType::SdeDpmSolverPlusPlus
+        )
     }
 
     fn sde(&self) -> bool {
-        matches!(self.algorithm_type, AlgorithmType::SdeDpmSolverPlusPlus | AlgorithmType::SdeDpmSolver)
+        matches!(
+            self.algorithm_type,
+            AlgorithmType::SdeDpmSolverPlusPlus | AlgorithmType::SdeDpmSolver
+        )
     }
 }
 
@@ -160,7 +183,8 @@ impl DPMSolverMultistepScheduler {
     pub fn from_config(config: &SchedulerConfig) -> Result<Self> {
         let mut r = ConfigReader::new(config, CLASS);
         let c = DPMSolverMultistepConfig::read(&mut r)?;
-        let (hidden_sigma_min, hidden_sigma_max) = (r.hidden_f64("sigma_min"), r.hidden_f64("sigma_max"));
+        let (hidden_sigma_min, hidden_sigma_max) =
+            (r.hidden_f64("sigma_min"), r.hidden_f64("sigma_max"));
         let resolved = r.resolved(c.write());
         let mut schedule = training_schedule(
             CLASS,
@@ -178,7 +202,11 @@ impl DPMSolverMultistepScheduler {
             }
         }
         let n = c.num_train_timesteps;
-        let timesteps = np_linspace(0.0, (n - 1) as f64, n).into_iter().rev().map(|t| t as f32 as f64).collect();
+        let timesteps = np_linspace(0.0, (n - 1) as f64, n)
+            .into_iter()
+            .rev()
+            .map(|t| t as f32 as f64)
+            .collect();
         let sigmas = train_sigmas(&schedule.alphas_cumprod);
         let order = c.solver_order;
         Ok(Self {
@@ -214,10 +242,19 @@ impl DPMSolverMultistepScheduler {
 
     /// `lambda_t = log(alpha_t) - log(sigma_t)` of the training schedule, float32.
     fn train_lambdas(&self) -> Vec<f32> {
-        self.schedule.alphas_cumprod.iter().map(|&a| a.sqrt().ln() - (1.0 - a).sqrt().ln()).collect()
+        self.schedule
+            .alphas_cumprod
+            .iter()
+            .map(|&a| a.sqrt().ln() - (1.0 - a).sqrt().ln())
+            .collect()
     }
 
-    fn convert_model_output(&self, model_output: &Tensor, sample: &Tensor, i: usize) -> Result<Tensor> {
+    fn convert_model_output(
+        &self,
+        model_output: &Tensor,
+        sample: &Tensor,
+        i: usize,
+    ) -> Result<Tensor> {
         let c = &self.config;
         let (alpha_t, sigma_t) = alpha_sigma(self.sigmas[i]);
         let model_output = match (c.variance_type, c.prediction_type) {
@@ -228,13 +265,17 @@ impl DPMSolverMultistepScheduler {
             match c.prediction_type {
                 PredictionType::Epsilon => div(&(sample - mul(&model_output, sigma_t)?)?, alpha_t)?,
                 PredictionType::Sample => model_output,
-                PredictionType::VPrediction => (mul(sample, alpha_t)? - mul(&model_output, sigma_t)?)?,
+                PredictionType::VPrediction => {
+                    (mul(sample, alpha_t)? - mul(&model_output, sigma_t)?)?
+                }
             }
         } else {
             match c.prediction_type {
                 PredictionType::Epsilon => model_output,
                 PredictionType::Sample => div(&(sample - mul(&model_output, alpha_t)?)?, sigma_t)?,
-                PredictionType::VPrediction => (mul(&model_output, alpha_t)? + mul(sample, sigma_t)?)?,
+                PredictionType::VPrediction => {
+                    (mul(&model_output, alpha_t)? + mul(sample, sigma_t)?)?
+                }
             }
         })
     }
@@ -248,7 +289,13 @@ impl DPMSolverMultistepScheduler {
         Ok(acc)
     }
 
-    fn first_order(&self, i: usize, m0: &Tensor, sample: &Tensor, noise: Option<&Tensor>) -> Result<Tensor> {
+    fn first_order(
+        &self,
+        i: usize,
+        m0: &Tensor,
+        sample: &Tensor,
+        noise: Option<&Tensor>,
+    ) -> Result<Tensor> {
         let (alpha_t, sigma_t) = alpha_sigma(self.sigmas[i + 1]);
         let (alpha_s, sigma_s) = alpha_sigma(self.sigmas[i]);
         let h = lambda(alpha_t, sigma_t) - lambda(alpha_s, sigma_s);
@@ -256,7 +303,9 @@ impl DPMSolverMultistepScheduler {
             AlgorithmType::DpmSolverPlusPlus | AlgorithmType::Deis => {
                 Self::combine(&[(sigma_t / sigma_s, sample), (-(alpha_t * ((-h).exp() - 1.0)), m0)])
             }
-            AlgorithmType::DpmSolver => Self::combine(&[(alpha_t / alpha_s, sample), (-(sigma_t * (h.exp() - 1.0)), m0)]),
+            AlgorithmType::DpmSolver => {
+                Self::combine(&[(alpha_t / alpha_s, sample), (-(sigma_t * (h.exp() - 1.0)), m0)])
+            }
             AlgorithmType::SdeDpmSolverPlusPlus => {
                 let noise = noise.expect("sde noise");
                 let e2 = (-2.0 * h).exp();
@@ -286,7 +335,9 @@ impl DPMSolverMultistepScheduler {
         let lambda_s1 = lambda(alpha_s1, sigma_s1);
         let n = self.model_outputs.len();
         let m0 = self.model_outputs[n - 1].as_ref().expect("current model output");
-        let m1 = self.model_outputs[n - 2].as_ref().ok_or_else(|| Error::invalid(format!("{CLASS}: missing previous model output")))?;
+        let m1 = self.model_outputs[n - 2]
+            .as_ref()
+            .ok_or_else(|| Error::invalid(format!("{CLASS}: missing previous model output")))?;
         let (h, h_0) = (lambda_t - lambda_s0, lambda_s0 - lambda_s1);
         let r0 = h_0 / h;
         let d1 = mul(&(m0 - m1)?, 1.0 / r0)?;
@@ -306,7 +357,11 @@ impl DPMSolverMultistepScheduler {
             AlgorithmType::SdeDpmSolverPlusPlus => {
                 let noise = noise.expect("sde noise");
                 let e2 = (-2.0 * h).exp();
-                let c1 = if heun { alpha_t * ((1.0 - e2) / (-2.0 * h) + 1.0) } else { 0.5 * (alpha_t * (1.0 - e2)) };
+                let c1 = if heun {
+                    alpha_t * ((1.0 - e2) / (-2.0 * h) + 1.0)
+                } else {
+                    0.5 * (alpha_t * (1.0 - e2))
+                };
                 Self::combine(&[
                     (sigma_t / sigma_s0 * (-h).exp(), sample),
                     (alpha_t * (1.0 - e2), d0),
@@ -380,7 +435,9 @@ impl DPMSolverMultistepScheduler {
                     (sigma_t * (1.0 - e2).sqrt(), noise),
                 ])
             }
-            AlgorithmType::SdeDpmSolver => Err(Error::invalid(format!("{CLASS}: third order is not implemented for sde-dpmsolver"))),
+            AlgorithmType::SdeDpmSolver => Err(Error::invalid(format!(
+                "{CLASS}: third order is not implemented for sde-dpmsolver"
+            ))),
         }
     }
 }
@@ -403,9 +460,12 @@ impl Scheduler for DPMSolverMultistepScheduler {
         let clip = c.lambda_min_clipped as f32;
         let clipped_idx = self.train_lambdas().iter().filter(|&&l| l < clip).count();
         let last_timestep = n_train - clipped_idx;
-        let int_ts = multistep_timesteps(c.timestep_spacing, n_train, last_timestep, n, c.steps_offset);
+        let int_ts =
+            multistep_timesteps(c.timestep_spacing, n_train, last_timestep, n, c.steps_offset);
         if int_ts.is_empty() {
-            return Err(Error::invalid(format!("{CLASS}: no timesteps left after lambda_min_clipped")));
+            return Err(Error::invalid(format!(
+                "{CLASS}: no timesteps left after lambda_min_clipped"
+            )));
         }
         let train = train_sigmas(&self.schedule.alphas_cumprod);
         let logs = log_sigmas(&train);
@@ -427,7 +487,10 @@ impl Scheduler for DPMSolverMultistepScheduler {
             (s, t)
         } else if c.use_lu_lambdas {
             let (lmin, lmax) = (logs[0] as f64, logs[n_train - 1] as f64);
-            let s: Vec<f64> = np_linspace(0.0, 1.0, n).into_iter().map(|r| (lmax + r * (lmin - lmax)).exp()).collect();
+            let s: Vec<f64> = np_linspace(0.0, 1.0, n)
+                .into_iter()
+                .map(|r| (lmax + r * (lmin - lmax)).exp())
+                .collect();
             let t = to_ts(&s, round_ts);
             (s, t)
         } else if c.use_exponential_sigmas {
@@ -477,7 +540,13 @@ impl Scheduler for DPMSolverMultistepScheduler {
         to_f32(sample)
     }
 
-    fn step(&mut self, model_output: &Tensor, timestep: f64, sample: &Tensor, generators: &mut Generators) -> Result<Tensor> {
+    fn step(
+        &mut self,
+        model_output: &Tensor,
+        timestep: f64,
+        sample: &Tensor,
+        generators: &mut Generators,
+    ) -> Result<Tensor> {
         if self.config.variance_type.is_none() {
             same_shape(model_output, sample, "DPMSolverMultistepScheduler::step")?;
         }
@@ -490,14 +559,20 @@ impl Scheduler for DPMSolverMultistepScheduler {
         let c = &self.config;
         let len = self.timesteps.len();
         let lower_order_final = i == len - 1
-            && (c.euler_at_final || (c.lower_order_final && len < 15) || c.final_sigmas_type == FinalSigmasType::Zero);
+            && (c.euler_at_final
+                || (c.lower_order_final && len < 15)
+                || c.final_sigmas_type == FinalSigmasType::Zero);
         let lower_order_second = i + 2 == len && c.lower_order_final && len < 15;
         let sample = to_f32(sample)?;
         let converted = self.convert_model_output(&to_f32(model_output)?, &sample, i)?;
         self.model_outputs.rotate_left(1);
         let last = self.model_outputs.len() - 1;
         self.model_outputs[last] = Some(converted.clone());
-        let noise = if c.sde() { Some(generators.randn(converted.dims(), converted.device())?) } else { None };
+        let noise = if c.sde() {
+            Some(generators.randn(converted.dims(), converted.device())?)
+        } else {
+            None
+        };
         let order = c.solver_order;
         let prev = if order == 1 || self.lower_order_nums < 1 || lower_order_final {
             self.first_order(i, &converted, &sample, noise.as_ref())?
@@ -518,7 +593,12 @@ impl Scheduler for DPMSolverMultistepScheduler {
         self.pred_original_sample.as_ref()
     }
 
-    fn add_noise(&self, original_samples: &Tensor, noise: &Tensor, timestep: f64) -> Result<Tensor> {
+    fn add_noise(
+        &self,
+        original_samples: &Tensor,
+        noise: &Tensor,
+        timestep: f64,
+    ) -> Result<Tensor> {
         same_shape(original_samples, noise, "DPMSolverMultistepScheduler::add_noise")?;
         let i = self.index.for_add_noise(&self.timesteps, timestep, CLASS, true)?;
         let (alpha_t, sigma_t) = alpha_sigma(sigma_at(&self.sigmas, i, CLASS)?);

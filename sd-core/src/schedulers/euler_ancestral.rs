@@ -5,8 +5,8 @@ use candle_core::Tensor;
 
 use super::betas::TrainingSchedule;
 use super::common::{
-    check_choice, interp_sigmas, k_init_noise_sigma, k_pred_original, k_scale, k_timesteps, scheduler_config, sigma_at,
-    train_sigmas, training_schedule, StepIndex, STANDARD_BETAS,
+    check_choice, interp_sigmas, k_init_noise_sigma, k_pred_original, k_scale, k_timesteps,
+    scheduler_config, sigma_at, train_sigmas, training_schedule, StepIndex, STANDARD_BETAS,
 };
 use super::config::{BetaSchedule, ConfigReader, PredictionType, SchedulerConfig, TimestepSpacing};
 use super::numeric::np_linspace;
@@ -50,7 +50,13 @@ impl EulerAncestralDiscreteConfig {
     fn read(r: &mut ConfigReader<'_>) -> Result<Self> {
         let c = Self::read_fields(r)?;
         check_choice(r, CLASS, "beta_schedule", c.beta_schedule, STANDARD_BETAS)?;
-        check_choice(r, CLASS, "prediction_type", c.prediction_type, &[PredictionType::Epsilon, PredictionType::VPrediction])?;
+        check_choice(
+            r,
+            CLASS,
+            "prediction_type",
+            c.prediction_type,
+            &[PredictionType::Epsilon, PredictionType::VPrediction],
+        )?;
         Ok(c)
     }
 }
@@ -135,10 +141,18 @@ impl Scheduler for EulerAncestralDiscreteScheduler {
     fn set_timesteps(&mut self, num_inference_steps: usize) -> Result<()> {
         let c = &self.config;
         check_steps(num_inference_steps, c.num_train_timesteps)?;
-        let ts = k_timesteps(c.timestep_spacing, c.num_train_timesteps, num_inference_steps, c.steps_offset);
+        let ts = k_timesteps(
+            c.timestep_spacing,
+            c.num_train_timesteps,
+            num_inference_steps,
+            c.steps_offset,
+        );
         let ts64: Vec<f64> = ts.iter().map(|&t| t as f64).collect();
         let mut sigmas: Vec<f32> =
-            interp_sigmas(&ts64, &train_sigmas(&self.schedule.alphas_cumprod)).into_iter().map(|s| s as f32).collect();
+            interp_sigmas(&ts64, &train_sigmas(&self.schedule.alphas_cumprod))
+                .into_iter()
+                .map(|s| s as f32)
+                .collect();
         sigmas.push(0.0);
         self.timesteps = ts64;
         self.sigmas = sigmas;
@@ -169,7 +183,13 @@ impl Scheduler for EulerAncestralDiscreteScheduler {
         k_scale(sample, sigma_at(&self.sigmas, i, CLASS)?)
     }
 
-    fn step(&mut self, model_output: &Tensor, timestep: f64, sample: &Tensor, generators: &mut Generators) -> Result<Tensor> {
+    fn step(
+        &mut self,
+        model_output: &Tensor,
+        timestep: f64,
+        sample: &Tensor,
+        generators: &mut Generators,
+    ) -> Result<Tensor> {
         same_shape(model_output, sample, "EulerAncestralDiscreteScheduler::step")?;
         if self.num_inference_steps.is_none() {
             return Err(Error::invalid(format!("{CLASS}: call set_timesteps before step")));
@@ -179,7 +199,8 @@ impl Scheduler for EulerAncestralDiscreteScheduler {
         let sigma = self.sigmas[i];
         let sample = to_f32(sample)?;
         let model_output = to_f32(model_output)?;
-        let pred_original = k_pred_original(self.config.prediction_type, &model_output, &sample, sigma)?;
+        let pred_original =
+            k_pred_original(self.config.prediction_type, &model_output, &sample, sigma)?;
         let (from2, to2) = (sigma * sigma, sigma_to * sigma_to);
         let sigma_up = (to2 * (from2 - to2) / from2).sqrt();
         let sigma_down = (to2 - sigma_up * sigma_up).sqrt();
@@ -197,7 +218,12 @@ impl Scheduler for EulerAncestralDiscreteScheduler {
         self.pred_original_sample.as_ref()
     }
 
-    fn add_noise(&self, original_samples: &Tensor, noise: &Tensor, timestep: f64) -> Result<Tensor> {
+    fn add_noise(
+        &self,
+        original_samples: &Tensor,
+        noise: &Tensor,
+        timestep: f64,
+    ) -> Result<Tensor> {
         same_shape(original_samples, noise, "EulerAncestralDiscreteScheduler::add_noise")?;
         let i = self.index.for_add_noise(&self.timesteps, timestep, CLASS, false)?;
         let sigma = sigma_at(&self.sigmas, i, CLASS)?;

@@ -6,8 +6,8 @@ use serde_json::Map;
 
 use super::betas::TrainingSchedule;
 use super::config::{
-    BetaSchedule, ConfigReader, ConfigWriter, FinalSigmasType, InterpolationType, PredictionType, SchedulerConfig,
-    TimestepSpacing, TimestepType,
+    BetaSchedule, ConfigReader, ConfigWriter, FinalSigmasType, InterpolationType, PredictionType,
+    SchedulerConfig, TimestepSpacing, TimestepType,
 };
 use super::numeric::{np_arange, np_interp, np_linspace, np_log_f32, np_round};
 use super::{check_steps, div, index_for_timestep, mul, same_shape, to_f32, Scheduler};
@@ -110,7 +110,10 @@ impl EulerDiscreteConfig {
             rescale_betas_zero_snr: r.bool("rescale_betas_zero_snr", d.rescale_betas_zero_snr)?,
             final_sigmas_type: r.choice("final_sigmas_type", d.final_sigmas_type)?,
         };
-        let chosen = [c.use_karras_sigmas, c.use_exponential_sigmas, c.use_beta_sigmas].iter().filter(|&&b| b).count();
+        let chosen = [c.use_karras_sigmas, c.use_exponential_sigmas, c.use_beta_sigmas]
+            .iter()
+            .filter(|&&b| b)
+            .count();
         if chosen > 1 {
             return Err(r.error(
                 "use_karras_sigmas",
@@ -118,7 +121,10 @@ impl EulerDiscreteConfig {
             ));
         }
         if c.use_beta_sigmas {
-            return Err(r.error("use_beta_sigmas", "beta sigmas are not supported (they need scipy's beta.ppf)"));
+            return Err(r.error(
+                "use_beta_sigmas",
+                "beta sigmas are not supported (they need scipy's beta.ppf)",
+            ));
         }
         Ok(c)
     }
@@ -211,7 +217,10 @@ impl EulerDiscreteScheduler {
             config.rescale_betas_zero_snr,
         )
         .map_err(|e| {
-            Error::config(resolved.source().unwrap_or(std::path::Path::new("<scheduler config>")), format!("{CLASS}: {e}"))
+            Error::config(
+                resolved.source().unwrap_or(std::path::Path::new("<scheduler config>")),
+                format!("{CLASS}: {e}"),
+            )
         })?;
         let mut schedule = schedule;
         if config.rescale_betas_zero_snr {
@@ -271,8 +280,9 @@ impl EulerDiscreteScheduler {
         }
         let i = match self.begin_index {
             Some(b) => b,
-            None => index_for_timestep(&self.timesteps, timestep)
-                .ok_or_else(|| Error::invalid(format!("timestep {timestep} is not in the {CLASS} schedule")))?,
+            None => index_for_timestep(&self.timesteps, timestep).ok_or_else(|| {
+                Error::invalid(format!("timestep {timestep} is not in the {CLASS} schedule"))
+            })?,
         };
         self.step_index = Some(i);
         Ok(i)
@@ -296,7 +306,10 @@ impl EulerDiscreteScheduler {
         let rho = 7.0f64;
         let min_inv_rho = sigma_min.powf(1.0 / rho);
         let max_inv_rho = sigma_max.powf(1.0 / rho);
-        np_linspace(0.0, 1.0, n).into_iter().map(|r| (max_inv_rho + r * (min_inv_rho - max_inv_rho)).powf(rho)).collect()
+        np_linspace(0.0, 1.0, n)
+            .into_iter()
+            .map(|r| (max_inv_rho + r * (min_inv_rho - max_inv_rho)).powf(rho))
+            .collect()
     }
 
     fn exponential(&self, in_sigmas: &[f64], n: usize) -> Vec<f64> {
@@ -322,16 +335,24 @@ impl Scheduler for EulerDiscreteScheduler {
         let n = num_inference_steps;
         // float32 timesteps, as numpy computes them.
         let mut timesteps: Vec<f64> = match c.timestep_spacing {
-            TimestepSpacing::Linspace => {
-                np_linspace(0.0, (n_train - 1) as f64, n).into_iter().rev().map(|t| t as f32 as f64).collect()
-            }
+            TimestepSpacing::Linspace => np_linspace(0.0, (n_train - 1) as f64, n)
+                .into_iter()
+                .rev()
+                .map(|t| t as f32 as f64)
+                .collect(),
             TimestepSpacing::Leading => {
                 let ratio = n_train / n;
-                (0..n).rev().map(|i| (np_round((i * ratio) as f64) as f32 + c.steps_offset as f32) as f64).collect()
+                (0..n)
+                    .rev()
+                    .map(|i| (np_round((i * ratio) as f64) as f32 + c.steps_offset as f32) as f64)
+                    .collect()
             }
             TimestepSpacing::Trailing => {
                 let ratio = n_train as f64 / n as f64;
-                np_arange(n_train as f64, 0.0, -ratio).into_iter().map(|t| (np_round(t) as f32 - 1.0) as f64).collect()
+                np_arange(n_train as f64, 0.0, -ratio)
+                    .into_iter()
+                    .map(|t| (np_round(t) as f32 - 1.0) as f64)
+                    .collect()
             }
         };
         let train_sigmas = self.schedule.sigmas(); // float32, ascending in t
@@ -343,15 +364,20 @@ impl Scheduler for EulerDiscreteScheduler {
             InterpolationType::LogLinear => {
                 let start = np_log_f32(train_sigmas[n_train - 1]) as f64;
                 let end = np_log_f32(train_sigmas[0]) as f64;
-                super::numeric::torch_linspace_f32(start, end, n + 1).into_iter().map(|l| l.exp() as f64).collect()
+                super::numeric::torch_linspace_f32(start, end, n + 1)
+                    .into_iter()
+                    .map(|l| l.exp() as f64)
+                    .collect()
             }
         };
         if c.use_karras_sigmas {
             sigmas = self.karras(&sigmas, n);
-            timesteps = sigmas.iter().map(|&s| Self::sigma_to_t(s, &log_sigmas) as f32 as f64).collect();
+            timesteps =
+                sigmas.iter().map(|&s| Self::sigma_to_t(s, &log_sigmas) as f32 as f64).collect();
         } else if c.use_exponential_sigmas {
             sigmas = self.exponential(&sigmas, n);
-            timesteps = sigmas.iter().map(|&s| Self::sigma_to_t(s, &log_sigmas) as f32 as f64).collect();
+            timesteps =
+                sigmas.iter().map(|&s| Self::sigma_to_t(s, &log_sigmas) as f32 as f64).collect();
         }
         let sigma_last = match c.final_sigmas_type {
             FinalSigmasType::Zero => 0.0f32,
@@ -362,8 +388,13 @@ impl Scheduler for EulerDiscreteScheduler {
         };
         let mut sigmas_f32: Vec<f32> = sigmas.iter().map(|&s| s as f32).collect();
         sigmas_f32.push(sigma_last);
-        if c.timestep_type == TimestepType::Continuous && c.prediction_type == PredictionType::VPrediction {
-            timesteps = sigmas_f32[..sigmas_f32.len() - 1].iter().map(|s| (0.25f32 * s.ln()) as f64).collect();
+        if c.timestep_type == TimestepType::Continuous
+            && c.prediction_type == PredictionType::VPrediction
+        {
+            timesteps = sigmas_f32[..sigmas_f32.len() - 1]
+                .iter()
+                .map(|s| (0.25f32 * s.ln()) as f64)
+                .collect();
         }
         self.timesteps = timesteps;
         self.sigmas = sigmas_f32;
@@ -398,15 +429,26 @@ impl Scheduler for EulerDiscreteScheduler {
 
     fn scale_model_input(&mut self, sample: &Tensor, timestep: f64) -> Result<Tensor> {
         let i = self.init_step_index(timestep)?;
-        let sigma = *self.sigmas.get(i).ok_or_else(|| Error::invalid(format!("{CLASS}: step index {i} is past the schedule")))?;
+        let sigma = *self.sigmas.get(i).ok_or_else(|| {
+            Error::invalid(format!("{CLASS}: step index {i} is past the schedule"))
+        })?;
         div(&to_f32(sample)?, (sigma * sigma + 1.0).sqrt())
     }
 
-    fn step(&mut self, model_output: &Tensor, timestep: f64, sample: &Tensor, generators: &mut Generators) -> Result<Tensor> {
+    fn step(
+        &mut self,
+        model_output: &Tensor,
+        timestep: f64,
+        sample: &Tensor,
+        generators: &mut Generators,
+    ) -> Result<Tensor> {
         same_shape(model_output, sample, "EulerDiscreteScheduler::step")?;
         let i = self.init_step_index(timestep)?;
         if i + 1 >= self.sigmas.len() {
-            return Err(Error::invalid(format!("{CLASS}: step {i} is past the end of the schedule ({} steps)", self.sigmas.len() - 1)));
+            return Err(Error::invalid(format!(
+                "{CLASS}: step {i} is past the end of the schedule ({} steps)",
+                self.sigmas.len() - 1
+            )));
         }
         let mut sample = to_f32(sample)?;
         let model_output = to_f32(model_output)?;
@@ -443,15 +485,24 @@ impl Scheduler for EulerDiscreteScheduler {
         self.pred_original_sample.as_ref()
     }
 
-    fn add_noise(&self, original_samples: &Tensor, noise: &Tensor, timestep: f64) -> Result<Tensor> {
+    fn add_noise(
+        &self,
+        original_samples: &Tensor,
+        noise: &Tensor,
+        timestep: f64,
+    ) -> Result<Tensor> {
         same_shape(original_samples, noise, "EulerDiscreteScheduler::add_noise")?;
         let i = match (self.begin_index, self.step_index) {
-            (None, _) => index_for_timestep(&self.timesteps, timestep)
-                .ok_or_else(|| Error::invalid(format!("timestep {timestep} is not in the {CLASS} schedule")))?,
+            (None, _) => index_for_timestep(&self.timesteps, timestep).ok_or_else(|| {
+                Error::invalid(format!("timestep {timestep} is not in the {CLASS} schedule"))
+            })?,
             (Some(_), Some(s)) => s,
             (Some(b), None) => b,
         };
-        let sigma = *self.sigmas.get(i).ok_or_else(|| Error::invalid(format!("{CLASS}: index {i} is past the schedule")))?;
+        let sigma = *self
+            .sigmas
+            .get(i)
+            .ok_or_else(|| Error::invalid(format!("{CLASS}: index {i} is past the schedule")))?;
         Ok((to_f32(original_samples)? + mul(&to_f32(noise)?, sigma)?)?)
     }
 

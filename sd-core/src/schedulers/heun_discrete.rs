@@ -6,8 +6,9 @@ use candle_core::Tensor;
 
 use super::betas::TrainingSchedule;
 use super::common::{
-    check_choice, check_sigma_choice, k_init_noise_sigma, k_pred_original, k_scale, k_sigmas, k_timesteps, scheduler_config,
-    sigma_at, train_sigmas, training_schedule, SigmaKind, StepIndex, STANDARD_BETAS,
+    check_choice, check_sigma_choice, k_init_noise_sigma, k_pred_original, k_scale, k_sigmas,
+    k_timesteps, scheduler_config, sigma_at, train_sigmas, training_schedule, SigmaKind, StepIndex,
+    STANDARD_BETAS,
 };
 use super::config::{BetaSchedule, ConfigReader, PredictionType, SchedulerConfig, TimestepSpacing};
 use super::{check_steps, div, mul, same_shape, to_f32, Scheduler};
@@ -84,7 +85,8 @@ impl HeunDiscreteScheduler {
     pub fn from_config(config: &SchedulerConfig) -> Result<Self> {
         let mut r = ConfigReader::new(config, CLASS);
         let c = HeunDiscreteConfig::read(&mut r)?;
-        let (hidden_sigma_min, hidden_sigma_max) = (r.hidden_f64("sigma_min"), r.hidden_f64("sigma_max"));
+        let (hidden_sigma_min, hidden_sigma_max) =
+            (r.hidden_f64("sigma_min"), r.hidden_f64("sigma_max"));
         let resolved = r.resolved(c.write());
         let schedule = training_schedule(
             CLASS,
@@ -143,10 +145,20 @@ impl Scheduler for HeunDiscreteScheduler {
     fn set_timesteps(&mut self, num_inference_steps: usize) -> Result<()> {
         let c = &self.config;
         check_steps(num_inference_steps, c.num_train_timesteps)?;
-        let ts = k_timesteps(c.timestep_spacing, c.num_train_timesteps, num_inference_steps, c.steps_offset);
+        let ts = k_timesteps(
+            c.timestep_spacing,
+            c.num_train_timesteps,
+            num_inference_steps,
+            c.steps_offset,
+        );
         let kind = SigmaKind::new(c.use_karras_sigmas, c.use_exponential_sigmas);
-        let (sigmas, ts) =
-            k_sigmas(kind, &ts, &train_sigmas(&self.schedule.alphas_cumprod), self.hidden_sigma_min, self.hidden_sigma_max);
+        let (sigmas, ts) = k_sigmas(
+            kind,
+            &ts,
+            &train_sigmas(&self.schedule.alphas_cumprod),
+            self.hidden_sigma_min,
+            self.hidden_sigma_max,
+        );
         let mut s32: Vec<f32> = sigmas.iter().map(|&s| s as f32).collect();
         s32.push(0.0);
         let n = s32.len();
@@ -190,7 +202,13 @@ impl Scheduler for HeunDiscreteScheduler {
         k_scale(sample, sigma_at(&self.sigmas, i, CLASS)?)
     }
 
-    fn step(&mut self, model_output: &Tensor, timestep: f64, sample: &Tensor, _generators: &mut Generators) -> Result<Tensor> {
+    fn step(
+        &mut self,
+        model_output: &Tensor,
+        timestep: f64,
+        sample: &Tensor,
+        _generators: &mut Generators,
+    ) -> Result<Tensor> {
         same_shape(model_output, sample, "HeunDiscreteScheduler::step")?;
         if self.num_inference_steps.is_none() {
             return Err(Error::invalid(format!("{CLASS}: call set_timesteps before step")));
@@ -205,7 +223,8 @@ impl Scheduler for HeunDiscreteScheduler {
         let sigma_hat = sigma;
         let (sample, model_output) = (to_f32(sample)?, to_f32(model_output)?);
         let sigma_input = if first_order { sigma_hat } else { sigma_next };
-        let mut pred_original = k_pred_original(self.config.prediction_type, &model_output, &sample, sigma_input)?;
+        let mut pred_original =
+            k_pred_original(self.config.prediction_type, &model_output, &sample, sigma_input)?;
         if self.config.clip_sample {
             let r = self.config.clip_sample_range as f32;
             pred_original = pred_original.clamp(-r, r)?;
@@ -218,7 +237,8 @@ impl Scheduler for HeunDiscreteScheduler {
             prev
         } else {
             let derivative = div(&(&sample - &pred_original)?, sigma_next)?;
-            let (prev_derivative, dt, first_sample) = self.first.take().expect("second-order state");
+            let (prev_derivative, dt, first_sample) =
+                self.first.take().expect("second-order state");
             let derivative = div(&(prev_derivative + derivative)?, 2.0)?;
             (&first_sample + mul(&derivative, dt)?)?
         };
@@ -231,7 +251,12 @@ impl Scheduler for HeunDiscreteScheduler {
         self.pred_original_sample.as_ref()
     }
 
-    fn add_noise(&self, original_samples: &Tensor, noise: &Tensor, timestep: f64) -> Result<Tensor> {
+    fn add_noise(
+        &self,
+        original_samples: &Tensor,
+        noise: &Tensor,
+        timestep: f64,
+    ) -> Result<Tensor> {
         same_shape(original_samples, noise, "HeunDiscreteScheduler::add_noise")?;
         let i = self.index.for_add_noise(&self.timesteps, timestep, CLASS, false)?;
         let sigma = sigma_at(&self.sigmas, i, CLASS)?;

@@ -6,9 +6,13 @@
 use candle_core::Tensor;
 
 use super::betas::TrainingSchedule;
-use super::common::{k_init_noise_sigma, k_pred_original, k_scale, sigma_at, training_schedule, StepIndex};
+use super::common::{
+    k_init_noise_sigma, k_pred_original, k_scale, sigma_at, training_schedule, StepIndex,
+};
 use super::config::{ConfigReader, SchedulerConfig};
-use super::kdpm2_discrete::{interleave_repeat, interpol_timestep, kdpm2_base, log_midpoint, KDPM2DiscreteConfig};
+use super::kdpm2_discrete::{
+    interleave_repeat, interpol_timestep, kdpm2_base, log_midpoint, KDPM2DiscreteConfig,
+};
 use super::{check_steps, div, mul, same_shape, to_f32, Scheduler};
 use crate::rng::Generators;
 use crate::{Error, Result};
@@ -43,7 +47,8 @@ impl KDPM2AncestralDiscreteScheduler {
     pub fn from_config(config: &SchedulerConfig) -> Result<Self> {
         let mut r = ConfigReader::new(config, CLASS);
         let c = KDPM2DiscreteConfig::read(&mut r, CLASS)?;
-        let (hidden_sigma_min, hidden_sigma_max) = (r.hidden_f64("sigma_min"), r.hidden_f64("sigma_max"));
+        let (hidden_sigma_min, hidden_sigma_max) =
+            (r.hidden_f64("sigma_min"), r.hidden_f64("sigma_max"));
         let resolved = r.resolved(c.to_map());
         let schedule = training_schedule(
             CLASS,
@@ -99,7 +104,13 @@ impl Scheduler for KDPM2AncestralDiscreteScheduler {
 
     fn set_timesteps(&mut self, num_inference_steps: usize) -> Result<()> {
         check_steps(num_inference_steps, self.config.num_train_timesteps)?;
-        let base = kdpm2_base(&self.config, &self.schedule, num_inference_steps, self.hidden_sigma_min, self.hidden_sigma_max);
+        let base = kdpm2_base(
+            &self.config,
+            &self.schedule,
+            num_inference_steps,
+            self.hidden_sigma_min,
+            self.hidden_sigma_max,
+        );
         let s = &base.sigmas;
         let n1 = s.len();
         let next: Vec<f32> = (0..n1).map(|k| if k + 1 < n1 { s[k + 1] } else { 0.0 }).collect();
@@ -109,13 +120,15 @@ impl Scheduler for KDPM2AncestralDiscreteScheduler {
                 (n2 * (s2 - n2) / s2).sqrt()
             })
             .collect();
-        let mut down: Vec<f32> = (0..n1).map(|k| (next[k] * next[k] - up[k] * up[k]).sqrt()).collect();
+        let mut down: Vec<f32> =
+            (0..n1).map(|k| (next[k] * next[k] - up[k] * up[k]).sqrt()).collect();
         down[n1 - 1] = 0.0;
         let mut interpol: Vec<f32> = (0..n1).map(|k| log_midpoint(s[k], down[k])).collect();
         for v in interpol.iter_mut().skip(n1.saturating_sub(2)) {
             *v = 0.0;
         }
-        let ti: Vec<f64> = interpol.iter().map(|&x| interpol_timestep(x, &base.log_sigmas)).collect();
+        let ti: Vec<f64> =
+            interpol.iter().map(|&x| interpol_timestep(x, &base.log_sigmas)).collect();
         let t = &base.timesteps;
         let mut timesteps = vec![t[0]];
         for k in 1..n1 - 1 {
@@ -159,7 +172,13 @@ impl Scheduler for KDPM2AncestralDiscreteScheduler {
         k_scale(sample, sigma)
     }
 
-    fn step(&mut self, model_output: &Tensor, timestep: f64, sample: &Tensor, generators: &mut Generators) -> Result<Tensor> {
+    fn step(
+        &mut self,
+        model_output: &Tensor,
+        timestep: f64,
+        sample: &Tensor,
+        generators: &mut Generators,
+    ) -> Result<Tensor> {
         same_shape(model_output, sample, "KDPM2AncestralDiscreteScheduler::step")?;
         if self.num_inference_steps.is_none() {
             return Err(Error::invalid(format!("{CLASS}: call set_timesteps before step")));
@@ -168,15 +187,23 @@ impl Scheduler for KDPM2AncestralDiscreteScheduler {
         let first_order = self.first_sample.is_none();
         let (sigma, sigma_interpol, sigma_up, sigma_down) = if first_order {
             let d = if i == 0 { self.sigmas_down.len() - 1 } else { i - 1 };
-            (sigma_at(&self.sigmas, i, CLASS)?, self.sigmas_interpol[i], self.sigmas_up[i], self.sigmas_down[d])
+            (
+                sigma_at(&self.sigmas, i, CLASS)?,
+                self.sigmas_interpol[i],
+                self.sigmas_up[i],
+                self.sigmas_down[d],
+            )
         } else {
-            let j = i.checked_sub(1).ok_or_else(|| Error::invalid(format!("{CLASS}: second-order step at index 0")))?;
+            let j = i
+                .checked_sub(1)
+                .ok_or_else(|| Error::invalid(format!("{CLASS}: second-order step at index 0")))?;
             (self.sigmas[j], self.sigmas_interpol[j], self.sigmas_up[j], self.sigmas_down[j])
         };
         let sigma_hat = sigma;
         let (sample, model_output) = (to_f32(sample)?, to_f32(model_output)?);
         let sigma_input = if first_order { sigma_hat } else { sigma_interpol };
-        let pred_original = k_pred_original(self.config.prediction_type, &model_output, &sample, sigma_input)?;
+        let pred_original =
+            k_pred_original(self.config.prediction_type, &model_output, &sample, sigma_input)?;
         let prev = if first_order {
             let derivative = div(&(&sample - &pred_original)?, sigma_hat)?;
             let dt = sigma_interpol - sigma_hat;
@@ -200,7 +227,12 @@ impl Scheduler for KDPM2AncestralDiscreteScheduler {
         self.pred_original_sample.as_ref()
     }
 
-    fn add_noise(&self, original_samples: &Tensor, noise: &Tensor, timestep: f64) -> Result<Tensor> {
+    fn add_noise(
+        &self,
+        original_samples: &Tensor,
+        noise: &Tensor,
+        timestep: f64,
+    ) -> Result<Tensor> {
         same_shape(original_samples, noise, "KDPM2AncestralDiscreteScheduler::add_noise")?;
         let i = self.index.for_add_noise(&self.timesteps, timestep, CLASS, false)?;
         let sigma = sigma_at(&self.sigmas, i, CLASS)?;

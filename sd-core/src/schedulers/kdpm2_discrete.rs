@@ -7,8 +7,9 @@ use candle_core::Tensor;
 
 use super::betas::TrainingSchedule;
 use super::common::{
-    check_choice, check_sigma_choice, k_init_noise_sigma, k_pred_original, k_scale, k_sigmas, k_timesteps, log_sigmas,
-    scheduler_config, sigma_at, sigma_to_t_f32, train_sigmas, training_schedule, SigmaKind, StepIndex, STANDARD_BETAS,
+    check_choice, check_sigma_choice, k_init_noise_sigma, k_pred_original, k_scale, k_sigmas,
+    k_timesteps, log_sigmas, scheduler_config, sigma_at, sigma_to_t_f32, train_sigmas,
+    training_schedule, SigmaKind, StepIndex, STANDARD_BETAS,
 };
 use super::config::{BetaSchedule, ConfigReader, PredictionType, SchedulerConfig, TimestepSpacing};
 use super::numeric::np_round;
@@ -56,7 +57,13 @@ impl KDPM2DiscreteConfig {
     pub(crate) fn read(r: &mut ConfigReader<'_>, class: &str) -> Result<Self> {
         let c = Self::read_fields(r)?;
         check_choice(r, class, "beta_schedule", c.beta_schedule, STANDARD_BETAS)?;
-        check_choice(r, class, "prediction_type", c.prediction_type, &[PredictionType::Epsilon, PredictionType::VPrediction])?;
+        check_choice(
+            r,
+            class,
+            "prediction_type",
+            c.prediction_type,
+            &[PredictionType::Epsilon, PredictionType::VPrediction],
+        )?;
         check_sigma_choice(r, c.use_karras_sigmas, c.use_exponential_sigmas, c.use_beta_sigmas)?;
         Ok(c)
     }
@@ -142,7 +149,8 @@ impl KDPM2DiscreteScheduler {
     pub fn from_config(config: &SchedulerConfig) -> Result<Self> {
         let mut r = ConfigReader::new(config, CLASS);
         let c = KDPM2DiscreteConfig::read(&mut r, CLASS)?;
-        let (hidden_sigma_min, hidden_sigma_max) = (r.hidden_f64("sigma_min"), r.hidden_f64("sigma_max"));
+        let (hidden_sigma_min, hidden_sigma_max) =
+            (r.hidden_f64("sigma_min"), r.hidden_f64("sigma_max"));
         let resolved = r.resolved(c.write());
         let schedule = training_schedule(
             CLASS,
@@ -201,12 +209,20 @@ impl Scheduler for KDPM2DiscreteScheduler {
 
     fn set_timesteps(&mut self, num_inference_steps: usize) -> Result<()> {
         check_steps(num_inference_steps, self.config.num_train_timesteps)?;
-        let base = kdpm2_base(&self.config, &self.schedule, num_inference_steps, self.hidden_sigma_min, self.hidden_sigma_max);
+        let base = kdpm2_base(
+            &self.config,
+            &self.schedule,
+            num_inference_steps,
+            self.hidden_sigma_min,
+            self.hidden_sigma_max,
+        );
         let s = &base.sigmas;
         let n1 = s.len();
         // sigmas.log().lerp(sigmas.roll(1).log(), 0.5).exp()
-        let interpol: Vec<f32> = (0..n1).map(|k| log_midpoint(s[k], s[(k + n1 - 1) % n1])).collect();
-        let ti: Vec<f64> = interpol.iter().map(|&x| interpol_timestep(x, &base.log_sigmas)).collect();
+        let interpol: Vec<f32> =
+            (0..n1).map(|k| log_midpoint(s[k], s[(k + n1 - 1) % n1])).collect();
+        let ti: Vec<f64> =
+            interpol.iter().map(|&x| interpol_timestep(x, &base.log_sigmas)).collect();
         let t = &base.timesteps;
         let mut timesteps = vec![t[0]];
         for k in 1..n1 - 1 {
@@ -240,11 +256,21 @@ impl Scheduler for KDPM2DiscreteScheduler {
 
     fn scale_model_input(&mut self, sample: &Tensor, timestep: f64) -> Result<Tensor> {
         let i = self.index.init(&self.timesteps, timestep, CLASS, false)?;
-        let sigma = if self.first_sample.is_none() { sigma_at(&self.sigmas, i, CLASS)? } else { sigma_at(&self.sigmas_interpol, i, CLASS)? };
+        let sigma = if self.first_sample.is_none() {
+            sigma_at(&self.sigmas, i, CLASS)?
+        } else {
+            sigma_at(&self.sigmas_interpol, i, CLASS)?
+        };
         k_scale(sample, sigma)
     }
 
-    fn step(&mut self, model_output: &Tensor, timestep: f64, sample: &Tensor, _generators: &mut Generators) -> Result<Tensor> {
+    fn step(
+        &mut self,
+        model_output: &Tensor,
+        timestep: f64,
+        sample: &Tensor,
+        _generators: &mut Generators,
+    ) -> Result<Tensor> {
         same_shape(model_output, sample, "KDPM2DiscreteScheduler::step")?;
         if self.num_inference_steps.is_none() {
             return Err(Error::invalid(format!("{CLASS}: call set_timesteps before step")));
@@ -252,14 +278,19 @@ impl Scheduler for KDPM2DiscreteScheduler {
         let i = self.index.init(&self.timesteps, timestep, CLASS, false)?;
         let first_order = self.first_sample.is_none();
         let (sigma, sigma_interpol, sigma_next) = if first_order {
-            (sigma_at(&self.sigmas, i, CLASS)?, sigma_at(&self.sigmas_interpol, i + 1, CLASS)?, self.sigmas[i + 1])
+            (
+                sigma_at(&self.sigmas, i, CLASS)?,
+                sigma_at(&self.sigmas_interpol, i + 1, CLASS)?,
+                self.sigmas[i + 1],
+            )
         } else {
             (self.sigmas[i - 1], self.sigmas_interpol[i], self.sigmas[i])
         };
         let sigma_hat = sigma;
         let (sample, model_output) = (to_f32(sample)?, to_f32(model_output)?);
         let sigma_input = if first_order { sigma_hat } else { sigma_interpol };
-        let pred_original = k_pred_original(self.config.prediction_type, &model_output, &sample, sigma_input)?;
+        let pred_original =
+            k_pred_original(self.config.prediction_type, &model_output, &sample, sigma_input)?;
         let prev = if first_order {
             let derivative = div(&(&sample - &pred_original)?, sigma_hat)?;
             let dt = sigma_interpol - sigma_hat;
@@ -281,7 +312,12 @@ impl Scheduler for KDPM2DiscreteScheduler {
         self.pred_original_sample.as_ref()
     }
 
-    fn add_noise(&self, original_samples: &Tensor, noise: &Tensor, timestep: f64) -> Result<Tensor> {
+    fn add_noise(
+        &self,
+        original_samples: &Tensor,
+        noise: &Tensor,
+        timestep: f64,
+    ) -> Result<Tensor> {
         same_shape(original_samples, noise, "KDPM2DiscreteScheduler::add_noise")?;
         let i = self.index.for_add_noise(&self.timesteps, timestep, CLASS, false)?;
         let sigma = sigma_at(&self.sigmas, i, CLASS)?;

@@ -5,7 +5,10 @@
 use candle_core::Tensor;
 
 use super::betas::TrainingSchedule;
-use super::common::{alpha_add_noise, alpha_at, check_choice, int_timestep, reject_flag, scheduler_config, training_schedule, StepIndex, STANDARD_BETAS};
+use super::common::{
+    alpha_add_noise, alpha_at, check_choice, int_timestep, reject_flag, scheduler_config,
+    training_schedule, StepIndex, STANDARD_BETAS,
+};
 use super::config::{BetaSchedule, ConfigReader, PredictionType, SchedulerConfig, TimestepSpacing};
 use super::numeric::np_linspace;
 use super::{div, mul, same_shape, to_f32, Scheduler};
@@ -67,7 +70,10 @@ impl LCMConfig {
         if c.original_inference_steps == 0 || c.original_inference_steps > c.num_train_timesteps {
             return Err(r.error(
                 "original_inference_steps",
-                format!("must be between 1 and num_train_timesteps ({}), got {}", c.num_train_timesteps, c.original_inference_steps),
+                format!(
+                    "must be between 1 and num_train_timesteps ({}), got {}",
+                    c.num_train_timesteps, c.original_inference_steps
+                ),
             ));
         }
         Ok(c)
@@ -193,23 +199,36 @@ impl Scheduler for LCMScheduler {
         to_f32(sample)
     }
 
-    fn step(&mut self, model_output: &Tensor, timestep: f64, sample: &Tensor, generators: &mut Generators) -> Result<Tensor> {
+    fn step(
+        &mut self,
+        model_output: &Tensor,
+        timestep: f64,
+        sample: &Tensor,
+        generators: &mut Generators,
+    ) -> Result<Tensor> {
         same_shape(model_output, sample, "LCMScheduler::step")?;
-        let n = self.num_inference_steps.ok_or_else(|| Error::invalid(format!("{CLASS}: call set_timesteps before step")))?;
+        let n = self
+            .num_inference_steps
+            .ok_or_else(|| Error::invalid(format!("{CLASS}: call set_timesteps before step")))?;
         let t = int_timestep(timestep, CLASS)?;
         let i = self.index.init(&self.timesteps, timestep, CLASS, false)?;
         let prev_t = self.timesteps.get(i + 1).map(|&p| p as i64).unwrap_or(t);
         let ac = &self.schedule.alphas_cumprod;
         let alpha_prod_t = alpha_at(ac, t, CLASS)?;
-        let alpha_prod_t_prev = if prev_t >= 0 { alpha_at(ac, prev_t, CLASS)? } else { self.final_alpha_cumprod };
+        let alpha_prod_t_prev =
+            if prev_t >= 0 { alpha_at(ac, prev_t, CLASS)? } else { self.final_alpha_cumprod };
         let beta_prod_t = 1.0 - alpha_prod_t;
         let beta_prod_t_prev = 1.0 - alpha_prod_t_prev;
         let (c_skip, c_out) = self.scalings(t);
         let (sample, model_output) = (to_f32(sample)?, to_f32(model_output)?);
         let mut pred_original = match self.config.prediction_type {
-            PredictionType::Epsilon => div(&(&sample - mul(&model_output, beta_prod_t.sqrt())?)?, alpha_prod_t.sqrt())?,
+            PredictionType::Epsilon => {
+                div(&(&sample - mul(&model_output, beta_prod_t.sqrt())?)?, alpha_prod_t.sqrt())?
+            }
             PredictionType::Sample => model_output.clone(),
-            PredictionType::VPrediction => (mul(&sample, alpha_prod_t.sqrt())? - mul(&model_output, beta_prod_t.sqrt())?)?,
+            PredictionType::VPrediction => {
+                (mul(&sample, alpha_prod_t.sqrt())? - mul(&model_output, beta_prod_t.sqrt())?)?
+            }
         };
         if self.config.clip_sample {
             let r = self.config.clip_sample_range as f32;
@@ -231,7 +250,12 @@ impl Scheduler for LCMScheduler {
         self.denoised.as_ref()
     }
 
-    fn add_noise(&self, original_samples: &Tensor, noise: &Tensor, timestep: f64) -> Result<Tensor> {
+    fn add_noise(
+        &self,
+        original_samples: &Tensor,
+        noise: &Tensor,
+        timestep: f64,
+    ) -> Result<Tensor> {
         same_shape(original_samples, noise, "LCMScheduler::add_noise")?;
         let a = alpha_at(&self.schedule.alphas_cumprod, int_timestep(timestep, CLASS)?, CLASS)?;
         alpha_add_noise(original_samples, noise, a)

@@ -5,9 +5,10 @@ use candle_core::Tensor;
 
 use super::betas::TrainingSchedule;
 use super::common::{
-    check_choice, check_sigma_choice, exponential_sigmas, gauss_kronrod_21, interp_sigmas, k_init_noise_sigma, k_pred_original,
-    k_scale, k_timesteps, karras_sigmas, log_sigmas, scheduler_config, sigma_at, sigma_to_t, train_sigmas, training_schedule,
-    StepIndex, STANDARD_BETAS,
+    check_choice, check_sigma_choice, exponential_sigmas, gauss_kronrod_21, interp_sigmas,
+    k_init_noise_sigma, k_pred_original, k_scale, k_timesteps, karras_sigmas, log_sigmas,
+    scheduler_config, sigma_at, sigma_to_t, train_sigmas, training_schedule, StepIndex,
+    STANDARD_BETAS,
 };
 use super::config::{BetaSchedule, ConfigReader, PredictionType, SchedulerConfig, TimestepSpacing};
 use super::{check_steps, div, mul, same_shape, to_f32, Scheduler};
@@ -85,7 +86,8 @@ impl LMSDiscreteScheduler {
     pub fn from_config(config: &SchedulerConfig) -> Result<Self> {
         let mut r = ConfigReader::new(config, CLASS);
         let c = LMSDiscreteConfig::read(&mut r)?;
-        let (hidden_sigma_min, hidden_sigma_max) = (r.hidden_f64("sigma_min"), r.hidden_f64("sigma_max"));
+        let (hidden_sigma_min, hidden_sigma_max) =
+            (r.hidden_f64("sigma_min"), r.hidden_f64("sigma_max"));
         let resolved = r.resolved(c.write());
         let schedule = training_schedule(
             CLASS,
@@ -177,7 +179,11 @@ impl Scheduler for LMSDiscreteScheduler {
             let s = if c.use_karras_sigmas {
                 karras_sigmas(lo, hi, n)
             } else {
-                exponential_sigmas(self.hidden_sigma_min.unwrap_or(lo), self.hidden_sigma_max.unwrap_or(hi), n)
+                exponential_sigmas(
+                    self.hidden_sigma_min.unwrap_or(lo),
+                    self.hidden_sigma_max.unwrap_or(hi),
+                    n,
+                )
             };
             let logs = log_sigmas(&train);
             let t: Vec<f64> = s.iter().map(|&x| sigma_to_t(x, &logs) as f32 as f64).collect();
@@ -217,7 +223,13 @@ impl Scheduler for LMSDiscreteScheduler {
         k_scale(sample, sigma_at(&self.sigmas, i, CLASS)?)
     }
 
-    fn step(&mut self, model_output: &Tensor, timestep: f64, sample: &Tensor, _generators: &mut Generators) -> Result<Tensor> {
+    fn step(
+        &mut self,
+        model_output: &Tensor,
+        timestep: f64,
+        sample: &Tensor,
+        _generators: &mut Generators,
+    ) -> Result<Tensor> {
         same_shape(model_output, sample, "LMSDiscreteScheduler::step")?;
         if self.num_inference_steps.is_none() {
             return Err(Error::invalid(format!("{CLASS}: call set_timesteps before step")));
@@ -226,7 +238,8 @@ impl Scheduler for LMSDiscreteScheduler {
         sigma_at(&self.sigmas, i + 1, CLASS)?;
         let sigma = self.sigmas[i];
         let (sample, model_output) = (to_f32(sample)?, to_f32(model_output)?);
-        let pred_original = k_pred_original(self.config.prediction_type, &model_output, &sample, sigma)?;
+        let pred_original =
+            k_pred_original(self.config.prediction_type, &model_output, &sample, sigma)?;
         let derivative = div(&(&sample - &pred_original)?, sigma)?;
         self.derivatives.push(derivative);
         if self.derivatives.len() > self.order {
@@ -255,7 +268,12 @@ impl Scheduler for LMSDiscreteScheduler {
         self.pred_original_sample.as_ref()
     }
 
-    fn add_noise(&self, original_samples: &Tensor, noise: &Tensor, timestep: f64) -> Result<Tensor> {
+    fn add_noise(
+        &self,
+        original_samples: &Tensor,
+        noise: &Tensor,
+        timestep: f64,
+    ) -> Result<Tensor> {
         same_shape(original_samples, noise, "LMSDiscreteScheduler::add_noise")?;
         let i = self.index.for_add_noise(&self.timesteps, timestep, CLASS, false)?;
         let sigma = sigma_at(&self.sigmas, i, CLASS)?;
@@ -272,7 +290,9 @@ impl Scheduler for LMSDiscreteScheduler {
                 self.order = value as usize;
                 Ok(())
             }
-            "order" => Err(Error::invalid(format!("{CLASS}: order must be a positive integer, got {value}"))),
+            "order" => Err(Error::invalid(format!(
+                "{CLASS}: order must be a positive integer, got {value}"
+            ))),
             _ => Err(Error::invalid(format!("{CLASS} has no step option `{name}`; valid: order"))),
         }
     }

@@ -69,8 +69,8 @@ pub mod unipc_multistep;
 use candle_core::{DType, Tensor};
 
 pub use config::{
-    AlgorithmType, BetaSchedule, ConfigEnum, FinalSigmasType, InterpolationType, PredictionType, SchedulerConfig, SolverType,
-    TimeShiftType, TimestepSpacing, TimestepType, VarianceType,
+    AlgorithmType, BetaSchedule, ConfigEnum, FinalSigmasType, InterpolationType, PredictionType,
+    SchedulerConfig, SolverType, TimeShiftType, TimestepSpacing, TimestepType, VarianceType,
 };
 pub use ddim::{DDIMConfig, DDIMScheduler};
 pub use ddpm::{DDPMConfig, DDPMScheduler};
@@ -136,7 +136,13 @@ pub trait Scheduler: Send + Sync {
     /// One denoising step: from the model output at `timestep` and the current `sample`, returns
     /// the previous (less noisy) sample, in f32. Noise, when the scheduler adds some, is drawn
     /// from `generators` so the stream continues exactly as diffusers' `generator=`.
-    fn step(&mut self, model_output: &Tensor, timestep: f64, sample: &Tensor, generators: &mut Generators) -> Result<Tensor>;
+    fn step(
+        &mut self,
+        model_output: &Tensor,
+        timestep: f64,
+        sample: &Tensor,
+        generators: &mut Generators,
+    ) -> Result<Tensor>;
 
     /// The model's prediction of the clean sample `x_0` at the last [`step`](Scheduler::step)
     /// (diffusers' `pred_original_sample`), for previews.
@@ -146,7 +152,8 @@ pub trait Scheduler: Send + Sync {
 
     /// Noises clean samples to the noise level of `timestep` (diffusers' `add_noise`, with the
     /// same timestep for every batch element), for image-to-image.
-    fn add_noise(&self, original_samples: &Tensor, noise: &Tensor, timestep: f64) -> Result<Tensor>;
+    fn add_noise(&self, original_samples: &Tensor, noise: &Tensor, timestep: f64)
+        -> Result<Tensor>;
 
     /// Sets the index of the first step to run (diffusers' `set_begin_index`), for pipelines that
     /// start part-way through the schedule. A no-op for schedulers without a step index.
@@ -241,23 +248,71 @@ macro_rules! entry {
 pub const SCHEDULERS: &[SchedulerEntry] = &[
     entry!("EulerDiscreteScheduler", build_euler, ["euler"], ["Euler"], []),
     entry!("EulerDiscreteScheduler", build_euler, ["euler_karras"], [], [KARRAS]),
-    entry!("EulerAncestralDiscreteScheduler", build_euler_a, ["euler_a", "euler_ancestral"], ["Euler a"], []),
-    entry!("DPMSolverMultistepScheduler", build_dpm, ["dpmpp_2m", "dpm_solver_multistep"], ["DPM++ 2M"], []),
-    entry!("DPMSolverMultistepScheduler", build_dpm, ["dpmpp_2m_karras"], ["DPM++ 2M Karras"], [KARRAS]),
-    entry!("DPMSolverMultistepScheduler", build_dpm, ["dpmpp_2m_sde"], ["DPM++ 2M SDE"], [SDE_DPMPP]),
-    entry!("DPMSolverMultistepScheduler", build_dpm, ["dpmpp_2m_sde_karras"], ["DPM++ 2M SDE Karras"], [SDE_DPMPP, KARRAS]),
+    entry!(
+        "EulerAncestralDiscreteScheduler",
+        build_euler_a,
+        ["euler_a", "euler_ancestral"],
+        ["Euler a"],
+        []
+    ),
+    entry!(
+        "DPMSolverMultistepScheduler",
+        build_dpm,
+        ["dpmpp_2m", "dpm_solver_multistep"],
+        ["DPM++ 2M"],
+        []
+    ),
+    entry!(
+        "DPMSolverMultistepScheduler",
+        build_dpm,
+        ["dpmpp_2m_karras"],
+        ["DPM++ 2M Karras"],
+        [KARRAS]
+    ),
+    entry!(
+        "DPMSolverMultistepScheduler",
+        build_dpm,
+        ["dpmpp_2m_sde"],
+        ["DPM++ 2M SDE"],
+        [SDE_DPMPP]
+    ),
+    entry!(
+        "DPMSolverMultistepScheduler",
+        build_dpm,
+        ["dpmpp_2m_sde_karras"],
+        ["DPM++ 2M SDE Karras"],
+        [SDE_DPMPP, KARRAS]
+    ),
     entry!("DDIMScheduler", build_ddim, ["ddim"], ["DDIM"], []),
     entry!("PNDMScheduler", build_pndm, ["pndm"], ["PNDM"], []),
-    entry!("PNDMScheduler", build_pndm, ["plms"], [], [("skip_prk_steps", OverrideValue::Bool(true))]),
+    entry!(
+        "PNDMScheduler",
+        build_pndm,
+        ["plms"],
+        [],
+        [("skip_prk_steps", OverrideValue::Bool(true))]
+    ),
     entry!("LMSDiscreteScheduler", build_lms, ["lms"], ["LMS"], []),
     entry!("LMSDiscreteScheduler", build_lms, ["lms_karras"], ["LMS Karras"], [KARRAS]),
     entry!("HeunDiscreteScheduler", build_heun, ["heun"], ["Heun"], []),
     entry!("UniPCMultistepScheduler", build_unipc, ["unipc"], ["UniPC"], []),
     entry!("DDPMScheduler", build_ddpm, ["ddpm"], [], []),
     entry!("KDPM2DiscreteScheduler", build_kdpm2, ["dpm2", "kdpm2"], ["DPM2"], []),
-    entry!("KDPM2DiscreteScheduler", build_kdpm2, ["dpm2_karras", "kdpm2_karras"], ["DPM2 Karras"], [KARRAS]),
+    entry!(
+        "KDPM2DiscreteScheduler",
+        build_kdpm2,
+        ["dpm2_karras", "kdpm2_karras"],
+        ["DPM2 Karras"],
+        [KARRAS]
+    ),
     entry!("KDPM2AncestralDiscreteScheduler", build_kdpm2_a, ["dpm2_a", "kdpm2_a"], ["DPM2 a"], []),
-    entry!("KDPM2AncestralDiscreteScheduler", build_kdpm2_a, ["dpm2_a_karras", "kdpm2_a_karras"], ["DPM2 a Karras"], [KARRAS]),
+    entry!(
+        "KDPM2AncestralDiscreteScheduler",
+        build_kdpm2_a,
+        ["dpm2_a_karras", "kdpm2_a_karras"],
+        ["DPM2 a Karras"],
+        [KARRAS]
+    ),
     entry!("DEISMultistepScheduler", build_deis, ["deis"], ["DEIS"], []),
     entry!("LCMScheduler", build_lcm, ["lcm"], ["LCM"], []),
 ];
@@ -294,9 +349,18 @@ pub fn find_scheduler(name: &str) -> Result<&'static SchedulerEntry> {
     let wanted = normalize_scheduler_name(name);
     SCHEDULERS
         .iter()
-        .find(|e| e.aliases.iter().chain(e.a1111_names).any(|a| normalize_scheduler_name(a) == wanted))
-        .or_else(|| SCHEDULERS.iter().find(|e| e.overrides.is_empty() && normalize_scheduler_name(e.class_name) == wanted))
-        .ok_or_else(|| Error::UnknownScheduler { name: name.to_string(), valid: scheduler_names().join(", ") })
+        .find(|e| {
+            e.aliases.iter().chain(e.a1111_names).any(|a| normalize_scheduler_name(a) == wanted)
+        })
+        .or_else(|| {
+            SCHEDULERS.iter().find(|e| {
+                e.overrides.is_empty() && normalize_scheduler_name(e.class_name) == wanted
+            })
+        })
+        .ok_or_else(|| Error::UnknownScheduler {
+            name: name.to_string(),
+            valid: scheduler_names().join(", "),
+        })
 }
 
 /// Builds the scheduler `name` (a diffusers class name like `"EulerDiscreteScheduler"`, a short
@@ -361,7 +425,11 @@ pub(crate) fn div(t: &Tensor, s: f32) -> Result<Tensor> {
 /// Checks that two tensors have the same shape.
 pub(crate) fn same_shape(a: &Tensor, b: &Tensor, what: &str) -> Result<()> {
     if a.dims() != b.dims() {
-        return Err(Error::invalid(format!("{what}: shapes differ: {:?} vs {:?}", a.dims(), b.dims())));
+        return Err(Error::invalid(format!(
+            "{what}: shapes differ: {:?} vs {:?}",
+            a.dims(),
+            b.dims()
+        )));
     }
     Ok(())
 }

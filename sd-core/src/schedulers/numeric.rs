@@ -15,7 +15,13 @@ pub fn torch_linspace_f32(start: f64, end: f64, steps: usize) -> Vec<f32> {
             let step = (e - s) / (steps - 1) as f32;
             let half = steps / 2;
             (0..steps)
-                .map(|i| if i < half { step.mul_add(i as f32, s) } else { (-step).mul_add((steps - 1 - i) as f32, e) })
+                .map(|i| {
+                    if i < half {
+                        step.mul_add(i as f32, s)
+                    } else {
+                        (-step).mul_add((steps - 1 - i) as f32, e)
+                    }
+                })
                 .collect()
         }
     }
@@ -92,7 +98,13 @@ pub fn np_interp(x: &[f64], xp: &[f64], fp: &[f64]) -> Vec<f64> {
                 return xv;
             }
             if n == 1 {
-                return if xv < xp[0] { left } else if xv > xp[0] { right } else { fp[0] };
+                return if xv < xp[0] {
+                    left
+                } else if xv > xp[0] {
+                    right
+                } else {
+                    fp[0]
+                };
             }
             if xv < xp[0] {
                 return left;
@@ -217,7 +229,10 @@ mod tests {
             let x = f32::from_bits(0x0000_1000 + i.wrapping_mul(104_729) % 0x7f00_0000);
             let exact = (x as f64).ln();
             let got = np_log_f32(x) as f64;
-            assert!((got - exact).abs() <= 4.0 * f32::EPSILON as f64 * exact.abs().max(1e-30) + 1e-37, "{x:e}: {got} vs {exact}");
+            assert!(
+                (got - exact).abs() <= 4.0 * f32::EPSILON as f64 * exact.abs().max(1e-30) + 1e-37,
+                "{x:e}: {got} vs {exact}"
+            );
         }
     }
 }

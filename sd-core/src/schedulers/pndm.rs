@@ -5,7 +5,10 @@
 use candle_core::Tensor;
 
 use super::betas::TrainingSchedule;
-use super::common::{alpha_add_noise, alpha_at, check_choice, int_timestep, scheduler_config, training_schedule, STANDARD_BETAS};
+use super::common::{
+    alpha_add_noise, alpha_at, check_choice, int_timestep, scheduler_config, training_schedule,
+    STANDARD_BETAS,
+};
 use super::config::{BetaSchedule, ConfigReader, PredictionType, SchedulerConfig, TimestepSpacing};
 use super::numeric::{np_arange, np_linspace, np_round};
 use super::{check_steps, div, mul, same_shape, to_f32, Scheduler};
@@ -49,7 +52,13 @@ impl PNDMConfig {
     fn read(r: &mut ConfigReader<'_>) -> Result<Self> {
         let c = Self::read_fields(r)?;
         check_choice(r, CLASS, "beta_schedule", c.beta_schedule, STANDARD_BETAS)?;
-        check_choice(r, CLASS, "prediction_type", c.prediction_type, &[PredictionType::Epsilon, PredictionType::VPrediction])?;
+        check_choice(
+            r,
+            CLASS,
+            "prediction_type",
+            c.prediction_type,
+            &[PredictionType::Epsilon, PredictionType::VPrediction],
+        )?;
         Ok(c)
     }
 }
@@ -128,22 +137,36 @@ impl PNDMScheduler {
     }
 
     /// `_get_prev_sample`: formula (9) of the PNDM paper, in float32.
-    fn prev_sample(&self, sample: &Tensor, timestep: i64, prev_timestep: i64, model_output: &Tensor) -> Result<Tensor> {
+    fn prev_sample(
+        &self,
+        sample: &Tensor,
+        timestep: i64,
+        prev_timestep: i64,
+        model_output: &Tensor,
+    ) -> Result<Tensor> {
         let alpha_prod_t = alpha_at(&self.schedule.alphas_cumprod, timestep, CLASS)?;
         let alpha_prod_t_prev = self.alpha(prev_timestep)?;
         let beta_prod_t = 1.0 - alpha_prod_t;
         let beta_prod_t_prev = 1.0 - alpha_prod_t_prev;
         let model_output = match self.config.prediction_type {
-            PredictionType::VPrediction => (mul(model_output, alpha_prod_t.sqrt())? + mul(sample, beta_prod_t.sqrt())?)?,
+            PredictionType::VPrediction => {
+                (mul(model_output, alpha_prod_t.sqrt())? + mul(sample, beta_prod_t.sqrt())?)?
+            }
             _ => model_output.clone(),
         };
         let sample_coeff = (alpha_prod_t_prev / alpha_prod_t).sqrt();
-        let denom = alpha_prod_t * beta_prod_t_prev.sqrt() + (alpha_prod_t * beta_prod_t * alpha_prod_t_prev).sqrt();
+        let denom = alpha_prod_t * beta_prod_t_prev.sqrt()
+            + (alpha_prod_t * beta_prod_t * alpha_prod_t_prev).sqrt();
         let scaled = div(&mul(&model_output, alpha_prod_t_prev - alpha_prod_t)?, denom)?;
         Ok((mul(sample, sample_coeff)? - scaled)?)
     }
 
-    fn step_prk(&mut self, model_output: &Tensor, timestep: i64, sample: &Tensor) -> Result<Tensor> {
+    fn step_prk(
+        &mut self,
+        model_output: &Tensor,
+        timestep: i64,
+        sample: &Tensor,
+    ) -> Result<Tensor> {
         let n = self.num_inference_steps.expect("set_timesteps was called");
         let half = (self.config.num_train_timesteps / n / 2) as i64;
         let diff_to_prev = if self.counter % 2 == 1 { 0 } else { half };
@@ -157,13 +180,15 @@ impl PNDMScheduler {
         };
         let model_output = match self.counter % 4 {
             0 => {
-                self.cur_model_output = Some(acc(&self.cur_model_output, mul(model_output, (1.0f64 / 6.0) as f32)?)?);
+                self.cur_model_output =
+                    Some(acc(&self.cur_model_output, mul(model_output, (1.0f64 / 6.0) as f32)?)?);
                 self.ets.push(model_output.clone());
                 self.cur_sample = Some(sample.clone());
                 model_output.clone()
             }
             1 | 2 => {
-                self.cur_model_output = Some(acc(&self.cur_model_output, mul(model_output, (1.0f64 / 3.0) as f32)?)?);
+                self.cur_model_output =
+                    Some(acc(&self.cur_model_output, mul(model_output, (1.0f64 / 3.0) as f32)?)?);
                 model_output.clone()
             }
             _ => {
@@ -178,11 +203,18 @@ impl PNDMScheduler {
         Ok(prev)
     }
 
-    fn step_plms(&mut self, model_output: &Tensor, timestep: i64, sample: &Tensor) -> Result<Tensor> {
+    fn step_plms(
+        &mut self,
+        model_output: &Tensor,
+        timestep: i64,
+        sample: &Tensor,
+    ) -> Result<Tensor> {
         let n = self.num_inference_steps.expect("set_timesteps was called");
         let ratio = (self.config.num_train_timesteps / n) as i64;
         if !self.config.skip_prk_steps && self.ets.len() < 3 {
-            return Err(Error::invalid(format!("{CLASS}: PLMS steps need 3 Runge-Kutta steps first")));
+            return Err(Error::invalid(format!(
+                "{CLASS}: PLMS steps need 3 Runge-Kutta steps first"
+            )));
         }
         let mut timestep = timestep;
         let mut prev_timestep = timestep - ratio;
@@ -200,14 +232,18 @@ impl PNDMScheduler {
             self.cur_sample = Some(sample.clone());
             model_output.clone()
         } else if e.len() == 1 && self.counter == 1 {
-            sample = self.cur_sample.take().ok_or_else(|| Error::invalid(format!("{CLASS}: missing the first sample")))?;
+            sample = self
+                .cur_sample
+                .take()
+                .ok_or_else(|| Error::invalid(format!("{CLASS}: missing the first sample")))?;
             div(&(model_output + &e[0])?, 2.0)?
         } else if e.len() == 2 {
             div(&(mul(&e[1], 3.0)? - &e[0])?, 2.0)?
         } else if e.len() == 3 {
             div(&((mul(&e[2], 23.0)? - mul(&e[1], 16.0)?)? + mul(&e[0], 5.0)?)?, 12.0)?
         } else {
-            let sum = (((mul(&e[3], 55.0)? - mul(&e[2], 59.0)?)? + mul(&e[1], 37.0)?)? - mul(&e[0], 9.0)?)?;
+            let sum = (((mul(&e[3], 55.0)? - mul(&e[2], 59.0)?)? + mul(&e[1], 37.0)?)?
+                - mul(&e[0], 9.0)?)?;
             mul(&sum, (1.0f64 / 24.0) as f32)?
         };
         let prev = self.prev_sample(&sample, timestep, prev_timestep, &model_output)?;
@@ -232,14 +268,21 @@ impl Scheduler for PNDMScheduler {
         let n = num_inference_steps;
         // Ascending, as diffusers' `_timesteps`.
         let ts: Vec<i64> = match c.timestep_spacing {
-            TimestepSpacing::Linspace => np_linspace(0.0, (n_train - 1) as f64, n).into_iter().map(|t| np_round(t) as i64).collect(),
+            TimestepSpacing::Linspace => np_linspace(0.0, (n_train - 1) as f64, n)
+                .into_iter()
+                .map(|t| np_round(t) as i64)
+                .collect(),
             TimestepSpacing::Leading => {
                 let ratio = n_train / n;
                 (0..n).map(|i| (i * ratio) as i64 + c.steps_offset).collect()
             }
             TimestepSpacing::Trailing => {
                 let ratio = n_train as f64 / n as f64;
-                np_arange(n_train as f64, 0.0, -ratio).into_iter().rev().map(|t| np_round(t) as i64 - 1).collect()
+                np_arange(n_train as f64, 0.0, -ratio)
+                    .into_iter()
+                    .rev()
+                    .map(|t| np_round(t) as i64 - 1)
+                    .collect()
             }
         };
         let (prk, plms): (Vec<i64>, Vec<i64>) = if c.skip_prk_steps {
@@ -253,7 +296,9 @@ impl Scheduler for PNDMScheduler {
             (vec![], plms)
         } else {
             if ts.len() < 4 {
-                return Err(Error::invalid(format!("{CLASS}: the Runge-Kutta warm-up needs at least 4 steps (or skip_prk_steps)")));
+                return Err(Error::invalid(format!(
+                    "{CLASS}: the Runge-Kutta warm-up needs at least 4 steps (or skip_prk_steps)"
+                )));
             }
             let half = (n_train / n / 2) as i64;
             let mut base = Vec::with_capacity(8);
@@ -299,7 +344,13 @@ impl Scheduler for PNDMScheduler {
         to_f32(sample)
     }
 
-    fn step(&mut self, model_output: &Tensor, timestep: f64, sample: &Tensor, _generators: &mut Generators) -> Result<Tensor> {
+    fn step(
+        &mut self,
+        model_output: &Tensor,
+        timestep: f64,
+        sample: &Tensor,
+        _generators: &mut Generators,
+    ) -> Result<Tensor> {
         same_shape(model_output, sample, "PNDMScheduler::step")?;
         if self.num_inference_steps.is_none() {
             return Err(Error::invalid(format!("{CLASS}: call set_timesteps before step")));
@@ -313,7 +364,12 @@ impl Scheduler for PNDMScheduler {
         }
     }
 
-    fn add_noise(&self, original_samples: &Tensor, noise: &Tensor, timestep: f64) -> Result<Tensor> {
+    fn add_noise(
+        &self,
+        original_samples: &Tensor,
+        noise: &Tensor,
+        timestep: f64,
+    ) -> Result<Tensor> {
         same_shape(original_samples, noise, "PNDMScheduler::add_noise")?;
         let a = alpha_at(&self.schedule.alphas_cumprod, int_timestep(timestep, CLASS)?, CLASS)?;
         alpha_add_noise(original_samples, noise, a)

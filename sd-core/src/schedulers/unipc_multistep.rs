@@ -6,12 +6,13 @@ use candle_core::Tensor;
 
 use super::betas::TrainingSchedule;
 use super::common::{
-    alpha_sigma, check_choice, check_sigma_choice, exponential_sigmas, interp_sigmas, int_timestep, karras_sigmas, lambda,
-    log_sigmas, multistep_timesteps, reject_flag, scheduler_config, sigma_at, sigma_to_t, solve_f32, train_sigmas,
-    training_schedule, StepIndex, STANDARD_BETAS,
+    alpha_sigma, check_choice, check_sigma_choice, exponential_sigmas, int_timestep, interp_sigmas,
+    karras_sigmas, lambda, log_sigmas, multistep_timesteps, reject_flag, scheduler_config,
+    sigma_at, sigma_to_t, solve_f32, train_sigmas, training_schedule, StepIndex, STANDARD_BETAS,
 };
 use super::config::{
-    BetaSchedule, ConfigReader, FinalSigmasType, PredictionType, SchedulerConfig, SolverType, TimeShiftType, TimestepSpacing,
+    BetaSchedule, ConfigReader, FinalSigmasType, PredictionType, SchedulerConfig, SolverType,
+    TimeShiftType, TimestepSpacing,
 };
 use super::numeric::{np_linspace, np_round};
 use super::{check_steps, div, mul, same_shape, to_f32, Scheduler};
@@ -97,10 +98,15 @@ impl UniPCMultistepConfig {
         reject_flag(r, "use_flow_sigmas", c.use_flow_sigmas, "flow sigmas")?;
         reject_flag(r, "use_dynamic_shifting", c.use_dynamic_shifting, "dynamic shifting")?;
         if c.shift_terminal.is_some() {
-            return Err(r.error("shift_terminal", "is only supported with use_flow_sigmas, which is not supported"));
+            return Err(r.error(
+                "shift_terminal",
+                "is only supported with use_flow_sigmas, which is not supported",
+            ));
         }
         if !(1..=3).contains(&c.solver_order) {
-            return Err(r.error("solver_order", format!("must be 1, 2 or 3, got {}", c.solver_order)));
+            return Err(
+                r.error("solver_order", format!("must be 1, 2 or 3, got {}", c.solver_order))
+            );
         }
         if !matches!(c.solver_type, SolverType::Bh1 | SolverType::Bh2) {
             c.solver_type = SolverType::Bh2;
@@ -151,7 +157,11 @@ impl UniPCMultistepScheduler {
             }
         }
         let n = c.num_train_timesteps;
-        let timesteps = np_linspace(0.0, (n - 1) as f64, n).into_iter().rev().map(|t| t as f32 as f64).collect();
+        let timesteps = np_linspace(0.0, (n - 1) as f64, n)
+            .into_iter()
+            .rev()
+            .map(|t| t as f32 as f64)
+            .collect();
         let sigmas = train_sigmas(&schedule.alphas_cumprod);
         let order = c.solver_order;
         Ok(Self {
@@ -185,19 +195,28 @@ impl UniPCMultistepScheduler {
         &self.schedule.alphas_cumprod
     }
 
-    fn convert_model_output(&self, model_output: &Tensor, sample: &Tensor, i: usize) -> Result<Tensor> {
+    fn convert_model_output(
+        &self,
+        model_output: &Tensor,
+        sample: &Tensor,
+        i: usize,
+    ) -> Result<Tensor> {
         let (alpha_t, sigma_t) = alpha_sigma(self.sigmas[i]);
         Ok(if self.config.predict_x0 {
             match self.config.prediction_type {
                 PredictionType::Epsilon => div(&(sample - mul(model_output, sigma_t)?)?, alpha_t)?,
                 PredictionType::Sample => model_output.clone(),
-                PredictionType::VPrediction => (mul(sample, alpha_t)? - mul(model_output, sigma_t)?)?,
+                PredictionType::VPrediction => {
+                    (mul(sample, alpha_t)? - mul(model_output, sigma_t)?)?
+                }
             }
         } else {
             match self.config.prediction_type {
                 PredictionType::Epsilon => model_output.clone(),
                 PredictionType::Sample => div(&(sample - mul(model_output, alpha_t)?)?, sigma_t)?,
-                PredictionType::VPrediction => (mul(model_output, alpha_t)? + mul(sample, sigma_t)?)?,
+                PredictionType::VPrediction => {
+                    (mul(model_output, alpha_t)? + mul(sample, sigma_t)?)?
+                }
             }
         })
     }
@@ -205,7 +224,13 @@ impl UniPCMultistepScheduler {
     /// The shared part of the predictor and the corrector: `h`, `rks`, `D1s`, the `R`/`b`
     /// system and the scalars of the update, from the sigmas at `t` (target), `s0` (current)
     /// and the earlier ones `s_k = prev(k)`.
-    fn coefficients(&self, sigma_t: f32, sigma_s0: f32, prev_sigma: impl Fn(usize) -> f32, order: usize) -> Coeffs {
+    fn coefficients(
+        &self,
+        sigma_t: f32,
+        sigma_s0: f32,
+        prev_sigma: impl Fn(usize) -> f32,
+        order: usize,
+    ) -> Coeffs {
         let (alpha_t, sigma_t) = alpha_sigma(sigma_t);
         let (alpha_s0, sigma_s0) = alpha_sigma(sigma_s0);
         let lambda_t = lambda(alpha_t, sigma_t);
@@ -258,7 +283,8 @@ impl UniPCMultistepScheduler {
     fn predictor(&self, i: usize, sample: &Tensor, order: usize) -> Result<Tensor> {
         let n = self.model_outputs.len();
         let m0 = self.model_outputs[n - 1].as_ref().expect("current model output");
-        let k = self.coefficients(self.sigmas[i + 1], self.sigmas[i], |j| self.sigmas[i - j], order);
+        let k =
+            self.coefficients(self.sigmas[i + 1], self.sigmas[i], |j| self.sigmas[i - j], order);
         let mut d1s = Vec::new();
         for j in 1..order {
             let mi = self.model_outputs[n - 1 - j]
@@ -273,7 +299,8 @@ impl UniPCMultistepScheduler {
         let rhos_p = if order == 2 {
             vec![0.5f32]
         } else {
-            let r: Vec<Vec<f32>> = k.r_mat[..order - 1].iter().map(|row| row[..order - 1].to_vec()).collect();
+            let r: Vec<Vec<f32>> =
+                k.r_mat[..order - 1].iter().map(|row| row[..order - 1].to_vec()).collect();
             solve_f32(r, k.b[..order - 1].to_vec())?
         };
         let pred_res = Self::weighted_sum(&rhos_p, &d1s)?;
@@ -281,10 +308,23 @@ impl UniPCMultistepScheduler {
         Ok((x_t_ - mul(&pred_res, scale)?)?)
     }
 
-    fn corrector(&self, i: usize, model_t: &Tensor, last_sample: &Tensor, order: usize) -> Result<Tensor> {
+    fn corrector(
+        &self,
+        i: usize,
+        model_t: &Tensor,
+        last_sample: &Tensor,
+        order: usize,
+    ) -> Result<Tensor> {
         let n = self.model_outputs.len();
-        let m0 = self.model_outputs[n - 1].as_ref().ok_or_else(|| Error::invalid(format!("{CLASS}: missing model output")))?;
-        let k = self.coefficients(self.sigmas[i], self.sigmas[i - 1], |j| self.sigmas[i - (j + 1)], order);
+        let m0 = self.model_outputs[n - 1]
+            .as_ref()
+            .ok_or_else(|| Error::invalid(format!("{CLASS}: missing model output")))?;
+        let k = self.coefficients(
+            self.sigmas[i],
+            self.sigmas[i - 1],
+            |j| self.sigmas[i - (j + 1)],
+            order,
+        );
         let mut d1s = Vec::new();
         for j in 1..order {
             let mi = self.model_outputs[n - 1 - j]
@@ -292,7 +332,8 @@ impl UniPCMultistepScheduler {
                 .ok_or_else(|| Error::invalid(format!("{CLASS}: missing previous model output")))?;
             d1s.push(div(&(mi - m0)?, k.rks[j - 1])?);
         }
-        let rhos_c = if order == 1 { vec![0.5f32] } else { solve_f32(k.r_mat.clone(), k.b.clone())? };
+        let rhos_c =
+            if order == 1 { vec![0.5f32] } else { solve_f32(k.r_mat.clone(), k.b.clone())? };
         let x_t_ = self.base_update(&k, last_sample, m0)?;
         let d1_t = (model_t - m0)?;
         let last = *rhos_c.last().expect("at least one rho");
@@ -347,7 +388,9 @@ impl Scheduler for UniPCMultistepScheduler {
         let train = train_sigmas(&self.schedule.alphas_cumprod);
         let lo = c.sigma_min.unwrap_or(train[0] as f64);
         let hi = c.sigma_max.unwrap_or(train[n_train - 1] as f64);
-        let (sigmas, timesteps, sigma_last): (Vec<f64>, Vec<i64>, f32) = if c.use_karras_sigmas || c.use_exponential_sigmas {
+        let (sigmas, timesteps, sigma_last): (Vec<f64>, Vec<i64>, f32) = if c.use_karras_sigmas
+            || c.use_exponential_sigmas
+        {
             let logs = log_sigmas(&train);
             let karras = c.use_karras_sigmas;
             let s = if karras { karras_sigmas(lo, hi, n) } else { exponential_sigmas(lo, hi, n) };
@@ -408,7 +451,13 @@ impl Scheduler for UniPCMultistepScheduler {
         to_f32(sample)
     }
 
-    fn step(&mut self, model_output: &Tensor, timestep: f64, sample: &Tensor, _generators: &mut Generators) -> Result<Tensor> {
+    fn step(
+        &mut self,
+        model_output: &Tensor,
+        timestep: f64,
+        sample: &Tensor,
+        _generators: &mut Generators,
+    ) -> Result<Tensor> {
         same_shape(model_output, sample, "UniPCMultistepScheduler::step")?;
         if self.num_inference_steps.is_none() {
             return Err(Error::invalid(format!("{CLASS}: call set_timesteps before step")));
@@ -417,7 +466,9 @@ impl Scheduler for UniPCMultistepScheduler {
         let i = self.index.init(&self.timesteps, timestep, CLASS, true)?;
         sigma_at(&self.sigmas, i + 1, CLASS)?;
         let (model_output, mut sample) = (to_f32(model_output)?, to_f32(sample)?);
-        let use_corrector = i > 0 && !self.config.disable_corrector.contains(&(i - 1)) && self.last_sample.is_some();
+        let use_corrector = i > 0
+            && !self.config.disable_corrector.contains(&(i - 1))
+            && self.last_sample.is_some();
         let converted = self.convert_model_output(&model_output, &sample, i)?;
         if use_corrector {
             let last = self.last_sample.clone().expect("checked");
@@ -427,7 +478,11 @@ impl Scheduler for UniPCMultistepScheduler {
         let n = self.model_outputs.len();
         self.model_outputs[n - 1] = Some(converted.clone());
         let len = self.timesteps.len();
-        let this_order = if self.config.lower_order_final { self.config.solver_order.min(len - i) } else { self.config.solver_order };
+        let this_order = if self.config.lower_order_final {
+            self.config.solver_order.min(len - i)
+        } else {
+            self.config.solver_order
+        };
         self.this_order = this_order.min(self.lower_order_nums + 1);
         self.last_sample = Some(sample.clone());
         let prev = self.predictor(i, &sample, self.this_order)?;
@@ -443,7 +498,12 @@ impl Scheduler for UniPCMultistepScheduler {
         self.pred_original_sample.as_ref()
     }
 
-    fn add_noise(&self, original_samples: &Tensor, noise: &Tensor, timestep: f64) -> Result<Tensor> {
+    fn add_noise(
+        &self,
+        original_samples: &Tensor,
+        noise: &Tensor,
+        timestep: f64,
+    ) -> Result<Tensor> {
         same_shape(original_samples, noise, "UniPCMultistepScheduler::add_noise")?;
         let i = self.index.for_add_noise(&self.timesteps, timestep, CLASS, true)?;
         let (alpha_t, sigma_t) = alpha_sigma(sigma_at(&self.sigmas, i, CLASS)?);

@@ -141,7 +141,9 @@ fn percent_decode(s: &str) -> String {
     let mut i = 0;
     while i < bytes.len() {
         if bytes[i] == b'%' && i + 2 < bytes.len() {
-            if let Ok(b) = u8::from_str_radix(std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap_or(""), 16) {
+            if let Ok(b) =
+                u8::from_str_radix(std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap_or(""), 16)
+            {
                 out.push(b);
                 i += 3;
                 continue;
@@ -155,7 +157,8 @@ fn percent_decode(s: &str) -> String {
 
 /// A stable fake etag (FNV-1a 64 of the contents, twice with different seeds).
 pub fn etag_of(data: &[u8]) -> String {
-    let fnv = |seed: u64| data.iter().fold(seed, |h, &b| (h ^ b as u64).wrapping_mul(0x100000001b3));
+    let fnv =
+        |seed: u64| data.iter().fold(seed, |h, &b| (h ^ b as u64).wrapping_mul(0x100000001b3));
     format!("{:016x}{:016x}", fnv(0xcbf29ce484222325), fnv(0x84222325cbf29ce4))
 }
 
@@ -255,16 +258,20 @@ fn reason(status: u16) -> &'static str {
 
 /// The repo whose id `path` starts with (`org/name/...`), and the rest of the path.
 fn split_repo<'a>(st: &'a State, path: &'a str) -> Option<(&'a FakeRepo, &'a str)> {
-    st.repos
-        .values()
-        .find_map(|r| path.strip_prefix(r.id.as_str()).and_then(|rest| rest.strip_prefix('/')).map(|rest| (r, rest)))
+    st.repos.values().find_map(|r| {
+        path.strip_prefix(r.id.as_str())
+            .and_then(|rest| rest.strip_prefix('/'))
+            .map(|rest| (r, rest))
+    })
 }
 
 fn authorized(repo: &FakeRepo, headers: &BTreeMap<String, String>) -> Result<(), Resp> {
     let Some(token) = &repo.token else { return Ok(()) };
     match headers.get("authorization") {
         Some(a) if *a == format!("Bearer {token}") => Ok(()),
-        Some(_) => Err(Resp::error(401, "RepoNotFound", "Invalid credentials in Authorization header")),
+        Some(_) => {
+            Err(Resp::error(401, "RepoNotFound", "Invalid credentials in Authorization header"))
+        }
         None => Err(Resp::error(401, "RepoNotFound", "Repository not found or access restricted")),
     }
 }
@@ -314,7 +321,13 @@ fn ranged(data: &[u8], headers: &BTreeMap<String, String>) -> Resp {
         .body(data[start..=end].to_vec())
 }
 
-fn route(st: &State, addr: SocketAddr, method: &str, raw_path: &str, headers: &BTreeMap<String, String>) -> Resp {
+fn route(
+    st: &State,
+    addr: SocketAddr,
+    method: &str,
+    raw_path: &str,
+    headers: &BTreeMap<String, String>,
+) -> Resp {
     if method != "GET" && method != "HEAD" {
         return Resp::error(405, "MethodNotAllowed", "only GET and HEAD");
     }
@@ -333,7 +346,8 @@ fn route(st: &State, addr: SocketAddr, method: &str, raw_path: &str, headers: &B
         if let Err(r) = check_rev(repo, &percent_decode(rev)) {
             return r;
         }
-        let siblings: Vec<_> = repo.files().into_iter().map(|f| serde_json::json!({ "rfilename": f })).collect();
+        let siblings: Vec<_> =
+            repo.files().into_iter().map(|f| serde_json::json!({ "rfilename": f })).collect();
         let body = serde_json::json!({
             "id": repo.id,
             "modelId": repo.id,
@@ -384,5 +398,7 @@ fn route(st: &State, addr: SocketAddr, method: &str, raw_path: &str, headers: &B
             .header("X-Linked-Size", data.len().to_string())
             .header("ETag", format!("\"pointer-{etag}\""));
     }
-    ranged(&data, headers).header("ETag", format!("\"{etag}\"")).header("X-Repo-Commit", repo.sha.clone())
+    ranged(&data, headers)
+        .header("ETag", format!("\"{etag}\""))
+        .header("X-Repo-Commit", repo.sha.clone())
 }

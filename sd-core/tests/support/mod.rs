@@ -16,7 +16,8 @@ pub fn pipelines() -> PathBuf {
 
 pub fn load_refs(name: &str) -> HashMap<String, Tensor> {
     let path = pipelines().join(name);
-    candle_core::safetensors::load(&path, &Device::Cpu).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    candle_core::safetensors::load(&path, &Device::Cpu)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
 pub fn get<'a>(refs: &'a HashMap<String, Tensor>, key: &str) -> &'a Tensor {

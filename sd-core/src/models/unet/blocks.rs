@@ -7,9 +7,16 @@ use candle_nn::VarBuilder;
 use super::transformer::{Transformer2DConfig, Transformer2DModel};
 use crate::models::resnet::{Downsample2D, ResnetBlock2D, ResnetBlock2DConfig, Upsample2D};
 
-fn attentions(vb: &VarBuilder, n: usize, channels: usize, cfg: Option<&Transformer2DConfig>) -> Result<Vec<Transformer2DModel>> {
+fn attentions(
+    vb: &VarBuilder,
+    n: usize,
+    channels: usize,
+    cfg: Option<&Transformer2DConfig>,
+) -> Result<Vec<Transformer2DModel>> {
     match cfg {
-        Some(cfg) => (0..n).map(|i| Transformer2DModel::new(vb.pp(format!("attentions.{i}")), channels, cfg)).collect(),
+        Some(cfg) => (0..n)
+            .map(|i| Transformer2DModel::new(vb.pp(format!("attentions.{i}")), channels, cfg))
+            .collect(),
         None => Ok(vec![]),
     }
 }
@@ -32,7 +39,13 @@ impl DownBlock {
     ) -> Result<Self> {
         let out = resnet.out_channels;
         let resnets = (0..num_layers)
-            .map(|i| ResnetBlock2D::new(vb.pp(format!("resnets.{i}")), if i == 0 { in_channels } else { out }, resnet))
+            .map(|i| {
+                ResnetBlock2D::new(
+                    vb.pp(format!("resnets.{i}")),
+                    if i == 0 { in_channels } else { out },
+                    resnet,
+                )
+            })
             .collect::<Result<_>>()?;
         let attentions = attentions(&vb, num_layers, out, transformer)?;
         let downsampler = match downsample_padding {
@@ -44,7 +57,12 @@ impl DownBlock {
 
     /// Returns the output and the skip connections it produced (one per layer, plus one after the
     /// downsampler).
-    pub fn forward(&self, xs: &Tensor, temb: &Tensor, context: &Tensor) -> Result<(Tensor, Vec<Tensor>)> {
+    pub fn forward(
+        &self,
+        xs: &Tensor,
+        temb: &Tensor,
+        context: &Tensor,
+    ) -> Result<(Tensor, Vec<Tensor>)> {
         let mut xs = xs.clone();
         let mut skips = Vec::with_capacity(self.resnets.len() + 1);
         for (i, resnet) in self.resnets.iter().enumerate() {
@@ -71,7 +89,12 @@ pub struct MidBlock {
 }
 
 impl MidBlock {
-    pub fn new(vb: VarBuilder, channels: usize, resnet: ResnetBlock2DConfig, transformer: &Transformer2DConfig) -> Result<Self> {
+    pub fn new(
+        vb: VarBuilder,
+        channels: usize,
+        resnet: ResnetBlock2DConfig,
+        transformer: &Transformer2DConfig,
+    ) -> Result<Self> {
         Ok(Self {
             resnet_in: ResnetBlock2D::new(vb.pp("resnets.0"), channels, resnet)?,
             attention: Transformer2DModel::new(vb.pp("attentions.0"), channels, transformer)?,
@@ -113,7 +136,11 @@ impl UpBlock {
             })
             .collect::<Result<_>>()?;
         let attentions = attentions(&vb, skip_channels.len(), out, transformer)?;
-        let upsampler = if add_upsample { Some(Upsample2D::new(vb.pp("upsamplers.0"), out, out)?) } else { None };
+        let upsampler = if add_upsample {
+            Some(Upsample2D::new(vb.pp("upsamplers.0"), out, out)?)
+        } else {
+            None
+        };
         Ok(Self { resnets, attentions, upsampler })
     }
 
@@ -133,7 +160,9 @@ impl UpBlock {
     ) -> Result<Tensor> {
         let mut xs = xs.clone();
         for (i, resnet) in self.resnets.iter().enumerate() {
-            let skip = skips.pop().ok_or_else(|| candle_core::Error::Msg("UNet skip connections exhausted".into()))?;
+            let skip = skips
+                .pop()
+                .ok_or_else(|| candle_core::Error::Msg("UNet skip connections exhausted".into()))?;
             xs = resnet.forward(&Tensor::cat(&[&xs, &skip], 1)?, Some(temb))?;
             if let Some(attn) = self.attentions.get(i) {
                 xs = attn.forward(&xs, context)?;

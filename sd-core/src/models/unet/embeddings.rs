@@ -7,7 +7,13 @@ use candle_nn::VarBuilder;
 use crate::nn::{linear, Linear};
 
 /// `[batch, dim]` sinusoidal features of the timesteps, computed in f32 as diffusers does.
-pub fn timestep_features(timesteps: &[f64], dim: usize, flip_sin_to_cos: bool, freq_shift: f64, device: &Device) -> Result<Tensor> {
+pub fn timestep_features(
+    timesteps: &[f64],
+    dim: usize,
+    flip_sin_to_cos: bool,
+    freq_shift: f64,
+    device: &Device,
+) -> Result<Tensor> {
     let half = dim / 2;
     let max_period = 10000f32;
     // f32 throughout, mirroring torch: exp(-ln(max_period) * i / (half - shift)) then t * freq.
@@ -55,5 +61,9 @@ impl Module for TimestepEmbedding {
 }
 
 pub(crate) fn to_dtype_of(t: Tensor, dtype: DType) -> Result<Tensor> {
-    if t.dtype() == dtype { Ok(t) } else { t.to_dtype(dtype) }
+    if t.dtype() == dtype {
+        Ok(t)
+    } else {
+        t.to_dtype(dtype)
+    }
 }

@@ -6,7 +6,9 @@ mod transformer;
 
 pub use blocks::{DownBlock, MidBlock, UpBlock};
 pub use embeddings::{timestep_features, TimestepEmbedding};
-pub use transformer::{BasicTransformerBlock, CrossAttention, FeedForward, Transformer2DConfig, Transformer2DModel};
+pub use transformer::{
+    BasicTransformerBlock, CrossAttention, FeedForward, Transformer2DConfig, Transformer2DModel,
+};
 
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
@@ -36,22 +38,45 @@ impl<T: Copy> PerBlock<T> {
 
     fn check_len(&self, key: &str, n: usize) -> Result<()> {
         match self {
-            PerBlock::Each(v) if v.len() != n => candle_core::bail!("config `{key}` has {} entries, expected {n} (one per block)", v.len()),
+            PerBlock::Each(v) if v.len() != n => candle_core::bail!(
+                "config `{key}` has {} entries, expected {n} (one per block)",
+                v.len()
+            ),
             _ => Ok(()),
         }
     }
 }
 
-fn one<T: From<u8>>() -> T { T::from(1) }
-fn yes() -> bool { true }
-fn four() -> usize { 4 }
-fn groups_32() -> Option<usize> { Some(32) }
-fn eps_1e5() -> f64 { 1e-5 }
-fn silu() -> String { "silu".into() }
-fn default_str() -> String { "default".into() }
-fn mid_block_type() -> Option<String> { Some("UNetMidBlock2DCrossAttn".into()) }
-fn positional() -> String { "positional".into() }
-fn three() -> usize { 3 }
+fn one<T: From<u8>>() -> T {
+    T::from(1)
+}
+fn yes() -> bool {
+    true
+}
+fn four() -> usize {
+    4
+}
+fn groups_32() -> Option<usize> {
+    Some(32)
+}
+fn eps_1e5() -> f64 {
+    1e-5
+}
+fn silu() -> String {
+    "silu".into()
+}
+fn default_str() -> String {
+    "default".into()
+}
+fn mid_block_type() -> Option<String> {
+    Some("UNetMidBlock2DCrossAttn".into())
+}
+fn positional() -> String {
+    "positional".into()
+}
+fn three() -> usize {
+    3
+}
 
 /// The keys of diffusers' `UNet2DConditionModel` config that SD 1.x/2.x use. Structural keys are
 /// required (a guess would only turn into a confusing shape error later); the rest take
@@ -117,7 +142,9 @@ pub struct UNet2DConditionConfig {
     pub conv_out_kernel: usize,
 }
 
-fn transformer_layers() -> PerBlock<usize> { PerBlock::All(1) }
+fn transformer_layers() -> PerBlock<usize> {
+    PerBlock::All(1)
+}
 
 /// `only_cross_attention` may be a bool or a per-block list of bools.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -128,7 +155,9 @@ pub enum PerBlockBool {
 }
 
 impl Default for PerBlockBool {
-    fn default() -> Self { PerBlockBool::All(false) }
+    fn default() -> Self {
+        PerBlockBool::All(false)
+    }
 }
 
 impl UNet2DConditionConfig {
@@ -167,7 +196,9 @@ impl UNet2DConditionConfig {
         if self.mid_block_type.as_deref() != Some("UNetMidBlock2DCrossAttn") {
             unsupported("mid_block_type", &self.mid_block_type)?
         }
-        if self.only_cross_attention != PerBlockBool::All(false) && self.only_cross_attention != PerBlockBool::Each(vec![false; n]) {
+        if self.only_cross_attention != PerBlockBool::All(false)
+            && self.only_cross_attention != PerBlockBool::Each(vec![false; n])
+        {
             unsupported("only_cross_attention", &self.only_cross_attention)?
         }
         if self.dual_cross_attention {
@@ -189,7 +220,10 @@ impl UNet2DConditionConfig {
             unsupported("norm_num_groups", &None::<usize>)?
         }
         if self.conv_in_kernel % 2 == 0 || self.conv_out_kernel % 2 == 0 {
-            unsupported("conv_in_kernel/conv_out_kernel", &(self.conv_in_kernel, self.conv_out_kernel))?
+            unsupported(
+                "conv_in_kernel/conv_out_kernel",
+                &(self.conv_in_kernel, self.conv_out_kernel),
+            )?
         }
         Ok(())
     }
@@ -215,8 +249,15 @@ impl UNet2DConditionModel {
         let n = channels.len();
         let groups = cfg.norm_num_groups.unwrap_or(32);
         let time_embed_dim = channels[0] * 4;
-        let conv_in = conv2d(cfg.in_channels, channels[0], cfg.conv_in_kernel, Conv2dConfig { padding: cfg.conv_in_kernel / 2, ..Default::default() }, vb.pp("conv_in"))?;
-        let time_embedding = TimestepEmbedding::new(vb.pp("time_embedding"), channels[0], time_embed_dim)?;
+        let conv_in = conv2d(
+            cfg.in_channels,
+            channels[0],
+            cfg.conv_in_kernel,
+            Conv2dConfig { padding: cfg.conv_in_kernel / 2, ..Default::default() },
+            vb.pp("conv_in"),
+        )?;
+        let time_embedding =
+            TimestepEmbedding::new(vb.pp("time_embedding"), channels[0], time_embed_dim)?;
         let resnet = |out_channels, output_scale_factor| ResnetBlock2DConfig {
             out_channels,
             temb_channels: Some(time_embed_dim),
@@ -244,14 +285,27 @@ impl UNet2DConditionModel {
             let input = if i == 0 { channels[0] } else { channels[i - 1] };
             let layers = cfg.layers_per_block.get(i);
             let is_final = i == n - 1;
-            let t = (cfg.down_block_types[i] == "CrossAttnDownBlock2D").then(|| transformer(i, channels[i]));
+            let t = (cfg.down_block_types[i] == "CrossAttnDownBlock2D")
+                .then(|| transformer(i, channels[i]));
             let padding = (!is_final).then_some(cfg.downsample_padding);
-            down_blocks.push(DownBlock::new(vb.pp(format!("down_blocks.{i}")), input, layers, resnet(channels[i], 1.0), t.as_ref(), padding)?);
+            down_blocks.push(DownBlock::new(
+                vb.pp(format!("down_blocks.{i}")),
+                input,
+                layers,
+                resnet(channels[i], 1.0),
+                t.as_ref(),
+                padding,
+            )?);
             skip_channels.extend(std::iter::repeat_n(channels[i], layers + usize::from(!is_final)));
         }
 
         let mid_channels = channels[n - 1];
-        let mid_block = MidBlock::new(vb.pp("mid_block"), mid_channels, resnet(mid_channels, cfg.mid_block_scale_factor), &transformer(n - 1, mid_channels))?;
+        let mid_block = MidBlock::new(
+            vb.pp("mid_block"),
+            mid_channels,
+            resnet(mid_channels, cfg.mid_block_scale_factor),
+            &transformer(n - 1, mid_channels),
+        )?;
 
         // Up path: block i mirrors down block n-1-i and takes `layers + 1` skips from the end.
         let mut up_blocks = Vec::with_capacity(n);
@@ -262,14 +316,37 @@ impl UNet2DConditionModel {
             let layers = cfg.layers_per_block.get(mirror) + 1;
             let mut skips: Vec<usize> = skip_channels.split_off(skip_channels.len() - layers);
             skips.reverse();
-            let t = (cfg.up_block_types[i] == "CrossAttnUpBlock2D").then(|| transformer(mirror, out));
-            up_blocks.push(UpBlock::new(vb.pp(format!("up_blocks.{i}")), prev_output, &skips, resnet(out, 1.0), t.as_ref(), i != n - 1)?);
+            let t =
+                (cfg.up_block_types[i] == "CrossAttnUpBlock2D").then(|| transformer(mirror, out));
+            up_blocks.push(UpBlock::new(
+                vb.pp(format!("up_blocks.{i}")),
+                prev_output,
+                &skips,
+                resnet(out, 1.0),
+                t.as_ref(),
+                i != n - 1,
+            )?);
             prev_output = out;
         }
 
         let conv_norm_out = group_norm(groups, channels[0], cfg.norm_eps, vb.pp("conv_norm_out"))?;
-        let conv_out = conv2d(channels[0], cfg.out_channels, cfg.conv_out_kernel, Conv2dConfig { padding: cfg.conv_out_kernel / 2, ..Default::default() }, vb.pp("conv_out"))?;
-        Ok(Self { conv_in, time_embedding, down_blocks, mid_block, up_blocks, conv_norm_out, conv_out, config: cfg.clone() })
+        let conv_out = conv2d(
+            channels[0],
+            cfg.out_channels,
+            cfg.conv_out_kernel,
+            Conv2dConfig { padding: cfg.conv_out_kernel / 2, ..Default::default() },
+            vb.pp("conv_out"),
+        )?;
+        Ok(Self {
+            conv_in,
+            time_embedding,
+            down_blocks,
+            mid_block,
+            up_blocks,
+            conv_norm_out,
+            conv_out,
+            config: cfg.clone(),
+        })
     }
 
     pub fn config(&self) -> &UNet2DConditionConfig {
@@ -278,12 +355,27 @@ impl UNet2DConditionModel {
 
     /// Predicts noise (or v) for `sample` `[batch, in_channels, h, w]` at `timestep`, conditioned on
     /// `encoder_hidden_states` `[batch, seq, cross_attention_dim]`.
-    pub fn forward(&self, sample: &Tensor, timestep: f64, encoder_hidden_states: &Tensor) -> Result<Tensor> {
+    pub fn forward(
+        &self,
+        sample: &Tensor,
+        timestep: f64,
+        encoder_hidden_states: &Tensor,
+    ) -> Result<Tensor> {
         let (batch, _, height, width) = sample.dims4()?;
         let dtype = sample.dtype();
-        let sample = if self.config.center_input_sample { sample.affine(2.0, -1.0)? } else { sample.clone() };
+        let sample = if self.config.center_input_sample {
+            sample.affine(2.0, -1.0)?
+        } else {
+            sample.clone()
+        };
 
-        let t = timestep_features(&vec![timestep; batch], self.config.block_out_channels[0], self.config.flip_sin_to_cos, self.config.freq_shift, sample.device())?;
+        let t = timestep_features(
+            &vec![timestep; batch],
+            self.config.block_out_channels[0],
+            self.config.flip_sin_to_cos,
+            self.config.freq_shift,
+            sample.device(),
+        )?;
         let temb = self.time_embedding.forward(&embeddings::to_dtype_of(t, dtype)?)?;
 
         let mut xs = self.conv_in.forward(&sample)?;
@@ -310,5 +402,4 @@ impl UNet2DConditionModel {
         }
         self.conv_out.forward(&group_norm_silu(&self.conv_norm_out, &xs)?)
     }
-
 }

@@ -4,7 +4,9 @@
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{LayerNorm, VarBuilder};
 
-use crate::nn::{conv2d, geglu, group_norm, layer_norm, linear, linear_no_bias, Conv2d, GroupNorm, Linear};
+use crate::nn::{
+    conv2d, geglu, group_norm, layer_norm, linear, linear_no_bias, Conv2d, GroupNorm, Linear,
+};
 
 use crate::attention::{attention, AttentionOptions};
 
@@ -32,7 +34,14 @@ pub struct CrossAttention {
 
 impl CrossAttention {
     /// `context_dim` is `None` for self attention.
-    pub fn new(vb: VarBuilder, query_dim: usize, context_dim: Option<usize>, heads: usize, head_dim: usize, upcast: bool) -> Result<Self> {
+    pub fn new(
+        vb: VarBuilder,
+        query_dim: usize,
+        context_dim: Option<usize>,
+        heads: usize,
+        head_dim: usize,
+        upcast: bool,
+    ) -> Result<Self> {
         let inner = heads * head_dim;
         let context_dim = context_dim.unwrap_or(query_dim);
         let to_q = linear_no_bias(query_dim, inner, vb.pp("to_q"))?;
@@ -103,7 +112,14 @@ impl BasicTransformerBlock {
             norm1: layer_norm(dim, 1e-5, vb.pp("norm1"))?,
             attn1: CrossAttention::new(vb.pp("attn1"), dim, None, h, d, up)?,
             norm2: layer_norm(dim, 1e-5, vb.pp("norm2"))?,
-            attn2: CrossAttention::new(vb.pp("attn2"), dim, Some(cfg.cross_attention_dim), h, d, up)?,
+            attn2: CrossAttention::new(
+                vb.pp("attn2"),
+                dim,
+                Some(cfg.cross_attention_dim),
+                h,
+                d,
+                up,
+            )?,
             norm3: layer_norm(dim, 1e-5, vb.pp("norm3"))?,
             ff: FeedForward::new(vb.pp("ff"), dim)?,
         })
@@ -142,12 +158,26 @@ impl Transformer2DModel {
             )
         } else {
             (
-                Projection::Conv(conv2d(in_channels, inner, 1, Default::default(), vb.pp("proj_in"))?),
-                Projection::Conv(conv2d(inner, in_channels, 1, Default::default(), vb.pp("proj_out"))?),
+                Projection::Conv(conv2d(
+                    in_channels,
+                    inner,
+                    1,
+                    Default::default(),
+                    vb.pp("proj_in"),
+                )?),
+                Projection::Conv(conv2d(
+                    inner,
+                    in_channels,
+                    1,
+                    Default::default(),
+                    vb.pp("proj_out"),
+                )?),
             )
         };
         let blocks = (0..cfg.depth)
-            .map(|i| BasicTransformerBlock::new(vb.pp(format!("transformer_blocks.{i}")), inner, cfg))
+            .map(|i| {
+                BasicTransformerBlock::new(vb.pp(format!("transformer_blocks.{i}")), inner, cfg)
+            })
             .collect::<Result<_>>()?;
         Ok(Self { norm, proj_in, blocks, proj_out })
     }
