@@ -45,6 +45,10 @@ struct ModelIndex {
 
 /// A loaded diffusers model. It holds no per-run state: every run builds its own scheduler and
 /// generators, so one pipeline can serve concurrent calls from several threads.
+///
+/// Loading changes no process-wide state. On the CPU, a program that wants sd-core's thread pool
+/// and allocator settings calls [`crate::runtime::init_cpu`] first (sd-cli and sd_py do); without
+/// it candle's and rayon's defaults apply, with the same images, only speed and memory differ.
 pub struct StableDiffusionPipeline {
     pub tokenizer: ClipTokenizer,
     pub text_encoder: ClipTextModel,
@@ -81,7 +85,6 @@ impl StableDiffusionPipeline {
             return Err(Error::NotFound { path: folder.to_path_buf() });
         }
         if device.is_cpu() {
-            crate::runtime::init_cpu(None)?;
             check_cpu_gemm(dtype)?;
         }
         let index: ModelIndex = read_json(&folder.join("model_index.json"))?;
