@@ -270,7 +270,7 @@ mod gpu {
     use sd_core::models::unet::{UNet2DConditionConfig, UNet2DConditionModel};
     use sd_core::models::vae::{AutoencoderKL, AutoencoderKLConfig};
     use sd_core::pipeline::{
-        parse_dtype, GenerateParams, RunHooks, StableDiffusionPipeline, StepProgress,
+        parse_dtype, GenerateParams, RunHooks, StableDiffusionPipeline, StepControl, StepProgress,
     };
 
     use super::{sd21, sd21_unet_attention, Args, AttnShape};
@@ -777,17 +777,17 @@ mod gpu {
             let peak = MemPeak::start(dev);
             let mut step_times = Vec::new();
             let mut last = Instant::now();
-            let mut on_step = |_: &StepProgress| -> bool {
+            let mut on_step_end = |_: &StepProgress, _: &mut Tensor| {
                 let _ = dev.synchronize();
                 let now = Instant::now();
                 step_times.push(now - last);
                 last = now;
-                true
+                StepControl::Continue
             };
             let started = Instant::now();
             let out = pipe.generate_with(
                 &params,
-                RunHooks { on_step: Some(&mut on_step), ..Default::default() },
+                RunHooks { on_step_end: Some(&mut on_step_end), ..Default::default() },
             )?;
             sync(dev)?;
             let total = started.elapsed();

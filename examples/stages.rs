@@ -17,6 +17,8 @@ fn main() -> anyhow::Result<()> {
         PathBuf::from(args.next().unwrap_or_else(|| "tests/fixtures/pipelines/sd2-tiny".into()));
     let out = PathBuf::from(args.next().unwrap_or_else(|| "stages.png".into()));
     let device = Device::Cpu;
+    // Opt in to sd-core's CPU thread pool and allocator settings: faster, same image.
+    sd_core::runtime::init_cpu(None)?;
     let pipe = StableDiffusionPipeline::from_folder(&model, DType::F32, &device, None)?;
 
     // 1. Tokenize (77 ids, padded as the model's tokenizer config says).

@@ -9,6 +9,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use sd_core::hub::DEFAULT_MODEL_ID;
 use sd_core::pipeline::{
     parse_device, parse_dtype, GenerateParams, LoadOptions, RunHooks, StableDiffusionPipeline,
+    StepControl, StepProgress,
 };
 
 #[derive(Parser)]
@@ -25,7 +26,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Generate images from a prompt.
-    Generate(GenerateArgs),
+    Generate(Box<GenerateArgs>),
     /// List the scheduler names `--scheduler` accepts: A1111 name, short names, diffusers class and
     /// the config overrides each name applies.
     Schedulers,
@@ -91,7 +92,7 @@ fn main() -> ExitCode {
     }));
     let cli = Cli::parse();
     let result = std::panic::catch_unwind(|| match cli.command {
-        Command::Generate(args) => generate(args),
+        Command::Generate(args) => generate(*args),
         Command::Schedulers => {
             print!("{}", schedulers_table());
             Ok(())
@@ -218,12 +219,12 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
         )?
         .progress_chars("=> "),
     );
-    let mut on_step = |p: &sd_core::pipeline::StepProgress| {
+    let mut on_step_end = |p: &StepProgress, _: &mut _| {
         bar.set_length(p.total as u64);
         bar.set_position(p.step as u64);
-        true
+        StepControl::Continue
     };
-    let hooks = RunHooks { on_step: Some(&mut on_step), ..Default::default() };
+    let hooks = RunHooks { on_step_end: Some(&mut on_step_end), ..Default::default() };
     let out = pipe.generate_with(&params, hooks);
     bar.finish_and_clear();
     let out = out?;

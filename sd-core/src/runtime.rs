@@ -2,8 +2,11 @@
 
 use crate::{Error, Result};
 
-/// Sets up the CPU side of the process; returns the number of worker threads. Loading a CPU
-/// pipeline calls it with `None`; call it before that to choose the thread count.
+/// Sets up the CPU side of the process; returns the number of worker threads. Programs opt in
+/// (sd-cli and sd_py call it before loading a CPU pipeline); sd-core never calls it, so loading a
+/// pipeline leaves process-wide state alone. Without it candle's and rayon's defaults apply: the
+/// images are the same, only speed and memory use differ. Call it once, early: the thread pool
+/// can only be set up before its first use.
 ///
 /// * Threads: `threads`, else `RAYON_NUM_THREADS`, else one per core. Every CPU kernel of
 ///   sd-core (GEMMs included: MKL runs sequentially inside rayon tasks) uses this pool. If the

@@ -36,23 +36,26 @@ fn params(steps: usize) -> GenerateParams {
 fn progress_is_reported_every_step_and_can_cancel() {
     let pipe = pipe();
     let mut seen = vec![];
-    let mut on_step = |p: &sd_core::pipeline::StepProgress| {
+    let mut on_step_end = |p: &StepProgress, _: &mut candle_core::Tensor| {
         seen.push((p.step, p.total));
-        true
+        StepControl::Continue
     };
-    pipe.generate_with(&params(3), RunHooks { on_step: Some(&mut on_step), ..Default::default() })
-        .unwrap();
+    pipe.generate_with(
+        &params(3),
+        RunHooks { on_step_end: Some(&mut on_step_end), ..Default::default() },
+    )
+    .unwrap();
     assert_eq!(seen, vec![(1, 3), (2, 3), (3, 3)]);
 
     let mut calls = 0;
-    let mut stop_after_one = |_: &sd_core::pipeline::StepProgress| {
+    let mut stop_after_one = |_: &StepProgress, _: &mut candle_core::Tensor| {
         calls += 1;
-        false
+        StepControl::Cancel
     };
     let err = pipe
         .generate_with(
             &params(3),
-            RunHooks { on_step: Some(&mut stop_after_one), ..Default::default() },
+            RunHooks { on_step_end: Some(&mut stop_after_one), ..Default::default() },
         )
         .unwrap_err();
     assert!(matches!(err, Error::Cancelled), "{err}");
@@ -83,22 +86,15 @@ fn finish_decodes_the_latents_of_the_step_it_was_asked_at() {
     assert_close(&full.latents, &every_step[2], 0.0, "last step latents");
 
     let mut progress = vec![];
-    let mut on_step = |p: &StepProgress| {
-        progress.push(p.step);
-        true
-    };
     let mut finish_at_two = |p: &StepProgress, _: &mut candle_core::Tensor| {
+        progress.push(p.step);
         if p.step == 2 {
             StepControl::Finish
         } else {
             StepControl::Continue
         }
     };
-    let hooks = RunHooks {
-        on_step: Some(&mut on_step),
-        on_step_end: Some(&mut finish_at_two),
-        ..Default::default()
-    };
+    let hooks = RunHooks { on_step_end: Some(&mut finish_at_two), ..Default::default() };
     let early = pipe.generate_with(&params(3), hooks).unwrap();
     assert_eq!(progress, vec![1, 2]);
     assert_close(&early.latents, &every_step[1], 0.0, "latents at the finish");

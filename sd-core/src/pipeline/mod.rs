@@ -1,0 +1,33 @@
+//! `StableDiffusionPipeline`: tokenizer, text encoder, UNet, scheduler and VAE tied together as
+//! diffusers' text-to-image pipeline does it (classifier-free guidance as one batch of 2,
+//! torch-compatible seeds, per-step hooks and cancellation).
+//!
+//! A run reads like diffusers' `__call__`, one function per step:
+//!
+//! | step | where |
+//! |---|---|
+//! | the run, numbered steps ([`StableDiffusionPipeline::generate_with`]) | `text2img.rs` |
+//! | 1. check inputs | `validate.rs` |
+//! | 2.-4. scheduler and timesteps, encode the prompt, prepare latents | `text2img.rs` |
+//! | 5. denoising loop and guidance ([`rescale_noise_cfg`]) | `denoise.rs` |
+//! | 6. decode ([`StableDiffusionPipeline::decode_latents`]) and postprocess ([`to_rgb_images`]) | `stable_diffusion.rs`, `postprocess.rs` |
+//!
+//! Loading ([`StableDiffusionPipeline::from_pretrained`]) and the stages on their own are in
+//! `stable_diffusion.rs`; a run's arguments and results in `params.rs`; its hooks in `hooks.rs`;
+//! device and dtype names in `device.rs`.
+
+mod denoise;
+mod device;
+mod hooks;
+mod params;
+mod postprocess;
+mod stable_diffusion;
+mod text2img;
+mod validate;
+
+pub use denoise::rescale_noise_cfg;
+pub use device::{parse_device, parse_dtype};
+pub use hooks::{CancelToken, OnStepEnd, RunHooks, StepControl, StepProgress};
+pub use params::{random_seed, GenerateOutput, GenerateParams, OutputType, StageTimings};
+pub use postprocess::to_rgb_images;
+pub use stable_diffusion::{LoadOptions, StableDiffusionPipeline};

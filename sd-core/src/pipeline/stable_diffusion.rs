@@ -1,0 +1,192 @@
+//! [`StableDiffusionPipeline`]: the tokenizer, text encoder, UNet, VAE and scheduler config of a
+//! diffusers model folder, loaded, with each stage callable on its own. A run
+//! ([`generate_with`](StableDiffusionPipeline::generate_with)) is in `text2img.rs`.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use serde::Deserialize;
+
+use super::device::check_cpu_gemm;
+use super::postprocess::to_rgb_images;
+use crate::hub::{resolve_model, HubOptions};
+use crate::loading::{build_component, read_json, WeightStore};
+use crate::models::clip_text::{ClipTextConfig, ClipTextModel};
+use crate::models::unet::{UNet2DConditionConfig, UNet2DConditionModel};
+use crate::models::vae::{AutoencoderKL, AutoencoderKLConfig};
+use crate::schedulers::{scheduler_from_name, Scheduler, SchedulerConfig};
+use crate::tokenizer::ClipTokenizer;
+use crate::{Error, Result};
+
+/// How to load a pipeline.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    pub device: Device,
+    /// The dtype the models run in; weights are converted while loading.
+    pub dtype: DType,
+    /// Weight variant to prefer (`"fp16"`). `None` picks `"fp16"` for f16/bf16 runs and the plain
+    /// weights otherwise (falling back to fp16 files when they are the only ones).
+    pub variant: Option<String>,
+    /// Where and how model ids are fetched from the hub.
+    pub hub: HubOptions,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self { device: Device::Cpu, dtype: DType::F32, variant: None, hub: HubOptions::from_env() }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct ModelIndex {
+    #[serde(default)]
+    scheduler: Option<(Option<String>, Option<String>)>,
+}
+
+/// A loaded diffusers model. It holds no per-run state: every run builds its own scheduler and
+/// generators, so one pipeline can serve concurrent calls from several threads.
+///
+/// Loading changes no process-wide state. On the CPU, a program that wants sd-core's thread pool
+/// and allocator settings calls [`crate::runtime::init_cpu`] first (sd-cli and sd_py do); without
+/// it candle's and rayon's defaults apply, with the same images, only speed and memory differ.
+pub struct StableDiffusionPipeline {
+    pub tokenizer: ClipTokenizer,
+    pub text_encoder: ClipTextModel,
+    pub unet: UNet2DConditionModel,
+    pub vae: AutoencoderKL,
+    /// The model's `scheduler/scheduler_config.json`.
+    pub scheduler_config: SchedulerConfig,
+    /// The scheduler class `model_index.json` names (diffusers' default for this model).
+    pub scheduler_class: String,
+    pub folder: PathBuf,
+    device: Device,
+    dtype: DType,
+}
+
+impl StableDiffusionPipeline {
+    /// Loads a diffusers folder, or a hub model id (fetched into the Hugging Face cache).
+    pub fn from_pretrained(id_or_path: &str, opts: &LoadOptions) -> Result<Self> {
+        let variant =
+            opts.variant.clone().or_else(|| (opts.dtype != DType::F32).then(|| "fp16".to_string()));
+        let hub = HubOptions { variant: variant.clone(), ..opts.hub.clone() };
+        let folder = resolve_model(id_or_path, &hub)?;
+        Self::from_folder(&folder, opts.dtype, &opts.device, variant.as_deref())
+    }
+
+    /// Loads a local diffusers folder (`model_index.json`, `unet/`, `vae/`, `text_encoder/`,
+    /// `tokenizer/`, `scheduler/`).
+    pub fn from_folder(
+        folder: &Path,
+        dtype: DType,
+        device: &Device,
+        variant: Option<&str>,
+    ) -> Result<Self> {
+        if !folder.is_dir() {
+            return Err(Error::NotFound { path: folder.to_path_buf() });
+        }
+        if device.is_cpu() {
+            check_cpu_gemm(dtype)?;
+        }
+        let index: ModelIndex = read_json(&folder.join("model_index.json"))?;
+        let scheduler_config =
+            SchedulerConfig::from_file(folder.join("scheduler").join("scheduler_config.json"))?;
+        let scheduler_class = index
+            .scheduler
+            .and_then(|(_, class)| class)
+            .or_else(|| scheduler_config.class_name().map(str::to_string))
+            .unwrap_or_else(|| "DDIMScheduler".to_string());
+        // Fail early on a scheduler class we do not have, not at the first generate call.
+        scheduler_from_name(&scheduler_class, &scheduler_config)?;
+
+        let tokenizer = ClipTokenizer::from_folder(&folder.join("tokenizer"))?;
+        let load = |sub: &str, stem: &str| -> Result<(PathBuf, WeightStore)> {
+            let dir = folder.join(sub);
+            let store = WeightStore::open_component(&dir, stem, variant)?;
+            Ok((dir, store))
+        };
+        let (dir, store) = load("text_encoder", "model")?;
+        let cfg: ClipTextConfig = read_json(&dir.join("config.json"))?;
+        let text_encoder =
+            build_component(&dir, store, dtype, device, |vb| ClipTextModel::new(vb, &cfg))?;
+        let (dir, store) = load("unet", "diffusion_pytorch_model")?;
+        let cfg: UNet2DConditionConfig = read_json(&dir.join("config.json"))?;
+        let unet =
+            build_component(&dir, store, dtype, device, |vb| UNet2DConditionModel::new(vb, &cfg))?;
+        let (dir, store) = load("vae", "diffusion_pytorch_model")?;
+        let cfg: AutoencoderKLConfig = read_json(&dir.join("config.json"))?;
+        let vae = build_component(&dir, store, dtype, device, |vb| AutoencoderKL::new(vb, &cfg))?;
+
+        Ok(Self {
+            tokenizer,
+            text_encoder,
+            unet,
+            vae,
+            scheduler_config,
+            scheduler_class,
+            folder: folder.to_path_buf(),
+            device: device.clone(),
+            dtype,
+        })
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// The dtype activations flow in: the model dtype, except bf16 on the CPU, where only
+    /// the GEMM operands are bf16 (see [`crate::nn`]).
+    pub fn activation_dtype(&self) -> DType {
+        crate::nn::activation_dtype(self.dtype, &self.device)
+    }
+
+    /// Pixels per latent side (8 for SD).
+    pub fn vae_scale_factor(&self) -> usize {
+        self.vae.config().scale_factor()
+    }
+
+    /// The default image side: the UNet's `sample_size` times the VAE scale factor (768 for SD 2.1).
+    pub fn default_size(&self) -> usize {
+        self.unet.config().sample_size.unwrap_or(64) * self.vae_scale_factor()
+    }
+
+    /// A fresh scheduler for one run: `name` (or the model's class) built from `config` (or the
+    /// model's scheduler config) with diffusers' `from_config` semantics.
+    pub fn scheduler(
+        &self,
+        name: Option<&str>,
+        config: Option<&SchedulerConfig>,
+    ) -> Result<Box<dyn Scheduler>> {
+        scheduler_from_name(
+            name.unwrap_or(&self.scheduler_class),
+            config.unwrap_or(&self.scheduler_config),
+        )
+    }
+
+    /// Tokenizes and encodes prompts: `[n, 77, hidden]` in the activation dtype.
+    pub fn encode_prompts(&self, prompts: &[String]) -> Result<Tensor> {
+        let mut ids = Vec::with_capacity(prompts.len() * self.tokenizer.max_length());
+        for p in prompts {
+            ids.extend(self.tokenizer.encode(p)?);
+        }
+        let ids =
+            Tensor::from_vec(ids, (prompts.len(), self.tokenizer.max_length()), &self.device)?;
+        Ok(self.text_encoder.forward(&ids)?)
+    }
+
+    /// Decodes latents (as the denoising loop leaves them) into the VAE's output, roughly in [-1, 1].
+    pub fn decode_latents(&self, latents: &Tensor) -> Result<Tensor> {
+        let scaled =
+            (latents / self.vae.config().scaling_factor)?.to_dtype(self.activation_dtype())?;
+        Ok(self.vae.decode(&scaled)?.to_dtype(DType::F32)?)
+    }
+
+    /// Decodes latents into 8-bit RGB images, rounding like diffusers' `numpy_to_pil`.
+    pub fn decode_to_images(&self, latents: &Tensor) -> Result<Vec<image::RgbImage>> {
+        let decoded = self.decode_latents(latents)?;
+        to_rgb_images(&decoded)
+    }
+}

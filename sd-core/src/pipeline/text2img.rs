@@ -1,0 +1,132 @@
+//! The text-to-image run, step by step as diffusers' `StableDiffusionPipeline.__call__`.
+
+use std::time::Instant;
+
+use candle_core::{DType, Tensor};
+
+use super::denoise::{DenoiseLoop, Guidance};
+use super::hooks::RunHooks;
+use super::params::{GenerateOutput, GenerateParams, OutputType, StageTimings};
+use super::validate::RunPlan;
+use super::StableDiffusionPipeline;
+use crate::rng::Generators;
+use crate::schedulers::Scheduler;
+use crate::Result;
+
+impl StableDiffusionPipeline {
+    pub fn generate(&self, params: &GenerateParams) -> Result<GenerateOutput> {
+        self.generate_with(params, RunHooks::default())
+    }
+
+    /// A text-to-image run with per-run hooks (progress, replacing the latents, cancelling).
+    pub fn generate_with(
+        &self,
+        params: &GenerateParams,
+        mut hooks: RunHooks<'_>,
+    ) -> Result<GenerateOutput> {
+        // 1. Check inputs
+        let plan = self.check_inputs(params)?;
+        let guidance = Guidance::of(params);
+
+        // 2. Prepare timesteps (before the slow steps, so that a scheduler error comes first)
+        let mut scheduler = self.prepare_scheduler(params)?;
+        let timesteps = scheduler.timesteps().to_vec();
+        let mut generators = Generators::from_seeds(&plan.seeds, plan.batch)?;
+
+        // 3. Encode the prompt
+        let started = Instant::now();
+        let context = self.encode_prompt(params, &plan, guidance)?;
+        let text_encoder = started.elapsed();
+
+        // 4. Prepare latents
+        let started = Instant::now();
+        let latents = self.prepare_latents(
+            params.latents.as_ref(),
+            &plan.latents_shape,
+            scheduler.as_ref(),
+            &mut generators,
+        )?;
+
+        // 5. Denoising loop
+        let run =
+            DenoiseLoop { context: &context, guidance, timesteps: &timesteps, after_step: None };
+        let latents =
+            self.denoise(scheduler.as_mut(), &mut generators, latents, run, &mut hooks)?;
+        let denoise = started.elapsed();
+
+        // 6. Decode and postprocess
+        let started = Instant::now();
+        let images = match params.output {
+            OutputType::Latent => vec![],
+            OutputType::Image => self.decode_to_images(&latents)?,
+        };
+        let timings = StageTimings { text_encoder, denoise, vae_decode: started.elapsed() };
+        Ok(GenerateOutput { images, latents, seeds: plan.seeds, timings })
+    }
+
+    /// The run's scheduler with its timesteps set (diffusers' `retrieve_timesteps`) and its step
+    /// options (diffusers' `prepare_extra_step_kwargs`: `eta`).
+    fn prepare_scheduler(&self, params: &GenerateParams) -> Result<Box<dyn Scheduler>> {
+        let mut scheduler =
+            self.scheduler(params.scheduler.as_deref(), params.scheduler_config.as_ref())?;
+        scheduler.set_timesteps(params.num_inference_steps)?;
+        if params.eta != 0.0 {
+            scheduler.set_step_option("eta", params.eta)?;
+        }
+        Ok(scheduler)
+    }
+
+    /// diffusers' `encode_prompt` and the guidance batch after it: the UNet's text context,
+    /// `[uncond..., cond...]` with guidance, each prompt repeated per image (prompt-major).
+    /// Given embeddings are used as they are; prompts are encoded by [`Self::encode_prompts`].
+    fn encode_prompt(
+        &self,
+        params: &GenerateParams,
+        plan: &RunPlan,
+        guidance: Guidance,
+    ) -> Result<Tensor> {
+        let repeat = |embeds: Tensor| -> Result<Tensor> {
+            let (n, seq, d) = embeds.dims3()?;
+            let k = params.num_images_per_prompt;
+            Ok(embeds.unsqueeze(1)?.repeat((1, k, 1, 1))?.reshape((n * k, seq, d))?)
+        };
+        let given =
+            |embeds: &Tensor| embeds.to_dtype(self.activation_dtype())?.to_device(self.device());
+        let cond = match &params.prompt_embeds {
+            Some(embeds) => given(embeds)?,
+            None => self.encode_prompts(&params.prompts)?,
+        };
+        let cond = repeat(cond)?;
+        if !guidance.is_enabled() {
+            return Ok(cond);
+        }
+        let uncond = match &params.negative_prompt_embeds {
+            Some(embeds) => given(embeds)?,
+            None => {
+                let negatives = match &params.negative_prompts {
+                    None => vec![String::new(); plan.prompts],
+                    Some(n) if n.len() == 1 => vec![n[0].clone(); plan.prompts],
+                    Some(n) => n.clone(),
+                };
+                self.encode_prompts(&negatives)?
+            }
+        };
+        Ok(Tensor::cat(&[repeat(uncond)?, cond], 0)?)
+    }
+
+    /// diffusers' `prepare_latents`: the given latents, or noise drawn from the run's generators,
+    /// scaled by the scheduler's `init_noise_sigma`; f32.
+    fn prepare_latents(
+        &self,
+        given: Option<&Tensor>,
+        shape: &[usize],
+        scheduler: &dyn Scheduler,
+        generators: &mut Generators,
+    ) -> Result<Tensor> {
+        let noise = match given {
+            Some(given) => given.to_dtype(DType::F32)?.to_device(self.device())?,
+            None => generators.randn(shape, self.device())?,
+        };
+        Ok((noise * scheduler.init_noise_sigma())?)
+    }
+}
