@@ -87,7 +87,7 @@ pub fn parse_args(argv: &[String]) -> Result<Args, String> {
     if args.steps == 0 {
         return Err("--steps must be at least 1".into());
     }
-    if args.size == 0 || args.size % 64 != 0 {
+    if args.size == 0 || !args.size.is_multiple_of(64) {
         return Err(format!("--size must be a positive multiple of 64, got {}", args.size));
     }
     Ok(args)

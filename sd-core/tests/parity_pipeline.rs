@@ -39,7 +39,7 @@ fn check_steps(name: &str) {
         expected_ids,
         "{name}: token ids"
     );
-    let cond = pipe.encode_prompts(&[case.prompt.clone()]).unwrap();
+    let cond = pipe.encode_prompts(std::slice::from_ref(&case.prompt)).unwrap();
     assert_close(&cond, get(&refs, "prompt_embeds"), TOL, &format!("{name} prompt_embeds"));
     let mut context = cond.repeat((n, 1, 1)).unwrap();
     if guidance {
