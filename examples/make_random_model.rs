@@ -3,12 +3,13 @@
 //! the real architecture without downloading the checkpoint.
 //!
 //! ```sh
-//! cargo run --release -p sd-core --example make_random_model -- [--configs DIR] [--out DIR] [--seed N]
+//! cargo run --release -p sd-core --example make_random_model -- \
+//!     [--configs DIR] [--out DIR] [--seed N]
 //! sd-cli generate --model ~/.cache/sd-rs/sd21-random --prompt test --steps 1 --out x.png
 //! ```
 //!
-//! * `--configs`: the SD 2.1 configs (default `$SD21_CONFIGS`, else `../shared/sd21-configs`
-//!   next to the repository).
+//! * `--configs`: the SD 2.1 configs (default `$SD21_CONFIGS`, else the repository's
+//!   `tests/fixtures/sd21-configs`).
 //! * `--out`: the model folder (default `$SD_RS_RANDOM_MODEL`, else
 //!   `~/.cache/sd-rs/sd21-random`). Written in diffusers' layout, f32 safetensors (about 5 GB).
 //! * `--seed`: the weights are a function of the seed (default 0) and the tensor names.
@@ -17,8 +18,8 @@
 //! uniform for linear and conv layers, normal for embeddings, ones/zeros for norms): candle's
 //! CPU random numbers cannot be seeded, so each non-constant tensor is then refilled with
 //! uniform values of the same standard deviation from a generator seeded by `--seed` and its
-//! name. The tokenizer (the CLIP BPE vocabulary, which the shared configs lack) is copied from
-//! the test fixtures.
+//! name. The tokenizer (the CLIP BPE vocabulary, which the configs lack) is copied from the tiny
+//! SD 2.x test fixture.
 
 use std::path::{Path, PathBuf};
 
@@ -35,7 +36,7 @@ fn main() -> anyhow::Result<()> {
     let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
     let mut configs = std::env::var_os("SD21_CONFIGS")
         .map(PathBuf::from)
-        .unwrap_or_else(|| repo.join("../shared/sd21-configs"));
+        .unwrap_or_else(|| repo.join("tests/fixtures/sd21-configs"));
     let mut out = match std::env::var_os("SD_RS_RANDOM_MODEL") {
         Some(p) => PathBuf::from(p),
         None => PathBuf::from(std::env::var_os("HOME").context("HOME is not set; pass --out")?)
@@ -49,7 +50,10 @@ fn main() -> anyhow::Result<()> {
             "--configs" => configs = PathBuf::from(value()?),
             "--out" => out = PathBuf::from(value()?),
             "--seed" => seed = value()?.parse().context("--seed")?,
-            _ => bail!("unknown argument {arg}; usage: make_random_model [--configs DIR] [--out DIR] [--seed N]"),
+            _ => bail!(
+                "unknown argument {arg}; usage: make_random_model [--configs DIR] [--out DIR] \
+                 [--seed N]"
+            ),
         }
     }
     if !configs.join("unet/config.json").exists() {
@@ -104,7 +108,8 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Copies the contents only (the shared configs are read-only; the copies need not be).
+/// Copies the contents only, not the permissions (a read-only source, such as a read-only
+/// checkout, must not give read-only copies).
 fn copy(from: &Path, to: &Path) -> anyhow::Result<()> {
     let data = std::fs::read(from).with_context(|| format!("reading {}", from.display()))?;
     let _ = std::fs::remove_file(to);

@@ -16,6 +16,15 @@ export PIP_NO_CACHE_DIR=1
 export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
 stage() { echo "== $* [$(df -h --output=avail . | tail -1 | tr -d ' ') free on disk]"; }
 
+stage "format and lints: cargo fmt --check, cargo clippy -D warnings (sd-py too)"
+if ! cargo fmt --version >/dev/null 2>&1 || ! cargo clippy --version >/dev/null 2>&1; then
+  rustup component add rustfmt clippy
+fi
+cargo fmt --all --check
+# sd-py's pyo3 build script needs a Python 3 interpreter on PATH (the one the stages below use);
+# without one, PYO3_NO_PYTHON=1 PYO3_BUILD_EXTENSION_MODULE=1 lets it check the abi3 module.
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
 stage "Intel MKL from PyPI (sd-core loads it at run time: f32 GEMMs, and bf16 on CPUs without AMX)"
 export SD_MKL_WHEEL=mkl==2026.2.0
 python3 -m pip install -q --disable-pip-version-check --user --no-deps "$SD_MKL_WHEEL"

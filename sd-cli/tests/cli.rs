@@ -1,80 +1,21 @@
 //! `sd-cli generate` end to end on the fixture models: images against diffusers' PNGs, file
 //! naming, and one-line errors with a non-zero exit for bad input.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod support;
 
-fn pipelines() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/pipelines")
-}
+use std::path::Path;
+use std::process::Output;
 
-fn sd_cli(args: &[&str]) -> Output {
-    sd_cli_env(args, &[])
-}
-
-fn sd_cli_env(args: &[&str], env: &[(&str, &str)]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_sd-cli"))
-        .args(args)
-        .env("HF_HUB_OFFLINE", "1")
-        .envs(env.iter().copied())
-        .output()
-        .expect("sd-cli runs")
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-/// Mean and max absolute difference of two PNGs of the same size, in 8-bit levels.
-fn png_diff(a: &Path, b: &Path) -> (f64, u8) {
-    let a = image::open(a).unwrap().to_rgb8();
-    let b = image::open(b).unwrap().to_rgb8();
-    assert_eq!(a.dimensions(), b.dimensions());
-    let (mut sum, mut max) = (0u64, 0u8);
-    for (x, y) in a.as_raw().iter().zip(b.as_raw()) {
-        let d = x.abs_diff(*y);
-        sum += d as u64;
-        max = max.max(d);
-    }
-    (sum as f64 / a.as_raw().len() as f64, max)
-}
+use support::*;
 
 /// Runs the CLI with the parameters of a fixture case and checks each image against diffusers'.
 fn generate_case(case: &str) -> Output {
-    let json: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(pipelines().join(format!("{case}.json"))).unwrap(),
-    )
-    .unwrap();
+    let json = read_case(case);
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out.png");
-    let model = pipelines().join(json["model"].as_str().unwrap());
-    let s = |k: &str| json[k].to_string();
-    let mut args: Vec<String> = vec![
-        "generate".into(),
-        "--prompt".into(),
-        json["prompt"].as_str().unwrap().into(),
-        "--model".into(),
-        model.display().to_string(),
-        "--height".into(),
-        s("height"),
-        "--width".into(),
-        s("width"),
-        "--steps".into(),
-        s("num_inference_steps"),
-        "--guidance-scale".into(),
-        s("guidance_scale"),
-        "--seed".into(),
-        s("seed"),
-        "--num-images".into(),
-        s("num_images_per_prompt"),
-        "--scheduler".into(),
-        json["scheduler"].as_str().unwrap().into(),
-        "--out".into(),
-        out.display().to_string(),
-    ];
-    if let Some(neg) = json["negative_prompt"].as_str() {
-        args.extend(["--negative-prompt".into(), neg.into()]);
-    }
+    let scheduler = json["scheduler"].as_str().unwrap();
+    let mut args = generate_args(&json, &json["seed"], scheduler, &out);
+    args.extend(["--num-images".into(), json["num_images_per_prompt"].to_string()]);
     let result = sd_cli(&args.iter().map(String::as_str).collect::<Vec<_>>());
     assert!(result.status.success(), "{case}: {}", stderr(&result));
     let stdout = String::from_utf8_lossy(&result.stdout);
@@ -200,25 +141,6 @@ fn bf16_tiles_and_mkl_agree_and_neither_is_refused() {
         "{err}"
     );
     assert!(!Path::new(&png).exists());
-}
-
-/// Copies a fixture model so a test can damage it.
-fn copy_model(name: &str, to: &Path) -> PathBuf {
-    fn copy_dir(from: &Path, to: &Path) {
-        std::fs::create_dir_all(to).unwrap();
-        for entry in std::fs::read_dir(from).unwrap() {
-            let entry = entry.unwrap();
-            let target = to.join(entry.file_name());
-            if entry.file_type().unwrap().is_dir() {
-                copy_dir(&entry.path(), &target);
-            } else {
-                std::fs::copy(entry.path(), target).unwrap();
-            }
-        }
-    }
-    let dest = to.join(name);
-    copy_dir(&pipelines().join(name), &dest);
-    dest
 }
 
 /// Runs a generate that must fail; returns its one-line error.

@@ -2,41 +2,14 @@
 //! short names and class names, against diffusers' images of the same runs
 //! (`tests/fixtures/pipelines/sched_*`, from `scripts/fixtures/gen_scheduler_pipelines.py`).
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod support;
 
-fn pipelines() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/pipelines")
-}
-
-fn sd_cli(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_sd-cli"))
-        .args(args)
-        .env("HF_HUB_OFFLINE", "1")
-        .output()
-        .expect("sd-cli runs")
-}
-
-fn png_diff(a: &Path, b: &Path) -> (f64, u8) {
-    let a = image::open(a).unwrap().to_rgb8();
-    let b = image::open(b).unwrap().to_rgb8();
-    assert_eq!(a.dimensions(), b.dimensions());
-    let (mut sum, mut max) = (0u64, 0u8);
-    for (x, y) in a.as_raw().iter().zip(b.as_raw()) {
-        let d = x.abs_diff(*y);
-        sum += d as u64;
-        max = max.max(d);
-    }
-    (sum as f64 / a.as_raw().len() as f64, max)
-}
+use support::*;
 
 /// Runs `sd-cli generate` with the parameters of fixture `case` and `--scheduler scheduler` (a
 /// spelling that must mean the case's scheduler), and compares the image with diffusers'.
 fn generate_with(case: &str, scheduler: &str) {
-    let json: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(pipelines().join(format!("{case}.json"))).unwrap(),
-    )
-    .unwrap();
+    let json = read_case(case);
     assert_eq!(json["num_images_per_prompt"], 1, "{case}: one image");
     assert_eq!(json["seeds"].as_array().unwrap().len(), 1, "{case}: one seed");
     assert!(
@@ -46,38 +19,9 @@ fn generate_with(case: &str, scheduler: &str) {
     assert_eq!(json["guidance_rescale"].as_f64(), Some(0.0), "{case}: no guidance rescale");
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out.png");
-    let model = pipelines().join(json["model"].as_str().unwrap());
-    let s = |k: &str| json[k].to_string();
-    let mut args: Vec<String> = vec![
-        "generate".into(),
-        "--prompt".into(),
-        json["prompt"].as_str().unwrap().into(),
-        "--model".into(),
-        model.display().to_string(),
-        "--height".into(),
-        s("height"),
-        "--width".into(),
-        s("width"),
-        "--steps".into(),
-        s("num_inference_steps"),
-        "--guidance-scale".into(),
-        s("guidance_scale"),
-        "--seed".into(),
-        json["seeds"][0].to_string(),
-        "--scheduler".into(),
-        scheduler.into(),
-        "--out".into(),
-        out.display().to_string(),
-    ];
-    if let Some(neg) = json["negative_prompt"].as_str() {
-        args.extend(["--negative-prompt".into(), neg.into()]);
-    }
+    let args = generate_args(&json, &json["seeds"][0], scheduler, &out);
     let result = sd_cli(&args.iter().map(String::as_str).collect::<Vec<_>>());
-    assert!(
-        result.status.success(),
-        "{case} --scheduler {scheduler:?}: {}",
-        String::from_utf8_lossy(&result.stderr)
-    );
+    assert!(result.status.success(), "{case} --scheduler {scheduler:?}: {}", stderr(&result));
     let (mean, max) = png_diff(&out, &pipelines().join(format!("{case}.png")));
     assert!(
         mean <= 0.5 && max <= 4,
@@ -113,7 +57,7 @@ fn generate_unipc_by_class_name() {
 #[test]
 fn schedulers_lists_every_name() {
     let out = sd_cli(&["schedulers"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{}", stderr(&out));
     let text = String::from_utf8(out.stdout).unwrap();
     let header = text.lines().next().unwrap();
     for col in ["A1111 NAME", "SHORT NAMES", "DIFFUSERS CLASS", "CONFIG OVERRIDES"] {

@@ -1,15 +1,15 @@
 //! `sd_core::hub::resolve_model` against a fake hub on 127.0.0.1: what is downloaded, where it
 //! lands in the cache, offline mode, removed repos, tokens and errors.
 
-#[path = "common/hub_server.rs"]
-mod hub_server;
+mod support;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
-use hub_server::{FakeHub, FakeRepo, Logged};
 use sd_core::hub::{resolve_model, HubOptions};
 use sd_core::Error;
+use support::files_under;
+use support::hub_server::{FakeHub, FakeRepo, Logged};
 
 const REPO: &str = "test-org/tiny-sd";
 const SHA: &str = "0123456789abcdef0123456789abcdef01234567";
@@ -112,24 +112,6 @@ fn build_repo(root: &Path) {
         };
         std::fs::write(path, data).unwrap();
     }
-}
-
-/// Every file under `root` as `/`-separated relative paths (symlinks followed).
-fn files_under(root: &Path) -> BTreeSet<String> {
-    fn walk(dir: &Path, prefix: &str, out: &mut BTreeSet<String>) {
-        for entry in std::fs::read_dir(dir).unwrap().flatten() {
-            let name = entry.file_name().into_string().unwrap();
-            let path = entry.path();
-            if path.is_dir() {
-                walk(&path, &format!("{prefix}{name}/"), out);
-            } else {
-                out.insert(format!("{prefix}{name}"));
-            }
-        }
-    }
-    let mut out = BTreeSet::new();
-    walk(root, "", &mut out);
-    out
 }
 
 struct Setup {

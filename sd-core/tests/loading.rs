@@ -5,30 +5,11 @@
 mod support;
 
 use std::collections::HashMap;
-use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
-use sd_core::loading::{build_component, read_json, WeightStore};
-use sd_core::models::clip_text::{ClipTextConfig, ClipTextModel};
+use sd_core::models::clip_text::ClipTextModel;
 use sd_core::pipeline::{GenerateParams, StableDiffusionPipeline};
 use support::*;
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), target).unwrap();
-        }
-    }
-}
-
-fn read_tensors(path: &Path) -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(path, &Device::Cpu).unwrap()
-}
 
 fn unet_stage_output(pipe: &StableDiffusionPipeline) -> Tensor {
     let refs = load_refs("sd2_stages.safetensors");
@@ -84,11 +65,7 @@ fn text_encoder_keys_without_prefix() {
     assert!(stripped.contains_key("embeddings.token_embedding.weight"));
     candle_core::safetensors::save(&stripped, te.join("model.safetensors")).unwrap();
 
-    let cfg: ClipTextConfig = read_json(&te.join("config.json")).unwrap();
-    let store = WeightStore::open_component(&te, "model", None).unwrap();
-    let model =
-        build_component(&te, store, DType::F32, &Device::Cpu, |vb| ClipTextModel::new(vb, &cfg))
-            .unwrap();
+    let model = load_component(&te, "model", ClipTextModel::new);
     let refs = load_refs("sd2_stages.safetensors");
     let out = model.forward(get(&refs, "text.input_ids")).unwrap();
     assert_close(&out, get(&refs, "text.last_hidden_state"), 1e-4, "unprefixed text encoder");

@@ -4,19 +4,12 @@
 
 mod support;
 
-use candle_core::{DType, Device, Tensor};
-use sd_core::pipeline::{
-    GenerateParams, RunHooks, StableDiffusionPipeline, StepControl, StepProgress,
-};
+use candle_core::{Device, Tensor};
+use sd_core::pipeline::{GenerateParams, RunHooks, StepControl, StepProgress};
 use sd_core::rng::Generators;
 use support::*;
 
 const TOL: f32 = 1e-4;
-
-fn pipeline(model: &str) -> StableDiffusionPipeline {
-    StableDiffusionPipeline::from_folder(&pipelines().join(model), DType::F32, &Device::Cpu, None)
-        .unwrap()
-}
 
 fn params(case: &Case) -> GenerateParams {
     let mut p = GenerateParams::new(case.prompt.clone());
@@ -35,7 +28,7 @@ fn params(case: &Case) -> GenerateParams {
 fn check_steps(name: &str) {
     let case = load_case(name);
     let refs = load_refs(&format!("{name}.safetensors"));
-    let pipe = pipeline(&case.model);
+    let pipe = fixture_pipeline(&case.model);
     let guidance = case.guidance_scale > 1.0;
     let n = case.num_images_per_prompt;
 
@@ -119,7 +112,7 @@ fn check_steps(name: &str) {
 fn check_images(name: &str) {
     let case = load_case(name);
     let refs = load_refs(&format!("{name}.safetensors"));
-    let pipe = pipeline(&case.model);
+    let pipe = fixture_pipeline(&case.model);
     let mut step_latents = vec![];
     let mut on_step_end = |_: &StepProgress, latents: &mut Tensor| {
         step_latents.push(latents.clone());
@@ -159,7 +152,7 @@ fn check_images(name: &str) {
 fn sd2_ddim_given_latents_images() {
     let case = load_case("sd2_ddim");
     let refs = load_refs("sd2_ddim.safetensors");
-    let pipe = pipeline(&case.model);
+    let pipe = fixture_pipeline(&case.model);
     let mut p = params(&case);
     p.seeds = vec![case.seed + 1];
     p.latents = Some(get(&refs, "init_latents").clone());
@@ -176,7 +169,7 @@ fn sd2_ddim_given_latents_images() {
 fn sd2_ddim_given_prompt_embeds_images() {
     let case = load_case("sd2_ddim");
     let refs = load_refs("sd2_ddim.safetensors");
-    let pipe = pipeline(&case.model);
+    let pipe = fixture_pipeline(&case.model);
     let expected = image::open(pipelines().join("sd2_ddim.png")).unwrap().to_rgb8();
     let mut p = params(&case);
     p.prompts.clear();

@@ -9,7 +9,6 @@ mod support;
 
 use std::sync::OnceLock;
 
-use candle_core::{DType, Device};
 use sd_core::pipeline::{GenerateParams, StableDiffusionPipeline};
 use sd_core::schedulers::SchedulerConfig;
 use serde_json::{Map, Value};
@@ -35,23 +34,11 @@ struct SchedCase {
 
 fn sd2() -> &'static StableDiffusionPipeline {
     static PIPE: OnceLock<StableDiffusionPipeline> = OnceLock::new();
-    PIPE.get_or_init(|| {
-        StableDiffusionPipeline::from_folder(
-            &pipelines().join("sd2-tiny"),
-            DType::F32,
-            &Device::Cpu,
-            None,
-        )
-        .unwrap()
-    })
+    PIPE.get_or_init(|| fixture_pipeline("sd2-tiny"))
 }
 
 fn load(name: &str) -> SchedCase {
-    let path = pipelines().join(format!("{name}.json"));
-    serde_json::from_str(
-        &std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display())),
-    )
-    .unwrap()
+    read_json_file(&pipelines().join(format!("{name}.json")))
 }
 
 /// Runs `generate` as a user would, with the case's scheduler name, and compares timesteps,

@@ -4,37 +4,27 @@
 
 mod support;
 
-use candle_core::{DType, Device};
-use sd_core::loading::{build_component, read_json, WeightStore};
-use sd_core::models::clip_text::{ClipTextConfig, ClipTextModel};
-use sd_core::models::unet::{UNet2DConditionConfig, UNet2DConditionModel};
-use sd_core::models::vae::{AutoencoderKL, AutoencoderKLConfig};
+use candle_core::DType;
+use sd_core::models::clip_text::ClipTextModel;
+use sd_core::models::unet::UNet2DConditionModel;
+use sd_core::models::vae::AutoencoderKL;
 use support::*;
 
 const TOL: f32 = 1e-4;
 
 fn text_encoder(model: &str) -> ClipTextModel {
-    let dir = pipelines().join(format!("{model}-tiny")).join("text_encoder");
-    let cfg: ClipTextConfig = read_json(&dir.join("config.json")).unwrap();
-    let store = WeightStore::open_component(&dir, "model", None).unwrap();
-    build_component(&dir, store, DType::F32, &Device::Cpu, |vb| ClipTextModel::new(vb, &cfg))
-        .unwrap()
+    let dir = pipelines().join(format!("{model}-tiny/text_encoder"));
+    load_component(&dir, "model", ClipTextModel::new)
 }
 
 fn unet(model: &str) -> UNet2DConditionModel {
-    let dir = pipelines().join(format!("{model}-tiny")).join("unet");
-    let cfg: UNet2DConditionConfig = read_json(&dir.join("config.json")).unwrap();
-    let store = WeightStore::open_component(&dir, "diffusion_pytorch_model", None).unwrap();
-    build_component(&dir, store, DType::F32, &Device::Cpu, |vb| UNet2DConditionModel::new(vb, &cfg))
-        .unwrap()
+    let dir = pipelines().join(format!("{model}-tiny/unet"));
+    load_component(&dir, "diffusion_pytorch_model", UNet2DConditionModel::new)
 }
 
 fn vae(model: &str) -> AutoencoderKL {
-    let dir = pipelines().join(format!("{model}-tiny")).join("vae");
-    let cfg: AutoencoderKLConfig = read_json(&dir.join("config.json")).unwrap();
-    let store = WeightStore::open_component(&dir, "diffusion_pytorch_model", None).unwrap();
-    build_component(&dir, store, DType::F32, &Device::Cpu, |vb| AutoencoderKL::new(vb, &cfg))
-        .unwrap()
+    let dir = pipelines().join(format!("{model}-tiny/vae"));
+    load_component(&dir, "diffusion_pytorch_model", AutoencoderKL::new)
 }
 
 fn check_text_encoder(model: &str) {

@@ -14,13 +14,7 @@ use sd_core::Error;
 use support::*;
 
 fn pipe() -> StableDiffusionPipeline {
-    StableDiffusionPipeline::from_folder(
-        &pipelines().join("sd2-tiny"),
-        DType::F32,
-        &Device::Cpu,
-        None,
-    )
-    .unwrap()
+    fixture_pipeline("sd2-tiny")
 }
 
 fn params(steps: usize) -> GenerateParams {

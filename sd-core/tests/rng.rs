@@ -1,15 +1,13 @@
 //! Parity of `sd_core::rng` with torch's CPU generator, bit for bit. Fixtures come from
 //! `scripts/fixtures/gen_rng_schedulers.py` (torch 2.15 on x86-64).
 
+mod support;
+
 use std::collections::HashMap;
-use std::path::PathBuf;
 
 use candle_core::{Device, Tensor};
 use sd_core::rng::{Generators, TorchGenerator};
-
-fn fixtures_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/schedulers")
-}
+use support::{read_json_file, read_tensors, scheduler_fixtures};
 
 struct Fixtures {
     tensors: HashMap<String, Tensor>,
@@ -17,13 +15,9 @@ struct Fixtures {
 }
 
 fn load() -> Fixtures {
-    let dir = fixtures_dir();
-    let tensors = candle_core::safetensors::load(dir.join("rng.safetensors"), &Device::Cpu)
-        .expect("rng.safetensors");
-    let meta =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("rng.json")).expect("rng.json"))
-            .expect("rng.json parses");
-    Fixtures { tensors, meta }
+    let dir = scheduler_fixtures();
+    let tensors = read_tensors(&dir.join("rng.safetensors"));
+    Fixtures { tensors, meta: read_json_file(&dir.join("rng.json")) }
 }
 
 impl Fixtures {

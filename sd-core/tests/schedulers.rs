@@ -2,8 +2,9 @@
 //! `scripts/fixtures/gen_rng_schedulers.py`; the inputs of the step sequences are redrawn here
 //! with `TorchGenerator` (its own parity is tested in `tests/rng.rs`).
 
+mod support;
+
 use std::collections::HashMap;
-use std::path::PathBuf;
 
 use candle_core::{Device, Tensor};
 use sd_core::rng::{Generators, TorchGenerator};
@@ -13,10 +14,7 @@ use sd_core::schedulers::{
 };
 use sd_core::Error;
 use serde_json::{json, Value};
-
-fn fixtures_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/schedulers")
-}
+use support::{read_json_file, read_tensors, scheduler_fixtures};
 
 struct Fixtures {
     tensors: HashMap<String, Tensor>,
@@ -24,13 +22,9 @@ struct Fixtures {
 }
 
 fn load() -> Fixtures {
-    let dir = fixtures_dir();
-    let tensors = candle_core::safetensors::load(dir.join("schedulers.safetensors"), &Device::Cpu)
-        .expect("schedulers.safetensors");
-    let meta: Value = serde_json::from_str(
-        &std::fs::read_to_string(dir.join("schedulers.json")).expect("schedulers.json"),
-    )
-    .unwrap();
+    let dir = scheduler_fixtures();
+    let tensors = read_tensors(&dir.join("schedulers.safetensors"));
+    let meta: Value = read_json_file(&dir.join("schedulers.json"));
     Fixtures { tensors, cases: meta["cases"].as_array().unwrap().clone() }
 }
 

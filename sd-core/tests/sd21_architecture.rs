@@ -1,27 +1,15 @@
-//! The real SD 2.1 architecture, built from its configs (`../shared/sd21-configs`, no weights)
-//! with random weights: parameter counts equal the published checkpoint's, and one UNet call on a
-//! small latent runs with the real shapes.
+//! The real SD 2.1 architecture, built from its configs (`tests/fixtures/sd21-configs`, no
+//! weights) with random weights: parameter counts equal the published checkpoint's, and one UNet
+//! call on a small latent runs with the real shapes.
 
-use std::path::PathBuf;
+mod support;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
-use sd_core::loading::read_json;
 use sd_core::models::clip_text::{ClipTextConfig, ClipTextModel};
 use sd_core::models::unet::{UNet2DConditionConfig, UNet2DConditionModel};
 use sd_core::models::vae::{AutoencoderKL, AutoencoderKLConfig};
-
-fn configs() -> PathBuf {
-    let dir = std::env::var_os("SD21_CONFIGS").map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/sd21-configs")
-    });
-    assert!(
-        dir.join("unet/config.json").exists(),
-        "SD 2.1 configs not found at {} (set SD21_CONFIGS)",
-        dir.display()
-    );
-    dir
-}
+use support::{read_json_file, sd21_configs};
 
 fn param_count(map: &VarMap) -> usize {
     map.all_vars().iter().map(|v| v.elem_count()).sum()
@@ -34,7 +22,7 @@ fn millions(n: usize) -> f64 {
 
 #[test]
 fn sd21_unet_has_the_real_shapes_and_runs() {
-    let cfg: UNet2DConditionConfig = read_json(&configs().join("unet/config.json")).unwrap();
+    let cfg: UNet2DConditionConfig = read_json_file(&sd21_configs().join("unet/config.json"));
     let map = VarMap::new();
     let unet =
         UNet2DConditionModel::new(VarBuilder::from_varmap(&map, DType::F32, &Device::Cpu), &cfg)
@@ -52,12 +40,12 @@ fn sd21_unet_has_the_real_shapes_and_runs() {
 
 #[test]
 fn sd21_vae_and_text_encoder_have_the_real_sizes() {
-    let cfg: AutoencoderKLConfig = read_json(&configs().join("vae/config.json")).unwrap();
+    let cfg: AutoencoderKLConfig = read_json_file(&sd21_configs().join("vae/config.json"));
     let map = VarMap::new();
     AutoencoderKL::new(VarBuilder::from_varmap(&map, DType::F32, &Device::Cpu), &cfg).unwrap();
     assert_eq!(millions(param_count(&map)), 83.7);
 
-    let cfg: ClipTextConfig = read_json(&configs().join("text_encoder/config.json")).unwrap();
+    let cfg: ClipTextConfig = read_json_file(&sd21_configs().join("text_encoder/config.json"));
     let map = VarMap::new();
     ClipTextModel::new(VarBuilder::from_varmap(&map, DType::F32, &Device::Cpu), &cfg).unwrap();
     assert_eq!(millions(param_count(&map)), 340.4);

@@ -2,25 +2,19 @@
 //! `scripts/fixtures/gen_tokenizer.py` (tests/fixtures/tokenizer/): every prompt with the SD 2.x
 //! ("!") and SD 1.x ("<|endoftext|>") pad conventions, a few config variants, and the errors.
 
+mod support;
+
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use sd_core::tokenizer::ClipTokenizer;
 use sd_core::Error;
 use serde_json::Value;
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tokenizer")
-}
+use support::{read_json_file, tokenizer_fixtures};
 
 fn doc() -> &'static Value {
     static DOC: OnceLock<Value> = OnceLock::new();
-    DOC.get_or_init(|| {
-        let path = fixtures().join("prompts.json");
-        let text =
-            std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-        serde_json::from_str(&text).unwrap()
-    })
+    DOC.get_or_init(|| read_json_file(&tokenizer_fixtures().join("prompts.json")))
 }
 
 fn ids(v: &Value) -> Vec<u32> {
@@ -43,7 +37,7 @@ impl Scratch {
     fn with_sd2(name: &str) -> Self {
         let s = Self::new(name);
         for f in ["vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json"] {
-            std::fs::copy(fixtures().join("sd2").join(f), s.0.join(f)).unwrap();
+            std::fs::copy(tokenizer_fixtures().join("sd2").join(f), s.0.join(f)).unwrap();
         }
         s
     }
@@ -86,7 +80,7 @@ fn check_case(tok: &ClipTokenizer, prompt: &str, expected: &Value, label: &str) 
 
 fn check_folder(name: &str) {
     let doc = doc();
-    let tok = ClipTokenizer::from_folder(&fixtures().join(name)).unwrap();
+    let tok = ClipTokenizer::from_folder(&tokenizer_fixtures().join(name)).unwrap();
     let info = &doc["folders"][name];
     assert_eq!(tok.max_length(), info["model_max_length"].as_u64().unwrap() as usize);
     assert_eq!(tok.pad_id() as u64, info["pad_id"].as_u64().unwrap());
@@ -129,8 +123,8 @@ fn matches_transformers_sd1_pad_endoftext() {
 
 #[test]
 fn pad_conventions() {
-    let sd2 = ClipTokenizer::from_folder(&fixtures().join("sd2")).unwrap();
-    let sd1 = ClipTokenizer::from_folder(&fixtures().join("sd1")).unwrap();
+    let sd2 = ClipTokenizer::from_folder(&tokenizer_fixtures().join("sd2")).unwrap();
+    let sd1 = ClipTokenizer::from_folder(&tokenizer_fixtures().join("sd1")).unwrap();
     assert_eq!((sd2.pad_id(), sd2.bos_id(), sd2.eos_id(), sd2.max_length()), (0, 49406, 49407, 77));
     assert_eq!(
         (sd1.pad_id(), sd1.bos_id(), sd1.eos_id(), sd1.max_length()),
@@ -168,7 +162,7 @@ fn matches_transformers_config_variants() {
         let name = v["name"].as_str().unwrap();
         let scratch = Scratch::new(&format!("variant-{name}"));
         for f in ["vocab.json", "merges.txt"] {
-            std::fs::copy(fixtures().join("sd2").join(f), scratch.0.join(f)).unwrap();
+            std::fs::copy(tokenizer_fixtures().join("sd2").join(f), scratch.0.join(f)).unwrap();
         }
         for (file, content) in v["files"].as_object().unwrap() {
             if !content.is_null() {
@@ -231,7 +225,7 @@ fn expect_config_error(dir: &Path, file: &str, needle: &str) {
 
 #[test]
 fn missing_folder_is_not_found() {
-    let dir = fixtures().join("no-such-tokenizer");
+    let dir = tokenizer_fixtures().join("no-such-tokenizer");
     match ClipTokenizer::from_folder(&dir).unwrap_err() {
         Error::NotFound { path } => assert_eq!(path, dir),
         other => panic!("{other:?}"),
@@ -324,6 +318,6 @@ fn max_length_sentinels_default_to_77() {
 
 #[test]
 fn decode_rejects_unknown_ids() {
-    let tok = ClipTokenizer::from_folder(&fixtures().join("sd2")).unwrap();
+    let tok = ClipTokenizer::from_folder(&tokenizer_fixtures().join("sd2")).unwrap();
     assert!(matches!(tok.decode(&[49406, 1_000_000]), Err(Error::Tokenizer(_))));
 }

@@ -13,8 +13,6 @@
 //!
 //! Every request is logged so tests can check what was (not) fetched.
 
-#![allow(dead_code)]
-
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -43,21 +41,7 @@ impl FakeRepo {
 
     /// Every file of the repo, as sorted `/`-separated relative paths.
     pub fn files(&self) -> Vec<String> {
-        fn walk(dir: &Path, prefix: &str, out: &mut Vec<String>) {
-            for entry in std::fs::read_dir(dir).unwrap().flatten() {
-                let name = entry.file_name().into_string().unwrap();
-                let path = entry.path();
-                if path.is_dir() {
-                    walk(&path, &format!("{prefix}{name}/"), out);
-                } else {
-                    out.push(format!("{prefix}{name}"));
-                }
-            }
-        }
-        let mut out = vec![];
-        walk(&self.root, "", &mut out);
-        out.sort();
-        out
+        super::files_under(&self.root).into_iter().collect()
     }
 }
 

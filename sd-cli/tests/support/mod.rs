@@ -1,0 +1,105 @@
+//! The helpers of sd-cli's integration tests, in one module (`mod support;` in each test file):
+//! running the binary, the fixture models and cases, comparing PNGs, scratch model copies.
+// Each test file uses only some of the helpers.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+/// The tiny fixture models and diffusers' runs of them (`tests/fixtures/pipelines`).
+pub fn pipelines() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/pipelines")
+}
+
+/// The parameters of one of diffusers' fixture runs (`pipelines/CASE.json`).
+pub fn read_case(case: &str) -> Value {
+    let path = pipelines().join(format!("{case}.json"));
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// `sd-cli generate` arguments for the run of a fixture case: its model, prompts, size, steps and
+/// guidance, with `seed`, `scheduler` and the output file `out`.
+pub fn generate_args(case: &Value, seed: &Value, scheduler: &str, out: &Path) -> Vec<String> {
+    let model = pipelines().join(case["model"].as_str().unwrap());
+    let s = |k: &str| case[k].to_string();
+    let mut args: Vec<String> = vec![
+        "generate".into(),
+        "--prompt".into(),
+        case["prompt"].as_str().unwrap().into(),
+        "--model".into(),
+        model.display().to_string(),
+        "--height".into(),
+        s("height"),
+        "--width".into(),
+        s("width"),
+        "--steps".into(),
+        s("num_inference_steps"),
+        "--guidance-scale".into(),
+        s("guidance_scale"),
+        "--seed".into(),
+        seed.to_string(),
+        "--scheduler".into(),
+        scheduler.into(),
+        "--out".into(),
+        out.display().to_string(),
+    ];
+    if let Some(neg) = case["negative_prompt"].as_str() {
+        args.extend(["--negative-prompt".into(), neg.into()]);
+    }
+    args
+}
+
+/// Runs the sd-cli binary offline (no hub access).
+pub fn sd_cli(args: &[&str]) -> Output {
+    sd_cli_env(args, &[])
+}
+
+/// [`sd_cli`] with extra environment variables.
+pub fn sd_cli_env(args: &[&str], env: &[(&str, &str)]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_sd-cli"))
+        .args(args)
+        .env("HF_HUB_OFFLINE", "1")
+        .envs(env.iter().copied())
+        .output()
+        .expect("sd-cli runs")
+}
+
+pub fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Mean and max absolute difference of two PNGs of the same size, in 8-bit levels.
+pub fn png_diff(a: &Path, b: &Path) -> (f64, u8) {
+    let a = image::open(a).unwrap().to_rgb8();
+    let b = image::open(b).unwrap().to_rgb8();
+    assert_eq!(a.dimensions(), b.dimensions());
+    let (mut sum, mut max) = (0u64, 0u8);
+    for (x, y) in a.as_raw().iter().zip(b.as_raw()) {
+        let d = x.abs_diff(*y);
+        sum += d as u64;
+        max = max.max(d);
+    }
+    (sum as f64 / a.as_raw().len() as f64, max)
+}
+
+/// Copies the fixture model `name` into `to`, so that a test can damage the copy.
+pub fn copy_model(name: &str, to: &Path) -> PathBuf {
+    fn copy_dir(from: &Path, to: &Path) {
+        std::fs::create_dir_all(to).unwrap();
+        for entry in std::fs::read_dir(from).unwrap() {
+            let entry = entry.unwrap();
+            let target = to.join(entry.file_name());
+            if entry.file_type().unwrap().is_dir() {
+                copy_dir(&entry.path(), &target);
+            } else {
+                std::fs::copy(entry.path(), target).unwrap();
+            }
+        }
+    }
+    let dest = to.join(name);
+    copy_dir(&pipelines().join(name), &dest);
+    dest
+}
