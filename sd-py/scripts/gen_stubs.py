@@ -107,7 +107,7 @@ def package_stub() -> str:
     classes = [f"class {name}(SchedulerMixin): ..." for name in sd_py.scheduler_classes()]
     all_names = "".join(f"    {name!r},\n" for name in sd_py.__all__)
     blocks = [
-        "\n".join(_docstring(sd_py.__doc__, "")),
+        "\n".join(_docstring(sd_py.__doc__.strip().splitlines()[0], "")),
         "\n".join(imports),
         f"__version__: str\n__all__ = [\n{all_names}]",
         "# The scheduler classes sd_py generates from sd-core's registry.\n" + "\n".join(classes),

@@ -1,9 +1,11 @@
 """The committed type stubs (`py_src/sd_py/*.pyi`) are what `sd-py/scripts/gen_stubs.py` writes
-from the installed module, and declare every scheduler class."""
+from the installed module, and declare every scheduler class to type checkers."""
 
 import ast
 import difflib
 import importlib.util
+import subprocess
+import sys
 
 import pytest
 
@@ -51,3 +53,22 @@ def test_stubs_declare_every_public_name(fresh_stubs):
     native = ast.parse(fresh_stubs["_sd_py.pyi"])
     native_names = {getattr(node, "name", None) for node in native.body}
     assert {"_Pipeline", "GenerateResult", "read_model_file", "scheduler_classes"} <= native_names
+
+
+def test_mypy_sees_every_scheduler_class(tmp_path):
+    """Type-checks code using every scheduler class against the installed package: no error but
+    the one for a class that does not exist."""
+    lines = ["import sd_py", "from sd_py import SchedulerMixin, StableDiffusionPipeline"]
+    lines += [f"s{i}: SchedulerMixin = sd_py.{name}.from_config({{}})" for i, name in enumerate(sd_py.scheduler_classes())]
+    lines += ["pipe = StableDiffusionPipeline.from_pretrained('model', scheduler=s0)", "size: int = pipe.vae_scale_factor"]
+    lines += ["sd_py.NoSuchScheduler"]
+    (tmp_path / "use.py").write_text("\n".join(lines) + "\n")
+    out = subprocess.run(
+        [sys.executable, "-m", "mypy", "--strict", "--no-incremental", "--cache-dir", str(tmp_path / "cache"), "use.py"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    errors = [line for line in out.stdout.splitlines() if ": error:" in line]
+    assert errors == [f'use.py:{len(lines)}: error: Module has no attribute "NoSuchScheduler"  [attr-defined]'], out.stdout + out.stderr
