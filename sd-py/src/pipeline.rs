@@ -17,7 +17,7 @@ use sd_core::schedulers::SchedulerConfig;
 
 use crate::arrays::{f32_values, tensor_from_f32_bytes, to_unit_hwc, Float32Array};
 use crate::device::{device_from_name, device_name, dtype_from_name, dtype_name};
-use crate::error::{attached, config_arg_error, guard, to_pyerr, unguard};
+use crate::error::{attached, config_arg_error, detached, guard, to_pyerr, unguard};
 use crate::hub::hub_options;
 
 /// A loaded sd-core pipeline (the Python class `StableDiffusionPipeline` wraps it).
@@ -200,7 +200,7 @@ impl PyPipeline {
         let hub = hub_options(revision, local_files_only, cache_dir, token);
         let opts = LoadOptions { device, dtype, variant: variant.clone(), hub };
         let model = model.to_string_lossy().into_owned();
-        let inner = crate::error::detached(py, move || {
+        let inner = detached(py, move || {
             init_cpu_for(&opts.device)?;
             StableDiffusionPipeline::from_pretrained(&model, &opts)
         })?;
@@ -213,7 +213,7 @@ impl PyPipeline {
         let device = device_from_name(device)?;
         let folder = self.inner.folder.clone();
         let variant = variant_for(self.variant.as_deref(), dtype);
-        let inner = crate::error::detached(py, move || {
+        let inner = detached(py, move || {
             init_cpu_for(&device)?;
             StableDiffusionPipeline::from_folder(&folder, dtype, &device, variant.as_deref())
         })?;
