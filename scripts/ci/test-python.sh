@@ -3,7 +3,8 @@
 # builds the sd_py wheel with maturin, installs it with Ray Serve, Gradio and Playwright into a
 # venv, and runs sd-py/tests (API, parity with diffusers and sd-cli, threads, the blueprint app
 # under a real local Ray Serve, the packaged Serve app, the deploy files, the Gradio UI in headless
-# Chromium). Needs Python >= 3.9 with venv and pip; installs Debian's chromium if it is missing.
+# Chromium, the type stubs against sd-py/scripts/gen_stubs.py and mypy). Needs Python >= 3.9 with
+# venv and pip; installs Debian's chromium if it is missing.
 #
 # Environment: SD_PY_VENV (default .venv-ci in the repo), SD_PY_PROFILE (cargo profile of the
 # wheel; default dev, which reuses the dependencies `cargo test` built: the workspace compiles

@@ -7,7 +7,8 @@
 //! safetensors weights of `unet/`, `vae/` and `text_encoder/` (one variant, chosen by
 //! [`choose_weight_files`], with every shard of a sharded checkpoint), the CLIP tokenizer files
 //! and the scheduler config. `.bin`/`.ckpt` files, the safety checker, the feature extractor and
-//! the weights of the other variant are never fetched.
+//! the weights of the other variant are never fetched. [`resolve_model_file`] fetches (or finds)
+//! one file of a model, e.g. a scheduler config.
 //!
 //! ```no_run
 //! use sd_core::hub::{resolve_model, HubOptions, DEFAULT_MODEL_ID};
@@ -21,7 +22,8 @@
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
-use hf_hub::api::sync::{ApiBuilder, ApiError, ApiRepo};
+use candle_core::DType;
+use hf_hub::api::sync::{Api, ApiBuilder, ApiError, ApiRepo};
 use hf_hub::{Cache, Repo, RepoType};
 
 use crate::loading::weight_files::{
@@ -170,6 +172,16 @@ pub fn removed_repo_mirror(repo_id: &str) -> Option<&'static str> {
         .map(|(_, mirror)| *mirror)
 }
 
+/// The weight variant a pipeline running in `dtype` loads: `variant` when given (and not empty),
+/// else `fp16` for f16/bf16 runs and the plain weights for f32 (diffusers users pass
+/// `variant="fp16"` with `torch_dtype=torch.float16`; sd-core makes it the default).
+pub fn variant_for(variant: Option<&str>, dtype: DType) -> Option<String> {
+    match variant.filter(|v| !v.is_empty()) {
+        Some(v) => Some(v.to_string()),
+        None => (dtype != DType::F32).then(|| "fp16".to_string()),
+    }
+}
+
 /// The cache folder of a model repo: `<cache>/models--org--name`.
 pub fn repo_cache_dir(repo_id: &str, opts: &HubOptions) -> PathBuf {
     opts.cache_dir.join(Repo::model(repo_id.to_string()).folder_name())
@@ -195,9 +207,71 @@ pub fn repo_cache_dir(repo_id: &str, opts: &HubOptions) -> PathBuf {
 /// failures. A string that is neither an existing folder nor a valid repo id is
 /// [`Error::NotFound`].
 pub fn resolve_model(id_or_path: &str, opts: &HubOptions) -> Result<PathBuf> {
+    let repo_id = match model_source(id_or_path)? {
+        ModelSource::Folder(folder) => return Ok(folder.to_path_buf()),
+        ModelSource::Repo(repo_id) => repo_id,
+    };
+    if let Some(mirror) = removed_repo_mirror(repo_id) {
+        return cached_snapshot(repo_id, opts)
+            .map_err(|_| removed_repo_error(repo_id, mirror, opts));
+    }
+    if opts.offline {
+        return cached_snapshot(repo_id, opts)
+            .map_err(|miss| offline_error(repo_id, &miss.file, &miss.detail, opts));
+    }
+    download_snapshot(repo_id, opts)
+}
+
+/// One file of a model (`file` is a `/`-separated path inside it, e.g.
+/// `scheduler/scheduler_config.json`), without the rest of the pipeline: diffusers'
+/// `X.from_pretrained(model, subfolder=...)` for a single config.
+///
+/// - In an existing folder the file must be there ([`Error::NotFound`] otherwise).
+/// - For a hub repo id the file at `opts.revision` is taken from the cache when it is there;
+///   otherwise only it is downloaded into the cache (offline mode and the removed repos of
+///   [`REMOVED_REPOS`] use the cache only). Errors are those of [`resolve_model`].
+pub fn resolve_model_file(id_or_path: &str, file: &str, opts: &HubOptions) -> Result<PathBuf> {
+    let repo_id = match model_source(id_or_path)? {
+        ModelSource::Folder(folder) => {
+            let path = folder.join(file);
+            return if path.is_file() { Ok(path) } else { Err(Error::NotFound { path }) };
+        }
+        ModelSource::Repo(repo_id) => repo_id,
+    };
+    let repo_dir = repo_cache_dir(repo_id, opts);
+    let cached = cached_commit(&repo_dir, opts.revision())
+        .map(|commit| repo_dir.join("snapshots").join(commit).join(file))
+        .filter(|path| path.is_file());
+    if let Some(path) = cached {
+        return Ok(path);
+    }
+    if let Some(mirror) = removed_repo_mirror(repo_id) {
+        return Err(removed_repo_error(repo_id, mirror, opts));
+    }
+    if opts.offline {
+        return Err(offline_error(repo_id, file, "", opts));
+    }
+    let rev = opts.revision();
+    let ctx = Ctx { repo_id, rev, opts };
+    let repo = Repo::with_revision(repo_id.to_string(), RepoType::Model, rev.to_string());
+    hub_api(opts)
+        .map_err(|e| ctx.error(None, e))?
+        .repo(repo)
+        .get(file)
+        .map_err(|e| ctx.error(Some(file), e))
+}
+
+/// What a model argument names.
+enum ModelSource<'a> {
+    Folder(&'a Path),
+    Repo(&'a str),
+}
+
+/// An existing folder, or else a hub repo id; a file or a string that is neither is an error.
+fn model_source(id_or_path: &str) -> Result<ModelSource<'_>> {
     let path = Path::new(id_or_path);
     if path.is_dir() {
-        return Ok(path.to_path_buf());
+        return Ok(ModelSource::Folder(path));
     }
     if path.exists() {
         return Err(Error::invalid(format!(
@@ -207,32 +281,25 @@ pub fn resolve_model(id_or_path: &str, opts: &HubOptions) -> Result<PathBuf> {
     if !is_valid_repo_id(id_or_path) {
         return Err(Error::NotFound { path: path.to_path_buf() });
     }
-    let repo_id = id_or_path;
-    let rev = opts.revision();
+    Ok(ModelSource::Repo(id_or_path))
+}
 
-    if let Some(mirror) = removed_repo_mirror(repo_id) {
-        return cached_snapshot(repo_id, opts).map_err(|_| {
-            Error::Hub(format!(
-                "`{repo_id}` was removed from the Hugging Face hub in Nov 2025 and is not in the local cache {}; \
-                 use the community mirror `{mirror}` instead",
-                opts.cache_dir.display()
-            ))
-        });
-    }
+fn removed_repo_error(repo_id: &str, mirror: &str, opts: &HubOptions) -> Error {
+    Error::Hub(format!(
+        "`{repo_id}` was removed from the Hugging Face hub in Nov 2025 and is not in the local cache {}; \
+         use the community mirror `{mirror}` instead",
+        opts.cache_dir.display()
+    ))
+}
 
-    if opts.offline {
-        return cached_snapshot(repo_id, opts).map_err(|miss| {
-            Error::Hub(format!(
-                "offline mode is on (HF_HUB_OFFLINE=1) and `{}` of {repo_id} (revision {rev}) is not in the cache {}{}; \
-                 unset HF_HUB_OFFLINE to download it",
-                miss.file,
-                opts.cache_dir.display(),
-                miss.detail
-            ))
-        });
-    }
-
-    download_snapshot(repo_id, opts)
+/// `file` (with an optional explanation, see [`Missing`]) is not cached and offline mode is on.
+fn offline_error(repo_id: &str, file: &str, detail: &str, opts: &HubOptions) -> Error {
+    Error::Hub(format!(
+        "offline mode is on (HF_HUB_OFFLINE=1) and `{file}` of {repo_id} (revision {}) is not in the cache {}{detail}; \
+         unset HF_HUB_OFFLINE to download it",
+        opts.revision(),
+        opts.cache_dir.display()
+    ))
 }
 
 /// Finds a complete snapshot of `repo_id` at `opts.revision` in the cache, without any network
@@ -251,7 +318,7 @@ pub fn resolve_cached(repo_id: &str, opts: &HubOptions) -> Result<PathBuf> {
 
 /// `huggingface_hub`'s repo id rule: `name` or `org/name`, made of letters, digits, `-`, `_`
 /// and `.`, without `--` or `..`, at most 96 characters.
-fn is_valid_repo_id(id: &str) -> bool {
+pub fn is_valid_repo_id(id: &str) -> bool {
     let part_ok = |p: &str| {
         !p.is_empty()
             && p.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
@@ -365,20 +432,23 @@ fn list_files(root: &Path) -> BTreeSet<String> {
     out
 }
 
+/// The commit a revision names in a repo's cache folder: its ref, or the revision itself when
+/// it is a commit hash; `None` when the cache has no ref for it.
+fn cached_commit(repo_dir: &Path, rev: &str) -> Option<String> {
+    match std::fs::read_to_string(repo_dir.join("refs").join(rev)) {
+        Ok(commit) => Some(commit.trim().to_string()),
+        Err(_) => is_commit_hash(rev).then(|| rev.to_string()),
+    }
+}
+
 /// The complete cached snapshot of `repo_id` at `opts.revision`, or the first missing file.
 fn cached_snapshot(repo_id: &str, opts: &HubOptions) -> std::result::Result<PathBuf, Missing> {
     let rev = opts.revision();
     let repo_dir = repo_cache_dir(repo_id, opts);
-    let commit = match std::fs::read_to_string(repo_dir.join("refs").join(rev)) {
-        Ok(commit) => commit.trim().to_string(),
-        Err(_) if is_commit_hash(rev) => rev.to_string(),
-        Err(_) => {
-            return Err(Missing {
-                file: "model_index.json".into(),
-                detail: format!(" (no snapshot of revision `{rev}` in {})", repo_dir.display()),
-            })
-        }
-    };
+    let commit = cached_commit(&repo_dir, rev).ok_or_else(|| Missing {
+        file: "model_index.json".into(),
+        detail: format!(" (no snapshot of revision `{rev}` in {})", repo_dir.display()),
+    })?;
     let snapshot = repo_dir.join("snapshots").join(&commit);
     let listing = list_files(&snapshot);
     let plan = plan_files(&listing, opts.variant())?;
@@ -478,20 +548,24 @@ fn is_transport_error(e: &ApiError) -> bool {
     }
 }
 
-/// Downloads the pipeline's files of `repo_id` (those missing from the snapshot) and returns the
-/// snapshot folder.
-fn download_snapshot(repo_id: &str, opts: &HubOptions) -> Result<PathBuf> {
-    let rev = opts.revision();
-    let ctx = Ctx { repo_id, rev, opts };
-    // Every field set explicitly: hf-hub's own environment handling is not used.
-    let api = ApiBuilder::from_cache(Cache::new(opts.cache_dir.clone()))
+/// An hf-hub client for `opts`, every field set explicitly: hf-hub's own environment handling
+/// is not used.
+fn hub_api(opts: &HubOptions) -> std::result::Result<Api, ApiError> {
+    ApiBuilder::from_cache(Cache::new(opts.cache_dir.clone()))
         .with_endpoint(opts.endpoint().to_string())
         .with_token(opts.token.clone())
         .with_progress(opts.progress)
         .with_retries(2)
         .with_user_agent("sd-rs", env!("CARGO_PKG_VERSION"))
         .build()
-        .map_err(|e| ctx.error(None, e))?;
+}
+
+/// Downloads the pipeline's files of `repo_id` (those missing from the snapshot) and returns the
+/// snapshot folder.
+fn download_snapshot(repo_id: &str, opts: &HubOptions) -> Result<PathBuf> {
+    let rev = opts.revision();
+    let ctx = Ctx { repo_id, rev, opts };
+    let api = hub_api(opts).map_err(|e| ctx.error(None, e))?;
 
     let info = match api
         .repo(Repo::with_revision(repo_id.to_string(), RepoType::Model, rev.to_string()))
@@ -662,6 +736,16 @@ mod tests {
         ] {
             assert!(!is_valid_repo_id(bad), "{bad}");
         }
+    }
+
+    #[test]
+    fn variants() {
+        assert_eq!(variant_for(None, DType::F32), None);
+        assert_eq!(variant_for(Some(""), DType::F32), None);
+        assert_eq!(variant_for(None, DType::F16).as_deref(), Some("fp16"));
+        assert_eq!(variant_for(None, DType::BF16).as_deref(), Some("fp16"));
+        assert_eq!(variant_for(Some("ema"), DType::F16).as_deref(), Some("ema"));
+        assert_eq!(variant_for(Some("fp16"), DType::F32).as_deref(), Some("fp16"));
     }
 
     #[test]

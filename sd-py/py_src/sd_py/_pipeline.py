@@ -2,7 +2,6 @@
 
 import json
 import logging
-import math
 import operator
 import os
 import threading
@@ -125,26 +124,38 @@ def _dtype_name(dtype: Any) -> str:
     return str(_native.normalize_dtype(dtype))
 
 
-def _positive_int(name: str, value: Any) -> int:
+def _count(name: str, value: Any) -> int:
+    """A count or size argument as the native module takes it (an unsigned integer); sd-core
+    checks its value."""
     if isinstance(value, bool):
-        raise ValueError(f"`{name}` must be a positive integer, got {value!r}")
+        raise ValueError(f"`{name}` must be an integer, got {value!r}")
     try:
         n = operator.index(value)
     except TypeError:
         if isinstance(value, float) and value.is_integer():
             n = int(value)
         else:
-            raise ValueError(f"`{name}` must be a positive integer, got {value!r}") from None
-    if n < 1:
-        raise ValueError(f"`{name}` must be a positive integer, got {n}")
+            raise ValueError(f"`{name}` must be an integer, got {value!r}") from None
+    if n < 0:
+        raise ValueError(f"`{name}` must not be negative, got {n}")
     return n
 
 
-def _from_native(data: bytes, shape: List[int]) -> Any:
-    """A `(float32 bytes, shape)` pair from the native module as a writable float32 numpy array."""
+def _number(name: str, value: Any) -> float:
+    """A float argument; sd-core checks its value."""
+    if isinstance(value, bool):
+        raise ValueError(f"`{name}` must be a number, got {value!r}")
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"`{name}` must be a number, got {value!r}") from None
+
+
+def _from_native(array: Any) -> Any:
+    """A `Float32Array` of the native module as a writable float32 numpy array."""
     import numpy as np
 
-    return np.frombuffer(data, dtype="<f4").reshape(shape).astype(np.float32)
+    return np.frombuffer(array.data, dtype="<f4").reshape(array.shape).astype(np.float32)
 
 
 def _to_native(what: str, value: Any) -> Optional[Tuple[bytes, List[int]]]:
@@ -177,9 +188,9 @@ def _latents_bytes(latents: Any, shape: List[int]) -> bytes:
 def _prompt_list(name: str, value: Any) -> List[str]:
     if isinstance(value, str):
         return [value]
-    if isinstance(value, (list, tuple)) and value and all(isinstance(p, str) for p in value):
+    if isinstance(value, (list, tuple)) and all(isinstance(p, str) for p in value):
         return list(value)
-    raise ValueError(f"`{name}` has to be of type `str` or a non-empty `list` of `str`, got {type(value).__name__}")
+    raise ValueError(f"`{name}` has to be of type `str` or `list` of `str`, got {type(value).__name__}")
 
 
 def _seed_of(gen: Any) -> int:
@@ -495,39 +506,25 @@ class StableDiffusionPipeline:
             raise ValueError(f"sd_py does not support {', '.join(given)}")
         if kwargs:
             warnings.warn(f"StableDiffusionPipeline.__call__: ignoring unsupported argument(s) {', '.join(sorted(kwargs))}", stacklevel=2)
-        if (prompt is None) == (prompt_embeds is None):
-            raise ValueError("give `prompt` or `prompt_embeds` (one of them)")
-        if negative_prompt is not None and negative_prompt_embeds is not None:
-            raise ValueError("give `negative_prompt` or `negative_prompt_embeds`, not both")
+        # Values (sizes, steps, guidance, prompt counts, embedding shapes...) are checked by
+        # sd-core, with the same messages as sd-cli's; here only what Python types decide.
         embeds = _to_native("prompt_embeds", prompt_embeds)
         negative_embeds = _to_native("negative_prompt_embeds", negative_prompt_embeds)
         prompts = [] if prompt is None else _prompt_list("prompt", prompt)
         n_prompts = len(prompts) if embeds is None else (embeds[1][0] if len(embeds[1]) == 3 else 0)
-        negatives: Optional[List[str]] = None
-        if negative_prompt is not None:
-            negatives = _prompt_list("negative_prompt", negative_prompt)
-            if isinstance(negative_prompt, str):
-                negatives = negatives * n_prompts
-            elif len(negatives) != n_prompts:
-                raise ValueError(
-                    f"`negative_prompt` has {len(negatives)} entries but there are {n_prompts} prompts: give one per prompt"
-                )
-        h = None if height is None else _positive_int("height", height)
-        w = None if width is None else _positive_int("width", width)
-        steps = _positive_int("num_inference_steps", num_inference_steps)
-        per_prompt = 1 if num_images_per_prompt is None else _positive_int("num_images_per_prompt", num_images_per_prompt)
-        if isinstance(guidance_scale, bool):
-            raise ValueError(f"`guidance_scale` must be a number, got {guidance_scale!r}")
-        try:
-            guidance = float(guidance_scale)
-        except (TypeError, ValueError):
-            raise ValueError(f"`guidance_scale` must be a number, got {guidance_scale!r}") from None
-        if not math.isfinite(guidance):
-            raise ValueError(f"`guidance_scale` must be finite, got {guidance}")
-        try:
-            rescale = float(guidance_rescale)
-        except (TypeError, ValueError):
-            raise ValueError(f"`guidance_rescale` must be a number, got {guidance_rescale!r}") from None
+        negatives = None if negative_prompt is None else _prompt_list("negative_prompt", negative_prompt)
+        # diffusers: a str applies to every prompt, a list must have one entry per prompt (sd-core
+        # would also take a list of one for all).
+        if isinstance(negative_prompt, (list, tuple)) and len(negative_prompt) != n_prompts:
+            raise ValueError(
+                f"`negative_prompt` has {len(negative_prompt)} entries but there are {n_prompts} prompts: give one per prompt"
+            )
+        h = None if height is None else _count("height", height)
+        w = None if width is None else _count("width", width)
+        steps = _count("num_inference_steps", num_inference_steps)
+        per_prompt = 1 if num_images_per_prompt is None else _count("num_images_per_prompt", num_images_per_prompt)
+        guidance = _number("guidance_scale", guidance_scale)
+        rescale = _number("guidance_rescale", guidance_rescale)
         seeds = _seeds(generator, n_prompts * per_prompt)
         output = "pil" if output_type is None else output_type
         if output not in ("pil", "np", "latent"):
@@ -554,18 +551,18 @@ class StableDiffusionPipeline:
                     cut,
                 )
 
-        def on_step(index: int, timestep: float, latents: Optional[Tuple[bytes, List[int]]] = None) -> Tuple[str, Optional[bytes]]:
+        def on_step(index: int, timestep: float, latents: Any = None) -> Tuple[str, Optional[bytes]]:
             replacement = None
             if callback_on_step_end is not None:
                 kwargs: Dict[str, Any] = {}
                 if latents is not None:
-                    kwargs["latents"] = _from_native(*latents)
+                    kwargs["latents"] = _from_native(latents)
                 ret = callback_on_step_end(self, index, timestep, kwargs)
                 if latents is not None:
                     # As diffusers' `callback_outputs.pop("latents", latents)`; an array changed in
                     # place is taken too, as a torch tensor changed in place would be.
                     chosen = ret.get("latents", kwargs["latents"]) if isinstance(ret, dict) else kwargs["latents"]
-                    replacement = _latents_bytes(chosen, latents[1])
+                    replacement = _latents_bytes(chosen, latents.shape)
             return ("finish" if self._interrupt else "continue", replacement)
 
         out = native.generate(
@@ -582,7 +579,7 @@ class StableDiffusionPipeline:
             output=output,
             on_step=on_step,
             guidance_rescale=rescale,
-            eta=float(eta),
+            eta=_number("eta", eta),
             step_latents=step_latents,
             latents=initial_noise,
             prompt_embeds=embeds,
@@ -592,10 +589,10 @@ class StableDiffusionPipeline:
         if output == "pil":
             from PIL import Image
 
-            images = [Image.frombytes("RGB", (iw, ih), data) for iw, ih, data in out["images"]]
+            images = [Image.frombytes("RGB", (image.width, image.height), image.data) for image in out.images]
         else:
-            images = _from_native(*(out["array"] if output == "np" else out["latents"]))
-        result = StableDiffusionPipelineOutput(images=images, nsfw_content_detected=None, seeds=list(out["seeds"]))
+            images = _from_native(out.array if output == "np" else out.latents)
+        result = StableDiffusionPipelineOutput(images=images, nsfw_content_detected=None, seeds=list(out.seeds))
         if not return_dict:
             return (images, None)
         return result
