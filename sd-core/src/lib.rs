@@ -16,6 +16,7 @@
 //! Every attention call goes through [`attention`], so device-specific kernels plug in there.
 
 pub mod attention;
+pub mod cpu;
 pub mod error;
 pub mod hub;
 pub mod loading;

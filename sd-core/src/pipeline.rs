@@ -42,20 +42,6 @@ impl Default for LoadOptions {
     }
 }
 
-/// On the CPU, bf16 needs AMX tiles or MKL's bf16 GEMM; `SD_CPU_GEMM=mkl` needs MKL at all.
-fn check_cpu_gemm(dtype: DType) -> Result<()> {
-    use crate::nn::{amx, blas};
-    blas::check_requested_backend().map_err(Error::invalid)?;
-    if dtype == DType::BF16 && !amx::available() && !blas::cpu_gemm().supports_bf16() {
-        let reason = blas::mkl_unavailable_reason().unwrap_or("unknown");
-        return Err(Error::invalid(format!(
-            "bf16 on the CPU runs its matrix products on AMX tiles, which this CPU lacks (or SD_CPU_AMX=0 turned off), \
-             or on Intel MKL's bf16 GEMM, which could not be loaded ({reason}); install it with `pip install --user mkl` or use f32"
-        )));
-    }
-    Ok(())
-}
-
 /// Parses the dtype names users type: f32/float32, f16/float16/fp16/half, bf16/bfloat16.
 pub fn parse_dtype(name: &str) -> Result<DType> {
     match name.to_ascii_lowercase().trim_start_matches("torch.") {
@@ -273,7 +259,7 @@ impl StableDiffusionPipeline {
         }
         if device.is_cpu() {
             crate::runtime::init_cpu(None)?;
-            check_cpu_gemm(dtype)?;
+            crate::cpu::check_dtype_supported(dtype)?;
         }
         let index: ModelIndex = read_json(&folder.join("model_index.json"))?;
         let scheduler_config =

@@ -201,7 +201,7 @@ fn pack_serial(outer: usize, k: usize, dst: &mut [bf16], fill: impl Fn(usize, &m
 /// Packs `src` (`m` rows of `k` f32, row-major) as the A operand into `dst`, rounding to bf16.
 pub fn pack_a_f32(src: &[f32], m: usize, k: usize, dst: &mut [bf16]) {
     pack_serial(m, k, dst, |i, block_row| {
-        pack_a_block(src, m, k, i, block_row, super::blas::to_bf16)
+        pack_a_block(src, m, k, i, block_row, super::bf16::to_bf16)
     })
 }
 
@@ -234,8 +234,8 @@ fn pack_b_transposed_block(w: &[bf16], n: usize, k: usize, i: usize, dst: &mut [
 /// `lo` and `hi` are those two rows of B, zero-padded to whole blocks.
 fn interleave(lo: &[bf16], hi: &[bf16], kb: usize, r: usize, kblocks: usize, dst: &mut [bf16]) {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512bw") {
-        // Safety: the CPU has AVX-512BW (and F).
+    if super::simd::Isa::best().has_avx512() {
+        // Safety: the CPU has AVX-512 (F and BW among it).
         return unsafe { interleave_avx512(lo, hi, kb, r, kblocks, dst) };
     }
     for (c16, (lo, hi)) in lo.chunks_exact(16).zip(hi.chunks_exact(16)).enumerate() {
