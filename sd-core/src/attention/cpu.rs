@@ -37,7 +37,7 @@
 //!   straight-line code that vectorises, and the scale is folded into the queries.
 //! * No `target-feature` flags are needed: the kernel is compiled for AVX-512, AVX2+FMA and the
 //!   baseline of the target (NEON on aarch64), and the best version for the running CPU is
-//!   picked at run time ([`crate::cpu::simd`]).
+//!   picked at run time (`cpu::simd`).
 //! * Causal masking skips key blocks that lie entirely after the block's last query and, in
 //!   the blocks on the diagonal, limits each row to its visible keys (no `-inf` arithmetic).
 

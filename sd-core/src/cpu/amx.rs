@@ -191,7 +191,7 @@ fn pack_serial(outer: usize, k: usize, dst: &mut [bf16], fill: impl Fn(usize, &m
     for (i, block_row) in
         dst[..packed_len(outer, k)].chunks_exact_mut(blocks(k) * BLOCK_ELEMS).enumerate()
     {
-        if outer % BLOCK != 0 || k % BLOCK != 0 {
+        if !outer.is_multiple_of(BLOCK) || !k.is_multiple_of(BLOCK) {
             block_row.fill(bf16::ZERO);
         }
         fill(i, block_row);
@@ -311,6 +311,7 @@ pub enum Bias<'a> {
 /// is valid for writes of rows `0..m`, columns `0..n` at stride `ldc`, and nothing else touches
 /// them meanwhile.
 #[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)] // a GEMM's operands, sizes, bias and output
 pub unsafe fn gemm(
     a: &[bf16],
     m: usize,
@@ -325,7 +326,9 @@ pub unsafe fn gemm(
     assert!(
         a.len() >= mblocks * kblocks * BLOCK_ELEMS && b.len() >= nblocks * kblocks * BLOCK_ELEMS
     );
-    debug_assert!(a.as_ptr() as usize % 64 == 0 && b.as_ptr() as usize % 64 == 0);
+    debug_assert!(
+        (a.as_ptr() as usize).is_multiple_of(64) && (b.as_ptr() as usize).is_multiple_of(64)
+    );
     if let Bias::Rows(v) = bias {
         assert!(v.len() >= m);
     }
@@ -339,6 +342,7 @@ pub unsafe fn gemm(
 }
 
 #[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
 unsafe fn gemm_blocks(
     a: *const bf16,
     m: usize,
@@ -402,6 +406,7 @@ unsafe fn gemm_blocks(
 }
 
 #[cfg(not(target_arch = "x86_64"))]
+#[allow(clippy::too_many_arguments)]
 pub unsafe fn gemm(
     _: &[bf16],
     _: usize,

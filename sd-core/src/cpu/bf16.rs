@@ -13,6 +13,7 @@ pub fn to_bf16(src: &[f32], dst: &mut [bf16]) {
 
 /// [`to_bf16`] compiled for the instruction set `S` (integer ops only, so `S` is not used).
 #[inline(always)]
+#[allow(clippy::extra_unused_type_parameters)] // `simd_dispatch!` names it
 fn to_bf16_with<S>(src: &[f32], dst: &mut [bf16]) {
     for (d, &v) in dst.iter_mut().zip(src) {
         *d = round_to_bf16(v);

@@ -163,7 +163,7 @@ impl Mkl {
         out.extend(LIB_NAMES.iter().map(PathBuf::from));
         let mut dirs: Vec<PathBuf> = ["VIRTUAL_ENV", "CONDA_PREFIX"]
             .iter()
-            .filter_map(|v| std::env::var_os(v))
+            .filter_map(std::env::var_os)
             .map(|p| PathBuf::from(p).join("lib"))
             .collect();
         if let Some(home) = std::env::var_os("HOME") {
@@ -268,6 +268,7 @@ fn trans(op: bool) -> c_int {
 /// `c` must be valid for reads and writes of the `m x n` block with row stride `ldc`, and no
 /// other thread may access that block during the call. (A raw pointer, because parallel
 /// callers write disjoint column blocks of one matrix, which no slice can express.)
+#[allow(clippy::too_many_arguments)] // cblas_sgemm's own arguments
 pub unsafe fn gemm_f32(
     m: usize,
     n: usize,
@@ -343,6 +344,7 @@ pub unsafe fn gemm_f32(
 ///
 /// # Safety
 /// As for [`gemm_f32`].
+#[allow(clippy::too_many_arguments)] // cblas_gemm_bf16bf16f32's own arguments
 pub unsafe fn gemm_bf16(
     m: usize,
     n: usize,

@@ -1,5 +1,5 @@
 //! The low-level CPU layer that the layers (`nn`) and the attention build on, depending on
-//! neither: SIMD kernels compiled per instruction set ([`simd`]), the GEMM backends ([`blas`]:
+//! neither: SIMD kernels compiled per instruction set (`simd`), the GEMM backends ([`blas`]:
 //! Intel MKL or the `gemm` crate; [`amx`]: bf16 on AMX tiles), f32 to bf16 conversion
 //! ([`bf16`]) and per-thread scratch buffers.
 //!

@@ -26,7 +26,7 @@ pub fn group_norm(
     eps: f64,
     vb: VarBuilder,
 ) -> Result<GroupNorm> {
-    if num_groups == 0 || channels % num_groups != 0 {
+    if num_groups == 0 || !channels.is_multiple_of(num_groups) {
         candle_core::bail!("group norm: {channels} channels do not split into {num_groups} groups");
     }
     let vb = vb.to_dtype(param_dtype(&vb));
