@@ -80,6 +80,7 @@ impl Isa {
         all
     }
 
+    /// Which set it is, for [`simd_dispatch!`].
     pub(crate) fn level(self) -> Level {
         self.0
     }
@@ -95,9 +96,10 @@ impl Isa {
 fn detect() -> Level {
     use std::arch::is_x86_feature_detected as has;
     // Every feature the dispatch's functions enable.
-    if has!("avx512f") && has!("avx512vl") && has!("avx512dq") && has!("avx512bw") {
+    let avx2_fma = has!("avx2") && has!("fma");
+    if avx2_fma && has!("avx512f") && has!("avx512vl") && has!("avx512dq") && has!("avx512bw") {
         Level::Avx512
-    } else if has!("avx2") && has!("fma") {
+    } else if avx2_fma {
         Level::Avx2Fma
     } else {
         Level::Baseline
