@@ -49,8 +49,8 @@ fn stages(c: &mut Criterion) {
     sd_core::runtime::init_cpu(None).unwrap();
     eprintln!(
         "gemm: {}, bf16 on AMX tiles: {}, dtype {dtype:?}, {} threads",
-        sd_core::nn::blas::cpu_gemm().describe(),
-        sd_core::nn::amx::available(),
+        sd_core::cpu::blas::cpu_gemm().describe(),
+        sd_core::cpu::amx::available(),
         rayon::current_num_threads()
     );
     let pipe = StableDiffusionPipeline::from_folder(&dir, dtype, &Device::Cpu, None).unwrap();
@@ -128,9 +128,9 @@ fn layers(c: &mut Criterion) {
 /// (`[2, 1280, 16, 16]`) levels at 512 px, where MKL's per-call repacking of the weight costs most.
 fn layers_bf16(c: &mut Criterion) {
     sd_core::runtime::init_cpu(None).unwrap();
-    let path = if sd_core::nn::amx::available() {
+    let path = if sd_core::cpu::amx::available() {
         "amx"
-    } else if sd_core::nn::blas::cpu_gemm().supports_bf16() {
+    } else if sd_core::cpu::blas::cpu_gemm().supports_bf16() {
         "mkl"
     } else {
         eprintln!("layers_bf16 skipped: neither AMX nor MKL");

@@ -14,8 +14,11 @@
 //! | the whole pipeline | [`pipeline::StableDiffusionPipeline`] |
 //!
 //! Every attention call goes through [`attention`], so device-specific kernels plug in there.
+//! The CPU kernels under the layers ([`nn`]) and the attention share one low-level layer,
+//! [`cpu`]: SIMD dispatch, the GEMM backends (builtin, MKL, AMX) and scratch buffers.
 
 pub mod attention;
+pub mod cpu;
 pub mod error;
 pub mod hub;
 pub mod loading;

@@ -145,10 +145,10 @@ fn bf16_on_cpu_stays_close_to_f32_or_names_mkl() {
                 "SD_REQUIRE_MKL is set but bf16 failed: {err}"
             );
             assert!(
-                !sd_core::nn::blas::cpu_gemm().supports_bf16(),
+                !sd_core::cpu::blas::cpu_gemm().supports_bf16(),
                 "MKL is loaded but bf16 failed: {err}"
             );
-            assert!(!sd_core::nn::amx::available(), "AMX is available but bf16 failed: {err}");
+            assert!(!sd_core::cpu::amx::available(), "AMX is available but bf16 failed: {err}");
             assert!(
                 err.contains("bf16") && err.contains("MKL") && err.contains("pip install"),
                 "{err}"

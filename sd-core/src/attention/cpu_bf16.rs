@@ -13,10 +13,11 @@ use candle_core::{DType, Device, Result, Tensor};
 use half::bf16;
 use rayon::prelude::*;
 
-use super::cpu::{exp_approx, Fused, MulAdd, Unfused};
-use crate::nn::amx;
-use crate::nn::blas::{gemm_bf16, round_to_bf16, to_bf16, to_bf16_par, Operand};
-use crate::nn::{with_scratch, with_slice};
+use crate::cpu::amx;
+use crate::cpu::bf16::{round_to_bf16, to_bf16, to_bf16_par};
+use crate::cpu::blas::{gemm_bf16, Operand};
+use crate::cpu::simd::{exp_approx, simd_dispatch, MulAdd};
+use crate::cpu::{with_scratch, with_slice};
 
 /// Score block budget per task: 2 MiB of f32.
 const BLOCK_BYTES: usize = 2 << 20;
@@ -264,18 +265,7 @@ fn scale_rows(o: &mut [f32], dv: usize, inv_sums: &[f32]) {
 /// `probs = bf16(exp(scale (row - max(row))))` (`scale > 0`); returns the sum of the
 /// exponentials before rounding.
 fn softmax_numerators(row: &[f32], scale: f32, probs: &mut [bf16]) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
-        // Safety: the CPU has AVX-512F (and so AVX2 and FMA).
-        return unsafe { softmax_numerators_avx512(row, scale, probs) };
-    }
-    softmax_numerators_with::<Unfused>(row, scale, probs)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512vl,avx512dq,avx512bw,avx2,fma")]
-unsafe fn softmax_numerators_avx512(row: &[f32], scale: f32, probs: &mut [bf16]) -> f32 {
-    softmax_numerators_with::<Fused>(row, scale, probs)
+    simd_dispatch!(softmax_numerators_with(row: &[f32], scale: f32, probs: &mut [bf16]) -> f32)
 }
 
 #[inline(always)]
@@ -319,7 +309,7 @@ mod tests {
     /// Both GEMM paths (MKL, AMX tiles) where this machine has them.
     #[test]
     fn close_to_f32_reference() -> Result<()> {
-        let mkl = crate::nn::blas::cpu_gemm().supports_bf16();
+        let mkl = crate::cpu::blas::cpu_gemm().supports_bf16();
         if !mkl {
             assert!(
                 std::env::var("SD_REQUIRE_MKL").is_err(),

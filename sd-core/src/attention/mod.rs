@@ -18,6 +18,7 @@ pub mod cpu_bf16;
 pub mod cuda;
 
 use candle_core::{DType, Device, Result, Tensor, D};
+use candle_nn::VarBuilder;
 
 /// Options of one attention call.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -29,8 +30,9 @@ pub struct AttentionOptions {
     /// Compute scores and softmax in f32 even for f16/bf16 inputs (SD 2.x's `upcast_attention`:
     /// half-precision scores overflow and give black images).
     pub upcast: bool,
-    /// On the CPU, multiply bf16-rounded operands on MKL's AMX GEMM (scores, softmax and sums
-    /// in f32): set by models loaded in bf16 on the CPU, whose activations are f32.
+    /// On the CPU, multiply bf16-rounded operands on AMX tiles or MKL's bf16 GEMM (scores,
+    /// softmax and sums in f32): set by [`for_model`](Self::for_model) for models loaded in bf16
+    /// on the CPU, whose activations are f32.
     pub bf16_products: bool,
 }
 
@@ -43,6 +45,13 @@ impl AttentionOptions {
             upcast: false,
             bf16_products: false,
         }
+    }
+
+    /// [`new`](Self::new) for a model whose weights `vb` loads, with bf16 products where those
+    /// weights are multiplied in bf16 ([`crate::cpu::multiplies_in_bf16`]).
+    pub fn for_model(head_dim: usize, vb: &VarBuilder) -> Self {
+        let bf16_products = crate::cpu::multiplies_in_bf16(vb.dtype(), vb.device());
+        Self { bf16_products, ..Self::new(head_dim) }
     }
 }
 
@@ -61,10 +70,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, opts: AttentionOptions) -> 
     }
     let fused_dtype = matches!(q.dtype(), DType::F32 | DType::F16 | DType::BF16);
     match q.device() {
-        Device::Cpu
-            if opts.bf16_products
-                && (crate::nn::amx::available() || crate::nn::blas::cpu_gemm().supports_bf16()) =>
-        {
+        Device::Cpu if opts.bf16_products && crate::cpu::bf16_gemms_available() => {
             cpu_bf16::bf16_attention(q, k, v, opts.scale, opts.causal)
         }
         Device::Cpu if fused_dtype => cpu::fused_attention(q, k, v, opts.scale, opts.causal),

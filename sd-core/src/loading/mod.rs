@@ -14,8 +14,8 @@ use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
 use serde::de::DeserializeOwned;
 
-use crate::nn::blas::round_to_bf16;
-use crate::nn::Pod;
+use crate::cpu::bf16::round_to_bf16;
+use crate::cpu::Pod;
 use crate::{Error, Result};
 use weight_files::{choose_weight_files, shard_paths, WeightFiles};
 

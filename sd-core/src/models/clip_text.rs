@@ -67,6 +67,7 @@ struct ClipAttention {
     v_proj: Linear,
     out_proj: Linear,
     heads: usize,
+    opts: AttentionOptions,
 }
 
 impl ClipAttention {
@@ -78,6 +79,10 @@ impl ClipAttention {
             v_proj: linear(d, d, vb.pp("v_proj"))?,
             out_proj: linear(d, d, vb.pp("out_proj"))?,
             heads: cfg.num_attention_heads,
+            opts: AttentionOptions {
+                causal: true,
+                ..AttentionOptions::for_model(d / cfg.num_attention_heads, &vb)
+            },
         })
     }
 
@@ -90,12 +95,7 @@ impl ClipAttention {
         let q = split(self.q_proj.forward(xs)?)?;
         let k = split(self.k_proj.forward(xs)?)?;
         let v = split(self.v_proj.forward(xs)?)?;
-        let opts = AttentionOptions {
-            causal: true,
-            bf16_products: self.q_proj.bf16_on_cpu(),
-            ..AttentionOptions::new(head_dim)
-        };
-        let out = attention(&q, &k, &v, opts)?.transpose(1, 2)?.reshape((b, seq, d))?;
+        let out = attention(&q, &k, &v, self.opts)?.transpose(1, 2)?.reshape((b, seq, d))?;
         self.out_proj.forward(&out)
     }
 }

@@ -102,6 +102,7 @@ pub struct VaeAttention {
     to_k: Linear,
     to_v: Linear,
     to_out: Linear,
+    opts: AttentionOptions,
 }
 
 impl VaeAttention {
@@ -114,6 +115,7 @@ impl VaeAttention {
             to_k: linear(channels, channels, vb.pp(name("to_k", "key")))?,
             to_v: linear(channels, channels, vb.pp(name("to_v", "value")))?,
             to_out: linear(channels, channels, vb.pp(name("to_out.0", "proj_attn")))?,
+            opts: AttentionOptions { upcast: true, ..AttentionOptions::for_model(channels, &vb) },
         })
     }
 }
@@ -125,12 +127,7 @@ impl Module for VaeAttention {
             self.group_norm.forward(xs)?.reshape((b, c, h * w))?.transpose(1, 2)?.contiguous()?;
         let heads = |l: &Linear| -> Result<Tensor> { l.forward(&tokens)?.unsqueeze(1) };
         let (q, k, v) = (heads(&self.to_q)?, heads(&self.to_k)?, heads(&self.to_v)?);
-        let opts = AttentionOptions {
-            upcast: true,
-            bf16_products: self.to_q.bf16_on_cpu(),
-            ..AttentionOptions::new(c)
-        };
-        let out = self.to_out.forward(&attention(&q, &k, &v, opts)?.squeeze(1)?)?;
+        let out = self.to_out.forward(&attention(&q, &k, &v, self.opts)?.squeeze(1)?)?;
         out.transpose(1, 2)?.reshape((b, c, h, w))? + xs
     }
 }

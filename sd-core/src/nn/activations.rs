@@ -7,8 +7,8 @@
 use candle_core::{DType, Device, Result, Tensor, D};
 use rayon::prelude::*;
 
-use super::with_slice;
-use crate::attention::cpu::{exp_approx, Fused, MulAdd, Unfused};
+use crate::cpu::simd::{exp_approx, simd_dispatch, MulAdd};
+use crate::cpu::with_slice;
 
 /// `gelu(x) = x/2 (1 + erf(x / sqrt 2))`.
 pub fn gelu_erf(xs: &Tensor) -> Result<Tensor> {
@@ -18,7 +18,7 @@ pub fn gelu_erf(xs: &Tensor) -> Result<Tensor> {
     let xs = xs.contiguous()?;
     let mut out = vec![0f32; xs.elem_count()];
     with_slice::<f32, _>(&xs, |x| {
-        out.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(d, s)| dispatch(s, None, d))
+        out.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(d, s)| gelu_into(s, None, d))
     })?;
     Tensor::from_vec(out, xs.dims(), &Device::Cpu)
 }
@@ -38,7 +38,7 @@ pub fn geglu(projected: &Tensor) -> Result<Tensor> {
     with_slice::<f32, _>(&projected, |x| {
         out.par_chunks_mut(inner).zip(x.par_chunks(2 * inner)).for_each(|(d, row)| {
             let (value, gate) = row.split_at(inner);
-            dispatch(gate, Some(value), d)
+            gelu_into(gate, Some(value), d)
         })
     })?;
     Tensor::from_vec(out, dims, &Device::Cpu)
@@ -47,32 +47,8 @@ pub fn geglu(projected: &Tensor) -> Result<Tensor> {
 const CHUNK: usize = 1 << 14;
 
 /// `dst = gelu(gate)`, times `value` when given.
-fn dispatch(gate: &[f32], value: Option<&[f32]>, dst: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            // Safety: the CPU has AVX-512F (and so AVX2 and FMA).
-            return unsafe { gelu_avx512(gate, value, dst) };
-        }
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-        {
-            // Safety: checked just above.
-            return unsafe { gelu_avx2(gate, value, dst) };
-        }
-    }
-    gelu_with::<Unfused>(gate, value, dst)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512vl,avx512dq,avx512bw,avx2,fma")]
-unsafe fn gelu_avx512(gate: &[f32], value: Option<&[f32]>, dst: &mut [f32]) {
-    gelu_with::<Fused>(gate, value, dst)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn gelu_avx2(gate: &[f32], value: Option<&[f32]>, dst: &mut [f32]) {
-    gelu_with::<Fused>(gate, value, dst)
+fn gelu_into(gate: &[f32], value: Option<&[f32]>, dst: &mut [f32]) {
+    simd_dispatch!(gelu_with(gate: &[f32], value: Option<&[f32]>, dst: &mut [f32]))
 }
 
 #[inline(always)]

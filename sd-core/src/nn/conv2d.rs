@@ -16,10 +16,11 @@ use candle_nn::VarBuilder;
 use half::bf16;
 use rayon::prelude::*;
 
-use super::amx;
-use super::blas::{gemm_bf16, gemm_f32, to_bf16_par, Operand, SendPtr};
-use super::scratch::with_scratch;
-use super::{packs_for_tiles, param_dtype, task_count, use_cpu_kernels, with_slice};
+use super::{packs_for_tiles, param_dtype, task_count, use_cpu_kernels};
+use crate::cpu::amx;
+use crate::cpu::bf16::to_bf16_par;
+use crate::cpu::blas::{gemm_bf16, gemm_f32, Operand, SendPtr};
+use crate::cpu::{with_scratch, with_slice};
 
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Conv2dConfig {
@@ -380,8 +381,8 @@ impl Module for Conv2d {
 
 #[cfg(test)]
 mod tests {
-    use super::super::test_values::{bf16_gemms, values};
     use super::*;
+    use crate::cpu::test_values::{bf16_gemms, values};
 
     /// `(batch, c_in, c_out, h, w, kernel, stride, pad)`.
     type Case = (usize, usize, usize, usize, usize, usize, usize, usize);

@@ -8,8 +8,9 @@ use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 use rayon::prelude::*;
 
-use super::{param_dtype, with_slice};
-use crate::attention::cpu::{exp_approx, Fused, MulAdd, Unfused};
+use super::param_dtype;
+use crate::cpu::simd::{exp_approx, simd_dispatch, MulAdd};
+use crate::cpu::with_slice;
 
 #[derive(Debug, Clone)]
 pub struct GroupNorm {
@@ -25,7 +26,7 @@ pub fn group_norm(
     eps: f64,
     vb: VarBuilder,
 ) -> Result<GroupNorm> {
-    if num_groups == 0 || channels % num_groups != 0 {
+    if num_groups == 0 || !channels.is_multiple_of(num_groups) {
         candle_core::bail!("group norm: {channels} channels do not split into {num_groups} groups");
     }
     let vb = vb.to_dtype(param_dtype(&vb));
@@ -139,31 +140,7 @@ fn moments(src: &[f32]) -> (f64, f64) {
 
 /// `dst = src * scale + shift`, then SiLU if asked, with the best instruction set available.
 fn affine(src: &[f32], dst: &mut [f32], scale: f32, shift: f32, silu: bool) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            // Safety: the CPU has AVX-512F (and so AVX2 and FMA).
-            return unsafe { affine_avx512(src, dst, scale, shift, silu) };
-        }
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-        {
-            // Safety: checked just above.
-            return unsafe { affine_avx2(src, dst, scale, shift, silu) };
-        }
-    }
-    affine_with::<Unfused>(src, dst, scale, shift, silu)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512vl,avx512dq,avx512bw,avx2,fma")]
-unsafe fn affine_avx512(src: &[f32], dst: &mut [f32], scale: f32, shift: f32, silu: bool) {
-    affine_with::<Fused>(src, dst, scale, shift, silu)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn affine_avx2(src: &[f32], dst: &mut [f32], scale: f32, shift: f32, silu: bool) {
-    affine_with::<Fused>(src, dst, scale, shift, silu)
+    simd_dispatch!(affine_with(src: &[f32], dst: &mut [f32], scale: f32, shift: f32, silu: bool))
 }
 
 #[inline(always)]

@@ -7,10 +7,11 @@ use candle_nn::VarBuilder;
 use half::bf16;
 use rayon::prelude::*;
 
-use super::amx;
-use super::blas::{gemm_bf16, gemm_f32, to_bf16, Operand};
-use super::scratch::with_scratch;
-use super::{packs_for_tiles, param_dtype, task_count, use_cpu_kernels, with_slice};
+use super::{packs_for_tiles, param_dtype, task_count, use_cpu_kernels};
+use crate::cpu::amx;
+use crate::cpu::bf16::to_bf16;
+use crate::cpu::blas::{gemm_bf16, gemm_f32, Operand};
+use crate::cpu::{with_scratch, with_slice};
 
 #[derive(Debug, Clone)]
 pub struct Linear {
@@ -50,15 +51,6 @@ impl Linear {
             Weight::Dense(weight)
         };
         Ok(Self { weight, bias })
-    }
-
-    /// Whether this layer multiplies in bf16 on the CPU (a model loaded in bf16 there); the
-    /// attention next to it follows suit.
-    pub fn bf16_on_cpu(&self) -> bool {
-        match &self.weight {
-            Weight::Dense(w) => w.device().is_cpu() && w.dtype() == DType::BF16,
-            Weight::Tiles(_) => true,
-        }
     }
 
     /// `(out, in)` features.
@@ -213,8 +205,8 @@ impl Module for Linear {
 
 #[cfg(test)]
 mod tests {
-    use super::super::test_values::{bf16_gemms, values};
     use super::*;
+    use crate::cpu::test_values::{bf16_gemms, values};
 
     /// bf16 weights (AMX tiles where the CPU has them, else MKL) against an f32 product of the
     /// same bf16-rounded values, for row counts and feature sizes that cut the tile blocks,

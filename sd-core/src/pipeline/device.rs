@@ -1,4 +1,4 @@
-//! Devices and dtypes: the names users type, and whether this CPU can run a dtype.
+//! Devices and dtypes: the names users type.
 
 use candle_core::{DType, Device};
 
@@ -34,18 +34,4 @@ pub fn parse_device(name: &str) -> Result<Device> {
             Err(Error::invalid(format!("unknown device `{other}` (expected cpu, cuda or cuda:N)")))
         }
     }
-}
-
-/// On the CPU, bf16 needs AMX tiles or MKL's bf16 GEMM; `SD_CPU_GEMM=mkl` needs MKL at all.
-pub(super) fn check_cpu_gemm(dtype: DType) -> Result<()> {
-    use crate::nn::{amx, blas};
-    blas::check_requested_backend().map_err(Error::invalid)?;
-    if dtype == DType::BF16 && !amx::available() && !blas::cpu_gemm().supports_bf16() {
-        let reason = blas::mkl_unavailable_reason().unwrap_or("unknown");
-        return Err(Error::invalid(format!(
-            "bf16 on the CPU runs its matrix products on AMX tiles, which this CPU lacks (or SD_CPU_AMX=0 turned off), \
-             or on Intel MKL's bf16 GEMM, which could not be loaded ({reason}); install it with `pip install --user mkl` or use f32"
-        )));
-    }
-    Ok(())
 }

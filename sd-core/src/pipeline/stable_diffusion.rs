@@ -7,7 +7,6 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
 
-use super::device::check_cpu_gemm;
 use super::postprocess::to_rgb_images;
 use crate::hub::{resolve_model, variant_for, HubOptions};
 use crate::loading::{build_component, read_json, WeightStore};
@@ -84,7 +83,7 @@ impl StableDiffusionPipeline {
             return Err(Error::NotFound { path: folder.to_path_buf() });
         }
         if device.is_cpu() {
-            check_cpu_gemm(dtype)?;
+            crate::cpu::check_dtype_supported(dtype)?;
         }
         let index: ModelIndex = read_json(&folder.join("model_index.json"))?;
         let scheduler_config =

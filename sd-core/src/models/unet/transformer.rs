@@ -44,15 +44,13 @@ impl CrossAttention {
     ) -> Result<Self> {
         let inner = heads * head_dim;
         let context_dim = context_dim.unwrap_or(query_dim);
-        let to_q = linear_no_bias(query_dim, inner, vb.pp("to_q"))?;
-        let bf16_products = to_q.bf16_on_cpu();
         Ok(Self {
-            to_q,
+            to_q: linear_no_bias(query_dim, inner, vb.pp("to_q"))?,
             to_k: linear_no_bias(context_dim, inner, vb.pp("to_k"))?,
             to_v: linear_no_bias(context_dim, inner, vb.pp("to_v"))?,
             to_out: linear(inner, query_dim, vb.pp("to_out.0"))?,
             heads,
-            opts: AttentionOptions { upcast, bf16_products, ..AttentionOptions::new(head_dim) },
+            opts: AttentionOptions { upcast, ..AttentionOptions::for_model(head_dim, &vb) },
         })
     }
 

@@ -191,7 +191,7 @@ fn pack_serial(outer: usize, k: usize, dst: &mut [bf16], fill: impl Fn(usize, &m
     for (i, block_row) in
         dst[..packed_len(outer, k)].chunks_exact_mut(blocks(k) * BLOCK_ELEMS).enumerate()
     {
-        if outer % BLOCK != 0 || k % BLOCK != 0 {
+        if !outer.is_multiple_of(BLOCK) || !k.is_multiple_of(BLOCK) {
             block_row.fill(bf16::ZERO);
         }
         fill(i, block_row);
@@ -201,7 +201,7 @@ fn pack_serial(outer: usize, k: usize, dst: &mut [bf16], fill: impl Fn(usize, &m
 /// Packs `src` (`m` rows of `k` f32, row-major) as the A operand into `dst`, rounding to bf16.
 pub fn pack_a_f32(src: &[f32], m: usize, k: usize, dst: &mut [bf16]) {
     pack_serial(m, k, dst, |i, block_row| {
-        pack_a_block(src, m, k, i, block_row, super::blas::to_bf16)
+        pack_a_block(src, m, k, i, block_row, super::bf16::to_bf16)
     })
 }
 
@@ -234,8 +234,8 @@ fn pack_b_transposed_block(w: &[bf16], n: usize, k: usize, i: usize, dst: &mut [
 /// `lo` and `hi` are those two rows of B, zero-padded to whole blocks.
 fn interleave(lo: &[bf16], hi: &[bf16], kb: usize, r: usize, kblocks: usize, dst: &mut [bf16]) {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512bw") {
-        // Safety: the CPU has AVX-512BW (and F).
+    if super::simd::Isa::best().has_avx512() {
+        // Safety: the CPU has AVX-512 (F and BW among it).
         return unsafe { interleave_avx512(lo, hi, kb, r, kblocks, dst) };
     }
     for (c16, (lo, hi)) in lo.chunks_exact(16).zip(hi.chunks_exact(16)).enumerate() {
@@ -311,6 +311,7 @@ pub enum Bias<'a> {
 /// is valid for writes of rows `0..m`, columns `0..n` at stride `ldc`, and nothing else touches
 /// them meanwhile.
 #[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)] // a GEMM's operands, sizes, bias and output
 pub unsafe fn gemm(
     a: &[bf16],
     m: usize,
@@ -325,7 +326,9 @@ pub unsafe fn gemm(
     assert!(
         a.len() >= mblocks * kblocks * BLOCK_ELEMS && b.len() >= nblocks * kblocks * BLOCK_ELEMS
     );
-    debug_assert!(a.as_ptr() as usize % 64 == 0 && b.as_ptr() as usize % 64 == 0);
+    debug_assert!(
+        (a.as_ptr() as usize).is_multiple_of(64) && (b.as_ptr() as usize).is_multiple_of(64)
+    );
     if let Bias::Rows(v) = bias {
         assert!(v.len() >= m);
     }
@@ -339,6 +342,7 @@ pub unsafe fn gemm(
 }
 
 #[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
 unsafe fn gemm_blocks(
     a: *const bf16,
     m: usize,
@@ -402,6 +406,7 @@ unsafe fn gemm_blocks(
 }
 
 #[cfg(not(target_arch = "x86_64"))]
+#[allow(clippy::too_many_arguments)]
 pub unsafe fn gemm(
     _: &[bf16],
     _: usize,

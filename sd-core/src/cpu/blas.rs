@@ -1,4 +1,4 @@
-//! The CPU matrix products behind [`super::Linear`] and [`super::Conv2d`].
+//! The CPU matrix products behind the GEMM layers and the bf16 attention.
 //!
 //! Two backends, chosen once per process:
 //!
@@ -163,7 +163,7 @@ impl Mkl {
         out.extend(LIB_NAMES.iter().map(PathBuf::from));
         let mut dirs: Vec<PathBuf> = ["VIRTUAL_ENV", "CONDA_PREFIX"]
             .iter()
-            .filter_map(|v| std::env::var_os(v))
+            .filter_map(std::env::var_os)
             .map(|p| PathBuf::from(p).join("lib"))
             .collect();
         if let Some(home) = std::env::var_os("HOME") {
@@ -268,6 +268,7 @@ fn trans(op: bool) -> c_int {
 /// `c` must be valid for reads and writes of the `m x n` block with row stride `ldc`, and no
 /// other thread may access that block during the call. (A raw pointer, because parallel
 /// callers write disjoint column blocks of one matrix, which no slice can express.)
+#[allow(clippy::too_many_arguments)] // cblas_sgemm's own arguments
 pub unsafe fn gemm_f32(
     m: usize,
     n: usize,
@@ -343,6 +344,7 @@ pub unsafe fn gemm_f32(
 ///
 /// # Safety
 /// As for [`gemm_f32`].
+#[allow(clippy::too_many_arguments)] // cblas_gemm_bf16bf16f32's own arguments
 pub unsafe fn gemm_bf16(
     m: usize,
     n: usize,
@@ -378,48 +380,6 @@ pub unsafe fn gemm_bf16(
             panic!("bf16 GEMM needs MKL; the model builder refuses bf16 without it")
         }
     }
-}
-
-/// `dst[i] = bf16(src[i])`, rounding to nearest even as `half` and torch do; written with
-/// integer ops so it vectorises (`half`'s conversion is a scalar call per element).
-pub fn to_bf16(src: &[f32], dst: &mut [bf16]) {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
-        // Safety: the CPU has AVX-512F.
-        return unsafe { to_bf16_avx512(src, dst) };
-    }
-    to_bf16_generic(src, dst)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2")]
-unsafe fn to_bf16_avx512(src: &[f32], dst: &mut [bf16]) {
-    to_bf16_generic(src, dst)
-}
-
-#[inline(always)]
-fn to_bf16_generic(src: &[f32], dst: &mut [bf16]) {
-    for (d, &v) in dst.iter_mut().zip(src) {
-        *d = round_to_bf16(v);
-    }
-}
-
-/// One value of [`to_bf16`], for loops that produce bf16 values themselves.
-#[inline(always)]
-pub(crate) fn round_to_bf16(v: f32) -> bf16 {
-    let bits = v.to_bits();
-    let rounded = bits.wrapping_add(0x7fff + ((bits >> 16) & 1)) >> 16;
-    // NaN stays NaN (quiet) instead of rounding into infinity.
-    let out = if v.is_nan() { (bits >> 16) | 0x40 } else { rounded };
-    bf16::from_bits(out as u16)
-}
-
-/// [`to_bf16`] of a whole buffer, split over the threads.
-pub fn to_bf16_par(src: &[f32]) -> Vec<bf16> {
-    use rayon::prelude::*;
-    let mut dst = vec![bf16::ZERO; src.len()];
-    dst.par_chunks_mut(1 << 16).zip(src.par_chunks(1 << 16)).for_each(|(d, s)| to_bf16(s, d));
-    dst
 }
 
 /// A raw pointer that may cross rayon's thread boundary; each task writes a disjoint region.
@@ -500,30 +460,6 @@ mod tests {
                 assert_eq!(c[i * ldc + n], 0.5, "padding untouched");
             }
         }
-    }
-
-    #[test]
-    fn bf16_conversion_matches_half() {
-        let mut src = vals(1000, 9);
-        src.extend([
-            0.0,
-            -0.0,
-            f32::INFINITY,
-            f32::NEG_INFINITY,
-            f32::MAX,
-            f32::MIN_POSITIVE,
-            1e-40,
-            1.0 + f32::EPSILON,
-            3.0039062,
-        ]);
-        let mut dst = vec![bf16::ZERO; src.len()];
-        to_bf16(&src, &mut dst);
-        for (s, d) in src.iter().zip(&dst) {
-            assert_eq!(d.to_bits(), bf16::from_f32(*s).to_bits(), "{s}");
-        }
-        to_bf16(&[f32::NAN], &mut dst[..1]);
-        assert!(dst[0].is_nan());
-        assert_eq!(to_bf16_par(&src), src.iter().map(|&v| bf16::from_f32(v)).collect::<Vec<_>>());
     }
 
     #[test]

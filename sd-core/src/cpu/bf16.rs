@@ -1,0 +1,68 @@
+//! f32 to bf16 conversion, rounding to nearest even as `half` and torch do, written with
+//! integer ops so it vectorises (`half`'s conversion is a scalar call per element).
+
+use half::bf16;
+use rayon::prelude::*;
+
+use super::simd::simd_dispatch;
+
+/// `dst[i] = bf16(src[i])`.
+pub fn to_bf16(src: &[f32], dst: &mut [bf16]) {
+    simd_dispatch!(to_bf16_with(src: &[f32], dst: &mut [bf16]))
+}
+
+/// [`to_bf16`] compiled for the instruction set `S` (integer ops only, so `S` is not used).
+#[inline(always)]
+#[allow(clippy::extra_unused_type_parameters)] // `simd_dispatch!` names it
+fn to_bf16_with<S>(src: &[f32], dst: &mut [bf16]) {
+    for (d, &v) in dst.iter_mut().zip(src) {
+        *d = round_to_bf16(v);
+    }
+}
+
+/// One value of [`to_bf16`], for loops that produce bf16 values themselves.
+#[inline(always)]
+pub fn round_to_bf16(v: f32) -> bf16 {
+    let bits = v.to_bits();
+    let rounded = bits.wrapping_add(0x7fff + ((bits >> 16) & 1)) >> 16;
+    // NaN stays NaN (quiet) instead of rounding into infinity.
+    let out = if v.is_nan() { (bits >> 16) | 0x40 } else { rounded };
+    bf16::from_bits(out as u16)
+}
+
+/// [`to_bf16`] of a whole buffer, split over the threads.
+pub fn to_bf16_par(src: &[f32]) -> Vec<bf16> {
+    let mut dst = vec![bf16::ZERO; src.len()];
+    dst.par_chunks_mut(1 << 16).zip(src.par_chunks(1 << 16)).for_each(|(d, s)| to_bf16(s, d));
+    dst
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::test_values::values;
+    use super::*;
+
+    #[test]
+    fn bf16_conversion_matches_half() {
+        let mut src = values(1000, 9);
+        src.extend([
+            0.0,
+            -0.0,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::MAX,
+            f32::MIN_POSITIVE,
+            1e-40,
+            1.0 + f32::EPSILON,
+            3.0039062,
+        ]);
+        let mut dst = vec![bf16::ZERO; src.len()];
+        to_bf16(&src, &mut dst);
+        for (s, d) in src.iter().zip(&dst) {
+            assert_eq!(d.to_bits(), bf16::from_f32(*s).to_bits(), "{s}");
+        }
+        to_bf16(&[f32::NAN], &mut dst[..1]);
+        assert!(dst[0].is_nan());
+        assert_eq!(to_bf16_par(&src), src.iter().map(|&v| bf16::from_f32(v)).collect::<Vec<_>>());
+    }
+}
