@@ -67,6 +67,7 @@ impl HalfType {
     }
 
     /// The define that restricts the source to this type's kernels.
+    #[cfg(feature = "cuda")]
     fn only_define(self) -> &'static str {
         match self {
             Self::F16 => "-DSD_FA_ONLY_F16",

@@ -217,7 +217,9 @@ fn copy_out(
 /// The stored bytes as values, if they are aligned for `T` (safetensors does not promise it).
 fn as_values<T: Pod>(bytes: &[u8]) -> Option<&[T]> {
     let size = std::mem::size_of::<T>();
-    if bytes.as_ptr() as usize % std::mem::align_of::<T>() != 0 || bytes.len() % size != 0 {
+    if !(bytes.as_ptr() as usize).is_multiple_of(std::mem::align_of::<T>())
+        || !bytes.len().is_multiple_of(size)
+    {
         return None;
     }
     // Safety: aligned, a whole number of values, and any bit pattern is a valid `T`.

@@ -149,7 +149,7 @@ impl ClipTextModel {
         };
         let act = Activation::parse(&config.hidden_act)?;
         let d = config.hidden_size;
-        if config.num_attention_heads == 0 || d % config.num_attention_heads != 0 {
+        if config.num_attention_heads == 0 || !d.is_multiple_of(config.num_attention_heads) {
             candle_core::bail!(
                 "text encoder config: hidden_size {d} is not divisible by num_attention_heads {}",
                 config.num_attention_heads

@@ -93,7 +93,7 @@ impl Downsample2D {
         out_channels: usize,
         padding: usize,
     ) -> Result<Self> {
-        let cfg = Conv2dConfig { stride: 2, padding, ..Default::default() };
+        let cfg = Conv2dConfig { stride: 2, padding };
         let conv = conv2d(channels, out_channels, 3, cfg, vb.pp("conv"))?;
         Ok(Self { conv, asymmetric_pad: padding == 0 })
     }

@@ -219,7 +219,7 @@ impl UNet2DConditionConfig {
         if self.norm_num_groups.is_none() {
             unsupported("norm_num_groups", &None::<usize>)?
         }
-        if self.conv_in_kernel % 2 == 0 || self.conv_out_kernel % 2 == 0 {
+        if self.conv_in_kernel.is_multiple_of(2) || self.conv_out_kernel.is_multiple_of(2) {
             unsupported(
                 "conv_in_kernel/conv_out_kernel",
                 &(self.conv_in_kernel, self.conv_out_kernel),
