@@ -16,12 +16,36 @@ use crate::{Error, Result};
 /// Declares the typed `__init__` arguments of a diffusers scheduler class: the struct (every
 /// field public, with its doc), `Default` with the class defaults, the public `from_config`
 /// reader and the [`ConfigFields`] implementation. Field kinds name the [`ConfigReader`] method
-/// that reads them. Every class has the training-schedule keys (`num_train_timesteps`, `beta_*`,
+/// that reads them. Every class starts with the training-schedule keys (`num_train_timesteps`,
+/// `beta_start`, `beta_end`, `beta_schedule` with the class defaults given, then
 /// `trained_betas`); `rescale_betas_zero_snr` is optional.
 macro_rules! scheduler_config {
     (
         $(#[$m:meta])*
         pub struct $name:ident for $class:literal {
+            num_train_timesteps = $n:expr, beta_start = $start:expr, beta_end = $end:expr,
+            beta_schedule = $schedule:expr;
+            $($fields:tt)*
+        }
+    ) => {
+        $crate::schedulers::common::scheduler_config! {
+            @declare $(#[$m])* $name $class {
+                /// Number of diffusion steps the model was trained with.
+                num_train_timesteps: usize = $n => usize,
+                /// First training beta.
+                beta_start: f64 = $start => f64,
+                /// Last training beta.
+                beta_end: f64 = $end => f64,
+                /// How the betas go from `beta_start` to `beta_end`.
+                beta_schedule: $crate::schedulers::BetaSchedule = $schedule => choice,
+                /// Explicit betas, overriding `beta_start`/`beta_end`/`beta_schedule`.
+                trained_betas: Option<Vec<f64>> = None => opt_f64_vec,
+                $($fields)*
+            }
+        }
+    };
+    (
+        @declare $(#[$m:meta])* $name:ident $class:literal {
             $( $(#[$fm:meta])* $field:ident : $ty:ty = $default:expr => $kind:ident ),* $(,)?
         }
     ) => {

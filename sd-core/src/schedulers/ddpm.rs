@@ -19,18 +19,11 @@ use crate::{Error, Result};
 const CLASS: &str = "DDPMScheduler";
 
 scheduler_config! {
-    /// The `__init__` arguments of diffusers' `DDPMScheduler`, with its defaults.
+    /// The `__init__` arguments of diffusers' `DDPMScheduler`, with its defaults (unlike the
+    /// other classes, it accepts `beta_schedule: "sigmoid"`).
     pub struct DDPMConfig for "DDPMScheduler" {
-        /// Number of diffusion steps the model was trained with.
-        num_train_timesteps: usize = 1000 => usize,
-        /// First training beta.
-        beta_start: f64 = 0.0001 => f64,
-        /// Last training beta.
-        beta_end: f64 = 0.02 => f64,
-        /// How the betas go from `beta_start` to `beta_end` (`sigmoid` is accepted here).
-        beta_schedule: BetaSchedule = BetaSchedule::Linear => choice,
-        /// Explicit betas, overriding `beta_start`/`beta_end`/`beta_schedule`.
-        trained_betas: Option<Vec<f64>> = None => opt_f64_vec,
+        num_train_timesteps = 1000, beta_start = 0.0001, beta_end = 0.02,
+        beta_schedule = BetaSchedule::Linear;
         /// The variance of the added noise: `fixed_small` (the default), `fixed_small_log` or
         /// `fixed_large` (the learned variants need a model that predicts them).
         variance_type: VarianceType = VarianceType::FixedSmall => choice,

@@ -22,16 +22,8 @@ scheduler_config! {
     /// The `__init__` arguments of diffusers' `KDPM2DiscreteScheduler` (and of
     /// `KDPM2AncestralDiscreteScheduler`, which has the same ones), with their defaults.
     pub struct KDPM2DiscreteConfig for "KDPM2DiscreteScheduler" {
-        /// Number of diffusion steps the model was trained with.
-        num_train_timesteps: usize = 1000 => usize,
-        /// First training beta.
-        beta_start: f64 = 0.00085 => f64,
-        /// Last training beta.
-        beta_end: f64 = 0.012 => f64,
-        /// How the betas go from `beta_start` to `beta_end`.
-        beta_schedule: BetaSchedule = BetaSchedule::Linear => choice,
-        /// Explicit betas, overriding `beta_start`/`beta_end`/`beta_schedule`.
-        trained_betas: Option<Vec<f64>> = None => opt_f64_vec,
+        num_train_timesteps = 1000, beta_start = 0.00085, beta_end = 0.012,
+        beta_schedule = BetaSchedule::Linear;
         /// Use the Karras et al. (2022) sigma schedule (rho = 7).
         use_karras_sigmas: bool = false => bool,
         /// Use exponentially spaced sigmas.

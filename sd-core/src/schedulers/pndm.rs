@@ -19,16 +19,8 @@ const CLASS: &str = "PNDMScheduler";
 scheduler_config! {
     /// The `__init__` arguments of diffusers' `PNDMScheduler`, with its defaults.
     pub struct PNDMConfig for "PNDMScheduler" {
-        /// Number of diffusion steps the model was trained with.
-        num_train_timesteps: usize = 1000 => usize,
-        /// First training beta.
-        beta_start: f64 = 0.0001 => f64,
-        /// Last training beta.
-        beta_end: f64 = 0.02 => f64,
-        /// How the betas go from `beta_start` to `beta_end`.
-        beta_schedule: BetaSchedule = BetaSchedule::Linear => choice,
-        /// Explicit betas, overriding `beta_start`/`beta_end`/`beta_schedule`.
-        trained_betas: Option<Vec<f64>> = None => opt_f64_vec,
+        num_train_timesteps = 1000, beta_start = 0.0001, beta_end = 0.02,
+        beta_schedule = BetaSchedule::Linear;
         /// Skip the Runge-Kutta warm-up (PLMS only; Stable Diffusion sets it).
         skip_prk_steps: bool = false => bool,
         /// Use alpha = 1 after the last step (else the first training alpha).
