@@ -105,6 +105,10 @@ macro_rules! scheduler_config {
             fn timestep_spacing(&self) -> $crate::schedulers::TimestepSpacing {
                 self.timestep_spacing
             }
+
+            fn steps_offset(&self) -> i64 {
+                self.steps_offset
+            }
         }
     };
 }
@@ -200,6 +204,8 @@ pub(crate) trait ConfigFields: Sized {
     fn num_train_timesteps(&self) -> usize;
     /// `timestep_spacing`.
     fn timestep_spacing(&self) -> super::TimestepSpacing;
+    /// `steps_offset`.
+    fn steps_offset(&self) -> i64;
 }
 
 /// The per-class part of a typed config: the checks (and renames) of diffusers' `__init__`.

@@ -9,8 +9,7 @@ use super::common::{
     ClassConfig, ConfigFields, STANDARD_BETAS,
 };
 use super::config::{BetaSchedule, ConfigReader, PredictionType, SchedulerConfig, TimestepSpacing};
-use super::sigma_schedule::discrete_timesteps;
-use super::state::{Parametrization, SchedulerClass, SchedulerState};
+use super::state::{scheduler_state, Parametrization, SchedulerClass, SchedulerState};
 use crate::rng::Generators;
 use crate::{Error, Result};
 
@@ -102,23 +101,10 @@ impl DDIMScheduler {
 }
 
 impl SchedulerClass for DDIMScheduler {
-    type Config = DDIMConfig;
-
-    fn state(&self) -> &SchedulerState<DDIMConfig> {
-        &self.state
-    }
-
-    fn state_mut(&mut self) -> &mut SchedulerState<DDIMConfig> {
-        &mut self.state
-    }
+    scheduler_state!(DDIMConfig, state);
 
     fn set_timesteps(&mut self, num_inference_steps: usize) -> Result<()> {
-        self.state.check_steps(num_inference_steps)?;
-        let c = &self.state.config;
-        let n = num_inference_steps;
-        let ts = discrete_timesteps(c.timestep_spacing, c.num_train_timesteps, n, c.steps_offset);
-        self.state.set_schedule(ts.into_iter().map(|t| t as f64).collect(), vec![], n);
-        Ok(())
+        self.state.set_discrete_schedule(num_inference_steps)
     }
 
     fn step(

@@ -13,7 +13,7 @@ use super::config::{
 use super::multistep::{alpha_sigma, check_multistep_config, lambda, MultistepHistory};
 use super::numeric::np_log_f32;
 use super::sigma_schedule::{multistep_timesteps, training_timesteps, SigmaSpacing, TrainSigmas};
-use super::state::{Parametrization, SchedulerClass, SchedulerState};
+use super::state::{scheduler_state, Parametrization, SchedulerClass, SchedulerState};
 use crate::rng::Generators;
 use crate::Result;
 
@@ -150,15 +150,7 @@ fn ind3(t: f32, b: f32, c: f32, d: f32) -> f32 {
 }
 
 impl SchedulerClass for DEISMultistepScheduler {
-    type Config = DEISMultistepConfig;
-
-    fn state(&self) -> &SchedulerState<DEISMultistepConfig> {
-        &self.state
-    }
-
-    fn state_mut(&mut self) -> &mut SchedulerState<DEISMultistepConfig> {
-        &mut self.state
-    }
+    scheduler_state!(DEISMultistepConfig, state);
 
     fn set_timesteps(&mut self, num_inference_steps: usize) -> Result<()> {
         self.state.check_steps(num_inference_steps)?;

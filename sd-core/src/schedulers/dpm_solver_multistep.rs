@@ -15,7 +15,7 @@ use super::config::{
 use super::multistep::{alpha_sigma, check_multistep_config, lambda, MultistepHistory};
 use super::numeric::np_linspace;
 use super::sigma_schedule::{multistep_timesteps, training_timesteps, SigmaSpacing, TrainSigmas};
-use super::state::{Parametrization, SchedulerClass, SchedulerState};
+use super::state::{scheduler_state, Parametrization, SchedulerClass, SchedulerState};
 use crate::rng::Generators;
 use crate::{Error, Result};
 
@@ -377,15 +377,7 @@ impl DPMSolverMultistepScheduler {
 }
 
 impl SchedulerClass for DPMSolverMultistepScheduler {
-    type Config = DPMSolverMultistepConfig;
-
-    fn state(&self) -> &SchedulerState<DPMSolverMultistepConfig> {
-        &self.state
-    }
-
-    fn state_mut(&mut self) -> &mut SchedulerState<DPMSolverMultistepConfig> {
-        &mut self.state
-    }
+    scheduler_state!(DPMSolverMultistepConfig, state);
 
     fn set_timesteps(&mut self, num_inference_steps: usize) -> Result<()> {
         self.state.check_steps(num_inference_steps)?;

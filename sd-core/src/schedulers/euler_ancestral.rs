@@ -8,8 +8,8 @@ use super::common::{
     STANDARD_BETAS,
 };
 use super::config::{BetaSchedule, ConfigReader, PredictionType, SchedulerConfig, TimestepSpacing};
-use super::sigma_schedule::{k_timesteps, training_timesteps, TrainSigmas};
-use super::state::{Parametrization, SchedulerClass, SchedulerState};
+use super::sigma_schedule::{training_timesteps, TrainSigmas};
+use super::state::{scheduler_state, Parametrization, SchedulerClass, SchedulerState};
 use crate::rng::Generators;
 use crate::Result;
 
@@ -84,26 +84,15 @@ impl EulerAncestralDiscreteScheduler {
 }
 
 impl SchedulerClass for EulerAncestralDiscreteScheduler {
-    type Config = EulerAncestralDiscreteConfig;
-
-    fn state(&self) -> &SchedulerState<EulerAncestralDiscreteConfig> {
-        &self.state
-    }
-
-    fn state_mut(&mut self) -> &mut SchedulerState<EulerAncestralDiscreteConfig> {
-        &mut self.state
-    }
+    scheduler_state!(EulerAncestralDiscreteConfig, state);
 
     fn set_timesteps(&mut self, num_inference_steps: usize) -> Result<()> {
         self.state.check_steps(num_inference_steps)?;
-        let c = &self.state.config;
-        let n = num_inference_steps;
-        let ts = k_timesteps(c.timestep_spacing, c.num_train_timesteps, n, c.steps_offset);
-        let ts: Vec<f64> = ts.into_iter().map(f64::from).collect();
+        let ts = self.state.k_timesteps(num_inference_steps);
         let train = TrainSigmas::new(&self.state.schedule);
         let mut sigmas: Vec<f32> = train.interpolate(&ts).into_iter().map(|s| s as f32).collect();
         sigmas.push(0.0);
-        self.state.set_schedule(ts, sigmas, n);
+        self.state.set_schedule(ts, sigmas, num_inference_steps);
         Ok(())
     }
 

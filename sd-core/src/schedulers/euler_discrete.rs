@@ -11,8 +11,8 @@ use super::config::{
     BetaSchedule, ConfigReader, FinalSigmasType, InterpolationType, PredictionType,
     SchedulerConfig, TimestepSpacing, TimestepType,
 };
-use super::sigma_schedule::{k_timesteps, training_timesteps, SigmaSpacing, TrainSigmas};
-use super::state::{Parametrization, SchedulerClass, SchedulerState, SigmaRange};
+use super::sigma_schedule::{training_timesteps, SigmaSpacing, TrainSigmas};
+use super::state::{scheduler_state, Parametrization, SchedulerClass, SchedulerState, SigmaRange};
 use crate::rng::Generators;
 use crate::{Error, Result};
 
@@ -156,32 +156,22 @@ impl EulerDiscreteScheduler {
 }
 
 impl SchedulerClass for EulerDiscreteScheduler {
-    type Config = EulerDiscreteConfig;
+    scheduler_state!(EulerDiscreteConfig, state);
 
     const NEEDS_SET_TIMESTEPS: bool = false;
-
-    fn state(&self) -> &SchedulerState<EulerDiscreteConfig> {
-        &self.state
-    }
-
-    fn state_mut(&mut self) -> &mut SchedulerState<EulerDiscreteConfig> {
-        &mut self.state
-    }
 
     fn set_timesteps(&mut self, num_inference_steps: usize) -> Result<()> {
         self.state.check_steps(num_inference_steps)?;
         let c = &self.state.config;
         let n = num_inference_steps;
-        let ts = k_timesteps(c.timestep_spacing, c.num_train_timesteps, n, c.steps_offset);
-        let ts: Vec<f64> = ts.into_iter().map(f64::from).collect();
         let train = TrainSigmas::new(&self.state.schedule);
-        let sigmas = match c.interpolation_type {
-            InterpolationType::Linear => train.interpolate(&ts),
-            InterpolationType::LogLinear => train.log_linear(n + 1),
-        };
         let spacing = SigmaSpacing::from_flags(c.use_karras_sigmas, c.use_exponential_sigmas);
-        let range = self.state.sigma_range;
-        let (sigmas, timesteps) = train.k_schedule(spacing, sigmas, ts, n, range);
+        let (sigmas, timesteps) = train.k_schedule(
+            self.state.k_timesteps(n),
+            c.interpolation_type,
+            spacing,
+            self.state.sigma_range,
+        );
         let mut timesteps: Vec<f64> = timesteps.into_iter().map(|t| t as f32 as f64).collect();
         let mut sigmas: Vec<f32> = sigmas.iter().map(|&s| s as f32).collect();
         if c.continuous_timesteps() {

@@ -8,9 +8,11 @@ use super::common::{
     check_sigma_choice, div, euler_update, k_pred_original, mul, scheduler_config, ClassConfig,
     ConfigFields, STANDARD_BETAS,
 };
-use super::config::{BetaSchedule, ConfigReader, PredictionType, SchedulerConfig, TimestepSpacing};
-use super::sigma_schedule::{k_timesteps, SigmaSpacing, TrainSigmas};
-use super::state::{Parametrization, SchedulerClass, SchedulerState};
+use super::config::{
+    BetaSchedule, ConfigReader, InterpolationType, PredictionType, SchedulerConfig, TimestepSpacing,
+};
+use super::sigma_schedule::{SigmaSpacing, TrainSigmas};
+use super::state::{scheduler_state, Parametrization, SchedulerClass, SchedulerState};
 use crate::rng::Generators;
 use crate::Result;
 
@@ -89,26 +91,17 @@ impl HeunDiscreteScheduler {
 }
 
 impl SchedulerClass for HeunDiscreteScheduler {
-    type Config = HeunDiscreteConfig;
-
-    fn state(&self) -> &SchedulerState<HeunDiscreteConfig> {
-        &self.state
-    }
-
-    fn state_mut(&mut self) -> &mut SchedulerState<HeunDiscreteConfig> {
-        &mut self.state
-    }
+    scheduler_state!(HeunDiscreteConfig, state);
 
     fn set_timesteps(&mut self, num_inference_steps: usize) -> Result<()> {
         self.state.check_steps(num_inference_steps)?;
         let c = &self.state.config;
         let n = num_inference_steps;
-        let ts = k_timesteps(c.timestep_spacing, c.num_train_timesteps, n, c.steps_offset);
-        let ts: Vec<f64> = ts.into_iter().map(f64::from).collect();
         let train = TrainSigmas::new(&self.state.schedule);
         let spacing = SigmaSpacing::from_flags(c.use_karras_sigmas, c.use_exponential_sigmas);
-        let sigmas = train.interpolate(&ts);
-        let (sigmas, ts) = train.k_schedule(spacing, sigmas, ts, n, self.state.sigma_range);
+        let linear = InterpolationType::Linear;
+        let (sigmas, ts) =
+            train.k_schedule(self.state.k_timesteps(n), linear, spacing, self.state.sigma_range);
         // Every sigma and timestep but the first (and the final sigma 0) repeated.
         let mut sigmas: Vec<f32> = sigmas.iter().map(|&s| s as f32).collect();
         sigmas.push(0.0);

@@ -8,7 +8,7 @@ use candle_core::Tensor;
 use super::common::{mul, ConfigFields};
 use super::config::SchedulerConfig;
 use super::kdpm2_discrete::{interleave_repeat, log_midpoint, Dpm2State, KDPM2DiscreteConfig};
-use super::state::{SchedulerClass, SchedulerState};
+use super::state::{scheduler_state, SchedulerClass};
 use crate::rng::Generators;
 use crate::{Error, Result};
 
@@ -45,15 +45,7 @@ impl KDPM2AncestralDiscreteScheduler {
 }
 
 impl SchedulerClass for KDPM2AncestralDiscreteScheduler {
-    type Config = KDPM2DiscreteConfig;
-
-    fn state(&self) -> &SchedulerState<KDPM2DiscreteConfig> {
-        &self.dpm2.state
-    }
-
-    fn state_mut(&mut self) -> &mut SchedulerState<KDPM2DiscreteConfig> {
-        &mut self.dpm2.state
-    }
+    scheduler_state!(KDPM2DiscreteConfig, dpm2.state);
 
     fn set_timesteps(&mut self, num_inference_steps: usize) -> Result<()> {
         let base = self.dpm2.base(num_inference_steps)?;

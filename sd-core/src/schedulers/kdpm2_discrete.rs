@@ -9,10 +9,12 @@ use super::common::{
     check_sigma_choice, div, k_pred_original, k_scale, mul, scheduler_config, sigma_at,
     ClassConfig, ConfigFields, EPSILON_OR_V, STANDARD_BETAS,
 };
-use super::config::{BetaSchedule, ConfigReader, PredictionType, SchedulerConfig, TimestepSpacing};
+use super::config::{
+    BetaSchedule, ConfigReader, InterpolationType, PredictionType, SchedulerConfig, TimestepSpacing,
+};
 use super::numeric::np_round;
-use super::sigma_schedule::{k_timesteps, SigmaSpacing, TrainSigmas};
-use super::state::{Parametrization, SchedulerClass, SchedulerState};
+use super::sigma_schedule::{SigmaSpacing, TrainSigmas};
+use super::state::{scheduler_state, Parametrization, SchedulerClass, SchedulerState};
 use crate::rng::Generators;
 use crate::Result;
 
@@ -106,12 +108,11 @@ impl Dpm2State {
         let state = &self.state;
         state.check_steps(n)?;
         let c = &state.config;
-        let ts = k_timesteps(c.timestep_spacing, c.num_train_timesteps, n, c.steps_offset);
-        let ts: Vec<f64> = ts.into_iter().map(f64::from).collect();
         let train = TrainSigmas::new(&state.schedule);
         let spacing = SigmaSpacing::from_flags(c.use_karras_sigmas, c.use_exponential_sigmas);
-        let sigmas = train.interpolate(&ts);
-        let (sigmas, ts) = train.k_schedule(spacing, sigmas, ts, n, state.sigma_range);
+        let linear = InterpolationType::Linear;
+        let (sigmas, ts) =
+            train.k_schedule(state.k_timesteps(n), linear, spacing, state.sigma_range);
         let timesteps = match spacing {
             None => ts.iter().map(|&t| t as f32 as f64).collect(),
             Some(SigmaSpacing::Karras) => ts.iter().map(|&t| np_round(t)).collect(),
@@ -219,15 +220,7 @@ impl KDPM2DiscreteScheduler {
 }
 
 impl SchedulerClass for KDPM2DiscreteScheduler {
-    type Config = KDPM2DiscreteConfig;
-
-    fn state(&self) -> &SchedulerState<KDPM2DiscreteConfig> {
-        &self.dpm2.state
-    }
-
-    fn state_mut(&mut self) -> &mut SchedulerState<KDPM2DiscreteConfig> {
-        &mut self.dpm2.state
-    }
+    scheduler_state!(KDPM2DiscreteConfig, dpm2.state);
 
     fn set_timesteps(&mut self, num_inference_steps: usize) -> Result<()> {
         let base = self.dpm2.base(num_inference_steps)?;

@@ -10,7 +10,7 @@ use super::common::{
 };
 use super::config::{BetaSchedule, ConfigReader, PredictionType, SchedulerConfig, TimestepSpacing};
 use super::numeric::np_linspace;
-use super::state::{Parametrization, SchedulerClass, SchedulerState};
+use super::state::{scheduler_state, Parametrization, SchedulerClass, SchedulerState};
 use crate::rng::Generators;
 use crate::{Error, Result};
 
@@ -111,15 +111,7 @@ impl LCMScheduler {
 }
 
 impl SchedulerClass for LCMScheduler {
-    type Config = LCMConfig;
-
-    fn state(&self) -> &SchedulerState<LCMConfig> {
-        &self.state
-    }
-
-    fn state_mut(&mut self) -> &mut SchedulerState<LCMConfig> {
-        &mut self.state
-    }
+    scheduler_state!(LCMConfig, state);
 
     fn set_timesteps(&mut self, num_inference_steps: usize) -> Result<()> {
         self.state.check_steps(num_inference_steps)?;

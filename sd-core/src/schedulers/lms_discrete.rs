@@ -7,10 +7,12 @@ use super::common::{
     check_sigma_choice, div, k_pred_original, mul, scheduler_config, ClassConfig, ConfigFields,
     STANDARD_BETAS,
 };
-use super::config::{BetaSchedule, ConfigReader, PredictionType, SchedulerConfig, TimestepSpacing};
+use super::config::{
+    BetaSchedule, ConfigReader, InterpolationType, PredictionType, SchedulerConfig, TimestepSpacing,
+};
 use super::numeric::gauss_kronrod_21;
-use super::sigma_schedule::{k_timesteps, SigmaSpacing, TrainSigmas};
-use super::state::{Parametrization, SchedulerClass, SchedulerState, SigmaRange};
+use super::sigma_schedule::{SigmaSpacing, TrainSigmas};
+use super::state::{scheduler_state, Parametrization, SchedulerClass, SchedulerState, SigmaRange};
 use crate::rng::Generators;
 use crate::{Error, Result};
 
@@ -109,22 +111,12 @@ impl LMSDiscreteScheduler {
 }
 
 impl SchedulerClass for LMSDiscreteScheduler {
-    type Config = LMSDiscreteConfig;
-
-    fn state(&self) -> &SchedulerState<LMSDiscreteConfig> {
-        &self.state
-    }
-
-    fn state_mut(&mut self) -> &mut SchedulerState<LMSDiscreteConfig> {
-        &mut self.state
-    }
+    scheduler_state!(LMSDiscreteConfig, state);
 
     fn set_timesteps(&mut self, num_inference_steps: usize) -> Result<()> {
         self.state.check_steps(num_inference_steps)?;
         let c = &self.state.config;
         let n = num_inference_steps;
-        let ts = k_timesteps(c.timestep_spacing, c.num_train_timesteps, n, c.steps_offset);
-        let ts: Vec<f64> = ts.into_iter().map(f64::from).collect();
         let train = TrainSigmas::new(&self.state.schedule);
         let spacing = SigmaSpacing::from_flags(c.use_karras_sigmas, c.use_exponential_sigmas);
         // LMS's Karras conversion ignores sigma_min/sigma_max; the exponential one reads them as
@@ -133,8 +125,8 @@ impl SchedulerClass for LMSDiscreteScheduler {
             Some(SigmaSpacing::Karras) => SigmaRange::default(),
             _ => self.state.sigma_range,
         };
-        let sigmas = train.interpolate(&ts);
-        let (sigmas, ts) = train.k_schedule(spacing, sigmas, ts, n, range);
+        let linear = InterpolationType::Linear;
+        let (sigmas, ts) = train.k_schedule(self.state.k_timesteps(n), linear, spacing, range);
         let timesteps = ts.into_iter().map(|t| t as f32 as f64).collect();
         let mut sigmas: Vec<f32> = sigmas.iter().map(|&s| s as f32).collect();
         sigmas.push(0.0);

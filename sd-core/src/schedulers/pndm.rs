@@ -9,8 +9,7 @@ use super::common::{
     STANDARD_BETAS,
 };
 use super::config::{BetaSchedule, ConfigReader, PredictionType, SchedulerConfig, TimestepSpacing};
-use super::sigma_schedule::discrete_timesteps;
-use super::state::{Parametrization, SchedulerClass, SchedulerState};
+use super::state::{scheduler_state, Parametrization, SchedulerClass, SchedulerState};
 use crate::rng::Generators;
 use crate::{Error, Result};
 
@@ -217,15 +216,7 @@ impl PNDMScheduler {
 }
 
 impl SchedulerClass for PNDMScheduler {
-    type Config = PNDMConfig;
-
-    fn state(&self) -> &SchedulerState<PNDMConfig> {
-        &self.state
-    }
-
-    fn state_mut(&mut self) -> &mut SchedulerState<PNDMConfig> {
-        &mut self.state
-    }
+    scheduler_state!(PNDMConfig, state);
 
     fn set_timesteps(&mut self, num_inference_steps: usize) -> Result<()> {
         self.state.check_steps(num_inference_steps)?;
@@ -233,7 +224,7 @@ impl SchedulerClass for PNDMScheduler {
         let n_train = c.num_train_timesteps;
         let n = num_inference_steps;
         // Ascending, as diffusers' `_timesteps`.
-        let mut ts = discrete_timesteps(c.timestep_spacing, n_train, n, c.steps_offset);
+        let mut ts = self.state.discrete_timesteps(n);
         ts.reverse();
         let (prk, plms): (Vec<i64>, Vec<i64>) = if c.skip_prk_steps {
             let len = ts.len();

@@ -6,14 +6,15 @@
 //! diffusers builds its schedules with numpy float64 over float32 torch tensors.
 
 use super::betas::TrainingSchedule;
-use super::config::TimestepSpacing;
+use super::config::{InterpolationType, TimestepSpacing};
 use super::numeric::{np_arange, np_interp, np_linspace, np_log_f32, np_round, torch_linspace_f32};
 use super::state::SigmaRange;
 
 // ---- timestep spacings ----
 
 /// The float32 timesteps of the k-diffusion style schedulers (Euler, Euler ancestral, LMS, Heun,
-/// KDPM2): `n` values, descending, as numpy computes them before the cast to float32.
+/// KDPM2): `n` values, descending; linspace spacing keeps numpy's fractional values, the others
+/// are the integers DDIM uses.
 pub(crate) fn k_timesteps(
     spacing: TimestepSpacing,
     n_train: usize,
@@ -24,19 +25,9 @@ pub(crate) fn k_timesteps(
         TimestepSpacing::Linspace => {
             np_linspace(0.0, (n_train - 1) as f64, n).into_iter().rev().map(|t| t as f32).collect()
         }
-        TimestepSpacing::Leading => {
-            let ratio = n_train / n;
-            (0..n)
-                .rev()
-                .map(|i| np_round((i * ratio) as f64) as f32 + steps_offset as f32)
-                .collect()
-        }
-        TimestepSpacing::Trailing => {
-            let ratio = n_train as f64 / n as f64;
-            np_arange(n_train as f64, 0.0, -ratio)
-                .into_iter()
-                .map(|t| np_round(t) as f32 - 1.0)
-                .collect()
+        TimestepSpacing::Leading | TimestepSpacing::Trailing => {
+            let ts = discrete_timesteps(spacing, n_train, n, steps_offset);
+            ts.into_iter().map(|t| t as f32).collect()
         }
     }
 }
@@ -238,16 +229,21 @@ impl TrainSigmas {
     }
 
     /// The sigmas (float64, without the final one) and timesteps (float64, not yet rounded) of
-    /// the k-diffusion schedulers: `sigmas` at `timesteps` as given, or respaced to `n` sigmas
-    /// between `range` (default: the ends of `sigmas`) with their timesteps from `_sigma_to_t`.
+    /// the k-diffusion schedulers for the `n` `timesteps`: the sigmas `interpolation` gives, as
+    /// they are or respaced to `n` sigmas between `range` (default: the ends of the interpolated
+    /// sigmas) with their timesteps from `_sigma_to_t`.
     pub fn k_schedule(
         &self,
-        spacing: Option<SigmaSpacing>,
-        sigmas: Vec<f64>,
         timesteps: Vec<f64>,
-        n: usize,
+        interpolation: InterpolationType,
+        spacing: Option<SigmaSpacing>,
         range: SigmaRange,
     ) -> (Vec<f64>, Vec<f64>) {
+        let n = timesteps.len();
+        let sigmas = match interpolation {
+            InterpolationType::Linear => self.interpolate(&timesteps),
+            InterpolationType::LogLinear => self.log_linear(n + 1),
+        };
         let Some(spacing) = spacing else {
             return (sigmas, timesteps);
         };

@@ -12,6 +12,7 @@ use super::common::{
 };
 use super::config::{ConfigReader, SchedulerConfig, TimestepSpacing};
 use super::multistep::alpha_sigma;
+use super::sigma_schedule::{discrete_timesteps, k_timesteps};
 use super::{Scheduler, SchedulerConfig as Config};
 use crate::rng::Generators;
 use crate::{Error, Result};
@@ -167,6 +168,28 @@ impl<C: ConfigFields> SchedulerState<C> {
         check_steps(num_inference_steps, self.config.num_train_timesteps())
     }
 
+    /// The timesteps of the k-diffusion classes for `n` steps (float32 values, descending).
+    pub fn k_timesteps(&self, n: usize) -> Vec<f64> {
+        let c = &self.config;
+        let ts = k_timesteps(c.timestep_spacing(), c.num_train_timesteps(), n, c.steps_offset());
+        ts.into_iter().map(f64::from).collect()
+    }
+
+    /// The integer timesteps of DDIM, DDPM and PNDM for `n` steps (descending).
+    pub fn discrete_timesteps(&self, n: usize) -> Vec<i64> {
+        let c = &self.config;
+        discrete_timesteps(c.timestep_spacing(), c.num_train_timesteps(), n, c.steps_offset())
+    }
+
+    /// `set_timesteps` of DDIM and DDPM: the integer timesteps, no sigmas.
+    pub fn set_discrete_schedule(&mut self, num_inference_steps: usize) -> Result<()> {
+        self.check_steps(num_inference_steps)?;
+        let timesteps = self.discrete_timesteps(num_inference_steps);
+        let timesteps = timesteps.into_iter().map(|t| t as f64).collect();
+        self.set_schedule(timesteps, vec![], num_inference_steps);
+        Ok(())
+    }
+
     /// Sets a new schedule (the end of `set_timesteps`) and forgets the position and the last
     /// prediction.
     pub fn set_schedule(
@@ -205,6 +228,23 @@ impl<C: ConfigFields> SchedulerState<C> {
         self.sigmas.iter().map(|&s| s as f64).collect()
     }
 }
+
+/// The [`SchedulerClass`] items that reach a class's state: `scheduler_state!(Config, field)`
+/// for a `SchedulerState<Config>` at `self.field` (a path such as `dpm2.state` works too).
+macro_rules! scheduler_state {
+    ($config:ty, $($field:ident).+) => {
+        type Config = $config;
+
+        fn state(&self) -> &$crate::schedulers::state::SchedulerState<$config> {
+            &self.$($field).+
+        }
+
+        fn state_mut(&mut self) -> &mut $crate::schedulers::state::SchedulerState<$config> {
+            &mut self.$($field).+
+        }
+    };
+}
+pub(crate) use scheduler_state;
 
 /// A diffusers scheduler class: its state and its math. [`Scheduler`] is implemented for every
 /// class from these methods; the provided ones are what most classes share.

@@ -14,7 +14,7 @@ use super::config::{
 use super::multistep::{alpha_sigma, check_multistep_config, lambda, MultistepHistory};
 use super::numeric::solve_f32;
 use super::sigma_schedule::{multistep_timesteps, training_timesteps, SigmaSpacing, TrainSigmas};
-use super::state::{Parametrization, SchedulerClass, SchedulerState, SigmaRange};
+use super::state::{scheduler_state, Parametrization, SchedulerClass, SchedulerState, SigmaRange};
 use crate::rng::Generators;
 use crate::Result;
 
@@ -318,15 +318,7 @@ struct Coeffs {
 }
 
 impl SchedulerClass for UniPCMultistepScheduler {
-    type Config = UniPCMultistepConfig;
-
-    fn state(&self) -> &SchedulerState<UniPCMultistepConfig> {
-        &self.state
-    }
-
-    fn state_mut(&mut self) -> &mut SchedulerState<UniPCMultistepConfig> {
-        &mut self.state
-    }
+    scheduler_state!(UniPCMultistepConfig, state);
 
     fn set_timesteps(&mut self, num_inference_steps: usize) -> Result<()> {
         self.state.check_steps(num_inference_steps)?;
