@@ -87,14 +87,13 @@ macro_rules! scheduler_config {
             fn training_schedule(
                 &self,
             ) -> $crate::Result<$crate::schedulers::betas::TrainingSchedule> {
-                use $crate::schedulers::common::rescale_flag;
                 $crate::schedulers::betas::TrainingSchedule::new(
                     self.beta_schedule,
                     self.beta_start,
                     self.beta_end,
                     self.num_train_timesteps,
                     self.trained_betas.as_deref(),
-                    false $( || rescale_flag!(self, $field) )*,
+                    self.rescale_betas_zero_snr(),
                 )
             }
 
@@ -108,6 +107,11 @@ macro_rules! scheduler_config {
 
             fn steps_offset(&self) -> i64 {
                 self.steps_offset
+            }
+
+            fn rescale_betas_zero_snr(&self) -> bool {
+                use $crate::schedulers::common::rescale_flag;
+                false $( || rescale_flag!(self, $field) )*
             }
         }
     };
@@ -206,6 +210,8 @@ pub(crate) trait ConfigFields: Sized {
     fn timestep_spacing(&self) -> super::TimestepSpacing;
     /// `steps_offset`.
     fn steps_offset(&self) -> i64;
+    /// `rescale_betas_zero_snr` (false for the classes without the key).
+    fn rescale_betas_zero_snr(&self) -> bool;
 }
 
 /// The per-class part of a typed config: the checks (and renames) of diffusers' `__init__`.

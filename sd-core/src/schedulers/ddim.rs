@@ -6,10 +6,12 @@ use candle_core::Tensor;
 
 use super::common::{
     alpha_at, alpha_pred_original, div, int_timestep, mul, reject_flag, scheduler_config,
-    ClassConfig, ConfigFields, STANDARD_BETAS,
+    ClassConfig, STANDARD_BETAS,
 };
 use super::config::{BetaSchedule, ConfigReader, PredictionType, SchedulerConfig, TimestepSpacing};
-use super::state::{scheduler_state, Parametrization, SchedulerClass, SchedulerState};
+use super::state::{
+    scheduler_api, scheduler_state, Parametrization, SchedulerClass, SchedulerState,
+};
 use crate::rng::Generators;
 use crate::{Error, Result};
 
@@ -69,34 +71,18 @@ pub struct DDIMScheduler {
     pub options: DDIMStepOptions,
 }
 
+scheduler_api!(DDIMScheduler, DDIMConfig, ddim_config);
+
 impl DDIMScheduler {
     /// `DDIMScheduler.from_config(config)`.
     pub fn from_config(config: &SchedulerConfig) -> Result<Self> {
-        let mut state = SchedulerState::<DDIMConfig>::from_config(
+        let state = SchedulerState::<DDIMConfig>::from_config(
             config,
             CLASS,
             Parametrization::AlphasCumprod,
         )?;
-        let c = &state.config;
-        let final_alpha_cumprod =
-            if c.set_alpha_to_one { 1.0 } else { state.schedule.alphas_cumprod[0] };
-        state.timesteps = (0..c.num_train_timesteps).rev().map(|t| t as f64).collect();
+        let final_alpha_cumprod = state.schedule.final_alpha_cumprod(state.config.set_alpha_to_one);
         Ok(Self { state, final_alpha_cumprod, options: DDIMStepOptions::default() })
-    }
-
-    /// `DDIMScheduler(**config)`.
-    pub fn new(config: DDIMConfig) -> Result<Self> {
-        Self::from_config(&SchedulerConfig::from_map(config.write()))
-    }
-
-    /// The typed config.
-    pub fn ddim_config(&self) -> &DDIMConfig {
-        &self.state.config
-    }
-
-    /// The training `alphas_cumprod` (float32).
-    pub fn alphas_cumprod(&self) -> &[f32] {
-        &self.state.schedule.alphas_cumprod
     }
 }
 

@@ -6,12 +6,13 @@ use candle_core::Tensor;
 
 use super::common::{
     alpha_at, alpha_pred_original, int_timestep, mul, reject_flag, scheduler_config, ClassConfig,
-    ConfigFields,
 };
 use super::config::{
     BetaSchedule, ConfigReader, PredictionType, SchedulerConfig, TimestepSpacing, VarianceType,
 };
-use super::state::{scheduler_state, Parametrization, SchedulerClass, SchedulerState};
+use super::state::{
+    scheduler_api, scheduler_state, Parametrization, SchedulerClass, SchedulerState,
+};
 use crate::rng::Generators;
 use crate::{Error, Result};
 
@@ -64,31 +65,13 @@ pub struct DDPMScheduler {
     state: SchedulerState<DDPMConfig>,
 }
 
+scheduler_api!(DDPMScheduler, DDPMConfig, typed_config);
+
 impl DDPMScheduler {
     /// `DDPMScheduler.from_config(config)`.
     pub fn from_config(config: &SchedulerConfig) -> Result<Self> {
-        let mut state = SchedulerState::<DDPMConfig>::from_config(
-            config,
-            CLASS,
-            Parametrization::AlphasCumprod,
-        )?;
-        state.timesteps = (0..state.config.num_train_timesteps).rev().map(|t| t as f64).collect();
+        let state = SchedulerState::from_config(config, CLASS, Parametrization::AlphasCumprod)?;
         Ok(Self { state })
-    }
-
-    /// `DDPMScheduler(**config)`.
-    pub fn new(config: DDPMConfig) -> Result<Self> {
-        Self::from_config(&SchedulerConfig::from_map(config.write()))
-    }
-
-    /// The typed config.
-    pub fn typed_config(&self) -> &DDPMConfig {
-        &self.state.config
-    }
-
-    /// The training `alphas_cumprod` (float32).
-    pub fn alphas_cumprod(&self) -> &[f32] {
-        &self.state.schedule.alphas_cumprod
     }
 
     /// `previous_timestep(t)`: the next timestep of the schedule, -1 after the last.

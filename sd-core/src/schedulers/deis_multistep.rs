@@ -3,17 +3,17 @@
 
 use candle_core::Tensor;
 
-use super::common::{
-    check_solver_order, div, int_timestep, mul, scheduler_config, ClassConfig, ConfigFields,
-};
+use super::common::{check_solver_order, div, int_timestep, mul, scheduler_config, ClassConfig};
 use super::config::{
     AlgorithmType, BetaSchedule, ConfigReader, PredictionType, SchedulerConfig, SolverType,
     TimeShiftType, TimestepSpacing,
 };
 use super::multistep::{alpha_sigma, check_multistep_config, lambda, MultistepHistory};
 use super::numeric::np_log_f32;
-use super::sigma_schedule::{multistep_timesteps, training_timesteps, SigmaSpacing, TrainSigmas};
-use super::state::{scheduler_state, Parametrization, SchedulerClass, SchedulerState};
+use super::sigma_schedule::{multistep_timesteps, SigmaSpacing, TrainSigmas};
+use super::state::{
+    scheduler_api, scheduler_state, Parametrization, SchedulerClass, SchedulerState,
+};
 use crate::rng::Generators;
 use crate::Result;
 
@@ -90,28 +90,18 @@ pub struct DEISMultistepScheduler {
     model_outputs: MultistepHistory,
 }
 
+scheduler_api!(DEISMultistepScheduler, DEISMultistepConfig, typed_config);
+
 impl DEISMultistepScheduler {
     /// `DEISMultistepScheduler.from_config(config)`.
     pub fn from_config(config: &SchedulerConfig) -> Result<Self> {
-        let mut state = SchedulerState::<DEISMultistepConfig>::from_config(
+        let state = SchedulerState::<DEISMultistepConfig>::from_config(
             config,
             CLASS,
             Parametrization::AlphaSigma,
         )?;
-        state.timesteps = training_timesteps(state.config.num_train_timesteps);
-        state.sigmas = state.schedule.sigmas();
         let model_outputs = MultistepHistory::new(CLASS, state.config.solver_order);
         Ok(Self { state, model_outputs })
-    }
-
-    /// `DEISMultistepScheduler(**config)`.
-    pub fn new(config: DEISMultistepConfig) -> Result<Self> {
-        Self::from_config(&SchedulerConfig::from_map(config.write()))
-    }
-
-    /// The typed config.
-    pub fn typed_config(&self) -> &DEISMultistepConfig {
-        &self.state.config
     }
 
     /// `convert_model_output`: the noise prediction (via `x_0`, as diffusers computes it).

@@ -6,7 +6,6 @@ use candle_core::Tensor;
 
 use super::common::{
     check_solver_order, div, int_timestep, mul, same_shape, scheduler_config, ClassConfig,
-    ConfigFields,
 };
 use super::config::{
     AlgorithmType, BetaSchedule, ConfigReader, FinalSigmasType, PredictionType, SchedulerConfig,
@@ -14,8 +13,10 @@ use super::config::{
 };
 use super::multistep::{alpha_sigma, check_multistep_config, lambda, MultistepHistory};
 use super::numeric::np_linspace;
-use super::sigma_schedule::{multistep_timesteps, training_timesteps, SigmaSpacing, TrainSigmas};
-use super::state::{scheduler_state, Parametrization, SchedulerClass, SchedulerState};
+use super::sigma_schedule::{multistep_timesteps, SigmaSpacing, TrainSigmas};
+use super::state::{
+    scheduler_api, scheduler_state, Parametrization, SchedulerClass, SchedulerState,
+};
 use crate::rng::Generators;
 use crate::{Error, Result};
 
@@ -145,37 +146,18 @@ pub struct DPMSolverMultistepScheduler {
     model_outputs: MultistepHistory,
 }
 
+scheduler_api!(DPMSolverMultistepScheduler, DPMSolverMultistepConfig, typed_config);
+
 impl DPMSolverMultistepScheduler {
     /// `DPMSolverMultistepScheduler.from_config(config)`.
     pub fn from_config(config: &SchedulerConfig) -> Result<Self> {
-        let mut state = SchedulerState::<DPMSolverMultistepConfig>::from_config(
+        let state = SchedulerState::<DPMSolverMultistepConfig>::from_config(
             config,
             CLASS,
             Parametrization::AlphaSigma,
         )?;
-        let c = &state.config;
-        if c.rescale_betas_zero_snr {
-            state.schedule.keep_terminal_sigma_finite();
-        }
-        state.timesteps = training_timesteps(c.num_train_timesteps);
-        state.sigmas = state.schedule.sigmas();
         let model_outputs = MultistepHistory::new(CLASS, state.config.solver_order);
         Ok(Self { state, model_outputs })
-    }
-
-    /// `DPMSolverMultistepScheduler(**config)`.
-    pub fn new(config: DPMSolverMultistepConfig) -> Result<Self> {
-        Self::from_config(&SchedulerConfig::from_map(config.write()))
-    }
-
-    /// The typed config.
-    pub fn typed_config(&self) -> &DPMSolverMultistepConfig {
-        &self.state.config
-    }
-
-    /// The training `alphas_cumprod` (float32).
-    pub fn alphas_cumprod(&self) -> &[f32] {
-        &self.state.schedule.alphas_cumprod
     }
 
     /// `lambda_t = log(alpha_t) - log(sigma_t)` of the training schedule, float32.

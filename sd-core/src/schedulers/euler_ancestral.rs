@@ -4,12 +4,13 @@
 use candle_core::Tensor;
 
 use super::common::{
-    euler_update, k_pred_original, mul, scheduler_config, ClassConfig, ConfigFields, EPSILON_OR_V,
-    STANDARD_BETAS,
+    euler_update, k_pred_original, mul, scheduler_config, ClassConfig, EPSILON_OR_V, STANDARD_BETAS,
 };
 use super::config::{BetaSchedule, ConfigReader, PredictionType, SchedulerConfig, TimestepSpacing};
-use super::sigma_schedule::{training_timesteps, TrainSigmas};
-use super::state::{scheduler_state, Parametrization, SchedulerClass, SchedulerState};
+use super::sigma_schedule::TrainSigmas;
+use super::state::{
+    scheduler_api, scheduler_state, Parametrization, SchedulerClass, SchedulerState,
+};
 use crate::rng::Generators;
 use crate::Result;
 
@@ -47,39 +48,13 @@ pub struct EulerAncestralDiscreteScheduler {
     state: SchedulerState<EulerAncestralDiscreteConfig>,
 }
 
+scheduler_api!(EulerAncestralDiscreteScheduler, EulerAncestralDiscreteConfig, typed_config);
+
 impl EulerAncestralDiscreteScheduler {
     /// `EulerAncestralDiscreteScheduler.from_config(config)`.
     pub fn from_config(config: &SchedulerConfig) -> Result<Self> {
-        let mut state = SchedulerState::<EulerAncestralDiscreteConfig>::from_config(
-            config,
-            CLASS,
-            Parametrization::KDiffusion,
-        )?;
-        let c = &state.config;
-        if c.rescale_betas_zero_snr {
-            state.schedule.keep_terminal_sigma_finite();
-        }
-        state.timesteps = training_timesteps(c.num_train_timesteps);
-        let mut sigmas = state.schedule.sigmas();
-        sigmas.reverse();
-        sigmas.push(0.0);
-        state.sigmas = sigmas;
+        let state = SchedulerState::from_config(config, CLASS, Parametrization::KDiffusion)?;
         Ok(Self { state })
-    }
-
-    /// `EulerAncestralDiscreteScheduler(**config)`.
-    pub fn new(config: EulerAncestralDiscreteConfig) -> Result<Self> {
-        Self::from_config(&SchedulerConfig::from_map(config.write()))
-    }
-
-    /// The typed config.
-    pub fn typed_config(&self) -> &EulerAncestralDiscreteConfig {
-        &self.state.config
-    }
-
-    /// The training `alphas_cumprod` (float32).
-    pub fn alphas_cumprod(&self) -> &[f32] {
-        &self.state.schedule.alphas_cumprod
     }
 }
 

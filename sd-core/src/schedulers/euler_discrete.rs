@@ -5,14 +5,16 @@ use candle_core::Tensor;
 
 use super::common::{
     check_sigma_choice, euler_update, k_pred_original, mul, scheduler_config, ClassConfig,
-    ConfigFields, STANDARD_BETAS,
+    STANDARD_BETAS,
 };
 use super::config::{
     BetaSchedule, ConfigReader, FinalSigmasType, InterpolationType, PredictionType,
     SchedulerConfig, TimestepSpacing, TimestepType,
 };
-use super::sigma_schedule::{training_timesteps, SigmaSpacing, TrainSigmas};
-use super::state::{scheduler_state, Parametrization, SchedulerClass, SchedulerState, SigmaRange};
+use super::sigma_schedule::{SigmaSpacing, TrainSigmas};
+use super::state::{
+    scheduler_api, scheduler_state, Parametrization, SchedulerClass, SchedulerState, SigmaRange,
+};
 use crate::rng::Generators;
 use crate::{Error, Result};
 
@@ -63,6 +65,11 @@ impl ClassConfig for EulerDiscreteConfig {
     }
 }
 
+/// `timestep_type="continuous"`: the timesteps are `0.25 * ln(sigma)`, in float32.
+fn continuous_timesteps(sigmas: &[f32]) -> Vec<f64> {
+    sigmas.iter().map(|s| (0.25f32 * s.ln()) as f64).collect()
+}
+
 impl EulerDiscreteConfig {
     /// `timestep_type="continuous"` with v-prediction: the timesteps are `0.25 * ln(sigma)`.
     fn continuous_timesteps(&self) -> bool {
@@ -103,6 +110,8 @@ pub struct EulerDiscreteScheduler {
     pub options: EulerStepOptions,
 }
 
+scheduler_api!(EulerDiscreteScheduler, EulerDiscreteConfig, euler_config);
+
 impl EulerDiscreteScheduler {
     /// `EulerDiscreteScheduler.from_config(config)`.
     pub fn from_config(config: &SchedulerConfig) -> Result<Self> {
@@ -114,39 +123,15 @@ impl EulerDiscreteScheduler {
         let c = &state.config;
         // The class's own keys (what diffusers' `hasattr(self.config, ...)` finds).
         state.sigma_range = SigmaRange { min: c.sigma_min, max: c.sigma_max };
-        if c.rescale_betas_zero_snr {
-            state.schedule.keep_terminal_sigma_finite();
+        if c.continuous_timesteps() {
+            state.timesteps = continuous_timesteps(&state.sigmas[..state.sigmas.len() - 1]);
         }
-        let mut sigmas = state.schedule.sigmas();
-        sigmas.reverse();
-        state.timesteps = if c.continuous_timesteps() {
-            sigmas.iter().map(|s| (0.25f32 * s.ln()) as f64).collect()
-        } else {
-            training_timesteps(c.num_train_timesteps)
-        };
-        sigmas.push(0.0);
-        state.sigmas = sigmas;
         Ok(Self { state, options: EulerStepOptions::default() })
-    }
-
-    /// `EulerDiscreteScheduler(**config)`.
-    pub fn new(config: EulerDiscreteConfig) -> Result<Self> {
-        Self::from_config(&SchedulerConfig::from_map(config.write()))
-    }
-
-    /// The typed config.
-    pub fn euler_config(&self) -> &EulerDiscreteConfig {
-        &self.state.config
     }
 
     /// The sigmas of the current schedule (float32 values), one more than the timesteps.
     pub fn sigmas(&self) -> Vec<f64> {
         self.state.sigmas_f64()
-    }
-
-    /// The training `alphas_cumprod` (float32).
-    pub fn alphas_cumprod(&self) -> &[f32] {
-        &self.state.schedule.alphas_cumprod
     }
 
     /// The current step index (`None` until the first `scale_model_input`/`step`).
@@ -175,7 +160,7 @@ impl SchedulerClass for EulerDiscreteScheduler {
         let mut timesteps: Vec<f64> = timesteps.into_iter().map(|t| t as f32 as f64).collect();
         let mut sigmas: Vec<f32> = sigmas.iter().map(|&s| s as f32).collect();
         if c.continuous_timesteps() {
-            timesteps = sigmas.iter().map(|s| (0.25f32 * s.ln()) as f64).collect();
+            timesteps = continuous_timesteps(&sigmas);
         }
         sigmas.push(match c.final_sigmas_type {
             FinalSigmasType::Zero => 0.0,

@@ -6,13 +6,15 @@ use candle_core::Tensor;
 
 use super::common::{
     check_sigma_choice, div, euler_update, k_pred_original, mul, scheduler_config, ClassConfig,
-    ConfigFields, STANDARD_BETAS,
+    STANDARD_BETAS,
 };
 use super::config::{
     BetaSchedule, ConfigReader, InterpolationType, PredictionType, SchedulerConfig, TimestepSpacing,
 };
 use super::sigma_schedule::{SigmaSpacing, TrainSigmas};
-use super::state::{scheduler_state, Parametrization, SchedulerClass, SchedulerState};
+use super::state::{
+    scheduler_api, scheduler_state, Parametrization, SchedulerClass, SchedulerState,
+};
 use crate::rng::Generators;
 use crate::Result;
 
@@ -63,6 +65,8 @@ pub struct HeunDiscreteScheduler {
     first: Option<(Tensor, f32, Tensor)>,
 }
 
+scheduler_api!(HeunDiscreteScheduler, HeunDiscreteConfig, typed_config);
+
 impl HeunDiscreteScheduler {
     /// `HeunDiscreteScheduler.from_config(config)`.
     pub fn from_config(config: &SchedulerConfig) -> Result<Self> {
@@ -72,16 +76,6 @@ impl HeunDiscreteScheduler {
             Parametrization::KDiffusion,
         )?;
         Self { state, first: None }.with_training_timesteps()
-    }
-
-    /// `HeunDiscreteScheduler(**config)`.
-    pub fn new(config: HeunDiscreteConfig) -> Result<Self> {
-        Self::from_config(&SchedulerConfig::from_map(config.write()))
-    }
-
-    /// The typed config.
-    pub fn typed_config(&self) -> &HeunDiscreteConfig {
-        &self.state.config
     }
 
     /// True between the two evaluations of a step (diffusers' `not state_in_first_order`).

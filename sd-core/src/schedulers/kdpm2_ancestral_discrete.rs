@@ -5,10 +5,10 @@
 
 use candle_core::Tensor;
 
-use super::common::{mul, ConfigFields};
+use super::common::mul;
 use super::config::SchedulerConfig;
 use super::kdpm2_discrete::{interleave_repeat, log_midpoint, Dpm2State, KDPM2DiscreteConfig};
-use super::state::{scheduler_state, SchedulerClass};
+use super::state::{scheduler_api, scheduler_state, SchedulerClass};
 use crate::rng::Generators;
 use crate::{Error, Result};
 
@@ -26,21 +26,13 @@ pub struct KDPM2AncestralDiscreteScheduler {
     sigmas_down: Vec<f32>,
 }
 
+scheduler_api!(KDPM2AncestralDiscreteScheduler, KDPM2AncestralDiscreteConfig, typed_config);
+
 impl KDPM2AncestralDiscreteScheduler {
     /// `KDPM2AncestralDiscreteScheduler.from_config(config)`.
     pub fn from_config(config: &SchedulerConfig) -> Result<Self> {
         let dpm2 = Dpm2State::from_config(config, CLASS)?;
         Self { dpm2, sigmas_up: vec![], sigmas_down: vec![] }.with_training_timesteps()
-    }
-
-    /// `KDPM2AncestralDiscreteScheduler(**config)`.
-    pub fn new(config: KDPM2AncestralDiscreteConfig) -> Result<Self> {
-        Self::from_config(&SchedulerConfig::from_map(config.write()))
-    }
-
-    /// The typed config.
-    pub fn typed_config(&self) -> &KDPM2AncestralDiscreteConfig {
-        &self.dpm2.state.config
     }
 }
 

@@ -7,14 +7,16 @@ use candle_core::Tensor;
 
 use super::common::{
     check_sigma_choice, div, k_pred_original, k_scale, mul, scheduler_config, sigma_at,
-    ClassConfig, ConfigFields, EPSILON_OR_V, STANDARD_BETAS,
+    ClassConfig, EPSILON_OR_V, STANDARD_BETAS,
 };
 use super::config::{
     BetaSchedule, ConfigReader, InterpolationType, PredictionType, SchedulerConfig, TimestepSpacing,
 };
 use super::numeric::np_round;
 use super::sigma_schedule::{SigmaSpacing, TrainSigmas};
-use super::state::{scheduler_state, Parametrization, SchedulerClass, SchedulerState};
+use super::state::{
+    scheduler_api, scheduler_state, Parametrization, SchedulerClass, SchedulerState,
+};
 use crate::rng::Generators;
 use crate::Result;
 
@@ -197,20 +199,12 @@ pub struct KDPM2DiscreteScheduler {
     dpm2: Dpm2State,
 }
 
+scheduler_api!(KDPM2DiscreteScheduler, KDPM2DiscreteConfig, typed_config);
+
 impl KDPM2DiscreteScheduler {
     /// `KDPM2DiscreteScheduler.from_config(config)`.
     pub fn from_config(config: &SchedulerConfig) -> Result<Self> {
         Self { dpm2: Dpm2State::from_config(config, CLASS)? }.with_training_timesteps()
-    }
-
-    /// `KDPM2DiscreteScheduler(**config)`.
-    pub fn new(config: KDPM2DiscreteConfig) -> Result<Self> {
-        Self::from_config(&SchedulerConfig::from_map(config.write()))
-    }
-
-    /// The typed config.
-    pub fn typed_config(&self) -> &KDPM2DiscreteConfig {
-        &self.dpm2.state.config
     }
 
     /// The interleaved interpolated sigmas (float32 values).

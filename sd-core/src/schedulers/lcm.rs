@@ -6,11 +6,13 @@ use candle_core::Tensor;
 
 use super::common::{
     alpha_at, alpha_pred_original, int_timestep, mul, reject_flag, scheduler_config, ClassConfig,
-    ConfigFields, STANDARD_BETAS,
+    STANDARD_BETAS,
 };
 use super::config::{BetaSchedule, ConfigReader, PredictionType, SchedulerConfig, TimestepSpacing};
 use super::numeric::np_linspace;
-use super::state::{scheduler_state, Parametrization, SchedulerClass, SchedulerState};
+use super::state::{
+    scheduler_api, scheduler_state, Parametrization, SchedulerClass, SchedulerState,
+};
 use crate::rng::Generators;
 use crate::{Error, Result};
 
@@ -75,29 +77,18 @@ pub struct LCMScheduler {
     final_alpha_cumprod: f32,
 }
 
+scheduler_api!(LCMScheduler, LCMConfig, typed_config);
+
 impl LCMScheduler {
     /// `LCMScheduler.from_config(config)`.
     pub fn from_config(config: &SchedulerConfig) -> Result<Self> {
-        let mut state = SchedulerState::<LCMConfig>::from_config(
+        let state = SchedulerState::<LCMConfig>::from_config(
             config,
             CLASS,
             Parametrization::AlphasCumprod,
         )?;
-        let c = &state.config;
-        let final_alpha_cumprod =
-            if c.set_alpha_to_one { 1.0 } else { state.schedule.alphas_cumprod[0] };
-        state.timesteps = (0..c.num_train_timesteps).rev().map(|t| t as f64).collect();
+        let final_alpha_cumprod = state.schedule.final_alpha_cumprod(state.config.set_alpha_to_one);
         Ok(Self { state, final_alpha_cumprod })
-    }
-
-    /// `LCMScheduler(**config)`.
-    pub fn new(config: LCMConfig) -> Result<Self> {
-        Self::from_config(&SchedulerConfig::from_map(config.write()))
-    }
-
-    /// The typed config.
-    pub fn typed_config(&self) -> &LCMConfig {
-        &self.state.config
     }
 
     /// `get_scalings_for_boundary_condition_discrete(t)`: `(c_skip, c_out)` in float32.

@@ -4,15 +4,16 @@
 use candle_core::Tensor;
 
 use super::common::{
-    check_sigma_choice, div, k_pred_original, mul, scheduler_config, ClassConfig, ConfigFields,
-    STANDARD_BETAS,
+    check_sigma_choice, div, k_pred_original, mul, scheduler_config, ClassConfig, STANDARD_BETAS,
 };
 use super::config::{
     BetaSchedule, ConfigReader, InterpolationType, PredictionType, SchedulerConfig, TimestepSpacing,
 };
 use super::numeric::gauss_kronrod_21;
 use super::sigma_schedule::{SigmaSpacing, TrainSigmas};
-use super::state::{scheduler_state, Parametrization, SchedulerClass, SchedulerState, SigmaRange};
+use super::state::{
+    scheduler_api, scheduler_state, Parametrization, SchedulerClass, SchedulerState, SigmaRange,
+};
 use crate::rng::Generators;
 use crate::{Error, Result};
 
@@ -64,6 +65,8 @@ pub struct LMSDiscreteScheduler {
     order: usize,
 }
 
+scheduler_api!(LMSDiscreteScheduler, LMSDiscreteConfig, typed_config);
+
 impl LMSDiscreteScheduler {
     /// `LMSDiscreteScheduler.from_config(config)`.
     pub fn from_config(config: &SchedulerConfig) -> Result<Self> {
@@ -73,21 +76,6 @@ impl LMSDiscreteScheduler {
             Parametrization::KDiffusion,
         )?;
         Self { state, derivatives: vec![], order: LMS_ORDER }.with_training_timesteps()
-    }
-
-    /// `LMSDiscreteScheduler(**config)`.
-    pub fn new(config: LMSDiscreteConfig) -> Result<Self> {
-        Self::from_config(&SchedulerConfig::from_map(config.write()))
-    }
-
-    /// The typed config.
-    pub fn typed_config(&self) -> &LMSDiscreteConfig {
-        &self.state.config
-    }
-
-    /// The training `alphas_cumprod` (float32).
-    pub fn alphas_cumprod(&self) -> &[f32] {
-        &self.state.schedule.alphas_cumprod
     }
 
     /// `get_lms_coefficient(order, t, current_order)`: the integral over `[sigmas[t],

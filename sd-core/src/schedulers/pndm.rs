@@ -5,11 +5,12 @@
 use candle_core::Tensor;
 
 use super::common::{
-    alpha_at, div, int_timestep, mul, scheduler_config, ClassConfig, ConfigFields, EPSILON_OR_V,
-    STANDARD_BETAS,
+    alpha_at, div, int_timestep, mul, scheduler_config, ClassConfig, EPSILON_OR_V, STANDARD_BETAS,
 };
 use super::config::{BetaSchedule, ConfigReader, PredictionType, SchedulerConfig, TimestepSpacing};
-use super::state::{scheduler_state, Parametrization, SchedulerClass, SchedulerState};
+use super::state::{
+    scheduler_api, scheduler_state, Parametrization, SchedulerClass, SchedulerState,
+};
 use crate::rng::Generators;
 use crate::{Error, Result};
 
@@ -55,16 +56,19 @@ pub struct PNDMScheduler {
     cur_model_output: Option<Tensor>,
 }
 
+scheduler_api!(PNDMScheduler, PNDMConfig, typed_config);
+
 impl PNDMScheduler {
     /// `PNDMScheduler.from_config(config)`.
     pub fn from_config(config: &SchedulerConfig) -> Result<Self> {
-        let state = SchedulerState::<PNDMConfig>::from_config(
+        let mut state = SchedulerState::<PNDMConfig>::from_config(
             config,
             CLASS,
             Parametrization::AlphasCumprod,
         )?;
-        let final_alpha_cumprod =
-            if state.config.set_alpha_to_one { 1.0 } else { state.schedule.alphas_cumprod[0] };
+        // diffusers' PNDM has no timesteps before `set_timesteps`.
+        state.timesteps.clear();
+        let final_alpha_cumprod = state.schedule.final_alpha_cumprod(state.config.set_alpha_to_one);
         Ok(Self {
             state,
             final_alpha_cumprod,
@@ -74,21 +78,6 @@ impl PNDMScheduler {
             cur_sample: None,
             cur_model_output: None,
         })
-    }
-
-    /// `PNDMScheduler(**config)`.
-    pub fn new(config: PNDMConfig) -> Result<Self> {
-        Self::from_config(&SchedulerConfig::from_map(config.write()))
-    }
-
-    /// The typed config.
-    pub fn typed_config(&self) -> &PNDMConfig {
-        &self.state.config
-    }
-
-    /// The training `alphas_cumprod` (float32).
-    pub fn alphas_cumprod(&self) -> &[f32] {
-        &self.state.schedule.alphas_cumprod
     }
 
     fn alpha(&self, t: i64) -> Result<f32> {

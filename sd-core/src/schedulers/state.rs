@@ -12,7 +12,7 @@ use super::common::{
 };
 use super::config::{ConfigReader, SchedulerConfig, TimestepSpacing};
 use super::multistep::alpha_sigma;
-use super::sigma_schedule::{discrete_timesteps, k_timesteps};
+use super::sigma_schedule::{discrete_timesteps, k_timesteps, training_timesteps};
 use super::{Scheduler, SchedulerConfig as Config};
 use crate::rng::Generators;
 use crate::{Error, Result};
@@ -127,9 +127,12 @@ pub(crate) struct SchedulerState<C> {
 }
 
 impl<C: ClassConfig> SchedulerState<C> {
-    /// The prologue of every `from_config`: the typed config with the class's checks, the
-    /// resolved config, the training schedule (its errors reported as config errors) and the
-    /// sigma range. The timesteps and sigmas are left empty for the class to fill.
+    /// What every `from_config` starts with: the typed config with the class's checks, the
+    /// resolved config, the training schedule (its errors reported as config errors), the
+    /// sigma range, and the schedule of diffusers' `__init__`: the training timesteps (float32
+    /// values, descending) and, by parametrization, the training sigmas (descending with a
+    /// final 0 for k-diffusion, ascending for the multistep solvers, none for the others). The
+    /// sigma-based classes keep the largest sigma finite under zero-terminal-SNR rescaling.
     pub fn from_config(
         config: &SchedulerConfig,
         class: &'static str,
@@ -140,21 +143,32 @@ impl<C: ClassConfig> SchedulerState<C> {
         let resolved = r.resolved(typed.resolved_values());
         let sigma_range =
             SigmaRange { min: r.hidden_f64("sigma_min"), max: r.hidden_f64("sigma_max") };
-        let schedule = typed.training_schedule().map_err(|e| {
+        let mut schedule = typed.training_schedule().map_err(|e| {
             Error::config(
                 resolved.source().unwrap_or(std::path::Path::new("<scheduler config>")),
                 format!("{class}: {e}"),
             )
         })?;
+        let sigma_based = parametrization != Parametrization::AlphasCumprod;
+        if sigma_based && typed.rescale_betas_zero_snr() {
+            schedule.keep_terminal_sigma_finite();
+        }
+        let sigmas = match parametrization {
+            Parametrization::KDiffusion => {
+                schedule.sigmas().into_iter().rev().chain([0.0]).collect()
+            }
+            Parametrization::AlphaSigma => schedule.sigmas(),
+            Parametrization::AlphasCumprod => vec![],
+        };
         Ok(Self {
             class,
             parametrization,
+            timesteps: training_timesteps(typed.num_train_timesteps()),
             config: typed,
             resolved,
             schedule,
             sigma_range,
-            timesteps: vec![],
-            sigmas: vec![],
+            sigmas,
             index: StepIndex::default(),
             num_inference_steps: None,
             pred_original_sample: None,
@@ -245,6 +259,32 @@ macro_rules! scheduler_state {
     };
 }
 pub(crate) use scheduler_state;
+
+/// The public inherent methods every scheduler type has: `new(config)` (diffusers'
+/// `Class(**config)`), the typed config (named `$typed_config`) and the training
+/// `alphas_cumprod`. `$ty` implements [`SchedulerClass`] and has a `from_config`.
+macro_rules! scheduler_api {
+    ($ty:ident, $config:ty, $typed_config:ident) => {
+        impl $ty {
+            #[doc = concat!("`", stringify!($ty), "(**config)`.")]
+            pub fn new(config: $config) -> $crate::Result<Self> {
+                use $crate::schedulers::common::ConfigFields;
+                Self::from_config(&$crate::schedulers::SchedulerConfig::from_map(config.write()))
+            }
+
+            /// The typed config.
+            pub fn $typed_config(&self) -> &$config {
+                &$crate::schedulers::state::SchedulerClass::state(self).config
+            }
+
+            /// The training `alphas_cumprod` (float32).
+            pub fn alphas_cumprod(&self) -> &[f32] {
+                &$crate::schedulers::state::SchedulerClass::state(self).schedule.alphas_cumprod
+            }
+        }
+    };
+}
+pub(crate) use scheduler_api;
 
 /// A diffusers scheduler class: its state and its math. [`Scheduler`] is implemented for every
 /// class from these methods; the provided ones are what most classes share.

@@ -13,8 +13,10 @@ use super::config::{
 };
 use super::multistep::{alpha_sigma, check_multistep_config, lambda, MultistepHistory};
 use super::numeric::solve_f32;
-use super::sigma_schedule::{multistep_timesteps, training_timesteps, SigmaSpacing, TrainSigmas};
-use super::state::{scheduler_state, Parametrization, SchedulerClass, SchedulerState, SigmaRange};
+use super::sigma_schedule::{multistep_timesteps, SigmaSpacing, TrainSigmas};
+use super::state::{
+    scheduler_api, scheduler_state, Parametrization, SchedulerClass, SchedulerState, SigmaRange,
+};
 use crate::rng::Generators;
 use crate::Result;
 
@@ -109,6 +111,8 @@ pub struct UniPCMultistepScheduler {
     last_sample: Option<Tensor>,
 }
 
+scheduler_api!(UniPCMultistepScheduler, UniPCMultistepConfig, typed_config);
+
 impl UniPCMultistepScheduler {
     /// `UniPCMultistepScheduler.from_config(config)`.
     pub fn from_config(config: &SchedulerConfig) -> Result<Self> {
@@ -120,28 +124,8 @@ impl UniPCMultistepScheduler {
         let c = &state.config;
         // The class's own keys (what diffusers' `hasattr(self.config, ...)` finds).
         state.sigma_range = SigmaRange { min: c.sigma_min, max: c.sigma_max };
-        if c.rescale_betas_zero_snr {
-            state.schedule.keep_terminal_sigma_finite();
-        }
-        state.timesteps = training_timesteps(c.num_train_timesteps);
-        state.sigmas = state.schedule.sigmas();
         let model_outputs = MultistepHistory::new(CLASS, state.config.solver_order);
         Ok(Self { state, model_outputs, this_order: 0, last_sample: None })
-    }
-
-    /// `UniPCMultistepScheduler(**config)`.
-    pub fn new(config: UniPCMultistepConfig) -> Result<Self> {
-        Self::from_config(&SchedulerConfig::from_map(config.write()))
-    }
-
-    /// The typed config.
-    pub fn typed_config(&self) -> &UniPCMultistepConfig {
-        &self.state.config
-    }
-
-    /// The training `alphas_cumprod` (float32).
-    pub fn alphas_cumprod(&self) -> &[f32] {
-        &self.state.schedule.alphas_cumprod
     }
 
     fn convert_model_output(
