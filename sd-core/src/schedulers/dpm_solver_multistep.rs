@@ -13,7 +13,7 @@ use super::config::{
 };
 use super::multistep::{alpha_sigma, check_multistep_config, lambda, MultistepHistory};
 use super::numeric::np_linspace;
-use super::sigma_schedule::{multistep_timesteps, SigmaSpacing, TrainSigmas};
+use super::sigma_schedule::{MultistepSchedule, SigmaSpacing, TrainSigmas};
 use super::state::{
     scheduler_api, scheduler_state, Parametrization, SchedulerClass, SchedulerState,
 };
@@ -370,8 +370,7 @@ impl SchedulerClass for DPMSolverMultistepScheduler {
         let clip = c.lambda_min_clipped as f32;
         let clipped_idx = self.train_lambdas().iter().filter(|&&l| l < clip).count();
         let last_timestep = n_train - clipped_idx;
-        let int_ts =
-            multistep_timesteps(c.timestep_spacing, n_train, last_timestep, n, c.steps_offset);
+        let int_ts = self.state.multistep_timesteps(n, last_timestep);
         if int_ts.is_empty() {
             return Err(Error::invalid(format!(
                 "{CLASS}: no timesteps left after lambda_min_clipped"
@@ -381,34 +380,23 @@ impl SchedulerClass for DPMSolverMultistepScheduler {
         let round_karras = c.beta_schedule != BetaSchedule::SquaredcosCapV2;
         let spacing = SigmaSpacing::from_flags(c.use_karras_sigmas, c.use_exponential_sigmas);
         // Karras sigmas win over Lu lambdas, which win over exponential sigmas.
-        let (sigmas, timesteps): (Vec<f64>, Vec<i64>) = match spacing {
-            Some(SigmaSpacing::Exponential) | None if c.use_lu_lambdas => {
-                let logs = &train.log_sigmas;
-                let (lmin, lmax) = (logs[0] as f64, logs[n_train - 1] as f64);
-                let s: Vec<f64> = np_linspace(0.0, 1.0, n)
-                    .into_iter()
-                    .map(|r| (lmax + r * (lmin - lmax)).exp())
-                    .collect();
-                let t = train.int_timesteps(&s, round_karras);
-                (s, t)
-            }
-            Some(spacing) => {
-                train.multistep_schedule(spacing, n, self.state.sigma_range, round_karras)
-            }
-            None => {
-                let ts64: Vec<f64> = int_ts.iter().map(|&t| t as f64).collect();
-                (train.interpolate(&ts64), int_ts)
-            }
+        let schedule = if c.use_lu_lambdas && spacing != Some(SigmaSpacing::Karras) {
+            let logs = &train.log_sigmas;
+            let (lmin, lmax) = (logs[0] as f64, logs[n_train - 1] as f64);
+            let sigmas: Vec<f64> = np_linspace(0.0, 1.0, n)
+                .into_iter()
+                .map(|r| (lmax + r * (lmin - lmax)).exp())
+                .collect();
+            MultistepSchedule::respaced(&sigmas, &train.int_timesteps(&sigmas, round_karras))
+        } else {
+            train.multistep_schedule(&int_ts, spacing, n, self.state.sigma_range, round_karras)
         };
-        let mut sigmas: Vec<f32> = sigmas.iter().map(|&s| s as f32).collect();
-        sigmas.push(match c.final_sigmas_type {
+        let final_sigma = match c.final_sigmas_type {
             FinalSigmasType::Zero => 0.0,
             FinalSigmasType::SigmaMin => train.sigmas[0],
-        });
-        let timesteps: Vec<f64> = timesteps.iter().map(|&t| t as f64).collect();
-        let steps = timesteps.len();
+        };
         self.model_outputs = MultistepHistory::new(CLASS, c.solver_order);
-        self.state.set_schedule(timesteps, sigmas, steps);
+        self.state.set_multistep_schedule(schedule, final_sigma);
         Ok(())
     }
 

@@ -254,22 +254,54 @@ impl TrainSigmas {
         (converted, timesteps)
     }
 
-    /// The respaced sigmas (float64, without the final one) and integer timesteps of the
-    /// multistep solvers (DPM-Solver, DEIS, UniPC, where diffusers copies this branch): `n`
-    /// sigmas between `range` (default: the training sigmas' ends), timesteps rounded for Karras
-    /// sigmas when `round_karras` and truncated for exponential ones.
+    /// The schedule of the multistep solvers (diffusers copies this branch between DPM-Solver,
+    /// DEIS and UniPC): the integer timesteps `timesteps` with their interpolated sigmas, or,
+    /// with a `spacing`, `n` sigmas respaced between `range` (default: the training sigmas'
+    /// ends) with their `_sigma_to_t` timesteps, rounded for Karras sigmas when `round_karras`
+    /// and truncated for exponential ones.
     pub fn multistep_schedule(
         &self,
-        spacing: SigmaSpacing,
+        timesteps: &[i64],
+        spacing: Option<SigmaSpacing>,
         n: usize,
         range: SigmaRange,
         round_karras: bool,
-    ) -> (Vec<f64>, Vec<i64>) {
+    ) -> MultistepSchedule {
+        let Some(spacing) = spacing else {
+            let timesteps: Vec<f64> = timesteps.iter().map(|&t| t as f64).collect();
+            let sigmas = self.interpolate(&timesteps);
+            return MultistepSchedule {
+                timesteps,
+                sigmas: sigmas.iter().map(|&s| s as f32).collect(),
+                sigma_min: self.sigmas[0],
+            };
+        };
         let sigma_min = range.min.unwrap_or(self.min());
         let sigma_max = range.max.unwrap_or(self.max());
         let sigmas = spacing.sigmas(sigma_min, sigma_max, n);
         let round = round_karras && spacing == SigmaSpacing::Karras;
-        let timesteps = self.int_timesteps(&sigmas, round);
-        (sigmas, timesteps)
+        MultistepSchedule::respaced(&sigmas, &self.int_timesteps(&sigmas, round))
+    }
+}
+
+/// A multistep solver's schedule without its final sigma.
+pub(crate) struct MultistepSchedule {
+    /// Integer timesteps.
+    pub timesteps: Vec<f64>,
+    /// Float32 sigmas.
+    pub sigmas: Vec<f32>,
+    /// The smallest sigma of the schedule: the last respaced sigma, else the smallest training
+    /// sigma (DEIS and UniPC end with it).
+    pub sigma_min: f32,
+}
+
+impl MultistepSchedule {
+    /// Respaced (float64) sigmas and their integer timesteps.
+    pub fn respaced(sigmas: &[f64], timesteps: &[i64]) -> Self {
+        Self {
+            timesteps: timesteps.iter().map(|&t| t as f64).collect(),
+            sigmas: sigmas.iter().map(|&s| s as f32).collect(),
+            sigma_min: sigmas[sigmas.len() - 1] as f32,
+        }
     }
 }

@@ -12,7 +12,10 @@ use super::common::{
 };
 use super::config::{ConfigReader, SchedulerConfig, TimestepSpacing};
 use super::multistep::alpha_sigma;
-use super::sigma_schedule::{discrete_timesteps, k_timesteps, training_timesteps};
+use super::sigma_schedule::{
+    discrete_timesteps, k_timesteps, multistep_timesteps, training_timesteps, MultistepSchedule,
+    SigmaSpacing, TrainSigmas,
+};
 use super::{Scheduler, SchedulerConfig as Config};
 use crate::rng::Generators;
 use crate::{Error, Result};
@@ -193,6 +196,31 @@ impl<C: ConfigFields> SchedulerState<C> {
     pub fn discrete_timesteps(&self, n: usize) -> Vec<i64> {
         let c = &self.config;
         discrete_timesteps(c.timestep_spacing(), c.num_train_timesteps(), n, c.steps_offset())
+    }
+
+    /// The integer timesteps of the multistep solvers for `n` steps, up to `last_timestep`
+    /// (`num_train_timesteps` unless DPM-Solver clips some).
+    pub fn multistep_timesteps(&self, n: usize, last_timestep: usize) -> Vec<i64> {
+        let c = &self.config;
+        let (spacing, n_train) = (c.timestep_spacing(), c.num_train_timesteps());
+        multistep_timesteps(spacing, n_train, last_timestep, n, c.steps_offset())
+    }
+
+    /// The schedule of `n` steps of DEIS and UniPC ([`TrainSigmas::multistep_schedule`] with
+    /// Karras timesteps rounded).
+    pub fn multistep_schedule(&self, n: usize, spacing: Option<SigmaSpacing>) -> MultistepSchedule {
+        let timesteps = self.multistep_timesteps(n, self.config.num_train_timesteps());
+        let train = TrainSigmas::new(&self.schedule);
+        train.multistep_schedule(&timesteps, spacing, n, self.sigma_range, true)
+    }
+
+    /// Sets a multistep solver's schedule, ending with `final_sigma`. The number of steps is
+    /// the number of timesteps.
+    pub fn set_multistep_schedule(&mut self, schedule: MultistepSchedule, final_sigma: f32) {
+        let MultistepSchedule { timesteps, mut sigmas, .. } = schedule;
+        sigmas.push(final_sigma);
+        let steps = timesteps.len();
+        self.set_schedule(timesteps, sigmas, steps);
     }
 
     /// `set_timesteps` of DDIM and DDPM: the integer timesteps, no sigmas.

@@ -13,7 +13,7 @@ use super::config::{
 };
 use super::multistep::{alpha_sigma, check_multistep_config, lambda, MultistepHistory};
 use super::numeric::solve_f32;
-use super::sigma_schedule::{multistep_timesteps, SigmaSpacing, TrainSigmas};
+use super::sigma_schedule::SigmaSpacing;
 use super::state::{
     scheduler_api, scheduler_state, Parametrization, SchedulerClass, SchedulerState, SigmaRange,
 };
@@ -307,35 +307,16 @@ impl SchedulerClass for UniPCMultistepScheduler {
     fn set_timesteps(&mut self, num_inference_steps: usize) -> Result<()> {
         self.state.check_steps(num_inference_steps)?;
         let c = &self.state.config;
-        let n_train = c.num_train_timesteps;
-        let n = num_inference_steps;
-        let int_ts = multistep_timesteps(c.timestep_spacing, n_train, n_train, n, c.steps_offset);
-        let train = TrainSigmas::new(&self.state.schedule);
         let spacing = SigmaSpacing::from_flags(c.use_karras_sigmas, c.use_exponential_sigmas);
-        // `sigma_min` as the last sigma is the last respaced sigma for Karras / exponential
-        // sigmas, else the smallest training sigma.
-        let (sigmas, timesteps, sigma_min) = match spacing {
-            Some(spacing) => {
-                let (s, t) = train.multistep_schedule(spacing, n, self.state.sigma_range, true);
-                let last = s[n - 1] as f32;
-                (s, t, last)
-            }
-            None => {
-                let ts64: Vec<f64> = int_ts.iter().map(|&t| t as f64).collect();
-                (train.interpolate(&ts64), int_ts, train.sigmas[0])
-            }
-        };
-        let mut sigmas: Vec<f32> = sigmas.iter().map(|&s| s as f32).collect();
-        sigmas.push(match c.final_sigmas_type {
+        let schedule = self.state.multistep_schedule(num_inference_steps, spacing);
+        let final_sigma = match c.final_sigmas_type {
             FinalSigmasType::Zero => 0.0,
-            FinalSigmasType::SigmaMin => sigma_min,
-        });
-        let timesteps: Vec<f64> = timesteps.iter().map(|&t| t as f64).collect();
-        let steps = timesteps.len();
+            FinalSigmasType::SigmaMin => schedule.sigma_min,
+        };
         self.model_outputs = MultistepHistory::new(CLASS, c.solver_order);
         self.this_order = 0;
         self.last_sample = None;
-        self.state.set_schedule(timesteps, sigmas, steps);
+        self.state.set_multistep_schedule(schedule, final_sigma);
         Ok(())
     }
 
