@@ -76,17 +76,15 @@ scheduler_api!(DDIMScheduler, DDIMConfig, ddim_config);
 impl DDIMScheduler {
     /// `DDIMScheduler.from_config(config)`.
     pub fn from_config(config: &SchedulerConfig) -> Result<Self> {
-        let state = SchedulerState::<DDIMConfig>::from_config(
-            config,
-            CLASS,
-            Parametrization::AlphasCumprod,
-        )?;
+        let state = Self::load_state(config)?;
         let final_alpha_cumprod = state.schedule.final_alpha_cumprod(state.config.set_alpha_to_one);
         Ok(Self { state, final_alpha_cumprod, options: DDIMStepOptions::default() })
     }
 }
 
 impl SchedulerClass for DDIMScheduler {
+    const CLASS: &'static str = CLASS;
+    const PARAMETRIZATION: Parametrization = Parametrization::AlphasCumprod;
     scheduler_state!(DDIMConfig, state);
 
     fn set_timesteps(&mut self, num_inference_steps: usize) -> Result<()> {

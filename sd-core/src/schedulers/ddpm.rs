@@ -70,7 +70,7 @@ scheduler_api!(DDPMScheduler, DDPMConfig, typed_config);
 impl DDPMScheduler {
     /// `DDPMScheduler.from_config(config)`.
     pub fn from_config(config: &SchedulerConfig) -> Result<Self> {
-        let state = SchedulerState::from_config(config, CLASS, Parametrization::AlphasCumprod)?;
+        let state = Self::load_state(config)?;
         Ok(Self { state })
     }
 
@@ -88,6 +88,8 @@ impl DDPMScheduler {
 }
 
 impl SchedulerClass for DDPMScheduler {
+    const CLASS: &'static str = CLASS;
+    const PARAMETRIZATION: Parametrization = Parametrization::AlphasCumprod;
     scheduler_state!(DDPMConfig, state);
 
     const NEEDS_SET_TIMESTEPS: bool = false;

@@ -95,11 +95,7 @@ scheduler_api!(DEISMultistepScheduler, DEISMultistepConfig, typed_config);
 impl DEISMultistepScheduler {
     /// `DEISMultistepScheduler.from_config(config)`.
     pub fn from_config(config: &SchedulerConfig) -> Result<Self> {
-        let state = SchedulerState::<DEISMultistepConfig>::from_config(
-            config,
-            CLASS,
-            Parametrization::AlphaSigma,
-        )?;
+        let state = Self::load_state(config)?;
         let model_outputs = MultistepHistory::new(CLASS, state.config.solver_order);
         Ok(Self { state, model_outputs })
     }
@@ -140,6 +136,8 @@ fn ind3(t: f32, b: f32, c: f32, d: f32) -> f32 {
 }
 
 impl SchedulerClass for DEISMultistepScheduler {
+    const CLASS: &'static str = CLASS;
+    const PARAMETRIZATION: Parametrization = Parametrization::AlphaSigma;
     scheduler_state!(DEISMultistepConfig, state);
 
     fn set_timesteps(&mut self, num_inference_steps: usize) -> Result<()> {

@@ -151,11 +151,7 @@ scheduler_api!(DPMSolverMultistepScheduler, DPMSolverMultistepConfig, typed_conf
 impl DPMSolverMultistepScheduler {
     /// `DPMSolverMultistepScheduler.from_config(config)`.
     pub fn from_config(config: &SchedulerConfig) -> Result<Self> {
-        let state = SchedulerState::<DPMSolverMultistepConfig>::from_config(
-            config,
-            CLASS,
-            Parametrization::AlphaSigma,
-        )?;
+        let state = Self::load_state(config)?;
         let model_outputs = MultistepHistory::new(CLASS, state.config.solver_order);
         Ok(Self { state, model_outputs })
     }
@@ -359,6 +355,8 @@ impl DPMSolverMultistepScheduler {
 }
 
 impl SchedulerClass for DPMSolverMultistepScheduler {
+    const CLASS: &'static str = CLASS;
+    const PARAMETRIZATION: Parametrization = Parametrization::AlphaSigma;
     scheduler_state!(DPMSolverMultistepConfig, state);
 
     fn set_timesteps(&mut self, num_inference_steps: usize) -> Result<()> {

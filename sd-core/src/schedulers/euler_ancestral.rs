@@ -53,12 +53,14 @@ scheduler_api!(EulerAncestralDiscreteScheduler, EulerAncestralDiscreteConfig, ty
 impl EulerAncestralDiscreteScheduler {
     /// `EulerAncestralDiscreteScheduler.from_config(config)`.
     pub fn from_config(config: &SchedulerConfig) -> Result<Self> {
-        let state = SchedulerState::from_config(config, CLASS, Parametrization::KDiffusion)?;
+        let state = Self::load_state(config)?;
         Ok(Self { state })
     }
 }
 
 impl SchedulerClass for EulerAncestralDiscreteScheduler {
+    const CLASS: &'static str = CLASS;
+    const PARAMETRIZATION: Parametrization = Parametrization::KDiffusion;
     scheduler_state!(EulerAncestralDiscreteConfig, state);
 
     fn set_timesteps(&mut self, num_inference_steps: usize) -> Result<()> {

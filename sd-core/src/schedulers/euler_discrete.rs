@@ -115,11 +115,7 @@ scheduler_api!(EulerDiscreteScheduler, EulerDiscreteConfig, euler_config);
 impl EulerDiscreteScheduler {
     /// `EulerDiscreteScheduler.from_config(config)`.
     pub fn from_config(config: &SchedulerConfig) -> Result<Self> {
-        let mut state = SchedulerState::<EulerDiscreteConfig>::from_config(
-            config,
-            CLASS,
-            Parametrization::KDiffusion,
-        )?;
+        let mut state = Self::load_state(config)?;
         let c = &state.config;
         // The class's own keys (what diffusers' `hasattr(self.config, ...)` finds).
         state.sigma_range = SigmaRange { min: c.sigma_min, max: c.sigma_max };
@@ -141,6 +137,8 @@ impl EulerDiscreteScheduler {
 }
 
 impl SchedulerClass for EulerDiscreteScheduler {
+    const CLASS: &'static str = CLASS;
+    const PARAMETRIZATION: Parametrization = Parametrization::KDiffusion;
     scheduler_state!(EulerDiscreteConfig, state);
 
     const NEEDS_SET_TIMESTEPS: bool = false;

@@ -70,11 +70,7 @@ scheduler_api!(HeunDiscreteScheduler, HeunDiscreteConfig, typed_config);
 impl HeunDiscreteScheduler {
     /// `HeunDiscreteScheduler.from_config(config)`.
     pub fn from_config(config: &SchedulerConfig) -> Result<Self> {
-        let state = SchedulerState::<HeunDiscreteConfig>::from_config(
-            config,
-            CLASS,
-            Parametrization::KDiffusion,
-        )?;
+        let state = Self::load_state(config)?;
         Self { state, first: None }.with_training_timesteps()
     }
 
@@ -85,6 +81,8 @@ impl HeunDiscreteScheduler {
 }
 
 impl SchedulerClass for HeunDiscreteScheduler {
+    const CLASS: &'static str = CLASS;
+    const PARAMETRIZATION: Parametrization = Parametrization::KDiffusion;
     scheduler_state!(HeunDiscreteConfig, state);
 
     fn set_timesteps(&mut self, num_inference_steps: usize) -> Result<()> {

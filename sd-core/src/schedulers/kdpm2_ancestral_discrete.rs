@@ -8,7 +8,7 @@ use candle_core::Tensor;
 use super::common::mul;
 use super::config::SchedulerConfig;
 use super::kdpm2_discrete::{interleave_repeat, log_midpoint, Dpm2State, KDPM2DiscreteConfig};
-use super::state::{scheduler_api, scheduler_state, SchedulerClass};
+use super::state::{scheduler_api, scheduler_state, Parametrization, SchedulerClass};
 use crate::rng::Generators;
 use crate::{Error, Result};
 
@@ -31,12 +31,14 @@ scheduler_api!(KDPM2AncestralDiscreteScheduler, KDPM2AncestralDiscreteConfig, ty
 impl KDPM2AncestralDiscreteScheduler {
     /// `KDPM2AncestralDiscreteScheduler.from_config(config)`.
     pub fn from_config(config: &SchedulerConfig) -> Result<Self> {
-        let dpm2 = Dpm2State::from_config(config, CLASS)?;
+        let dpm2 = Dpm2State::new(Self::load_state(config)?);
         Self { dpm2, sigmas_up: vec![], sigmas_down: vec![] }.with_training_timesteps()
     }
 }
 
 impl SchedulerClass for KDPM2AncestralDiscreteScheduler {
+    const CLASS: &'static str = CLASS;
+    const PARAMETRIZATION: Parametrization = Parametrization::KDiffusion;
     scheduler_state!(KDPM2DiscreteConfig, dpm2.state);
 
     fn set_timesteps(&mut self, num_inference_steps: usize) -> Result<()> {

@@ -100,9 +100,8 @@ pub(crate) struct Dpm2State {
 }
 
 impl Dpm2State {
-    pub fn from_config(config: &SchedulerConfig, class: &'static str) -> Result<Self> {
-        let state = SchedulerState::from_config(config, class, Parametrization::KDiffusion)?;
-        Ok(Self { state, sigmas_interpol: vec![], first_sample: None })
+    pub fn new(state: SchedulerState<KDPM2DiscreteConfig>) -> Self {
+        Self { state, sigmas_interpol: vec![], first_sample: None }
     }
 
     /// The schedule of `n` steps before the midpoints are interleaved.
@@ -204,7 +203,7 @@ scheduler_api!(KDPM2DiscreteScheduler, KDPM2DiscreteConfig, typed_config);
 impl KDPM2DiscreteScheduler {
     /// `KDPM2DiscreteScheduler.from_config(config)`.
     pub fn from_config(config: &SchedulerConfig) -> Result<Self> {
-        Self { dpm2: Dpm2State::from_config(config, CLASS)? }.with_training_timesteps()
+        Self { dpm2: Dpm2State::new(Self::load_state(config)?) }.with_training_timesteps()
     }
 
     /// The interleaved interpolated sigmas (float32 values).
@@ -214,6 +213,8 @@ impl KDPM2DiscreteScheduler {
 }
 
 impl SchedulerClass for KDPM2DiscreteScheduler {
+    const CLASS: &'static str = CLASS;
+    const PARAMETRIZATION: Parametrization = Parametrization::KDiffusion;
     scheduler_state!(KDPM2DiscreteConfig, dpm2.state);
 
     fn set_timesteps(&mut self, num_inference_steps: usize) -> Result<()> {

@@ -82,11 +82,7 @@ scheduler_api!(LCMScheduler, LCMConfig, typed_config);
 impl LCMScheduler {
     /// `LCMScheduler.from_config(config)`.
     pub fn from_config(config: &SchedulerConfig) -> Result<Self> {
-        let state = SchedulerState::<LCMConfig>::from_config(
-            config,
-            CLASS,
-            Parametrization::AlphasCumprod,
-        )?;
+        let state = Self::load_state(config)?;
         let final_alpha_cumprod = state.schedule.final_alpha_cumprod(state.config.set_alpha_to_one);
         Ok(Self { state, final_alpha_cumprod })
     }
@@ -102,6 +98,8 @@ impl LCMScheduler {
 }
 
 impl SchedulerClass for LCMScheduler {
+    const CLASS: &'static str = CLASS;
+    const PARAMETRIZATION: Parametrization = Parametrization::AlphasCumprod;
     scheduler_state!(LCMConfig, state);
 
     fn set_timesteps(&mut self, num_inference_steps: usize) -> Result<()> {

@@ -70,11 +70,7 @@ scheduler_api!(LMSDiscreteScheduler, LMSDiscreteConfig, typed_config);
 impl LMSDiscreteScheduler {
     /// `LMSDiscreteScheduler.from_config(config)`.
     pub fn from_config(config: &SchedulerConfig) -> Result<Self> {
-        let state = SchedulerState::<LMSDiscreteConfig>::from_config(
-            config,
-            CLASS,
-            Parametrization::KDiffusion,
-        )?;
+        let state = Self::load_state(config)?;
         Self { state, derivatives: vec![], order: LMS_ORDER }.with_training_timesteps()
     }
 
@@ -99,6 +95,8 @@ impl LMSDiscreteScheduler {
 }
 
 impl SchedulerClass for LMSDiscreteScheduler {
+    const CLASS: &'static str = CLASS;
+    const PARAMETRIZATION: Parametrization = Parametrization::KDiffusion;
     scheduler_state!(LMSDiscreteConfig, state);
 
     fn set_timesteps(&mut self, num_inference_steps: usize) -> Result<()> {

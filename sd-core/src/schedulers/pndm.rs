@@ -61,11 +61,7 @@ scheduler_api!(PNDMScheduler, PNDMConfig, typed_config);
 impl PNDMScheduler {
     /// `PNDMScheduler.from_config(config)`.
     pub fn from_config(config: &SchedulerConfig) -> Result<Self> {
-        let mut state = SchedulerState::<PNDMConfig>::from_config(
-            config,
-            CLASS,
-            Parametrization::AlphasCumprod,
-        )?;
+        let mut state = Self::load_state(config)?;
         // diffusers' PNDM has no timesteps before `set_timesteps`.
         state.timesteps.clear();
         let final_alpha_cumprod = state.schedule.final_alpha_cumprod(state.config.set_alpha_to_one);
@@ -205,6 +201,8 @@ impl PNDMScheduler {
 }
 
 impl SchedulerClass for PNDMScheduler {
+    const CLASS: &'static str = CLASS;
+    const PARAMETRIZATION: Parametrization = Parametrization::AlphasCumprod;
     scheduler_state!(PNDMConfig, state);
 
     fn set_timesteps(&mut self, num_inference_steps: usize) -> Result<()> {

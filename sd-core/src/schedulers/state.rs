@@ -320,6 +320,12 @@ pub(crate) trait SchedulerClass: Send + Sync {
     /// The typed `__init__` arguments.
     type Config: ConfigFields;
 
+    /// The diffusers class name.
+    const CLASS: &'static str;
+
+    /// How the class noises samples and scales model inputs.
+    const PARAMETRIZATION: Parametrization;
+
     /// Whether [`step`](Self::step) needs [`set_timesteps`](Self::set_timesteps) first (Euler
     /// and DDPM can step on the schedule of their `__init__`).
     const NEEDS_SET_TIMESTEPS: bool = true;
@@ -350,6 +356,14 @@ pub(crate) trait SchedulerClass: Send + Sync {
             return Err(Error::invalid(format!("{}: call set_timesteps before step", state.class)));
         }
         Ok(())
+    }
+
+    /// The state `from_config` starts from ([`SchedulerState::from_config`]).
+    fn load_state(config: &SchedulerConfig) -> Result<SchedulerState<Self::Config>>
+    where
+        Self::Config: ClassConfig,
+    {
+        SchedulerState::from_config(config, Self::CLASS, Self::PARAMETRIZATION)
     }
 
     /// diffusers' `__init__` of the k-diffusion classes, which ends with

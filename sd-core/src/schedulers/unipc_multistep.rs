@@ -116,11 +116,7 @@ scheduler_api!(UniPCMultistepScheduler, UniPCMultistepConfig, typed_config);
 impl UniPCMultistepScheduler {
     /// `UniPCMultistepScheduler.from_config(config)`.
     pub fn from_config(config: &SchedulerConfig) -> Result<Self> {
-        let mut state = SchedulerState::<UniPCMultistepConfig>::from_config(
-            config,
-            CLASS,
-            Parametrization::AlphaSigma,
-        )?;
+        let mut state = Self::load_state(config)?;
         let c = &state.config;
         // The class's own keys (what diffusers' `hasattr(self.config, ...)` finds).
         state.sigma_range = SigmaRange { min: c.sigma_min, max: c.sigma_max };
@@ -302,6 +298,8 @@ struct Coeffs {
 }
 
 impl SchedulerClass for UniPCMultistepScheduler {
+    const CLASS: &'static str = CLASS;
+    const PARAMETRIZATION: Parametrization = Parametrization::AlphaSigma;
     scheduler_state!(UniPCMultistepConfig, state);
 
     fn set_timesteps(&mut self, num_inference_steps: usize) -> Result<()> {
