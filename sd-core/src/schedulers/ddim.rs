@@ -88,7 +88,8 @@ impl SchedulerClass for DDIMScheduler {
     scheduler_state!(DDIMConfig, state);
 
     fn set_timesteps(&mut self, num_inference_steps: usize) -> Result<()> {
-        self.state.set_discrete_schedule(num_inference_steps)
+        self.state.set_discrete_schedule(num_inference_steps);
+        Ok(())
     }
 
     fn step(

@@ -95,7 +95,8 @@ impl SchedulerClass for DDPMScheduler {
     const NEEDS_SET_TIMESTEPS: bool = false;
 
     fn set_timesteps(&mut self, num_inference_steps: usize) -> Result<()> {
-        self.state.set_discrete_schedule(num_inference_steps)
+        self.state.set_discrete_schedule(num_inference_steps);
+        Ok(())
     }
 
     fn step(

@@ -360,7 +360,6 @@ impl SchedulerClass for DPMSolverMultistepScheduler {
     scheduler_state!(DPMSolverMultistepConfig, state);
 
     fn set_timesteps(&mut self, num_inference_steps: usize) -> Result<()> {
-        self.state.check_steps(num_inference_steps)?;
         let c = &self.state.config;
         let n_train = c.num_train_timesteps;
         let n = num_inference_steps;

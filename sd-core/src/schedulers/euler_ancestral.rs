@@ -64,7 +64,6 @@ impl SchedulerClass for EulerAncestralDiscreteScheduler {
     scheduler_state!(EulerAncestralDiscreteConfig, state);
 
     fn set_timesteps(&mut self, num_inference_steps: usize) -> Result<()> {
-        self.state.check_steps(num_inference_steps)?;
         let ts = self.state.k_timesteps(num_inference_steps);
         let train = TrainSigmas::new(&self.state.schedule);
         let mut sigmas: Vec<f32> = train.interpolate(&ts).into_iter().map(|s| s as f32).collect();

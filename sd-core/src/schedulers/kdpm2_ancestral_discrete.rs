@@ -42,7 +42,7 @@ impl SchedulerClass for KDPM2AncestralDiscreteScheduler {
     scheduler_state!(KDPM2DiscreteConfig, dpm2.state);
 
     fn set_timesteps(&mut self, num_inference_steps: usize) -> Result<()> {
-        let base = self.dpm2.base(num_inference_steps)?;
+        let base = self.dpm2.base(num_inference_steps);
         let s = &base.sigmas;
         let n1 = s.len();
         let next: Vec<f32> = (0..n1).map(|k| if k + 1 < n1 { s[k + 1] } else { 0.0 }).collect();

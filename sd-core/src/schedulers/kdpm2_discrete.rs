@@ -105,9 +105,8 @@ impl Dpm2State {
     }
 
     /// The schedule of `n` steps before the midpoints are interleaved.
-    pub fn base(&self, n: usize) -> Result<Kdpm2Base> {
+    pub fn base(&self, n: usize) -> Kdpm2Base {
         let state = &self.state;
-        state.check_steps(n)?;
         let c = &state.config;
         let train = TrainSigmas::new(&state.schedule);
         let spacing = SigmaSpacing::from_flags(c.use_karras_sigmas, c.use_exponential_sigmas);
@@ -121,7 +120,7 @@ impl Dpm2State {
         };
         let mut sigmas: Vec<f32> = sigmas.iter().map(|&s| s as f32).collect();
         sigmas.push(0.0);
-        Ok(Kdpm2Base { sigmas, timesteps, train })
+        Kdpm2Base { sigmas, timesteps, train }
     }
 
     /// Sets the interleaved schedule: `timesteps` `[t0, ti, t1, ti, t2, ...]` with `ti(k)` the
@@ -218,7 +217,7 @@ impl SchedulerClass for KDPM2DiscreteScheduler {
     scheduler_state!(KDPM2DiscreteConfig, dpm2.state);
 
     fn set_timesteps(&mut self, num_inference_steps: usize) -> Result<()> {
-        let base = self.dpm2.base(num_inference_steps)?;
+        let base = self.dpm2.base(num_inference_steps);
         let s = &base.sigmas;
         let n1 = s.len();
         // sigmas.log().lerp(sigmas.roll(1).log(), 0.5).exp()

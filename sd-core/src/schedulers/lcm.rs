@@ -103,7 +103,6 @@ impl SchedulerClass for LCMScheduler {
     scheduler_state!(LCMConfig, state);
 
     fn set_timesteps(&mut self, num_inference_steps: usize) -> Result<()> {
-        self.state.check_steps(num_inference_steps)?;
         let c = &self.state.config;
         let n = num_inference_steps;
         let original_steps = c.original_inference_steps;

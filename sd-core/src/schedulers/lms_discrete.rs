@@ -100,7 +100,6 @@ impl SchedulerClass for LMSDiscreteScheduler {
     scheduler_state!(LMSDiscreteConfig, state);
 
     fn set_timesteps(&mut self, num_inference_steps: usize) -> Result<()> {
-        self.state.check_steps(num_inference_steps)?;
         let c = &self.state.config;
         let n = num_inference_steps;
         let train = TrainSigmas::new(&self.state.schedule);

@@ -180,11 +180,6 @@ impl<C: ClassConfig> SchedulerState<C> {
 }
 
 impl<C: ConfigFields> SchedulerState<C> {
-    /// Errors on 0 steps or more than `num_train_timesteps` (the start of `set_timesteps`).
-    pub fn check_steps(&self, num_inference_steps: usize) -> Result<()> {
-        check_steps(num_inference_steps, self.config.num_train_timesteps())
-    }
-
     /// The timesteps of the k-diffusion classes for `n` steps (float32 values, descending).
     pub fn k_timesteps(&self, n: usize) -> Vec<f64> {
         let c = &self.config;
@@ -224,12 +219,10 @@ impl<C: ConfigFields> SchedulerState<C> {
     }
 
     /// `set_timesteps` of DDIM and DDPM: the integer timesteps, no sigmas.
-    pub fn set_discrete_schedule(&mut self, num_inference_steps: usize) -> Result<()> {
-        self.check_steps(num_inference_steps)?;
+    pub fn set_discrete_schedule(&mut self, num_inference_steps: usize) {
         let timesteps = self.discrete_timesteps(num_inference_steps);
         let timesteps = timesteps.into_iter().map(|t| t as f64).collect();
         self.set_schedule(timesteps, vec![], num_inference_steps);
-        Ok(())
     }
 
     /// Sets a new schedule (the end of `set_timesteps`) and forgets the position and the last
@@ -334,7 +327,8 @@ pub(crate) trait SchedulerClass: Send + Sync {
 
     fn state_mut(&mut self) -> &mut SchedulerState<Self::Config>;
 
-    /// [`Scheduler::set_timesteps`].
+    /// [`Scheduler::set_timesteps`], for a step count already checked against
+    /// `num_train_timesteps`.
     fn set_timesteps(&mut self, num_inference_steps: usize) -> Result<()>;
 
     /// [`Scheduler::step`] after [`check_step_inputs`](Self::check_step_inputs), with the
@@ -372,7 +366,8 @@ pub(crate) trait SchedulerClass: Send + Sync {
     where
         Self: Sized,
     {
-        self.set_timesteps(self.state().config.num_train_timesteps())?;
+        let num_train_timesteps = self.state().config.num_train_timesteps();
+        Scheduler::set_timesteps(&mut self, num_train_timesteps)?;
         self.state_mut().num_inference_steps = None;
         Ok(self)
     }
@@ -453,6 +448,7 @@ impl<T: SchedulerClass> Scheduler for T {
     }
 
     fn set_timesteps(&mut self, num_inference_steps: usize) -> Result<()> {
+        check_steps(num_inference_steps, self.state().config.num_train_timesteps())?;
         SchedulerClass::set_timesteps(self, num_inference_steps)
     }
 

@@ -303,7 +303,6 @@ impl SchedulerClass for UniPCMultistepScheduler {
     scheduler_state!(UniPCMultistepConfig, state);
 
     fn set_timesteps(&mut self, num_inference_steps: usize) -> Result<()> {
-        self.state.check_steps(num_inference_steps)?;
         let c = &self.state.config;
         let spacing = SigmaSpacing::from_flags(c.use_karras_sigmas, c.use_exponential_sigmas);
         let schedule = self.state.multistep_schedule(num_inference_steps, spacing);
