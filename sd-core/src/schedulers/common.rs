@@ -18,7 +18,10 @@ use crate::{Error, Result};
 /// reader and the [`ConfigFields`] implementation. Field kinds name the [`ConfigReader`] method
 /// that reads them. Every class starts with the training-schedule keys (`num_train_timesteps`,
 /// `beta_start`, `beta_end`, `beta_schedule` with the class defaults given, then
-/// `trained_betas`); `rescale_betas_zero_snr` is optional.
+/// `trained_betas`); `rescale_betas_zero_snr` is optional. Groups of keys several classes
+/// declare alike are written `..group,` (`sigma_schedule_flags`, `thresholding_keys`,
+/// `flow_sigma_keys`, `dynamic_shifting_keys`). The keys keep their order: it is the order of
+/// `_use_default_values`.
 macro_rules! scheduler_config {
     (
         $(#[$m:meta])*
@@ -29,7 +32,7 @@ macro_rules! scheduler_config {
         }
     ) => {
         $crate::schedulers::common::scheduler_config! {
-            @declare $(#[$m])* $name $class {
+            @fields [$(#[$m])* $name $class] [
                 /// Number of diffusion steps the model was trained with.
                 num_train_timesteps: usize = $n => usize,
                 /// First training beta.
@@ -40,9 +43,71 @@ macro_rules! scheduler_config {
                 beta_schedule: $crate::schedulers::BetaSchedule = $schedule => choice,
                 /// Explicit betas, overriding `beta_start`/`beta_end`/`beta_schedule`.
                 trained_betas: Option<Vec<f64>> = None => opt_f64_vec,
-                $($fields)*
-            }
+            ]
+            $($fields)*
         }
+    };
+    // Groups of keys that several classes share (with their docs), written `..group,`.
+    (@fields $head:tt [$($done:tt)*] ..sigma_schedule_flags, $($rest:tt)*) => {
+        $crate::schedulers::common::scheduler_config! {
+            @fields $head [$($done)*
+                /// Use the Karras et al. (2022) sigma schedule (rho = 7).
+                use_karras_sigmas: bool = false => bool,
+                /// Use exponentially spaced sigmas.
+                use_exponential_sigmas: bool = false => bool,
+                /// Beta sigmas need scipy's beta quantile function; not supported (an error if
+                /// true).
+                use_beta_sigmas: bool = false => bool,
+            ]
+            $($rest)*
+        }
+    };
+    (@fields $head:tt [$($done:tt)*] ..thresholding_keys, $($rest:tt)*) => {
+        $crate::schedulers::common::scheduler_config! {
+            @fields $head [$($done)*
+                /// Dynamic thresholding is not supported: `true` is a config error.
+                thresholding: bool = false => bool,
+                /// Kept for config round trips (thresholding is not supported).
+                dynamic_thresholding_ratio: f64 = 0.995 => f64,
+                /// Kept for config round trips (thresholding is not supported).
+                sample_max_value: f64 = 1.0 => f64,
+            ]
+            $($rest)*
+        }
+    };
+    (@fields $head:tt [$($done:tt)*] ..flow_sigma_keys, $($rest:tt)*) => {
+        $crate::schedulers::common::scheduler_config! {
+            @fields $head [$($done)*
+                /// Flow-matching sigmas are not supported (an error if true).
+                use_flow_sigmas: bool = false => bool,
+                /// Kept for config round trips (flow sigmas are not supported).
+                flow_shift: f64 = 1.0 => f64,
+            ]
+            $($rest)*
+        }
+    };
+    (@fields $head:tt [$($done:tt)*] ..dynamic_shifting_keys, $($rest:tt)*) => {
+        $crate::schedulers::common::scheduler_config! {
+            @fields $head [$($done)*
+                /// Dynamic shifting (flow models) is not supported (an error if true).
+                use_dynamic_shifting: bool = false => bool,
+                /// Kept for config round trips.
+                time_shift_type: $crate::schedulers::TimeShiftType =
+                    $crate::schedulers::TimeShiftType::Exponential => choice,
+            ]
+            $($rest)*
+        }
+    };
+    (
+        @fields $head:tt [$($done:tt)*]
+        $(#[$fm:meta])* $field:ident : $ty:ty = $default:expr => $kind:ident, $($rest:tt)*
+    ) => {
+        $crate::schedulers::common::scheduler_config! {
+            @fields $head [$($done)* $(#[$fm])* $field: $ty = $default => $kind,] $($rest)*
+        }
+    };
+    (@fields [$(#[$m:meta])* $name:ident $class:literal] [$($done:tt)*]) => {
+        $crate::schedulers::common::scheduler_config! { @declare $(#[$m])* $name $class { $($done)* } }
     };
     (
         @declare $(#[$m:meta])* $name:ident $class:literal {

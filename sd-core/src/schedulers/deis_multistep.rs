@@ -6,7 +6,7 @@ use candle_core::Tensor;
 use super::common::{check_solver_order, div, int_timestep, mul, scheduler_config, ClassConfig};
 use super::config::{
     AlgorithmType, BetaSchedule, ConfigReader, PredictionType, SchedulerConfig, SolverType,
-    TimeShiftType, TimestepSpacing,
+    TimestepSpacing,
 };
 use super::multistep::{alpha_sigma, check_multistep_config, lambda, MultistepHistory};
 use super::numeric::np_log_f32;
@@ -28,36 +28,20 @@ scheduler_config! {
         solver_order: usize = 2 => usize,
         /// What the model predicts (noise, `v`, or the sample).
         prediction_type: PredictionType = PredictionType::Epsilon => choice,
-        /// Dynamic thresholding is not supported: `true` is a config error.
-        thresholding: bool = false => bool,
-        /// Kept for config round trips (thresholding is not supported).
-        dynamic_thresholding_ratio: f64 = 0.995 => f64,
-        /// Kept for config round trips (thresholding is not supported).
-        sample_max_value: f64 = 1.0 => f64,
+        ..thresholding_keys,
         /// Always `deis` (the DPM-Solver names are read as `deis`, as diffusers does).
         algorithm_type: AlgorithmType = AlgorithmType::Deis => choice,
         /// Always `logrho` (the other solvers' names are read as `logrho`).
         solver_type: SolverType = SolverType::Logrho => choice,
         /// Use lower-order steps at the end with fewer than 15 steps.
         lower_order_final: bool = true => bool,
-        /// Use the Karras et al. (2022) sigma schedule (rho = 7).
-        use_karras_sigmas: bool = false => bool,
-        /// Use exponentially spaced sigmas.
-        use_exponential_sigmas: bool = false => bool,
-        /// Beta sigmas need scipy's beta quantile function; not supported (an error if true).
-        use_beta_sigmas: bool = false => bool,
-        /// Flow-matching sigmas are not supported (an error if true).
-        use_flow_sigmas: bool = false => bool,
-        /// Kept for config round trips (flow sigmas are not supported).
-        flow_shift: f64 = 1.0 => f64,
+        ..sigma_schedule_flags,
+        ..flow_sigma_keys,
         /// How inference timesteps are picked from the training ones.
         timestep_spacing: TimestepSpacing = TimestepSpacing::Linspace => choice,
         /// Added to the timesteps with `leading` spacing (SD uses 1).
         steps_offset: i64 = 0 => i64,
-        /// Dynamic shifting (flow models) is not supported (an error if true).
-        use_dynamic_shifting: bool = false => bool,
-        /// Kept for config round trips.
-        time_shift_type: TimeShiftType = TimeShiftType::Exponential => choice,
+        ..dynamic_shifting_keys,
     }
 }
 

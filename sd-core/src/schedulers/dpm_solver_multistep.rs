@@ -9,7 +9,7 @@ use super::common::{
 };
 use super::config::{
     AlgorithmType, BetaSchedule, ConfigReader, FinalSigmasType, PredictionType, SchedulerConfig,
-    SolverType, TimeShiftType, TimestepSpacing, VarianceType,
+    SolverType, TimestepSpacing, VarianceType,
 };
 use super::multistep::{alpha_sigma, check_multistep_config, lambda, MultistepHistory};
 use super::numeric::np_linspace;
@@ -31,12 +31,7 @@ scheduler_config! {
         solver_order: usize = 2 => usize,
         /// What the model predicts (noise, `v`, or the sample).
         prediction_type: PredictionType = PredictionType::Epsilon => choice,
-        /// Dynamic thresholding is not supported: `true` is a config error.
-        thresholding: bool = false => bool,
-        /// Kept for config round trips (thresholding is not supported).
-        dynamic_thresholding_ratio: f64 = 0.995 => f64,
-        /// Kept for config round trips (thresholding is not supported).
-        sample_max_value: f64 = 1.0 => f64,
+        ..thresholding_keys,
         /// `dpmsolver++` (the default), `sde-dpmsolver++`, or the deprecated `dpmsolver` /
         /// `sde-dpmsolver` (`deis` is read as `dpmsolver++`, as diffusers does).
         algorithm_type: AlgorithmType = AlgorithmType::DpmSolverPlusPlus => choice,
@@ -47,18 +42,10 @@ scheduler_config! {
         lower_order_final: bool = true => bool,
         /// Use a first-order step at the very end.
         euler_at_final: bool = false => bool,
-        /// Use the Karras et al. (2022) sigma schedule (rho = 7).
-        use_karras_sigmas: bool = false => bool,
-        /// Use exponentially spaced sigmas.
-        use_exponential_sigmas: bool = false => bool,
-        /// Beta sigmas need scipy's beta quantile function; not supported (an error if true).
-        use_beta_sigmas: bool = false => bool,
+        ..sigma_schedule_flags,
         /// Sigmas evenly spaced in `log sigma` ("Lu lambdas").
         use_lu_lambdas: bool = false => bool,
-        /// Flow-matching sigmas are not supported (an error if true).
-        use_flow_sigmas: bool = false => bool,
-        /// Kept for config round trips (flow sigmas are not supported).
-        flow_shift: f64 = 1.0 => f64,
+        ..flow_sigma_keys,
         /// The sigma after the last step: 0 or the smallest training sigma.
         final_sigmas_type: FinalSigmasType = FinalSigmasType::Zero => choice,
         /// Timesteps whose `lambda` is below this are not used (`-inf`: all are).
@@ -72,10 +59,7 @@ scheduler_config! {
         steps_offset: i64 = 0 => i64,
         /// Rescale betas to a zero terminal SNR.
         rescale_betas_zero_snr: bool = false => bool,
-        /// Dynamic shifting (flow models) is not supported (an error if true).
-        use_dynamic_shifting: bool = false => bool,
-        /// Kept for config round trips.
-        time_shift_type: TimeShiftType = TimeShiftType::Exponential => choice,
+        ..dynamic_shifting_keys,
     }
 }
 

@@ -29,12 +29,7 @@ scheduler_config! {
         prediction_type: PredictionType = PredictionType::Epsilon => choice,
         /// How sigmas are interpolated between training timesteps.
         interpolation_type: InterpolationType = InterpolationType::Linear => choice,
-        /// Use the Karras et al. (2022) sigma schedule (rho = 7).
-        use_karras_sigmas: bool = false => bool,
-        /// Use exponentially spaced sigmas.
-        use_exponential_sigmas: bool = false => bool,
-        /// Beta sigmas need scipy's beta quantile function; not supported (an error if true).
-        use_beta_sigmas: bool = false => bool,
+        ..sigma_schedule_flags,
         /// Lowest sigma of Karras/exponential schedules (default: the schedule's own).
         sigma_min: Option<f64> = None => opt_f64,
         /// Highest sigma of Karras/exponential schedules (default: the schedule's own).

@@ -27,12 +27,7 @@ scheduler_config! {
         beta_schedule = BetaSchedule::Linear;
         /// What the model predicts (noise, `v`, or the sample).
         prediction_type: PredictionType = PredictionType::Epsilon => choice,
-        /// Use the Karras et al. (2022) sigma schedule (rho = 7).
-        use_karras_sigmas: bool = false => bool,
-        /// Use exponentially spaced sigmas.
-        use_exponential_sigmas: bool = false => bool,
-        /// Beta sigmas need scipy's beta quantile function; not supported (an error if true).
-        use_beta_sigmas: bool = false => bool,
+        ..sigma_schedule_flags,
         /// Clip the predicted `x_0` to `[-clip_sample_range, clip_sample_range]`.
         clip_sample: bool = false => bool,
         /// The bound of `clip_sample`.

@@ -28,12 +28,7 @@ scheduler_config! {
     pub struct KDPM2DiscreteConfig for "KDPM2DiscreteScheduler" {
         num_train_timesteps = 1000, beta_start = 0.00085, beta_end = 0.012,
         beta_schedule = BetaSchedule::Linear;
-        /// Use the Karras et al. (2022) sigma schedule (rho = 7).
-        use_karras_sigmas: bool = false => bool,
-        /// Use exponentially spaced sigmas.
-        use_exponential_sigmas: bool = false => bool,
-        /// Beta sigmas need scipy's beta quantile function; not supported (an error if true).
-        use_beta_sigmas: bool = false => bool,
+        ..sigma_schedule_flags,
         /// What the model predicts (`epsilon` or `v_prediction`).
         prediction_type: PredictionType = PredictionType::Epsilon => choice,
         /// How inference timesteps are picked from the training ones.

@@ -35,12 +35,7 @@ scheduler_config! {
         steps_offset: i64 = 0 => i64,
         /// What the model predicts (noise, `v`, or the sample).
         prediction_type: PredictionType = PredictionType::Epsilon => choice,
-        /// Dynamic thresholding is not supported: `true` is a config error.
-        thresholding: bool = false => bool,
-        /// Kept for config round trips (thresholding is not supported).
-        dynamic_thresholding_ratio: f64 = 0.995 => f64,
-        /// Kept for config round trips (thresholding is not supported).
-        sample_max_value: f64 = 1.0 => f64,
+        ..thresholding_keys,
         /// Kept for config round trips (LCM's timesteps do not use it).
         timestep_spacing: TimestepSpacing = TimestepSpacing::Leading => choice,
         /// Scales the timestep in the boundary-condition coefficients.

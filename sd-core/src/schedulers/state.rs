@@ -16,7 +16,7 @@ use super::sigma_schedule::{
     discrete_timesteps, k_timesteps, multistep_timesteps, training_timesteps, MultistepSchedule,
     SigmaSpacing, TrainSigmas,
 };
-use super::{Scheduler, SchedulerConfig as Config};
+use super::Scheduler;
 use crate::rng::Generators;
 use crate::{Error, Result};
 
@@ -443,7 +443,7 @@ impl<T: SchedulerClass> Scheduler for T {
         self.state().class
     }
 
-    fn config(&self) -> &Config {
+    fn config(&self) -> &SchedulerConfig {
         &self.state().resolved
     }
 

@@ -9,7 +9,7 @@ use super::common::{
 };
 use super::config::{
     BetaSchedule, ConfigReader, FinalSigmasType, PredictionType, SchedulerConfig, SolverType,
-    TimeShiftType, TimestepSpacing,
+    TimestepSpacing,
 };
 use super::multistep::{alpha_sigma, check_multistep_config, lambda, MultistepHistory};
 use super::numeric::solve_f32;
@@ -31,12 +31,7 @@ scheduler_config! {
         solver_order: usize = 2 => usize,
         /// What the model predicts (noise, `v`, or the sample).
         prediction_type: PredictionType = PredictionType::Epsilon => choice,
-        /// Dynamic thresholding is not supported: `true` is a config error.
-        thresholding: bool = false => bool,
-        /// Kept for config round trips (thresholding is not supported).
-        dynamic_thresholding_ratio: f64 = 0.995 => f64,
-        /// Kept for config round trips (thresholding is not supported).
-        sample_max_value: f64 = 1.0 => f64,
+        ..thresholding_keys,
         /// Use the data-prediction (`x_0`) form of the updates (the default).
         predict_x0: bool = true => bool,
         /// `bh1` or `bh2` (the default); the DPM-Solver names are read as `bh2`, as diffusers does.
@@ -45,16 +40,8 @@ scheduler_config! {
         lower_order_final: bool = true => bool,
         /// Step indices (minus one) at which the corrector is skipped.
         disable_corrector: Vec<usize> = vec![] => usize_vec,
-        /// Use the Karras et al. (2022) sigma schedule (rho = 7).
-        use_karras_sigmas: bool = false => bool,
-        /// Use exponentially spaced sigmas.
-        use_exponential_sigmas: bool = false => bool,
-        /// Beta sigmas need scipy's beta quantile function; not supported (an error if true).
-        use_beta_sigmas: bool = false => bool,
-        /// Flow-matching sigmas are not supported (an error if true).
-        use_flow_sigmas: bool = false => bool,
-        /// Kept for config round trips (flow sigmas are not supported).
-        flow_shift: f64 = 1.0 => f64,
+        ..sigma_schedule_flags,
+        ..flow_sigma_keys,
         /// How inference timesteps are picked from the training ones.
         timestep_spacing: TimestepSpacing = TimestepSpacing::Linspace => choice,
         /// Added to the timesteps with `leading` spacing (SD uses 1).
@@ -63,10 +50,7 @@ scheduler_config! {
         final_sigmas_type: FinalSigmasType = FinalSigmasType::Zero => choice,
         /// Rescale betas to a zero terminal SNR.
         rescale_betas_zero_snr: bool = false => bool,
-        /// Dynamic shifting (flow models) is not supported (an error if true).
-        use_dynamic_shifting: bool = false => bool,
-        /// Kept for config round trips.
-        time_shift_type: TimeShiftType = TimeShiftType::Exponential => choice,
+        ..dynamic_shifting_keys,
         /// Lowest sigma of Karras/exponential schedules (default: the schedule's own).
         sigma_min: Option<f64> = None => opt_f64,
         /// Highest sigma of Karras/exponential schedules (default: the schedule's own).
