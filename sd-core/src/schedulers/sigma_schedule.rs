@@ -40,22 +40,12 @@ pub(crate) fn discrete_timesteps(
     steps_offset: i64,
 ) -> Vec<i64> {
     match spacing {
-        TimestepSpacing::Linspace => np_linspace(0.0, (n_train - 1) as f64, n)
-            .into_iter()
-            .rev()
-            .map(|t| np_round(t) as i64)
-            .collect(),
+        TimestepSpacing::Linspace => rounded_linspace((n_train - 1) as f64, n),
         TimestepSpacing::Leading => {
             let ratio = n_train / n;
             (0..n).rev().map(|i| (i * ratio) as i64 + steps_offset).collect()
         }
-        TimestepSpacing::Trailing => {
-            let ratio = n_train as f64 / n as f64;
-            np_arange(n_train as f64, 0.0, -ratio)
-                .into_iter()
-                .map(|t| np_round(t) as i64 - 1)
-                .collect()
-        }
+        TimestepSpacing::Trailing => trailing(n_train, n_train, n),
     }
 }
 
@@ -71,11 +61,7 @@ pub(crate) fn multistep_timesteps(
 ) -> Vec<i64> {
     match spacing {
         TimestepSpacing::Linspace => {
-            let mut t: Vec<i64> = np_linspace(0.0, last_timestep as f64 - 1.0, n + 1)
-                .into_iter()
-                .rev()
-                .map(|t| np_round(t) as i64)
-                .collect();
+            let mut t = rounded_linspace(last_timestep as f64 - 1.0, n + 1);
             t.pop();
             t
         }
@@ -83,14 +69,19 @@ pub(crate) fn multistep_timesteps(
             let ratio = last_timestep / (n + 1);
             (1..=n).rev().map(|i| (i * ratio) as i64 + steps_offset).collect()
         }
-        TimestepSpacing::Trailing => {
-            let ratio = n_train as f64 / n as f64;
-            np_arange(last_timestep as f64, 0.0, -ratio)
-                .into_iter()
-                .map(|t| np_round(t) as i64 - 1)
-                .collect()
-        }
+        TimestepSpacing::Trailing => trailing(last_timestep, n_train, n),
     }
+}
+
+/// `np.linspace(0, stop, num).round()[::-1].astype(np.int64)`.
+fn rounded_linspace(stop: f64, num: usize) -> Vec<i64> {
+    np_linspace(0.0, stop, num).into_iter().rev().map(|t| np_round(t) as i64).collect()
+}
+
+/// Trailing spacing: `np.round(np.arange(start, 0, -n_train / n)).astype(np.int64) - 1`.
+fn trailing(start: usize, n_train: usize, n: usize) -> Vec<i64> {
+    let ratio = n_train as f64 / n as f64;
+    np_arange(start as f64, 0.0, -ratio).into_iter().map(|t| np_round(t) as i64 - 1).collect()
 }
 
 /// The timesteps of a training schedule of `n_train` steps, descending, as float32 values
