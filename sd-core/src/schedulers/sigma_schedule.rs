@@ -87,7 +87,7 @@ fn trailing(start: usize, n_train: usize, n: usize) -> Vec<i64> {
 /// The timesteps of a training schedule of `n_train` steps, descending, as float32 values
 /// (`np.linspace(0, n_train - 1, n_train)[::-1]` of the sigma-based classes' `__init__`).
 pub(crate) fn training_timesteps(n_train: usize) -> Vec<f64> {
-    np_linspace(0.0, (n_train - 1) as f64, n_train)
+    np_linspace(0.0, n_train.saturating_sub(1) as f64, n_train)
         .into_iter()
         .rev()
         .map(|t| t as f32 as f64)
