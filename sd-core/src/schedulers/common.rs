@@ -308,13 +308,28 @@ pub(crate) const STANDARD_BETAS: &[BetaSchedule] =
 pub(crate) const EPSILON_OR_V: &[PredictionType] =
     &[PredictionType::Epsilon, PredictionType::VPrediction];
 
-/// Errors when more than one of the alternative sigma schedules is chosen, or beta sigmas (which
-/// need scipy's `beta.ppf`) are.
-pub(crate) fn check_sigma_choice(
+/// The checks of the classes with `..sigma_schedule_flags`: a beta schedule they implement, at
+/// most one alternative sigma schedule, and no beta sigmas (which need scipy's `beta.ppf`). `$c`
+/// is the typed config.
+macro_rules! check_sigma_config {
+    ($r:expr, $c:expr) => {{
+        let (r, c) = (&*$r, $c);
+        r.check_among(
+            "beta_schedule",
+            c.beta_schedule,
+            $crate::schedulers::common::STANDARD_BETAS,
+        )?;
+        let flags = [c.use_karras_sigmas, c.use_exponential_sigmas, c.use_beta_sigmas];
+        $crate::schedulers::common::check_sigma_flags(r, flags)?;
+    }};
+}
+pub(crate) use check_sigma_config;
+
+/// Errors when more than one of `[karras, exponential, beta]` sigmas is chosen, or beta sigmas
+/// are.
+pub(crate) fn check_sigma_flags(
     r: &ConfigReader<'_>,
-    karras: bool,
-    exponential: bool,
-    beta: bool,
+    [karras, exponential, beta]: [bool; 3],
 ) -> Result<()> {
     if [karras, exponential, beta].iter().filter(|&&b| b).count() > 1 {
         return Err(r.error(

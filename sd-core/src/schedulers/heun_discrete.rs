@@ -5,8 +5,7 @@
 use candle_core::Tensor;
 
 use super::common::{
-    check_sigma_choice, div, euler_update, k_pred_original, mul, scheduler_config, ClassConfig,
-    STANDARD_BETAS,
+    check_sigma_config, div, euler_update, k_pred_original, mul, scheduler_config, ClassConfig,
 };
 use super::config::{
     BetaSchedule, ConfigReader, InterpolationType, PredictionType, SchedulerConfig, TimestepSpacing,
@@ -41,13 +40,7 @@ scheduler_config! {
 
 impl ClassConfig for HeunDiscreteConfig {
     fn validate(self, r: &mut ConfigReader<'_>) -> Result<Self> {
-        r.check_among("beta_schedule", self.beta_schedule, STANDARD_BETAS)?;
-        check_sigma_choice(
-            r,
-            self.use_karras_sigmas,
-            self.use_exponential_sigmas,
-            self.use_beta_sigmas,
-        )?;
+        check_sigma_config!(r, &self);
         Ok(self)
     }
 }

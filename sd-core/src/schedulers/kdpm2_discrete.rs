@@ -6,8 +6,8 @@
 use candle_core::Tensor;
 
 use super::common::{
-    check_sigma_choice, div, k_pred_original, k_scale, mul, scheduler_config, sigma_at,
-    ClassConfig, EPSILON_OR_V, STANDARD_BETAS,
+    check_sigma_flags, div, k_pred_original, k_scale, mul, scheduler_config, sigma_at, ClassConfig,
+    EPSILON_OR_V, STANDARD_BETAS,
 };
 use super::config::{
     BetaSchedule, ConfigReader, InterpolationType, PredictionType, SchedulerConfig, TimestepSpacing,
@@ -40,14 +40,10 @@ scheduler_config! {
 
 impl ClassConfig for KDPM2DiscreteConfig {
     fn validate(self, r: &mut ConfigReader<'_>) -> Result<Self> {
-        r.check_among("beta_schedule", self.beta_schedule, STANDARD_BETAS)?;
-        r.check_among("prediction_type", self.prediction_type, EPSILON_OR_V)?;
-        check_sigma_choice(
-            r,
-            self.use_karras_sigmas,
-            self.use_exponential_sigmas,
-            self.use_beta_sigmas,
-        )?;
+        let c = &self;
+        r.check_among("beta_schedule", c.beta_schedule, STANDARD_BETAS)?;
+        r.check_among("prediction_type", c.prediction_type, EPSILON_OR_V)?;
+        check_sigma_flags(r, [c.use_karras_sigmas, c.use_exponential_sigmas, c.use_beta_sigmas])?;
         Ok(self)
     }
 }

@@ -3,9 +3,7 @@
 
 use candle_core::Tensor;
 
-use super::common::{
-    check_sigma_choice, div, k_pred_original, mul, scheduler_config, ClassConfig, STANDARD_BETAS,
-};
+use super::common::{check_sigma_config, div, k_pred_original, mul, scheduler_config, ClassConfig};
 use super::config::{
     BetaSchedule, ConfigReader, InterpolationType, PredictionType, SchedulerConfig, TimestepSpacing,
 };
@@ -36,13 +34,7 @@ scheduler_config! {
 
 impl ClassConfig for LMSDiscreteConfig {
     fn validate(self, r: &mut ConfigReader<'_>) -> Result<Self> {
-        r.check_among("beta_schedule", self.beta_schedule, STANDARD_BETAS)?;
-        check_sigma_choice(
-            r,
-            self.use_karras_sigmas,
-            self.use_exponential_sigmas,
-            self.use_beta_sigmas,
-        )?;
+        check_sigma_config!(r, &self);
         Ok(self)
     }
 }

@@ -6,14 +6,13 @@ use candle_core::Tensor;
 use crate::{Error, Result};
 
 /// The `__init__` checks DPM-Solver, DEIS and UniPC share (diffusers copies them between the
-/// three): a supported beta schedule, one alternative sigma schedule at most, and neither
+/// three): [`check_sigma_config!`](super::common::check_sigma_config), and neither
 /// thresholding, flow sigmas nor dynamic shifting. `$c` is the typed config.
 macro_rules! check_multistep_config {
     ($r:expr, $c:expr) => {{
-        use $crate::schedulers::common::{check_sigma_choice, reject_flag, STANDARD_BETAS};
+        use $crate::schedulers::common::{check_sigma_config, reject_flag};
         let (r, c) = (&*$r, $c);
-        r.check_among("beta_schedule", c.beta_schedule, STANDARD_BETAS)?;
-        check_sigma_choice(r, c.use_karras_sigmas, c.use_exponential_sigmas, c.use_beta_sigmas)?;
+        check_sigma_config!(r, c);
         reject_flag(r, "thresholding", c.thresholding, "dynamic thresholding")?;
         reject_flag(r, "use_flow_sigmas", c.use_flow_sigmas, "flow sigmas")?;
         reject_flag(r, "use_dynamic_shifting", c.use_dynamic_shifting, "dynamic shifting")?;
