@@ -471,7 +471,7 @@ pub(crate) fn alpha_pred_original(
     })
 }
 
-/// `sample / (sigma ** 2 + 1) ** 0.5` in float32.
+/// `sample / (sigma ** 2 + 1) ** 0.5` in float32 (the k-diffusion classes' `scale_model_input`).
 pub(crate) fn k_scale(sample: &Tensor, sigma: f32) -> Result<Tensor> {
     div(&to_f32(sample)?, (sigma * sigma + 1.0).sqrt())
 }

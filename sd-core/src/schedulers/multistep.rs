@@ -20,8 +20,8 @@ macro_rules! check_multistep_config {
 }
 pub(crate) use check_multistep_config;
 
-/// `_sigma_to_alpha_sigma_t` in float32: `alpha_t = 1 / (sigma ** 2 + 1) ** 0.5` and
-/// `sigma_t = sigma * alpha_t`.
+/// `_sigma_to_alpha_sigma_t` (copied from `DPMSolverMultistepScheduler` into DEIS and UniPC) in
+/// float32: `alpha_t = 1 / (sigma ** 2 + 1) ** 0.5` and `sigma_t = sigma * alpha_t`.
 pub(crate) fn alpha_sigma(sigma: f32) -> (f32, f32) {
     let alpha = 1.0 / (sigma * sigma + 1.0).sqrt();
     (alpha, sigma * alpha)

@@ -178,9 +178,10 @@ impl TrainSigmas {
             .collect()
     }
 
-    /// `_sigma_to_t(sigma, log_sigmas)` with a float64 `sigma` and the float32 log training
-    /// sigmas, in numpy's mixed precision: the (fractional) training timestep of `sigma`,
-    /// interpolating in log space.
+    /// `_sigma_to_t(sigma, log_sigmas)` (copied from `EulerDiscreteScheduler` into the other
+    /// sigma-based classes) with a float64 `sigma` and the float32 log training sigmas, in numpy's
+    /// mixed precision: the (fractional) training timestep of `sigma`, interpolating in log
+    /// space.
     pub fn sigma_to_t(&self, sigma: f64) -> f64 {
         let log_sigmas = &self.log_sigmas;
         let log_sigma = sigma.max(1e-10).ln();

@@ -45,7 +45,8 @@ pub(crate) struct SigmaRange {
     pub max: Option<f64>,
 }
 
-/// diffusers' `_step_index` / `_begin_index` pair.
+/// diffusers' `_step_index` / `_begin_index` pair (with `_init_step_index`, which diffusers
+/// copies from `EulerDiscreteScheduler` into the other classes).
 #[derive(Debug, Clone, Copy, Default)]
 pub(crate) struct StepIndex {
     pub step: Option<usize>,
@@ -91,8 +92,9 @@ impl StepIndex {
     }
 }
 
-/// diffusers' `index_for_timestep`: the position of `timestep` in `schedule` (compared as f32,
-/// like the float32 timestep tensors), taking the second match when there are several.
+/// diffusers' `index_for_timestep` (copied from `EulerDiscreteScheduler` into the other
+/// classes): the position of `timestep` in `schedule` (compared as f32, like the float32
+/// timestep tensors), taking the second match when there are several.
 fn index_for_timestep(schedule: &[f64], timestep: f64) -> Option<usize> {
     let t = timestep as f32;
     let mut matches = schedule.iter().enumerate().filter(|(_, &s)| s as f32 == t).map(|(i, _)| i);
@@ -398,7 +400,9 @@ pub(crate) trait SchedulerClass: Send + Sync {
         }
     }
 
-    /// [`Scheduler::add_noise`], by [`Parametrization`].
+    /// [`Scheduler::add_noise`], by [`Parametrization`]: diffusers'
+    /// `EulerDiscreteScheduler.add_noise`, `DPMSolverMultistepScheduler.add_noise` and
+    /// `DDPMScheduler.add_noise`, which the other classes copy.
     fn add_noise(
         &self,
         original_samples: &Tensor,
