@@ -107,7 +107,9 @@ macro_rules! scheduler_config {
         }
     };
     (@fields [$(#[$m:meta])* $name:ident $class:literal] [$($done:tt)*]) => {
-        $crate::schedulers::common::scheduler_config! { @declare $(#[$m])* $name $class { $($done)* } }
+        $crate::schedulers::common::scheduler_config! {
+            @declare $(#[$m])* $name $class { $($done)* }
+        }
     };
     (
         @declare $(#[$m:meta])* $name:ident $class:literal {
@@ -128,7 +130,9 @@ macro_rules! scheduler_config {
 
         impl $name {
             #[doc = concat!("Reads the config with `", $class, ".from_config(config)` semantics.")]
-            pub fn from_config(config: &$crate::schedulers::SchedulerConfig) -> $crate::Result<Self> {
+            pub fn from_config(
+                config: &$crate::schedulers::SchedulerConfig,
+            ) -> $crate::Result<Self> {
                 $crate::schedulers::common::read_config(config, $class)
             }
         }
