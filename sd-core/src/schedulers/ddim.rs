@@ -83,9 +83,7 @@ impl DDIMScheduler {
 }
 
 impl SchedulerClass for DDIMScheduler {
-    const CLASS: &'static str = CLASS;
-    const PARAMETRIZATION: Parametrization = Parametrization::AlphasCumprod;
-    scheduler_state!(DDIMConfig, state);
+    scheduler_state!(CLASS, Parametrization::AlphasCumprod, state: DDIMConfig);
 
     fn set_timesteps(&mut self, num_inference_steps: usize) -> Result<()> {
         self.state.set_discrete_schedule(num_inference_steps);

@@ -88,10 +88,9 @@ impl DDPMScheduler {
 }
 
 impl SchedulerClass for DDPMScheduler {
-    const CLASS: &'static str = CLASS;
-    const PARAMETRIZATION: Parametrization = Parametrization::AlphasCumprod;
+    scheduler_state!(CLASS, Parametrization::AlphasCumprod, state: DDPMConfig);
+
     const NEEDS_SET_TIMESTEPS: bool = false;
-    scheduler_state!(DDPMConfig, state);
 
     fn set_timesteps(&mut self, num_inference_steps: usize) -> Result<()> {
         self.state.set_discrete_schedule(num_inference_steps);

@@ -120,9 +120,7 @@ fn ind3(t: f32, b: f32, c: f32, d: f32) -> f32 {
 }
 
 impl SchedulerClass for DEISMultistepScheduler {
-    const CLASS: &'static str = CLASS;
-    const PARAMETRIZATION: Parametrization = Parametrization::AlphaSigma;
-    scheduler_state!(DEISMultistepConfig, state);
+    scheduler_state!(CLASS, Parametrization::AlphaSigma, state: DEISMultistepConfig);
 
     fn set_timesteps(&mut self, num_inference_steps: usize) -> Result<()> {
         let c = &self.state.config;

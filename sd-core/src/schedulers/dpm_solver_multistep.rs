@@ -339,9 +339,7 @@ impl DPMSolverMultistepScheduler {
 }
 
 impl SchedulerClass for DPMSolverMultistepScheduler {
-    const CLASS: &'static str = CLASS;
-    const PARAMETRIZATION: Parametrization = Parametrization::AlphaSigma;
-    scheduler_state!(DPMSolverMultistepConfig, state);
+    scheduler_state!(CLASS, Parametrization::AlphaSigma, state: DPMSolverMultistepConfig);
 
     fn set_timesteps(&mut self, num_inference_steps: usize) -> Result<()> {
         let c = &self.state.config;

@@ -59,9 +59,7 @@ impl EulerAncestralDiscreteScheduler {
 }
 
 impl SchedulerClass for EulerAncestralDiscreteScheduler {
-    const CLASS: &'static str = CLASS;
-    const PARAMETRIZATION: Parametrization = Parametrization::KDiffusion;
-    scheduler_state!(EulerAncestralDiscreteConfig, state);
+    scheduler_state!(CLASS, Parametrization::KDiffusion, state: EulerAncestralDiscreteConfig);
 
     fn set_timesteps(&mut self, num_inference_steps: usize) -> Result<()> {
         let ts = self.state.k_timesteps(num_inference_steps);

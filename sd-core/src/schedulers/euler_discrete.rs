@@ -125,10 +125,9 @@ impl EulerDiscreteScheduler {
 }
 
 impl SchedulerClass for EulerDiscreteScheduler {
-    const CLASS: &'static str = CLASS;
-    const PARAMETRIZATION: Parametrization = Parametrization::KDiffusion;
+    scheduler_state!(CLASS, Parametrization::KDiffusion, state: EulerDiscreteConfig);
+
     const NEEDS_SET_TIMESTEPS: bool = false;
-    scheduler_state!(EulerDiscreteConfig, state);
 
     fn set_timesteps(&mut self, num_inference_steps: usize) -> Result<()> {
         let c = &self.state.config;

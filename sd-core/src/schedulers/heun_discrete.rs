@@ -69,9 +69,7 @@ impl HeunDiscreteScheduler {
 }
 
 impl SchedulerClass for HeunDiscreteScheduler {
-    const CLASS: &'static str = CLASS;
-    const PARAMETRIZATION: Parametrization = Parametrization::KDiffusion;
-    scheduler_state!(HeunDiscreteConfig, state);
+    scheduler_state!(CLASS, Parametrization::KDiffusion, state: HeunDiscreteConfig);
 
     fn set_timesteps(&mut self, num_inference_steps: usize) -> Result<()> {
         let c = &self.state.config;

@@ -203,9 +203,7 @@ impl KDPM2DiscreteScheduler {
 }
 
 impl SchedulerClass for KDPM2DiscreteScheduler {
-    const CLASS: &'static str = CLASS;
-    const PARAMETRIZATION: Parametrization = Parametrization::KDiffusion;
-    scheduler_state!(KDPM2DiscreteConfig, dpm2.state);
+    scheduler_state!(CLASS, Parametrization::KDiffusion, dpm2.state: KDPM2DiscreteConfig);
 
     fn set_timesteps(&mut self, num_inference_steps: usize) -> Result<()> {
         let base = self.dpm2.base(num_inference_steps);

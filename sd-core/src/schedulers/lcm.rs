@@ -93,9 +93,7 @@ impl LCMScheduler {
 }
 
 impl SchedulerClass for LCMScheduler {
-    const CLASS: &'static str = CLASS;
-    const PARAMETRIZATION: Parametrization = Parametrization::AlphasCumprod;
-    scheduler_state!(LCMConfig, state);
+    scheduler_state!(CLASS, Parametrization::AlphasCumprod, state: LCMConfig);
 
     fn set_timesteps(&mut self, num_inference_steps: usize) -> Result<()> {
         let c = &self.state.config;

@@ -82,9 +82,7 @@ impl LMSDiscreteScheduler {
 }
 
 impl SchedulerClass for LMSDiscreteScheduler {
-    const CLASS: &'static str = CLASS;
-    const PARAMETRIZATION: Parametrization = Parametrization::KDiffusion;
-    scheduler_state!(LMSDiscreteConfig, state);
+    scheduler_state!(CLASS, Parametrization::KDiffusion, state: LMSDiscreteConfig);
 
     fn set_timesteps(&mut self, num_inference_steps: usize) -> Result<()> {
         let c = &self.state.config;

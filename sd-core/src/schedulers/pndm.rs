@@ -201,9 +201,7 @@ impl PNDMScheduler {
 }
 
 impl SchedulerClass for PNDMScheduler {
-    const CLASS: &'static str = CLASS;
-    const PARAMETRIZATION: Parametrization = Parametrization::AlphasCumprod;
-    scheduler_state!(PNDMConfig, state);
+    scheduler_state!(CLASS, Parametrization::AlphasCumprod, state: PNDMConfig);
 
     fn set_timesteps(&mut self, num_inference_steps: usize) -> Result<()> {
         let c = &self.state.config;

@@ -266,11 +266,16 @@ impl<C: ConfigFields> SchedulerState<C> {
     }
 }
 
-/// The [`SchedulerClass`] items that reach a class's state: `scheduler_state!(Config, field)`
-/// for a `SchedulerState<Config>` at `self.field` (a path such as `dpm2.state` works too).
+/// The [`SchedulerClass`] items that name a class and reach its state:
+/// `scheduler_state!(CLASS, Parametrization::X, field: Config)` for the class `CLASS` whose
+/// `SchedulerState<Config>` is at `self.field` (a path such as `dpm2.state` works too).
 macro_rules! scheduler_state {
-    ($config:ty, $($field:ident).+) => {
+    ($class:expr, $parametrization:expr, $($field:ident).+ : $config:ty) => {
         type Config = $config;
+
+        const CLASS: &'static str = $class;
+
+        const PARAMETRIZATION: $crate::schedulers::state::Parametrization = $parametrization;
 
         fn state(&self) -> &$crate::schedulers::state::SchedulerState<$config> {
             &self.$($field).+

@@ -282,9 +282,7 @@ struct Coeffs {
 }
 
 impl SchedulerClass for UniPCMultistepScheduler {
-    const CLASS: &'static str = CLASS;
-    const PARAMETRIZATION: Parametrization = Parametrization::AlphaSigma;
-    scheduler_state!(UniPCMultistepConfig, state);
+    scheduler_state!(CLASS, Parametrization::AlphaSigma, state: UniPCMultistepConfig);
 
     fn set_timesteps(&mut self, num_inference_steps: usize) -> Result<()> {
         let c = &self.state.config;
