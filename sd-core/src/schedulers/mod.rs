@@ -48,6 +48,10 @@
 //! `DPMSolverMultistepScheduler.from_config(config, use_karras_sigmas=True)`), as diffusers'
 //! documentation maps them.
 
+// Each class file holds its config, its `set_timesteps` math and its `step` math; what the classes
+// share is in `state` (the state every class embeds and the `Scheduler` implementation built on
+// it), `sigma_schedule` (timestep spacings and sigma schedules), `multistep` (the multistep
+// solvers' history) and `common` (the config macro and checks, the float32 tensor arithmetic).
 pub mod betas;
 pub(crate) mod common;
 pub mod config;
