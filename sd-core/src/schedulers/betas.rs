@@ -122,6 +122,24 @@ impl TrainingSchedule {
         Ok(Self { betas, alphas_cumprod })
     }
 
+    /// `alphas_cumprod[-1] = 2**-24` after zero-terminal-SNR rescaling, as the sigma-based
+    /// schedulers do: close to zero but not zero, so the largest sigma stays finite.
+    pub(crate) fn keep_terminal_sigma_finite(&mut self) {
+        if let Some(last) = self.alphas_cumprod.last_mut() {
+            *last = 2f32.powi(-24);
+        }
+    }
+
+    /// `final_alpha_cumprod` of DDIM, PNDM and LCM: 1 with `set_alpha_to_one`, else the first
+    /// `alphas_cumprod`.
+    pub(crate) fn final_alpha_cumprod(&self, set_alpha_to_one: bool) -> f32 {
+        if set_alpha_to_one {
+            1.0
+        } else {
+            self.alphas_cumprod[0]
+        }
+    }
+
     /// `((1 - alphas_cumprod) / alphas_cumprod) ** 0.5` in float32 (not flipped).
     pub fn sigmas(&self) -> Vec<f32> {
         self.alphas_cumprod.iter().map(|&a| ((1.0 - a) / a).sqrt()).collect()

@@ -495,20 +495,25 @@ impl<'a> ConfigReader<'a> {
         allowed: &[T],
     ) -> Result<T> {
         let v = self.choice(key, default)?;
-        if allowed.contains(&v) {
-            Ok(v)
-        } else {
-            let valid: Vec<&str> = allowed.iter().map(|a| a.as_str()).collect();
-            Err(self.error(
-                key,
-                format!(
-                    "`{}` is not supported by {}; valid values: {}",
-                    v.as_str(),
-                    self.class,
-                    valid.join(", ")
-                ),
-            ))
+        self.check_among(key, v, allowed)?;
+        Ok(v)
+    }
+
+    /// Errors unless `value` (read from `key`) is one of the values this class implements.
+    pub fn check_among<T: ConfigEnum>(&self, key: &str, value: T, allowed: &[T]) -> Result<()> {
+        if allowed.contains(&value) {
+            return Ok(());
         }
+        let valid: Vec<&str> = allowed.iter().map(|a| a.as_str()).collect();
+        Err(self.error(
+            key,
+            format!(
+                "`{}` is not supported by {}; valid values: {}",
+                value.as_str(),
+                self.class,
+                valid.join(", ")
+            ),
+        ))
     }
 
     /// An optional string key with a fixed set of values (`null` or absent: `None`).

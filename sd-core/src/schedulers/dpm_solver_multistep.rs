@@ -4,18 +4,19 @@
 
 use candle_core::Tensor;
 
-use super::betas::TrainingSchedule;
 use super::common::{
-    alpha_sigma, check_choice, check_sigma_choice, exponential_sigmas, int_timestep, interp_sigmas,
-    karras_sigmas, lambda, log_sigmas, multistep_timesteps, reject_flag, scheduler_config,
-    sigma_at, sigma_to_t, train_sigmas, training_schedule, StepIndex, STANDARD_BETAS,
+    check_solver_order, div, int_timestep, mul, same_shape, scheduler_config, ClassConfig,
 };
 use super::config::{
     AlgorithmType, BetaSchedule, ConfigReader, FinalSigmasType, PredictionType, SchedulerConfig,
-    SolverType, TimeShiftType, TimestepSpacing, VarianceType,
+    SolverType, TimestepSpacing, VarianceType,
 };
-use super::numeric::{np_linspace, np_round};
-use super::{check_steps, div, mul, same_shape, to_f32, Scheduler};
+use super::multistep::{alpha_sigma, check_multistep_config, lambda, MultistepHistory};
+use super::numeric::np_linspace;
+use super::sigma_schedule::{MultistepSchedule, SigmaSpacing, TrainSigmas};
+use super::state::{
+    scheduler_api, scheduler_state, Parametrization, SchedulerClass, SchedulerState,
+};
 use crate::rng::Generators;
 use crate::{Error, Result};
 
@@ -23,27 +24,14 @@ const CLASS: &str = "DPMSolverMultistepScheduler";
 
 scheduler_config! {
     /// The `__init__` arguments of diffusers' `DPMSolverMultistepScheduler`, with its defaults.
-    pub struct DPMSolverMultistepConfig {
-        /// Number of diffusion steps the model was trained with.
-        num_train_timesteps: usize = 1000 => usize,
-        /// First training beta.
-        beta_start: f64 = 0.0001 => f64,
-        /// Last training beta.
-        beta_end: f64 = 0.02 => f64,
-        /// How the betas go from `beta_start` to `beta_end`.
-        beta_schedule: BetaSchedule = BetaSchedule::Linear => choice,
-        /// Explicit betas, overriding `beta_start`/`beta_end`/`beta_schedule`.
-        trained_betas: Option<Vec<f64>> = None => opt_f64_vec,
+    pub struct DPMSolverMultistepConfig for "DPMSolverMultistepScheduler" {
+        num_train_timesteps = 1000, beta_start = 0.0001, beta_end = 0.02,
+        beta_schedule = BetaSchedule::Linear;
         /// The solver order, 1 to 3 (2 is "2M").
         solver_order: usize = 2 => usize,
         /// What the model predicts (noise, `v`, or the sample).
         prediction_type: PredictionType = PredictionType::Epsilon => choice,
-        /// Dynamic thresholding is not supported: `true` is a config error.
-        thresholding: bool = false => bool,
-        /// Kept for config round trips (thresholding is not supported).
-        dynamic_thresholding_ratio: f64 = 0.995 => f64,
-        /// Kept for config round trips (thresholding is not supported).
-        sample_max_value: f64 = 1.0 => f64,
+        ..thresholding_keys,
         /// `dpmsolver++` (the default), `sde-dpmsolver++`, or the deprecated `dpmsolver` /
         /// `sde-dpmsolver` (`deis` is read as `dpmsolver++`, as diffusers does).
         algorithm_type: AlgorithmType = AlgorithmType::DpmSolverPlusPlus => choice,
@@ -54,18 +42,10 @@ scheduler_config! {
         lower_order_final: bool = true => bool,
         /// Use a first-order step at the very end.
         euler_at_final: bool = false => bool,
-        /// Use the Karras et al. (2022) sigma schedule (rho = 7).
-        use_karras_sigmas: bool = false => bool,
-        /// Use exponentially spaced sigmas.
-        use_exponential_sigmas: bool = false => bool,
-        /// Beta sigmas need scipy's beta quantile function; not supported (an error if true).
-        use_beta_sigmas: bool = false => bool,
+        ..sigma_schedule_flags,
         /// Sigmas evenly spaced in `log sigma` ("Lu lambdas").
         use_lu_lambdas: bool = false => bool,
-        /// Flow-matching sigmas are not supported (an error if true).
-        use_flow_sigmas: bool = false => bool,
-        /// Kept for config round trips (flow sigmas are not supported).
-        flow_shift: f64 = 1.0 => f64,
+        ..flow_sigma_keys,
         /// The sigma after the last step: 0 or the smallest training sigma.
         final_sigmas_type: FinalSigmasType = FinalSigmasType::Zero => choice,
         /// Timesteps whose `lambda` is below this are not used (`-inf`: all are).
@@ -79,31 +59,15 @@ scheduler_config! {
         steps_offset: i64 = 0 => i64,
         /// Rescale betas to a zero terminal SNR.
         rescale_betas_zero_snr: bool = false => bool,
-        /// Dynamic shifting (flow models) is not supported (an error if true).
-        use_dynamic_shifting: bool = false => bool,
-        /// Kept for config round trips.
-        time_shift_type: TimeShiftType = TimeShiftType::Exponential => choice,
+        ..dynamic_shifting_keys,
     }
 }
 
-impl DPMSolverMultistepConfig {
-    /// Reads the config with `DPMSolverMultistepScheduler.from_config(config)` semantics.
-    pub fn from_config(config: &SchedulerConfig) -> Result<Self> {
-        Self::read(&mut ConfigReader::new(config, CLASS))
-    }
-
-    fn read(r: &mut ConfigReader<'_>) -> Result<Self> {
-        let mut c = Self::read_fields(r)?;
-        check_choice(r, CLASS, "beta_schedule", c.beta_schedule, STANDARD_BETAS)?;
-        check_sigma_choice(r, c.use_karras_sigmas, c.use_exponential_sigmas, c.use_beta_sigmas)?;
-        reject_flag(r, "thresholding", c.thresholding, "dynamic thresholding")?;
-        reject_flag(r, "use_flow_sigmas", c.use_flow_sigmas, "flow sigmas")?;
-        reject_flag(r, "use_dynamic_shifting", c.use_dynamic_shifting, "dynamic shifting")?;
-        if !(1..=3).contains(&c.solver_order) {
-            return Err(
-                r.error("solver_order", format!("must be 1, 2 or 3, got {}", c.solver_order))
-            );
-        }
+impl ClassConfig for DPMSolverMultistepConfig {
+    fn validate(mut self, r: &mut ConfigReader<'_>) -> Result<Self> {
+        let c = &mut self;
+        check_multistep_config!(r, &*c);
+        check_solver_order(r, c.solver_order)?;
         // diffusers checks the algorithm as given (so `deis` needs `sigma_min` too), then reads
         // `deis` as `dpmsolver++`.
         let plus_plus = matches!(
@@ -132,17 +96,17 @@ impl DPMSolverMultistepConfig {
             ));
         }
         if let Some(v) = c.variance_type {
-            check_choice(
-                r,
-                CLASS,
+            r.check_among(
                 "variance_type",
                 v,
                 &[VarianceType::Learned, VarianceType::LearnedRange],
             )?;
         }
-        Ok(c)
+        Ok(self)
     }
+}
 
+impl DPMSolverMultistepConfig {
     fn plus_plus(&self) -> bool {
         matches!(
             self.algorithm_type,
@@ -162,87 +126,24 @@ impl DPMSolverMultistepConfig {
 /// `sigma_min`), `init_noise_sigma` 1 and no input scaling.
 #[derive(Debug, Clone)]
 pub struct DPMSolverMultistepScheduler {
-    config: DPMSolverMultistepConfig,
-    resolved: SchedulerConfig,
-    schedule: TrainingSchedule,
-    /// `sigma_min` / `sigma_max` kept from the source config (diffusers reads them with
-    /// `hasattr(self.config, ...)`).
-    hidden_sigma_min: Option<f64>,
-    hidden_sigma_max: Option<f64>,
-    timesteps: Vec<f64>,
-    sigmas: Vec<f32>,
-    num_inference_steps: Option<usize>,
-    model_outputs: Vec<Option<Tensor>>,
-    lower_order_nums: usize,
-    index: StepIndex,
-    pred_original_sample: Option<Tensor>,
+    state: SchedulerState<DPMSolverMultistepConfig>,
+    model_outputs: MultistepHistory,
 }
+
+scheduler_api!(DPMSolverMultistepScheduler, DPMSolverMultistepConfig, typed_config);
 
 impl DPMSolverMultistepScheduler {
     /// `DPMSolverMultistepScheduler.from_config(config)`.
     pub fn from_config(config: &SchedulerConfig) -> Result<Self> {
-        let mut r = ConfigReader::new(config, CLASS);
-        let c = DPMSolverMultistepConfig::read(&mut r)?;
-        let (hidden_sigma_min, hidden_sigma_max) =
-            (r.hidden_f64("sigma_min"), r.hidden_f64("sigma_max"));
-        let resolved = r.resolved(c.write());
-        let mut schedule = training_schedule(
-            CLASS,
-            &resolved,
-            c.beta_schedule,
-            c.beta_start,
-            c.beta_end,
-            c.num_train_timesteps,
-            c.trained_betas.as_deref(),
-            c.rescale_betas_zero_snr,
-        )?;
-        if c.rescale_betas_zero_snr {
-            if let Some(last) = schedule.alphas_cumprod.last_mut() {
-                *last = 2f32.powi(-24);
-            }
-        }
-        let n = c.num_train_timesteps;
-        let timesteps = np_linspace(0.0, (n - 1) as f64, n)
-            .into_iter()
-            .rev()
-            .map(|t| t as f32 as f64)
-            .collect();
-        let sigmas = train_sigmas(&schedule.alphas_cumprod);
-        let order = c.solver_order;
-        Ok(Self {
-            config: c,
-            resolved,
-            schedule,
-            hidden_sigma_min,
-            hidden_sigma_max,
-            timesteps,
-            sigmas,
-            num_inference_steps: None,
-            model_outputs: vec![None; order],
-            lower_order_nums: 0,
-            index: StepIndex::default(),
-            pred_original_sample: None,
-        })
-    }
-
-    /// `DPMSolverMultistepScheduler(**config)`.
-    pub fn new(config: DPMSolverMultistepConfig) -> Result<Self> {
-        Self::from_config(&SchedulerConfig::from_map(config.write()))
-    }
-
-    /// The typed config.
-    pub fn typed_config(&self) -> &DPMSolverMultistepConfig {
-        &self.config
-    }
-
-    /// The training `alphas_cumprod` (float32).
-    pub fn alphas_cumprod(&self) -> &[f32] {
-        &self.schedule.alphas_cumprod
+        let state = Self::load_state(config)?;
+        let model_outputs = MultistepHistory::new(CLASS, state.config.solver_order);
+        Ok(Self { state, model_outputs })
     }
 
     /// `lambda_t = log(alpha_t) - log(sigma_t)` of the training schedule, float32.
     fn train_lambdas(&self) -> Vec<f32> {
-        self.schedule
+        self.state
+            .schedule
             .alphas_cumprod
             .iter()
             .map(|&a| a.sqrt().ln() - (1.0 - a).sqrt().ln())
@@ -255,8 +156,8 @@ impl DPMSolverMultistepScheduler {
         sample: &Tensor,
         i: usize,
     ) -> Result<Tensor> {
-        let c = &self.config;
-        let (alpha_t, sigma_t) = alpha_sigma(self.sigmas[i]);
+        let c = &self.state.config;
+        let (alpha_t, sigma_t) = alpha_sigma(self.state.sigmas[i]);
         let model_output = match (c.variance_type, c.prediction_type) {
             (Some(_), PredictionType::Epsilon) => model_output.narrow(1, 0, 3)?,
             _ => model_output.clone(),
@@ -296,10 +197,10 @@ impl DPMSolverMultistepScheduler {
         sample: &Tensor,
         noise: Option<&Tensor>,
     ) -> Result<Tensor> {
-        let (alpha_t, sigma_t) = alpha_sigma(self.sigmas[i + 1]);
-        let (alpha_s, sigma_s) = alpha_sigma(self.sigmas[i]);
+        let (alpha_t, sigma_t) = alpha_sigma(self.state.sigmas[i + 1]);
+        let (alpha_s, sigma_s) = alpha_sigma(self.state.sigmas[i]);
         let h = lambda(alpha_t, sigma_t) - lambda(alpha_s, sigma_s);
-        match self.config.algorithm_type {
+        match self.state.config.algorithm_type {
             AlgorithmType::DpmSolverPlusPlus | AlgorithmType::Deis => {
                 Self::combine(&[(sigma_t / sigma_s, sample), (-(alpha_t * ((-h).exp() - 1.0)), m0)])
             }
@@ -327,23 +228,20 @@ impl DPMSolverMultistepScheduler {
     }
 
     fn second_order(&self, i: usize, sample: &Tensor, noise: Option<&Tensor>) -> Result<Tensor> {
-        let (alpha_t, sigma_t) = alpha_sigma(self.sigmas[i + 1]);
-        let (alpha_s0, sigma_s0) = alpha_sigma(self.sigmas[i]);
-        let (alpha_s1, sigma_s1) = alpha_sigma(self.sigmas[i - 1]);
+        let (alpha_t, sigma_t) = alpha_sigma(self.state.sigmas[i + 1]);
+        let (alpha_s0, sigma_s0) = alpha_sigma(self.state.sigmas[i]);
+        let (alpha_s1, sigma_s1) = alpha_sigma(self.state.sigmas[i - 1]);
         let lambda_t = lambda(alpha_t, sigma_t);
         let lambda_s0 = lambda(alpha_s0, sigma_s0);
         let lambda_s1 = lambda(alpha_s1, sigma_s1);
-        let n = self.model_outputs.len();
-        let m0 = self.model_outputs[n - 1].as_ref().expect("current model output");
-        let m1 = self.model_outputs[n - 2]
-            .as_ref()
-            .ok_or_else(|| Error::invalid(format!("{CLASS}: missing previous model output")))?;
+        let m0 = self.model_outputs.get(0)?;
+        let m1 = self.model_outputs.get(1)?;
         let (h, h_0) = (lambda_t - lambda_s0, lambda_s0 - lambda_s1);
         let r0 = h_0 / h;
         let d1 = mul(&(m0 - m1)?, 1.0 / r0)?;
         let d0 = m0;
-        let heun = self.config.solver_type == SolverType::Heun;
-        match self.config.algorithm_type {
+        let heun = self.state.config.solver_type == SolverType::Heun;
+        match self.state.config.algorithm_type {
             AlgorithmType::DpmSolverPlusPlus | AlgorithmType::Deis => {
                 let e = (-h).exp() - 1.0;
                 let c1 = if heun { alpha_t * (e / h + 1.0) } else { -(0.5 * (alpha_t * e)) };
@@ -384,19 +282,17 @@ impl DPMSolverMultistepScheduler {
     }
 
     fn third_order(&self, i: usize, sample: &Tensor, noise: Option<&Tensor>) -> Result<Tensor> {
-        let (alpha_t, sigma_t) = alpha_sigma(self.sigmas[i + 1]);
-        let (alpha_s0, sigma_s0) = alpha_sigma(self.sigmas[i]);
-        let (alpha_s1, sigma_s1) = alpha_sigma(self.sigmas[i - 1]);
-        let (alpha_s2, sigma_s2) = alpha_sigma(self.sigmas[i - 2]);
+        let (alpha_t, sigma_t) = alpha_sigma(self.state.sigmas[i + 1]);
+        let (alpha_s0, sigma_s0) = alpha_sigma(self.state.sigmas[i]);
+        let (alpha_s1, sigma_s1) = alpha_sigma(self.state.sigmas[i - 1]);
+        let (alpha_s2, sigma_s2) = alpha_sigma(self.state.sigmas[i - 2]);
         let lambda_t = lambda(alpha_t, sigma_t);
         let lambda_s0 = lambda(alpha_s0, sigma_s0);
         let lambda_s1 = lambda(alpha_s1, sigma_s1);
         let lambda_s2 = lambda(alpha_s2, sigma_s2);
-        let n = self.model_outputs.len();
-        let missing = || Error::invalid(format!("{CLASS}: missing previous model output"));
-        let m0 = self.model_outputs[n - 1].as_ref().expect("current model output");
-        let m1 = self.model_outputs[n - 2].as_ref().ok_or_else(missing)?;
-        let m2 = self.model_outputs[n - 3].as_ref().ok_or_else(missing)?;
+        let m0 = self.model_outputs.get(0)?;
+        let m1 = self.model_outputs.get(1)?;
+        let m2 = self.model_outputs.get(2)?;
         let (h, h_0, h_1) = (lambda_t - lambda_s0, lambda_s0 - lambda_s1, lambda_s1 - lambda_s2);
         let (r0, r1) = (h_0 / h, h_1 / h);
         let d1_0 = mul(&(m0 - m1)?, 1.0 / r0)?;
@@ -404,7 +300,7 @@ impl DPMSolverMultistepScheduler {
         let diff = (&d1_0 - &d1_1)?;
         let d1 = (&d1_0 + mul(&diff, r0 / (r0 + r1))?)?;
         let d2 = mul(&diff, 1.0 / (r0 + r1))?;
-        match self.config.algorithm_type {
+        match self.state.config.algorithm_type {
             AlgorithmType::DpmSolverPlusPlus | AlgorithmType::Deis => {
                 let e = (-h).exp() - 1.0;
                 Self::combine(&[
@@ -442,102 +338,56 @@ impl DPMSolverMultistepScheduler {
     }
 }
 
-impl Scheduler for DPMSolverMultistepScheduler {
-    fn class_name(&self) -> &'static str {
-        CLASS
-    }
-
-    fn config(&self) -> &SchedulerConfig {
-        &self.resolved
-    }
+impl SchedulerClass for DPMSolverMultistepScheduler {
+    scheduler_state!(CLASS, Parametrization::AlphaSigma, state: DPMSolverMultistepConfig);
 
     fn set_timesteps(&mut self, num_inference_steps: usize) -> Result<()> {
-        let c = &self.config;
+        let c = &self.state.config;
         let n_train = c.num_train_timesteps;
-        check_steps(num_inference_steps, n_train)?;
         let n = num_inference_steps;
         // searchsorted(flip(lambda_t), lambda_min_clipped): how many lambdas lie below the clip.
         let clip = c.lambda_min_clipped as f32;
         let clipped_idx = self.train_lambdas().iter().filter(|&&l| l < clip).count();
         let last_timestep = n_train - clipped_idx;
-        let int_ts =
-            multistep_timesteps(c.timestep_spacing, n_train, last_timestep, n, c.steps_offset);
+        let int_ts = self.state.multistep_timesteps(n, last_timestep);
         if int_ts.is_empty() {
             return Err(Error::invalid(format!(
                 "{CLASS}: no timesteps left after lambda_min_clipped"
             )));
         }
-        let train = train_sigmas(&self.schedule.alphas_cumprod);
-        let logs = log_sigmas(&train);
-        let round_ts = c.beta_schedule != BetaSchedule::SquaredcosCapV2;
-        let lo = self.hidden_sigma_min.unwrap_or(train[0] as f64);
-        let hi = self.hidden_sigma_max.unwrap_or(train[n_train - 1] as f64);
-        let to_ts = |sigmas: &[f64], round: bool| -> Vec<i64> {
-            sigmas
-                .iter()
-                .map(|&s| {
-                    let t = sigma_to_t(s, &logs);
-                    (if round { np_round(t) } else { t }) as i64
-                })
-                .collect()
-        };
-        let (sigmas, timesteps): (Vec<f64>, Vec<i64>) = if c.use_karras_sigmas {
-            let s = karras_sigmas(lo, hi, n);
-            let t = to_ts(&s, round_ts);
-            (s, t)
-        } else if c.use_lu_lambdas {
+        let train = TrainSigmas::new(&self.state.schedule);
+        let round_karras = c.beta_schedule != BetaSchedule::SquaredcosCapV2;
+        let spacing = SigmaSpacing::from_flags(c.use_karras_sigmas, c.use_exponential_sigmas);
+        // Karras sigmas win over Lu lambdas, which win over exponential sigmas.
+        let schedule = if c.use_lu_lambdas && spacing != Some(SigmaSpacing::Karras) {
+            let logs = &train.log_sigmas;
             let (lmin, lmax) = (logs[0] as f64, logs[n_train - 1] as f64);
-            let s: Vec<f64> = np_linspace(0.0, 1.0, n)
+            let sigmas: Vec<f64> = np_linspace(0.0, 1.0, n)
                 .into_iter()
                 .map(|r| (lmax + r * (lmin - lmax)).exp())
                 .collect();
-            let t = to_ts(&s, round_ts);
-            (s, t)
-        } else if c.use_exponential_sigmas {
-            let s = exponential_sigmas(lo, hi, n);
-            let t = to_ts(&s, false);
-            (s, t)
+            MultistepSchedule::respaced(&sigmas, &train.int_timesteps(&sigmas, round_karras))
         } else {
-            let ts64: Vec<f64> = int_ts.iter().map(|&t| t as f64).collect();
-            (interp_sigmas(&ts64, &train), int_ts)
+            train.multistep_schedule(&int_ts, spacing, n, self.state.sigma_range, round_karras)
         };
-        let sigma_last = match c.final_sigmas_type {
-            FinalSigmasType::Zero => 0.0f32,
-            FinalSigmasType::SigmaMin => {
-                let a0 = self.schedule.alphas_cumprod[0];
-                ((1.0 - a0) / a0).sqrt()
-            }
+        let final_sigma = match c.final_sigmas_type {
+            FinalSigmasType::Zero => 0.0,
+            FinalSigmasType::SigmaMin => train.sigmas[0],
         };
-        let mut sigmas: Vec<f32> = sigmas.iter().map(|&s| s as f32).collect();
-        sigmas.push(sigma_last);
-        self.timesteps = timesteps.iter().map(|&t| t as f64).collect();
-        self.sigmas = sigmas;
-        self.num_inference_steps = Some(self.timesteps.len());
-        self.model_outputs = vec![None; c.solver_order];
-        self.lower_order_nums = 0;
-        self.index.reset();
-        self.pred_original_sample = None;
+        self.model_outputs = MultistepHistory::new(CLASS, c.solver_order);
+        self.state.set_multistep_schedule(schedule, final_sigma);
         Ok(())
     }
 
-    fn num_inference_steps(&self) -> Option<usize> {
-        self.num_inference_steps
-    }
-
-    fn timesteps(&self) -> &[f64] {
-        &self.timesteps
-    }
-
-    fn sigmas(&self) -> Option<Vec<f64>> {
-        Some(self.sigmas.iter().map(|&s| s as f64).collect())
-    }
-
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
-
-    fn scale_model_input(&mut self, sample: &Tensor, _timestep: f64) -> Result<Tensor> {
-        to_f32(sample)
+    /// The model output may carry a learned variance in extra channels.
+    fn check_step_inputs(&self, model_output: &Tensor, sample: &Tensor) -> Result<()> {
+        if self.state.config.variance_type.is_none() {
+            same_shape(model_output, sample, "DPMSolverMultistepScheduler::step")?;
+        }
+        if self.state.num_inference_steps.is_none() {
+            return Err(Error::invalid(format!("{CLASS}: call set_timesteps before step")));
+        }
+        Ok(())
     }
 
     fn step(
@@ -547,69 +397,35 @@ impl Scheduler for DPMSolverMultistepScheduler {
         sample: &Tensor,
         generators: &mut Generators,
     ) -> Result<Tensor> {
-        if self.config.variance_type.is_none() {
-            same_shape(model_output, sample, "DPMSolverMultistepScheduler::step")?;
-        }
-        if self.num_inference_steps.is_none() {
-            return Err(Error::invalid(format!("{CLASS}: call set_timesteps before step")));
-        }
         int_timestep(timestep, CLASS)?;
-        let i = self.index.init(&self.timesteps, timestep, CLASS, true)?;
-        sigma_at(&self.sigmas, i + 1, CLASS)?;
-        let c = &self.config;
-        let len = self.timesteps.len();
+        let i = self.state.step_index(timestep)?;
+        self.state.sigma(i + 1)?;
+        let c = &self.state.config;
+        let len = self.state.timesteps.len();
         let lower_order_final = i == len - 1
             && (c.euler_at_final
                 || (c.lower_order_final && len < 15)
                 || c.final_sigmas_type == FinalSigmasType::Zero);
         let lower_order_second = i + 2 == len && c.lower_order_final && len < 15;
-        let sample = to_f32(sample)?;
-        let converted = self.convert_model_output(&to_f32(model_output)?, &sample, i)?;
-        self.model_outputs.rotate_left(1);
-        let last = self.model_outputs.len() - 1;
-        self.model_outputs[last] = Some(converted.clone());
+        let converted = self.convert_model_output(model_output, sample, i)?;
+        self.model_outputs.push(converted.clone());
         let noise = if c.sde() {
             Some(generators.randn(converted.dims(), converted.device())?)
         } else {
             None
         };
         let order = c.solver_order;
-        let prev = if order == 1 || self.lower_order_nums < 1 || lower_order_final {
-            self.first_order(i, &converted, &sample, noise.as_ref())?
-        } else if order == 2 || self.lower_order_nums < 2 || lower_order_second {
-            self.second_order(i, &sample, noise.as_ref())?
+        let warm_up = self.model_outputs.lower_order_nums();
+        let prev = if order == 1 || warm_up < 1 || lower_order_final {
+            self.first_order(i, &converted, sample, noise.as_ref())?
+        } else if order == 2 || warm_up < 2 || lower_order_second {
+            self.second_order(i, sample, noise.as_ref())?
         } else {
-            self.third_order(i, &sample, noise.as_ref())?
+            self.third_order(i, sample, noise.as_ref())?
         };
-        if self.lower_order_nums < order {
-            self.lower_order_nums += 1;
-        }
-        self.index.step = Some(i + 1);
-        self.pred_original_sample = if self.config.plus_plus() { Some(converted) } else { None };
+        self.model_outputs.count_step(order);
+        let pred_original = self.state.config.plus_plus().then_some(converted);
+        self.state.finish_step(i, pred_original);
         Ok(prev)
-    }
-
-    fn pred_original_sample(&self) -> Option<&Tensor> {
-        self.pred_original_sample.as_ref()
-    }
-
-    fn add_noise(
-        &self,
-        original_samples: &Tensor,
-        noise: &Tensor,
-        timestep: f64,
-    ) -> Result<Tensor> {
-        same_shape(original_samples, noise, "DPMSolverMultistepScheduler::add_noise")?;
-        let i = self.index.for_add_noise(&self.timesteps, timestep, CLASS, true)?;
-        let (alpha_t, sigma_t) = alpha_sigma(sigma_at(&self.sigmas, i, CLASS)?);
-        Ok((mul(&to_f32(original_samples)?, alpha_t)? + mul(&to_f32(noise)?, sigma_t)?)?)
-    }
-
-    fn set_begin_index(&mut self, begin_index: usize) {
-        self.index.begin = Some(begin_index);
-    }
-
-    fn order(&self) -> usize {
-        1
     }
 }

@@ -3,32 +3,24 @@
 
 use candle_core::Tensor;
 
-use super::betas::TrainingSchedule;
 use super::common::{
-    check_choice, interp_sigmas, k_init_noise_sigma, k_pred_original, k_scale, k_timesteps,
-    scheduler_config, sigma_at, train_sigmas, training_schedule, StepIndex, STANDARD_BETAS,
+    euler_update, k_pred_original, mul, scheduler_config, ClassConfig, EPSILON_OR_V, STANDARD_BETAS,
 };
 use super::config::{BetaSchedule, ConfigReader, PredictionType, SchedulerConfig, TimestepSpacing};
-use super::numeric::np_linspace;
-use super::{check_steps, div, mul, same_shape, to_f32, Scheduler};
+use super::sigma_schedule::TrainSigmas;
+use super::state::{
+    scheduler_api, scheduler_state, Parametrization, SchedulerClass, SchedulerState,
+};
 use crate::rng::Generators;
-use crate::{Error, Result};
+use crate::Result;
 
 const CLASS: &str = "EulerAncestralDiscreteScheduler";
 
 scheduler_config! {
     /// The `__init__` arguments of diffusers' `EulerAncestralDiscreteScheduler`, with its defaults.
-    pub struct EulerAncestralDiscreteConfig {
-        /// Number of diffusion steps the model was trained with.
-        num_train_timesteps: usize = 1000 => usize,
-        /// First training beta.
-        beta_start: f64 = 0.0001 => f64,
-        /// Last training beta.
-        beta_end: f64 = 0.02 => f64,
-        /// How the betas go from `beta_start` to `beta_end`.
-        beta_schedule: BetaSchedule = BetaSchedule::Linear => choice,
-        /// Explicit betas, overriding `beta_start`/`beta_end`/`beta_schedule`.
-        trained_betas: Option<Vec<f64>> = None => opt_f64_vec,
+    pub struct EulerAncestralDiscreteConfig for "EulerAncestralDiscreteScheduler" {
+        num_train_timesteps = 1000, beta_start = 0.0001, beta_end = 0.02,
+        beta_schedule = BetaSchedule::Linear;
         /// What the model predicts (`epsilon` or `v_prediction`; `sample` is not implemented in
         /// diffusers either).
         prediction_type: PredictionType = PredictionType::Epsilon => choice,
@@ -41,23 +33,11 @@ scheduler_config! {
     }
 }
 
-impl EulerAncestralDiscreteConfig {
-    /// Reads the config with `EulerAncestralDiscreteScheduler.from_config(config)` semantics.
-    pub fn from_config(config: &SchedulerConfig) -> Result<Self> {
-        Self::read(&mut ConfigReader::new(config, CLASS))
-    }
-
-    fn read(r: &mut ConfigReader<'_>) -> Result<Self> {
-        let c = Self::read_fields(r)?;
-        check_choice(r, CLASS, "beta_schedule", c.beta_schedule, STANDARD_BETAS)?;
-        check_choice(
-            r,
-            CLASS,
-            "prediction_type",
-            c.prediction_type,
-            &[PredictionType::Epsilon, PredictionType::VPrediction],
-        )?;
-        Ok(c)
+impl ClassConfig for EulerAncestralDiscreteConfig {
+    fn validate(self, r: &mut ConfigReader<'_>) -> Result<Self> {
+        r.check_among("beta_schedule", self.beta_schedule, STANDARD_BETAS)?;
+        r.check_among("prediction_type", self.prediction_type, EPSILON_OR_V)?;
+        Ok(self)
     }
 }
 
@@ -65,122 +45,29 @@ impl EulerAncestralDiscreteConfig {
 /// noise drawn with `randn_tensor(model_output.shape, generator=...)` at every step.
 #[derive(Debug, Clone)]
 pub struct EulerAncestralDiscreteScheduler {
-    config: EulerAncestralDiscreteConfig,
-    resolved: SchedulerConfig,
-    schedule: TrainingSchedule,
-    timesteps: Vec<f64>,
-    sigmas: Vec<f32>,
-    num_inference_steps: Option<usize>,
-    index: StepIndex,
-    pred_original_sample: Option<Tensor>,
+    state: SchedulerState<EulerAncestralDiscreteConfig>,
 }
+
+scheduler_api!(EulerAncestralDiscreteScheduler, EulerAncestralDiscreteConfig, typed_config);
 
 impl EulerAncestralDiscreteScheduler {
     /// `EulerAncestralDiscreteScheduler.from_config(config)`.
     pub fn from_config(config: &SchedulerConfig) -> Result<Self> {
-        let mut r = ConfigReader::new(config, CLASS);
-        let c = EulerAncestralDiscreteConfig::read(&mut r)?;
-        let resolved = r.resolved(c.write());
-        let mut schedule = training_schedule(
-            CLASS,
-            &resolved,
-            c.beta_schedule,
-            c.beta_start,
-            c.beta_end,
-            c.num_train_timesteps,
-            c.trained_betas.as_deref(),
-            c.rescale_betas_zero_snr,
-        )?;
-        if c.rescale_betas_zero_snr {
-            if let Some(last) = schedule.alphas_cumprod.last_mut() {
-                *last = 2f32.powi(-24);
-            }
-        }
-        let n = c.num_train_timesteps;
-        let mut sigmas = train_sigmas(&schedule.alphas_cumprod);
-        sigmas.reverse();
-        sigmas.push(0.0);
-        let timesteps = np_linspace(0.0, (n - 1) as f64, n).into_iter().rev().collect();
-        Ok(Self {
-            config: c,
-            resolved,
-            schedule,
-            timesteps,
-            sigmas,
-            num_inference_steps: None,
-            index: StepIndex::default(),
-            pred_original_sample: None,
-        })
-    }
-
-    /// `EulerAncestralDiscreteScheduler(**config)`.
-    pub fn new(config: EulerAncestralDiscreteConfig) -> Result<Self> {
-        Self::from_config(&SchedulerConfig::from_map(config.write()))
-    }
-
-    /// The typed config.
-    pub fn typed_config(&self) -> &EulerAncestralDiscreteConfig {
-        &self.config
-    }
-
-    /// The training `alphas_cumprod` (float32).
-    pub fn alphas_cumprod(&self) -> &[f32] {
-        &self.schedule.alphas_cumprod
+        let state = Self::load_state(config)?;
+        Ok(Self { state })
     }
 }
 
-impl Scheduler for EulerAncestralDiscreteScheduler {
-    fn class_name(&self) -> &'static str {
-        CLASS
-    }
-
-    fn config(&self) -> &SchedulerConfig {
-        &self.resolved
-    }
+impl SchedulerClass for EulerAncestralDiscreteScheduler {
+    scheduler_state!(CLASS, Parametrization::KDiffusion, state: EulerAncestralDiscreteConfig);
 
     fn set_timesteps(&mut self, num_inference_steps: usize) -> Result<()> {
-        let c = &self.config;
-        check_steps(num_inference_steps, c.num_train_timesteps)?;
-        let ts = k_timesteps(
-            c.timestep_spacing,
-            c.num_train_timesteps,
-            num_inference_steps,
-            c.steps_offset,
-        );
-        let ts64: Vec<f64> = ts.iter().map(|&t| t as f64).collect();
-        let mut sigmas: Vec<f32> =
-            interp_sigmas(&ts64, &train_sigmas(&self.schedule.alphas_cumprod))
-                .into_iter()
-                .map(|s| s as f32)
-                .collect();
+        let ts = self.state.k_timesteps(num_inference_steps);
+        let train = TrainSigmas::new(&self.state.schedule);
+        let mut sigmas: Vec<f32> = train.interpolate(&ts).into_iter().map(|s| s as f32).collect();
         sigmas.push(0.0);
-        self.timesteps = ts64;
-        self.sigmas = sigmas;
-        self.num_inference_steps = Some(num_inference_steps);
-        self.index.reset();
-        self.pred_original_sample = None;
+        self.state.set_schedule(ts, sigmas, num_inference_steps);
         Ok(())
-    }
-
-    fn num_inference_steps(&self) -> Option<usize> {
-        self.num_inference_steps
-    }
-
-    fn timesteps(&self) -> &[f64] {
-        &self.timesteps
-    }
-
-    fn sigmas(&self) -> Option<Vec<f64>> {
-        Some(self.sigmas.iter().map(|&s| s as f64).collect())
-    }
-
-    fn init_noise_sigma(&self) -> f64 {
-        k_init_noise_sigma(&self.sigmas, self.config.timestep_spacing)
-    }
-
-    fn scale_model_input(&mut self, sample: &Tensor, timestep: f64) -> Result<Tensor> {
-        let i = self.index.init(&self.timesteps, timestep, CLASS, false)?;
-        k_scale(sample, sigma_at(&self.sigmas, i, CLASS)?)
     }
 
     fn step(
@@ -190,47 +77,18 @@ impl Scheduler for EulerAncestralDiscreteScheduler {
         sample: &Tensor,
         generators: &mut Generators,
     ) -> Result<Tensor> {
-        same_shape(model_output, sample, "EulerAncestralDiscreteScheduler::step")?;
-        if self.num_inference_steps.is_none() {
-            return Err(Error::invalid(format!("{CLASS}: call set_timesteps before step")));
-        }
-        let i = self.index.init(&self.timesteps, timestep, CLASS, false)?;
-        let sigma_to = sigma_at(&self.sigmas, i + 1, CLASS)?;
-        let sigma = self.sigmas[i];
-        let sample = to_f32(sample)?;
-        let model_output = to_f32(model_output)?;
-        let pred_original =
-            k_pred_original(self.config.prediction_type, &model_output, &sample, sigma)?;
+        let i = self.state.step_index(timestep)?;
+        let sigma_to = self.state.sigma(i + 1)?;
+        let sigma = self.state.sigmas[i];
+        let prediction = self.state.config.prediction_type;
+        let pred_original = k_pred_original(prediction, model_output, sample, sigma)?;
         let (from2, to2) = (sigma * sigma, sigma_to * sigma_to);
         let sigma_up = (to2 * (from2 - to2) / from2).sqrt();
         let sigma_down = (to2 - sigma_up * sigma_up).sqrt();
-        let derivative = div(&(&sample - &pred_original)?, sigma)?;
-        let dt = sigma_down - sigma;
-        let prev = (&sample + mul(&derivative, dt)?)?;
+        let (prev, _) = euler_update(sample, &pred_original, sigma, sigma_down - sigma)?;
         let noise = generators.randn(model_output.dims(), model_output.device())?;
         let prev = (prev + mul(&noise, sigma_up)?)?;
-        self.index.step = Some(i + 1);
-        self.pred_original_sample = Some(pred_original);
+        self.state.finish_step(i, Some(pred_original));
         Ok(prev)
-    }
-
-    fn pred_original_sample(&self) -> Option<&Tensor> {
-        self.pred_original_sample.as_ref()
-    }
-
-    fn add_noise(
-        &self,
-        original_samples: &Tensor,
-        noise: &Tensor,
-        timestep: f64,
-    ) -> Result<Tensor> {
-        same_shape(original_samples, noise, "EulerAncestralDiscreteScheduler::add_noise")?;
-        let i = self.index.for_add_noise(&self.timesteps, timestep, CLASS, false)?;
-        let sigma = sigma_at(&self.sigmas, i, CLASS)?;
-        Ok((to_f32(original_samples)? + mul(&to_f32(noise)?, sigma)?)?)
-    }
-
-    fn set_begin_index(&mut self, begin_index: usize) {
-        self.index.begin = Some(begin_index);
     }
 }

@@ -5,40 +5,30 @@
 
 use candle_core::Tensor;
 
-use super::betas::TrainingSchedule;
 use super::common::{
-    check_choice, check_sigma_choice, k_init_noise_sigma, k_pred_original, k_scale, k_sigmas,
-    k_timesteps, log_sigmas, scheduler_config, sigma_at, sigma_to_t_f32, train_sigmas,
-    training_schedule, SigmaKind, StepIndex, STANDARD_BETAS,
+    check_sigma_flags, div, k_pred_original, k_scale, mul, scheduler_config, sigma_at, ClassConfig,
+    EPSILON_OR_V, STANDARD_BETAS,
 };
-use super::config::{BetaSchedule, ConfigReader, PredictionType, SchedulerConfig, TimestepSpacing};
+use super::config::{
+    BetaSchedule, ConfigReader, InterpolationType, PredictionType, SchedulerConfig, TimestepSpacing,
+};
 use super::numeric::np_round;
-use super::{check_steps, div, mul, same_shape, to_f32, Scheduler};
+use super::sigma_schedule::{SigmaSpacing, TrainSigmas};
+use super::state::{
+    scheduler_api, scheduler_state, Parametrization, SchedulerClass, SchedulerState,
+};
 use crate::rng::Generators;
-use crate::{Error, Result};
+use crate::Result;
 
 const CLASS: &str = "KDPM2DiscreteScheduler";
 
 scheduler_config! {
     /// The `__init__` arguments of diffusers' `KDPM2DiscreteScheduler` (and of
     /// `KDPM2AncestralDiscreteScheduler`, which has the same ones), with their defaults.
-    pub struct KDPM2DiscreteConfig {
-        /// Number of diffusion steps the model was trained with.
-        num_train_timesteps: usize = 1000 => usize,
-        /// First training beta.
-        beta_start: f64 = 0.00085 => f64,
-        /// Last training beta.
-        beta_end: f64 = 0.012 => f64,
-        /// How the betas go from `beta_start` to `beta_end`.
-        beta_schedule: BetaSchedule = BetaSchedule::Linear => choice,
-        /// Explicit betas, overriding `beta_start`/`beta_end`/`beta_schedule`.
-        trained_betas: Option<Vec<f64>> = None => opt_f64_vec,
-        /// Use the Karras et al. (2022) sigma schedule (rho = 7).
-        use_karras_sigmas: bool = false => bool,
-        /// Use exponentially spaced sigmas.
-        use_exponential_sigmas: bool = false => bool,
-        /// Beta sigmas need scipy's beta quantile function; not supported (an error if true).
-        use_beta_sigmas: bool = false => bool,
+    pub struct KDPM2DiscreteConfig for "KDPM2DiscreteScheduler" {
+        num_train_timesteps = 1000, beta_start = 0.00085, beta_end = 0.012,
+        beta_schedule = BetaSchedule::Linear;
+        ..sigma_schedule_flags,
         /// What the model predicts (`epsilon` or `v_prediction`).
         prediction_type: PredictionType = PredictionType::Epsilon => choice,
         /// How inference timesteps are picked from the training ones.
@@ -48,59 +38,30 @@ scheduler_config! {
     }
 }
 
-impl KDPM2DiscreteConfig {
-    /// Reads the config with `KDPM2DiscreteScheduler.from_config(config)` semantics.
-    pub fn from_config(config: &SchedulerConfig) -> Result<Self> {
-        Self::read(&mut ConfigReader::new(config, CLASS), CLASS)
-    }
-
-    pub(crate) fn read(r: &mut ConfigReader<'_>, class: &str) -> Result<Self> {
-        let c = Self::read_fields(r)?;
-        check_choice(r, class, "beta_schedule", c.beta_schedule, STANDARD_BETAS)?;
-        check_choice(
-            r,
-            class,
-            "prediction_type",
-            c.prediction_type,
-            &[PredictionType::Epsilon, PredictionType::VPrediction],
-        )?;
-        check_sigma_choice(r, c.use_karras_sigmas, c.use_exponential_sigmas, c.use_beta_sigmas)?;
-        Ok(c)
-    }
-
-    pub(crate) fn to_map(&self) -> serde_json::Map<String, serde_json::Value> {
-        self.write()
+impl ClassConfig for KDPM2DiscreteConfig {
+    fn validate(self, r: &mut ConfigReader<'_>) -> Result<Self> {
+        let c = &self;
+        r.check_among("beta_schedule", c.beta_schedule, STANDARD_BETAS)?;
+        r.check_among("prediction_type", c.prediction_type, EPSILON_OR_V)?;
+        check_sigma_flags(r, [c.use_karras_sigmas, c.use_exponential_sigmas, c.use_beta_sigmas])?;
+        Ok(self)
     }
 }
 
 /// The float32 sigma schedule of KDPM2 before interleaving: the `n + 1` sigmas (final 0), the
 /// timesteps (float32 values, or float64 for Karras/exponential sigmas, as diffusers keeps
-/// them), and the float32 log training sigmas.
+/// them), and the training sigmas.
 pub(crate) struct Kdpm2Base {
     pub sigmas: Vec<f32>,
     pub timesteps: Vec<f64>,
-    pub log_sigmas: Vec<f32>,
+    pub train: TrainSigmas,
 }
 
-pub(crate) fn kdpm2_base(
-    c: &KDPM2DiscreteConfig,
-    schedule: &TrainingSchedule,
-    n: usize,
-    hidden_sigma_min: Option<f64>,
-    hidden_sigma_max: Option<f64>,
-) -> Kdpm2Base {
-    let ts = k_timesteps(c.timestep_spacing, c.num_train_timesteps, n, c.steps_offset);
-    let train = train_sigmas(&schedule.alphas_cumprod);
-    let kind = SigmaKind::new(c.use_karras_sigmas, c.use_exponential_sigmas);
-    let (sigmas, ts64) = k_sigmas(kind, &ts, &train, hidden_sigma_min, hidden_sigma_max);
-    let timesteps = match kind {
-        SigmaKind::Interpolated => ts64.iter().map(|&t| t as f32 as f64).collect(),
-        SigmaKind::Karras => ts64.iter().map(|&t| np_round(t)).collect(),
-        SigmaKind::Exponential => ts64,
-    };
-    let mut sigmas: Vec<f32> = sigmas.iter().map(|&s| s as f32).collect();
-    sigmas.push(0.0);
-    Kdpm2Base { sigmas, timesteps, log_sigmas: log_sigmas(&train) }
+impl Kdpm2Base {
+    /// The timestep of an interpolated sigma (`_sigma_to_t` on float32 tensors).
+    pub fn interpol_timestep(&self, sigma: f32) -> f64 {
+        self.train.sigma_to_t_f32(sigma) as f64
+    }
 }
 
 /// `start.lerp(end, 0.5)` of torch in float32 (`end - (end - start) * 0.5`), through `log`/`exp`:
@@ -120,148 +81,144 @@ pub(crate) fn interleave_repeat(x: &[f32]) -> Vec<f32> {
     out
 }
 
-/// The timestep of an interpolated sigma (`_sigma_to_t` on float32 tensors), in the dtype of
-/// the schedule's timesteps.
-pub(crate) fn interpol_timestep(sigma: f32, log_sigmas: &[f32]) -> f64 {
-    sigma_to_t_f32(sigma, log_sigmas) as f64
+/// What KDPM2 and its ancestral variant share: the state, the interleaved midpoint sigmas and
+/// the sample of a step's first evaluation.
+#[derive(Debug, Clone)]
+pub(crate) struct Dpm2State {
+    pub state: SchedulerState<KDPM2DiscreteConfig>,
+    pub sigmas_interpol: Vec<f32>,
+    pub first_sample: Option<Tensor>,
+}
+
+impl Dpm2State {
+    pub fn new(state: SchedulerState<KDPM2DiscreteConfig>) -> Self {
+        Self { state, sigmas_interpol: vec![], first_sample: None }
+    }
+
+    /// The schedule of `n` steps before the midpoints are interleaved.
+    pub fn base(&self, n: usize) -> Kdpm2Base {
+        let state = &self.state;
+        let c = &state.config;
+        let train = TrainSigmas::new(&state.schedule);
+        let spacing = SigmaSpacing::from_flags(c.use_karras_sigmas, c.use_exponential_sigmas);
+        let linear = InterpolationType::Linear;
+        let (sigmas, ts) =
+            train.k_schedule(state.k_timesteps(n), linear, spacing, state.sigma_range);
+        let timesteps = match spacing {
+            None => ts.iter().map(|&t| t as f32 as f64).collect(),
+            Some(SigmaSpacing::Karras) => ts.iter().map(|&t| np_round(t)).collect(),
+            Some(SigmaSpacing::Exponential) => ts,
+        };
+        let mut sigmas: Vec<f32> = sigmas.iter().map(|&s| s as f32).collect();
+        sigmas.push(0.0);
+        Kdpm2Base { sigmas, timesteps, train }
+    }
+
+    /// Sets the interleaved schedule: `timesteps` `[t0, ti, t1, ti, t2, ...]` with `ti(k)` the
+    /// midpoint timestep of step `k`, and the sigmas and midpoint sigmas repeated alike.
+    pub fn set_schedule(
+        &mut self,
+        base: &Kdpm2Base,
+        interpol: &[f32],
+        midpoint_timestep: impl Fn(usize) -> f64,
+        n: usize,
+    ) {
+        let t = &base.timesteps;
+        let mut timesteps = vec![t[0]];
+        for (k, &t_k) in t.iter().enumerate().skip(1) {
+            timesteps.extend([midpoint_timestep(k), t_k]);
+        }
+        self.state.set_schedule(timesteps, interleave_repeat(&base.sigmas), n);
+        self.sigmas_interpol = interleave_repeat(interpol);
+        self.first_sample = None;
+    }
+
+    /// `scale_model_input`: at the step's sigma for the first evaluation, else at the midpoint
+    /// sigma `interpol_offset` entries back.
+    pub fn scale_model_input(
+        &mut self,
+        sample: &Tensor,
+        timestep: f64,
+        interpol_offset: usize,
+    ) -> Result<Tensor> {
+        let i = self.state.step_index(timestep)?;
+        let sigma = match self.first_sample {
+            None => self.state.sigma(i)?,
+            Some(_) => {
+                sigma_at(&self.sigmas_interpol, i.wrapping_sub(interpol_offset), self.state.class)?
+            }
+        };
+        k_scale(sample, sigma)
+    }
+
+    /// One evaluation of DPM-Solver-2: the first goes from `sigma` to the midpoint
+    /// `sigma_interpol` (keeping the sample), the second from the kept sample to `sigma_next`
+    /// with the derivative at the midpoint. Returns the previous sample and `x_0`.
+    pub fn update(
+        &mut self,
+        model_output: &Tensor,
+        sample: &Tensor,
+        sigma: f32,
+        sigma_interpol: f32,
+        sigma_next: f32,
+    ) -> Result<(Tensor, Tensor)> {
+        let prediction = self.state.config.prediction_type;
+        let first_order = self.first_sample.is_none();
+        let (sigma_input, dt) = if first_order {
+            (sigma, sigma_interpol - sigma)
+        } else {
+            (sigma_interpol, sigma_next - sigma)
+        };
+        let pred_original = k_pred_original(prediction, model_output, sample, sigma_input)?;
+        let derivative = div(&(sample - &pred_original)?, sigma_input)?;
+        let base = match self.first_sample.take() {
+            None => {
+                self.first_sample = Some(sample.clone());
+                sample.clone()
+            }
+            Some(first) => first,
+        };
+        Ok(((&base + mul(&derivative, dt)?)?, pred_original))
+    }
 }
 
 /// diffusers' `KDPM2DiscreteScheduler`: `2n - 1` timesteps for `n` steps.
 #[derive(Debug, Clone)]
 pub struct KDPM2DiscreteScheduler {
-    config: KDPM2DiscreteConfig,
-    resolved: SchedulerConfig,
-    schedule: TrainingSchedule,
-    hidden_sigma_min: Option<f64>,
-    hidden_sigma_max: Option<f64>,
-    timesteps: Vec<f64>,
-    sigmas: Vec<f32>,
-    sigmas_interpol: Vec<f32>,
-    num_inference_steps: Option<usize>,
-    index: StepIndex,
-    /// The sample of the first evaluation, kept for the second.
-    first_sample: Option<Tensor>,
-    pred_original_sample: Option<Tensor>,
+    dpm2: Dpm2State,
 }
+
+scheduler_api!(KDPM2DiscreteScheduler, KDPM2DiscreteConfig, typed_config);
 
 impl KDPM2DiscreteScheduler {
     /// `KDPM2DiscreteScheduler.from_config(config)`.
     pub fn from_config(config: &SchedulerConfig) -> Result<Self> {
-        let mut r = ConfigReader::new(config, CLASS);
-        let c = KDPM2DiscreteConfig::read(&mut r, CLASS)?;
-        let (hidden_sigma_min, hidden_sigma_max) =
-            (r.hidden_f64("sigma_min"), r.hidden_f64("sigma_max"));
-        let resolved = r.resolved(c.write());
-        let schedule = training_schedule(
-            CLASS,
-            &resolved,
-            c.beta_schedule,
-            c.beta_start,
-            c.beta_end,
-            c.num_train_timesteps,
-            c.trained_betas.as_deref(),
-            false,
-        )?;
-        let n = c.num_train_timesteps;
-        let mut s = Self {
-            config: c,
-            resolved,
-            schedule,
-            hidden_sigma_min,
-            hidden_sigma_max,
-            timesteps: vec![],
-            sigmas: vec![],
-            sigmas_interpol: vec![],
-            num_inference_steps: None,
-            index: StepIndex::default(),
-            first_sample: None,
-            pred_original_sample: None,
-        };
-        s.set_timesteps(n)?;
-        s.num_inference_steps = None;
-        Ok(s)
-    }
-
-    /// `KDPM2DiscreteScheduler(**config)`.
-    pub fn new(config: KDPM2DiscreteConfig) -> Result<Self> {
-        Self::from_config(&SchedulerConfig::from_map(config.write()))
-    }
-
-    /// The typed config.
-    pub fn typed_config(&self) -> &KDPM2DiscreteConfig {
-        &self.config
+        Self { dpm2: Dpm2State::new(Self::load_state(config)?) }.with_training_timesteps()
     }
 
     /// The interleaved interpolated sigmas (float32 values).
     pub fn sigmas_interpol(&self) -> Vec<f64> {
-        self.sigmas_interpol.iter().map(|&s| s as f64).collect()
+        self.dpm2.sigmas_interpol.iter().map(|&s| s as f64).collect()
     }
 }
 
-impl Scheduler for KDPM2DiscreteScheduler {
-    fn class_name(&self) -> &'static str {
-        CLASS
-    }
-
-    fn config(&self) -> &SchedulerConfig {
-        &self.resolved
-    }
+impl SchedulerClass for KDPM2DiscreteScheduler {
+    scheduler_state!(CLASS, Parametrization::KDiffusion, dpm2.state: KDPM2DiscreteConfig);
 
     fn set_timesteps(&mut self, num_inference_steps: usize) -> Result<()> {
-        check_steps(num_inference_steps, self.config.num_train_timesteps)?;
-        let base = kdpm2_base(
-            &self.config,
-            &self.schedule,
-            num_inference_steps,
-            self.hidden_sigma_min,
-            self.hidden_sigma_max,
-        );
+        let base = self.dpm2.base(num_inference_steps);
         let s = &base.sigmas;
         let n1 = s.len();
         // sigmas.log().lerp(sigmas.roll(1).log(), 0.5).exp()
         let interpol: Vec<f32> =
             (0..n1).map(|k| log_midpoint(s[k], s[(k + n1 - 1) % n1])).collect();
-        let ti: Vec<f64> =
-            interpol.iter().map(|&x| interpol_timestep(x, &base.log_sigmas)).collect();
-        let t = &base.timesteps;
-        let mut timesteps = vec![t[0]];
-        for k in 1..n1 - 1 {
-            timesteps.extend([ti[k], t[k]]);
-        }
-        self.timesteps = timesteps;
-        self.sigmas = interleave_repeat(s);
-        self.sigmas_interpol = interleave_repeat(&interpol);
-        self.num_inference_steps = Some(num_inference_steps);
-        self.first_sample = None;
-        self.index.reset();
-        self.pred_original_sample = None;
+        let ti = |k: usize| base.interpol_timestep(interpol[k]);
+        self.dpm2.set_schedule(&base, &interpol, ti, num_inference_steps);
         Ok(())
     }
 
-    fn num_inference_steps(&self) -> Option<usize> {
-        self.num_inference_steps
-    }
-
-    fn timesteps(&self) -> &[f64] {
-        &self.timesteps
-    }
-
-    fn sigmas(&self) -> Option<Vec<f64>> {
-        Some(self.sigmas.iter().map(|&s| s as f64).collect())
-    }
-
-    fn init_noise_sigma(&self) -> f64 {
-        k_init_noise_sigma(&self.sigmas, self.config.timestep_spacing)
-    }
-
     fn scale_model_input(&mut self, sample: &Tensor, timestep: f64) -> Result<Tensor> {
-        let i = self.index.init(&self.timesteps, timestep, CLASS, false)?;
-        let sigma = if self.first_sample.is_none() {
-            sigma_at(&self.sigmas, i, CLASS)?
-        } else {
-            sigma_at(&self.sigmas_interpol, i, CLASS)?
-        };
-        k_scale(sample, sigma)
+        self.dpm2.scale_model_input(sample, timestep, 0)
     }
 
     fn step(
@@ -271,61 +228,18 @@ impl Scheduler for KDPM2DiscreteScheduler {
         sample: &Tensor,
         _generators: &mut Generators,
     ) -> Result<Tensor> {
-        same_shape(model_output, sample, "KDPM2DiscreteScheduler::step")?;
-        if self.num_inference_steps.is_none() {
-            return Err(Error::invalid(format!("{CLASS}: call set_timesteps before step")));
-        }
-        let i = self.index.init(&self.timesteps, timestep, CLASS, false)?;
-        let first_order = self.first_sample.is_none();
-        let (sigma, sigma_interpol, sigma_next) = if first_order {
-            (
-                sigma_at(&self.sigmas, i, CLASS)?,
-                sigma_at(&self.sigmas_interpol, i + 1, CLASS)?,
-                self.sigmas[i + 1],
-            )
+        let d = &mut self.dpm2;
+        let i = d.state.step_index(timestep)?;
+        let (sigma, sigma_interpol, sigma_next) = if d.first_sample.is_none() {
+            let sigma = d.state.sigma(i)?;
+            (sigma, sigma_at(&d.sigmas_interpol, i + 1, CLASS)?, d.state.sigmas[i + 1])
         } else {
-            (self.sigmas[i - 1], self.sigmas_interpol[i], self.sigmas[i])
+            (d.state.sigmas[i - 1], d.sigmas_interpol[i], d.state.sigmas[i])
         };
-        let sigma_hat = sigma;
-        let (sample, model_output) = (to_f32(sample)?, to_f32(model_output)?);
-        let sigma_input = if first_order { sigma_hat } else { sigma_interpol };
-        let pred_original =
-            k_pred_original(self.config.prediction_type, &model_output, &sample, sigma_input)?;
-        let prev = if first_order {
-            let derivative = div(&(&sample - &pred_original)?, sigma_hat)?;
-            let dt = sigma_interpol - sigma_hat;
-            let prev = (&sample + mul(&derivative, dt)?)?;
-            self.first_sample = Some(sample);
-            prev
-        } else {
-            let derivative = div(&(&sample - &pred_original)?, sigma_interpol)?;
-            let dt = sigma_next - sigma_hat;
-            let first = self.first_sample.take().expect("second-order state");
-            (&first + mul(&derivative, dt)?)?
-        };
-        self.index.step = Some(i + 1);
-        self.pred_original_sample = Some(pred_original);
+        let (prev, pred_original) =
+            d.update(model_output, sample, sigma, sigma_interpol, sigma_next)?;
+        d.state.finish_step(i, Some(pred_original));
         Ok(prev)
-    }
-
-    fn pred_original_sample(&self) -> Option<&Tensor> {
-        self.pred_original_sample.as_ref()
-    }
-
-    fn add_noise(
-        &self,
-        original_samples: &Tensor,
-        noise: &Tensor,
-        timestep: f64,
-    ) -> Result<Tensor> {
-        same_shape(original_samples, noise, "KDPM2DiscreteScheduler::add_noise")?;
-        let i = self.index.for_add_noise(&self.timesteps, timestep, CLASS, false)?;
-        let sigma = sigma_at(&self.sigmas, i, CLASS)?;
-        Ok((to_f32(original_samples)? + mul(&to_f32(noise)?, sigma)?)?)
-    }
-
-    fn set_begin_index(&mut self, begin_index: usize) {
-        self.index.begin = Some(begin_index);
     }
 
     fn order(&self) -> usize {

@@ -3,15 +3,15 @@
 
 use candle_core::Tensor;
 
-use super::betas::TrainingSchedule;
-use super::common::{
-    check_choice, check_sigma_choice, exponential_sigmas, gauss_kronrod_21, interp_sigmas,
-    k_init_noise_sigma, k_pred_original, k_scale, k_timesteps, karras_sigmas, log_sigmas,
-    scheduler_config, sigma_at, sigma_to_t, train_sigmas, training_schedule, StepIndex,
-    STANDARD_BETAS,
+use super::common::{check_sigma_config, div, k_pred_original, mul, scheduler_config, ClassConfig};
+use super::config::{
+    BetaSchedule, ConfigReader, InterpolationType, PredictionType, SchedulerConfig, TimestepSpacing,
 };
-use super::config::{BetaSchedule, ConfigReader, PredictionType, SchedulerConfig, TimestepSpacing};
-use super::{check_steps, div, mul, same_shape, to_f32, Scheduler};
+use super::numeric::gauss_kronrod_21;
+use super::sigma_schedule::{SigmaSpacing, TrainSigmas};
+use super::state::{
+    scheduler_api, scheduler_state, Parametrization, SchedulerClass, SchedulerState, SigmaRange,
+};
 use crate::rng::Generators;
 use crate::{Error, Result};
 
@@ -19,23 +19,10 @@ const CLASS: &str = "LMSDiscreteScheduler";
 
 scheduler_config! {
     /// The `__init__` arguments of diffusers' `LMSDiscreteScheduler`, with its defaults.
-    pub struct LMSDiscreteConfig {
-        /// Number of diffusion steps the model was trained with.
-        num_train_timesteps: usize = 1000 => usize,
-        /// First training beta.
-        beta_start: f64 = 0.0001 => f64,
-        /// Last training beta.
-        beta_end: f64 = 0.02 => f64,
-        /// How the betas go from `beta_start` to `beta_end`.
-        beta_schedule: BetaSchedule = BetaSchedule::Linear => choice,
-        /// Explicit betas, overriding `beta_start`/`beta_end`/`beta_schedule`.
-        trained_betas: Option<Vec<f64>> = None => opt_f64_vec,
-        /// Use the Karras et al. (2022) sigma schedule (rho = 7).
-        use_karras_sigmas: bool = false => bool,
-        /// Use exponentially spaced sigmas.
-        use_exponential_sigmas: bool = false => bool,
-        /// Beta sigmas need scipy's beta quantile function; not supported (an error if true).
-        use_beta_sigmas: bool = false => bool,
+    pub struct LMSDiscreteConfig for "LMSDiscreteScheduler" {
+        num_train_timesteps = 1000, beta_start = 0.0001, beta_end = 0.02,
+        beta_schedule = BetaSchedule::Linear;
+        ..sigma_schedule_flags,
         /// What the model predicts (noise, `v`, or the sample).
         prediction_type: PredictionType = PredictionType::Epsilon => choice,
         /// How inference timesteps are picked from the training ones.
@@ -45,17 +32,10 @@ scheduler_config! {
     }
 }
 
-impl LMSDiscreteConfig {
-    /// Reads the config with `LMSDiscreteScheduler.from_config(config)` semantics.
-    pub fn from_config(config: &SchedulerConfig) -> Result<Self> {
-        Self::read(&mut ConfigReader::new(config, CLASS))
-    }
-
-    fn read(r: &mut ConfigReader<'_>) -> Result<Self> {
-        let c = Self::read_fields(r)?;
-        check_choice(r, CLASS, "beta_schedule", c.beta_schedule, STANDARD_BETAS)?;
-        check_sigma_choice(r, c.use_karras_sigmas, c.use_exponential_sigmas, c.use_beta_sigmas)?;
-        Ok(c)
+impl ClassConfig for LMSDiscreteConfig {
+    fn validate(self, r: &mut ConfigReader<'_>) -> Result<Self> {
+        check_sigma_config!(r, &self);
+        Ok(self)
     }
 }
 
@@ -67,79 +47,25 @@ pub const LMS_ORDER: usize = 4;
 /// scipy's `quad` uses.
 #[derive(Debug, Clone)]
 pub struct LMSDiscreteScheduler {
-    config: LMSDiscreteConfig,
-    resolved: SchedulerConfig,
-    schedule: TrainingSchedule,
-    hidden_sigma_min: Option<f64>,
-    hidden_sigma_max: Option<f64>,
-    timesteps: Vec<f64>,
-    sigmas: Vec<f32>,
-    num_inference_steps: Option<usize>,
+    state: SchedulerState<LMSDiscreteConfig>,
     derivatives: Vec<Tensor>,
-    index: StepIndex,
-    pred_original_sample: Option<Tensor>,
     order: usize,
 }
+
+scheduler_api!(LMSDiscreteScheduler, LMSDiscreteConfig, typed_config);
 
 impl LMSDiscreteScheduler {
     /// `LMSDiscreteScheduler.from_config(config)`.
     pub fn from_config(config: &SchedulerConfig) -> Result<Self> {
-        let mut r = ConfigReader::new(config, CLASS);
-        let c = LMSDiscreteConfig::read(&mut r)?;
-        let (hidden_sigma_min, hidden_sigma_max) =
-            (r.hidden_f64("sigma_min"), r.hidden_f64("sigma_max"));
-        let resolved = r.resolved(c.write());
-        let schedule = training_schedule(
-            CLASS,
-            &resolved,
-            c.beta_schedule,
-            c.beta_start,
-            c.beta_end,
-            c.num_train_timesteps,
-            c.trained_betas.as_deref(),
-            false,
-        )?;
-        let n = c.num_train_timesteps;
-        let mut s = Self {
-            config: c,
-            resolved,
-            schedule,
-            hidden_sigma_min,
-            hidden_sigma_max,
-            timesteps: vec![],
-            sigmas: vec![],
-            num_inference_steps: None,
-            derivatives: vec![],
-            index: StepIndex::default(),
-            pred_original_sample: None,
-            order: LMS_ORDER,
-        };
-        // diffusers' __init__ calls set_timesteps(num_train_timesteps).
-        s.set_timesteps(n)?;
-        s.num_inference_steps = None;
-        Ok(s)
-    }
-
-    /// `LMSDiscreteScheduler(**config)`.
-    pub fn new(config: LMSDiscreteConfig) -> Result<Self> {
-        Self::from_config(&SchedulerConfig::from_map(config.write()))
-    }
-
-    /// The typed config.
-    pub fn typed_config(&self) -> &LMSDiscreteConfig {
-        &self.config
-    }
-
-    /// The training `alphas_cumprod` (float32).
-    pub fn alphas_cumprod(&self) -> &[f32] {
-        &self.schedule.alphas_cumprod
+        let state = Self::load_state(config)?;
+        Self { state, derivatives: vec![], order: LMS_ORDER }.with_training_timesteps()
     }
 
     /// `get_lms_coefficient(order, t, current_order)`: the integral over `[sigmas[t],
     /// sigmas[t + 1]]` of the Lagrange basis polynomial of `sigmas[t - current_order]`, evaluated
     /// in float32 as diffusers' torch integrand is.
     pub fn lms_coefficient(&self, order: usize, t: usize, current_order: usize) -> f64 {
-        let s = &self.sigmas;
+        let s = &self.state.sigmas;
         let f = |tau: f64| -> f64 {
             let tau = tau as f32;
             let mut prod = 1.0f32;
@@ -155,72 +81,28 @@ impl LMSDiscreteScheduler {
     }
 }
 
-impl Scheduler for LMSDiscreteScheduler {
-    fn class_name(&self) -> &'static str {
-        CLASS
-    }
-
-    fn config(&self) -> &SchedulerConfig {
-        &self.resolved
-    }
+impl SchedulerClass for LMSDiscreteScheduler {
+    scheduler_state!(CLASS, Parametrization::KDiffusion, state: LMSDiscreteConfig);
 
     fn set_timesteps(&mut self, num_inference_steps: usize) -> Result<()> {
-        let c = &self.config;
-        check_steps(num_inference_steps, c.num_train_timesteps)?;
+        let c = &self.state.config;
         let n = num_inference_steps;
-        let ts = k_timesteps(c.timestep_spacing, c.num_train_timesteps, n, c.steps_offset);
-        let train = train_sigmas(&self.schedule.alphas_cumprod);
-        let ts64: Vec<f64> = ts.iter().map(|&t| t as f64).collect();
-        let sigmas = interp_sigmas(&ts64, &train);
-        let (sigmas, ts64) = if c.use_karras_sigmas || c.use_exponential_sigmas {
-            // LMS's Karras conversion ignores sigma_min/sigma_max; the exponential one reads them
-            // as hidden keys kept from the source config (`hasattr(self.config, "sigma_min")`).
-            let (lo, hi) = (sigmas[n - 1], sigmas[0]);
-            let s = if c.use_karras_sigmas {
-                karras_sigmas(lo, hi, n)
-            } else {
-                exponential_sigmas(
-                    self.hidden_sigma_min.unwrap_or(lo),
-                    self.hidden_sigma_max.unwrap_or(hi),
-                    n,
-                )
-            };
-            let logs = log_sigmas(&train);
-            let t: Vec<f64> = s.iter().map(|&x| sigma_to_t(x, &logs) as f32 as f64).collect();
-            (s, t)
-        } else {
-            (sigmas, ts64)
+        let train = TrainSigmas::new(&self.state.schedule);
+        let spacing = SigmaSpacing::from_flags(c.use_karras_sigmas, c.use_exponential_sigmas);
+        // LMS's Karras conversion ignores sigma_min/sigma_max; the exponential one reads them as
+        // hidden keys kept from the source config (`hasattr(self.config, "sigma_min")`).
+        let range = match spacing {
+            Some(SigmaSpacing::Karras) => SigmaRange::default(),
+            _ => self.state.sigma_range,
         };
+        let linear = InterpolationType::Linear;
+        let (sigmas, ts) = train.k_schedule(self.state.k_timesteps(n), linear, spacing, range);
+        let timesteps = ts.into_iter().map(|t| t as f32 as f64).collect();
         let mut sigmas: Vec<f32> = sigmas.iter().map(|&s| s as f32).collect();
         sigmas.push(0.0);
-        self.timesteps = ts64;
-        self.sigmas = sigmas;
-        self.num_inference_steps = Some(n);
+        self.state.set_schedule(timesteps, sigmas, n);
         self.derivatives.clear();
-        self.index.reset();
-        self.pred_original_sample = None;
         Ok(())
-    }
-
-    fn num_inference_steps(&self) -> Option<usize> {
-        self.num_inference_steps
-    }
-
-    fn timesteps(&self) -> &[f64] {
-        &self.timesteps
-    }
-
-    fn sigmas(&self) -> Option<Vec<f64>> {
-        Some(self.sigmas.iter().map(|&s| s as f64).collect())
-    }
-
-    fn init_noise_sigma(&self) -> f64 {
-        k_init_noise_sigma(&self.sigmas, self.config.timestep_spacing)
-    }
-
-    fn scale_model_input(&mut self, sample: &Tensor, timestep: f64) -> Result<Tensor> {
-        let i = self.index.init(&self.timesteps, timestep, CLASS, false)?;
-        k_scale(sample, sigma_at(&self.sigmas, i, CLASS)?)
     }
 
     fn step(
@@ -230,17 +112,12 @@ impl Scheduler for LMSDiscreteScheduler {
         sample: &Tensor,
         _generators: &mut Generators,
     ) -> Result<Tensor> {
-        same_shape(model_output, sample, "LMSDiscreteScheduler::step")?;
-        if self.num_inference_steps.is_none() {
-            return Err(Error::invalid(format!("{CLASS}: call set_timesteps before step")));
-        }
-        let i = self.index.init(&self.timesteps, timestep, CLASS, false)?;
-        sigma_at(&self.sigmas, i + 1, CLASS)?;
-        let sigma = self.sigmas[i];
-        let (sample, model_output) = (to_f32(sample)?, to_f32(model_output)?);
-        let pred_original =
-            k_pred_original(self.config.prediction_type, &model_output, &sample, sigma)?;
-        let derivative = div(&(&sample - &pred_original)?, sigma)?;
+        let i = self.state.step_index(timestep)?;
+        self.state.sigma(i + 1)?;
+        let sigma = self.state.sigmas[i];
+        let prediction = self.state.config.prediction_type;
+        let pred_original = k_pred_original(prediction, model_output, sample, sigma)?;
+        let derivative = div(&(sample - &pred_original)?, sigma)?;
         self.derivatives.push(derivative);
         if self.derivatives.len() > self.order {
             self.derivatives.remove(0);
@@ -256,32 +133,11 @@ impl Scheduler for LMSDiscreteScheduler {
             });
         }
         let prev = match acc {
-            Some(a) => (&sample + a)?,
+            Some(a) => (sample + a)?,
             None => sample.clone(),
         };
-        self.index.step = Some(i + 1);
-        self.pred_original_sample = Some(pred_original);
+        self.state.finish_step(i, Some(pred_original));
         Ok(prev)
-    }
-
-    fn pred_original_sample(&self) -> Option<&Tensor> {
-        self.pred_original_sample.as_ref()
-    }
-
-    fn add_noise(
-        &self,
-        original_samples: &Tensor,
-        noise: &Tensor,
-        timestep: f64,
-    ) -> Result<Tensor> {
-        same_shape(original_samples, noise, "LMSDiscreteScheduler::add_noise")?;
-        let i = self.index.for_add_noise(&self.timesteps, timestep, CLASS, false)?;
-        let sigma = sigma_at(&self.sigmas, i, CLASS)?;
-        Ok((to_f32(original_samples)? + mul(&to_f32(noise)?, sigma)?)?)
-    }
-
-    fn set_begin_index(&mut self, begin_index: usize) {
-        self.index.begin = Some(begin_index);
     }
 
     fn set_step_option(&mut self, name: &str, value: f64) -> Result<()> {

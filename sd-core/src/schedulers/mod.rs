@@ -48,6 +48,10 @@
 //! `DPMSolverMultistepScheduler.from_config(config, use_karras_sigmas=True)`), as diffusers'
 //! documentation maps them.
 
+// Each class file holds its config, its `set_timesteps` math and its `step` math; what the classes
+// share is in `state` (the state every class embeds and the `Scheduler` implementation built on
+// it), `sigma_schedule` (timestep spacings and sigma schedules), `multistep` (the multistep
+// solvers' history) and `common` (the config macro and checks, the float32 tensor arithmetic).
 pub mod betas;
 pub(crate) mod common;
 pub mod config;
@@ -62,11 +66,14 @@ pub mod kdpm2_ancestral_discrete;
 pub mod kdpm2_discrete;
 pub mod lcm;
 pub mod lms_discrete;
+pub(crate) mod multistep;
 pub mod numeric;
 pub mod pndm;
+pub(crate) mod sigma_schedule;
+pub(crate) mod state;
 pub mod unipc_multistep;
 
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 
 pub use config::{
     AlgorithmType, BetaSchedule, ConfigEnum, FinalSigmasType, InterpolationType, PredictionType,
@@ -394,55 +401,4 @@ impl SchedulerEntry {
     pub fn display_name(&self) -> &'static str {
         self.a1111_names.first().or(self.aliases.first()).copied().unwrap_or(self.class_name)
     }
-}
-
-// ---- helpers shared by the implementations ----
-
-/// diffusers' `index_for_timestep`: the position of `timestep` in `schedule` (compared as f32,
-/// like the float32 timestep tensors), taking the second match when there are several.
-pub(crate) fn index_for_timestep(schedule: &[f64], timestep: f64) -> Option<usize> {
-    let t = timestep as f32;
-    let mut matches = schedule.iter().enumerate().filter(|(_, &s)| s as f32 == t).map(|(i, _)| i);
-    let first = matches.next()?;
-    Some(matches.next().unwrap_or(first))
-}
-
-/// `t` as f32 (the dtype diffusers does the arithmetic in).
-pub(crate) fn to_f32(t: &Tensor) -> Result<Tensor> {
-    Ok(t.to_dtype(DType::F32)?)
-}
-
-/// `t * s` in f32 (a tensor times a float32 0-d tensor in torch).
-pub(crate) fn mul(t: &Tensor, s: f32) -> Result<Tensor> {
-    Ok(t.affine(s as f64, 0.0)?)
-}
-
-/// `t / s` in f32, a true division like torch's (not a multiplication by `1 / s`).
-pub(crate) fn div(t: &Tensor, s: f32) -> Result<Tensor> {
-    Ok(t.broadcast_div(&Tensor::new(s, t.device())?)?)
-}
-
-/// Checks that two tensors have the same shape.
-pub(crate) fn same_shape(a: &Tensor, b: &Tensor, what: &str) -> Result<()> {
-    if a.dims() != b.dims() {
-        return Err(Error::invalid(format!(
-            "{what}: shapes differ: {:?} vs {:?}",
-            a.dims(),
-            b.dims()
-        )));
-    }
-    Ok(())
-}
-
-/// Validates `num_inference_steps` against `num_train_timesteps`.
-pub(crate) fn check_steps(num_inference_steps: usize, num_train_timesteps: usize) -> Result<()> {
-    if num_inference_steps == 0 {
-        return Err(Error::invalid("num_inference_steps must be at least 1"));
-    }
-    if num_inference_steps > num_train_timesteps {
-        return Err(Error::invalid(format!(
-            "num_inference_steps ({num_inference_steps}) cannot be larger than num_train_timesteps ({num_train_timesteps})"
-        )));
-    }
-    Ok(())
 }

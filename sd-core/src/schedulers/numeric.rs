@@ -1,7 +1,10 @@
 //! Bit-faithful emulations of the few numpy / torch routines the diffusers schedulers build their
 //! schedules with. diffusers mixes float32 torch ops with float64 numpy ops; each function says
 //! which precision it works in, and schedulers call them in the same order as diffusers does so
-//! the schedules come out identical, not just close.
+//! the schedules come out identical, not just close. The solvers' small numeric routines (scipy's
+//! `quad`, torch's `linalg.solve`) are here too.
+
+use crate::{Error, Result};
 
 /// `torch.linspace(start, end, steps, dtype=torch.float32)` on the CPU, bit for bit: `start` and
 /// `end` are rounded to f32, `step = (end - start) / (steps - 1)` in f32, and element `i` is
@@ -199,6 +202,90 @@ pub fn np_log_f32(x: f32) -> f32 {
         den = den.mul_add(m, Q[k]);
     }
     e.mul_add(LN2, num / den)
+}
+
+/// `scipy.integrate.quad(f, a, b)` for the polynomials LMS integrates: one 21-point
+/// Gauss-Kronrod rule (exact for them, and what QUADPACK returns when its error estimate passes
+/// at once), summed in QUADPACK's order.
+#[allow(clippy::excessive_precision)] // QUADPACK's constants, as published
+pub(crate) fn gauss_kronrod_21(f: impl Fn(f64) -> f64, a: f64, b: f64) -> f64 {
+    const XGK: [f64; 11] = [
+        0.995657163025808080735527280689003,
+        0.973906528517171720077964012084452,
+        0.930157491355708226001207180059508,
+        0.865063366688984510732096688423493,
+        0.780817726586416897063717578345042,
+        0.679409568299024406234327365114874,
+        0.562757134668604683339000099272694,
+        0.433395394129247190799265943165784,
+        0.294392862701460198131126603103866,
+        0.148874338981631210884826001129720,
+        0.0,
+    ];
+    const WGK: [f64; 11] = [
+        0.011694638867371874278064396062192,
+        0.032558162307964727478818972459390,
+        0.054755896574351996031381300244580,
+        0.075039674810919952767043140916190,
+        0.093125454583697605535065465083366,
+        0.109387158802297641899210590325805,
+        0.123491976262065851077208092339718,
+        0.134709217311473325928054001771707,
+        0.142775938577060080797094273138717,
+        0.147739104901338491374841515972068,
+        0.149445554002916905664936468389821,
+    ];
+    let centr = 0.5 * (a + b);
+    let hlgth = 0.5 * (b - a);
+    let mut resk = WGK[10] * f(centr);
+    for j in [1, 3, 5, 7, 9, 0, 2, 4, 6, 8] {
+        let absc = hlgth * XGK[j];
+        resk += WGK[j] * (f(centr - absc) + f(centr + absc));
+    }
+    resk * hlgth
+}
+
+/// `torch.linalg.solve(a, b)` for a small float32 system: Gaussian elimination with partial
+/// pivoting (LAPACK's `getrf` + `getrs` order), in float32.
+#[allow(clippy::needless_range_loop)] // row/column indices, as in LAPACK
+pub(crate) fn solve_f32(mut a: Vec<Vec<f32>>, mut b: Vec<f32>) -> Result<Vec<f32>> {
+    let n = b.len();
+    for k in 0..n {
+        // isamax: the first largest magnitude.
+        let mut p = k;
+        for i in k + 1..n {
+            if a[i][k].abs() > a[p][k].abs() {
+                p = i;
+            }
+        }
+        if a[p][k] == 0.0 || !a[p][k].is_finite() {
+            return Err(Error::invalid("singular or non-finite system in the solver coefficients"));
+        }
+        a.swap(k, p);
+        b.swap(k, p);
+        let inv = 1.0 / a[k][k];
+        for i in k + 1..n {
+            a[i][k] *= inv;
+        }
+        for j in k + 1..n {
+            for i in k + 1..n {
+                a[i][j] -= a[i][k] * a[k][j];
+            }
+        }
+    }
+    // getrs: L y = P b (unit lower), then U x = y, column by column as strsm does.
+    for k in 0..n {
+        for i in k + 1..n {
+            b[i] -= b[k] * a[i][k];
+        }
+    }
+    for k in (0..n).rev() {
+        b[k] /= a[k][k];
+        for i in 0..k {
+            b[i] -= b[k] * a[i][k];
+        }
+    }
+    Ok(b)
 }
 
 #[cfg(test)]

@@ -4,14 +4,13 @@
 
 use candle_core::Tensor;
 
-use super::betas::TrainingSchedule;
 use super::common::{
-    alpha_add_noise, alpha_at, check_choice, int_timestep, scheduler_config, training_schedule,
-    STANDARD_BETAS,
+    alpha_at, div, int_timestep, mul, scheduler_config, ClassConfig, EPSILON_OR_V, STANDARD_BETAS,
 };
 use super::config::{BetaSchedule, ConfigReader, PredictionType, SchedulerConfig, TimestepSpacing};
-use super::numeric::{np_arange, np_linspace, np_round};
-use super::{check_steps, div, mul, same_shape, to_f32, Scheduler};
+use super::state::{
+    scheduler_api, scheduler_state, Parametrization, SchedulerClass, SchedulerState,
+};
 use crate::rng::Generators;
 use crate::{Error, Result};
 
@@ -19,17 +18,9 @@ const CLASS: &str = "PNDMScheduler";
 
 scheduler_config! {
     /// The `__init__` arguments of diffusers' `PNDMScheduler`, with its defaults.
-    pub struct PNDMConfig {
-        /// Number of diffusion steps the model was trained with.
-        num_train_timesteps: usize = 1000 => usize,
-        /// First training beta.
-        beta_start: f64 = 0.0001 => f64,
-        /// Last training beta.
-        beta_end: f64 = 0.02 => f64,
-        /// How the betas go from `beta_start` to `beta_end`.
-        beta_schedule: BetaSchedule = BetaSchedule::Linear => choice,
-        /// Explicit betas, overriding `beta_start`/`beta_end`/`beta_schedule`.
-        trained_betas: Option<Vec<f64>> = None => opt_f64_vec,
+    pub struct PNDMConfig for "PNDMScheduler" {
+        num_train_timesteps = 1000, beta_start = 0.0001, beta_end = 0.02,
+        beta_schedule = BetaSchedule::Linear;
         /// Skip the Runge-Kutta warm-up (PLMS only; Stable Diffusion sets it).
         skip_prk_steps: bool = false => bool,
         /// Use alpha = 1 after the last step (else the first training alpha).
@@ -43,23 +34,11 @@ scheduler_config! {
     }
 }
 
-impl PNDMConfig {
-    /// Reads the config with `PNDMScheduler.from_config(config)` semantics.
-    pub fn from_config(config: &SchedulerConfig) -> Result<Self> {
-        Self::read(&mut ConfigReader::new(config, CLASS))
-    }
-
-    fn read(r: &mut ConfigReader<'_>) -> Result<Self> {
-        let c = Self::read_fields(r)?;
-        check_choice(r, CLASS, "beta_schedule", c.beta_schedule, STANDARD_BETAS)?;
-        check_choice(
-            r,
-            CLASS,
-            "prediction_type",
-            c.prediction_type,
-            &[PredictionType::Epsilon, PredictionType::VPrediction],
-        )?;
-        Ok(c)
+impl ClassConfig for PNDMConfig {
+    fn validate(self, r: &mut ConfigReader<'_>) -> Result<Self> {
+        r.check_among("beta_schedule", self.beta_schedule, STANDARD_BETAS)?;
+        r.check_among("prediction_type", self.prediction_type, EPSILON_OR_V)?;
+        Ok(self)
     }
 }
 
@@ -68,44 +47,28 @@ impl PNDMConfig {
 /// predictor-corrector); without it, 12 Runge-Kutta timesteps come first.
 #[derive(Debug, Clone)]
 pub struct PNDMScheduler {
-    config: PNDMConfig,
-    resolved: SchedulerConfig,
-    schedule: TrainingSchedule,
+    state: SchedulerState<PNDMConfig>,
     final_alpha_cumprod: f32,
     prk_timesteps: Vec<i64>,
-    timesteps: Vec<f64>,
-    num_inference_steps: Option<usize>,
     counter: usize,
     ets: Vec<Tensor>,
     cur_sample: Option<Tensor>,
     cur_model_output: Option<Tensor>,
 }
 
+scheduler_api!(PNDMScheduler, PNDMConfig, typed_config);
+
 impl PNDMScheduler {
     /// `PNDMScheduler.from_config(config)`.
     pub fn from_config(config: &SchedulerConfig) -> Result<Self> {
-        let mut r = ConfigReader::new(config, CLASS);
-        let c = PNDMConfig::read(&mut r)?;
-        let resolved = r.resolved(c.write());
-        let schedule = training_schedule(
-            CLASS,
-            &resolved,
-            c.beta_schedule,
-            c.beta_start,
-            c.beta_end,
-            c.num_train_timesteps,
-            c.trained_betas.as_deref(),
-            false,
-        )?;
-        let final_alpha_cumprod = if c.set_alpha_to_one { 1.0 } else { schedule.alphas_cumprod[0] };
+        let mut state = Self::load_state(config)?;
+        // diffusers' PNDM has no timesteps before `set_timesteps`.
+        state.timesteps.clear();
+        let final_alpha_cumprod = state.schedule.final_alpha_cumprod(state.config.set_alpha_to_one);
         Ok(Self {
-            config: c,
-            resolved,
-            schedule,
+            state,
             final_alpha_cumprod,
             prk_timesteps: vec![],
-            timesteps: vec![],
-            num_inference_steps: None,
             counter: 0,
             ets: vec![],
             cur_sample: None,
@@ -113,24 +76,9 @@ impl PNDMScheduler {
         })
     }
 
-    /// `PNDMScheduler(**config)`.
-    pub fn new(config: PNDMConfig) -> Result<Self> {
-        Self::from_config(&SchedulerConfig::from_map(config.write()))
-    }
-
-    /// The typed config.
-    pub fn typed_config(&self) -> &PNDMConfig {
-        &self.config
-    }
-
-    /// The training `alphas_cumprod` (float32).
-    pub fn alphas_cumprod(&self) -> &[f32] {
-        &self.schedule.alphas_cumprod
-    }
-
     fn alpha(&self, t: i64) -> Result<f32> {
         if t >= 0 {
-            alpha_at(&self.schedule.alphas_cumprod, t, CLASS)
+            alpha_at(&self.state.schedule.alphas_cumprod, t, CLASS)
         } else {
             Ok(self.final_alpha_cumprod)
         }
@@ -144,11 +92,11 @@ impl PNDMScheduler {
         prev_timestep: i64,
         model_output: &Tensor,
     ) -> Result<Tensor> {
-        let alpha_prod_t = alpha_at(&self.schedule.alphas_cumprod, timestep, CLASS)?;
+        let alpha_prod_t = alpha_at(&self.state.schedule.alphas_cumprod, timestep, CLASS)?;
         let alpha_prod_t_prev = self.alpha(prev_timestep)?;
         let beta_prod_t = 1.0 - alpha_prod_t;
         let beta_prod_t_prev = 1.0 - alpha_prod_t_prev;
-        let model_output = match self.config.prediction_type {
+        let model_output = match self.state.config.prediction_type {
             PredictionType::VPrediction => {
                 (mul(model_output, alpha_prod_t.sqrt())? + mul(sample, beta_prod_t.sqrt())?)?
             }
@@ -167,8 +115,8 @@ impl PNDMScheduler {
         timestep: i64,
         sample: &Tensor,
     ) -> Result<Tensor> {
-        let n = self.num_inference_steps.expect("set_timesteps was called");
-        let half = (self.config.num_train_timesteps / n / 2) as i64;
+        let n = self.state.num_inference_steps.expect("set_timesteps was called");
+        let half = (self.state.config.num_train_timesteps / n / 2) as i64;
         let diff_to_prev = if self.counter % 2 == 1 { 0 } else { half };
         let prev_timestep = timestep - diff_to_prev;
         let timestep = self.prk_timesteps[self.counter / 4 * 4];
@@ -209,9 +157,9 @@ impl PNDMScheduler {
         timestep: i64,
         sample: &Tensor,
     ) -> Result<Tensor> {
-        let n = self.num_inference_steps.expect("set_timesteps was called");
-        let ratio = (self.config.num_train_timesteps / n) as i64;
-        if !self.config.skip_prk_steps && self.ets.len() < 3 {
+        let n = self.state.num_inference_steps.expect("set_timesteps was called");
+        let ratio = (self.state.config.num_train_timesteps / n) as i64;
+        if !self.state.config.skip_prk_steps && self.ets.len() < 3 {
             return Err(Error::invalid(format!(
                 "{CLASS}: PLMS steps need 3 Runge-Kutta steps first"
             )));
@@ -252,39 +200,16 @@ impl PNDMScheduler {
     }
 }
 
-impl Scheduler for PNDMScheduler {
-    fn class_name(&self) -> &'static str {
-        CLASS
-    }
-
-    fn config(&self) -> &SchedulerConfig {
-        &self.resolved
-    }
+impl SchedulerClass for PNDMScheduler {
+    scheduler_state!(CLASS, Parametrization::AlphasCumprod, state: PNDMConfig);
 
     fn set_timesteps(&mut self, num_inference_steps: usize) -> Result<()> {
-        let c = &self.config;
+        let c = &self.state.config;
         let n_train = c.num_train_timesteps;
-        check_steps(num_inference_steps, n_train)?;
         let n = num_inference_steps;
         // Ascending, as diffusers' `_timesteps`.
-        let ts: Vec<i64> = match c.timestep_spacing {
-            TimestepSpacing::Linspace => np_linspace(0.0, (n_train - 1) as f64, n)
-                .into_iter()
-                .map(|t| np_round(t) as i64)
-                .collect(),
-            TimestepSpacing::Leading => {
-                let ratio = n_train / n;
-                (0..n).map(|i| (i * ratio) as i64 + c.steps_offset).collect()
-            }
-            TimestepSpacing::Trailing => {
-                let ratio = n_train as f64 / n as f64;
-                np_arange(n_train as f64, 0.0, -ratio)
-                    .into_iter()
-                    .rev()
-                    .map(|t| np_round(t) as i64 - 1)
-                    .collect()
-            }
-        };
+        let mut ts = self.state.discrete_timesteps(n);
+        ts.reverse();
         let (prk, plms): (Vec<i64>, Vec<i64>) = if c.skip_prk_steps {
             let len = ts.len();
             let mut plms: Vec<i64> = ts[..len - 1].to_vec();
@@ -318,30 +243,14 @@ impl Scheduler for PNDMScheduler {
             plms.reverse();
             (prk, plms)
         };
-        self.timesteps = prk.iter().chain(&plms).map(|&t| t as f64).collect();
+        let timesteps = prk.iter().chain(&plms).map(|&t| t as f64).collect();
+        self.state.set_schedule(timesteps, vec![], n);
         self.prk_timesteps = prk;
-        self.num_inference_steps = Some(n);
         self.ets.clear();
         self.counter = 0;
         self.cur_sample = None;
         self.cur_model_output = None;
         Ok(())
-    }
-
-    fn num_inference_steps(&self) -> Option<usize> {
-        self.num_inference_steps
-    }
-
-    fn timesteps(&self) -> &[f64] {
-        &self.timesteps
-    }
-
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
-
-    fn scale_model_input(&mut self, sample: &Tensor, _timestep: f64) -> Result<Tensor> {
-        to_f32(sample)
     }
 
     fn step(
@@ -351,27 +260,11 @@ impl Scheduler for PNDMScheduler {
         sample: &Tensor,
         _generators: &mut Generators,
     ) -> Result<Tensor> {
-        same_shape(model_output, sample, "PNDMScheduler::step")?;
-        if self.num_inference_steps.is_none() {
-            return Err(Error::invalid(format!("{CLASS}: call set_timesteps before step")));
-        }
         let t = int_timestep(timestep, CLASS)?;
-        let (model_output, sample) = (to_f32(model_output)?, to_f32(sample)?);
-        if self.counter < self.prk_timesteps.len() && !self.config.skip_prk_steps {
-            self.step_prk(&model_output, t, &sample)
+        if self.counter < self.prk_timesteps.len() && !self.state.config.skip_prk_steps {
+            self.step_prk(model_output, t, sample)
         } else {
-            self.step_plms(&model_output, t, &sample)
+            self.step_plms(model_output, t, sample)
         }
-    }
-
-    fn add_noise(
-        &self,
-        original_samples: &Tensor,
-        noise: &Tensor,
-        timestep: f64,
-    ) -> Result<Tensor> {
-        same_shape(original_samples, noise, "PNDMScheduler::add_noise")?;
-        let a = alpha_at(&self.schedule.alphas_cumprod, int_timestep(timestep, CLASS)?, CLASS)?;
-        alpha_add_noise(original_samples, noise, a)
     }
 }

@@ -4,46 +4,34 @@
 
 use candle_core::Tensor;
 
-use super::betas::TrainingSchedule;
 use super::common::{
-    alpha_sigma, check_choice, check_sigma_choice, exponential_sigmas, int_timestep, interp_sigmas,
-    karras_sigmas, lambda, log_sigmas, multistep_timesteps, reject_flag, scheduler_config,
-    sigma_at, sigma_to_t, solve_f32, train_sigmas, training_schedule, StepIndex, STANDARD_BETAS,
+    check_solver_order, div, int_timestep, mul, scheduler_config, ClassConfig, ConfigFields,
 };
 use super::config::{
     BetaSchedule, ConfigReader, FinalSigmasType, PredictionType, SchedulerConfig, SolverType,
-    TimeShiftType, TimestepSpacing,
+    TimestepSpacing,
 };
-use super::numeric::{np_linspace, np_round};
-use super::{check_steps, div, mul, same_shape, to_f32, Scheduler};
+use super::multistep::{alpha_sigma, check_multistep_config, lambda, MultistepHistory};
+use super::numeric::solve_f32;
+use super::sigma_schedule::SigmaSpacing;
+use super::state::{
+    scheduler_api, scheduler_state, Parametrization, SchedulerClass, SchedulerState, SigmaRange,
+};
 use crate::rng::Generators;
-use crate::{Error, Result};
+use crate::Result;
 
 const CLASS: &str = "UniPCMultistepScheduler";
 
 scheduler_config! {
     /// The `__init__` arguments of diffusers' `UniPCMultistepScheduler`, with its defaults.
-    pub struct UniPCMultistepConfig {
-        /// Number of diffusion steps the model was trained with.
-        num_train_timesteps: usize = 1000 => usize,
-        /// First training beta.
-        beta_start: f64 = 0.0001 => f64,
-        /// Last training beta.
-        beta_end: f64 = 0.02 => f64,
-        /// How the betas go from `beta_start` to `beta_end`.
-        beta_schedule: BetaSchedule = BetaSchedule::Linear => choice,
-        /// Explicit betas, overriding `beta_start`/`beta_end`/`beta_schedule`.
-        trained_betas: Option<Vec<f64>> = None => opt_f64_vec,
+    pub struct UniPCMultistepConfig for "UniPCMultistepScheduler" {
+        num_train_timesteps = 1000, beta_start = 0.0001, beta_end = 0.02,
+        beta_schedule = BetaSchedule::Linear;
         /// The solver order, 1 to 3.
         solver_order: usize = 2 => usize,
         /// What the model predicts (noise, `v`, or the sample).
         prediction_type: PredictionType = PredictionType::Epsilon => choice,
-        /// Dynamic thresholding is not supported: `true` is a config error.
-        thresholding: bool = false => bool,
-        /// Kept for config round trips (thresholding is not supported).
-        dynamic_thresholding_ratio: f64 = 0.995 => f64,
-        /// Kept for config round trips (thresholding is not supported).
-        sample_max_value: f64 = 1.0 => f64,
+        ..thresholding_keys,
         /// Use the data-prediction (`x_0`) form of the updates (the default).
         predict_x0: bool = true => bool,
         /// `bh1` or `bh2` (the default); the DPM-Solver names are read as `bh2`, as diffusers does.
@@ -52,16 +40,8 @@ scheduler_config! {
         lower_order_final: bool = true => bool,
         /// Step indices (minus one) at which the corrector is skipped.
         disable_corrector: Vec<usize> = vec![] => usize_vec,
-        /// Use the Karras et al. (2022) sigma schedule (rho = 7).
-        use_karras_sigmas: bool = false => bool,
-        /// Use exponentially spaced sigmas.
-        use_exponential_sigmas: bool = false => bool,
-        /// Beta sigmas need scipy's beta quantile function; not supported (an error if true).
-        use_beta_sigmas: bool = false => bool,
-        /// Flow-matching sigmas are not supported (an error if true).
-        use_flow_sigmas: bool = false => bool,
-        /// Kept for config round trips (flow sigmas are not supported).
-        flow_shift: f64 = 1.0 => f64,
+        ..sigma_schedule_flags,
+        ..flow_sigma_keys,
         /// How inference timesteps are picked from the training ones.
         timestep_spacing: TimestepSpacing = TimestepSpacing::Linspace => choice,
         /// Added to the timesteps with `leading` spacing (SD uses 1).
@@ -70,10 +50,7 @@ scheduler_config! {
         final_sigmas_type: FinalSigmasType = FinalSigmasType::Zero => choice,
         /// Rescale betas to a zero terminal SNR.
         rescale_betas_zero_snr: bool = false => bool,
-        /// Dynamic shifting (flow models) is not supported (an error if true).
-        use_dynamic_shifting: bool = false => bool,
-        /// Kept for config round trips.
-        time_shift_type: TimeShiftType = TimeShiftType::Exponential => choice,
+        ..dynamic_shifting_keys,
         /// Lowest sigma of Karras/exponential schedules (default: the schedule's own).
         sigma_min: Option<f64> = None => opt_f64,
         /// Highest sigma of Karras/exponential schedules (default: the schedule's own).
@@ -83,35 +60,28 @@ scheduler_config! {
     }
 }
 
-impl UniPCMultistepConfig {
-    /// Reads the config with `UniPCMultistepScheduler.from_config(config)` semantics.
-    pub fn from_config(config: &SchedulerConfig) -> Result<Self> {
-        Self::read(&mut ConfigReader::new(config, CLASS))
-    }
-
-    fn read(r: &mut ConfigReader<'_>) -> Result<Self> {
-        let mut c = Self::read_fields(r)?;
+impl ClassConfig for UniPCMultistepConfig {
+    fn validate(mut self, r: &mut ConfigReader<'_>) -> Result<Self> {
         r.null("solver_p")?;
-        check_choice(r, CLASS, "beta_schedule", c.beta_schedule, STANDARD_BETAS)?;
-        check_sigma_choice(r, c.use_karras_sigmas, c.use_exponential_sigmas, c.use_beta_sigmas)?;
-        reject_flag(r, "thresholding", c.thresholding, "dynamic thresholding")?;
-        reject_flag(r, "use_flow_sigmas", c.use_flow_sigmas, "flow sigmas")?;
-        reject_flag(r, "use_dynamic_shifting", c.use_dynamic_shifting, "dynamic shifting")?;
-        if c.shift_terminal.is_some() {
+        check_multistep_config!(r, &self);
+        if self.shift_terminal.is_some() {
             return Err(r.error(
                 "shift_terminal",
                 "is only supported with use_flow_sigmas, which is not supported",
             ));
         }
-        if !(1..=3).contains(&c.solver_order) {
-            return Err(
-                r.error("solver_order", format!("must be 1, 2 or 3, got {}", c.solver_order))
-            );
+        check_solver_order(r, self.solver_order)?;
+        if !matches!(self.solver_type, SolverType::Bh1 | SolverType::Bh2) {
+            self.solver_type = SolverType::Bh2;
         }
-        if !matches!(c.solver_type, SolverType::Bh1 | SolverType::Bh2) {
-            c.solver_type = SolverType::Bh2;
-        }
-        Ok(c)
+        Ok(self)
+    }
+
+    /// `solver_p` (a scheduler object in diffusers) is always null here.
+    fn resolved_values(&self) -> serde_json::Map<String, serde_json::Value> {
+        let mut values = self.write();
+        values.insert("solver_p".into(), serde_json::Value::Null);
+        values
     }
 }
 
@@ -119,80 +89,23 @@ impl UniPCMultistepConfig {
 /// and no input scaling.
 #[derive(Debug, Clone)]
 pub struct UniPCMultistepScheduler {
-    config: UniPCMultistepConfig,
-    resolved: SchedulerConfig,
-    schedule: TrainingSchedule,
-    timesteps: Vec<f64>,
-    sigmas: Vec<f32>,
-    num_inference_steps: Option<usize>,
-    model_outputs: Vec<Option<Tensor>>,
-    lower_order_nums: usize,
+    state: SchedulerState<UniPCMultistepConfig>,
+    model_outputs: MultistepHistory,
     this_order: usize,
     last_sample: Option<Tensor>,
-    index: StepIndex,
-    pred_original_sample: Option<Tensor>,
 }
+
+scheduler_api!(UniPCMultistepScheduler, UniPCMultistepConfig, typed_config);
 
 impl UniPCMultistepScheduler {
     /// `UniPCMultistepScheduler.from_config(config)`.
     pub fn from_config(config: &SchedulerConfig) -> Result<Self> {
-        let mut r = ConfigReader::new(config, CLASS);
-        let c = UniPCMultistepConfig::read(&mut r)?;
-        let mut values = c.write();
-        values.insert("solver_p".into(), serde_json::Value::Null);
-        let resolved = r.resolved(values);
-        let mut schedule = training_schedule(
-            CLASS,
-            &resolved,
-            c.beta_schedule,
-            c.beta_start,
-            c.beta_end,
-            c.num_train_timesteps,
-            c.trained_betas.as_deref(),
-            c.rescale_betas_zero_snr,
-        )?;
-        if c.rescale_betas_zero_snr {
-            if let Some(last) = schedule.alphas_cumprod.last_mut() {
-                *last = 2f32.powi(-24);
-            }
-        }
-        let n = c.num_train_timesteps;
-        let timesteps = np_linspace(0.0, (n - 1) as f64, n)
-            .into_iter()
-            .rev()
-            .map(|t| t as f32 as f64)
-            .collect();
-        let sigmas = train_sigmas(&schedule.alphas_cumprod);
-        let order = c.solver_order;
-        Ok(Self {
-            config: c,
-            resolved,
-            schedule,
-            timesteps,
-            sigmas,
-            num_inference_steps: None,
-            model_outputs: vec![None; order],
-            lower_order_nums: 0,
-            this_order: 0,
-            last_sample: None,
-            index: StepIndex::default(),
-            pred_original_sample: None,
-        })
-    }
-
-    /// `UniPCMultistepScheduler(**config)`.
-    pub fn new(config: UniPCMultistepConfig) -> Result<Self> {
-        Self::from_config(&SchedulerConfig::from_map(config.write()))
-    }
-
-    /// The typed config.
-    pub fn typed_config(&self) -> &UniPCMultistepConfig {
-        &self.config
-    }
-
-    /// The training `alphas_cumprod` (float32).
-    pub fn alphas_cumprod(&self) -> &[f32] {
-        &self.schedule.alphas_cumprod
+        let mut state = Self::load_state(config)?;
+        let c = &state.config;
+        // The class's own keys (what diffusers' `hasattr(self.config, ...)` finds).
+        state.sigma_range = SigmaRange { min: c.sigma_min, max: c.sigma_max };
+        let model_outputs = MultistepHistory::new(CLASS, state.config.solver_order);
+        Ok(Self { state, model_outputs, this_order: 0, last_sample: None })
     }
 
     fn convert_model_output(
@@ -201,9 +114,9 @@ impl UniPCMultistepScheduler {
         sample: &Tensor,
         i: usize,
     ) -> Result<Tensor> {
-        let (alpha_t, sigma_t) = alpha_sigma(self.sigmas[i]);
-        Ok(if self.config.predict_x0 {
-            match self.config.prediction_type {
+        let (alpha_t, sigma_t) = alpha_sigma(self.state.sigmas[i]);
+        Ok(if self.state.config.predict_x0 {
+            match self.state.config.prediction_type {
                 PredictionType::Epsilon => div(&(sample - mul(model_output, sigma_t)?)?, alpha_t)?,
                 PredictionType::Sample => model_output.clone(),
                 PredictionType::VPrediction => {
@@ -211,7 +124,7 @@ impl UniPCMultistepScheduler {
                 }
             }
         } else {
-            match self.config.prediction_type {
+            match self.state.config.prediction_type {
                 PredictionType::Epsilon => model_output.clone(),
                 PredictionType::Sample => div(&(sample - mul(model_output, alpha_t)?)?, sigma_t)?,
                 PredictionType::VPrediction => {
@@ -243,11 +156,11 @@ impl UniPCMultistepScheduler {
             rks.push((lambda_si - lambda_s0) / h);
         }
         rks.push(1.0);
-        let hh = if self.config.predict_x0 { -h } else { h };
+        let hh = if self.state.config.predict_x0 { -h } else { h };
         let h_phi_1 = hh.exp_m1();
         let mut h_phi_k = h_phi_1 / hh - 1.0;
         let mut factorial_i: u64 = 1;
-        let b_h = match self.config.solver_type {
+        let b_h = match self.state.config.solver_type {
             SolverType::Bh1 => hh,
             _ => hh.exp_m1(),
         };
@@ -264,7 +177,7 @@ impl UniPCMultistepScheduler {
 
     /// `x_t_` of both updates: the first-order part.
     fn base_update(&self, k: &Coeffs, x: &Tensor, m0: &Tensor) -> Result<Tensor> {
-        Ok(if self.config.predict_x0 {
+        Ok(if self.state.config.predict_x0 {
             (mul(x, k.sigma_t / k.sigma_s0)? - mul(m0, k.alpha_t * k.h_phi_1)?)?
         } else {
             (mul(x, k.alpha_t / k.alpha_s0)? - mul(m0, k.sigma_t * k.h_phi_1)?)?
@@ -281,15 +194,16 @@ impl UniPCMultistepScheduler {
     }
 
     fn predictor(&self, i: usize, sample: &Tensor, order: usize) -> Result<Tensor> {
-        let n = self.model_outputs.len();
-        let m0 = self.model_outputs[n - 1].as_ref().expect("current model output");
-        let k =
-            self.coefficients(self.sigmas[i + 1], self.sigmas[i], |j| self.sigmas[i - j], order);
+        let m0 = self.model_outputs.get(0)?;
+        let k = self.coefficients(
+            self.state.sigmas[i + 1],
+            self.state.sigmas[i],
+            |j| self.state.sigmas[i - j],
+            order,
+        );
         let mut d1s = Vec::new();
         for j in 1..order {
-            let mi = self.model_outputs[n - 1 - j]
-                .as_ref()
-                .ok_or_else(|| Error::invalid(format!("{CLASS}: missing previous model output")))?;
+            let mi = self.model_outputs.get(j)?;
             d1s.push(div(&(mi - m0)?, k.rks[j - 1])?);
         }
         let x_t_ = self.base_update(&k, sample, m0)?;
@@ -304,7 +218,8 @@ impl UniPCMultistepScheduler {
             solve_f32(r, k.b[..order - 1].to_vec())?
         };
         let pred_res = Self::weighted_sum(&rhos_p, &d1s)?;
-        let scale = if self.config.predict_x0 { k.alpha_t * k.b_h } else { k.sigma_t * k.b_h };
+        let scale =
+            if self.state.config.predict_x0 { k.alpha_t * k.b_h } else { k.sigma_t * k.b_h };
         Ok((x_t_ - mul(&pred_res, scale)?)?)
     }
 
@@ -315,21 +230,16 @@ impl UniPCMultistepScheduler {
         last_sample: &Tensor,
         order: usize,
     ) -> Result<Tensor> {
-        let n = self.model_outputs.len();
-        let m0 = self.model_outputs[n - 1]
-            .as_ref()
-            .ok_or_else(|| Error::invalid(format!("{CLASS}: missing model output")))?;
+        let m0 = self.model_outputs.get(0)?;
         let k = self.coefficients(
-            self.sigmas[i],
-            self.sigmas[i - 1],
-            |j| self.sigmas[i - (j + 1)],
+            self.state.sigmas[i],
+            self.state.sigmas[i - 1],
+            |j| self.state.sigmas[i - (j + 1)],
             order,
         );
         let mut d1s = Vec::new();
         for j in 1..order {
-            let mi = self.model_outputs[n - 1 - j]
-                .as_ref()
-                .ok_or_else(|| Error::invalid(format!("{CLASS}: missing previous model output")))?;
+            let mi = self.model_outputs.get(j)?;
             d1s.push(div(&(mi - m0)?, k.rks[j - 1])?);
         }
         let rhos_c =
@@ -342,7 +252,8 @@ impl UniPCMultistepScheduler {
         } else {
             (Self::weighted_sum(&rhos_c[..rhos_c.len() - 1], &d1s)? + mul(&d1_t, last)?)?
         };
-        let scale = if self.config.predict_x0 { k.alpha_t * k.b_h } else { k.sigma_t * k.b_h };
+        let scale =
+            if self.state.config.predict_x0 { k.alpha_t * k.b_h } else { k.sigma_t * k.b_h };
         Ok((x_t_ - mul(&inner, scale)?)?)
     }
 }
@@ -370,85 +281,22 @@ struct Coeffs {
     b: Vec<f32>,
 }
 
-impl Scheduler for UniPCMultistepScheduler {
-    fn class_name(&self) -> &'static str {
-        CLASS
-    }
-
-    fn config(&self) -> &SchedulerConfig {
-        &self.resolved
-    }
+impl SchedulerClass for UniPCMultistepScheduler {
+    scheduler_state!(CLASS, Parametrization::AlphaSigma, state: UniPCMultistepConfig);
 
     fn set_timesteps(&mut self, num_inference_steps: usize) -> Result<()> {
-        let c = &self.config;
-        let n_train = c.num_train_timesteps;
-        check_steps(num_inference_steps, n_train)?;
-        let n = num_inference_steps;
-        let int_ts = multistep_timesteps(c.timestep_spacing, n_train, n_train, n, c.steps_offset);
-        let train = train_sigmas(&self.schedule.alphas_cumprod);
-        let lo = c.sigma_min.unwrap_or(train[0] as f64);
-        let hi = c.sigma_max.unwrap_or(train[n_train - 1] as f64);
-        let (sigmas, timesteps, sigma_last): (Vec<f64>, Vec<i64>, f32) = if c.use_karras_sigmas
-            || c.use_exponential_sigmas
-        {
-            let logs = log_sigmas(&train);
-            let karras = c.use_karras_sigmas;
-            let s = if karras { karras_sigmas(lo, hi, n) } else { exponential_sigmas(lo, hi, n) };
-            let t = s
-                .iter()
-                .map(|&x| {
-                    let t = sigma_to_t(x, &logs);
-                    (if karras { np_round(t) } else { t }) as i64
-                })
-                .collect();
-            let last = match c.final_sigmas_type {
-                FinalSigmasType::Zero => 0.0,
-                FinalSigmasType::SigmaMin => s[n - 1] as f32,
-            };
-            (s, t, last)
-        } else {
-            let ts64: Vec<f64> = int_ts.iter().map(|&t| t as f64).collect();
-            let last = match c.final_sigmas_type {
-                FinalSigmasType::Zero => 0.0,
-                FinalSigmasType::SigmaMin => {
-                    let a0 = self.schedule.alphas_cumprod[0];
-                    ((1.0 - a0) / a0).sqrt()
-                }
-            };
-            (interp_sigmas(&ts64, &train), int_ts, last)
+        let c = &self.state.config;
+        let spacing = SigmaSpacing::from_flags(c.use_karras_sigmas, c.use_exponential_sigmas);
+        let schedule = self.state.multistep_schedule(num_inference_steps, spacing);
+        let final_sigma = match c.final_sigmas_type {
+            FinalSigmasType::Zero => 0.0,
+            FinalSigmasType::SigmaMin => schedule.sigma_min,
         };
-        let mut s32: Vec<f32> = sigmas.iter().map(|&s| s as f32).collect();
-        s32.push(sigma_last);
-        self.timesteps = timesteps.iter().map(|&t| t as f64).collect();
-        self.sigmas = s32;
-        self.num_inference_steps = Some(self.timesteps.len());
-        self.model_outputs = vec![None; c.solver_order];
-        self.lower_order_nums = 0;
+        self.model_outputs = MultistepHistory::new(CLASS, c.solver_order);
         self.this_order = 0;
         self.last_sample = None;
-        self.index.reset();
-        self.pred_original_sample = None;
+        self.state.set_multistep_schedule(schedule, final_sigma);
         Ok(())
-    }
-
-    fn num_inference_steps(&self) -> Option<usize> {
-        self.num_inference_steps
-    }
-
-    fn timesteps(&self) -> &[f64] {
-        &self.timesteps
-    }
-
-    fn sigmas(&self) -> Option<Vec<f64>> {
-        Some(self.sigmas.iter().map(|&s| s as f64).collect())
-    }
-
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
-
-    fn scale_model_input(&mut self, sample: &Tensor, _timestep: f64) -> Result<Tensor> {
-        to_f32(sample)
     }
 
     fn step(
@@ -458,59 +306,27 @@ impl Scheduler for UniPCMultistepScheduler {
         sample: &Tensor,
         _generators: &mut Generators,
     ) -> Result<Tensor> {
-        same_shape(model_output, sample, "UniPCMultistepScheduler::step")?;
-        if self.num_inference_steps.is_none() {
-            return Err(Error::invalid(format!("{CLASS}: call set_timesteps before step")));
-        }
         int_timestep(timestep, CLASS)?;
-        let i = self.index.init(&self.timesteps, timestep, CLASS, true)?;
-        sigma_at(&self.sigmas, i + 1, CLASS)?;
-        let (model_output, mut sample) = (to_f32(model_output)?, to_f32(sample)?);
-        let use_corrector = i > 0
-            && !self.config.disable_corrector.contains(&(i - 1))
-            && self.last_sample.is_some();
-        let converted = self.convert_model_output(&model_output, &sample, i)?;
-        if use_corrector {
-            let last = self.last_sample.clone().expect("checked");
-            sample = self.corrector(i, &converted, &last, self.this_order)?;
-        }
-        self.model_outputs.rotate_left(1);
-        let n = self.model_outputs.len();
-        self.model_outputs[n - 1] = Some(converted.clone());
-        let len = self.timesteps.len();
-        let this_order = if self.config.lower_order_final {
-            self.config.solver_order.min(len - i)
-        } else {
-            self.config.solver_order
+        let i = self.state.step_index(timestep)?;
+        self.state.sigma(i + 1)?;
+        let c = &self.state.config;
+        let use_corrector =
+            i > 0 && !c.disable_corrector.contains(&(i - 1)) && self.last_sample.is_some();
+        let converted = self.convert_model_output(model_output, sample, i)?;
+        let sample = match &self.last_sample {
+            Some(last) if use_corrector => self.corrector(i, &converted, last, self.this_order)?,
+            _ => sample.clone(),
         };
-        self.this_order = this_order.min(self.lower_order_nums + 1);
+        self.model_outputs.push(converted.clone());
+        let len = self.state.timesteps.len();
+        let this_order =
+            if c.lower_order_final { c.solver_order.min(len - i) } else { c.solver_order };
+        self.this_order = this_order.min(self.model_outputs.lower_order_nums() + 1);
         self.last_sample = Some(sample.clone());
         let prev = self.predictor(i, &sample, self.this_order)?;
-        if self.lower_order_nums < self.config.solver_order {
-            self.lower_order_nums += 1;
-        }
-        self.index.step = Some(i + 1);
-        self.pred_original_sample = if self.config.predict_x0 { Some(converted) } else { None };
+        self.model_outputs.count_step(c.solver_order);
+        let pred_original = c.predict_x0.then_some(converted);
+        self.state.finish_step(i, pred_original);
         Ok(prev)
-    }
-
-    fn pred_original_sample(&self) -> Option<&Tensor> {
-        self.pred_original_sample.as_ref()
-    }
-
-    fn add_noise(
-        &self,
-        original_samples: &Tensor,
-        noise: &Tensor,
-        timestep: f64,
-    ) -> Result<Tensor> {
-        same_shape(original_samples, noise, "UniPCMultistepScheduler::add_noise")?;
-        let i = self.index.for_add_noise(&self.timesteps, timestep, CLASS, true)?;
-        let (alpha_t, sigma_t) = alpha_sigma(sigma_at(&self.sigmas, i, CLASS)?);
-        Ok((mul(&to_f32(original_samples)?, alpha_t)? + mul(&to_f32(noise)?, sigma_t)?)?)
-    }
-
-    fn set_begin_index(&mut self, begin_index: usize) {
-        self.index.begin = Some(begin_index);
     }
 }
