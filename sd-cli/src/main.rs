@@ -1,4 +1,4 @@
-//! `sd-cli`: text-to-image from the command line with sd-core.
+//! `sd-cli`: text-to-image, image-to-image and inpainting from the command line with sd-core.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -8,15 +8,15 @@ use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use sd_core::hub::DEFAULT_MODEL_ID;
 use sd_core::pipeline::{
-    parse_device, parse_dtype, GenerateParams, LoadOptions, RunHooks, StableDiffusionPipeline,
-    StepControl, StepProgress,
+    parse_device, parse_dtype, to_luma, GenerateParams, InitImage, LoadOptions, RunHooks,
+    StableDiffusionPipeline, StepControl, StepProgress,
 };
 
 #[derive(Parser)]
 #[command(
     name = "sd-cli",
     version,
-    about = "Stable Diffusion 2.x text-to-image, matched to HF diffusers"
+    about = "Stable Diffusion 2.x text-to-image, image-to-image and inpainting, matched to HF diffusers"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -25,7 +25,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Generate images from a prompt.
+    /// Generate images from a prompt, or edit an image (--image, --mask).
     Generate(Box<GenerateArgs>),
     /// List the scheduler names `--scheduler` accepts: A1111 name, short names, diffusers class and
     /// the config overrides each name applies.
@@ -41,7 +41,8 @@ struct GenerateArgs {
     /// A hub model id or a local diffusers folder.
     #[arg(long, default_value = DEFAULT_MODEL_ID)]
     model: String,
-    /// Image height in pixels (a multiple of 8); default: the model's native size.
+    /// Image height in pixels (a multiple of 8); default: the model's native size, or with
+    /// --image that image's height rounded down to a multiple of 8.
     #[arg(long)]
     height: Option<usize>,
     #[arg(long)]
@@ -74,6 +75,17 @@ struct GenerateArgs {
     /// CPU worker threads (default: RAYON_NUM_THREADS, else one per core).
     #[arg(long)]
     threads: Option<usize>,
+    /// Start from this image (image-to-image, or inpainting with --mask); it is resized to the
+    /// output size as diffusers does (Lanczos).
+    #[arg(long, value_name = "IN.png")]
+    image: Option<PathBuf>,
+    /// Inpainting: repaint the white pixels of this mask (the size of --image) and keep the rest.
+    #[arg(long, value_name = "MASK.png")]
+    mask: Option<PathBuf>,
+    /// How much of --image to change, in (0, 1]: the share of the steps run from the image's
+    /// noised latents. Default: 0.8 for image-to-image, 1.0 for inpainting.
+    #[arg(long)]
+    strength: Option<f64>,
     /// Output PNG; with --num-images K > 1 the files are FILE-0.png ... FILE-(K-1).png.
     #[arg(long)]
     out: PathBuf,
@@ -174,6 +186,40 @@ fn output_paths(out: &Path, n: usize) -> Vec<PathBuf> {
     (0..n).map(|i| out.with_file_name(format!("{stem}-{i}.{ext}"))).collect()
 }
 
+/// The `--image`, `--mask` and `--strength` of an edit run, read and checked; `None` without
+/// `--image`.
+fn init_image(
+    image: Option<&Path>,
+    mask: Option<&Path>,
+    strength: Option<f64>,
+) -> anyhow::Result<Option<InitImage>> {
+    let open = |path: &Path| {
+        image::open(path).map_err(|e| anyhow::anyhow!("cannot read image {}: {e}", path.display()))
+    };
+    let Some(image) = image else {
+        if mask.is_some() {
+            anyhow::bail!("--mask needs --image (the image to inpaint)");
+        }
+        if strength.is_some() {
+            anyhow::bail!("--strength needs --image (the image to start from)");
+        }
+        return Ok(None);
+    };
+    let image = open(image)?.to_rgb8();
+    let mut init = match mask {
+        // Pillow's `convert("L")`, as diffusers' mask processor, unless the mask is gray already.
+        Some(path) => match open(path)? {
+            image::DynamicImage::ImageLuma8(gray) => InitImage::with_mask(image, gray),
+            other => InitImage::with_mask(image, to_luma(&other.to_rgb8())),
+        },
+        None => InitImage::new(image),
+    };
+    if let Some(strength) = strength {
+        init.strength = strength;
+    }
+    Ok(Some(init))
+}
+
 fn generate(args: GenerateArgs) -> anyhow::Result<()> {
     let dtype = parse_dtype(&args.dtype)?;
     let device = parse_device(&args.device)?;
@@ -197,6 +243,7 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
     params.num_images_per_prompt = args.num_images;
     params.seeds = vec![args.seed.unwrap_or_else(sd_core::pipeline::random_seed)];
     params.scheduler = args.scheduler;
+    params.init_image = init_image(args.image.as_deref(), args.mask.as_deref(), args.strength)?;
 
     let started = Instant::now();
     let mut opts = LoadOptions { device, dtype, ..LoadOptions::default() };
@@ -234,7 +281,8 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
         img.save(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     }
     let t = out.timings;
-    let steps = params.num_inference_steps.max(1) as f64;
+    // The steps run: fewer than --steps with --strength below 1.
+    let steps = bar.length().unwrap_or(1).max(1) as f64;
     println!(
         "seed {} | load {:.2}s | text encoder {:.2}s | denoise {:.2}s ({:.2}s/step) | vae decode {:.2}s | wrote {}",
         out.seeds[0],

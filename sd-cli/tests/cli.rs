@@ -143,27 +143,6 @@ fn bf16_tiles_and_mkl_agree_and_neither_is_refused() {
     assert!(!Path::new(&png).exists());
 }
 
-/// Runs a generate that must fail; returns its one-line error.
-fn expect_error(model: &Path, extra: &[&str]) -> String {
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("x.png").display().to_string();
-    let model = model.display().to_string();
-    let mut args =
-        vec!["generate", "--prompt", "a cat", "--model", &model, "--seed", "1", "--out", &out];
-    if !extra.contains(&"--steps") {
-        args.extend(["--steps", "1"]);
-    }
-    args.extend_from_slice(extra);
-    let result = sd_cli(&args);
-    let err = stderr(&result);
-    assert!(!result.status.success(), "expected failure for {extra:?}");
-    assert_eq!(result.status.code(), Some(1), "exit code for {extra:?}: {err}");
-    assert!(!err.contains("panicked"), "panic for {extra:?}: {err}");
-    assert_eq!(err.trim_end().lines().count(), 1, "one line expected: {err}");
-    assert!(!Path::new(&out).exists(), "no output file on error");
-    err
-}
-
 #[test]
 fn bad_input_gives_one_line_errors() {
     let model = pipelines().join("sd2-tiny");

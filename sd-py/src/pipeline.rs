@@ -348,6 +348,7 @@ impl PyPipeline {
             scheduler_config,
             output: if output == Output::Pil { OutputType::Image } else { OutputType::Latent },
             latents: tensor(latents)?,
+            init_image: None,
         };
 
         let pipe = Arc::clone(&self.inner);

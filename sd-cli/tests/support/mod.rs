@@ -13,6 +13,12 @@ pub fn pipelines() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/pipelines")
 }
 
+/// diffusers' image-to-image and inpainting runs, their init image and mask, and the 9-channel
+/// inpainting model (`tests/fixtures/edit`).
+pub fn edit_fixtures() -> PathBuf {
+    pipelines().join("../edit")
+}
+
 /// The parameters of one of diffusers' fixture runs (`pipelines/CASE.json`).
 pub fn read_case(case: &str) -> Value {
     let path = pipelines().join(format!("{case}.json"));
@@ -69,6 +75,27 @@ pub fn sd_cli_env(args: &[&str], env: &[(&str, &str)]) -> Output {
 
 pub fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Runs a generate that must fail; returns its one-line error.
+pub fn expect_error(model: &Path, extra: &[&str]) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("x.png").display().to_string();
+    let model = model.display().to_string();
+    let mut args =
+        vec!["generate", "--prompt", "a cat", "--model", &model, "--seed", "1", "--out", &out];
+    if !extra.contains(&"--steps") {
+        args.extend(["--steps", "1"]);
+    }
+    args.extend_from_slice(extra);
+    let result = sd_cli(&args);
+    let err = stderr(&result);
+    assert!(!result.status.success(), "expected failure for {extra:?}");
+    assert_eq!(result.status.code(), Some(1), "exit code for {extra:?}: {err}");
+    assert!(!err.contains("panicked"), "panic for {extra:?}: {err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "one line expected: {err}");
+    assert!(!Path::new(&out).exists(), "no output file on error");
+    err
 }
 
 /// Mean and max absolute difference of two PNGs of the same size, in 8-bit levels.

@@ -62,6 +62,17 @@ pub(crate) struct DenoiseLoop<'a> {
     pub timesteps: &'a [f64],
     /// Changes the latents after every step (inpainting's blending); text-to-image has none.
     pub after_step: Option<AfterStep<'a>>,
+    /// Channels concatenated to the scaled model input before every UNet call, batched as it
+    /// (`[uncond..., cond...]` with guidance): the 9-channel inpainting UNet's mask and
+    /// masked-image latents. f32.
+    pub extra_channels: Option<&'a Tensor>,
+}
+
+impl<'a> DenoiseLoop<'a> {
+    /// A loop over `timesteps` with nothing but the UNet and the scheduler.
+    pub fn new(context: &'a Tensor, guidance: Guidance, timesteps: &'a [f64]) -> Self {
+        Self { context, guidance, timesteps, after_step: None, extra_channels: None }
+    }
 }
 
 impl StableDiffusionPipeline {
@@ -76,14 +87,15 @@ impl StableDiffusionPipeline {
         run: DenoiseLoop<'_>,
         hooks: &mut RunHooks<'_>,
     ) -> Result<Tensor> {
-        let DenoiseLoop { context, guidance, timesteps, mut after_step } = run;
+        let DenoiseLoop { context, guidance, timesteps, mut after_step, extra_channels } = run;
         let shape = latents.dims().to_vec();
         let started = Instant::now();
         for (i, &t) in timesteps.iter().enumerate() {
             if hooks.is_cancelled() {
                 return Err(Error::Cancelled);
             }
-            let noise_pred = self.predict_noise(scheduler, &latents, t, context, guidance)?;
+            let noise_pred =
+                self.predict_noise(scheduler, &latents, t, context, guidance, extra_channels)?;
             latents = scheduler.step(&noise_pred, t, &latents, generators)?;
             if let Some(after_step) = after_step.as_mut() {
                 latents = after_step(scheduler, i, latents)?;
@@ -111,7 +123,8 @@ impl StableDiffusionPipeline {
         Ok(latents)
     }
 
-    /// The UNet's noise prediction for `latents` at `t`, guided: f32, shaped as `latents`.
+    /// The UNet's noise prediction for `latents` at `t` (the scaled input followed by
+    /// `extra_channels`, if any), guided: f32, shaped as `latents`.
     fn predict_noise(
         &self,
         scheduler: &mut dyn Scheduler,
@@ -119,13 +132,18 @@ impl StableDiffusionPipeline {
         t: f64,
         context: &Tensor,
         guidance: Guidance,
+        extra_channels: Option<&Tensor>,
     ) -> Result<Tensor> {
         let input = if guidance.is_enabled() {
             Tensor::cat(&[latents, latents], 0)?
         } else {
             latents.clone()
         };
-        let input = scheduler.scale_model_input(&input, t)?.to_dtype(self.activation_dtype())?;
+        let mut input = scheduler.scale_model_input(&input, t)?;
+        if let Some(extra) = extra_channels {
+            input = Tensor::cat(&[&input, extra], 1)?;
+        }
+        let input = input.to_dtype(self.activation_dtype())?;
         let pred = self.unet.forward(&input, t, context)?.to_dtype(DType::F32)?;
         guidance.apply(pred)
     }

@@ -1,14 +1,15 @@
 //! `StableDiffusionPipeline`: tokenizer, text encoder, UNet, scheduler and VAE tied together as
-//! diffusers' text-to-image pipeline does it (classifier-free guidance as one batch of 2,
-//! torch-compatible seeds, per-step hooks and cancellation).
+//! diffusers' text-to-image, image-to-image and inpainting pipelines do it (classifier-free
+//! guidance as one batch of 2, torch-compatible seeds, per-step hooks and cancellation).
 //!
 //! A run reads like diffusers' `__call__`, one function per step:
 //!
 //! | step | where |
 //! |---|---|
-//! | the run, numbered steps ([`StableDiffusionPipeline::generate_with`]) | `text2img.rs` |
+//! | the run, numbered steps ([`StableDiffusionPipeline::generate_with`]) | `text2img.rs`; with an [`InitImage`] `img2img.rs` or `inpaint.rs` |
 //! | 1. check inputs | `validate.rs` |
-//! | 2.-4. scheduler and timesteps, encode the prompt, prepare latents | `text2img.rs` |
+//! | 2.-4. scheduler and timesteps, encode the prompt, prepare latents | `text2img.rs` (`strength`'s timesteps and the VAE encoding in `img2img.rs`) |
+//! | edit runs: image and mask preprocessing ([`preprocess_images`], [`preprocess_mask`]) | `preprocess.rs`, `resample.rs` (Pillow's Lanczos) |
 //! | 5. denoising loop and guidance ([`rescale_noise_cfg`]) | `denoise.rs` |
 //! | 6. decode ([`StableDiffusionPipeline::decode_latents`]) and postprocess ([`to_rgb_images`]) | `stable_diffusion.rs`, `postprocess.rs` |
 //!
@@ -19,8 +20,12 @@
 mod denoise;
 mod device;
 mod hooks;
+mod img2img;
+mod inpaint;
 mod params;
 mod postprocess;
+mod preprocess;
+mod resample;
 mod stable_diffusion;
 mod text2img;
 mod validate;
@@ -28,6 +33,9 @@ mod validate;
 pub use denoise::rescale_noise_cfg;
 pub use device::{parse_device, parse_dtype};
 pub use hooks::{CancelToken, OnStepEnd, RunHooks, StepControl, StepProgress};
-pub use params::{random_seed, GenerateOutput, GenerateParams, OutputType, StageTimings};
+pub use params::{
+    random_seed, GenerateOutput, GenerateParams, InitImage, OutputType, StageTimings,
+};
 pub use postprocess::to_rgb_images;
+pub use preprocess::{preprocess_images, preprocess_mask, to_luma};
 pub use stable_diffusion::{LoadOptions, StableDiffusionPipeline};

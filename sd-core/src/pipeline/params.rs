@@ -16,7 +16,37 @@ pub enum OutputType {
     Latent,
 }
 
-/// The inputs of one text-to-image run; defaults match diffusers' `__call__`.
+/// The image (and mask) an edit run starts from: image-to-image without a mask (diffusers'
+/// `StableDiffusionImg2ImgPipeline`), inpainting with one (`StableDiffusionInpaintPipeline`).
+#[derive(Debug, Clone)]
+pub struct InitImage {
+    /// One image for all prompts, or one per prompt. They are resized (Lanczos, as Pillow) to
+    /// the run's size, which defaults to the first image's, rounded down to a multiple of 8.
+    pub images: Vec<image::RgbImage>,
+    /// Inpainting: the pixels to repaint are white (binarised at half), the others are kept. Its
+    /// size must be that of the first image. Make a luma mask from RGB with
+    /// [`to_luma`](super::to_luma), Pillow's conversion, as diffusers does.
+    pub mask: Option<image::GrayImage>,
+    /// How much of the schedule to run, in (0, 1]: the run starts `strength` of the way from
+    /// the end of the schedule, from the image's latents noised to that level (1 starts from
+    /// pure noise when inpainting).
+    pub strength: f64,
+}
+
+impl InitImage {
+    /// Image-to-image from one image, with diffusers' default strength 0.8.
+    pub fn new(image: image::RgbImage) -> Self {
+        Self { images: vec![image], mask: None, strength: 0.8 }
+    }
+
+    /// Inpainting of the white region of `mask`, with diffusers' default strength 1.0.
+    pub fn with_mask(image: image::RgbImage, mask: image::GrayImage) -> Self {
+        Self { images: vec![image], mask: Some(mask), strength: 1.0 }
+    }
+}
+
+/// The inputs of one run; defaults match diffusers' `__call__`. With an
+/// [`init_image`](Self::init_image) the run is image-to-image or inpainting.
 #[derive(Debug, Clone)]
 pub struct GenerateParams {
     /// The prompts; empty when `prompt_embeds` are given instead.
@@ -29,7 +59,8 @@ pub struct GenerateParams {
     /// diffusers' `negative_prompt_embeds`, shaped as the prompt embeddings: used with guidance
     /// instead of encoding the negative prompts (which must then be `None`).
     pub negative_prompt_embeds: Option<Tensor>,
-    /// Defaults to the UNet's `sample_size` times the VAE scale factor.
+    /// Defaults to the UNet's `sample_size` times the VAE scale factor, or with an init image to
+    /// its size rounded down to a multiple of 8.
     pub height: Option<usize>,
     pub width: Option<usize>,
     pub num_inference_steps: usize,
@@ -55,6 +86,8 @@ pub struct GenerateParams {
     /// from the seeds, and scaled by the scheduler's `init_noise_sigma` as diffusers does. The
     /// seeds still drive the noise of stochastic schedulers' steps.
     pub latents: Option<Tensor>,
+    /// The image (and mask) to start from; `None` is text-to-image.
+    pub init_image: Option<InitImage>,
 }
 
 impl GenerateParams {
@@ -76,6 +109,7 @@ impl GenerateParams {
             scheduler_config: None,
             output: OutputType::Image,
             latents: None,
+            init_image: None,
         }
     }
 }

@@ -1,6 +1,7 @@
-//! The text-to-image run, step by step as diffusers' `StableDiffusionPipeline.__call__`.
+//! The text-to-image run, step by step as diffusers' `StableDiffusionPipeline.__call__`, and
+//! the steps the edit pipelines share with it.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use candle_core::{DType, Tensor};
 
@@ -18,8 +19,23 @@ impl StableDiffusionPipeline {
         self.generate_with(params, RunHooks::default())
     }
 
-    /// A text-to-image run with per-run hooks (progress, replacing the latents, cancelling).
+    /// A run with per-run hooks (progress, replacing the latents, cancelling): text-to-image, or
+    /// with [`GenerateParams::init_image`] image-to-image (`img2img.rs`) or inpainting when it
+    /// has a mask (`inpaint.rs`).
     pub fn generate_with(
+        &self,
+        params: &GenerateParams,
+        hooks: RunHooks<'_>,
+    ) -> Result<GenerateOutput> {
+        match &params.init_image {
+            None => self.text_to_image(params, hooks),
+            Some(init) if init.mask.is_some() => self.inpaint(params, init, hooks),
+            Some(init) => self.image_to_image(params, init, hooks),
+        }
+    }
+
+    /// diffusers' `StableDiffusionPipeline.__call__`.
+    fn text_to_image(
         &self,
         params: &GenerateParams,
         mut hooks: RunHooks<'_>,
@@ -48,25 +64,37 @@ impl StableDiffusionPipeline {
         )?;
 
         // 5. Denoising loop
-        let run =
-            DenoiseLoop { context: &context, guidance, timesteps: &timesteps, after_step: None };
+        let run = DenoiseLoop::new(&context, guidance, &timesteps);
         let latents =
             self.denoise(scheduler.as_mut(), &mut generators, latents, run, &mut hooks)?;
         let denoise = started.elapsed();
 
         // 6. Decode and postprocess
+        self.finish_run(params.output, latents, plan.seeds, text_encoder, denoise)
+    }
+
+    /// The last step of every run: decodes and postprocesses the latents unless only they are
+    /// asked for.
+    pub(super) fn finish_run(
+        &self,
+        output: OutputType,
+        latents: Tensor,
+        seeds: Vec<u64>,
+        text_encoder: Duration,
+        denoise: Duration,
+    ) -> Result<GenerateOutput> {
         let started = Instant::now();
-        let images = match params.output {
+        let images = match output {
             OutputType::Latent => vec![],
             OutputType::Image => self.decode_to_images(&latents)?,
         };
         let timings = StageTimings { text_encoder, denoise, vae_decode: started.elapsed() };
-        Ok(GenerateOutput { images, latents, seeds: plan.seeds, timings })
+        Ok(GenerateOutput { images, latents, seeds, timings })
     }
 
     /// The run's scheduler with its timesteps set (diffusers' `retrieve_timesteps`) and its step
     /// options (diffusers' `prepare_extra_step_kwargs`: `eta`).
-    fn prepare_scheduler(&self, params: &GenerateParams) -> Result<Box<dyn Scheduler>> {
+    pub(super) fn prepare_scheduler(&self, params: &GenerateParams) -> Result<Box<dyn Scheduler>> {
         let mut scheduler =
             self.scheduler(params.scheduler.as_deref(), params.scheduler_config.as_ref())?;
         scheduler.set_timesteps(params.num_inference_steps)?;
@@ -79,7 +107,7 @@ impl StableDiffusionPipeline {
     /// diffusers' `encode_prompt` and the guidance batch after it: the UNet's text context,
     /// `[uncond..., cond...]` with guidance, each prompt repeated per image (prompt-major).
     /// Given embeddings are used as they are; prompts are encoded by [`Self::encode_prompts`].
-    fn encode_prompt(
+    pub(super) fn encode_prompt(
         &self,
         params: &GenerateParams,
         plan: &RunPlan,

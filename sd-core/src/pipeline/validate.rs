@@ -2,7 +2,8 @@
 //! and the sizes the later steps need are worked out once.
 
 use super::denoise::Guidance;
-use super::params::{random_seed, GenerateParams};
+use super::params::{random_seed, GenerateParams, InitImage};
+use super::preprocess::default_size;
 use super::StableDiffusionPipeline;
 use crate::{Error, Result};
 
@@ -11,6 +12,8 @@ pub(super) struct RunPlan {
     /// Prompts (or rows of prompt embeddings); `batch` is this times the images per prompt.
     pub prompts: usize,
     pub batch: usize,
+    /// The image size in pixels, `(height, width)`.
+    pub size: (usize, usize),
     pub latents_shape: [usize; 4],
     pub seeds: Vec<u64>,
 }
@@ -18,8 +21,14 @@ pub(super) struct RunPlan {
 impl StableDiffusionPipeline {
     pub(super) fn check_inputs(&self, p: &GenerateParams) -> Result<RunPlan> {
         let scale = self.vae_scale_factor();
-        let height = p.height.unwrap_or_else(|| self.default_size());
-        let width = p.width.unwrap_or_else(|| self.default_size());
+        // An edit run's size defaults to its (first) image's.
+        let image_size = p
+            .init_image
+            .as_ref()
+            .and_then(|init| init.images.first())
+            .map(|image| default_size(image.width(), image.height(), scale));
+        let height = p.height.or(image_size.map(|s| s.0)).unwrap_or_else(|| self.default_size());
+        let width = p.width.or(image_size.map(|s| s.1)).unwrap_or_else(|| self.default_size());
         for (name, v) in [("height", height), ("width", width)] {
             if v == 0 || v % scale != 0 {
                 return Err(Error::invalid(format!(
@@ -55,7 +64,14 @@ impl StableDiffusionPipeline {
             return Err(Error::invalid(format!("eta must be between 0 and 1, got {}", p.eta)));
         }
         let batch = prompts * p.num_images_per_prompt;
-        let latents_shape = [batch, self.unet.config().in_channels, height / scale, width / scale];
+        let channels = match &p.init_image {
+            Some(init) => self.check_init_image(init, prompts, p.num_inference_steps)?,
+            None => self.check_unet_without_mask()?,
+        };
+        if p.init_image.is_some() && p.latents.is_some() {
+            return Err(Error::invalid("latents cannot be given with an init image"));
+        }
+        let latents_shape = [batch, channels, height / scale, width / scale];
         if let Some(given) = &p.latents {
             if given.dims() != latents_shape {
                 return Err(Error::invalid(format!(
@@ -74,7 +90,69 @@ impl StableDiffusionPipeline {
                 )))
             }
         };
-        Ok(RunPlan { prompts, batch, latents_shape, seeds })
+        Ok(RunPlan { prompts, batch, size: (height, width), latents_shape, seeds })
+    }
+
+    /// Checks the image, mask and strength of an edit run against the prompts and the UNet, and
+    /// returns the number of latent channels.
+    fn check_init_image(&self, init: &InitImage, prompts: usize, steps: usize) -> Result<usize> {
+        if init.mask.is_none() {
+            self.check_unet_without_mask()?;
+        }
+        let n = init.images.len();
+        if n != 1 && n != prompts {
+            return Err(Error::invalid(format!(
+                "{n} init images for {prompts} prompts; give one, or one per prompt"
+            )));
+        }
+        if !(init.strength > 0.0 && init.strength <= 1.0) {
+            return Err(Error::invalid(format!(
+                "strength must be in (0, 1], got {}",
+                init.strength
+            )));
+        }
+        // diffusers' `get_timesteps` runs `int(steps * strength)` of the steps.
+        if (steps as f64 * init.strength) < 1.0 {
+            return Err(Error::invalid(format!(
+                "strength {} of {steps} steps leaves no step to run; raise either",
+                init.strength
+            )));
+        }
+        let latent = self.vae.config().latent_channels;
+        let Some(mask) = &init.mask else {
+            return Ok(latent);
+        };
+        let image = &init.images[0];
+        if mask.dimensions() != image.dimensions() {
+            return Err(Error::invalid(format!(
+                "the mask is {}x{} but the image is {}x{}; they must have the same size",
+                mask.width(),
+                mask.height(),
+                image.width(),
+                image.height()
+            )));
+        }
+        // The legacy UNet takes the latents; the inpainting one also the mask and the masked
+        // image's latents.
+        match self.unet.config().in_channels {
+            c if c == latent || c == 2 * latent + 1 => Ok(latent),
+            c => Err(Error::invalid(format!(
+                "inpainting needs a UNet with {latent} or {} input channels, this one has {c}",
+                2 * latent + 1
+            ))),
+        }
+    }
+
+    /// A UNet that takes more than the latents (an inpainting UNet) needs an image and a mask.
+    fn check_unet_without_mask(&self) -> Result<usize> {
+        let unet = self.unet.config().in_channels;
+        let latent = self.vae.config().latent_channels;
+        if unet != latent {
+            return Err(Error::invalid(format!(
+                "this UNet takes {unet} input channels (an inpainting model): give an init image and a mask"
+            )));
+        }
+        Ok(unet)
     }
 
     /// Checks the prompts or prompt embeddings (and their negatives) and returns how many

@@ -27,6 +27,13 @@ pub fn pipelines() -> PathBuf {
     fixtures().join("pipelines")
 }
 
+/// diffusers' image-to-image and inpainting runs (`scripts/fixtures/gen_edit_pipelines.py`): the
+/// init image and mask, the 9-channel inpainting model, and a `.json`, `.safetensors` and PNGs
+/// per case.
+pub fn edit_fixtures() -> PathBuf {
+    fixtures().join("edit")
+}
+
 /// torch's random numbers and diffusers' scheduler schedules and steps.
 pub fn scheduler_fixtures() -> PathBuf {
     fixtures().join("schedulers")
