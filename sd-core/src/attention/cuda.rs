@@ -114,6 +114,27 @@ impl KernelSpec {
     }
 }
 
+/// The kernels read rows with 16-byte copies: the last dimension contiguous, every other
+/// stride and the start offset multiples of 8 elements ([`is_kernel_layout`]). Anything else is
+/// copied into a fresh tensor first (offset 0, contiguous): `Tensor::copy` would keep the
+/// layout, offset included, and `contiguous` returns a contiguous view as it is.
+pub fn kernel_layout(t: &candle_core::Tensor) -> candle_core::Result<candle_core::Tensor> {
+    if is_kernel_layout(t.layout()) {
+        Ok(t.clone())
+    } else {
+        t.force_contiguous()
+    }
+}
+
+/// Whether the kernels can read a `[batch, heads, seq, head_dim]` tensor of this layout as it is.
+pub fn is_kernel_layout(layout: &candle_core::Layout) -> bool {
+    let stride = layout.stride();
+    stride.len() == 4
+        && stride[3] == 1
+        && stride[..3].iter().all(|s| s % 8 == 0)
+        && layout.start_offset() % 8 == 0
+}
+
 #[cfg(feature = "cuda")]
 pub use imp::*;
 
@@ -136,7 +157,7 @@ mod imp {
         bail, CpuStorage, CudaDevice, CudaStorage, DType, Device, Layout, Result, Shape, Tensor,
     };
 
-    use super::{HalfType, KernelSpec, SOURCE};
+    use super::{kernel_layout, HalfType, KernelSpec, SOURCE};
     use crate::attention::AttentionOptions;
 
     static ENABLED: AtomicBool = AtomicBool::new(true);
@@ -391,23 +412,6 @@ mod imp {
         q.apply_op3_no_bwd(&k, &v, &FlashAttnOp { scale: opts.scale as f32, causal: opts.causal })
     }
 
-    /// The kernels read rows with 16-byte copies: the last dimension contiguous, every other
-    /// stride and the start offset multiples of 8 elements. Anything else is copied first.
-    fn kernel_layout(t: &Tensor) -> Result<Tensor> {
-        let layout = t.layout();
-        let stride = layout.stride();
-        let aligned = stride[3] == 1
-            && stride[..3].iter().all(|s| s % 8 == 0)
-            && layout.start_offset() % 8 == 0;
-        if aligned {
-            Ok(t.clone())
-        } else if t.is_contiguous() {
-            t.copy() // contiguous but at an unaligned offset
-        } else {
-            t.contiguous()
-        }
-    }
-
     struct FlashAttnOp {
         scale: f32,
         causal: bool,
@@ -473,8 +477,8 @@ mod imp {
                 bail!("sd-flash-attention: head_dim {d} has no kernel")
             };
             for (name, l) in [("q", ql), ("k", kl), ("v", vl)] {
-                let s = l.stride();
-                if s[3] != 1 || s[..3].iter().any(|x| x % 8 != 0) || l.start_offset() % 8 != 0 {
+                if !super::is_kernel_layout(l) {
+                    let s = l.stride();
                     bail!("sd-flash-attention: {name} has strides {s:?} at offset {}; need unit last stride and multiples of 8", l.start_offset())
                 }
             }
@@ -552,6 +556,38 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// Views the kernels cannot read as they are become fresh, aligned tensors with the same
+    /// values; aligned views are passed through. On the CPU: the function is device-agnostic.
+    #[test]
+    fn kernel_layout_realigns_offsets_and_strides() -> candle_core::Result<()> {
+        use candle_core::{Device, Tensor};
+        let arange = |n: usize| Tensor::arange(0f32, n as f32, &Device::Cpu);
+        let base = arange(2 * 3 * 5 * 16)?.reshape((2, 3, 5, 16))?;
+        // Contiguous views of a longer buffer, starting 3 rows in (offset 48) or 1 element in.
+        let view_at =
+            |offset| arange(2000)?.narrow(0, offset, 2 * 3 * 4 * 16)?.reshape((2, 3, 4, 16));
+        let (row_offset, odd_offset) = (view_at(48)?, view_at(1)?);
+        // Head dim 16 out of rows of 20: a sequence stride that is not a multiple of 8.
+        let odd_stride = arange(2 * 3 * 5 * 20)?.reshape((2, 3, 5, 20))?.narrow(3, 0, 16)?;
+        let cases = [
+            ("contiguous", &base, true),
+            ("aligned offset", &row_offset, true),
+            ("heads and seq swapped", &base.transpose(1, 2)?, true),
+            ("unaligned offset", &odd_offset, false),
+            ("unaligned stride", &odd_stride, false),
+        ];
+        assert!(odd_offset.is_contiguous() && odd_offset.layout().start_offset() == 1);
+        for (name, t, as_it_is) in cases {
+            assert_eq!(is_kernel_layout(t.layout()), as_it_is, "{name}");
+            let k = kernel_layout(t)?;
+            assert!(is_kernel_layout(k.layout()), "{name}: {:?}", k.layout());
+            assert_eq!(k.dims(), t.dims(), "{name}");
+            let values = |t: &Tensor| t.flatten_all()?.to_vec1::<f32>();
+            assert_eq!(values(&k)?, values(t)?, "{name}");
+        }
+        Ok(())
     }
 
     #[test]
