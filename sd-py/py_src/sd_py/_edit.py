@@ -20,6 +20,33 @@ _NativeImage = Tuple[int, int, bytes]
 # The UNet input channels of diffusers' inpainting models: latents, mask, masked-image latents.
 _INPAINT_UNET_CHANNELS = 9
 
+# diffusers' `__call__` arguments that the edit pipelines hand to the shared run unchanged.
+_FORWARDED = (
+    "prompt",
+    "num_inference_steps",
+    "guidance_scale",
+    "negative_prompt",
+    "num_images_per_prompt",
+    "eta",
+    "generator",
+    "prompt_embeds",
+    "negative_prompt_embeds",
+    "output_type",
+    "return_dict",
+    "callback_on_step_end",
+    "callback_on_step_end_tensor_inputs",
+)
+# diffusers' `__call__` arguments that every sd_py pipeline refuses (as the text-to-image one).
+_REFUSED = ("timesteps", "sigmas", "ip_adapter_image", "ip_adapter_image_embeds", "cross_attention_kwargs", "clip_skip")
+
+
+def _split_call_args(args: Dict[str, Any], refused: Sequence[str]) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """A `__call__`'s arguments (its `locals()`) as the shared run's keyword arguments and the
+    refused ones (an empty `cross_attention_kwargs` counts as not given)."""
+    unsupported = {name: args[name] for name in refused}
+    unsupported["cross_attention_kwargs"] = unsupported["cross_attention_kwargs"] or None
+    return {name: args[name] for name in _FORWARDED}, unsupported
+
 
 def _to_pil(what: str, value: Any, mode: str) -> Any:
     """A PIL image, or a numpy array (HWC or HW; uint8, or float in [0, 1] as diffusers'
@@ -112,37 +139,9 @@ class StableDiffusionImg2ImgPipeline(StableDiffusionPipeline):
         `sigmas`, IP-adapter inputs, `cross_attention_kwargs` and `clip_skip` are not supported
         (ValueError), other unknown keyword arguments are ignored with a warning.
         """
-        unsupported = {
-            "timesteps": timesteps,
-            "sigmas": sigmas,
-            "ip_adapter_image": ip_adapter_image,
-            "ip_adapter_image_embeds": ip_adapter_image_embeds,
-            "cross_attention_kwargs": cross_attention_kwargs or None,
-            "clip_skip": clip_skip,
-        }
+        forwarded, unsupported = _split_call_args(locals(), _REFUSED)
         edit = {"init_images": _init_images(image), "strength": _number("strength", strength)}
-        return self._generate(
-            unsupported,
-            kwargs,
-            prompt=prompt,
-            height=None,
-            width=None,
-            num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale,
-            negative_prompt=negative_prompt,
-            num_images_per_prompt=num_images_per_prompt,
-            eta=eta,
-            generator=generator,
-            latents=None,
-            prompt_embeds=prompt_embeds,
-            negative_prompt_embeds=negative_prompt_embeds,
-            output_type=output_type,
-            return_dict=return_dict,
-            guidance_rescale=0.0,
-            callback_on_step_end=callback_on_step_end,
-            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
-            edit=edit,
-        )
+        return self._generate(unsupported, kwargs, height=None, width=None, latents=None, guidance_rescale=0.0, edit=edit, **forwarded)
 
 
 class StableDiffusionInpaintPipeline(StableDiffusionPipeline):
@@ -198,17 +197,8 @@ class StableDiffusionInpaintPipeline(StableDiffusionPipeline):
         IP-adapter inputs, `cross_attention_kwargs` and `clip_skip` are not supported
         (ValueError); other unknown keyword arguments are ignored with a warning.
         """
-        unsupported = {
-            "masked_image_latents": masked_image_latents,
-            "padding_mask_crop": padding_mask_crop,
-            "latents": latents,
-            "timesteps": timesteps,
-            "sigmas": sigmas,
-            "ip_adapter_image": ip_adapter_image,
-            "ip_adapter_image_embeds": ip_adapter_image_embeds,
-            "cross_attention_kwargs": cross_attention_kwargs or None,
-            "clip_skip": clip_skip,
-        }
+        refused = ("masked_image_latents", "padding_mask_crop", "latents") + _REFUSED
+        forwarded, unsupported = _split_call_args(locals(), refused)
         if mask_image is None:
             raise ValueError("`mask_image` input cannot be undefined.")
         edit = {
@@ -216,28 +206,10 @@ class StableDiffusionInpaintPipeline(StableDiffusionPipeline):
             "mask": _native_image("mask_image", mask_image, "L"),
             "strength": _number("strength", strength),
         }
-        return self._generate(
-            unsupported,
-            kwargs,
-            prompt=prompt,
-            height=self.default_sample_size if height is None else height,
-            width=self.default_sample_size if width is None else width,
-            num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale,
-            negative_prompt=negative_prompt,
-            num_images_per_prompt=num_images_per_prompt,
-            eta=eta,
-            generator=generator,
-            latents=None,
-            prompt_embeds=prompt_embeds,
-            negative_prompt_embeds=negative_prompt_embeds,
-            output_type=output_type,
-            return_dict=return_dict,
-            guidance_rescale=0.0,
-            callback_on_step_end=callback_on_step_end,
-            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
-            edit=edit,
-        )
+        # diffusers' default size is the model's, to which image and mask are resized.
+        height = self.default_sample_size if height is None else height
+        width = self.default_sample_size if width is None else width
+        return self._generate(unsupported, kwargs, height=height, width=width, latents=None, guidance_rescale=0.0, edit=edit, **forwarded)
 
 
 class _AutoPipeline:
