@@ -10,8 +10,8 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyTuple};
 use sd_core::hub::variant_for;
 use sd_core::pipeline::{
-    GenerateParams, LoadOptions, OutputType, RunHooks, StableDiffusionPipeline, StepControl,
-    StepProgress,
+    GenerateParams, InitImage, LoadOptions, OutputType, RunHooks, StableDiffusionPipeline,
+    StepControl, StepProgress,
 };
 use sd_core::schedulers::SchedulerConfig;
 
@@ -263,6 +263,12 @@ impl PyPipeline {
         self.inner.scheduler_config.to_json_string()
     }
 
+    /// The UNet's input channels: 4 for text-to-image models, 9 for inpainting ones.
+    #[getter]
+    fn unet_in_channels(&self) -> usize {
+        self.inner.unet.config().in_channels
+    }
+
     /// The tokenizer's maximum sequence length (77 for CLIP).
     #[getter]
     fn max_prompt_tokens(&self) -> usize {
@@ -286,8 +292,11 @@ impl PyPipeline {
     /// exception stops the run and is re-raised. `latents`: `(float32 bytes, shape)` of the
     /// initial noise, instead of drawing it from the seeds. `prompt_embeds`,
     /// `negative_prompt_embeds`: `(float32 bytes, shape)` of text embeddings, instead of encoding
-    /// the prompts (then empty) or the negative prompts.
-    #[pyo3(signature = (prompts, negative_prompts=None, height=None, width=None, num_inference_steps=50, guidance_scale=7.5, num_images_per_prompt=1, seeds=Vec::new(), scheduler=None, scheduler_config=None, output="pil", on_step=None, guidance_rescale=0.0, eta=0.0, step_latents=false, latents=None, prompt_embeds=None, negative_prompt_embeds=None))]
+    /// the prompts (then empty) or the negative prompts. `init_images`: `(width, height, RGB
+    /// bytes)` of one image (or one per prompt) to start from (image-to-image), with `mask`
+    /// `(width, height, luma bytes)`, white = repaint, for inpainting; `strength` in (0, 1]
+    /// (default 0.8 without a mask, 1.0 with one, as diffusers).
+    #[pyo3(signature = (prompts, negative_prompts=None, height=None, width=None, num_inference_steps=50, guidance_scale=7.5, num_images_per_prompt=1, seeds=Vec::new(), scheduler=None, scheduler_config=None, output="pil", on_step=None, guidance_rescale=0.0, eta=0.0, step_latents=false, latents=None, prompt_embeds=None, negative_prompt_embeds=None, init_images=None, mask=None, strength=None))]
     #[allow(clippy::too_many_arguments)]
     fn generate<'py>(
         &self,
@@ -310,6 +319,9 @@ impl PyPipeline {
         latents: Option<(Bound<'py, PyBytes>, Vec<usize>)>,
         prompt_embeds: Option<(Bound<'py, PyBytes>, Vec<usize>)>,
         negative_prompt_embeds: Option<(Bound<'py, PyBytes>, Vec<usize>)>,
+        init_images: Option<Vec<(u32, u32, Bound<'py, PyBytes>)>>,
+        mask: Option<(u32, u32, Bound<'py, PyBytes>)>,
+        strength: Option<f64>,
     ) -> PyResult<GenerateResult> {
         let output = match output {
             "pil" => Output::Pil,
@@ -348,7 +360,7 @@ impl PyPipeline {
             scheduler_config,
             output: if output == Output::Pil { OutputType::Image } else { OutputType::Latent },
             latents: tensor(latents)?,
-            init_image: None,
+            init_image: init_image(init_images, mask, strength)?,
         };
 
         let pipe = Arc::clone(&self.inner);
@@ -402,6 +414,42 @@ impl PyPipeline {
             dtype_name(self.inner.dtype())
         )
     }
+}
+
+/// An image from `(width, height, bytes)`, checking the byte count.
+fn image_from_bytes<P: image::Pixel<Subpixel = u8>>(
+    what: &str,
+    (width, height, data): (u32, u32, Bound<'_, PyBytes>),
+) -> PyResult<image::ImageBuffer<P, Vec<u8>>> {
+    let bytes = data.as_bytes().to_vec();
+    let len = bytes.len();
+    image::ImageBuffer::from_raw(width, height, bytes).ok_or_else(|| {
+        PyValueError::new_err(format!(
+            "{what}: {len} bytes do not hold a {width}x{height} image of {} channel(s)",
+            P::CHANNEL_COUNT
+        ))
+    })
+}
+
+/// The `InitImage` of `generate`'s edit arguments (`None`: text-to-image).
+fn init_image(
+    images: Option<Vec<(u32, u32, Bound<'_, PyBytes>)>>,
+    mask: Option<(u32, u32, Bound<'_, PyBytes>)>,
+    strength: Option<f64>,
+) -> PyResult<Option<InitImage>> {
+    let Some(images) = images else {
+        if mask.is_some() || strength.is_some() {
+            return Err(PyValueError::new_err("mask and strength need init_images"));
+        }
+        return Ok(None);
+    };
+    let images = images
+        .into_iter()
+        .map(|img| image_from_bytes::<image::Rgb<u8>>("init image", img))
+        .collect::<PyResult<Vec<_>>>()?;
+    let mask = mask.map(|m| image_from_bytes::<image::Luma<u8>>("mask", m)).transpose()?;
+    let default_strength = if mask.is_some() { 1.0 } else { 0.8 };
+    Ok(Some(InitImage { images, mask, strength: strength.unwrap_or(default_strength) }))
 }
 
 /// sd-core's CPU setup (rayon pool, allocator settings) before a CPU pipeline is loaded.

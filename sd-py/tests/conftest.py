@@ -4,6 +4,7 @@ import json
 import os
 import socket
 import struct
+import subprocess
 import sys
 from pathlib import Path
 
@@ -45,6 +46,20 @@ def read_safetensors(path: Path) -> dict:
         a, b = info["data_offsets"]
         out[name] = np.frombuffer(body[a:b], dtype=dtypes[info["dtype"]]).reshape(info["shape"])
     return out
+
+
+def sd_cli_binary() -> Path:
+    """The sd-cli binary `cargo test --workspace` built (built here if it is missing or older than
+    the sources, so that it runs the same sd-core as the wheel)."""
+    if os.environ.get("SD_CLI"):
+        return Path(os.environ["SD_CLI"])
+    target = Path(os.environ.get("CARGO_TARGET_DIR") or REPO / "target")
+    binary = target / "debug" / "sd-cli"
+    sources = [p for d in ("sd-core/src", "sd-cli/src") for p in (REPO / d).rglob("*") if p.is_file()]
+    newest = max((p.stat().st_mtime for p in sources), default=0.0)
+    if not binary.exists() or binary.stat().st_mtime < newest:
+        subprocess.run(["cargo", "build", "-p", "sd-cli"], cwd=REPO, check=True)
+    return binary
 
 
 def pixels(image) -> np.ndarray:

@@ -2,7 +2,6 @@
 
 import os
 import subprocess
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,7 +9,7 @@ from PIL import Image
 
 import sd_py
 from sd_py import StableDiffusionPipeline
-from conftest import PIPELINES, REPO, load_case, pixels, read_safetensors
+from conftest import PIPELINES, load_case, pixels, read_safetensors, sd_cli_binary
 
 CASES = sorted(p.stem for p in PIPELINES.glob("*.json"))
 
@@ -115,27 +114,13 @@ def test_given_prompt_embeds_give_diffusers_image(negative):
     assert diff.mean() <= 0.5 and diff.max() <= 4, (diff.mean(), diff.max())
 
 
-def _sd_cli() -> Path:
-    """The sd-cli binary `cargo test --workspace` built (built here if it is missing or older than
-    the sources, so that it runs the same sd-core as the wheel)."""
-    if os.environ.get("SD_CLI"):
-        return Path(os.environ["SD_CLI"])
-    target = Path(os.environ.get("CARGO_TARGET_DIR") or REPO / "target")
-    binary = target / "debug" / "sd-cli"
-    sources = [p for d in ("sd-core/src", "sd-cli/src") for p in (REPO / d).rglob("*") if p.is_file()]
-    newest = max((p.stat().st_mtime for p in sources), default=0.0)
-    if not binary.exists() or binary.stat().st_mtime < newest:
-        subprocess.run(["cargo", "build", "-p", "sd-cli"], cwd=REPO, check=True)
-    return binary
-
-
 @pytest.mark.parametrize("name, scheduler", [("sd2_euler", "EulerDiscreteScheduler"), ("sd1_ddim", "DDIMScheduler"), ("sd2_ddim", None)])
 def test_same_pixels_as_sd_cli(tmp_path, name, scheduler):
     case = load_case(name)
     model = str(PIPELINES / case["model"])
     out = tmp_path / "cli.png"
     args = [
-        str(_sd_cli()),
+        str(sd_cli_binary()),
         "generate",
         "--prompt",
         case["prompt"],

@@ -227,3 +227,67 @@ def test_serve_batches_compatible_requests(sd_serve):
         alone = pipe(prompt, height=64, width=64, num_inference_steps=3, generator=seed).images[0]
         diff = np.abs(pixels(image) - pixels(alone))
         assert diff.max() <= 1, (prompt, diff.max())
+
+
+EDIT = SD2.parents[1] / "edit"
+
+
+def _upload(path_or_bytes, name="image.png"):
+    data = path_or_bytes if isinstance(path_or_bytes, bytes) else path_or_bytes.read_bytes()
+    return (name, data, "application/octet-stream")
+
+
+def _png_of_size(size) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_serve_img2img_and_inpaint_give_the_pipeline_images(sd_serve, sd2_path):
+    """POST /img2img and /inpaint with a seed give exactly sd_py's images for the same arguments
+    (the model's scheduler; the fixture image's size rounded down to 8), through pipelines that
+    share the served model's weights."""
+    from sd_py import StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline
+
+    fields = {"prompt": "a red cube on a table", "seed": "3", "steps": "4", "negative_prompt": "blurry"}
+    files = {"image": _upload(EDIT / "init.png")}
+    r = requests.post(f"{sd_serve}/img2img", data={**fields, "strength": "0.6"}, files=files, timeout=180)
+    served_img2img = _png(r)
+    assert r.headers["x-seed"] == "3"
+    files["mask"] = _upload(EDIT / "mask.png", "mask.png")
+    served_inpaint = _png(requests.post(f"{sd_serve}/inpaint", data=fields, files=files, timeout=180))
+
+    init, mask = Image.open(EDIT / "init.png"), Image.open(EDIT / "mask.png")
+    img2img = StableDiffusionImg2ImgPipeline.from_pretrained(sd2_path)
+    args = {"negative_prompt": "blurry", "num_inference_steps": 4, "generator": 3}
+    direct = img2img("a red cube on a table", image=init, strength=0.6, **args).images[0]
+    assert served_img2img.size == direct.size == (72, 56)
+    assert np.array_equal(pixels(served_img2img), pixels(direct))
+    inpaint = StableDiffusionInpaintPipeline.from_pipe(img2img)
+    direct = inpaint("a red cube on a table", image=init, mask_image=mask, height=56, width=72, **args).images[0]
+    assert np.array_equal(pixels(served_inpaint), pixels(direct))
+
+
+@pytest.mark.parametrize(
+    "route, files, data, status, message",
+    [
+        ("img2img", {}, {"prompt": "cat"}, 422, "image file is required"),
+        ("img2img", {"image": _upload(b"not an image")}, {"prompt": "cat"}, 422, "not an image"),
+        ("img2img", {"image": _upload(EDIT / "init.png")}, {"prompt": ""}, 422, "prompt"),
+        ("img2img", {"image": _upload(EDIT / "init.png")}, {"prompt": "cat", "strength": "0"}, 422, "strength"),
+        ("img2img", {"image": _upload(EDIT / "init.png")}, {"prompt": "cat", "strength": "0.1", "steps": "2"}, 422, "no step"),
+        ("inpaint", {"image": _upload(EDIT / "init.png")}, {"prompt": "cat"}, 422, "mask file is required"),
+        ("inpaint", {"image": _upload(EDIT / "init.png"), "mask": _upload(_png_of_size((40, 40)))}, {"prompt": "cat"}, 422, "same size"),
+        ("img2img", {"image": _upload(_png_of_size((4096, 4096)))}, {"prompt": "cat"}, 413, "pixels"),
+        ("inpaint", {"image": _upload(EDIT / "init.png"), "mask": _upload(b"\0" * (8 * 1024 * 1024 + 1))}, {"prompt": "cat"}, 413, "bytes"),
+    ],
+)
+def test_serve_edit_rejects_bad_input(sd_serve, route, files, data, status, message):
+    r = requests.post(f"{sd_serve}/{route}", data=data, files=files or None, timeout=60)
+    assert r.status_code == status, (r.status_code, r.text[:300])
+    assert message in r.json()["detail"]
+
+
+def test_serve_edit_rejects_a_body_that_is_not_a_form(sd_serve):
+    r = requests.post(f"{sd_serve}/img2img", json={"prompt": "cat"}, timeout=60)
+    assert r.status_code == 422 and "image file is required" in r.json()["detail"]

@@ -53,6 +53,10 @@ except ImportError:  # pragma: no cover
 _LAZY = {
     "StableDiffusionPipeline": "._pipeline",
     "StableDiffusionPipelineOutput": "._pipeline",
+    "StableDiffusionImg2ImgPipeline": "._edit",
+    "StableDiffusionInpaintPipeline": "._edit",
+    "AutoPipelineForImage2Image": "._edit",
+    "AutoPipelineForInpainting": "._edit",
     "SchedulerMixin": "._schedulers",
     "FrozenDict": "._schedulers",
     "scheduler_classes": "._schedulers",

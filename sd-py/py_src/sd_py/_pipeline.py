@@ -246,10 +246,11 @@ class StableDiffusionPipeline:
     _scheduler: SchedulerMixin
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        raise TypeError("use StableDiffusionPipeline.from_pretrained(model_id_or_path, ...)")
+        raise TypeError(f"use {type(self).__name__}.from_pretrained(model_id_or_path, ...)")
 
     @classmethod
     def _from_native(cls, native: Any, scheduler: Optional[SchedulerMixin], name_or_path: str) -> "StableDiffusionPipeline":
+        cls._check_unet(native)
         self = cls.__new__(cls)
         self._native = native
         self._name_or_path = name_or_path
@@ -259,6 +260,11 @@ class StableDiffusionPipeline:
             scheduler = self._default_scheduler()
         self.scheduler = scheduler
         return self
+
+    @classmethod
+    def _check_unet(cls, native: Any) -> None:
+        """Refuses a model whose UNet this class cannot run (text-to-image leaves that to sd-core,
+        which refuses an inpainting UNet when called without image and mask)."""
 
     def _default_scheduler(self) -> SchedulerMixin:
         cls = scheduler_class(self._native.scheduler_class)
@@ -316,6 +322,18 @@ class StableDiffusionPipeline:
             token=token if isinstance(token, str) else None,
         )
         return cls._from_native(native, scheduler, name)
+
+    @classmethod
+    def from_pipe(cls, pipeline: "StableDiffusionPipeline", **kwargs: Any) -> Any:
+        """diffusers' `from_pipe`: a pipeline of this class over the loaded weights of `pipeline`
+        (any sd_py pipeline class; nothing is loaded again or copied), with its scheduler unless
+        `scheduler=` is given. Other keyword arguments are ignored with a warning."""
+        if not isinstance(pipeline, StableDiffusionPipeline):
+            raise ValueError(f"`pipeline` must be an sd_py pipeline, got {type(pipeline).__name__}")
+        scheduler = kwargs.pop("scheduler", None)
+        if kwargs:
+            warnings.warn(f"{cls.__name__}.from_pipe: ignoring unsupported argument(s) {', '.join(sorted(kwargs))}", stacklevel=2)
+        return cls._from_native(pipeline._native, scheduler or pipeline.scheduler, pipeline._name_or_path)
 
     # ---- placement ----
 
@@ -426,7 +444,7 @@ class StableDiffusionPipeline:
 
     def __repr__(self) -> str:
         return (
-            f"StableDiffusionPipeline(name_or_path={self._name_or_path!r}, device={self._native.device!r}, "
+            f"{type(self).__name__}(name_or_path={self._name_or_path!r}, device={self._native.device!r}, "
             f"dtype={self._native.dtype!r}, scheduler={type(self._scheduler).__name__})"
         )
 
@@ -492,7 +510,6 @@ class StableDiffusionPipeline:
         inputs, `cross_attention_kwargs` and `clip_skip` are not supported
         (ValueError); other unknown keyword arguments are ignored with a warning.
         """
-        self._interrupt = False
         unsupported = {
             "timesteps": timesteps,
             "sigmas": sigmas,
@@ -501,11 +518,64 @@ class StableDiffusionPipeline:
             "cross_attention_kwargs": cross_attention_kwargs or None,
             "clip_skip": clip_skip,
         }
+        return self._generate(
+            unsupported,
+            kwargs,
+            prompt=prompt,
+            height=height,
+            width=width,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            negative_prompt=negative_prompt,
+            num_images_per_prompt=num_images_per_prompt,
+            eta=eta,
+            generator=generator,
+            latents=latents,
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds,
+            output_type=output_type,
+            return_dict=return_dict,
+            guidance_rescale=guidance_rescale,
+            callback_on_step_end=callback_on_step_end,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+        )
+
+    def _generate(
+        self,
+        unsupported: Dict[str, Any],
+        ignored: Dict[str, Any],
+        *,
+        prompt: Union[str, List[str], None],
+        height: Optional[int],
+        width: Optional[int],
+        num_inference_steps: int,
+        guidance_scale: float,
+        negative_prompt: Union[str, List[str], None],
+        num_images_per_prompt: Optional[int],
+        eta: float,
+        generator: Any,
+        latents: Any,
+        prompt_embeds: Any,
+        negative_prompt_embeds: Any,
+        output_type: Optional[str],
+        return_dict: bool,
+        guidance_rescale: float,
+        callback_on_step_end: Optional[Callable[..., Any]],
+        callback_on_step_end_tensor_inputs: Sequence[str],
+        edit: Optional[Dict[str, Any]] = None,
+    ) -> Any:
+        """The run shared by every pipeline class. `unsupported`: diffusers arguments sd_py refuses
+        when given (not None); `ignored`: unknown keyword arguments (a warning); `edit`: the native
+        `init_images`, `mask` and `strength` arguments of image-to-image and inpainting."""
+        self._interrupt = False
         given = [k for k, v in unsupported.items() if v is not None]
         if given:
             raise ValueError(f"sd_py does not support {', '.join(given)}")
-        if kwargs:
-            warnings.warn(f"StableDiffusionPipeline.__call__: ignoring unsupported argument(s) {', '.join(sorted(kwargs))}", stacklevel=2)
+        if ignored:
+            warnings.warn(
+                f"{type(self).__name__}.__call__: ignoring unsupported argument(s) {', '.join(sorted(ignored))}",
+                stacklevel=3,
+            )
         # Values (sizes, steps, guidance, prompt counts, embedding shapes...) are checked by
         # sd-core, with the same messages as sd-cli's; here only what Python types decide.
         embeds = _to_native("prompt_embeds", prompt_embeds)
@@ -584,6 +654,7 @@ class StableDiffusionPipeline:
             latents=initial_noise,
             prompt_embeds=embeds,
             negative_prompt_embeds=negative_embeds,
+            **(edit or {}),
         )
         images: Any
         if output == "pil":

@@ -61,7 +61,7 @@ class _Pipeline:
     @property
     def folder(self):
         """The local diffusers folder the weights were read from."""
-    def generate(self, prompts, negative_prompts=None, height=None, width=None, num_inference_steps=50, guidance_scale=7.5, num_images_per_prompt=1, seeds=..., scheduler=None, scheduler_config=None, output='pil', on_step=None, guidance_rescale=0.0, eta=0.0, step_latents=False, latents=None, prompt_embeds=None, negative_prompt_embeds=None):
+    def generate(self, prompts, negative_prompts=None, height=None, width=None, num_inference_steps=50, guidance_scale=7.5, num_images_per_prompt=1, seeds=..., scheduler=None, scheduler_config=None, output='pil', on_step=None, guidance_rescale=0.0, eta=0.0, step_latents=False, latents=None, prompt_embeds=None, negative_prompt_embeds=None, init_images=None, mask=None, strength=None):
         """Runs the pipeline with the GIL released; sd-core checks every value.
 
         `seeds`: empty (random), one (one generator for the batch) or one per image.
@@ -74,7 +74,10 @@ class _Pipeline:
         exception stops the run and is re-raised. `latents`: `(float32 bytes, shape)` of the
         initial noise, instead of drawing it from the seeds. `prompt_embeds`,
         `negative_prompt_embeds`: `(float32 bytes, shape)` of text embeddings, instead of encoding
-        the prompts (then empty) or the negative prompts.
+        the prompts (then empty) or the negative prompts. `init_images`: `(width, height, RGB
+        bytes)` of one image (or one per prompt) to start from (image-to-image), with `mask`
+        `(width, height, luma bytes)`, white = repaint, for inpainting; `strength` in (0, 1]
+        (default 0.8 without a mask, 1.0 with one, as diffusers).
         """
     @staticmethod
     def load(model, dtype='float32', device='cpu', variant=None, revision=None, local_files_only=False, cache_dir=None, token=None):
@@ -92,6 +95,9 @@ class _Pipeline:
         """The model's `scheduler/scheduler_config.json`, as JSON."""
     def truncated_text(self, prompt):
         """The part of `prompt` cut off by the tokenizer's length limit, if any."""
+    @property
+    def unet_in_channels(self):
+        """The UNet's input channels: 4 for text-to-image models, 9 for inpainting ones."""
     @property
     def vae_scale_factor(self): ...
     @property

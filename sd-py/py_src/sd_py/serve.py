@@ -9,6 +9,15 @@ Use it as the `import_path` of a Serve config (`sd_py.serve:entrypoint`), or
   `negative_prompt`. Bad input is answered with 4xx and a JSON `detail` message; the seed used is
   in the `X-Seed` header. `GET /healthz` answers 200 with the model's status, 503 when it is not
   healthy.
+- `POST /img2img` and `POST /inpaint` (sd_py's additions; `multipart/form-data`): fields `prompt`
+  (required), `image` (file, required; PNG, JPEG, WebP or BMP), `mask` (file, required for
+  `/inpaint`, the image's size; white = repaint), `strength` (in (0, 1]; default 0.8 for
+  `/img2img`, 1.0 for `/inpaint`, as diffusers), `seed`, `steps`, `guidance_scale`,
+  `negative_prompt`. They answer the PNG (the image's size rounded down to a multiple of 8) with
+  `X-Seed`. Uploads over `SD_MAX_UPLOAD_BYTES` or whose header declares more than
+  `SD_MAX_UPLOAD_PIXELS` pixels are refused with 413 before they are decoded; anything else that
+  is wrong (missing field, not an image, truncated file, mask of another size) with 422. Edits
+  are not batched: each request is one pipeline call (over the same loaded weights).
 - `stable-diffusion-v2` (`StableDiffusionV2`): the model. Compatible requests (same size, steps and
   guidance) that arrive together are batched into one pipeline call (`@serve.batch`), each image
   with its own seed, so a request gives the same image alone or in a batch (up to float
@@ -22,7 +31,9 @@ Configuration, by environment variable (e.g. `runtime_env.env_vars` of the Serve
 - `SD_NUM_GPUS`: GPUs per model replica when the Serve config does not set `ray_actor_options`
   (default 1 if `SD_DEVICE` names CUDA, else 0);
 - `SD_DEFAULT_STEPS` (50), `SD_MAX_STEPS` (500), `SD_GUIDANCE_SCALE` (7.5),
-  `SD_MAX_BATCH_SIZE` (4), `SD_BATCH_WAIT_S` (0.1).
+  `SD_MAX_BATCH_SIZE` (4), `SD_BATCH_WAIT_S` (0.1);
+- `SD_MAX_UPLOAD_BYTES` (8 MiB, per uploaded file), `SD_MAX_UPLOAD_PIXELS` (2048 * 2048, per
+  uploaded image).
 
 This module does not load the native extension when imported (only the model replicas do), so
 the Serve controller can import it on a head node without a GPU.
@@ -35,11 +46,13 @@ import math
 import os
 import secrets
 import threading
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
-from fastapi import FastAPI, Query
+from fastapi import FastAPI, Query, Request
 from fastapi.responses import JSONResponse, Response
 from ray import serve
+from starlette.exceptions import HTTPException
+from starlette.formparsers import MultiPartException
 
 logger = logging.getLogger("ray.serve")
 
@@ -69,10 +82,23 @@ MAX_BATCH_SIZE = max(1, _env_int("SD_MAX_BATCH_SIZE", 4))
 BATCH_WAIT_S = max(0.0, _env_float("SD_BATCH_WAIT_S", 0.1))
 _DEVICE_ENV = os.environ.get("SD_DEVICE", "").strip()
 NUM_GPUS = _env_float("SD_NUM_GPUS", 1.0 if _DEVICE_ENV.startswith("cuda") else 0.0)
+MAX_UPLOAD_BYTES = max(1, _env_int("SD_MAX_UPLOAD_BYTES", 8 * 1024 * 1024))
+MAX_UPLOAD_PIXELS = max(1, _env_int("SD_MAX_UPLOAD_PIXELS", 2048 * 2048))
+# Formats an upload may have: Pillow's other decoders are never run on client data.
+UPLOAD_FORMATS = ("PNG", "JPEG", "WEBP", "BMP")
+# Room for the text fields and multipart framing besides the two files of an edit request.
+_FORM_OVERHEAD_BYTES = 1024 * 1024
 
 
 class BadRequest(ValueError):
-    """A request the service refuses (answered with 4xx)."""
+    """A request the service refuses (answered with `status_code`: 422, or 413 for uploads over
+    the caps)."""
+
+    status_code = 422
+
+
+class PayloadTooLarge(BadRequest):
+    status_code = 413
 
 
 def validate_request(
@@ -85,14 +111,56 @@ def validate_request(
 ) -> Dict[str, Any]:
     """Checks the query parameters of `/imagine` and returns the normalised request (a seed is drawn
     when none is given). Raises `BadRequest` with a message for the client."""
-    if prompt is None or not str(prompt).strip():
-        raise BadRequest("prompt parameter cannot be empty")
+    _check_prompt(prompt)
     try:
         size = int(img_size)
     except (TypeError, ValueError):
         raise BadRequest(f"img_size must be an integer, got {img_size!r}") from None
     if size % 8 != 0 or not MIN_IMG_SIZE <= size <= MAX_IMG_SIZE:
         raise BadRequest(f"img_size must be a multiple of 8 between {MIN_IMG_SIZE} and {MAX_IMG_SIZE}, got {size}")
+    return _run_params(prompt, size, size, seed, steps, guidance_scale, negative_prompt)
+
+
+def validate_edit_request(
+    prompt: Optional[str],
+    image: Any,
+    mask: Any = None,
+    strength: Any = None,
+    seed: Any = None,
+    steps: Any = None,
+    guidance_scale: Any = None,
+    negative_prompt: Optional[str] = None,
+) -> Dict[str, Any]:
+    """Checks the fields of `/img2img` (no `mask`) and `/inpaint` around the decoded PIL images
+    (see `decode_upload`) and returns the normalised request: the size is the image's rounded
+    down to a multiple of 8, `strength` defaults as diffusers' (0.8, or 1.0 with a mask)."""
+    _check_prompt(prompt)
+    width, height = (side - side % 8 for side in image.size)
+    if not (8 <= width <= MAX_IMG_SIZE and 8 <= height <= MAX_IMG_SIZE):
+        raise BadRequest(f"the image sides must be between 8 and {MAX_IMG_SIZE} pixels, got {image.width}x{image.height}")
+    if mask is not None and mask.size != image.size:
+        raise BadRequest(f"the mask is {mask.width}x{mask.height} but the image is {image.width}x{image.height}; they must have the same size")
+    if strength is None:
+        strength = 0.8 if mask is None else 1.0
+    try:
+        strength = float(strength)
+    except (TypeError, ValueError):
+        raise BadRequest(f"strength must be a number, got {strength!r}") from None
+    if not 0.0 < strength <= 1.0:
+        raise BadRequest(f"strength must be in (0, 1], got {strength}")
+    request = _run_params(prompt, height, width, seed, steps, guidance_scale, negative_prompt)
+    return {**request, "image": image, "mask": mask, "strength": strength}
+
+
+def _check_prompt(prompt: Optional[str]) -> None:
+    if prompt is None or not str(prompt).strip():
+        raise BadRequest("prompt parameter cannot be empty")
+
+
+def _run_params(
+    prompt: Any, height: int, width: int, seed: Any, steps: Any, guidance_scale: Any, negative_prompt: Optional[str]
+) -> Dict[str, Any]:
+    """The checked values every route shares (a seed is drawn when none is given)."""
     n_steps = DEFAULT_STEPS if steps is None else steps
     try:
         n_steps = int(n_steps)
@@ -118,8 +186,8 @@ def validate_request(
     return {
         "prompt": str(prompt),
         "negative_prompt": negative_prompt or None,
-        "height": size,
-        "width": size,
+        "height": height,
+        "width": width,
         "steps": n_steps,
         "guidance_scale": guidance,
         "seed": seed,
@@ -136,6 +204,51 @@ def group_requests(requests: List[Dict[str, Any]]) -> List[List[int]]:
     return list(groups.values())
 
 
+def decode_upload(what: str, data: bytes, mode: str) -> Any:
+    """The uploaded bytes as a PIL image in `mode`. Only the header is read before the caps are
+    checked (`PayloadTooLarge` for too many bytes or pixels); an unknown format, a file Pillow
+    cannot decode or a truncated one is a `BadRequest`."""
+    from PIL import Image, UnidentifiedImageError
+
+    if len(data) > MAX_UPLOAD_BYTES:
+        raise PayloadTooLarge(f"{what} is over {MAX_UPLOAD_BYTES} bytes")
+    if not data:
+        raise BadRequest(f"{what} is empty")
+    try:
+        image = Image.open(io.BytesIO(data), formats=UPLOAD_FORMATS)
+    except Image.DecompressionBombError:
+        raise PayloadTooLarge(f"{what} is over {MAX_UPLOAD_PIXELS} pixels") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+        raise BadRequest(f"{what} is not an image ({', '.join(UPLOAD_FORMATS)})") from None
+    width, height = image.size
+    if width * height > MAX_UPLOAD_PIXELS:
+        raise PayloadTooLarge(f"{what} is {width}x{height}, over {MAX_UPLOAD_PIXELS} pixels")
+    try:
+        image.load()
+        return image.convert(mode)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise BadRequest(f"{what} could not be decoded: {e}") from None
+
+
+async def _read_upload(form: Any, field: str) -> bytes:
+    """At most `MAX_UPLOAD_BYTES + 1` bytes of the file in `field` (more is refused by
+    `decode_upload`)."""
+    upload = form.get(field)
+    if upload is None:
+        raise BadRequest(f"{field} file is required")
+    if isinstance(upload, str) or not hasattr(upload, "read"):
+        raise BadRequest(f"{field} must be a file upload")
+    return await upload.read(MAX_UPLOAD_BYTES + 1)
+
+
+def _form_field(form: Any, field: str) -> Optional[str]:
+    """A text field; an empty one (as HTML forms send) counts as absent."""
+    value = form.get(field)
+    if value is not None and not isinstance(value, str):
+        raise BadRequest(f"{field} must be a text field")
+    return value or None
+
+
 def _png(image: Any) -> bytes:
     buf = io.BytesIO()
     image.save(buf, "PNG")
@@ -148,7 +261,18 @@ def _is_bad_request(e: BaseException) -> bool:
     return isinstance(e, ValueError)
 
 
-app = FastAPI(title="Stable Diffusion (sd_py)", description="Text-to-image: GET /imagine?prompt=...&img_size=768")
+app = FastAPI(
+    title="Stable Diffusion (sd_py)",
+    description="Text-to-image: GET /imagine?prompt=...&img_size=768; image-to-image: POST /img2img; inpainting: POST /inpaint",
+)
+_PNG_RESPONSES: Dict[Union[int, str], Dict[str, Any]] = {
+    200: {"content": {"image/png": {}}, "description": "The image (PNG); the seed is in X-Seed."},
+    422: {"description": "Invalid parameters (JSON `detail`)."},
+}
+_EDIT_RESPONSES: Dict[Union[int, str], Dict[str, Any]] = {
+    **_PNG_RESPONSES,
+    413: {"description": f"An upload over SD_MAX_UPLOAD_BYTES ({MAX_UPLOAD_BYTES}) or SD_MAX_UPLOAD_PIXELS ({MAX_UPLOAD_PIXELS})."},
+}
 
 
 @serve.deployment(num_replicas=1)
@@ -159,14 +283,7 @@ class APIIngress:
     def __init__(self, diffusion_model_handle) -> None:
         self.handle = diffusion_model_handle
 
-    @app.get(
-        "/imagine",
-        responses={
-            200: {"content": {"image/png": {}}, "description": "The image (PNG); the seed is in X-Seed."},
-            422: {"description": "Invalid parameters (JSON `detail`)."},
-        },
-        response_class=Response,
-    )
+    @app.get("/imagine", responses=_PNG_RESPONSES, response_class=Response)
     async def generate(
         self,
         prompt: str = Query("", description="What to draw."),
@@ -179,9 +296,51 @@ class APIIngress:
         try:
             request = validate_request(prompt, img_size, seed, steps, guidance_scale, negative_prompt)
         except BadRequest as e:
-            return JSONResponse({"detail": str(e)}, status_code=422)
+            return JSONResponse({"detail": str(e)}, status_code=e.status_code)
+        return await self._answer_png(self.handle.generate_png.remote, request)
+
+    @app.post("/img2img", responses=_EDIT_RESPONSES, response_class=Response)
+    async def img2img(self, request: Request):
+        """Image-to-image: multipart fields prompt, image (file), strength, seed, steps,
+        guidance_scale, negative_prompt."""
+        return await self._edit(request, with_mask=False)
+
+    @app.post("/inpaint", responses=_EDIT_RESPONSES, response_class=Response)
+    async def inpaint(self, request: Request):
+        """Inpainting: the fields of /img2img plus mask (file, the image's size, white =
+        repaint)."""
+        return await self._edit(request, with_mask=True)
+
+    async def _edit(self, http_request: Request, with_mask: bool):
         try:
-            png = await self.handle.generate_png.remote(request)
+            request = await self._edit_request(http_request, with_mask)
+        except BadRequest as e:
+            return JSONResponse({"detail": str(e)}, status_code=e.status_code)
+        return await self._answer_png(self.handle.edit_png.remote, request)
+
+    async def _edit_request(self, http_request: Request, with_mask: bool) -> Dict[str, Any]:
+        files = 2 if with_mask else 1
+        # The multipart parser spools the whole body before the per-file caps apply: refuse a
+        # declared length that cannot hold files within the caps.
+        length = http_request.headers.get("content-length", "")
+        if length.isdigit() and int(length) > files * MAX_UPLOAD_BYTES + _FORM_OVERHEAD_BYTES:
+            raise PayloadTooLarge(f"the request body is over {files * MAX_UPLOAD_BYTES + _FORM_OVERHEAD_BYTES} bytes")
+        try:
+            form = await http_request.form(max_files=files, max_fields=16)
+        except (HTTPException, MultiPartException) as e:  # Starlette's answer to a bad body
+            raise BadRequest(f"expected a multipart/form-data body: {getattr(e, 'detail', e)}") from None
+        try:
+            image = decode_upload("image", await _read_upload(form, "image"), "RGB")
+            mask = decode_upload("mask", await _read_upload(form, "mask"), "L") if with_mask else None
+            fields = {f: _form_field(form, f) for f in ("strength", "seed", "steps", "guidance_scale", "negative_prompt")}
+            return validate_edit_request(_form_field(form, "prompt"), image, mask, **fields)
+        finally:
+            await form.close()
+
+    async def _answer_png(self, remote: Callable[[Dict[str, Any]], Any], request: Dict[str, Any]):
+        """The model's PNG for `request`, or its error as 422 (bad arguments) or 500."""
+        try:
+            png = await remote(request)
         except Exception as e:  # the model replica's error, with its message
             message = str(getattr(e, "cause", None) or e).strip().splitlines()
             detail = message[-1] if message else type(e).__name__
@@ -222,6 +381,8 @@ class StableDiffusionV2:
         self.dtype = os.environ.get("SD_DTYPE", "").strip() or "float32"
         logger.info("sd_py: loading %s on %s (%s)", self.model_id, self.device, self.dtype)
         self.pipe = StableDiffusionPipeline.from_pretrained(self.model_id, torch_dtype=self.dtype, device=self.device)
+        # The edit pipelines of `edit_png`, made on first use over the same weights (`from_pipe`).
+        self._edit_pipes: Dict[bool, Any] = {}
         self._stats_lock = threading.Lock()
         self.stats = {"requests": 0, "pipeline_calls": 0, "images": 0, "largest_batch": 0, "failures": 0}
         self._consecutive_failures = 0
@@ -279,8 +440,9 @@ class StableDiffusionV2:
     def _run(self, batch: List[Dict[str, Any]]) -> List[bytes]:
         first = batch[0]
         negatives = [r["negative_prompt"] or "" for r in batch]
-        try:
-            out = self.pipe(
+        out = self._counted(
+            len(batch),
+            lambda: self.pipe(
                 [r["prompt"] for r in batch],
                 negative_prompt=negatives if any(negatives) else None,
                 height=first["height"],
@@ -288,7 +450,45 @@ class StableDiffusionV2:
                 num_inference_steps=first["steps"],
                 guidance_scale=first["guidance_scale"],
                 generator=[r["seed"] for r in batch],
-            )
+            ),
+        )
+        return [_png(img) for img in out.images]
+
+    # -- image-to-image and inpainting (unbatched) --
+
+    async def edit_png(self, request: Dict[str, Any]) -> bytes:
+        with self._stats_lock:
+            self.stats["requests"] += 1
+        return await asyncio.to_thread(self._run_edit, request)
+
+    def _run_edit(self, r: Dict[str, Any]) -> bytes:
+        from sd_py import StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline
+
+        inpaint = r["mask"] is not None
+        pipe = self._edit_pipes.get(inpaint)
+        if pipe is None:  # ValueError (422) for an inpainting model on /img2img
+            cls = StableDiffusionInpaintPipeline if inpaint else StableDiffusionImg2ImgPipeline
+            pipe = self._edit_pipes.setdefault(inpaint, cls.from_pipe(self.pipe))
+        size = {"mask_image": r["mask"], "height": r["height"], "width": r["width"]} if inpaint else {}
+        out = self._counted(
+            1,
+            lambda: pipe(
+                r["prompt"],
+                image=r["image"],
+                strength=r["strength"],
+                negative_prompt=r["negative_prompt"],
+                num_inference_steps=r["steps"],
+                guidance_scale=r["guidance_scale"],
+                generator=r["seed"],
+                **size,
+            ),
+        )
+        return _png(out.images[0])
+
+    def _counted(self, images: int, call: Callable[[], Any]) -> Any:
+        """Runs a pipeline call, keeping the stats and the failure count of the health check."""
+        try:
+            out = call()
         except ValueError:
             raise
         except Exception as e:
@@ -299,10 +499,10 @@ class StableDiffusionV2:
             raise
         with self._stats_lock:
             self.stats["pipeline_calls"] += 1
-            self.stats["images"] += len(batch)
-            self.stats["largest_batch"] = max(self.stats["largest_batch"], len(batch))
+            self.stats["images"] += images
+            self.stats["largest_batch"] = max(self.stats["largest_batch"], images)
             self._consecutive_failures = 0
-        return [_png(img) for img in out.images]
+        return out
 
     # -- health --
 
