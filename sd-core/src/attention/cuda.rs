@@ -131,8 +131,8 @@ pub fn is_kernel_layout(layout: &candle_core::Layout) -> bool {
     let stride = layout.stride();
     stride.len() == 4
         && stride[3] == 1
-        && stride[..3].iter().all(|s| s % 8 == 0)
-        && layout.start_offset() % 8 == 0
+        && stride[..3].iter().all(|s| s.is_multiple_of(8))
+        && layout.start_offset().is_multiple_of(8)
 }
 
 #[cfg(feature = "cuda")]
@@ -140,6 +140,7 @@ pub use imp::*;
 
 #[cfg(feature = "cuda")]
 mod imp {
+    use std::collections::hash_map::Entry;
     use std::collections::HashMap;
     use std::ffi::{CStr, CString};
     use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
@@ -299,10 +300,10 @@ mod imp {
         let compiled = compiled_for(&mut cache, &arch, ty)?;
         let ctx = context_of(dev);
         let key = (ctx.cu_ctx() as usize, ty);
-        if !cache.modules.contains_key(&key) {
+        if let Entry::Vacant(slot) = cache.modules.entry(key) {
             let module =
                 ctx.load_module(nvrtc::Ptx::from_binary(compiled.cubin.as_ref().clone())).w()?;
-            cache.modules.insert(key, module);
+            slot.insert(module);
         }
         Ok(compiled.report.clone())
     }
