@@ -161,6 +161,9 @@ fn bad_input_gives_one_line_errors() {
     assert!(err.contains("f64"), "{err}");
     let err = expect_error(&model, &["--threads", "0"]);
     assert!(err.contains("--threads"), "{err}");
+    // Far above the cores: refused at once instead of spawning (100 000 threads hung).
+    let err = expect_error(&model, &["--threads", "100000"]);
+    assert!(err.contains("--threads 100000 is far above") && err.contains("cores"), "{err}");
     let missing = pipelines().join("no-such-model");
     let err = expect_error(&missing, &[]);
     assert!(err.contains("no-such-model"), "{err}");

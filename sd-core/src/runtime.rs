@@ -10,13 +10,27 @@ use crate::{Error, Result};
 ///
 /// * Threads: `threads`, else `RAYON_NUM_THREADS`, else one per core. Every CPU kernel of
 ///   sd-core (GEMMs included: MKL runs sequentially inside rayon tasks) uses this pool. If the
-///   pool was already built (by the embedding program), it is kept as it is.
+///   pool was already built (by the embedding program), it is kept as it is. More than
+///   [`max_threads`] is refused: each thread costs a stack and the work is split per thread, so
+///   a count far above the cores only slows the run down (100 000 threads hang in spawning).
 /// * Allocator (glibc): buffers the size of activations (tens to hundreds of MB) are kept by
 ///   malloc for reuse instead of being returned to the kernel at every free, which otherwise
 ///   costs a page fault per 4 KiB and a zero fill every time a layer allocates its output.
 pub fn init_cpu(threads: Option<usize>) -> Result<usize> {
+    let from_env = || std::env::var("RAYON_NUM_THREADS").ok().and_then(|v| v.trim().parse().ok());
+    let (requested, source) = match threads {
+        Some(n) => (Some(n), "--threads"),
+        None => (from_env(), "RAYON_NUM_THREADS"),
+    };
     if threads == Some(0) {
         return Err(Error::invalid("--threads must be at least 1"));
+    }
+    if let Some(n) = requested.filter(|&n| n > max_threads()) {
+        return Err(Error::invalid(format!(
+            "{source} {n} is far above this machine's {} cores: at most {} threads",
+            cores(),
+            max_threads()
+        )));
     }
     let mut builder = rayon::ThreadPoolBuilder::new();
     if let Some(n) = threads {
@@ -31,4 +45,14 @@ pub fn init_cpu(threads: Option<usize>) -> Result<usize> {
         libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
     }
     Ok(rayon::current_num_threads())
+}
+
+/// The most worker threads [`init_cpu`] takes: 4 per core (more only adds switching and
+/// per-thread buffers).
+pub fn max_threads() -> usize {
+    4 * cores()
+}
+
+fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
 }
