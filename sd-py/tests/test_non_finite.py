@@ -72,7 +72,7 @@ def test_serve_answers_a_non_finite_run_with_500_and_counts_it():
     async def remote(request):
         raise FloatingPointError(message)
 
-    ingress = object.__new__(APIIngress.func_or_class)
-    answer = asyncio.run(ingress._answer_png(remote, {"seed": 1}))
+    # `_answer_png` uses nothing of the ingress (an instance would need a Serve handle).
+    answer = asyncio.run(APIIngress.func_or_class._answer_png(None, remote, {"seed": 1}))
     assert answer.status_code == 500
     assert json.loads(answer.body) == {"detail": f"image generation failed: {message}"}
