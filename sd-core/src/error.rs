@@ -39,6 +39,12 @@ pub enum Error {
     #[error("hub: {0}")]
     Hub(String),
 
+    /// A stage of a run produced NaN or infinite values (an f16 VAE overflowing, NaN weights, an
+    /// absurd guidance scale): the run stops there instead of writing a black image. `stage`
+    /// says where ("after step 3 of 20 of the UNet"), `hint` what may help.
+    #[error("non-finite values (NaN or inf) {stage}{}", colon_hint(hint))]
+    NonFinite { stage: String, hint: Option<String> },
+
     /// The run was cancelled through its progress callback or cancel token.
     #[error("cancelled")]
     Cancelled,
@@ -64,4 +70,9 @@ impl Error {
     pub(crate) fn invalid(msg: impl Into<String>) -> Self {
         Error::InvalidArgument(msg.into())
     }
+}
+
+/// `": hint"`, or nothing without a hint.
+fn colon_hint(hint: &Option<String>) -> String {
+    hint.as_deref().map(|h| format!(": {h}")).unwrap_or_default()
 }

@@ -4,7 +4,9 @@
 use std::any::Any;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
-use pyo3::exceptions::{PyFileNotFoundError, PyOSError, PyRuntimeError, PyValueError};
+use pyo3::exceptions::{
+    PyFileNotFoundError, PyFloatingPointError, PyOSError, PyRuntimeError, PyValueError,
+};
 use pyo3::prelude::*;
 use sd_core::Error;
 
@@ -25,6 +27,8 @@ pub fn to_pyerr(e: Error) -> PyErr {
         }
         Error::InvalidArgument(_) | Error::UnknownScheduler { .. } => PyValueError::new_err(msg),
         Error::Cancelled => GenerationCancelled::new_err(msg),
+        // Python's exception for NaN or inf where a number was expected.
+        Error::NonFinite { .. } => PyFloatingPointError::new_err(msg),
         _ => PyRuntimeError::new_err(msg),
     }
 }

@@ -100,6 +100,7 @@ impl StableDiffusionPipeline {
             if let Some(after_step) = after_step.as_mut() {
                 latents = after_step(scheduler, i, latents)?;
             }
+            self.check_step_finite(&latents, i + 1, timesteps.len(), guidance.scale)?;
             let progress = StepProgress {
                 step: i + 1,
                 total: timesteps.len(),

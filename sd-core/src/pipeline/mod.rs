@@ -15,10 +15,12 @@
 //!
 //! Loading ([`StableDiffusionPipeline::from_pretrained`]) and the stages on their own are in
 //! `stable_diffusion.rs`; a run's arguments and results in `params.rs`; its hooks in `hooks.rs`;
-//! device and dtype names in `device.rs`.
+//! device and dtype names in `device.rs`; the checks that stop a run at NaN or inf in
+//! `finite.rs`.
 
 mod denoise;
 mod device;
+mod finite;
 mod hooks;
 mod img2img;
 mod inpaint;

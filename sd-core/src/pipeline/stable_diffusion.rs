@@ -175,11 +175,14 @@ impl StableDiffusionPipeline {
         Ok(self.text_encoder.forward(&ids)?)
     }
 
-    /// Decodes latents (as the denoising loop leaves them) into the VAE's output, roughly in [-1, 1].
+    /// Decodes latents (as the denoising loop leaves them) into the VAE's output, roughly in
+    /// [-1, 1]; [`Error::NonFinite`] if the output holds NaN or inf.
     pub fn decode_latents(&self, latents: &Tensor) -> Result<Tensor> {
         let scaled =
             (latents / self.vae.config().scaling_factor)?.to_dtype(self.activation_dtype())?;
-        Ok(self.vae.decode(&scaled)?.to_dtype(DType::F32)?)
+        let decoded = self.vae.decode(&scaled)?.to_dtype(DType::F32)?;
+        self.check_decoded_finite(&decoded)?;
+        Ok(decoded)
     }
 
     /// Decodes latents into 8-bit RGB images, rounding like diffusers' `numpy_to_pil`.

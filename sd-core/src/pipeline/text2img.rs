@@ -122,7 +122,9 @@ impl StableDiffusionPipeline {
             |embeds: &Tensor| embeds.to_dtype(self.activation_dtype())?.to_device(self.device());
         let cond = match &params.prompt_embeds {
             Some(embeds) => given(embeds)?,
-            None => self.encode_prompts(&params.prompts)?,
+            None => {
+                self.checked_text_embeddings(self.encode_prompts(&params.prompts)?, "prompts")?
+            }
         };
         let cond = repeat(cond)?;
         if !guidance.is_enabled() {
@@ -136,7 +138,7 @@ impl StableDiffusionPipeline {
                     Some(n) if n.len() == 1 => vec![n[0].clone(); plan.prompts],
                     Some(n) => n.clone(),
                 };
-                self.encode_prompts(&negatives)?
+                self.checked_text_embeddings(self.encode_prompts(&negatives)?, "negative prompts")?
             }
         };
         Ok(Tensor::cat(&[repeat(uncond)?, cond], 0)?)

@@ -2,6 +2,7 @@
 //! and the sizes the later steps need are worked out once.
 
 use super::denoise::Guidance;
+use super::finite::check_given_finite;
 use super::params::{random_seed, GenerateParams, InitImage};
 use super::preprocess::default_size;
 use super::StableDiffusionPipeline;
@@ -79,6 +80,7 @@ impl StableDiffusionPipeline {
                     given.dims()
                 )));
             }
+            check_given_finite("latents", given)?;
         }
         let seeds = match p.seeds.len() {
             0 => vec![random_seed()],
@@ -178,6 +180,14 @@ impl StableDiffusionPipeline {
             None => vec![p.prompts.len(), tokens, hidden],
         };
         let prompts = cond_dims[0];
+        for (argument, given) in [
+            ("prompt_embeds", &p.prompt_embeds),
+            ("negative_prompt_embeds", &p.negative_prompt_embeds),
+        ] {
+            if let Some(given) = given {
+                check_given_finite(argument, given)?;
+            }
+        }
         if let Some(n) = &p.negative_prompts {
             if p.negative_prompt_embeds.is_some() {
                 return Err(Error::invalid(

@@ -5,11 +5,35 @@ use super::config::BetaSchedule;
 use super::numeric::{torch_cumprod_f32, torch_linspace_f32};
 use crate::{Error, Result};
 
-/// The training betas (float32) of a scheduler config.
+/// The training betas (float32) of a scheduler config, each in (0, 1): others make the alphas'
+/// square roots NaN (diffusers does not check, and its run ends as a black image).
 ///
 /// `trained_betas` wins over `schedule` when given (diffusers' order). `Sigmoid` is computed with
 /// the libm `exp`, so it may differ from torch's vectorised sigmoid in the last bit.
 pub fn betas(
+    schedule: BetaSchedule,
+    beta_start: f64,
+    beta_end: f64,
+    num_train_timesteps: usize,
+    trained_betas: Option<&[f64]>,
+) -> Result<Vec<f32>> {
+    let betas =
+        unchecked_betas(schedule, beta_start, beta_end, num_train_timesteps, trained_betas)?;
+    match betas.iter().position(|&b| !(b > 0.0 && b < 1.0)) {
+        None => Ok(betas),
+        Some(i) if trained_betas.is_some() => Err(Error::invalid(format!(
+            "trained_betas[{i}] is {}; betas must be in (0, 1)",
+            betas[i]
+        ))),
+        Some(i) => Err(Error::invalid(format!(
+            "beta_start {beta_start} and beta_end {beta_end} give beta {} at timestep {i}; betas \
+             must be in (0, 1)",
+            betas[i]
+        ))),
+    }
+}
+
+fn unchecked_betas(
     schedule: BetaSchedule,
     beta_start: f64,
     beta_end: f64,
