@@ -68,3 +68,33 @@ fn a_normal_run_fits_the_estimate() {
     let out = pipe.generate(&params(2)).unwrap();
     assert_eq!(out.images.len(), 2);
 }
+
+/// Sub-batches keep diffusers' draws: the 2-image `sd2_euler` case run one image per UNet and
+/// VAE call matches the whole-batch run and diffusers.
+#[test]
+fn a_run_in_sub_batches_of_one_image_matches_the_whole_batch() {
+    let case = load_case("sd2_euler");
+    let refs = load_refs("sd2_euler.safetensors");
+    let mut p = GenerateParams::new(case.prompt.clone());
+    p.negative_prompts = case.negative_prompt.clone().map(|n| vec![n]);
+    (p.height, p.width) = (Some(case.height), Some(case.width));
+    p.num_inference_steps = case.num_inference_steps;
+    p.guidance_scale = case.guidance_scale;
+    p.num_images_per_prompt = case.num_images_per_prompt;
+    p.seeds = vec![case.seed];
+    p.scheduler = Some(case.scheduler.clone());
+    assert_eq!(case.num_images_per_prompt, 2);
+
+    let mut pipe = fixture_pipeline(&case.model);
+    let whole = pipe.generate(&p).unwrap();
+    pipe.set_max_model_batch(Some(1));
+    let chunked = pipe.generate(&p).unwrap();
+    assert_close(&chunked.latents, &whole.latents, 1e-4, "chunked vs whole-batch latents");
+    let last = format!("step{}.latents", case.num_inference_steps - 1);
+    assert_close(&chunked.latents, get(&refs, &last), 1e-4, "chunked vs diffusers latents");
+    for (i, (a, b)) in chunked.images.iter().zip(&whole.images).enumerate() {
+        assert_image_close(a.as_raw(), b.as_raw(), &format!("chunked image {i}"));
+        let expected = image::open(pipelines().join(format!("sd2_euler-{i}.png"))).unwrap();
+        assert_image_close(a.as_raw(), expected.to_rgb8().as_raw(), &format!("image {i}"));
+    }
+}

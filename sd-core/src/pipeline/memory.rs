@@ -15,6 +15,9 @@ const UNET_MAPS_PER_SAMPLE: f64 = 16.0;
 /// The same for one VAE decode, in units of its full-resolution map (`block_out_channels[0] x
 /// H x W`).
 const VAE_MAPS_PER_IMAGE: f64 = 4.0;
+/// The activation bytes one UNet or VAE call may take before a batch is split
+/// ([`StableDiffusionPipeline::model_batch`]): 8 GiB, 7 images of 768 px per VAE decode.
+pub const MODEL_CALL_BUDGET: f64 = 8.0 * GIB;
 const GIB: f64 = (1u64 << 30) as f64;
 
 impl StableDiffusionPipeline {
@@ -53,22 +56,50 @@ impl StableDiffusionPipeline {
     }
 
     /// A rough, deliberately generous estimate of a run's peak memory in bytes (f32 throughout):
-    /// the latents (with the noise prediction and scheduler state, 4 copies), the text
-    /// embeddings of the guidance batch, one UNet call's activations for the guidance batch
-    /// (2 samples per image), the VAE decode's activations, and the decoded images (f32 and u8).
+    /// for the whole batch the latents (with the noise prediction and scheduler state, 4
+    /// copies), the text embeddings of the guidance batch and the decoded images (f32 and u8),
+    /// plus the activations of one UNet or VAE call at the sub-batch size ([`Self::model_batch`]).
     pub fn estimate_run_bytes(&self, batch: usize, (height, width): (usize, usize)) -> f64 {
         let scale = self.vae_scale_factor() as f64;
         let (h, w) = (height as f64, width as f64);
         let latent_pixels = (h / scale) * (w / scale);
-        let unet = self.unet.config();
-        let vae = self.vae.config();
-        let f32_elements = 4.0 * vae.latent_channels as f64 * latent_pixels
-            + 2.0 * (self.tokenizer.max_length() * unet.cross_attention_dim) as f64
-            + 2.0 * UNET_MAPS_PER_SAMPLE * unet.block_out_channels[0] as f64 * latent_pixels
-            + VAE_MAPS_PER_IMAGE * vae.block_out_channels[0] as f64 * h * w
+        let f32_elements = 4.0 * self.vae.config().latent_channels as f64 * latent_pixels
+            + 2.0 * (self.tokenizer.max_length() * self.unet.config().cross_attention_dim) as f64
             + 3.0 * h * w;
         let u8_image = 3.0 * h * w;
+        let per_call = batch.min(self.model_batch((height, width))) as f64;
         batch as f64 * (4.0 * f32_elements + u8_image)
+            + per_call * self.activation_bytes_per_image((height, width))
+    }
+
+    /// The most images one UNet call (their guidance pair) or VAE decode takes at once: the
+    /// one set by [`Self::set_max_model_batch`], else as many as fit [`MODEL_CALL_BUDGET`]
+    /// (at least 1). Larger batches run in sub-batches; each draw of the run stays as it is.
+    pub fn model_batch(&self, (height, width): (usize, usize)) -> usize {
+        self.max_model_batch.unwrap_or_else(|| {
+            let fit = MODEL_CALL_BUDGET / self.activation_bytes_per_image((height, width));
+            (fit as usize).max(1)
+        })
+    }
+
+    /// Sets the most images per UNet or VAE call (`None`: estimated, see [`Self::model_batch`]).
+    /// Results stay equal within rounding; mostly for tests and memory-tight machines.
+    pub fn set_max_model_batch(&mut self, images: Option<usize>) {
+        self.max_model_batch = images.map(|n| n.max(1));
+    }
+
+    /// Bytes of the larger of one image's UNet activations (2 samples with guidance) and its
+    /// VAE decode activations, f32.
+    fn activation_bytes_per_image(&self, (height, width): (usize, usize)) -> f64 {
+        let scale = self.vae_scale_factor() as f64;
+        let (h, w) = (height as f64, width as f64);
+        let unet = 2.0
+            * UNET_MAPS_PER_SAMPLE
+            * self.unet.config().block_out_channels[0] as f64
+            * (h / scale)
+            * (w / scale);
+        let vae = VAE_MAPS_PER_IMAGE * self.vae.config().block_out_channels[0] as f64 * h * w;
+        4.0 * unet.max(vae)
     }
 
     fn available_memory(&self) -> Option<u64> {

@@ -36,7 +36,7 @@ mod validate;
 pub use denoise::rescale_noise_cfg;
 pub use device::{parse_device, parse_dtype};
 pub use hooks::{CancelToken, OnStepEnd, RunHooks, StepControl, StepProgress};
-pub use memory::DEFAULT_MAX_IMAGES_PER_RUN;
+pub use memory::{DEFAULT_MAX_IMAGES_PER_RUN, MODEL_CALL_BUDGET};
 pub use params::{
     random_seed, GenerateOutput, GenerateParams, InitImage, OutputType, StageTimings,
 };
