@@ -145,8 +145,43 @@ impl StableDiffusionPipeline {
             input = Tensor::cat(&[&input, extra], 1)?;
         }
         let input = input.to_dtype(self.activation_dtype())?;
-        let pred = self.unet.forward(&input, t, context)?.to_dtype(DType::F32)?;
+        let pred = self.unet_in_sub_batches(&input, t, context, guidance)?.to_dtype(DType::F32)?;
         guidance.apply(pred)
+    }
+
+    /// The UNet on `input` in sub-batches of at most [`Self::model_batch`] images; with guidance
+    /// each call takes `[uncond_chunk, cond_chunk]` and the matching context rows, and the
+    /// predictions are put back in the order `[uncond..., cond...]`.
+    fn unet_in_sub_batches(
+        &self,
+        input: &Tensor,
+        t: f64,
+        context: &Tensor,
+        guidance: Guidance,
+    ) -> Result<Tensor> {
+        let halves = if guidance.is_enabled() { 2 } else { 1 };
+        let (rows, _, height, width) = input.dims4()?;
+        let images = rows / halves;
+        let scale = self.vae_scale_factor();
+        let chunk = self.model_batch((height * scale, width * scale));
+        if chunk >= images {
+            return Ok(self.unet.forward(input, t, context)?);
+        }
+        let mut preds = vec![Vec::new(); halves];
+        for start in (0..images).step_by(chunk) {
+            let n = chunk.min(images - start);
+            let rows_of = |x: &Tensor| -> Result<Tensor> {
+                let parts = (0..halves)
+                    .map(|half| x.narrow(0, half * images + start, n))
+                    .collect::<candle_core::Result<Vec<_>>>()?;
+                Ok(Tensor::cat(&parts, 0)?)
+            };
+            let pred = self.unet.forward(&rows_of(input)?, t, &rows_of(context)?)?;
+            for (half, part) in preds.iter_mut().enumerate() {
+                part.push(pred.narrow(0, half * n, n)?);
+            }
+        }
+        Ok(Tensor::cat(&preds.concat(), 0)?)
     }
 }
 

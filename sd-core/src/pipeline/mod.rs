@@ -16,7 +16,7 @@
 //! Loading ([`StableDiffusionPipeline::from_pretrained`]) and the stages on their own are in
 //! `stable_diffusion.rs`; a run's arguments and results in `params.rs`; its hooks in `hooks.rs`;
 //! device and dtype names in `device.rs`; the checks that stop a run at NaN or inf in
-//! `finite.rs`.
+//! `finite.rs`; the image cap and memory estimate that refuse runs too large in `memory.rs`.
 
 mod denoise;
 mod device;
@@ -24,6 +24,7 @@ mod finite;
 mod hooks;
 mod img2img;
 mod inpaint;
+mod memory;
 mod params;
 mod postprocess;
 mod preprocess;
@@ -35,6 +36,7 @@ mod validate;
 pub use denoise::rescale_noise_cfg;
 pub use device::{parse_device, parse_dtype};
 pub use hooks::{CancelToken, OnStepEnd, RunHooks, StepControl, StepProgress};
+pub use memory::{DEFAULT_MAX_IMAGES_PER_RUN, MODEL_CALL_BUDGET};
 pub use params::{
     random_seed, GenerateOutput, GenerateParams, InitImage, OutputType, StageTimings,
 };

@@ -60,6 +60,8 @@ pub struct StableDiffusionPipeline {
     pub folder: PathBuf,
     device: Device,
     dtype: DType,
+    /// The most images per UNet or VAE call; `None`: [`Self::model_batch`]'s estimate.
+    pub(super) max_model_batch: Option<usize>,
 }
 
 impl StableDiffusionPipeline {
@@ -124,6 +126,7 @@ impl StableDiffusionPipeline {
             folder: folder.to_path_buf(),
             device: device.clone(),
             dtype,
+            max_model_batch: None,
         })
     }
 
@@ -177,10 +180,21 @@ impl StableDiffusionPipeline {
 
     /// Decodes latents (as the denoising loop leaves them) into the VAE's output, roughly in
     /// [-1, 1]; [`Error::NonFinite`] if the output holds NaN or inf.
+    /// Decodes in sub-batches of at most [`Self::model_batch`] images.
     pub fn decode_latents(&self, latents: &Tensor) -> Result<Tensor> {
         let scaled =
             (latents / self.vae.config().scaling_factor)?.to_dtype(self.activation_dtype())?;
-        let decoded = self.vae.decode(&scaled)?.to_dtype(DType::F32)?;
+        let (images, _, height, width) = scaled.dims4()?;
+        let scale = self.vae_scale_factor();
+        let chunk = self.model_batch((height * scale, width * scale));
+        let parts = (0..images)
+            .step_by(chunk)
+            .map(|start| {
+                let part = scaled.narrow(0, start, chunk.min(images - start))?;
+                self.vae.decode(&part)?.to_dtype(DType::F32)
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let decoded = Tensor::cat(&parts, 0)?;
         self.check_decoded_finite(&decoded)?;
         Ok(decoded)
     }

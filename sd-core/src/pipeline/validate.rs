@@ -64,7 +64,7 @@ impl StableDiffusionPipeline {
         if !(0.0..=1.0).contains(&p.eta) {
             return Err(Error::invalid(format!("eta must be between 0 and 1, got {}", p.eta)));
         }
-        let batch = prompts * p.num_images_per_prompt;
+        let batch = self.check_run_size(prompts, p.num_images_per_prompt, (height, width))?;
         let channels = match &p.init_image {
             Some(init) => self.check_init_image(init, prompts, p.num_inference_steps)?,
             None => self.check_unet_without_mask()?,
