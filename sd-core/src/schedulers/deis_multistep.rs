@@ -8,7 +8,9 @@ use super::config::{
     AlgorithmType, BetaSchedule, ConfigReader, PredictionType, SchedulerConfig, SolverType,
     TimestepSpacing,
 };
-use super::multistep::{alpha_sigma, check_multistep_config, lambda, MultistepHistory};
+use super::multistep::{
+    alpha_sigma, check_multistep_config, lambda, predicted_x0, MultistepHistory,
+};
 use super::numeric::np_log_f32;
 use super::sigma_schedule::SigmaSpacing;
 use super::state::{
@@ -92,11 +94,8 @@ impl DEISMultistepScheduler {
         i: usize,
     ) -> Result<Tensor> {
         let (alpha_t, sigma_t) = alpha_sigma(self.state.sigmas[i]);
-        let x0 = match self.state.config.prediction_type {
-            PredictionType::Epsilon => div(&(sample - mul(model_output, sigma_t)?)?, alpha_t)?,
-            PredictionType::Sample => model_output.clone(),
-            PredictionType::VPrediction => (mul(sample, alpha_t)? - mul(model_output, sigma_t)?)?,
-        };
+        let prediction = self.state.config.prediction_type;
+        let x0 = predicted_x0(prediction, model_output, sample, (alpha_t, sigma_t))?;
         div(&(sample - mul(&x0, alpha_t)?)?, sigma_t)
     }
 }

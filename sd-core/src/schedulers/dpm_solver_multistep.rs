@@ -5,13 +5,15 @@
 use candle_core::Tensor;
 
 use super::common::{
-    check_solver_order, div, int_timestep, mul, same_shape, scheduler_config, ClassConfig,
+    check_solver_order, int_timestep, mul, same_shape, scheduler_config, ClassConfig,
 };
 use super::config::{
     AlgorithmType, BetaSchedule, ConfigReader, FinalSigmasType, PredictionType, SchedulerConfig,
     SolverType, TimestepSpacing, VarianceType,
 };
-use super::multistep::{alpha_sigma, check_multistep_config, lambda, MultistepHistory};
+use super::multistep::{
+    alpha_sigma, check_multistep_config, lambda, predicted_noise, predicted_x0, MultistepHistory,
+};
 use super::numeric::np_linspace;
 use super::sigma_schedule::{MultistepSchedule, SigmaSpacing, TrainSigmas};
 use super::state::{
@@ -157,28 +159,16 @@ impl DPMSolverMultistepScheduler {
         i: usize,
     ) -> Result<Tensor> {
         let c = &self.state.config;
-        let (alpha_t, sigma_t) = alpha_sigma(self.state.sigmas[i]);
+        let alpha_sigma_t = alpha_sigma(self.state.sigmas[i]);
         let model_output = match (c.variance_type, c.prediction_type) {
             (Some(_), PredictionType::Epsilon) => model_output.narrow(1, 0, 3)?,
             _ => model_output.clone(),
         };
-        Ok(if c.plus_plus() {
-            match c.prediction_type {
-                PredictionType::Epsilon => div(&(sample - mul(&model_output, sigma_t)?)?, alpha_t)?,
-                PredictionType::Sample => model_output,
-                PredictionType::VPrediction => {
-                    (mul(sample, alpha_t)? - mul(&model_output, sigma_t)?)?
-                }
-            }
+        if c.plus_plus() {
+            predicted_x0(c.prediction_type, &model_output, sample, alpha_sigma_t)
         } else {
-            match c.prediction_type {
-                PredictionType::Epsilon => model_output,
-                PredictionType::Sample => div(&(sample - mul(&model_output, alpha_t)?)?, sigma_t)?,
-                PredictionType::VPrediction => {
-                    (mul(&model_output, alpha_t)? + mul(sample, sigma_t)?)?
-                }
-            }
-        })
+            predicted_noise(c.prediction_type, &model_output, sample, alpha_sigma_t)
+        }
     }
 
     /// `sum(coef_k * x_k)` accumulated left to right, each term rounded as torch does.

@@ -3,6 +3,8 @@
 
 use candle_core::Tensor;
 
+use super::common::{div, mul};
+use super::config::PredictionType;
 use crate::{Error, Result};
 
 /// The `__init__` checks DPM-Solver, DEIS and UniPC share (diffusers copies them between the
@@ -74,4 +76,35 @@ impl MultistepHistory {
             self.lower_order_nums += 1;
         }
     }
+}
+
+/// The data prediction `x_0` of `convert_model_output` (diffusers copies it from
+/// `DPMSolverMultistepScheduler` into DEIS and UniPC), from the model output at a sigma with
+/// `alpha_sigma` `(alpha_t, sigma_t)`, in f32.
+pub(crate) fn predicted_x0(
+    prediction: PredictionType,
+    model_output: &Tensor,
+    sample: &Tensor,
+    (alpha_t, sigma_t): (f32, f32),
+) -> Result<Tensor> {
+    Ok(match prediction {
+        PredictionType::Epsilon => div(&(sample - mul(model_output, sigma_t)?)?, alpha_t)?,
+        PredictionType::Sample => model_output.clone(),
+        PredictionType::VPrediction => (mul(sample, alpha_t)? - mul(model_output, sigma_t)?)?,
+    })
+}
+
+/// The noise prediction of `convert_model_output` for the noise-predicting solvers (DPM-Solver
+/// without `++`, UniPC with `predict_x0=False`), in f32.
+pub(crate) fn predicted_noise(
+    prediction: PredictionType,
+    model_output: &Tensor,
+    sample: &Tensor,
+    (alpha_t, sigma_t): (f32, f32),
+) -> Result<Tensor> {
+    Ok(match prediction {
+        PredictionType::Epsilon => model_output.clone(),
+        PredictionType::Sample => div(&(sample - mul(model_output, alpha_t)?)?, sigma_t)?,
+        PredictionType::VPrediction => (mul(model_output, alpha_t)? + mul(sample, sigma_t)?)?,
+    })
 }

@@ -11,7 +11,9 @@ use super::config::{
     BetaSchedule, ConfigReader, FinalSigmasType, PredictionType, SchedulerConfig, SolverType,
     TimestepSpacing,
 };
-use super::multistep::{alpha_sigma, check_multistep_config, lambda, MultistepHistory};
+use super::multistep::{
+    alpha_sigma, check_multistep_config, lambda, predicted_noise, predicted_x0, MultistepHistory,
+};
 use super::numeric::solve_f32;
 use super::sigma_schedule::SigmaSpacing;
 use super::state::{
@@ -114,24 +116,13 @@ impl UniPCMultistepScheduler {
         sample: &Tensor,
         i: usize,
     ) -> Result<Tensor> {
-        let (alpha_t, sigma_t) = alpha_sigma(self.state.sigmas[i]);
-        Ok(if self.state.config.predict_x0 {
-            match self.state.config.prediction_type {
-                PredictionType::Epsilon => div(&(sample - mul(model_output, sigma_t)?)?, alpha_t)?,
-                PredictionType::Sample => model_output.clone(),
-                PredictionType::VPrediction => {
-                    (mul(sample, alpha_t)? - mul(model_output, sigma_t)?)?
-                }
-            }
+        let alpha_sigma_t = alpha_sigma(self.state.sigmas[i]);
+        let prediction = self.state.config.prediction_type;
+        if self.state.config.predict_x0 {
+            predicted_x0(prediction, model_output, sample, alpha_sigma_t)
         } else {
-            match self.state.config.prediction_type {
-                PredictionType::Epsilon => model_output.clone(),
-                PredictionType::Sample => div(&(sample - mul(model_output, alpha_t)?)?, sigma_t)?,
-                PredictionType::VPrediction => {
-                    (mul(model_output, alpha_t)? + mul(sample, sigma_t)?)?
-                }
-            }
-        })
+            predicted_noise(prediction, model_output, sample, alpha_sigma_t)
+        }
     }
 
     /// The shared part of the predictor and the corrector: `h`, `rks`, `D1s`, the `R`/`b`
