@@ -257,9 +257,8 @@ fn hostile_inputs_fail_cleanly() {
     assert_eq!(names.len(), CASES.len(), "case names must be distinct");
     let failures: Vec<String> = CASES.iter().filter_map(|c| run_case(c).err()).collect();
     eprintln!("hostile: {} sd-cli cases, {} failed", CASES.len(), failures.len());
-    assert!(failures.is_empty(), "{} of {} cases failed:\n{}", failures.len(), CASES.len(), {
-        failures.join("\n")
-    });
+    let report = failures.join("\n");
+    assert!(failures.is_empty(), "{} of {} cases failed:\n{report}", failures.len(), CASES.len());
 }
 
 /// `generate` with the fixture model at 64 px, one step, seed 1, `{work}/out.png`.
