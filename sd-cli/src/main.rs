@@ -198,7 +198,7 @@ fn check_output(out: &Path, num_images: usize) -> anyhow::Result<()> {
         anyhow::bail!("--out {} is a directory, not an image file", out.display());
     }
     // The first file's name; the others differ only in their number.
-    let first = &output_paths(out, num_images.min(2))[0];
+    let first = &output_paths(out, num_images.clamp(1, 2))[0];
     if image::ImageFormat::from_path(first).is_err() {
         anyhow::bail!("--out {}: not an image file name (e.g. out.png)", first.display());
     }
