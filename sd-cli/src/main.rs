@@ -186,6 +186,25 @@ fn output_paths(out: &Path, n: usize) -> Vec<PathBuf> {
     (0..n).map(|i| out.with_file_name(format!("{stem}-{i}.{ext}"))).collect()
 }
 
+/// Refuses an `--out` that cannot be written before the slow part: in a missing folder, a
+/// folder itself, or with an extension that is no image format.
+fn check_output(out: &Path, num_images: usize) -> anyhow::Result<()> {
+    if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
+        if !parent.is_dir() {
+            anyhow::bail!("output folder {} does not exist", parent.display());
+        }
+    }
+    if out.is_dir() {
+        anyhow::bail!("--out {} is a directory, not an image file", out.display());
+    }
+    // The first file's name; the others differ only in their number.
+    let first = &output_paths(out, num_images.clamp(1, 2))[0];
+    if image::ImageFormat::from_path(first).is_err() {
+        anyhow::bail!("--out {}: not an image file name (e.g. out.png)", first.display());
+    }
+    Ok(())
+}
+
 /// The `--image`, `--mask` and `--strength` of an edit run, read and checked; `None` without
 /// `--image`.
 fn init_image(
@@ -227,11 +246,7 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
     if args.num_images == 0 {
         anyhow::bail!("--num-images must be at least 1");
     }
-    if let Some(parent) = args.out.parent().filter(|p| !p.as_os_str().is_empty()) {
-        if !parent.is_dir() {
-            anyhow::bail!("output folder {} does not exist", parent.display());
-        }
-    }
+    check_output(&args.out, args.num_images)?;
     let mut params = GenerateParams::new(args.prompt);
     params.negative_prompts = args.negative_prompt.map(|n| vec![n]);
     params.height = args.height;
@@ -277,8 +292,14 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
     let out = out?;
 
     let paths = output_paths(&args.out, out.images.len());
-    for (img, path) in out.images.iter().zip(&paths) {
-        img.save(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    for (written, (img, path)) in out.images.iter().zip(&paths).enumerate() {
+        if let Err(e) = img.save(path) {
+            // All the images or none: a failed run leaves no file behind.
+            for path in &paths[..written] {
+                let _ = std::fs::remove_file(path);
+            }
+            anyhow::bail!("{}: {e}", path.display());
+        }
     }
     let t = out.timings;
     // The steps run: fewer than --steps with --strength below 1.

@@ -336,6 +336,10 @@ fn read_merges(path: &Path) -> Result<Merges> {
             }
         }
     }
+    // A CLIP BPE without merges would split every word into letters: a truncated file.
+    if merges.is_empty() {
+        return Err(Error::config(path, "no merges (an empty or truncated file)"));
+    }
     Ok(merges)
 }
 

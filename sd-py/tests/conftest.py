@@ -48,6 +48,15 @@ def read_safetensors(path: Path) -> dict:
     return out
 
 
+def fill_with_nan(path, name):
+    """Overwrites the float32 tensor `name` of a safetensors file with NaN, in place."""
+    data = bytearray(path.read_bytes())
+    (n,) = struct.unpack("<Q", data[:8])
+    begin, end = json.loads(data[8 : 8 + n])[name]["data_offsets"]
+    data[8 + n + begin : 8 + n + end] = np.full((end - begin) // 4, np.nan, dtype=np.float32).tobytes()
+    path.write_bytes(bytes(data))
+
+
 def sd_cli_binary() -> Path:
     """The sd-cli binary `cargo test --workspace` built (built here if it is missing or older than
     the sources, so that it runs the same sd-core as the wheel)."""

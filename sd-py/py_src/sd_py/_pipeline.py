@@ -138,6 +138,8 @@ def _count(name: str, value: Any) -> int:
             raise ValueError(f"`{name}` must be an integer, got {value!r}") from None
     if n < 0:
         raise ValueError(f"`{name}` must not be negative, got {n}")
+    if n >= _U64:  # the native module would raise OverflowError, naming nothing
+        raise ValueError(f"`{name}` is too large, got {n}")
     return n
 
 
@@ -187,10 +189,17 @@ def _latents_bytes(latents: Any, shape: List[int]) -> bytes:
 
 def _prompt_list(name: str, value: Any) -> List[str]:
     if isinstance(value, str):
-        return [value]
-    if isinstance(value, (list, tuple)) and all(isinstance(p, str) for p in value):
-        return list(value)
-    raise ValueError(f"`{name}` has to be of type `str` or `list` of `str`, got {type(value).__name__}")
+        prompts = [value]
+    elif isinstance(value, (list, tuple)) and all(isinstance(p, str) for p in value):
+        prompts = list(value)
+    else:
+        raise ValueError(f"`{name}` has to be of type `str` or `list` of `str`, got {type(value).__name__}")
+    for prompt in prompts:
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError as e:  # a lone surrogate, e.g. from os.fsdecode of bad bytes
+            raise ValueError(f"`{name}` is not valid Unicode text: {e}") from None
+    return prompts
 
 
 def _seed_of(gen: Any) -> int:
@@ -310,7 +319,7 @@ class StableDiffusionPipeline:
             raise ValueError(f"`scheduler` must be an sd_py scheduler (e.g. EulerDiscreteScheduler), got {type(scheduler).__name__}")
         if variant is not None and not isinstance(variant, str):
             raise ValueError(f"`variant` must be a string such as 'fp16', got {variant!r}")
-        name = os.fspath(pretrained_model_name_or_path)
+        name = os.fsdecode(pretrained_model_name_or_path)  # str, bytes or os.PathLike
         native = _native._Pipeline.load(
             name,
             dtype=_dtype_name(torch_dtype),
