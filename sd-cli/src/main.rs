@@ -4,9 +4,11 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
 
-use clap::{Parser, Subcommand};
+use clap::parser::ValueSource;
+use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use sd_core::hub::DEFAULT_MODEL_ID;
+use sd_core::metadata::{encode_png, read_png_parameters, GenerationInfo, Infotext};
 use sd_core::pipeline::{
     parse_device, parse_dtype, to_luma, GenerateParams, InitImage, LoadOptions, RunHooks,
     StableDiffusionPipeline, StepControl, StepProgress,
@@ -34,8 +36,8 @@ enum Command {
 
 #[derive(clap::Args)]
 struct GenerateArgs {
-    #[arg(long)]
-    prompt: String,
+    #[arg(long, required_unless_present = "from")]
+    prompt: Option<String>,
     #[arg(long)]
     negative_prompt: Option<String>,
     /// A hub model id or a local diffusers folder.
@@ -89,6 +91,17 @@ struct GenerateArgs {
     /// Output PNG; with --num-images K > 1 the files are FILE-0.png ... FILE-(K-1).png.
     #[arg(long)]
     out: PathBuf,
+    /// Do not write the settings into the PNG. By default each PNG carries them in a
+    /// `parameters` text chunk in AUTOMATIC1111's format (read by A1111, Civitai and
+    /// `--from`).
+    #[arg(long)]
+    no_metadata: bool,
+    /// Make an image again from the settings in its PNG metadata (ours or AUTOMATIC1111's):
+    /// prompt, negative prompt, steps, sampler, CFG scale, seed, size, strength and ours
+    /// (scheduler, dtype, batch). Options given on the command line override them; --model,
+    /// --image and --mask are not stored and must be given again when needed.
+    #[arg(long, value_name = "IMAGE.png")]
+    from: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -102,14 +115,21 @@ fn main() -> ExitCode {
             .unwrap_or_else(|| "unknown panic".into());
         eprintln!("error: internal error: {msg}");
     }));
-    let cli = Cli::parse();
-    let result = std::panic::catch_unwind(|| match cli.command {
-        Command::Generate(args) => generate(*args),
+    let matches = Cli::command().get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match cli.command {
+        Command::Generate(args) => {
+            let given = matches.subcommand_matches("generate").expect("the generate subcommand");
+            generate(*args, given)
+        }
         Command::Schedulers => {
             print!("{}", schedulers_table());
             Ok(())
         }
-    });
+    }));
     match result {
         Ok(Ok(())) => ExitCode::SUCCESS,
         Ok(Err(e)) => {
@@ -197,9 +217,10 @@ fn check_output(out: &Path, num_images: usize) -> anyhow::Result<()> {
     if out.is_dir() {
         anyhow::bail!("--out {} is a directory, not an image file", out.display());
     }
-    // The first file's name; the others differ only in their number.
+    // The first file's name; the others differ only in their number. Images are PNGs (with
+    // their settings in a text chunk).
     let first = &output_paths(out, num_images.clamp(1, 2))[0];
-    if image::ImageFormat::from_path(first).is_err() {
+    if image::ImageFormat::from_path(first).ok() != Some(image::ImageFormat::Png) {
         anyhow::bail!("--out {}: not an image file name (e.g. out.png)", first.display());
     }
     Ok(())
@@ -239,15 +260,75 @@ fn init_image(
     Ok(Some(init))
 }
 
-fn generate(args: GenerateArgs) -> anyhow::Result<()> {
+/// `--from`: fills every setting the command line leaves out from the image's metadata. Returns
+/// the settings read (to check the model hash against) and, for an image from a batch drawn
+/// with one seed, its place in that batch.
+fn apply_replay(
+    args: &mut GenerateArgs,
+    given: &ArgMatches,
+) -> anyhow::Result<Option<GenerationInfo>> {
+    let Some(path) = args.from.clone() else { return Ok(None) };
+    let bytes =
+        std::fs::read(&path).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
+    let text = read_png_parameters(&bytes)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
+        .ok_or_else(|| {
+            anyhow::anyhow!("{} has no generation settings (no `parameters` text)", path.display())
+        })?;
+    let info = GenerationInfo::from_infotext(&Infotext::parse(&text))
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let unset = |id: &str| given.value_source(id) != Some(ValueSource::CommandLine);
+    if unset("prompt") {
+        args.prompt = Some(info.prompt.clone());
+    }
+    if unset("negative_prompt") && !info.negative_prompt.is_empty() {
+        args.negative_prompt = Some(info.negative_prompt.clone());
+    }
+    if let (true, Some((w, h))) = (unset("width") && unset("height"), info.size) {
+        (args.width, args.height) = (Some(w), Some(h));
+    }
+    macro_rules! fill {
+        ($id:literal, $field:ident, $value:expr) => {
+            if let (true, Some(v)) = (unset($id), $value) {
+                args.$field = v;
+            }
+        };
+    }
+    fill!("steps", steps, info.steps);
+    fill!("guidance_scale", guidance_scale, info.cfg_scale);
+    fill!("guidance_rescale", guidance_rescale, info.guidance_rescale);
+    fill!("eta", eta, info.eta);
+    fill!("num_images", num_images, info.batch_size);
+    fill!("dtype", dtype, info.dtype.clone());
+    fill!("seed", seed, info.seed.map(Some));
+    fill!("scheduler", scheduler, info.scheduler_name().map(Some));
+    if let (true, Some(strength)) = (unset("strength"), info.denoising_strength) {
+        if args.image.is_none() {
+            anyhow::bail!(
+                "{} was made from an image (denoising strength {strength}): pass it with --image",
+                path.display()
+            );
+        }
+        args.strength = Some(strength);
+    }
+    Ok(Some(info))
+}
+
+fn generate(mut args: GenerateArgs, given: &ArgMatches) -> anyhow::Result<()> {
+    let replayed = apply_replay(&mut args, given)?;
+    // From a batch drawn with one seed, --from makes the whole batch and keeps its image.
+    let keep_only = replayed
+        .as_ref()
+        .and_then(|i| i.batch_position)
+        .filter(|_| given.value_source("num_images") != Some(ValueSource::CommandLine));
     let dtype = parse_dtype(&args.dtype)?;
     let device = parse_device(&args.device)?;
     sd_core::runtime::init_cpu(args.threads)?;
     if args.num_images == 0 {
         anyhow::bail!("--num-images must be at least 1");
     }
-    check_output(&args.out, args.num_images)?;
-    let mut params = GenerateParams::new(args.prompt);
+    check_output(&args.out, keep_only.map_or(args.num_images, |_| 1))?;
+    let mut params = GenerateParams::new(args.prompt.unwrap_or_default());
     params.negative_prompts = args.negative_prompt.map(|n| vec![n]);
     params.height = args.height;
     params.width = args.width;
@@ -267,6 +348,15 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
     // Check the scheduler name before the slow part.
     pipe.scheduler(params.scheduler.as_deref(), None)?;
     let load_time = started.elapsed();
+    if let Some(want) = replayed.as_ref().and_then(|i| i.model_hash.as_deref()) {
+        let have = pipe.model_hash()?;
+        if have != want {
+            eprintln!(
+                "warning: the image was made with model hash {want}; this model's is {have}, so \
+                 the result will differ"
+            );
+        }
+    }
     for prompt in params.prompts.iter().chain(params.negative_prompts.iter().flatten()) {
         if let Some(cut) = pipe.tokenizer.truncated_text(prompt)? {
             let max = pipe.tokenizer.max_length();
@@ -291,9 +381,21 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
     bar.finish_and_clear();
     let out = out?;
 
-    let paths = output_paths(&args.out, out.images.len());
-    for (written, (img, path)) in out.images.iter().zip(&paths).enumerate() {
-        if let Err(e) = img.save(path) {
+    let indices: Vec<usize> = match keep_only {
+        Some(i) if i < out.images.len() => vec![i],
+        Some(i) => {
+            anyhow::bail!("the image is number {i} of its batch; the run made {}", out.images.len())
+        }
+        None => (0..out.images.len()).collect(),
+    };
+    let paths = output_paths(&args.out, indices.len());
+    for (written, (&i, path)) in indices.iter().zip(&paths).enumerate() {
+        let text = match args.no_metadata {
+            true => None,
+            false => Some(pipe.generation_info(&params, &out, i)?.to_infotext().to_text()),
+        };
+        let png = encode_png(&out.images[i], text.as_deref())?;
+        if let Err(e) = std::fs::write(path, png) {
             // All the images or none: a failed run leaves no file behind.
             for path in &paths[..written] {
                 let _ = std::fs::remove_file(path);

@@ -22,6 +22,7 @@ pub mod cpu;
 pub mod error;
 pub mod hub;
 pub mod loading;
+pub mod metadata;
 pub mod models;
 pub mod nn;
 pub mod pipeline;

@@ -57,6 +57,9 @@ pub struct GenerateResult {
     /// The seed of each image, or the one seed of the batch.
     pub seeds: Vec<u64>,
     pub timings: Py<StageTimings>,
+    /// With `metadata=True` and "pil": each image's settings as AUTOMATIC1111's `parameters`
+    /// text (what sd-cli writes into its PNGs); else empty.
+    pub infotexts: Vec<String>,
 }
 
 /// The `output` argument of `generate`.
@@ -74,6 +77,7 @@ struct RunOutput {
     values: Option<(Vec<f32>, Vec<usize>)>,
     seeds: Vec<u64>,
     timings: sd_core::pipeline::StageTimings,
+    infotexts: Vec<String>,
 }
 
 impl RunOutput {
@@ -103,6 +107,7 @@ impl RunOutput {
             latents,
             seeds: self.seeds,
             timings: Py::new(py, timings)?,
+            infotexts: self.infotexts,
         })
     }
 }
@@ -296,7 +301,7 @@ impl PyPipeline {
     /// bytes)` of one image (or one per prompt) to start from (image-to-image), with `mask`
     /// `(width, height, luma bytes)`, white = repaint, for inpainting; `strength` in (0, 1]
     /// (default 0.8 without a mask, 1.0 with one, as diffusers).
-    #[pyo3(signature = (prompts, negative_prompts=None, height=None, width=None, num_inference_steps=50, guidance_scale=7.5, num_images_per_prompt=1, seeds=Vec::new(), scheduler=None, scheduler_config=None, output="pil", on_step=None, guidance_rescale=0.0, eta=0.0, step_latents=false, latents=None, prompt_embeds=None, negative_prompt_embeds=None, init_images=None, mask=None, strength=None))]
+    #[pyo3(signature = (prompts, negative_prompts=None, height=None, width=None, num_inference_steps=50, guidance_scale=7.5, num_images_per_prompt=1, seeds=Vec::new(), scheduler=None, scheduler_config=None, output="pil", on_step=None, guidance_rescale=0.0, eta=0.0, step_latents=false, latents=None, prompt_embeds=None, negative_prompt_embeds=None, init_images=None, mask=None, strength=None, metadata=false))]
     #[allow(clippy::too_many_arguments)]
     fn generate<'py>(
         &self,
@@ -322,6 +327,7 @@ impl PyPipeline {
         init_images: Option<Vec<(u32, u32, Bound<'py, PyBytes>)>>,
         mask: Option<(u32, u32, Bound<'py, PyBytes>)>,
         strength: Option<f64>,
+        metadata: bool,
     ) -> PyResult<GenerateResult> {
         let output = match output {
             "pil" => Output::Pil,
@@ -391,11 +397,20 @@ impl PyPipeline {
                             Some((l.flatten_all()?.to_vec1::<f32>()?, l.dims().to_vec()))
                         }
                     };
+                    let infotexts = match metadata && output == Output::Pil {
+                        true => (0..out.images.len())
+                            .map(|i| {
+                                Ok(pipe.generation_info(&params, &out, i)?.to_infotext().to_text())
+                            })
+                            .collect::<sd_core::Result<Vec<_>>>()?,
+                        false => Vec::new(),
+                    };
                     Ok(RunOutput {
                         images: out.images,
                         values,
                         seeds: out.seeds,
                         timings: out.timings,
+                        infotexts,
                     })
                 })
             })

@@ -3,13 +3,14 @@
 //! ([`generate_with`](StableDiffusionPipeline::generate_with)) is in `text2img.rs`.
 
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
 use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
 
 use super::postprocess::to_rgb_images;
 use crate::hub::{resolve_model, variant_for, HubOptions};
-use crate::loading::{build_component, read_json, WeightStore};
+use crate::loading::{build_component, component_weight_paths, read_json, WeightStore};
 use crate::models::clip_text::{ClipTextConfig, ClipTextModel};
 use crate::models::unet::{UNet2DConditionConfig, UNet2DConditionModel};
 use crate::models::vae::{AutoencoderKL, AutoencoderKLConfig};
@@ -62,6 +63,9 @@ pub struct StableDiffusionPipeline {
     dtype: DType,
     /// The most images per UNet or VAE call; `None`: [`Self::model_batch`]'s estimate.
     pub(super) max_model_batch: Option<usize>,
+    /// The UNet weight files, hashed (once) for the image metadata's model hash.
+    pub(super) unet_weights: Vec<PathBuf>,
+    pub(super) model_hash: OnceLock<String>,
 }
 
 impl StableDiffusionPipeline {
@@ -108,6 +112,8 @@ impl StableDiffusionPipeline {
         let cfg: ClipTextConfig = read_json(&dir.join("config.json"))?;
         let text_encoder =
             build_component(&dir, store, dtype, device, |vb| ClipTextModel::new(vb, &cfg))?;
+        let unet_weights =
+            component_weight_paths(&folder.join("unet"), "diffusion_pytorch_model", variant)?;
         let (dir, store) = load("unet", "diffusion_pytorch_model")?;
         let cfg: UNet2DConditionConfig = read_json(&dir.join("config.json"))?;
         let unet =
@@ -127,6 +133,8 @@ impl StableDiffusionPipeline {
             device: device.clone(),
             dtype,
             max_model_batch: None,
+            unet_weights,
+            model_hash: OnceLock::new(),
         })
     }
 

@@ -515,6 +515,10 @@ class StableDiffusionPipeline:
           embeddings, the negative prompts are encoded (then `prompt_embeds` must have the
           tokenizer's 77 tokens).
 
+        - `output_metadata=True` (ours): each PIL image's `info["parameters"]` holds its settings
+          in AUTOMATIC1111's format, as sd-cli writes them into its PNGs (save with
+          `PngInfo`/`pnginfo=` to keep them in a file).
+
         `timesteps`, `sigmas`, IP-adapter
         inputs, `cross_attention_kwargs` and `clip_skip` are not supported
         (ValueError); other unknown keyword arguments are ignored with a warning.
@@ -577,6 +581,8 @@ class StableDiffusionPipeline:
         when given (not None); `ignored`: unknown keyword arguments (a warning); `edit`: the native
         `init_images`, `mask` and `strength` arguments of image-to-image and inpainting."""
         self._interrupt = False
+        # Ours, taken by every pipeline class: the settings in each PIL image's `info`.
+        output_metadata = bool(ignored.pop("output_metadata", False))
         given = [k for k, v in unsupported.items() if v is not None]
         if given:
             raise ValueError(f"sd_py does not support {', '.join(given)}")
@@ -663,6 +669,7 @@ class StableDiffusionPipeline:
             latents=initial_noise,
             prompt_embeds=embeds,
             negative_prompt_embeds=negative_embeds,
+            metadata=output_metadata,
             **(edit or {}),
         )
         images: Any
@@ -670,6 +677,8 @@ class StableDiffusionPipeline:
             from PIL import Image
 
             images = [Image.frombytes("RGB", (image.width, image.height), image.data) for image in out.images]
+            for image, text in zip(images, out.infotexts):
+                image.info["parameters"] = text
         else:
             images = _from_native(out.array if output == "np" else out.latents)
         result = StableDiffusionPipelineOutput(images=images, nsfw_content_detected=None, seeds=list(out.seeds))

@@ -21,6 +21,11 @@ class GenerateResult:
     def images(self):
         """\"pil": one RGB image per prompt and image."""
     @property
+    def infotexts(self):
+        """With `metadata=True` and "pil": each image's settings as AUTOMATIC1111's `parameters`
+        text (what sd-cli writes into its PNGs); else empty.
+        """
+    @property
     def latents(self):
         """\"latent": the final latents `[b, c, h/8, w/8]`."""
     @property
@@ -61,7 +66,7 @@ class _Pipeline:
     @property
     def folder(self):
         """The local diffusers folder the weights were read from."""
-    def generate(self, prompts, negative_prompts=None, height=None, width=None, num_inference_steps=50, guidance_scale=7.5, num_images_per_prompt=1, seeds=..., scheduler=None, scheduler_config=None, output='pil', on_step=None, guidance_rescale=0.0, eta=0.0, step_latents=False, latents=None, prompt_embeds=None, negative_prompt_embeds=None, init_images=None, mask=None, strength=None):
+    def generate(self, prompts, negative_prompts=None, height=None, width=None, num_inference_steps=50, guidance_scale=7.5, num_images_per_prompt=1, seeds=..., scheduler=None, scheduler_config=None, output='pil', on_step=None, guidance_rescale=0.0, eta=0.0, step_latents=False, latents=None, prompt_embeds=None, negative_prompt_embeds=None, init_images=None, mask=None, strength=None, metadata=False):
         """Runs the pipeline with the GIL released; sd-core checks every value.
 
         `seeds`: empty (random), one (one generator for the batch) or one per image.
