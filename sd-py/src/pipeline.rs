@@ -10,8 +10,8 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyTuple};
 use sd_core::hub::variant_for;
 use sd_core::pipeline::{
-    GenerateParams, InitImage, LoadOptions, OutputType, RunHooks, StableDiffusionPipeline,
-    StepControl, StepProgress,
+    GenerateParams, InitImage, LoadOptions, OutputType, PromptSyntax, RunHooks,
+    StableDiffusionPipeline, StepControl, StepProgress,
 };
 use sd_core::schedulers::SchedulerConfig;
 
@@ -361,6 +361,8 @@ impl PyPipeline {
             output: if output == Output::Pil { OutputType::Image } else { OutputType::Latent },
             latents: tensor(latents)?,
             init_image: init_image(init_images, mask, strength)?,
+            clip_skip: None,
+            prompt_syntax: PromptSyntax::Plain,
         };
 
         let pipe = Arc::clone(&self.inner);
