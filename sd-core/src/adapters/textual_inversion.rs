@@ -116,13 +116,8 @@ impl StableDiffusionPipeline {
             )));
         }
         let tokens = embedding.tokens();
-        if let Some(taken) = tokens.iter().find(|t| self.tokenizer.token_to_id(t).is_some()) {
-            return Err(Error::invalid(format!(
-                "token {taken} is already in the tokenizer's vocabulary; choose a different token \
-                 name (`token=`)"
-            )));
-        }
         let first_id = self.text_encoder.token_count();
+        // On a copy, so that a refused load leaves the tokenizer as it was.
         let mut tokenizer = self.tokenizer.clone();
         let ids = tokenizer.add_tokens(&tokens)?;
         if ids.first() != Some(&(first_id as u32)) {

@@ -1,7 +1,8 @@
 //! `CLIPTextModel` (transformers), built from `text_encoder/config.json`. Stable Diffusion uses
 //! its `last_hidden_state`: every token's embedding after the final layer norm, or with
 //! `clip_skip` an earlier layer's output through the same layer norm. Textual-inversion tokens
-//! get their embeddings from a small table beside the base one ([`ClipTextModel::add_token_embeddings`]).
+//! get their embeddings from a small table beside the base one
+//! ([`ClipTextModel::add_token_embeddings`]).
 
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{Embedding, LayerNorm, VarBuilder};

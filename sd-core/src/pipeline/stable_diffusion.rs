@@ -14,7 +14,7 @@ use crate::loading::{build_component, read_json, WeightStore};
 use crate::models::clip_text::{ClipTextConfig, ClipTextModel};
 use crate::models::unet::{UNet2DConditionConfig, UNet2DConditionModel};
 use crate::models::vae::{AutoencoderKL, AutoencoderKLConfig};
-use crate::prompt::chunks::{apply_multipliers, empty_chunk, tokenize_chunks, CHUNK_TOKENS};
+use crate::prompt::chunks::{apply_multipliers, empty_chunk, tokenize_chunks, CHUNK_IDS};
 use crate::prompt::parse::parse_prompt_attention;
 use crate::prompt::PromptSyntax;
 use crate::schedulers::{scheduler_from_name, Scheduler, SchedulerConfig};
@@ -224,12 +224,12 @@ impl StableDiffusionPipeline {
                 multipliers.extend(chunk.multipliers.iter().map(|&m| m as f32));
             }
         }
-        let shape = (prompts.len() * chunks, CHUNK_TOKENS + 2);
+        let shape = (prompts.len() * chunks, CHUNK_IDS);
         let ids = Tensor::from_vec(ids, shape, &self.device)?;
         let multipliers = Tensor::from_vec(multipliers, shape, &self.device)?;
         let z = self.text_encoder.forward_skipping(&ids, clip_skip)?;
         let z = apply_multipliers(&z, &multipliers)?;
-        Ok(z.reshape((prompts.len(), chunks * (CHUNK_TOKENS + 2), ()))?)
+        Ok(z.reshape((prompts.len(), chunks * CHUNK_IDS, ()))?)
     }
 
     /// Decodes latents (as the denoising loop leaves them) into the VAE's output, roughly in

@@ -10,8 +10,11 @@ use super::parse::WeightedText;
 use crate::tokenizer::ClipTokenizer;
 use crate::Result;
 
-/// Prompt tokens per chunk (77 ids with the start and end tokens).
+/// Prompt tokens per chunk.
 pub const CHUNK_TOKENS: usize = 75;
+
+/// Ids per chunk: the prompt tokens between the start and end tokens (CLIP's 77 positions).
+pub const CHUNK_IDS: usize = CHUNK_TOKENS + 2;
 
 /// A1111's `comma_padding_backtrack` default: a chunk that fills up within this many tokens after
 /// a comma is cut after the comma, and the tokens since move to the next chunk.
@@ -38,15 +41,15 @@ impl ChunkBuilder<'_> {
     /// token becomes the pad id.
     fn close(&mut self) {
         let tok = self.tokenizer;
-        let mut ids = Vec::with_capacity(CHUNK_TOKENS + 2);
+        let mut ids = Vec::with_capacity(CHUNK_IDS);
         ids.push(tok.bos_id());
         ids.append(&mut self.ids);
-        ids.resize(CHUNK_TOKENS + 2, tok.eos_id());
+        ids.resize(CHUNK_IDS, tok.eos_id());
         let first_end = ids.iter().position(|&id| id == tok.eos_id()).expect("an end token");
         ids[first_end + 1..].fill(tok.pad_id());
         let mut multipliers = vec![1.0];
         multipliers.append(&mut self.multipliers);
-        multipliers.resize(CHUNK_TOKENS + 2, 1.0);
+        multipliers.resize(CHUNK_IDS, 1.0);
         self.chunks.push(PromptChunk { ids, multipliers });
         self.last_comma = None;
     }

@@ -27,7 +27,7 @@ impl FromStr for PromptSyntax {
 
     fn from_str(name: &str) -> crate::Result<Self> {
         match name.to_ascii_lowercase().as_str() {
-            "plain" | "diffusers" => Ok(Self::Plain),
+            "plain" => Ok(Self::Plain),
             "a1111" => Ok(Self::A1111),
             _ => Err(Error::invalid(format!(
                 "unknown prompt syntax {name:?} (expected plain or a1111)"
