@@ -524,6 +524,8 @@ class StableDiffusionV2:
                     continue
                 # One bad request must not fail the others: run them one by one.
                 for i in group:
+                    if requests[i]["gone"].is_set():
+                        continue
                     try:
                         results[i] = (True, (await asyncio.to_thread(self._run, [requests[i]]))[0])
                     except Exception as e1:
@@ -598,15 +600,17 @@ class StableDiffusionV2:
         except asyncio.CancelledError:
             request["gone"].set()
             raise
-        finally:
-            if request["queued"]:  # it left before its pipeline call started
-                self._dequeue([request])
+        finally:  # when it left before its pipeline call started
+            self._dequeue([request])
 
     def _dequeue(self, batch: List[Dict[str, Any]]) -> None:
+        """Counts the queued requests of `batch` out of the queue (once: a request of a failed
+        batch is run again alone)."""
         with self._stats_lock:
-            for r in batch:
+            leaving = [r for r in batch if r["queued"]]
+            for r in leaving:
                 r["queued"] = False
-            self._queued -= len(batch)
+            self._queued -= len(leaving)
         self._publish_gauges()
 
     @contextmanager
