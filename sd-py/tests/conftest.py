@@ -88,6 +88,10 @@ def pipe():
     return StableDiffusionPipeline.from_pretrained(str(SD2))
 
 
+# Where the Ray cluster of `ray_cluster` exports its Prometheus metrics (on 127.0.0.1).
+RAY_METRICS_PORT = free_port()
+
+
 @pytest.fixture(scope="session")
 def ray_cluster(tmp_path_factory):
     """A small local Ray cluster with Serve on 127.0.0.1:<free port>, shared by the Ray tests.
@@ -116,6 +120,7 @@ def ray_cluster(tmp_path_factory):
         runtime_env={"env_vars": env},
         logging_level="WARNING",
         log_to_driver=True,
+        _metrics_export_port=RAY_METRICS_PORT,
     )
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
