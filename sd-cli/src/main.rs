@@ -325,6 +325,19 @@ fn apply_replay(
     fill!("dtype", dtype, info.dtype.clone());
     fill!("seed", seed, info.seed.map(Some));
     fill!("scheduler", scheduler, info.scheduler_name().map(Some));
+    if unset("clip_skip") {
+        // A1111's "Clip skip" N is diffusers' N - 1 (1: the last layer, no skip).
+        args.clip_skip = info.clip_skip.filter(|&n| n > 1).map(|n| n - 1);
+    }
+    if unset("prompt_syntax") {
+        // Ours say which syntax they used; A1111's prompts are always read with its syntax.
+        let ours = info.engine.as_deref().is_some_and(|e| e.starts_with("sd-rs"));
+        args.prompt_syntax = match (&info.prompt_syntax, ours) {
+            (Some(syntax), _) => syntax.clone(),
+            (None, true) => "plain".into(),
+            (None, false) => "a1111".into(),
+        };
+    }
     if let (true, Some(strength)) = (unset("strength"), info.denoising_strength) {
         if args.image.is_none() {
             anyhow::bail!(

@@ -71,9 +71,11 @@ fn from_remakes_our_image_exactly_even_from_a_batch() {
     run(&["generate", "--prompt", "a red \"barn\", dusk", "--negative-prompt", "fog", "--model", &m,
         "--steps", "3", "--seed", "123", "--width", "48", "--height", "64",
         "--scheduler", "euler_a", "--guidance-scale", "5.5", "--guidance-rescale", "0.3",
-        "--num-images", "2", "--out", &out]);
+        "--clip-skip", "1", "--prompt-syntax", "a1111", "--num-images", "2", "--out", &out]);
     let second = dir.path().join("batch-1.png");
-    assert_eq!(settings(&second).batch_position, Some(1));
+    let info = settings(&second);
+    assert_eq!(info.batch_position, Some(1));
+    assert_eq!((info.clip_skip, info.prompt_syntax.as_deref()), (Some(2), Some("a1111")));
     let again = path(dir.path(), "again.png");
     run(&["generate", "--from", &second.display().to_string(), "--model", &m, "--out", &again]);
     assert_eq!(pixels(Path::new(&again)), pixels(&second), "the replay differs");
@@ -88,14 +90,14 @@ fn from_remakes_our_image_exactly_even_from_a_batch() {
 }
 
 /// A PNG written by AUTOMATIC1111 (its text only: no keys of ours) gives the image that the
-/// same settings give on the command line.
+/// same settings give on the command line, its prompt read with A1111's syntax.
 #[test]
 fn from_reads_a1111_settings() {
     let dir = tempfile::tempdir().unwrap();
     let a1111 = dir.path().join("a1111.png");
     let text = "a lighthouse, (storm:1.2)\nNegative prompt: text\nSteps: 2, Sampler: DPM++ 2M, \
                 Schedule type: Karras, CFG scale: 7, Seed: 99, Size: 56x40, Model hash: \
-                0123456789, Model: v2-1_768-ema-pruned, Version: v1.10.1";
+                0123456789, Model: v2-1_768-ema-pruned, Clip skip: 2, Version: v1.10.1";
     let mut bytes = Vec::new();
     let mut enc = png::Encoder::new(&mut bytes, 1, 1);
     enc.set_color(png::ColorType::Rgb);
@@ -118,8 +120,15 @@ fn from_reads_a1111_settings() {
     #[rustfmt::skip]
     run(&["generate", "--prompt", "a lighthouse, (storm:1.2)", "--negative-prompt", "text",
         "--model", &m, "--steps", "2", "--scheduler", "dpmpp_2m_karras", "--guidance-scale", "7",
-        "--seed", "99", "--width", "56", "--height", "40", "--out", &direct]);
+        "--seed", "99", "--width", "56", "--height", "40", "--clip-skip", "1",
+        "--prompt-syntax", "a1111", "--out", &direct]);
     assert_eq!(pixels(Path::new(&replay)), pixels(Path::new(&direct)));
+    // The weight and the skipped layer matter: without them the image differs.
+    let plain = path(dir.path(), "p.png");
+    #[rustfmt::skip]
+    run(&["generate", "--from", &a1111.display().to_string(), "--model", &m,
+        "--prompt-syntax", "plain", "--out", &plain]);
+    assert_ne!(pixels(Path::new(&replay)), pixels(Path::new(&plain)));
 }
 
 #[test]

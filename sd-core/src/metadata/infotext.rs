@@ -196,7 +196,7 @@ pub fn python_float(v: f64) -> String {
 
 /// The settings of one generated image, as written into (and read back from) its infotext.
 /// A1111's keys come first in A1111's order; the settings A1111 has no key for use keys of our
-/// own after them (`Scheduler`, `Dtype`, `Batch size`, `Batch position`, `Guidance rescale`,
+/// own after them (`Prompt syntax`, `Scheduler`, `Dtype`, `Batch size`, `Batch position`, `Guidance rescale`,
 /// `Eta`, `Engine`). Reading an A1111 text leaves ours `None`.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct GenerationInfo {
@@ -214,7 +214,11 @@ pub struct GenerationInfo {
     pub model_hash: Option<String>,
     pub model: Option<String>,
     pub denoising_strength: Option<f64>,
+    /// A1111's "Clip skip": 1 is the last layer, so it is diffusers' `clip_skip` + 1 (A1111
+    /// leaves out 1, its default).
     pub clip_skip: Option<usize>,
+    /// Ours: "a1111" when the prompts were read with A1111's weighting syntax.
+    pub prompt_syntax: Option<String>,
     /// Ours: the exact scheduler name `--scheduler` takes (a short name, or the model's class).
     pub scheduler: Option<String>,
     pub dtype: Option<String>,
@@ -245,6 +249,7 @@ impl GenerationInfo {
         put("Model", self.model.clone());
         put("Denoising strength", self.denoising_strength.map(python_float));
         put("Clip skip", self.clip_skip.map(|c| c.to_string()));
+        put("Prompt syntax", self.prompt_syntax.clone());
         put("Scheduler", self.scheduler.clone());
         put("Dtype", self.dtype.clone());
         put("Batch size", self.batch_size.map(|b| b.to_string()));
@@ -293,6 +298,7 @@ impl GenerationInfo {
             model: text("Model"),
             denoising_strength: parsed(info, "Denoising strength")?,
             clip_skip: parsed(info, "Clip skip")?,
+            prompt_syntax: text("Prompt syntax"),
             scheduler: text("Scheduler"),
             dtype: text("Dtype"),
             batch_size: parsed(info, "Batch size")?,
@@ -423,7 +429,8 @@ mod tests {
             model_hash: Some("0123456789".into()),
             model: Some("sd2-tiny".into()),
             denoising_strength: Some(0.6),
-            clip_skip: None,
+            clip_skip: Some(2),
+            prompt_syntax: Some("a1111".into()),
             scheduler: Some("euler_a".into()),
             dtype: Some("f32".into()),
             batch_size: Some(2),

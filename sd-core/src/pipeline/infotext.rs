@@ -8,6 +8,7 @@ use sha2::{Digest, Sha256};
 
 use super::{GenerateOutput, GenerateParams, StableDiffusionPipeline};
 use crate::metadata::GenerationInfo;
+use crate::prompt::PromptSyntax;
 use crate::schedulers::{find_scheduler, SchedulerEntry, SCHEDULERS};
 use crate::{Error, Result};
 
@@ -56,7 +57,9 @@ impl StableDiffusionPipeline {
             model_hash: Some(self.model_hash()?),
             model: Some(self.model_name()),
             denoising_strength: params.init_image.as_ref().map(|i| i.strength),
-            clip_skip: None,
+            // diffusers' clip_skip k is A1111's "Clip skip" k + 1 (1, the last layer, left out).
+            clip_skip: params.clip_skip.filter(|&k| k > 0).map(|k| k + 1),
+            prompt_syntax: (params.prompt_syntax == PromptSyntax::A1111).then(|| "a1111".into()),
             scheduler: Some(match entry {
                 Some(e) => e.aliases.first().copied().unwrap_or(e.class_name).to_string(),
                 None => self.scheduler_class.clone(),
