@@ -17,6 +17,7 @@
 //! The CPU kernels under the layers ([`nn`]) and the attention share one low-level layer,
 //! [`cpu`]: SIMD dispatch, the GEMM backends (builtin, MKL, AMX) and scratch buffers.
 
+pub mod adapters;
 pub mod attention;
 pub mod cpu;
 pub mod error;

@@ -361,6 +361,7 @@ impl PyPipeline {
             output: if output == Output::Pil { OutputType::Image } else { OutputType::Latent },
             latents: tensor(latents)?,
             init_image: init_image(init_images, mask, strength)?,
+            lora_scale: None,
         };
 
         let pipe = Arc::clone(&self.inner);

@@ -88,6 +88,9 @@ pub struct GenerateParams {
     pub latents: Option<Tensor>,
     /// The image (and mask) to start from; `None` is text-to-image.
     pub init_image: Option<InitImage>,
+    /// diffusers' `cross_attention_kwargs={"scale": s}`: the factor of the active unfused LoRAs
+    /// in the text encoder and the UNet (default 1; fused LoRAs ignore it).
+    pub lora_scale: Option<f64>,
 }
 
 impl GenerateParams {
@@ -110,6 +113,7 @@ impl GenerateParams {
             output: OutputType::Image,
             latents: None,
             init_image: None,
+            lora_scale: None,
         }
     }
 }

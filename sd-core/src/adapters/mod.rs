@@ -1,0 +1,199 @@
+//! Adapters on a loaded pipeline: LoRAs ([`lora`]), applied to the text encoder and UNet layers
+//! through their [LoRA slots](crate::nn::lora).
+//!
+//! [`Adapters`] keeps which LoRAs are loaded and active (with diffusers' per-adapter weights),
+//! and whether they are fused. Unfused, each run sets every layer's factors to `adapter weight x
+//! run scale` before it starts and holds the registry for its duration, so runs of one pipeline
+//! with adapters loaded are serialized, and each run chooses its scale; without adapters (or
+//! with them fused) runs share the registry and go in parallel.
+
+pub mod lora;
+
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use lora::{Component, LoraAdapter, ModelLayers};
+
+use crate::{Error, Result};
+
+/// The LoRA state of a pipeline.
+#[derive(Debug)]
+pub struct Adapters {
+    text_encoder: ModelLayers,
+    unet: ModelLayers,
+    state: RwLock<State>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    /// Loaded adapters, in load order, with the layers each has terms in.
+    loaded: Vec<(Arc<str>, Vec<(Component, String)>)>,
+    /// diffusers' active adapters and their weights.
+    active: Vec<(String, f64)>,
+    /// Whether the active adapters are fused into the weights.
+    fused: bool,
+}
+
+/// Holds a pipeline's adapters for the duration of a run (see the module docs).
+#[must_use]
+pub struct AdapterRun<'a> {
+    _guard: RunGuard<'a>,
+}
+
+enum RunGuard<'a> {
+    Shared { _state: RwLockReadGuard<'a, State> },
+    Exclusive { _state: RwLockWriteGuard<'a, State> },
+}
+
+impl Adapters {
+    pub fn new(text_encoder: ModelLayers, unet: ModelLayers) -> Self {
+        Self { text_encoder, unet, state: RwLock::default() }
+    }
+
+    pub fn layers(&self, component: Component) -> &ModelLayers {
+        match component {
+            Component::TextEncoder => &self.text_encoder,
+            Component::Unet => &self.unet,
+        }
+    }
+
+    fn read(&self) -> RwLockReadGuard<'_, State> {
+        self.state.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(&self) -> RwLockWriteGuard<'_, State> {
+        self.state.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Adds a LoRA's terms to its layers (no copy of the base weights) and makes it the only
+    /// active adapter, with weight 1, as diffusers' `load_lora_weights` does.
+    pub fn load(&self, adapter: LoraAdapter) -> Result<()> {
+        let mut state = self.write();
+        if state.fused {
+            return Err(Error::invalid("LoRAs are fused: unfuse them before loading another"));
+        }
+        if state.loaded.iter().any(|(name, _)| **name == *adapter.name) {
+            return Err(Error::invalid(format!("an adapter named `{}` is loaded", adapter.name)));
+        }
+        let name: Arc<str> = adapter.name.as_str().into();
+        let mut touched = Vec::with_capacity(adapter.layers.len());
+        for ((component, path), weights) in adapter.layers {
+            let layer = self.layers(component).get(&path).expect("the loader resolved it");
+            layer.add_term(&name, &weights.down, &weights.up, weights.scale)?;
+            touched.push((component, path));
+        }
+        state.loaded.push((name, touched));
+        state.active = vec![(adapter.name, 1.0)];
+        Ok(())
+    }
+
+    /// The loaded adapters' names, in load order.
+    pub fn names(&self) -> Vec<String> {
+        self.read().loaded.iter().map(|(name, _)| name.to_string()).collect()
+    }
+
+    /// The active adapters and their weights.
+    pub fn active(&self) -> Vec<(String, f64)> {
+        self.read().active.clone()
+    }
+
+    pub fn is_fused(&self) -> bool {
+        self.read().fused
+    }
+
+    /// diffusers' `set_adapters(names, adapter_weights)`: only these run, with these weights.
+    pub fn set_active(&self, adapters: &[(String, f64)]) -> Result<()> {
+        let mut state = self.write();
+        if state.fused {
+            return Err(Error::invalid("LoRAs are fused: unfuse them before changing adapters"));
+        }
+        for (name, weight) in adapters {
+            if !state.loaded.iter().any(|(loaded, _)| **loaded == **name) {
+                let loaded: Vec<&str> = state.loaded.iter().map(|(n, _)| &**n).collect();
+                return Err(Error::invalid(format!(
+                    "no adapter named `{name}` is loaded (loaded: {loaded:?})"
+                )));
+            }
+            if !weight.is_finite() {
+                return Err(Error::invalid(format!("adapter `{name}`: weight {weight}")));
+            }
+        }
+        state.active = adapters.to_vec();
+        Ok(())
+    }
+
+    /// diffusers' `fuse_lora(lora_scale)`: the active adapters, at their weights times `scale`,
+    /// are added into copies of their layers' weights; the original weights are kept, so
+    /// [`Self::unfuse`] restores them bit for bit. Runs then ignore their LoRA scale.
+    pub fn fuse(&self, scale: f64) -> Result<()> {
+        let mut state = self.write();
+        if state.fused {
+            return Err(Error::invalid("LoRAs are fused already"));
+        }
+        self.set_factors(&state, scale);
+        for (component, path) in Self::touched(&state) {
+            self.layers(component).get(&path).expect("loaded").fuse()?;
+        }
+        state.fused = true;
+        Ok(())
+    }
+
+    /// diffusers' `unfuse_lora`: every layer runs its original weight again (a no-op when
+    /// nothing is fused).
+    pub fn unfuse(&self) {
+        let mut state = self.write();
+        for (component, path) in Self::touched(&state) {
+            self.layers(component).get(&path).expect("loaded").slot().unfuse();
+        }
+        state.fused = false;
+    }
+
+    /// Removes adapters (all with `None`), as diffusers' `delete_adapters` /
+    /// `unload_lora_weights`; fused weights stay fused until [`Self::unfuse`].
+    pub fn unload(&self, names: Option<&[String]>) -> Result<()> {
+        let mut state = self.write();
+        if let Some(names) = names {
+            if let Some(name) =
+                names.iter().find(|n| !state.loaded.iter().any(|(l, _)| **l == ***n))
+            {
+                return Err(Error::invalid(format!("no adapter named `{name}` is loaded")));
+            }
+        }
+        let unload = |name: &str| names.is_none_or(|names| names.iter().any(|n| n == name));
+        for (name, layers) in state.loaded.iter().filter(|(name, _)| unload(name)) {
+            for (component, path) in layers {
+                self.layers(*component).get(path).expect("loaded").slot().remove_adapter(name);
+            }
+        }
+        state.loaded.retain(|(name, _)| !unload(name));
+        state.active.retain(|(name, _)| !unload(name));
+        Ok(())
+    }
+
+    /// Takes the adapters for a run at LoRA scale `scale` (diffusers' `cross_attention_kwargs
+    /// ["scale"]`, default 1): exclusively, with every layer's factors set, when unfused
+    /// adapters are loaded; shared otherwise.
+    pub fn begin_run(&self, scale: Option<f64>) -> AdapterRun<'_> {
+        let state = self.read();
+        if state.loaded.is_empty() || state.fused {
+            return AdapterRun { _guard: RunGuard::Shared { _state: state } };
+        }
+        drop(state);
+        let state = self.write();
+        self.set_factors(&state, scale.unwrap_or(1.0));
+        AdapterRun { _guard: RunGuard::Exclusive { _state: state } }
+    }
+
+    fn set_factors(&self, state: &State, scale: f64) {
+        let factor = |adapter: &str| {
+            state.active.iter().find(|(name, _)| name == adapter).map_or(0.0, |(_, w)| w * scale)
+        };
+        for (component, path) in Self::touched(state) {
+            self.layers(component).get(&path).expect("loaded").slot().set_factors(&factor);
+        }
+    }
+
+    /// Every layer some loaded adapter has terms in, once.
+    fn touched(state: &State) -> std::collections::BTreeSet<(Component, String)> {
+        state.loaded.iter().flat_map(|(_, layers)| layers.iter().cloned()).collect()
+    }
+}
