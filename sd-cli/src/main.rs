@@ -86,6 +86,12 @@ struct GenerateArgs {
     /// noised latents. Default: 0.8 for image-to-image, 1.0 for inpainting.
     #[arg(long)]
     strength: Option<f64>,
+    /// Apply a LoRA (.safetensors, diffusers/PEFT or kohya layout) with weight SCALE (default 1).
+    /// Repeatable: each file is its own adapter. Applied unfused (added at each layer's forward
+    /// as two small matmuls): loading copies no weight, while fusing would copy every targeted
+    /// weight for a barely faster step.
+    #[arg(long, value_name = "FILE[:SCALE]")]
+    lora: Vec<String>,
     /// Output PNG; with --num-images K > 1 the files are FILE-0.png ... FILE-(K-1).png.
     #[arg(long)]
     out: PathBuf,
@@ -220,6 +226,22 @@ fn init_image(
     Ok(Some(init))
 }
 
+/// `--lora FILE[:SCALE]` values, each loaded as adapter `lora<i>` and all made active.
+fn load_loras(pipe: &StableDiffusionPipeline, loras: &[String]) -> anyhow::Result<()> {
+    let mut active = Vec::with_capacity(loras.len());
+    for (i, arg) in loras.iter().enumerate() {
+        // A suffix that is not a number belongs to the path.
+        let (file, scale) = match arg.rsplit_once(':').map(|(f, s)| (f, s.parse::<f64>())) {
+            Some((file, Ok(scale))) => (file, scale),
+            _ => (arg.as_str(), 1.0),
+        };
+        let name = format!("lora{i}");
+        pipe.load_lora(Path::new(file), &name)?;
+        active.push((name, scale));
+    }
+    Ok(pipe.set_adapters(&active)?)
+}
+
 fn generate(args: GenerateArgs) -> anyhow::Result<()> {
     let dtype = parse_dtype(&args.dtype)?;
     let device = parse_device(&args.device)?;
@@ -251,6 +273,7 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
     let pipe = StableDiffusionPipeline::from_pretrained(&args.model, &opts)?;
     // Check the scheduler name before the slow part.
     pipe.scheduler(params.scheduler.as_deref(), None)?;
+    load_loras(&pipe, &args.lora)?;
     let load_time = started.elapsed();
     for prompt in params.prompts.iter().chain(params.negative_prompts.iter().flatten()) {
         if let Some(cut) = pipe.tokenizer.truncated_text(prompt)? {

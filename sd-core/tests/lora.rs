@@ -147,6 +147,15 @@ fn unfuse_and_unload_restore_the_base_model_exactly() {
     let (unloaded, _) = run(&pipe, &plain);
     assert!(tensors_equal(&unloaded.latents, &base.latents));
     assert_eq!(unloaded.images[0].as_raw(), base.images[0].as_raw());
+
+    // unloading keeps what is fused (diffusers' fuse-then-unload); un-fusing still restores all
+    load_case(&pipe, both);
+    pipe.unload_lora(None).unwrap();
+    let (fused_unloaded, _) = run(&pipe, &plain);
+    assert!(tensors_equal(&fused_unloaded.latents, &fused.latents));
+    pipe.unfuse_lora();
+    let (restored, _) = run(&pipe, &plain);
+    assert!(tensors_equal(&restored.latents, &base.latents));
 }
 
 /// Scale 0 runs the base model; several adapters and their weights are as set.

@@ -23,10 +23,20 @@ pub struct Adapters {
     state: RwLock<State>,
 }
 
+/// A layer: its model and module path.
+type LayerId = (Component, String);
+
+#[derive(Debug)]
+struct Loaded {
+    name: Arc<str>,
+    /// The layers it has terms in.
+    layers: Vec<LayerId>,
+}
+
 #[derive(Debug, Default)]
 struct State {
-    /// Loaded adapters, in load order, with the layers each has terms in.
-    loaded: Vec<(Arc<str>, Vec<(Component, String)>)>,
+    /// Loaded adapters, in load order.
+    loaded: Vec<Loaded>,
     /// diffusers' active adapters and their weights.
     active: Vec<(String, f64)>,
     /// Whether the active adapters are fused into the weights.
@@ -71,24 +81,24 @@ impl Adapters {
         if state.fused {
             return Err(Error::invalid("LoRAs are fused: unfuse them before loading another"));
         }
-        if state.loaded.iter().any(|(name, _)| **name == *adapter.name) {
+        if state.is_loaded(&adapter.name) {
             return Err(Error::invalid(format!("an adapter named `{}` is loaded", adapter.name)));
         }
         let name: Arc<str> = adapter.name.as_str().into();
-        let mut touched = Vec::with_capacity(adapter.layers.len());
+        let mut layers = Vec::with_capacity(adapter.layers.len());
         for ((component, path), weights) in adapter.layers {
             let layer = self.layers(component).get(&path).expect("the loader resolved it");
             layer.add_term(&name, &weights.down, &weights.up, weights.scale)?;
-            touched.push((component, path));
+            layers.push((component, path));
         }
-        state.loaded.push((name, touched));
+        state.loaded.push(Loaded { name, layers });
         state.active = vec![(adapter.name, 1.0)];
         Ok(())
     }
 
     /// The loaded adapters' names, in load order.
     pub fn names(&self) -> Vec<String> {
-        self.read().loaded.iter().map(|(name, _)| name.to_string()).collect()
+        self.read().loaded.iter().map(|a| a.name.to_string()).collect()
     }
 
     /// The active adapters and their weights.
@@ -107,8 +117,8 @@ impl Adapters {
             return Err(Error::invalid("LoRAs are fused: unfuse them before changing adapters"));
         }
         for (name, weight) in adapters {
-            if !state.loaded.iter().any(|(loaded, _)| **loaded == **name) {
-                let loaded: Vec<&str> = state.loaded.iter().map(|(n, _)| &**n).collect();
+            if !state.is_loaded(name) {
+                let loaded: Vec<&str> = state.loaded.iter().map(|a| &*a.name).collect();
                 return Err(Error::invalid(format!(
                     "no adapter named `{name}` is loaded (loaded: {loaded:?})"
                 )));
@@ -138,11 +148,11 @@ impl Adapters {
     }
 
     /// diffusers' `unfuse_lora`: every layer runs its original weight again (a no-op when
-    /// nothing is fused).
+    /// nothing is fused), also those of adapters unloaded since fusing.
     pub fn unfuse(&self) {
         let mut state = self.write();
-        for (component, path) in Self::touched(&state) {
-            self.layers(component).get(&path).expect("loaded").slot().unfuse();
+        for (_, layer) in self.text_encoder.iter().chain(self.unet.iter()) {
+            layer.slot().unfuse();
         }
         state.fused = false;
     }
@@ -152,19 +162,18 @@ impl Adapters {
     pub fn unload(&self, names: Option<&[String]>) -> Result<()> {
         let mut state = self.write();
         if let Some(names) = names {
-            if let Some(name) =
-                names.iter().find(|n| !state.loaded.iter().any(|(l, _)| **l == ***n))
-            {
+            if let Some(name) = names.iter().find(|n| !state.is_loaded(n)) {
                 return Err(Error::invalid(format!("no adapter named `{name}` is loaded")));
             }
         }
         let unload = |name: &str| names.is_none_or(|names| names.iter().any(|n| n == name));
-        for (name, layers) in state.loaded.iter().filter(|(name, _)| unload(name)) {
-            for (component, path) in layers {
-                self.layers(*component).get(path).expect("loaded").slot().remove_adapter(name);
+        for adapter in state.loaded.iter().filter(|a| unload(&a.name)) {
+            for (component, path) in &adapter.layers {
+                let layer = self.layers(*component).get(path).expect("loaded");
+                layer.slot().remove_adapter(&adapter.name);
             }
         }
-        state.loaded.retain(|(name, _)| !unload(name));
+        state.loaded.retain(|a| !unload(&a.name));
         state.active.retain(|(name, _)| !unload(name));
         Ok(())
     }
@@ -193,7 +202,13 @@ impl Adapters {
     }
 
     /// Every layer some loaded adapter has terms in, once.
-    fn touched(state: &State) -> std::collections::BTreeSet<(Component, String)> {
-        state.loaded.iter().flat_map(|(_, layers)| layers.iter().cloned()).collect()
+    fn touched(state: &State) -> std::collections::BTreeSet<LayerId> {
+        state.loaded.iter().flat_map(|a| a.layers.iter().cloned()).collect()
+    }
+}
+
+impl State {
+    fn is_loaded(&self, name: &str) -> bool {
+        self.loaded.iter().any(|a| &*a.name == name)
     }
 }
