@@ -295,8 +295,9 @@ impl PyPipeline {
     /// the prompts (then empty) or the negative prompts. `init_images`: `(width, height, RGB
     /// bytes)` of one image (or one per prompt) to start from (image-to-image), with `mask`
     /// `(width, height, luma bytes)`, white = repaint, for inpainting; `strength` in (0, 1]
-    /// (default 0.8 without a mask, 1.0 with one, as diffusers).
-    #[pyo3(signature = (prompts, negative_prompts=None, height=None, width=None, num_inference_steps=50, guidance_scale=7.5, num_images_per_prompt=1, seeds=Vec::new(), scheduler=None, scheduler_config=None, output="pil", on_step=None, guidance_rescale=0.0, eta=0.0, step_latents=false, latents=None, prompt_embeds=None, negative_prompt_embeds=None, init_images=None, mask=None, strength=None))]
+    /// (default 0.8 without a mask, 1.0 with one, as diffusers). `lora_scale`: the factor of the
+    /// active unfused LoRAs (diffusers' `cross_attention_kwargs["scale"]`, default 1).
+    #[pyo3(signature = (prompts, negative_prompts=None, height=None, width=None, num_inference_steps=50, guidance_scale=7.5, num_images_per_prompt=1, seeds=Vec::new(), scheduler=None, scheduler_config=None, output="pil", on_step=None, guidance_rescale=0.0, eta=0.0, step_latents=false, latents=None, prompt_embeds=None, negative_prompt_embeds=None, init_images=None, mask=None, strength=None, lora_scale=None))]
     #[allow(clippy::too_many_arguments)]
     fn generate<'py>(
         &self,
@@ -322,6 +323,7 @@ impl PyPipeline {
         init_images: Option<Vec<(u32, u32, Bound<'py, PyBytes>)>>,
         mask: Option<(u32, u32, Bound<'py, PyBytes>)>,
         strength: Option<f64>,
+        lora_scale: Option<f64>,
     ) -> PyResult<GenerateResult> {
         let output = match output {
             "pil" => Output::Pil,
@@ -361,7 +363,7 @@ impl PyPipeline {
             output: if output == Output::Pil { OutputType::Image } else { OutputType::Latent },
             latents: tensor(latents)?,
             init_image: init_image(init_images, mask, strength)?,
-            lora_scale: None,
+            lora_scale,
         };
 
         let pipe = Arc::clone(&self.inner);
@@ -405,6 +407,46 @@ impl PyPipeline {
             return Err(e);
         }
         unguard(result)?.into_py(py, output)
+    }
+
+    /// Loads a `.safetensors` LoRA file as adapter `name`, which becomes the only active one.
+    fn load_lora(&self, py: Python<'_>, path: PathBuf, name: String) -> PyResult<()> {
+        let pipe = Arc::clone(&self.inner);
+        detached(py, move || pipe.load_lora(&path, &name))
+    }
+
+    /// Makes these `(name, weight)` adapters the active ones.
+    fn set_adapters(&self, adapters: Vec<(String, f64)>) -> PyResult<()> {
+        attached(|| self.inner.set_adapters(&adapters))
+    }
+
+    /// The active adapters and their weights.
+    fn active_adapters(&self) -> Vec<(String, f64)> {
+        self.inner.adapters.active()
+    }
+
+    /// The loaded adapters, in load order.
+    fn adapter_names(&self) -> Vec<String> {
+        self.inner.adapters.names()
+    }
+
+    /// Fuses the active adapters, at their weights times `scale`, into copies of the weights.
+    fn fuse_lora(&self, py: Python<'_>, scale: f64) -> PyResult<()> {
+        let pipe = Arc::clone(&self.inner);
+        detached(py, move || pipe.fuse_lora(scale))
+    }
+
+    /// Runs the original weights again, bit for bit.
+    fn unfuse_lora(&self, py: Python<'_>) {
+        let pipe = Arc::clone(&self.inner);
+        py.detach(move || pipe.unfuse_lora())
+    }
+
+    /// Removes the named adapters (all with `None`); fused weights stay until `unfuse_lora`.
+    #[pyo3(signature = (names=None))]
+    fn unload_lora(&self, py: Python<'_>, names: Option<Vec<String>>) -> PyResult<()> {
+        let pipe = Arc::clone(&self.inner);
+        detached(py, move || pipe.unload_lora(names.as_deref()))
     }
 
     fn __repr__(&self) -> String {

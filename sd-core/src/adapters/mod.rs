@@ -180,7 +180,8 @@ impl Adapters {
 
     /// Takes the adapters for a run at LoRA scale `scale` (diffusers' `cross_attention_kwargs
     /// ["scale"]`, default 1): exclusively, with every layer's factors set, when unfused
-    /// adapters are loaded; shared otherwise.
+    /// adapters are loaded; shared otherwise. `generate` takes it itself: hold it only around
+    /// stage-level calls (`encode_prompts`, the models), never around `generate` (a deadlock).
     pub fn begin_run(&self, scale: Option<f64>) -> AdapterRun<'_> {
         let state = self.read();
         if state.loaded.is_empty() || state.fused {

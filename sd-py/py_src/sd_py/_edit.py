@@ -36,7 +36,8 @@ _FORWARDED = (
     "callback_on_step_end",
     "callback_on_step_end_tensor_inputs",
 )
-# diffusers' `__call__` arguments that every sd_py pipeline refuses (as the text-to-image one).
+# diffusers' `__call__` arguments that every sd_py pipeline refuses (as the text-to-image one;
+# `cross_attention_kwargs` is checked there: only "scale" is taken).
 _REFUSED = ("timesteps", "sigmas", "ip_adapter_image", "ip_adapter_image_embeds", "cross_attention_kwargs", "clip_skip")
 
 
@@ -136,7 +137,7 @@ class StableDiffusionImg2ImgPipeline(StableDiffusionPipeline):
           strength)` steps run.
 
         The other arguments are those of `StableDiffusionPipeline.__call__`; `timesteps`,
-        `sigmas`, IP-adapter inputs, `cross_attention_kwargs` and `clip_skip` are not supported
+        `sigmas`, IP-adapter inputs and `clip_skip` are not supported
         (ValueError), other unknown keyword arguments are ignored with a warning.
         """
         forwarded, unsupported = _split_call_args(locals(), _REFUSED)
@@ -194,7 +195,7 @@ class StableDiffusionInpaintPipeline(StableDiffusionPipeline):
         - `strength` in (0, 1]: 1 starts from pure noise; below 1 from the noised image.
 
         `masked_image_latents`, `padding_mask_crop`, `latents`, `timesteps`, `sigmas`,
-        IP-adapter inputs, `cross_attention_kwargs` and `clip_skip` are not supported
+        IP-adapter inputs and `clip_skip` are not supported
         (ValueError); other unknown keyword arguments are ignored with a warning.
         """
         refused = ("masked_image_latents", "padding_mask_crop", "latents") + _REFUSED

@@ -185,6 +185,16 @@ def _latents_bytes(latents: Any, shape: List[int]) -> bytes:
     return array.tobytes()
 
 
+def _lora_scale(cross_attention_kwargs: Optional[Dict[str, Any]]) -> Optional[float]:
+    """`cross_attention_kwargs["scale"]` (the only key sd_py takes), or None."""
+    if not cross_attention_kwargs:
+        return None
+    other = sorted(set(cross_attention_kwargs) - {"scale"})
+    if other:
+        raise ValueError(f"sd_py supports only 'scale' in cross_attention_kwargs, got {', '.join(map(repr, other))}")
+    return _number("cross_attention_kwargs['scale']", cross_attention_kwargs["scale"])
+
+
 def _prompt_list(name: str, value: Any) -> List[str]:
     if isinstance(value, str):
         return [value]
@@ -363,6 +373,8 @@ class StableDiffusionPipeline:
             new_device = "cuda:0"
         if new_device == self._native.device and new_dtype == self._native.dtype:
             return self
+        if self._native.adapter_names():
+            raise ValueError("to() reloads the weights, which would drop the loaded LoRAs: call it before load_lora_weights")
         with self._lock:
             self._native = self._native.reload(dtype=new_dtype, device=new_device)
         return self
@@ -448,6 +460,88 @@ class StableDiffusionPipeline:
             f"dtype={self._native.dtype!r}, scheduler={type(self._scheduler).__name__})"
         )
 
+    # ---- LoRA ----
+
+    def load_lora_weights(
+        self,
+        pretrained_model_name_or_path_or_dict: Union[str, "os.PathLike[str]"],
+        weight_name: Optional[str] = None,
+        adapter_name: Optional[str] = None,
+        **kwargs: Any,
+    ) -> None:
+        """diffusers' `load_lora_weights`: a `.safetensors` LoRA in the diffusers/PEFT or kohya
+        (sd-scripts, A1111) layout, from a file, a folder (`weight_name`, default its
+        `pytorch_lora_weights.safetensors` or its only `.safetensors` file) or a hub repository
+        (`weight_name`, default `pytorch_lora_weights.safetensors`; `revision`, `cache_dir`,
+        `local_files_only`, `token` as in `from_pretrained`). It is added as `adapter_name`
+        (default `default_<n>`) and becomes the only active adapter, as in diffusers. Unfused: the
+        base weights are not copied; see `fuse_lora`. Pickle files (.pt, .bin, .ckpt) are refused;
+        keys naming no layer of the model raise ValueError.
+        """
+        source = pretrained_model_name_or_path_or_dict
+        if isinstance(source, dict):
+            raise ValueError("sd_py loads LoRAs from .safetensors files, not from state dicts")
+        hub = {k: kwargs.pop(k) for k in ("revision", "cache_dir", "local_files_only", "token") if k in kwargs}
+        if kwargs:
+            warnings.warn(f"load_lora_weights: ignoring unsupported argument(s) {', '.join(sorted(kwargs))}", stacklevel=2)
+        path = os.fspath(source)
+        if os.path.isdir(path):
+            if weight_name is None:
+                files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+                weight_name = files[0] if len(files) == 1 else "pytorch_lora_weights.safetensors"
+            path = os.path.join(path, weight_name)
+        elif not os.path.isfile(path):
+            path = os.fspath(_native.model_file_path(path, weight_name or "pytorch_lora_weights.safetensors", **hub))
+        name = adapter_name if adapter_name is not None else f"default_{len(self._native.adapter_names())}"
+        self._native.load_lora(path, name)
+
+    def set_adapters(
+        self, adapter_names: Union[str, List[str]], adapter_weights: Union[float, List[Optional[float]], None] = None
+    ) -> None:
+        """diffusers' `set_adapters`: only these adapters run, with these weights (default 1; one
+        number for all). Per-block weight dicts are not supported."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        if adapter_weights is None or isinstance(adapter_weights, (int, float)):
+            weights: List[Optional[float]] = [adapter_weights] * len(names)
+        else:
+            weights = list(adapter_weights)
+        if len(weights) != len(names):
+            raise ValueError(f"{len(weights)} adapter_weights for {len(names)} adapters")
+        if any(isinstance(w, dict) for w in weights):
+            raise ValueError("sd_py does not support per-block adapter weights (dicts)")
+        self._native.set_adapters([(n, 1.0 if w is None else _number("adapter_weights", w)) for n, w in zip(names, weights)])
+
+    def get_active_adapters(self) -> List[str]:
+        """The active adapters' names."""
+        return [name for name, _ in self._native.active_adapters()]
+
+    def get_list_adapters(self) -> Dict[str, List[str]]:
+        """The loaded adapters, by component (sd_py lists every adapter under both)."""
+        names = self._native.adapter_names()
+        return {"text_encoder": list(names), "unet": list(names)}
+
+    def fuse_lora(self, components: Sequence[str] = ("text_encoder", "unet"), lora_scale: float = 1.0, safe_fusing: bool = False, adapter_names: Optional[List[str]] = None, **kwargs: Any) -> None:
+        """diffusers' `fuse_lora`: the active adapters, at their weights times `lora_scale`, are
+        added into copies of the weights they change (faster steps); runs then ignore
+        `cross_attention_kwargs["scale"]`. `unfuse_lora` restores the original weights exactly.
+        Fusing some components only, `safe_fusing` and `adapter_names` are not supported."""
+        if set(components) != {"text_encoder", "unet"} or safe_fusing or adapter_names is not None or kwargs:
+            raise ValueError("sd_py fuses the active adapters into both the text encoder and the UNet, only")
+        self._native.fuse_lora(_number("lora_scale", lora_scale))
+
+    def unfuse_lora(self, **kwargs: Any) -> None:
+        """diffusers' `unfuse_lora`: the original weights again, bit for bit."""
+        self._native.unfuse_lora()
+
+    def unload_lora_weights(self) -> None:
+        """diffusers' `unload_lora_weights`: removes every adapter (fused weights stay fused until
+        `unfuse_lora`, as in diffusers)."""
+        self._native.unload_lora()
+
+    def delete_adapters(self, adapter_names: Union[str, List[str]]) -> None:
+        """diffusers' `delete_adapters`."""
+        self._native.unload_lora([adapter_names] if isinstance(adapter_names, str) else list(adapter_names))
+
     # ---- generation ----
 
     def __call__(
@@ -506,9 +600,11 @@ class StableDiffusionPipeline:
           embeddings, the negative prompts are encoded (then `prompt_embeds` must have the
           tokenizer's 77 tokens).
 
-        `timesteps`, `sigmas`, IP-adapter
-        inputs, `cross_attention_kwargs` and `clip_skip` are not supported
-        (ValueError); other unknown keyword arguments are ignored with a warning.
+        - `cross_attention_kwargs={"scale": s}`: the factor of the active unfused LoRAs, in the
+          UNet and the text encoder, as diffusers (other keys: ValueError).
+
+        `timesteps`, `sigmas`, IP-adapter inputs and `clip_skip` are not supported (ValueError);
+        other unknown keyword arguments are ignored with a warning.
         """
         unsupported = {
             "timesteps": timesteps,
@@ -568,6 +664,7 @@ class StableDiffusionPipeline:
         when given (not None); `ignored`: unknown keyword arguments (a warning); `edit`: the native
         `init_images`, `mask` and `strength` arguments of image-to-image and inpainting."""
         self._interrupt = False
+        lora_scale = _lora_scale(unsupported.pop("cross_attention_kwargs", None))
         given = [k for k, v in unsupported.items() if v is not None]
         if given:
             raise ValueError(f"sd_py does not support {', '.join(given)}")
@@ -654,6 +751,7 @@ class StableDiffusionPipeline:
             latents=initial_noise,
             prompt_embeds=embeds,
             negative_prompt_embeds=negative_embeds,
+            lora_scale=lora_scale,
             **(edit or {}),
         )
         images: Any

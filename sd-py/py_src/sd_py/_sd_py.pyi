@@ -52,6 +52,10 @@ class StageTimings:
 
 class _Pipeline:
     """A loaded sd-core pipeline (the Python class `StableDiffusionPipeline` wraps it)."""
+    def active_adapters(self):
+        """The active adapters and their weights."""
+    def adapter_names(self):
+        """The loaded adapters, in load order."""
     @property
     def default_size(self): ...
     @property
@@ -61,7 +65,9 @@ class _Pipeline:
     @property
     def folder(self):
         """The local diffusers folder the weights were read from."""
-    def generate(self, prompts, negative_prompts=None, height=None, width=None, num_inference_steps=50, guidance_scale=7.5, num_images_per_prompt=1, seeds=..., scheduler=None, scheduler_config=None, output='pil', on_step=None, guidance_rescale=0.0, eta=0.0, step_latents=False, latents=None, prompt_embeds=None, negative_prompt_embeds=None, init_images=None, mask=None, strength=None):
+    def fuse_lora(self, scale):
+        """Fuses the active adapters, at their weights times `scale`, into copies of the weights."""
+    def generate(self, prompts, negative_prompts=None, height=None, width=None, num_inference_steps=50, guidance_scale=7.5, num_images_per_prompt=1, seeds=..., scheduler=None, scheduler_config=None, output='pil', on_step=None, guidance_rescale=0.0, eta=0.0, step_latents=False, latents=None, prompt_embeds=None, negative_prompt_embeds=None, init_images=None, mask=None, strength=None, lora_scale=None):
         """Runs the pipeline with the GIL released; sd-core checks every value.
 
         `seeds`: empty (random), one (one generator for the batch) or one per image.
@@ -77,11 +83,14 @@ class _Pipeline:
         the prompts (then empty) or the negative prompts. `init_images`: `(width, height, RGB
         bytes)` of one image (or one per prompt) to start from (image-to-image), with `mask`
         `(width, height, luma bytes)`, white = repaint, for inpainting; `strength` in (0, 1]
-        (default 0.8 without a mask, 1.0 with one, as diffusers).
+        (default 0.8 without a mask, 1.0 with one, as diffusers). `lora_scale`: the factor of the
+        active unfused LoRAs (diffusers' `cross_attention_kwargs["scale"]`, default 1).
         """
     @staticmethod
     def load(model, dtype='float32', device='cpu', variant=None, revision=None, local_files_only=False, cache_dir=None, token=None):
         """Loads a diffusers folder or hub model id."""
+    def load_lora(self, path, name):
+        """Loads a `.safetensors` LoRA file as adapter `name`, which becomes the only active one."""
     @property
     def max_prompt_tokens(self):
         """The tokenizer's maximum sequence length (77 for CLIP)."""
@@ -93,11 +102,17 @@ class _Pipeline:
     @property
     def scheduler_config(self):
         """The model's `scheduler/scheduler_config.json`, as JSON."""
+    def set_adapters(self, adapters):
+        """Makes these `(name, weight)` adapters the active ones."""
     def truncated_text(self, prompt):
         """The part of `prompt` cut off by the tokenizer's length limit, if any."""
     @property
     def unet_in_channels(self):
         """The UNet's input channels: 4 for text-to-image models, 9 for inpainting ones."""
+    def unfuse_lora(self):
+        """Runs the original weights again, bit for bit."""
+    def unload_lora(self, names=None):
+        """Removes the named adapters (all with `None`); fused weights stay until `unfuse_lora`."""
     @property
     def vae_scale_factor(self): ...
     @property
@@ -108,6 +123,11 @@ def _panic_for_tests(message):
 
 def cuda_is_available():
     """Whether this build has CUDA support (says nothing about a GPU being present)."""
+
+def model_file_path(model, file, revision=None, local_files_only=False, cache_dir=None, token=None):
+    """The local path of one file of a model (a local folder or a hub id; from a hub only that
+    file is downloaded), e.g. a LoRA's `.safetensors`.
+    """
 
 def normalize_dtype(name):
     """Normalizes a dtype name ("fp16", "torch.float16", ...) to "float32", "float16" or "bfloat16";

@@ -6,14 +6,14 @@ Use it as the `import_path` of a Serve config (`sd_py.serve:entrypoint`), or
 
 - `APIIngress` (FastAPI): `GET /imagine?prompt=...&img_size=768` answers the PNG
   (`image/png`). Optional query parameters: `seed`, `steps`, `guidance_scale`,
-  `negative_prompt`. Bad input is answered with 4xx and a JSON `detail` message; the seed used is
+  `negative_prompt`, `lora` and `lora_scale` (below). Bad input is answered with 4xx and a JSON `detail` message; the seed used is
   in the `X-Seed` header. `GET /healthz` answers 200 with the model's status, 503 when it is not
   healthy.
 - `POST /img2img` and `POST /inpaint` (sd_py's additions; `multipart/form-data`): fields `prompt`
   (required), `image` (file, required; PNG, JPEG, WebP or BMP), `mask` (file, required for
   `/inpaint`, the image's size; white = repaint), `strength` (in (0, 1]; default 0.8 for
   `/img2img`, 1.0 for `/inpaint`, as diffusers), `seed`, `steps`, `guidance_scale`,
-  `negative_prompt`. They answer the PNG (the image's size rounded down to a multiple of 8) with
+  `negative_prompt`, `lora`, `lora_scale`. They answer the PNG (the image's size rounded down to a multiple of 8) with
   `X-Seed`. Uploads over `SD_MAX_UPLOAD_BYTES` or whose header declares more than
   `SD_MAX_UPLOAD_PIXELS` pixels are refused with 413 before they are decoded; anything else that
   is wrong (missing field, not an image, truncated file, mask of another size) with 422. Edits
@@ -33,7 +33,13 @@ Configuration, by environment variable (e.g. `runtime_env.env_vars` of the Serve
 - `SD_DEFAULT_STEPS` (50), `SD_MAX_STEPS` (500), `SD_GUIDANCE_SCALE` (7.5),
   `SD_MAX_BATCH_SIZE` (4), `SD_BATCH_WAIT_S` (0.1);
 - `SD_MAX_UPLOAD_BYTES` (8 MiB, per uploaded file), `SD_MAX_UPLOAD_PIXELS` (2048 * 2048, per
-  uploaded image).
+  uploaded image);
+- `SD_LORAS`: `name=path,name2=path2`, LoRA files (`.safetensors`, a local path or a hub id that
+  holds `pytorch_lora_weights.safetensors`) every replica loads at start. A request chooses one by
+  name (`lora`, never a path: an unknown name is a 422) and its weight (`lora_scale`, default 1,
+  diffusers' `cross_attention_kwargs["scale"]`); it runs unfused on the shared weights, so
+  requests with different LoRAs (or none) need no reload; they are batched only with requests of
+  the same LoRA and scale.
 
 This module does not load the native extension when imported (only the model replicas do), so
 the Serve controller can import it on a head node without a GPU.
@@ -84,6 +90,21 @@ _DEVICE_ENV = os.environ.get("SD_DEVICE", "").strip()
 NUM_GPUS = _env_float("SD_NUM_GPUS", 1.0 if _DEVICE_ENV.startswith("cuda") else 0.0)
 MAX_UPLOAD_BYTES = max(1, _env_int("SD_MAX_UPLOAD_BYTES", 8 * 1024 * 1024))
 MAX_UPLOAD_PIXELS = max(1, _env_int("SD_MAX_UPLOAD_PIXELS", 2048 * 2048))
+
+
+def parse_loras(spec: str) -> Dict[str, str]:
+    """`SD_LORAS` (`name=path,...`) as `{name: path}`."""
+    loras: Dict[str, str] = {}
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        name, sep, path = (x.strip() for x in item.partition("="))
+        if not sep or not name or not path or name in loras:
+            raise ValueError(f"SD_LORAS: expected distinct `name=path` entries, got {item!r}")
+        loras[name] = path
+    return loras
+
+
+# The LoRAs requests may choose, by name.
+LORAS = parse_loras(os.environ.get("SD_LORAS", ""))
 # Formats an upload may have: Pillow's other decoders are never run on client data.
 UPLOAD_FORMATS = ("PNG", "JPEG", "WEBP", "BMP")
 # Room for the text fields and multipart framing besides the two files of an edit request.
@@ -108,6 +129,8 @@ def validate_request(
     steps: Any = None,
     guidance_scale: Any = None,
     negative_prompt: Optional[str] = None,
+    lora: Optional[str] = None,
+    lora_scale: Any = None,
 ) -> Dict[str, Any]:
     """Checks the query parameters of `/imagine` and returns the normalised request (a seed is drawn
     when none is given). Raises `BadRequest` with a message for the client."""
@@ -118,7 +141,7 @@ def validate_request(
         raise BadRequest(f"img_size must be an integer, got {img_size!r}") from None
     if size % 8 != 0 or not MIN_IMG_SIZE <= size <= MAX_IMG_SIZE:
         raise BadRequest(f"img_size must be a multiple of 8 between {MIN_IMG_SIZE} and {MAX_IMG_SIZE}, got {size}")
-    return _run_params(prompt, size, size, seed, steps, guidance_scale, negative_prompt)
+    return {**_run_params(prompt, size, size, seed, steps, guidance_scale, negative_prompt), **_lora_params(lora, lora_scale)}
 
 
 def validate_edit_request(
@@ -130,6 +153,8 @@ def validate_edit_request(
     steps: Any = None,
     guidance_scale: Any = None,
     negative_prompt: Optional[str] = None,
+    lora: Optional[str] = None,
+    lora_scale: Any = None,
 ) -> Dict[str, Any]:
     """Checks the fields of `/img2img` (no `mask`) and `/inpaint` around the decoded PIL images
     (see `decode_upload`) and returns the normalised request: the size is the image's rounded
@@ -149,7 +174,7 @@ def validate_edit_request(
     if not 0.0 < strength <= 1.0:
         raise BadRequest(f"strength must be in (0, 1], got {strength}")
     request = _run_params(prompt, height, width, seed, steps, guidance_scale, negative_prompt)
-    return {**request, "image": image, "mask": mask, "strength": strength}
+    return {**request, **_lora_params(lora, lora_scale), "image": image, "mask": mask, "strength": strength}
 
 
 def _check_prompt(prompt: Optional[str]) -> None:
@@ -194,12 +219,29 @@ def _run_params(
     }
 
 
+def _lora_params(lora: Optional[str], lora_scale: Any) -> Dict[str, Any]:
+    """`{"lora": name, "lora_scale": weight}` for a request naming one of `LORAS`; `{}` without."""
+    if not lora:
+        if lora_scale is not None:
+            raise BadRequest("lora_scale needs a lora")
+        return {}
+    if lora not in LORAS:
+        raise BadRequest(f"unknown lora {lora!r}; this deployment has: {', '.join(sorted(LORAS)) or 'none'}")
+    try:
+        scale = 1.0 if lora_scale is None else float(lora_scale)
+    except (TypeError, ValueError):
+        raise BadRequest(f"lora_scale must be a number, got {lora_scale!r}") from None
+    if not math.isfinite(scale) or abs(scale) > 10.0:
+        raise BadRequest(f"lora_scale must be between -10 and 10, got {scale}")
+    return {"lora": lora, "lora_scale": scale}
+
+
 def group_requests(requests: List[Dict[str, Any]]) -> List[List[int]]:
     """Indices of `requests` grouped so that each group can be one pipeline call: same height,
-    width, steps and guidance scale (prompts, negative prompts and seeds may differ)."""
+    width, steps, guidance scale and LoRA (prompts, negative prompts and seeds may differ)."""
     groups: Dict[Tuple[Any, ...], List[int]] = {}
     for i, r in enumerate(requests):
-        key = (r["height"], r["width"], r["steps"], r["guidance_scale"])
+        key = (r["height"], r["width"], r["steps"], r["guidance_scale"], r.get("lora"), r.get("lora_scale"))
         groups.setdefault(key, []).append(i)
     return list(groups.values())
 
@@ -292,9 +334,11 @@ class APIIngress:
         steps: Optional[int] = Query(None, description=f"Denoising steps, 1..{MAX_STEPS} (default {DEFAULT_STEPS})."),
         guidance_scale: Optional[float] = Query(None, description=f"Classifier-free guidance, 0..50 (default {DEFAULT_GUIDANCE})."),
         negative_prompt: Optional[str] = Query(None, description="What not to draw."),
+        lora: Optional[str] = Query(None, description="A LoRA of the deployment's SD_LORAS, by name."),
+        lora_scale: Optional[float] = Query(None, description="The LoRA's weight (default 1)."),
     ):
         try:
-            request = validate_request(prompt, img_size, seed, steps, guidance_scale, negative_prompt)
+            request = validate_request(prompt, img_size, seed, steps, guidance_scale, negative_prompt, lora, lora_scale)
         except BadRequest as e:
             return JSONResponse({"detail": str(e)}, status_code=e.status_code)
         return await self._answer_png(self.handle.generate_png.remote, request)
@@ -332,7 +376,8 @@ class APIIngress:
         try:
             image = decode_upload("image", await _read_upload(form, "image"), "RGB")
             mask = decode_upload("mask", await _read_upload(form, "mask"), "L") if with_mask else None
-            fields = {f: _form_field(form, f) for f in ("strength", "seed", "steps", "guidance_scale", "negative_prompt")}
+            names = ("strength", "seed", "steps", "guidance_scale", "negative_prompt", "lora", "lora_scale")
+            fields = {f: _form_field(form, f) for f in names}
             return validate_edit_request(_form_field(form, "prompt"), image, mask, **fields)
         finally:
             await form.close()
@@ -381,6 +426,11 @@ class StableDiffusionV2:
         self.dtype = os.environ.get("SD_DTYPE", "").strip() or "float32"
         logger.info("sd_py: loading %s on %s (%s)", self.model_id, self.device, self.dtype)
         self.pipe = StableDiffusionPipeline.from_pretrained(self.model_id, torch_dtype=self.dtype, device=self.device)
+        for name, path in LORAS.items():
+            self.pipe.load_lora_weights(path, adapter_name=name)
+        self.pipe.set_adapters([])
+        # The active adapters are the pipeline's: a run sets its LoRA and runs under this lock.
+        self._lora_lock = threading.Lock()
         # The edit pipelines of `edit_png`, made on first use over the same weights (`from_pipe`).
         self._edit_pipes: Dict[bool, Any] = {}
         self._stats_lock = threading.Lock()
@@ -442,14 +492,18 @@ class StableDiffusionV2:
         negatives = [r["negative_prompt"] or "" for r in batch]
         out = self._counted(
             len(batch),
-            lambda: self.pipe(
-                [r["prompt"] for r in batch],
-                negative_prompt=negatives if any(negatives) else None,
-                height=first["height"],
-                width=first["width"],
-                num_inference_steps=first["steps"],
-                guidance_scale=first["guidance_scale"],
-                generator=[r["seed"] for r in batch],
+            lambda: self._with_lora(
+                first,
+                lambda **lora: self.pipe(
+                    [r["prompt"] for r in batch],
+                    negative_prompt=negatives if any(negatives) else None,
+                    height=first["height"],
+                    width=first["width"],
+                    num_inference_steps=first["steps"],
+                    guidance_scale=first["guidance_scale"],
+                    generator=[r["seed"] for r in batch],
+                    **lora,
+                ),
             ),
         )
         return [_png(img) for img in out.images]
@@ -472,18 +526,31 @@ class StableDiffusionV2:
         size = {"mask_image": r["mask"], "height": r["height"], "width": r["width"]} if inpaint else {}
         out = self._counted(
             1,
-            lambda: pipe(
-                r["prompt"],
-                image=r["image"],
-                strength=r["strength"],
-                negative_prompt=r["negative_prompt"],
-                num_inference_steps=r["steps"],
-                guidance_scale=r["guidance_scale"],
-                generator=r["seed"],
-                **size,
+            lambda: self._with_lora(
+                r,
+                lambda **lora: pipe(
+                    r["prompt"],
+                    image=r["image"],
+                    strength=r["strength"],
+                    negative_prompt=r["negative_prompt"],
+                    num_inference_steps=r["steps"],
+                    guidance_scale=r["guidance_scale"],
+                    generator=r["seed"],
+                    **size,
+                    **lora,
+                ),
             ),
         )
         return _png(out.images[0])
+
+    def _with_lora(self, request: Dict[str, Any], call: Callable[..., Any]) -> Any:
+        """`call(**kwargs)` with the request's LoRA (or none) active, `kwargs` holding its scale."""
+        if not LORAS:
+            return call()
+        lora = request.get("lora")
+        with self._lora_lock:
+            self.pipe.set_adapters([lora] if lora else [])
+            return call(cross_attention_kwargs={"scale": request["lora_scale"]}) if lora else call()
 
     def _counted(self, images: int, call: Callable[[], Any]) -> Any:
         """Runs a pipeline call, keeping the stats and the failure count of the health check."""
@@ -523,6 +590,7 @@ class StableDiffusionV2:
             "dtype": self.pipe.dtype,
             "scheduler": type(self.pipe.scheduler).__name__,
             "max_batch_size": MAX_BATCH_SIZE,
+            "loras": sorted(LORAS),
             **stats,
         }
 
