@@ -177,6 +177,38 @@ fn adapters_and_scale_choose_what_runs() {
     assert!(err.to_string().contains("`peft` is loaded"), "{err}");
 }
 
+/// The image metadata names the applied LoRAs as A1111 (`<lora:NAME:WEIGHT>` after the prompt,
+/// `Lora hashes`) and reads them back off the prompt.
+#[test]
+fn metadata_names_the_applied_loras() {
+    use sd_core::metadata::{GenerationInfo, Infotext};
+    use sha2::{Digest, Sha256};
+
+    let cases = cases();
+    let pipe = fixture_pipeline("sd2-tiny");
+    pipe.load_lora(&lora_file("peft"), "peft").unwrap();
+    pipe.load_lora(&lora_file("kohya"), "kohya").unwrap();
+    pipe.set_adapters(&[("peft".into(), 0.0), ("kohya".into(), 0.4)]).unwrap();
+    let params = params(&cases, Some(0.5));
+    let (out, _) = run(&pipe, &params);
+    let info = pipe.generation_info(&params, &out, 0).unwrap();
+    // weight 0: not applied, not named
+    assert_eq!(info.loras, [("lora_kohya".to_string(), 0.2)]);
+    let digest = Sha256::digest(std::fs::read(lora_file("kohya")).unwrap());
+    let hash: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    assert_eq!(info.lora_hashes, [("lora_kohya".to_string(), hash[..10].to_string())]);
+    let text = info.to_infotext().to_text();
+    assert!(text.starts_with(&format!("{} <lora:lora_kohya:0.2>\n", cases.prompt)), "{text}");
+    assert!(text.contains(&format!("Lora hashes: \"lora_kohya: {}\"", &hash[..10])), "{text}");
+    let back = GenerationInfo::from_infotext(&Infotext::parse(&text)).unwrap();
+    assert_eq!(back.prompt, cases.prompt);
+    assert_eq!(back, info);
+    // fused: the fusing scale, not the run's
+    pipe.fuse_lora(2.0).unwrap();
+    let info = pipe.generation_info(&params, &out, 0).unwrap();
+    assert_eq!(info.loras, [("lora_kohya".to_string(), 0.8)]);
+}
+
 /// A copy of a LoRA file with its tensors renamed or replaced by `edit`.
 fn edited(from: &Path, to: &Path, edit: impl Fn(&mut HashMap<String, Tensor>)) {
     let mut tensors = read_tensors(from);

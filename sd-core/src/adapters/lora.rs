@@ -13,7 +13,7 @@
 //! image without a word (diffusers only warns).
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 
@@ -42,6 +42,8 @@ pub struct LoraWeights {
 #[derive(Debug, Clone)]
 pub struct LoraAdapter {
     pub name: String,
+    /// The file it was read from (for the image metadata's name and hash).
+    pub path: PathBuf,
     pub layers: BTreeMap<(Component, String), LoraWeights>,
 }
 
@@ -203,7 +205,7 @@ pub fn read_lora_file<'a>(
         check_shapes(layer, &down, &up, down_key, up_key).map_err(weights_error)?;
         out.insert((component, module), LoraWeights { down, up, scale });
     }
-    Ok(LoraAdapter { name: name.to_string(), layers: out })
+    Ok(LoraAdapter { name: name.to_string(), path: path.to_path_buf(), layers: out })
 }
 
 /// The factors' shapes against the layer's: `down` `[rank, in(, kh, kw)]`, `up` `[out, rank(, 1,

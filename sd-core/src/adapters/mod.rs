@@ -1,5 +1,6 @@
-//! Adapters on a loaded pipeline: LoRAs ([`lora`]), applied to the text encoder and UNet layers
-//! through their [LoRA slots](crate::nn::lora).
+//! Adapters on a loaded pipeline: textual inversion embeddings ([`textual_inversion`]) and LoRAs
+//! ([`lora`]), applied to the text encoder and UNet layers through their
+//! [LoRA slots](crate::nn::lora).
 //!
 //! [`Adapters`] keeps which LoRAs are loaded and active (with diffusers' per-adapter weights),
 //! and whether they are fused. Unfused, each run sets every layer's factors to `adapter weight x
@@ -8,7 +9,9 @@
 //! with them fused) runs share the registry and go in parallel.
 
 pub mod lora;
+pub mod textual_inversion;
 
+use std::path::PathBuf;
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use lora::{Component, LoraAdapter, ModelLayers};
@@ -29,6 +32,7 @@ type LayerId = (Component, String);
 #[derive(Debug)]
 struct Loaded {
     name: Arc<str>,
+    path: PathBuf,
     /// The layers it has terms in.
     layers: Vec<LayerId>,
 }
@@ -39,8 +43,8 @@ struct State {
     loaded: Vec<Loaded>,
     /// diffusers' active adapters and their weights.
     active: Vec<(String, f64)>,
-    /// Whether the active adapters are fused into the weights.
-    fused: bool,
+    /// The `fuse` scale while the active adapters are fused into the weights.
+    fused: Option<f64>,
 }
 
 /// Holds a pipeline's adapters for the duration of a run (see the module docs).
@@ -78,7 +82,7 @@ impl Adapters {
     /// active adapter, with weight 1, as diffusers' `load_lora_weights` does.
     pub fn load(&self, adapter: LoraAdapter) -> Result<()> {
         let mut state = self.write();
-        if state.fused {
+        if state.fused.is_some() {
             return Err(Error::invalid("LoRAs are fused: unfuse them before loading another"));
         }
         if state.is_loaded(&adapter.name) {
@@ -91,7 +95,7 @@ impl Adapters {
             layer.add_term(&name, &weights.down, &weights.up, weights.scale)?;
             layers.push((component, path));
         }
-        state.loaded.push(Loaded { name, layers });
+        state.loaded.push(Loaded { name, path: adapter.path, layers });
         state.active = vec![(adapter.name, 1.0)];
         Ok(())
     }
@@ -106,14 +110,35 @@ impl Adapters {
         self.read().active.clone()
     }
 
+    /// What a run at LoRA scale `scale` applies: each active adapter with a nonzero weight, its
+    /// file and its weight times the scale (the fusing scale instead while fused).
+    pub fn applied(&self, scale: Option<f64>) -> Vec<(String, PathBuf, f64)> {
+        let state = self.read();
+        let scale = state.fused.or(scale).unwrap_or(1.0);
+        state
+            .active
+            .iter()
+            .filter_map(|(name, weight)| {
+                let loaded = state.loaded.iter().find(|a| &*a.name == name)?;
+                let weight = weight * scale;
+                (weight != 0.0).then(|| (name.clone(), loaded.path.clone(), weight))
+            })
+            .collect()
+    }
+
     pub fn is_fused(&self) -> bool {
+        self.read().fused.is_some()
+    }
+
+    /// The scale the active adapters were fused at, if fused.
+    pub fn fused_scale(&self) -> Option<f64> {
         self.read().fused
     }
 
     /// diffusers' `set_adapters(names, adapter_weights)`: only these run, with these weights.
     pub fn set_active(&self, adapters: &[(String, f64)]) -> Result<()> {
         let mut state = self.write();
-        if state.fused {
+        if state.fused.is_some() {
             return Err(Error::invalid("LoRAs are fused: unfuse them before changing adapters"));
         }
         for (name, weight) in adapters {
@@ -136,14 +161,14 @@ impl Adapters {
     /// [`Self::unfuse`] restores them bit for bit. Runs then ignore their LoRA scale.
     pub fn fuse(&self, scale: f64) -> Result<()> {
         let mut state = self.write();
-        if state.fused {
+        if state.fused.is_some() {
             return Err(Error::invalid("LoRAs are fused already"));
         }
         self.set_factors(&state, scale);
         for (component, path) in Self::touched(&state) {
             self.layers(component).get(&path).expect("loaded").fuse()?;
         }
-        state.fused = true;
+        state.fused = Some(scale);
         Ok(())
     }
 
@@ -154,7 +179,7 @@ impl Adapters {
         for (_, layer) in self.text_encoder.iter().chain(self.unet.iter()) {
             layer.slot().unfuse();
         }
-        state.fused = false;
+        state.fused = None;
     }
 
     /// Removes adapters (all with `None`), as diffusers' `delete_adapters` /
@@ -184,7 +209,7 @@ impl Adapters {
     /// stage-level calls (`encode_prompts`, the models), never around `generate` (a deadlock).
     pub fn begin_run(&self, scale: Option<f64>) -> AdapterRun<'_> {
         let state = self.read();
-        if state.loaded.is_empty() || state.fused {
+        if state.loaded.is_empty() || state.fused.is_some() {
             return AdapterRun { _guard: RunGuard::Shared { _state: state } };
         }
         drop(state);

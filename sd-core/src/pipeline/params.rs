@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use candle_core::Tensor;
 
+use crate::prompt::PromptSyntax;
 use crate::schedulers::SchedulerConfig;
 
 /// What to return from a run.
@@ -91,6 +92,12 @@ pub struct GenerateParams {
     /// diffusers' `cross_attention_kwargs={"scale": s}`: the factor of the active unfused LoRAs
     /// in the text encoder and the UNet (default 1; fused LoRAs ignore it).
     pub lora_scale: Option<f64>,
+    /// diffusers' `clip_skip`: encode with the output of the text encoder's layer `n - k` (then
+    /// its final layer norm), for the prompts and the negative prompts (diffusers 0.42 skips for
+    /// the prompts only). `None` or 0: the last layer. Must be below the number of layers.
+    pub clip_skip: Option<usize>,
+    /// How prompts are read: plain (diffusers) or A1111's weights and long prompts (ours).
+    pub prompt_syntax: PromptSyntax,
 }
 
 impl GenerateParams {
@@ -114,6 +121,8 @@ impl GenerateParams {
             latents: None,
             init_image: None,
             lora_scale: None,
+            clip_skip: None,
+            prompt_syntax: PromptSyntax::Plain,
         }
     }
 }

@@ -6,22 +6,34 @@ Use it as the `import_path` of a Serve config (`sd_py.serve:entrypoint`), or
 
 - `APIIngress` (FastAPI): `GET /imagine?prompt=...&img_size=768` answers the PNG
   (`image/png`). Optional query parameters: `seed`, `steps`, `guidance_scale`,
-  `negative_prompt`, `lora` and `lora_scale` (below). Bad input is answered with 4xx and a JSON `detail` message; the seed used is
-  in the `X-Seed` header. `GET /healthz` answers 200 with the model's status, 503 when it is not
+  `negative_prompt`, `lora` and `lora_scale` (`SD_LORAS` below). Bad input is answered with 4xx
+  and a JSON `detail` message; the seed used is in the `X-Seed` header. `GET /healthz` answers 200 with the model's status, 503 when it is not
   healthy.
 - `POST /img2img` and `POST /inpaint` (sd_py's additions; `multipart/form-data`): fields `prompt`
   (required), `image` (file, required; PNG, JPEG, WebP or BMP), `mask` (file, required for
   `/inpaint`, the image's size; white = repaint), `strength` (in (0, 1]; default 0.8 for
   `/img2img`, 1.0 for `/inpaint`, as diffusers), `seed`, `steps`, `guidance_scale`,
-  `negative_prompt`, `lora`, `lora_scale`. They answer the PNG (the image's size rounded down to a multiple of 8) with
-  `X-Seed`. Uploads over `SD_MAX_UPLOAD_BYTES` or whose header declares more than
+  `negative_prompt`, `lora`, `lora_scale`. They answer the PNG (the image's size rounded down to
+  a multiple of 8) with `X-Seed`. Uploads over `SD_MAX_UPLOAD_BYTES` or whose header declares more than
   `SD_MAX_UPLOAD_PIXELS` pixels are refused with 413 before they are decoded; anything else that
   is wrong (missing field, not an image, truncated file, mask of another size) with 422. Edits
   are not batched: each request is one pipeline call (over the same loaded weights).
-- `stable-diffusion-v2` (`StableDiffusionV2`): the model. Compatible requests (same size, steps and
-  guidance) that arrive together are batched into one pipeline call (`@serve.batch`), each image
-  with its own seed, so a request gives the same image alone or in a batch (up to float
-  rounding: 8-bit pixels within 1 level).
+- `stable-diffusion-v2` (`StableDiffusionV2`): the model. Compatible requests (same size, steps,
+  guidance, LoRA and LoRA scale) that arrive together are batched into one pipeline call
+  (`@serve.batch`), each image with its own seed, so a request gives the same image alone or in a
+  batch (up to float rounding: 8-bit pixels within 1 level).
+
+Under load and faults (docs/serve.md, "Load, faults and metrics"):
+
+- at most `SD_MAX_QUEUED_REQUESTS` requests wait for the model (`max_queued_requests`); more are
+  answered at once with 503 and `Retry-After` (also by Ray's proxy when the ingress is full);
+- a request whose client hangs up, or that is past `SD_REQUEST_TIMEOUT_S` (answered 504), is
+  cancelled: its pipeline call stops at the next step, unless it runs batched with requests that
+  are still waited for (a batch cannot drop one image: it runs on, and the image is dropped);
+- a model replica that dies under a request makes it a 503 with `Retry-After` (the request is
+  idempotent: the client may send it again);
+- replicas stop gracefully: `graceful_shutdown_timeout_s` exceeds the longest a request may run;
+- custom metrics (`sd_py._serve_metrics`) go to Ray's Prometheus endpoint.
 
 Configuration, by environment variable (e.g. `runtime_env.env_vars` of the Serve config):
 
@@ -34,6 +46,8 @@ Configuration, by environment variable (e.g. `runtime_env.env_vars` of the Serve
   `SD_MAX_BATCH_SIZE` (4), `SD_BATCH_WAIT_S` (0.1);
 - `SD_MAX_UPLOAD_BYTES` (8 MiB, per uploaded file), `SD_MAX_UPLOAD_PIXELS` (2048 * 2048, per
   uploaded image);
+- `SD_MAX_QUEUED_REQUESTS` (16), `SD_REQUEST_TIMEOUT_S` (170), `SD_RETRY_AFTER_S` (10),
+  `SD_GRACEFUL_SHUTDOWN_TIMEOUT_S` (`SD_REQUEST_TIMEOUT_S` + 30);
 - `SD_LORAS`: `name=path,name2=path2`, LoRA files (`.safetensors`, a local path or a hub id that
   holds `pytorch_lora_weights.safetensors`) every replica loads at start. A request chooses one by
   name (`lora`, never a path: an unknown name is a 422) and its weight (`lora_scale`, default 1,
@@ -52,13 +66,19 @@ import math
 import os
 import secrets
 import threading
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+import time
+from contextlib import contextmanager
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 from fastapi import FastAPI, Query, Request
 from fastapi.responses import JSONResponse, Response
 from ray import serve
+from ray.exceptions import RayActorError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
+
+from ._serve_metrics import resident_bytes, serve_metrics
 
 logger = logging.getLogger("ray.serve")
 
@@ -90,6 +110,22 @@ _DEVICE_ENV = os.environ.get("SD_DEVICE", "").strip()
 NUM_GPUS = _env_float("SD_NUM_GPUS", 1.0 if _DEVICE_ENV.startswith("cuda") else 0.0)
 MAX_UPLOAD_BYTES = max(1, _env_int("SD_MAX_UPLOAD_BYTES", 8 * 1024 * 1024))
 MAX_UPLOAD_PIXELS = max(1, _env_int("SD_MAX_UPLOAD_PIXELS", 2048 * 2048))
+# Requests that may wait for the model (at the ingress's handle) besides those the replicas run:
+# four full batches behind the running one suit one replica.
+MAX_QUEUED_REQUESTS = max(1, _env_int("SD_MAX_QUEUED_REQUESTS", 16))
+RETRY_AFTER_S = max(1, _env_int("SD_RETRY_AFTER_S", 10))
+
+
+def request_timeout_s() -> float:
+    """`SD_REQUEST_TIMEOUT_S`, read where a request is answered: `@serve.ingress` freezes the
+    FastAPI app, with the module's values, in the process that builds the app. The default is
+    under the 180 s after which the blueprint's Gradio UI gives up, so that it shows our 504."""
+    return max(1.0, _env_float("SD_REQUEST_TIMEOUT_S", 170.0))
+
+
+# Above the longest a request runs (its deadline, then at most a step and the VAE decode), so that a
+# replica being stopped finishes what it has.
+GRACEFUL_SHUTDOWN_TIMEOUT_S = _env_float("SD_GRACEFUL_SHUTDOWN_TIMEOUT_S", request_timeout_s() + 30.0)
 
 
 def parse_loras(spec: str) -> Dict[str, str]:
@@ -103,8 +139,10 @@ def parse_loras(spec: str) -> Dict[str, str]:
     return loras
 
 
-# The LoRAs requests may choose, by name.
-LORAS = parse_loras(os.environ.get("SD_LORAS", ""))
+def configured_loras() -> Dict[str, str]:
+    """The LoRAs requests may choose, by name (`SD_LORAS`), read where it is used, as
+    `request_timeout_s`."""
+    return parse_loras(os.environ.get("SD_LORAS", ""))
 # Formats an upload may have: Pillow's other decoders are never run on client data.
 UPLOAD_FORMATS = ("PNG", "JPEG", "WEBP", "BMP")
 # Room for the text fields and multipart framing besides the two files of an edit request.
@@ -220,13 +258,14 @@ def _run_params(
 
 
 def _lora_params(lora: Optional[str], lora_scale: Any) -> Dict[str, Any]:
-    """`{"lora": name, "lora_scale": weight}` for a request naming one of `LORAS`; `{}` without."""
+    """`{"lora": name, "lora_scale": weight}` for a request naming one of `SD_LORAS`; `{}` without."""
     if not lora:
         if lora_scale is not None:
             raise BadRequest("lora_scale needs a lora")
         return {}
-    if lora not in LORAS:
-        raise BadRequest(f"unknown lora {lora!r}; this deployment has: {', '.join(sorted(LORAS)) or 'none'}")
+    loras = configured_loras()
+    if lora not in loras:
+        raise BadRequest(f"unknown lora {lora!r}; this deployment has: {', '.join(sorted(loras)) or 'none'}")
     try:
         scale = 1.0 if lora_scale is None else float(lora_scale)
     except (TypeError, ValueError):
@@ -297,10 +336,32 @@ def _png(image: Any) -> bytes:
     return buf.getvalue()
 
 
-def _is_bad_request(e: BaseException) -> bool:
+class RequestGone(Exception):
+    """Raised in a pipeline call's step callback to stop it: every request of its batch is gone
+    (the client hung up, or the deadline cancelled it)."""
+
+
+def classify_failure(e: BaseException) -> Tuple[int, str]:
+    """The HTTP status and the failure kind (`sd_py._serve_metrics.FAILURE_KINDS`) answering an
+    exception of a model call."""
     # Ray re-raises a replica's exception as a type deriving from both RayTaskError and the
     # original class, so ValueError (bad arguments, sd_py's and ours) is still recognisable.
-    return isinstance(e, ValueError)
+    if isinstance(e, BackPressureError):
+        return 503, "overloaded"
+    if isinstance(e, (RayActorError, ReplicaUnavailableError, DeploymentUnavailableError)):
+        return 503, "replica_unavailable"
+    if isinstance(e, ValueError):
+        return 422, "bad_request"
+    if isinstance(e, FloatingPointError):
+        return 500, "non_finite"
+    return 500, "error"
+
+
+def _failure_answer(status: int, kind: str, detail: str) -> JSONResponse:
+    """A JSON `detail` answer, counted in the failure metric; 503s say when to try again."""
+    serve_metrics().failed(kind)
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if status == 503 else None
+    return JSONResponse({"detail": detail}, status_code=status, headers=headers)
 
 
 app = FastAPI(
@@ -317,13 +378,22 @@ _EDIT_RESPONSES: Dict[Union[int, str], Dict[str, Any]] = {
 }
 
 
-@serve.deployment(num_replicas=1)
+@serve.deployment(
+    num_replicas=1,
+    # Room for every request the model deployment may run or queue, so that its bounded queue,
+    # not the proxy's, decides what is refused; beyond that the proxy answers 503 + Retry-After.
+    max_ongoing_requests=4 * MAX_QUEUED_REQUESTS,
+    max_queued_requests=MAX_QUEUED_REQUESTS,
+    backpressure_config={"retry_after_s": RETRY_AFTER_S},
+    graceful_shutdown_timeout_s=GRACEFUL_SHUTDOWN_TIMEOUT_S,
+)
 @serve.ingress(app)
 class APIIngress:
     """The HTTP front: validates requests and forwards them to the model deployment."""
 
     def __init__(self, diffusion_model_handle) -> None:
         self.handle = diffusion_model_handle
+        serve_metrics()
 
     @app.get("/imagine", responses=_PNG_RESPONSES, response_class=Response)
     async def generate(
@@ -340,7 +410,7 @@ class APIIngress:
         try:
             request = validate_request(prompt, img_size, seed, steps, guidance_scale, negative_prompt, lora, lora_scale)
         except BadRequest as e:
-            return JSONResponse({"detail": str(e)}, status_code=e.status_code)
+            return _failure_answer(e.status_code, "bad_request", str(e))
         return await self._answer_png(self.handle.generate_png.remote, request)
 
     @app.post("/img2img", responses=_EDIT_RESPONSES, response_class=Response)
@@ -359,7 +429,7 @@ class APIIngress:
         try:
             request = await self._edit_request(http_request, with_mask)
         except BadRequest as e:
-            return JSONResponse({"detail": str(e)}, status_code=e.status_code)
+            return _failure_answer(e.status_code, "bad_request", str(e))
         return await self._answer_png(self.handle.edit_png.remote, request)
 
     async def _edit_request(self, http_request: Request, with_mask: bool) -> Dict[str, Any]:
@@ -383,16 +453,31 @@ class APIIngress:
             await form.close()
 
     async def _answer_png(self, remote: Callable[[Dict[str, Any]], Any], request: Dict[str, Any]):
-        """The model's PNG for `request`, or its error as 422 (bad arguments) or 500."""
+        """The model's PNG for `request`, or its error (`classify_failure`); 504 past
+        `SD_REQUEST_TIMEOUT_S`. Past the deadline, and when the client hangs up, the model call is
+        cancelled, which stops its run at the next step (see `StableDiffusionV2._serve_one`)."""
+        response = remote(request)
+        timeout_s = request_timeout_s()
         try:
-            png = await remote(request)
+            png = await asyncio.wait_for(response, timeout_s)
+        except asyncio.CancelledError:  # Ray Serve cancels a request whose client hung up
+            response.cancel()
+            serve_metrics().failed("client_gone")
+            raise
+        except asyncio.TimeoutError:
+            response.cancel()
+            return _failure_answer(504, "deadline", f"no image within SD_REQUEST_TIMEOUT_S ({timeout_s:g} s)")
         except Exception as e:  # the model replica's error, with its message
             message = str(getattr(e, "cause", None) or e).strip().splitlines()
             detail = message[-1] if message else type(e).__name__
-            if _is_bad_request(e):
-                return JSONResponse({"detail": detail}, status_code=422)
+            status, kind = classify_failure(e)
+            if status == 422:
+                return _failure_answer(status, kind, detail)
+            if status == 503:
+                logger.warning("model unavailable (%s): %s", kind, detail)
+                return _failure_answer(status, kind, f"the model is unavailable ({kind}), try again: {detail}")
             logger.exception("image generation failed")
-            return JSONResponse({"detail": f"image generation failed: {detail}"}, status_code=500)
+            return _failure_answer(status, kind, f"image generation failed: {detail}")
         return Response(content=png, media_type="image/png", headers={"X-Seed": str(request["seed"])})
 
     @app.get("/healthz")
@@ -410,9 +495,12 @@ class APIIngress:
     ray_actor_options={"num_gpus": NUM_GPUS},
     autoscaling_config={"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 1},
     max_ongoing_requests=max(2, MAX_BATCH_SIZE),
+    max_queued_requests=MAX_QUEUED_REQUESTS,
+    graceful_shutdown_timeout_s=GRACEFUL_SHUTDOWN_TIMEOUT_S,
 )
 class StableDiffusionV2:
-    """The model: an sd_py pipeline, with batching of compatible requests."""
+    """The model: an sd_py pipeline, with batching of compatible requests and cancellation of
+    requests whose caller is gone."""
 
     # Consecutive failed pipeline calls (not counting bad requests) after which the replica
     # reports itself unhealthy, so Ray Serve replaces it.
@@ -426,7 +514,8 @@ class StableDiffusionV2:
         self.dtype = os.environ.get("SD_DTYPE", "").strip() or "float32"
         logger.info("sd_py: loading %s on %s (%s)", self.model_id, self.device, self.dtype)
         self.pipe = StableDiffusionPipeline.from_pretrained(self.model_id, torch_dtype=self.dtype, device=self.device)
-        for name, path in LORAS.items():
+        self.loras = configured_loras()
+        for name, path in self.loras.items():
             self.pipe.load_lora_weights(path, adapter_name=name)
         self.pipe.set_adapters([])
         # The active adapters are the pipeline's: a run sets its LoRA and runs under this lock.
@@ -434,9 +523,14 @@ class StableDiffusionV2:
         # The edit pipelines of `edit_png`, made on first use over the same weights (`from_pipe`).
         self._edit_pipes: Dict[bool, Any] = {}
         self._stats_lock = threading.Lock()
-        self.stats = {"requests": 0, "pipeline_calls": 0, "images": 0, "largest_batch": 0, "failures": 0}
+        self.stats = {"requests": 0, "pipeline_calls": 0, "images": 0, "largest_batch": 0, "failures": 0, "stopped_calls": 0}
         self._consecutive_failures = 0
         self._last_error: Optional[str] = None
+        # What the gauges show: requests waiting for their pipeline call, images of running calls.
+        self._queued = 0
+        self._running_images = 0
+        serve_metrics()
+        threading.Thread(target=self._refresh_gauges, name="sd-gauges", daemon=True).start()
 
     @staticmethod
     def _default_device() -> str:
@@ -459,28 +553,33 @@ class StableDiffusionV2:
     # -- the batched path --
 
     async def generate_png(self, request: Dict[str, Any]) -> bytes:
-        with self._stats_lock:
-            self.stats["requests"] += 1
-        ok, value = await self._generate_batch(request)
+        ok, value = await self._serve_one(request, self._generate_batch)
         if not ok:
             raise value
         return value
 
     @serve.batch(max_batch_size=MAX_BATCH_SIZE, batch_wait_timeout_s=BATCH_WAIT_S)
     async def _generate_batch(self, requests: List[Dict[str, Any]]) -> List[Tuple[bool, Any]]:
-        results: List[Tuple[bool, Any]] = [(False, RuntimeError("not run"))] * len(requests)
+        results: List[Tuple[bool, Any]] = [(False, RequestGone("gone before its pipeline call"))] * len(requests)
         for group in group_requests(requests):
+            # Requests that left while the groups before ran are not run.
+            group = [i for i in group if not requests[i]["gone"].is_set()]
             batch = [requests[i] for i in group]
+            if not batch:
+                continue
             try:
                 pngs = await asyncio.to_thread(self._run, batch)
                 for i, png in zip(group, pngs):
                     results[i] = (True, png)
             except Exception as e:
-                if len(batch) == 1:
-                    results[group[0]] = (False, e)
+                if len(batch) == 1 or isinstance(e, RequestGone):
+                    for i in group:
+                        results[i] = (False, e)
                     continue
                 # One bad request must not fail the others: run them one by one.
                 for i in group:
+                    if requests[i]["gone"].is_set():
+                        continue
                     try:
                         results[i] = (True, (await asyncio.to_thread(self._run, [requests[i]]))[0])
                     except Exception as e1:
@@ -490,30 +589,31 @@ class StableDiffusionV2:
     def _run(self, batch: List[Dict[str, Any]]) -> List[bytes]:
         first = batch[0]
         negatives = [r["negative_prompt"] or "" for r in batch]
-        out = self._counted(
-            len(batch),
-            lambda: self._with_lora(
-                first,
-                lambda **lora: self.pipe(
-                    [r["prompt"] for r in batch],
-                    negative_prompt=negatives if any(negatives) else None,
-                    height=first["height"],
-                    width=first["width"],
-                    num_inference_steps=first["steps"],
-                    guidance_scale=first["guidance_scale"],
-                    generator=[r["seed"] for r in batch],
-                    **lora,
+        with self._pipeline_call(batch) as on_step_end:
+            out = self._counted(
+                len(batch),
+                lambda: self._with_lora(
+                    first,
+                    lambda **lora: self.pipe(
+                        [r["prompt"] for r in batch],
+                        negative_prompt=negatives if any(negatives) else None,
+                        height=first["height"],
+                        width=first["width"],
+                        num_inference_steps=first["steps"],
+                        guidance_scale=first["guidance_scale"],
+                        generator=[r["seed"] for r in batch],
+                        callback_on_step_end=on_step_end,
+                        callback_on_step_end_tensor_inputs=(),
+                        **lora,
+                    ),
                 ),
-            ),
-        )
+            )
         return [_png(img) for img in out.images]
 
     # -- image-to-image and inpainting (unbatched) --
 
     async def edit_png(self, request: Dict[str, Any]) -> bytes:
-        with self._stats_lock:
-            self.stats["requests"] += 1
-        return await asyncio.to_thread(self._run_edit, request)
+        return await self._serve_one(request, lambda r: asyncio.to_thread(self._run_edit, r))
 
     def _run_edit(self, r: Dict[str, Any]) -> bytes:
         from sd_py import StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline
@@ -524,33 +624,108 @@ class StableDiffusionV2:
             cls = StableDiffusionInpaintPipeline if inpaint else StableDiffusionImg2ImgPipeline
             pipe = self._edit_pipes.setdefault(inpaint, cls.from_pipe(self.pipe))
         size = {"mask_image": r["mask"], "height": r["height"], "width": r["width"]} if inpaint else {}
-        out = self._counted(
-            1,
-            lambda: self._with_lora(
-                r,
-                lambda **lora: pipe(
-                    r["prompt"],
-                    image=r["image"],
-                    strength=r["strength"],
-                    negative_prompt=r["negative_prompt"],
-                    num_inference_steps=r["steps"],
-                    guidance_scale=r["guidance_scale"],
-                    generator=r["seed"],
-                    **size,
-                    **lora,
+        with self._pipeline_call([r]) as on_step_end:
+            out = self._counted(
+                1,
+                lambda: self._with_lora(
+                    r,
+                    lambda **lora: pipe(
+                        r["prompt"],
+                        image=r["image"],
+                        strength=r["strength"],
+                        negative_prompt=r["negative_prompt"],
+                        num_inference_steps=r["steps"],
+                        guidance_scale=r["guidance_scale"],
+                        generator=r["seed"],
+                        callback_on_step_end=on_step_end,
+                        callback_on_step_end_tensor_inputs=(),
+                        **size,
+                        **lora,
+                    ),
                 ),
-            ),
-        )
+            )
         return _png(out.images[0])
 
     def _with_lora(self, request: Dict[str, Any], call: Callable[..., Any]) -> Any:
         """`call(**kwargs)` with the request's LoRA (or none) active, `kwargs` holding its scale."""
-        if not LORAS:
+        if not self.loras:
             return call()
         lora = request.get("lora")
         with self._lora_lock:
             self.pipe.set_adapters([lora] if lora else [])
             return call(cross_attention_kwargs={"scale": request["lora_scale"]}) if lora else call()
+
+    # -- the life of a request in the replica: queue, pipeline call, cancellation --
+
+    async def _serve_one(self, request: Dict[str, Any], run: Callable[[Dict[str, Any]], Any]) -> Any:
+        """`await run(request)`, with `request` counted as queued until its pipeline call starts,
+        and marked gone (its `gone` event) when its caller cancels it: the ingress does when the
+        client hangs up or the deadline passes."""
+        request = {**request, "gone": threading.Event(), "queued": True}
+        with self._stats_lock:
+            self.stats["requests"] += 1
+            self._queued += 1
+        self._publish_gauges()
+        try:
+            return await run(request)
+        except asyncio.CancelledError:
+            request["gone"].set()
+            raise
+        finally:  # when it left before its pipeline call started
+            self._dequeue([request])
+
+    def _dequeue(self, batch: List[Dict[str, Any]]) -> None:
+        """Counts the queued requests of `batch` out of the queue (once: a request of a failed
+        batch is run again alone)."""
+        with self._stats_lock:
+            leaving = [r for r in batch if r["queued"]]
+            for r in leaving:
+                r["queued"] = False
+            self._queued -= len(leaving)
+        self._publish_gauges()
+
+    @contextmanager
+    def _pipeline_call(self, batch: List[Dict[str, Any]]) -> Iterator[Callable[..., Dict[str, Any]]]:
+        """Around a pipeline call of `batch`: keeps the gauges and yields its
+        `callback_on_step_end`, which times the steps and stops the call (`RequestGone`) once every
+        request of the batch is gone. While one is still waited for, the call runs on (it cannot
+        drop an image) and the images of the gone ones are dropped."""
+        self._dequeue(batch)
+        gone = [r["gone"] for r in batch]
+        last_step_end = time.monotonic()
+
+        def on_step_end(pipe: Any, step_index: int, timestep: Any, callback_kwargs: Dict[str, Any]) -> Dict[str, Any]:
+            nonlocal last_step_end
+            now = time.monotonic()
+            if step_index > 0:  # the first step's time would include the text encoding
+                serve_metrics().step_seconds.observe(now - last_step_end)
+            last_step_end = now
+            if all(event.is_set() for event in gone):
+                raise RequestGone(f"every request of the batch is gone (stopped after step {step_index + 1})")
+            return callback_kwargs
+
+        with self._stats_lock:
+            self._running_images += len(batch)
+        self._publish_gauges()
+        try:
+            yield on_step_end
+        finally:
+            with self._stats_lock:
+                self._running_images -= len(batch)
+            self._publish_gauges()
+
+    def _publish_gauges(self) -> None:
+        with self._stats_lock:
+            queued, running = self._queued, self._running_images
+        serve_metrics().queued_requests.set(queued)
+        serve_metrics().active_batch_size.set(running)
+
+    def _refresh_gauges(self) -> None:
+        """Ray drops a gauge that was not set for two export intervals (10 s each by default):
+        set them again every few seconds, so that an idle replica shows its zeros."""
+        while True:
+            time.sleep(5)
+            self._publish_gauges()
 
     def _counted(self, images: int, call: Callable[[], Any]) -> Any:
         """Runs a pipeline call, keeping the stats and the failure count of the health check."""
@@ -558,7 +733,13 @@ class StableDiffusionV2:
             out = call()
         except ValueError:
             raise
+        except RequestGone:
+            with self._stats_lock:
+                self.stats["stopped_calls"] += 1
+            raise
         except Exception as e:
+            if isinstance(e, FloatingPointError):
+                serve_metrics().non_finite_outputs.inc()
             with self._stats_lock:
                 self.stats["failures"] += 1
                 self._consecutive_failures += 1
@@ -569,6 +750,7 @@ class StableDiffusionV2:
             self.stats["images"] += images
             self.stats["largest_batch"] = max(self.stats["largest_batch"], images)
             self._consecutive_failures = 0
+        serve_metrics().images.inc(images)
         return out
 
     # -- health --
@@ -590,7 +772,9 @@ class StableDiffusionV2:
             "dtype": self.pipe.dtype,
             "scheduler": type(self.pipe.scheduler).__name__,
             "max_batch_size": MAX_BATCH_SIZE,
-            "loras": sorted(LORAS),
+            "pid": os.getpid(),
+            "rss_bytes": resident_bytes(),
+            "loras": sorted(self.loras),
             **stats,
         }
 
