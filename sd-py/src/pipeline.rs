@@ -396,9 +396,9 @@ impl PyPipeline {
         init_images: Option<Vec<(u32, u32, Bound<'py, PyBytes>)>>,
         mask: Option<(u32, u32, Bound<'py, PyBytes>)>,
         strength: Option<f64>,
-        metadata: bool,
         clip_skip: Option<usize>,
         prompt_syntax: &str,
+        metadata: bool,
         lora_scale: Option<f64>,
     ) -> PyResult<GenerateResult> {
         let output = match output {

@@ -6,6 +6,7 @@ import asyncio
 import io
 import json
 import shutil
+import threading
 from types import SimpleNamespace
 
 import numpy as np
@@ -108,7 +109,7 @@ def test_to_reloads_the_loras():
     pipe.load_lora_weights(LORA / "lora_peft.safetensors", adapter_name="peft")
     pipe.load_lora_weights(LORA / "lora_kohya.safetensors", adapter_name="kohya")
     pipe.set_adapters(["peft", "kohya"], [0.7, 0.4])
-    pipe.fuse_lora()
+    pipe.fuse_lora(lora_scale=0.6)
     reloaded = pipe.to(dtype="bfloat16").to(dtype="float32")
     assert reloaded.get_list_adapters()["unet"] == ["peft", "kohya"]
     _assert_matches(_run(reloaded)[0], "both_fused")
@@ -243,6 +244,8 @@ def _client(monkeypatch, serve, model):
     from fastapi.testclient import TestClient
 
     async def generate_png(request):
+        # What `_serve_one` adds to a request before its pipeline call.
+        request = {**request, "gone": threading.Event(), "queued": False}
         return (await asyncio.to_thread(model._run, [request]))[0]
 
     ingress = object.__new__(serve.APIIngress.func_or_class)

@@ -72,8 +72,7 @@ class _Pipeline:
         """The local diffusers folder the weights were read from."""
     def fuse_lora(self, scale):
         """Fuses the active adapters, at their weights times `scale`, into copies of the weights."""
-    def generate(self, prompts, negative_prompts=None, height=None, width=None, num_inference_steps=50, guidance_scale=7.5, num_images_per_prompt=1, seeds=..., scheduler=None, scheduler_config=None, output='pil', on_step=None, guidance_rescale=0.0, eta=0.0, step_latents=False, latents=None, prompt_embeds=None, negative_prompt_embeds=None, init_images=None, mask=None, strength=None, lora_scale=None):
-    def generate(self, prompts, negative_prompts=None, height=None, width=None, num_inference_steps=50, guidance_scale=7.5, num_images_per_prompt=1, seeds=..., scheduler=None, scheduler_config=None, output='pil', on_step=None, guidance_rescale=0.0, eta=0.0, step_latents=False, latents=None, prompt_embeds=None, negative_prompt_embeds=None, init_images=None, mask=None, strength=None, clip_skip=None, prompt_syntax='plain', metadata=False):
+    def generate(self, prompts, negative_prompts=None, height=None, width=None, num_inference_steps=50, guidance_scale=7.5, num_images_per_prompt=1, seeds=..., scheduler=None, scheduler_config=None, output='pil', on_step=None, guidance_rescale=0.0, eta=0.0, step_latents=False, latents=None, prompt_embeds=None, negative_prompt_embeds=None, init_images=None, mask=None, strength=None, clip_skip=None, prompt_syntax='plain', metadata=False, lora_scale=None):
         """Runs the pipeline with the GIL released; sd-core checks every value.
 
         `seeds`: empty (random), one (one generator for the batch) or one per image.
@@ -91,6 +90,8 @@ class _Pipeline:
         `(width, height, luma bytes)`, white = repaint, for inpainting; `strength` in (0, 1]
         (default 0.8 without a mask, 1.0 with one, as diffusers). `clip_skip`: diffusers'
         (for the prompts and the negative prompts); `prompt_syntax`: "plain" or "a1111".
+        `metadata`: also return each image's settings in A1111's infotext format. `lora_scale`: the
+        factor of the active unfused LoRAs (diffusers' `cross_attention_kwargs["scale"]`, default 1).
         """
     @staticmethod
     def load(model, dtype='float32', device='cpu', variant=None, revision=None, local_files_only=False, cache_dir=None, token=None):
@@ -105,7 +106,9 @@ class _Pipeline:
     def max_prompt_tokens(self):
         """The tokenizer's maximum sequence length (77 for CLIP)."""
     def reload(self, dtype, device):
-        """The same model loaded again on `device` in `dtype` (from the resolved local folder)."""
+        """The same model loaded again on `device` in `dtype` (from the resolved local folder), with
+        the same textual inversions and LoRAs (active adapters, weights and fusing too).
+        """
     @property
     def scheduler_class(self):
         """The scheduler class named by the model's `model_index.json`."""
