@@ -505,6 +505,8 @@ class StableDiffusionV2:
     # Consecutive failed pipeline calls (not counting bad requests) after which the replica
     # reports itself unhealthy, so Ray Serve replaces it.
     MAX_CONSECUTIVE_FAILURES = 3
+    # The replica's `SD_LORAS`, loaded at start (none until then); never changed in place.
+    loras: Dict[str, str] = {}
 
     def __init__(self) -> None:
         from sd_py import StableDiffusionPipeline
