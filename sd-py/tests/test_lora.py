@@ -3,6 +3,7 @@ the same calls, the API around them (adapters, weights, fusing, scale, `.to()`, 
 pipelines, errors) and the Serve app's `SD_LORAS` allow-list."""
 
 import asyncio
+import hashlib
 import io
 import json
 import shutil
@@ -91,6 +92,18 @@ def test_adapters_weights_fuse_unfuse_and_unload():
     pipe.unload_lora_weights()
     assert pipe.get_active_adapters() == []
     assert np.array_equal(_run(pipe, output_type="latent"), base)
+
+
+def test_output_metadata_names_the_loras(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # the hash cache, not the user's
+    pipe = _pipe()
+    pipe.load_lora_weights(LORA / "lora_kohya.safetensors", adapter_name="kohya")
+    image = _run(pipe, 0.5, output_metadata=True)[0]
+    _assert_matches(image, "kohya_s05")
+    text = image.info["parameters"]
+    digest = hashlib.sha256((LORA / "lora_kohya.safetensors").read_bytes()).hexdigest()
+    assert text.startswith(f"{META['prompt']} <lora:lora_kohya:0.5>\n"), text
+    assert f'Lora hashes: "lora_kohya: {digest[:10]}"' in text, text
 
 
 def test_unfuse_after_unload_restores_the_base_model():
