@@ -88,6 +88,12 @@ struct GenerateArgs {
     /// noised latents. Default: 0.8 for image-to-image, 1.0 for inpainting.
     #[arg(long)]
     strength: Option<f64>,
+    /// Apply a LoRA (.safetensors, diffusers/PEFT or kohya layout) with weight SCALE (default 1).
+    /// Repeatable: each file is its own adapter. Applied unfused (added at each layer's forward
+    /// as two small matmuls): loading copies no weight, while fusing would copy every targeted
+    /// weight for a barely faster step.
+    #[arg(long, value_name = "FILE[:SCALE]")]
+    lora: Vec<String>,
     /// A textual-inversion embedding (.safetensors) to load, with the token that stands for it
     /// in prompts (default: the file's own token); repeatable.
     #[arg(long = "embedding", value_name = "FILE[:TOKEN]")]
@@ -272,6 +278,22 @@ fn init_image(
     Ok(Some(init))
 }
 
+/// `--lora FILE[:SCALE]` values, each loaded as adapter `lora<i>` and all made active.
+fn load_loras(pipe: &StableDiffusionPipeline, loras: &[String]) -> anyhow::Result<()> {
+    let mut active = Vec::with_capacity(loras.len());
+    for (i, arg) in loras.iter().enumerate() {
+        // A suffix that is not a number belongs to the path.
+        let (file, scale) = match arg.rsplit_once(':').map(|(f, s)| (f, s.parse::<f64>())) {
+            Some((file, Ok(scale))) => (file, scale),
+            _ => (arg.as_str(), 1.0),
+        };
+        let name = format!("lora{i}");
+        pipe.load_lora(Path::new(file), &name)?;
+        active.push((name, scale));
+    }
+    Ok(pipe.set_adapters(&active)?)
+}
+
 /// `--embedding FILE[:TOKEN]`: the whole argument when it names a file, else split at the last
 /// `:`.
 fn embedding_arg(arg: &str) -> (&Path, Option<&str>) {
@@ -389,7 +411,15 @@ fn generate(mut args: GenerateArgs, given: &ArgMatches) -> anyhow::Result<()> {
     }
     // Check the scheduler name before the slow part.
     pipe.scheduler(params.scheduler.as_deref(), None)?;
+    load_loras(&pipe, &args.lora)?;
     let load_time = started.elapsed();
+    if let Some(info) = replayed.as_ref().filter(|i| !i.loras.is_empty() && args.lora.is_empty()) {
+        let loras: Vec<String> = info.loras.iter().map(|(n, w)| format!("{n} ({w})")).collect();
+        eprintln!(
+            "warning: the image was made with LoRAs {}; pass them with --lora FILE:WEIGHT to make it again",
+            loras.join(", ")
+        );
+    }
     if let Some(want) = replayed.as_ref().and_then(|i| i.model_hash.as_deref()) {
         let have = pipe.model_hash()?;
         if have != want {

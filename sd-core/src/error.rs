@@ -25,6 +25,11 @@ pub enum Error {
     #[error("{path}: {msg}")]
     Weights { path: PathBuf, msg: String },
 
+    /// A LoRA file with keys in no LoRA layout we read, or naming modules the model does not
+    /// have: `count` keys, the first few of them listed.
+    #[error("{path}: {count} LoRA keys match no layer of the model: {}{}", keys.join(", "), if *count > keys.len() { ", ..." } else { "" })]
+    UnknownLoraKeys { path: PathBuf, count: usize, keys: Vec<String> },
+
     /// A caller passed a value the pipeline cannot use (size, steps, dtype, ...).
     #[error("invalid argument: {0}")]
     InvalidArgument(String),

@@ -25,7 +25,9 @@ pub fn to_pyerr(e: Error) -> PyErr {
         Error::Io { .. } | Error::Config { .. } | Error::Weights { .. } | Error::Hub(_) => {
             PyOSError::new_err(msg)
         }
-        Error::InvalidArgument(_) | Error::UnknownScheduler { .. } => PyValueError::new_err(msg),
+        Error::InvalidArgument(_)
+        | Error::UnknownScheduler { .. }
+        | Error::UnknownLoraKeys { .. } => PyValueError::new_err(msg),
         Error::Cancelled => GenerationCancelled::new_err(msg),
         // Python's exception for NaN or inf where a number was expected.
         Error::NonFinite { .. } => PyFloatingPointError::new_err(msg),

@@ -56,3 +56,20 @@ pub fn read_model_file(
         Ok((text, path))
     })
 }
+
+/// The local path of one file of a model (a local folder or a hub id; from a hub only that
+/// file is downloaded), e.g. a LoRA's `.safetensors`.
+#[pyfunction]
+#[pyo3(signature = (model, file, revision=None, local_files_only=false, cache_dir=None, token=None))]
+pub fn model_file_path(
+    py: Python<'_>,
+    model: String,
+    file: String,
+    revision: Option<String>,
+    local_files_only: bool,
+    cache_dir: Option<PathBuf>,
+    token: Option<String>,
+) -> PyResult<PathBuf> {
+    let hub = hub_options(revision, local_files_only, cache_dir, token);
+    detached(py, move || resolve_model_file(&model, &file, &hub))
+}

@@ -32,6 +32,7 @@ fn _sd_py(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(schedulers::resolve_scheduler_config, m)?)?;
     m.add_function(wrap_pyfunction!(schedulers::scheduler_schedule, m)?)?;
     m.add_function(wrap_pyfunction!(hub::read_model_file, m)?)?;
+    m.add_function(wrap_pyfunction!(hub::model_file_path, m)?)?;
     m.add_function(wrap_pyfunction!(device::cuda_is_available, m)?)?;
     m.add_function(wrap_pyfunction!(device::normalize_dtype, m)?)?;
     m.add_function(wrap_pyfunction!(error::_panic_for_tests, m)?)?;

@@ -30,6 +30,8 @@ pub struct PyPipeline {
     /// The textual-inversion files loaded, with their `token` argument, so that `reload` loads
     /// them again.
     embeddings: RwLock<Vec<(PathBuf, Option<String>)>>,
+    /// The LoRA files loaded (and not unloaded), with their adapter names, for `reload`.
+    loras: RwLock<Vec<(PathBuf, String)>>,
 }
 
 /// An 8-bit RGB image: `data` holds `height` rows of `width` RGB pixels.
@@ -191,8 +193,14 @@ impl PyPipeline {
         pipe: StableDiffusionPipeline,
         variant: Option<String>,
         embeddings: Vec<(PathBuf, Option<String>)>,
+        loras: Vec<(PathBuf, String)>,
     ) -> Self {
-        Self { inner: RwLock::new(Arc::new(pipe)), variant, embeddings: RwLock::new(embeddings) }
+        Self {
+            inner: RwLock::new(Arc::new(pipe)),
+            variant,
+            embeddings: RwLock::new(embeddings),
+            loras: RwLock::new(loras),
+        }
     }
 
     /// The loaded pipeline, shared with the runs in progress.
@@ -228,10 +236,11 @@ impl PyPipeline {
             init_cpu_for(&opts.device)?;
             StableDiffusionPipeline::from_pretrained(&model, &opts)
         })?;
-        Ok(Self::new(inner, variant, vec![]))
+        Ok(Self::new(inner, variant, vec![], vec![]))
     }
 
-    /// The same model loaded again on `device` in `dtype` (from the resolved local folder).
+    /// The same model loaded again on `device` in `dtype` (from the resolved local folder), with
+    /// the same textual inversions and LoRAs (active adapters, weights and fusing too).
     fn reload(&self, py: Python<'_>, dtype: &str, device: &str) -> PyResult<Self> {
         let dtype = dtype_from_name(dtype)?;
         let device = device_from_name(device)?;
@@ -239,6 +248,10 @@ impl PyPipeline {
         let variant = variant_for(self.variant.as_deref(), dtype);
         let embeddings = self.embeddings.read().expect("not poisoned").clone();
         let loaded = embeddings.clone();
+        let loras = self.loras.read().expect("not poisoned").clone();
+        let lora_files = loras.clone();
+        let old = self.pipe();
+        let (active, fused) = (old.adapters.active(), old.adapters.fused_scale());
         let inner = detached(py, move || {
             init_cpu_for(&device)?;
             let mut pipe =
@@ -246,9 +259,18 @@ impl PyPipeline {
             for (path, token) in &loaded {
                 pipe.load_textual_inversion(path, token.as_deref())?;
             }
+            for (path, name) in &lora_files {
+                pipe.load_lora(path, name)?;
+            }
+            if !lora_files.is_empty() {
+                pipe.set_adapters(&active)?;
+            }
+            if let Some(scale) = fused {
+                pipe.fuse_lora(scale)?;
+            }
             Ok(pipe)
         })?;
-        Ok(Self::new(inner, self.variant.clone(), embeddings))
+        Ok(Self::new(inner, self.variant.clone(), embeddings, loras))
     }
 
     /// diffusers' `load_textual_inversion` for a `.safetensors` file; returns the tokens added.
@@ -346,8 +368,9 @@ impl PyPipeline {
     /// `(width, height, luma bytes)`, white = repaint, for inpainting; `strength` in (0, 1]
     /// (default 0.8 without a mask, 1.0 with one, as diffusers). `clip_skip`: diffusers'
     /// (for the prompts and the negative prompts); `prompt_syntax`: "plain" or "a1111".
-    /// `metadata`: also return each image's settings in A1111's infotext format.
-    #[pyo3(signature = (prompts, negative_prompts=None, height=None, width=None, num_inference_steps=50, guidance_scale=7.5, num_images_per_prompt=1, seeds=Vec::new(), scheduler=None, scheduler_config=None, output="pil", on_step=None, guidance_rescale=0.0, eta=0.0, step_latents=false, latents=None, prompt_embeds=None, negative_prompt_embeds=None, init_images=None, mask=None, strength=None, clip_skip=None, prompt_syntax="plain", metadata=false))]
+    /// `metadata`: also return each image's settings in A1111's infotext format. `lora_scale`: the
+    /// factor of the active unfused LoRAs (diffusers' `cross_attention_kwargs["scale"]`, default 1).
+    #[pyo3(signature = (prompts, negative_prompts=None, height=None, width=None, num_inference_steps=50, guidance_scale=7.5, num_images_per_prompt=1, seeds=Vec::new(), scheduler=None, scheduler_config=None, output="pil", on_step=None, guidance_rescale=0.0, eta=0.0, step_latents=false, latents=None, prompt_embeds=None, negative_prompt_embeds=None, init_images=None, mask=None, strength=None, clip_skip=None, prompt_syntax="plain", metadata=false, lora_scale=None))]
     #[allow(clippy::too_many_arguments)]
     fn generate<'py>(
         &self,
@@ -376,6 +399,7 @@ impl PyPipeline {
         clip_skip: Option<usize>,
         prompt_syntax: &str,
         metadata: bool,
+        lora_scale: Option<f64>,
     ) -> PyResult<GenerateResult> {
         let output = match output {
             "pil" => Output::Pil,
@@ -417,6 +441,7 @@ impl PyPipeline {
             init_image: init_image(init_images, mask, strength)?,
             clip_skip,
             prompt_syntax: attached(|| prompt_syntax.parse::<PromptSyntax>())?,
+            lora_scale,
         };
 
         let pipe = self.pipe();
@@ -469,6 +494,55 @@ impl PyPipeline {
             return Err(e);
         }
         unguard(result)?.into_py(py, output)
+    }
+
+    /// Loads a `.safetensors` LoRA file as adapter `name`, which becomes the only active one.
+    fn load_lora(&self, py: Python<'_>, path: PathBuf, name: String) -> PyResult<()> {
+        let pipe = self.pipe();
+        let (file, adapter) = (path.clone(), name.clone());
+        // A file that is not a LoRA we read (pickle, not safetensors, no LoRA layers) is a bad
+        // argument here, as in diffusers: ValueError, not the OSError of a model's weights.
+        detached(py, move || pipe.load_lora(&file, &adapter)).map_err(config_arg_error)?;
+        self.loras.write().expect("not poisoned").push((path, name));
+        Ok(())
+    }
+
+    /// Makes these `(name, weight)` adapters the active ones.
+    fn set_adapters(&self, adapters: Vec<(String, f64)>) -> PyResult<()> {
+        attached(|| self.pipe().set_adapters(&adapters))
+    }
+
+    /// The active adapters and their weights.
+    fn active_adapters(&self) -> Vec<(String, f64)> {
+        self.pipe().adapters.active()
+    }
+
+    /// The loaded adapters, in load order.
+    fn adapter_names(&self) -> Vec<String> {
+        self.pipe().adapters.names()
+    }
+
+    /// Fuses the active adapters, at their weights times `scale`, into copies of the weights.
+    fn fuse_lora(&self, py: Python<'_>, scale: f64) -> PyResult<()> {
+        let pipe = self.pipe();
+        detached(py, move || pipe.fuse_lora(scale))
+    }
+
+    /// Runs the original weights again, bit for bit.
+    fn unfuse_lora(&self, py: Python<'_>) {
+        let pipe = self.pipe();
+        py.detach(move || pipe.unfuse_lora())
+    }
+
+    /// Removes the named adapters (all with `None`); fused weights stay until `unfuse_lora`.
+    #[pyo3(signature = (names=None))]
+    fn unload_lora(&self, py: Python<'_>, names: Option<Vec<String>>) -> PyResult<()> {
+        let pipe = self.pipe();
+        let unloaded = names.clone();
+        detached(py, move || pipe.unload_lora(unloaded.as_deref()))?;
+        let gone = |name: &String| names.as_ref().is_none_or(|names| names.contains(name));
+        self.loras.write().expect("not poisoned").retain(|(_, name)| !gone(name));
+        Ok(())
     }
 
     fn __repr__(&self) -> String {

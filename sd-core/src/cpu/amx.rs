@@ -139,6 +139,33 @@ impl Packed {
     pub fn b_from_transposed(w: &[bf16], n: usize, k: usize) -> Self {
         Self::build(n, k, |i, dst| pack_b_transposed_block(w, n, k, i, dst))
     }
+
+    /// The `[m, k]` weight [`Self::a_from_rows`] packed (for fusing LoRAs into packed layers).
+    pub fn unpack_a_rows(&self) -> Vec<bf16> {
+        self.unpack(|row, kk| (row, kk % BLOCK, kk / BLOCK, (row % BLOCK) / 16, row % 16))
+    }
+
+    /// The `[n, k]` weight [`Self::b_from_transposed`] packed.
+    pub fn unpack_b_transposed(&self) -> Vec<bf16> {
+        self.unpack(|col, kk| {
+            (col, 2 * (col % 16) + kk % 2, kk / BLOCK, (col % BLOCK) / 16, kk % BLOCK / 2)
+        })
+    }
+
+    /// Element `(outer, kk)` of the weight is at `tile_row(outer / 32, kb, kblocks, h, r) + lane`
+    /// for `at(outer, kk) = (outer, lane, kb, h, r)`.
+    fn unpack(
+        &self,
+        at: impl Fn(usize, usize) -> (usize, usize, usize, usize, usize),
+    ) -> Vec<bf16> {
+        let (kblocks, src) = (blocks(self.k), self.as_slice());
+        (0..self.outer * self.k)
+            .map(|e| {
+                let (outer, lane, kb, h, r) = at(e / self.k, e % self.k);
+                src[tile_row(outer / BLOCK, kb, kblocks, h, r) + lane]
+            })
+            .collect()
+    }
 }
 
 /// Offset of tile row `r` of half `h` of block `(i, kb)`.
@@ -586,6 +613,16 @@ mod tiles {
 mod tests {
     use super::super::test_values::values as vals;
     use super::*;
+
+    /// Unpacking gives back the packed weight, for sizes that cut the blocks.
+    #[test]
+    fn unpack_inverts_pack() {
+        for (outer, k) in [(1, 1), (33, 65), (64, 32), (17, 100)] {
+            let w = bf(&vals(outer * k, 5));
+            assert_eq!(Packed::a_from_rows(&w, outer, k).unpack_a_rows(), w);
+            assert_eq!(Packed::b_from_transposed(&w, outer, k).unpack_b_transposed(), w);
+        }
+    }
 
     fn bf(v: &[f32]) -> Vec<bf16> {
         v.iter().map(|&x| bf16::from_f32(x)).collect()

@@ -228,6 +228,12 @@ pub struct GenerationInfo {
     pub guidance_rescale: Option<f64>,
     pub eta: Option<f64>,
     pub engine: Option<String>,
+    /// The LoRAs applied (A1111's name: the file's stem) and their weights, written as A1111's
+    /// `<lora:NAME:WEIGHT>` tags after the prompt (and taken off it when read).
+    pub loras: Vec<(String, f64)>,
+    /// A1111's "Lora hashes": each LoRA's name and the first 10 hex digits of the SHA-256 of its
+    /// file (A1111 hashes the tensors after the header: the same file gives other digits).
+    pub lora_hashes: Vec<(String, String)>,
 }
 
 impl GenerationInfo {
@@ -249,6 +255,9 @@ impl GenerationInfo {
         put("Model", self.model.clone());
         put("Denoising strength", self.denoising_strength.map(python_float));
         put("Clip skip", self.clip_skip.map(|c| c.to_string()));
+        let hashes: Vec<String> =
+            self.lora_hashes.iter().map(|(n, h)| format!("{n}: {h}")).collect();
+        put("Lora hashes", (!hashes.is_empty()).then(|| hashes.join(", ")));
         put("Prompt syntax", self.prompt_syntax.clone());
         put("Scheduler", self.scheduler.clone());
         put("Dtype", self.dtype.clone());
@@ -257,11 +266,12 @@ impl GenerationInfo {
         put("Guidance rescale", self.guidance_rescale.map(python_float));
         put("Eta", self.eta.map(python_float));
         put("Engine", self.engine.clone());
-        Infotext {
-            prompt: self.prompt.clone(),
-            negative_prompt: self.negative_prompt.clone(),
-            params,
+        let mut prompt = self.prompt.clone();
+        for (name, weight) in &self.loras {
+            let sep = if prompt.is_empty() { "" } else { " " };
+            prompt.push_str(&format!("{sep}<lora:{name}:{}>", python_float(*weight)));
         }
+        Infotext { prompt, negative_prompt: self.negative_prompt.clone(), params }
     }
 
     /// The settings of a parsed infotext. Keys we do not use are ignored; a key we use with a
@@ -285,8 +295,18 @@ impl GenerationInfo {
                 Error::InvalidArgument(format!("image parameters: `Size: {v}` is not WxH"))
             })?),
         };
+        let (prompt, loras) = take_lora_tags(&info.prompt);
+        let lora_hashes = info
+            .get("Lora hashes")
+            .map(|v| {
+                v.split(',')
+                    .filter_map(|pair| pair.split_once(':'))
+                    .map(|(n, h)| (n.trim().to_string(), h.trim().to_string()))
+                    .collect()
+            })
+            .unwrap_or_default();
         Ok(GenerationInfo {
-            prompt: info.prompt.clone(),
+            prompt,
             negative_prompt: info.negative_prompt.clone(),
             steps: parsed(info, "Steps")?,
             sampler: text("Sampler"),
@@ -306,6 +326,8 @@ impl GenerationInfo {
             guidance_rescale: parsed(info, "Guidance rescale")?,
             eta: parsed(info, "Eta")?,
             engine: text("Engine"),
+            loras,
+            lora_hashes,
         })
     }
 
@@ -328,6 +350,32 @@ impl GenerationInfo {
             _ => Some(sampler.clone()),
         }
     }
+}
+
+/// The prompt without its `<lora:NAME:WEIGHT>` tags (each with the space before it), and the
+/// tags' names and weights (default 1). Tags of another form (A1111's `te=`/`unet=` weights) stay
+/// in the prompt.
+fn take_lora_tags(prompt: &str) -> (String, Vec<(String, f64)>) {
+    let (mut rest, mut out, mut loras) = (prompt, String::new(), Vec::new());
+    while let Some(start) = rest.find("<lora:") {
+        let Some(len) = rest[start..].find('>') else { break };
+        let tag = &rest[start + "<lora:".len()..start + len];
+        let parsed = match tag.rsplit_once(':') {
+            Some((name, weight)) => weight.trim().parse::<f64>().ok().map(|w| (name, w)),
+            None => Some((tag, 1.0)),
+        };
+        let before = &rest[..start];
+        match parsed {
+            Some((name, weight)) if !name.is_empty() && !name.contains(':') => {
+                out.push_str(before.strip_suffix(' ').unwrap_or(before));
+                loras.push((name.to_string(), weight));
+            }
+            _ => out.push_str(&rest[..start + len + 1]),
+        }
+        rest = &rest[start + len + 1..];
+    }
+    out.push_str(rest);
+    (out, loras)
 }
 
 fn parse_size(v: &str) -> Option<(usize, usize)> {
@@ -409,6 +457,13 @@ mod tests {
     }
 
     #[test]
+    fn lora_tags_leave_the_prompt() {
+        let (prompt, loras) = take_lora_tags("a cat <lora:x:0.8>, <lora:y:te=1> dog<lora:z>");
+        assert_eq!(prompt, "a cat, <lora:y:te=1> dog");
+        assert_eq!(loras, [("x".to_string(), 0.8), ("z".to_string(), 1.0)]);
+    }
+
+    #[test]
     fn a_last_line_with_fewer_than_three_pairs_is_prompt() {
         let info = Infotext::parse("just a prompt: with a colon\nSteps: 3");
         assert_eq!(info.prompt, "just a prompt: with a colon\nSteps: 3");
@@ -438,9 +493,17 @@ mod tests {
             guidance_rescale: Some(0.7),
             eta: None,
             engine: Some("sd-rs 0.1.0".into()),
+            loras: vec![("style".into(), 0.5), ("detail".into(), 1.0)],
+            lora_hashes: vec![
+                ("style".into(), "0123456789".into()),
+                ("detail".into(), "abcdef0123".into()),
+            ],
         };
         let text = g.to_infotext().to_text();
         assert!(!text.contains("Negative prompt"));
+        assert!(text
+            .starts_with("a \"quoted\" prompt, with: colons <lora:style:0.5> <lora:detail:1.0>\n"));
+        assert!(text.contains(", Lora hashes: \"style: 0123456789, detail: abcdef0123\", "));
         let back = GenerationInfo::from_infotext(&Infotext::parse(&text)).unwrap();
         assert_eq!(back, g);
     }

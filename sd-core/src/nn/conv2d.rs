@@ -16,6 +16,7 @@ use candle_nn::VarBuilder;
 use half::bf16;
 use rayon::prelude::*;
 
+use super::lora::{record, LoraLayer, LoraSlot};
 use super::{packs_for_tiles, param_dtype, task_count, use_cpu_kernels};
 use crate::cpu::amx;
 use crate::cpu::bf16::to_bf16_par;
@@ -34,6 +35,7 @@ pub struct Conv2d {
     /// `[out]`, in [`param_dtype`].
     bias: Option<Tensor>,
     cfg: Conv2dConfig,
+    lora: LoraSlot<Weight, Conv2d>,
 }
 
 pub fn conv2d(
@@ -46,7 +48,9 @@ pub fn conv2d(
     let weight = vb.get((out_channels, in_channels, kernel, kernel), "weight")?;
     let bias =
         vb.get_with_hints_dtype(out_channels, "bias", Default::default(), param_dtype(&vb))?;
-    Conv2d::new(weight, Some(bias), cfg)
+    let conv = Conv2d::new(weight, Some(bias), cfg)?;
+    record(vb.prefix(), || LoraLayer::Conv2d(conv.clone()));
+    Ok(conv)
 }
 
 /// Elements of one task's im2col block: 4 Mi (16 MiB in f32, 8 in bf16). Smaller blocks mean
@@ -125,18 +129,17 @@ fn im2col_row<T: Copy + Default>(x: &[T], g: &Geometry, p0: usize, tap: usize, d
 }
 
 #[derive(Debug, Clone)]
-enum Weight {
+pub(crate) enum Weight {
     /// `[out, in, kh, kw]`, in the builder's dtype (bf16 for bf16 GEMMs on the CPU).
     Dense(Tensor),
     /// A bf16 CPU weight packed once for the AMX tiles, as the A operand `[out, in kh kw]`.
     Tiles { packed: Arc<amx::Packed>, dims: (usize, usize, usize, usize) },
 }
 
-impl Conv2d {
-    /// A bf16 weight on a CPU with AMX is packed for the tiles here (and the tensor dropped).
-    pub fn new(weight: Tensor, bias: Option<Tensor>, cfg: Conv2dConfig) -> Result<Self> {
-        let cfg = Conv2dConfig { stride: cfg.stride.max(1), ..cfg };
-        let weight = if packs_for_tiles(&weight) {
+impl Weight {
+    /// A bf16 weight on a CPU with AMX is packed for the tiles (and the tensor dropped).
+    fn new(weight: Tensor) -> Result<Self> {
+        Ok(if packs_for_tiles(&weight) {
             let dims = weight.dims4()?;
             let (c_out, c_in, kh, kw) = dims;
             let packed = with_slice::<bf16, _>(&weight.contiguous()?, |w| {
@@ -145,21 +148,76 @@ impl Conv2d {
             Weight::Tiles { packed: Arc::new(packed), dims }
         } else {
             Weight::Dense(weight)
-        };
-        Ok(Self { weight, bias, cfg })
+        })
     }
 
     fn dims(&self) -> Result<(usize, usize, usize, usize)> {
-        match &self.weight {
+        match self {
             Weight::Dense(w) => w.dims4(),
             Weight::Tiles { dims, .. } => Ok(*dims),
         }
     }
 
-    fn forward_cpu(&self, xs: &Tensor) -> Result<Tensor> {
+    /// `[out, in, kh, kw]` as a tensor of the layer's dtype.
+    fn tensor(&self) -> Result<Tensor> {
+        match self {
+            Weight::Dense(w) => Ok(w.clone()),
+            Weight::Tiles { packed, dims } => {
+                Tensor::from_vec(packed.unpack_a_rows(), *dims, &Device::Cpu)
+            }
+        }
+    }
+}
+
+impl Conv2d {
+    /// A bf16 weight on a CPU with AMX is packed for the tiles here (and the tensor dropped).
+    pub fn new(weight: Tensor, bias: Option<Tensor>, cfg: Conv2dConfig) -> Result<Self> {
+        let cfg = Conv2dConfig { stride: cfg.stride.max(1), ..cfg };
+        Ok(Self { weight: Weight::new(weight)?, bias, cfg, lora: LoraSlot::default() })
+    }
+
+    /// `(out, in, kh, kw)`.
+    pub fn dims(&self) -> Result<(usize, usize, usize, usize)> {
+        self.weight.dims()
+    }
+
+    pub fn config(&self) -> Conv2dConfig {
+        self.cfg
+    }
+
+    /// The layer's LoRA state (see [`super::lora`]).
+    pub(crate) fn lora(&self) -> &LoraSlot<Weight, Conv2d> {
+        &self.lora
+    }
+
+    /// The layer's own weight plus `delta` (`[out, in kh kw]`, f32), for fusing LoRAs: summed in
+    /// f32, stored in the layer's dtype and packed as the layer's own weight is.
+    pub(crate) fn weight_plus(&self, delta: &Tensor) -> Result<Weight> {
+        let own = self.weight.tensor()?;
+        let delta = delta.reshape(own.shape())?;
+        Weight::new((own.to_dtype(DType::F32)? + delta)?.to_dtype(own.dtype())?)
+    }
+
+    fn forward_weight(&self, weight: &Weight, xs: &Tensor) -> Result<Tensor> {
+        let weight = match weight {
+            Weight::Dense(w) if !use_cpu_kernels(xs, w.dtype()) => w,
+            Weight::Tiles { .. } if !use_cpu_kernels(xs, DType::BF16) => {
+                candle_core::bail!("conv2d: weights packed for the CPU's AMX tiles take f32 CPU inputs, got {:?} on {:?}", xs.dtype(), xs.device())
+            }
+            _ => return self.forward_cpu(weight, xs),
+        };
+        let cfg = candle_nn::Conv2dConfig {
+            padding: self.cfg.padding,
+            stride: self.cfg.stride,
+            ..Default::default()
+        };
+        candle_nn::Conv2d::new(weight.clone(), self.bias.clone(), cfg).forward(xs)
+    }
+
+    fn forward_cpu(&self, weight: &Weight, xs: &Tensor) -> Result<Tensor> {
         let xs = xs.contiguous()?;
         let (batch, c_in, h, w) = xs.dims4()?;
-        let (c_out, wc_in, kh, kw) = self.dims()?;
+        let (c_out, wc_in, kh, kw) = weight.dims()?;
         if c_in != wc_in {
             candle_core::bail!("conv2d: input has {c_in} channels, the weight expects {wc_in}");
         }
@@ -188,7 +246,7 @@ impl Conv2d {
         // Every element is written by the tasks below (bias or GEMM); the length is set after.
         let len = batch * c_out * pixels;
         let mut out: Vec<f32> = Vec::with_capacity(len);
-        match &self.weight {
+        match weight {
             Weight::Tiles { packed, .. } => {
                 // One panel of columns per task: the packed block then stays in L2, and the
                 // weight is read once per panel whatever the block size.
@@ -363,19 +421,9 @@ impl<'a> Plan<'a> {
 
 impl Module for Conv2d {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let weight = match &self.weight {
-            Weight::Dense(w) if !use_cpu_kernels(xs, w.dtype()) => w,
-            Weight::Tiles { .. } if !use_cpu_kernels(xs, DType::BF16) => {
-                candle_core::bail!("conv2d: weights packed for the CPU's AMX tiles take f32 CPU inputs, got {:?} on {:?}", xs.dtype(), xs.device())
-            }
-            _ => return self.forward_cpu(xs),
-        };
-        let cfg = candle_nn::Conv2dConfig {
-            padding: self.cfg.padding,
-            stride: self.cfg.stride,
-            ..Default::default()
-        };
-        candle_nn::Conv2d::new(weight.clone(), self.bias.clone(), cfg).forward(xs)
+        let lora = self.lora.read();
+        let ys = self.forward_weight(lora.fused.as_ref().unwrap_or(&self.weight), xs)?;
+        lora.add_terms(xs, ys)
     }
 }
 

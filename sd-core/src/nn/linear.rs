@@ -7,6 +7,7 @@ use candle_nn::VarBuilder;
 use half::bf16;
 use rayon::prelude::*;
 
+use super::lora::{record, LoraLayer, LoraSlot};
 use super::{packs_for_tiles, param_dtype, task_count, use_cpu_kernels};
 use crate::cpu::amx;
 use crate::cpu::bf16::to_bf16;
@@ -18,10 +19,11 @@ pub struct Linear {
     weight: Weight,
     /// `[out]`, in [`param_dtype`].
     bias: Option<Tensor>,
+    lora: LoraSlot<Weight, Linear>,
 }
 
 #[derive(Debug, Clone)]
-enum Weight {
+pub(crate) enum Weight {
     /// `[out, in]`, in the builder's dtype (bf16 for bf16 GEMMs on the CPU).
     Dense(Tensor),
     /// A bf16 CPU weight packed once for the AMX tiles, as the B operand `W^T`.
@@ -31,17 +33,17 @@ enum Weight {
 pub fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
     let weight = vb.get((out_dim, in_dim), "weight")?;
     let bias = vb.get_with_hints_dtype(out_dim, "bias", Default::default(), param_dtype(&vb))?;
-    Linear::new(weight, Some(bias))
+    Linear::new(weight, Some(bias)).map(|l| l.recorded(&vb))
 }
 
 pub fn linear_no_bias(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
-    Linear::new(vb.get((out_dim, in_dim), "weight")?, None)
+    Linear::new(vb.get((out_dim, in_dim), "weight")?, None).map(|l| l.recorded(&vb))
 }
 
-impl Linear {
-    /// A bf16 weight on a CPU with AMX is packed for the tiles here (and the tensor dropped).
-    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
-        let weight = if packs_for_tiles(&weight) {
+impl Weight {
+    /// A bf16 weight on a CPU with AMX is packed for the tiles (and the tensor dropped).
+    fn new(weight: Tensor) -> Result<Self> {
+        Ok(if packs_for_tiles(&weight) {
             let (n, k) = weight.dims2()?;
             let packed = with_slice::<bf16, _>(&weight.contiguous()?, |w| {
                 amx::Packed::b_from_transposed(w, n, k)
@@ -49,21 +51,72 @@ impl Linear {
             Weight::Tiles(Arc::new(packed))
         } else {
             Weight::Dense(weight)
-        };
-        Ok(Self { weight, bias })
+        })
     }
 
     /// `(out, in)` features.
     fn dims(&self) -> Result<(usize, usize)> {
-        match &self.weight {
+        match self {
             Weight::Dense(w) => w.dims2(),
             Weight::Tiles(p) => Ok((p.outer, p.k)),
         }
     }
 
-    fn forward_cpu(&self, xs: &Tensor) -> Result<Tensor> {
+    /// `[out, in]` as a tensor of the layer's dtype.
+    fn tensor(&self) -> Result<Tensor> {
+        match self {
+            Weight::Dense(w) => Ok(w.clone()),
+            Weight::Tiles(p) => {
+                Tensor::from_vec(p.unpack_b_transposed(), (p.outer, p.k), &Device::Cpu)
+            }
+        }
+    }
+}
+
+impl Linear {
+    /// A bf16 weight on a CPU with AMX is packed for the tiles here (and the tensor dropped).
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
+        Ok(Self { weight: Weight::new(weight)?, bias, lora: LoraSlot::default() })
+    }
+
+    fn recorded(self, vb: &VarBuilder) -> Self {
+        record(vb.prefix(), || LoraLayer::Linear(self.clone()));
+        self
+    }
+
+    /// `(out, in)` features.
+    pub fn dims(&self) -> Result<(usize, usize)> {
+        self.weight.dims()
+    }
+
+    /// The layer's LoRA state (see [`super::lora`]).
+    pub(crate) fn lora(&self) -> &LoraSlot<Weight, Linear> {
+        &self.lora
+    }
+
+    /// The layer's own weight plus `delta` (`[out, in]`, f32), for fusing LoRAs: summed in f32,
+    /// stored in the layer's dtype and packed as the layer's own weight is.
+    pub(crate) fn weight_plus(&self, delta: &Tensor) -> Result<Weight> {
+        let own = self.weight.tensor()?;
+        Weight::new((own.to_dtype(DType::F32)? + delta)?.to_dtype(own.dtype())?)
+    }
+
+    /// `xs` through `weight` (the layer's own or a fused one) and the bias.
+    fn forward_weight(&self, weight: &Weight, xs: &Tensor) -> Result<Tensor> {
+        match weight {
+            Weight::Dense(w) if !use_cpu_kernels(xs, w.dtype()) => {
+                candle_nn::Linear::new(w.clone(), self.bias.clone()).forward(xs)
+            }
+            Weight::Tiles(_) if !use_cpu_kernels(xs, DType::BF16) => {
+                candle_core::bail!("linear: weights packed for the CPU's AMX tiles take f32 CPU inputs, got {:?} on {:?}", xs.dtype(), xs.device())
+            }
+            _ => self.forward_cpu(weight, xs),
+        }
+    }
+
+    fn forward_cpu(&self, weight: &Weight, xs: &Tensor) -> Result<Tensor> {
         let xs = xs.contiguous()?;
-        let (n, k) = self.dims()?;
+        let (n, k) = weight.dims()?;
         let mut out_dims = xs.dims().to_vec();
         let Some(last) = out_dims.last_mut() else { candle_core::bail!("linear: scalar input") };
         if *last != k {
@@ -78,7 +131,7 @@ impl Linear {
                 None => Tensor::zeros(out_dims, DType::F32, &Device::Cpu),
             };
         }
-        let weight = match &self.weight {
+        let weight = match weight {
             Weight::Tiles(packed) => {
                 return Tensor::from_vec(
                     self.forward_tiles(&xs, packed, m)?,
@@ -191,15 +244,9 @@ impl Linear {
 
 impl Module for Linear {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        match &self.weight {
-            Weight::Dense(w) if !use_cpu_kernels(xs, w.dtype()) => {
-                candle_nn::Linear::new(w.clone(), self.bias.clone()).forward(xs)
-            }
-            Weight::Tiles(_) if !use_cpu_kernels(xs, DType::BF16) => {
-                candle_core::bail!("linear: weights packed for the CPU's AMX tiles take f32 CPU inputs, got {:?} on {:?}", xs.dtype(), xs.device())
-            }
-            _ => self.forward_cpu(xs),
-        }
+        let lora = self.lora.read();
+        let ys = self.forward_weight(lora.fused.as_ref().unwrap_or(&self.weight), xs)?;
+        lora.add_terms(xs, ys)
     }
 }
 

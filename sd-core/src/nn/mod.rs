@@ -19,11 +19,13 @@ mod activations;
 mod conv2d;
 mod group_norm;
 mod linear;
+pub mod lora;
 
 pub use activations::{geglu, gelu_erf};
 pub use conv2d::{conv2d, Conv2d, Conv2dConfig};
 pub use group_norm::{group_norm, GroupNorm};
 pub use linear::{linear, linear_no_bias, Linear};
+pub use lora::{collect_layers, LoraLayer};
 
 use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::VarBuilder;

@@ -45,6 +45,7 @@ impl StableDiffusionPipeline {
         };
         let (sampler, karras) = self.a1111_sampler(entry);
         let nonzero = |v: f64| (v != 0.0).then_some(v);
+        let (loras, lora_hashes) = self.lora_info(params.lora_scale)?;
         Ok(GenerationInfo {
             prompt,
             negative_prompt,
@@ -70,7 +71,30 @@ impl StableDiffusionPipeline {
             guidance_rescale: nonzero(params.guidance_rescale),
             eta: nonzero(params.eta),
             engine: Some(format!("sd-rs {}", env!("CARGO_PKG_VERSION"))),
+            loras,
+            lora_hashes,
         })
+    }
+
+    /// The LoRAs a run at `scale` applies, as A1111 names them (the file's stem), with their
+    /// weights, and their hashes (the first 10 hex digits of the file's SHA-256, cached as the
+    /// model hash's).
+    #[allow(clippy::type_complexity)]
+    fn lora_info(&self, scale: Option<f64>) -> Result<(Vec<(String, f64)>, Vec<(String, String)>)> {
+        let applied = self.adapters.applied(scale);
+        if applied.is_empty() {
+            return Ok((vec![], vec![]));
+        }
+        let mut cache = HashCache::load();
+        let (mut loras, mut hashes) = (vec![], vec![]);
+        for (adapter, path, weight) in applied {
+            let name = path.file_stem().map_or(adapter, |s| s.to_string_lossy().into_owned());
+            let digest = cache.file_digest(&path)?;
+            hashes.push((name.clone(), digest[..10].to_string()));
+            loras.push((name, weight));
+        }
+        cache.save();
+        Ok((loras, hashes))
     }
 
     /// A1111's sampler name for a registry entry (`None`: the model's own scheduler) and whether

@@ -89,6 +89,9 @@ pub struct GenerateParams {
     pub latents: Option<Tensor>,
     /// The image (and mask) to start from; `None` is text-to-image.
     pub init_image: Option<InitImage>,
+    /// diffusers' `cross_attention_kwargs={"scale": s}`: the factor of the active unfused LoRAs
+    /// in the text encoder and the UNet (default 1; fused LoRAs ignore it).
+    pub lora_scale: Option<f64>,
     /// diffusers' `clip_skip`: encode with the output of the text encoder's layer `n - k` (then
     /// its final layer norm), for the prompts and the negative prompts (diffusers 0.42 skips for
     /// the prompts only). `None` or 0: the last layer. Must be below the number of layers.
@@ -117,6 +120,7 @@ impl GenerateParams {
             output: OutputType::Image,
             latents: None,
             init_image: None,
+            lora_scale: None,
             clip_skip: None,
             prompt_syntax: PromptSyntax::Plain,
         }

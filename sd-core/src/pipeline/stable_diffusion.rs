@@ -9,12 +9,15 @@ use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
 
 use super::postprocess::to_rgb_images;
+use crate::adapters::lora::{read_lora_file, ModelLayers};
 use crate::adapters::textual_inversion::MultiVectorToken;
+use crate::adapters::Adapters;
 use crate::hub::{resolve_model, variant_for, HubOptions};
 use crate::loading::{build_component, component_weight_paths, read_json, WeightStore};
 use crate::models::clip_text::{ClipTextConfig, ClipTextModel};
 use crate::models::unet::{UNet2DConditionConfig, UNet2DConditionModel};
 use crate::models::vae::{AutoencoderKL, AutoencoderKLConfig};
+use crate::nn::collect_layers;
 use crate::prompt::chunks::{apply_multipliers, empty_chunk, tokenize_chunks, CHUNK_IDS};
 use crate::prompt::parse::parse_prompt_attention;
 use crate::prompt::PromptSyntax;
@@ -48,7 +51,8 @@ struct ModelIndex {
 }
 
 /// A loaded diffusers model. It holds no per-run state: every run builds its own scheduler and
-/// generators, so one pipeline can serve concurrent calls from several threads.
+/// generators, so one pipeline can serve concurrent calls from several threads. With unfused
+/// LoRAs loaded, runs are serialized and each chooses its LoRA scale (see [`crate::adapters`]).
 ///
 /// Loading changes no process-wide state. On the CPU, a program that wants sd-core's thread pool
 /// and allocator settings calls [`crate::runtime::init_cpu`] first (sd-cli and sd_py do); without
@@ -67,6 +71,8 @@ pub struct StableDiffusionPipeline {
     dtype: DType,
     /// The most images per UNet or VAE call; `None`: [`Self::model_batch`]'s estimate.
     pub(super) max_model_batch: Option<usize>,
+    /// The LoRAs loaded into the text encoder and UNet.
+    pub adapters: Adapters,
     /// The UNet weight files, hashed (once) for the image metadata's model hash.
     pub(super) unet_weights: Vec<PathBuf>,
     pub(super) model_hash: OnceLock<String>,
@@ -116,22 +122,24 @@ impl StableDiffusionPipeline {
         };
         let (dir, store) = load("text_encoder", "model")?;
         let cfg: ClipTextConfig = read_json(&dir.join("config.json"))?;
-        let text_encoder =
-            build_component(&dir, store, dtype, device, |vb| ClipTextModel::new(vb, &cfg))?;
+        let (text_encoder, text_encoder_layers) = collect_layers(|| {
+            build_component(&dir, store, dtype, device, |vb| ClipTextModel::new(vb, &cfg))
+        });
         let unet_weights =
             component_weight_paths(&folder.join("unet"), "diffusion_pytorch_model", variant)?;
         let (dir, store) = load("unet", "diffusion_pytorch_model")?;
         let cfg: UNet2DConditionConfig = read_json(&dir.join("config.json"))?;
-        let unet =
-            build_component(&dir, store, dtype, device, |vb| UNet2DConditionModel::new(vb, &cfg))?;
+        let (unet, unet_layers) = collect_layers(|| {
+            build_component(&dir, store, dtype, device, |vb| UNet2DConditionModel::new(vb, &cfg))
+        });
         let (dir, store) = load("vae", "diffusion_pytorch_model")?;
         let cfg: AutoencoderKLConfig = read_json(&dir.join("config.json"))?;
         let vae = build_component(&dir, store, dtype, device, |vb| AutoencoderKL::new(vb, &cfg))?;
 
         Ok(Self {
             tokenizer,
-            text_encoder,
-            unet,
+            text_encoder: text_encoder?,
+            unet: unet?,
             vae,
             scheduler_config,
             scheduler_class,
@@ -139,10 +147,43 @@ impl StableDiffusionPipeline {
             device: device.clone(),
             dtype,
             max_model_batch: None,
+            adapters: Adapters::new(
+                ModelLayers::new(text_encoder_layers),
+                ModelLayers::new(unet_layers),
+            ),
             unet_weights,
             model_hash: OnceLock::new(),
             multi_vector_tokens: vec![],
         })
+    }
+
+    /// diffusers' `load_lora_weights`: reads a `.safetensors` LoRA (diffusers/PEFT or kohya
+    /// layout, see [`crate::adapters::lora`]) as adapter `name`, which becomes the only active
+    /// one. The base weights are neither copied nor changed.
+    pub fn load_lora(&self, path: &Path, name: &str) -> Result<()> {
+        let layers = |component| self.adapters.layers(component);
+        let adapter = read_lora_file(path, name, layers, self.dtype, &self.device)?;
+        self.adapters.load(adapter)
+    }
+
+    /// diffusers' `set_adapters(names, adapter_weights)`.
+    pub fn set_adapters(&self, adapters: &[(String, f64)]) -> Result<()> {
+        self.adapters.set_active(adapters)
+    }
+
+    /// diffusers' `fuse_lora(lora_scale)`: see [`Adapters::fuse`].
+    pub fn fuse_lora(&self, scale: f64) -> Result<()> {
+        self.adapters.fuse(scale)
+    }
+
+    /// diffusers' `unfuse_lora`: the base weights again, bit for bit.
+    pub fn unfuse_lora(&self) {
+        self.adapters.unfuse()
+    }
+
+    /// Removes the named adapters (all with `None`); see [`Adapters::unload`].
+    pub fn unload_lora(&self, names: Option<&[String]>) -> Result<()> {
+        self.adapters.unload(names)
     }
 
     pub fn device(&self) -> &Device {

@@ -28,6 +28,7 @@ impl StableDiffusionPipeline {
         params: &GenerateParams,
         hooks: RunHooks<'_>,
     ) -> Result<GenerateOutput> {
+        let _adapters = self.adapters.begin_run(params.lora_scale);
         match &params.init_image {
             None => self.text_to_image(params, hooks),
             Some(init) if init.mask.is_some() => self.inpaint(params, init, hooks),

@@ -38,7 +38,8 @@ _FORWARDED = (
     "clip_skip",
     "prompt_syntax",
 )
-# diffusers' `__call__` arguments that every sd_py pipeline refuses (as the text-to-image one).
+# diffusers' `__call__` arguments that every sd_py pipeline refuses (as the text-to-image one),
+# and `cross_attention_kwargs`, of which the shared run takes "scale" only.
 _REFUSED = ("timesteps", "sigmas", "ip_adapter_image", "ip_adapter_image_embeds", "cross_attention_kwargs")
 
 
@@ -139,8 +140,8 @@ class StableDiffusionImg2ImgPipeline(StableDiffusionPipeline):
           strength)` steps run.
 
         The other arguments are those of `StableDiffusionPipeline.__call__`; `timesteps`,
-        `sigmas`, IP-adapter inputs and `cross_attention_kwargs` are not supported
-        (ValueError), other unknown keyword arguments are ignored with a warning.
+        `sigmas` and IP-adapter inputs are not supported (ValueError), other unknown keyword
+        arguments are ignored with a warning.
         """
         forwarded, unsupported = _split_call_args(locals(), _REFUSED)
         edit = {"init_images": _init_images(image), "strength": _number("strength", strength)}
@@ -197,9 +198,8 @@ class StableDiffusionInpaintPipeline(StableDiffusionPipeline):
           image and mask are resized.
         - `strength` in (0, 1]: 1 starts from pure noise; below 1 from the noised image.
 
-        `masked_image_latents`, `padding_mask_crop`, `latents`, `timesteps`, `sigmas`,
-        IP-adapter inputs and `cross_attention_kwargs` are not supported
-        (ValueError); other unknown keyword arguments are ignored with a warning.
+        `masked_image_latents`, `padding_mask_crop`, `latents`, `timesteps`, `sigmas` and
+        IP-adapter inputs are not supported (ValueError); other unknown keyword arguments are ignored with a warning.
         """
         refused = ("masked_image_latents", "padding_mask_crop", "latents") + _REFUSED
         forwarded, unsupported = _split_call_args(locals(), refused)

@@ -1,5 +1,6 @@
 """`StableDiffusionPipeline`: diffusers' text-to-image pipeline API on sd-core."""
 
+import errno
 import json
 import logging
 import operator
@@ -185,6 +186,20 @@ def _latents_bytes(latents: Any, shape: List[int]) -> bytes:
     if list(array.shape) != list(shape):
         raise ValueError(f"callback_on_step_end returned latents of shape {list(array.shape)}, expected {list(shape)}")
     return array.tobytes()
+
+
+# File suffixes of weights: a missing path with one of them is a file, not a hub id.
+_WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
+
+
+def _lora_scale(cross_attention_kwargs: Optional[Dict[str, Any]]) -> Optional[float]:
+    """`cross_attention_kwargs["scale"]` (the only key sd_py takes), or None."""
+    if not cross_attention_kwargs:
+        return None
+    other = sorted(set(cross_attention_kwargs) - {"scale"})
+    if other:
+        raise ValueError(f"sd_py supports only 'scale' in cross_attention_kwargs, got {', '.join(map(repr, other))}")
+    return _number("cross_attention_kwargs['scale']", cross_attention_kwargs["scale"])
 
 
 def _prompt_list(name: str, value: Any) -> List[str]:
@@ -386,7 +401,8 @@ class StableDiffusionPipeline:
     def to(self, *args: Any, **kwargs: Any) -> "StableDiffusionPipeline":
         """Moves the pipeline to a device and/or dtype: `.to("cuda")`, `.to(torch.device("cpu"))`,
         `.to(torch.float16)`, `.to("cuda", torch.float16)`, `.to(device=..., dtype=...)`.
-        Moving reloads the weights from the model folder on the new device. Returns the pipeline."""
+        Moving reloads the weights from the model folder on the new device, with the loaded
+        textual inversions and LoRAs (active adapters, weights and fusing). Returns the pipeline."""
         device = kwargs.pop("device", None)
         dtype = kwargs.pop("dtype", kwargs.pop("torch_dtype", None))
         kwargs.pop("silence_dtype_warnings", None)
@@ -494,6 +510,95 @@ class StableDiffusionPipeline:
             f"dtype={self._native.dtype!r}, scheduler={type(self._scheduler).__name__})"
         )
 
+    # ---- LoRA ----
+
+    def load_lora_weights(
+        self,
+        pretrained_model_name_or_path_or_dict: Union[str, "os.PathLike[str]"],
+        weight_name: Optional[str] = None,
+        adapter_name: Optional[str] = None,
+        **kwargs: Any,
+    ) -> None:
+        """diffusers' `load_lora_weights`: a `.safetensors` LoRA in the diffusers/PEFT or kohya
+        (sd-scripts, A1111) layout, from a file, a folder (`weight_name`, default its
+        `pytorch_lora_weights.safetensors` or its only `.safetensors` file) or a hub repository
+        (`weight_name`, default `pytorch_lora_weights.safetensors`; `revision`, `cache_dir`,
+        `local_files_only`, `token` as in `from_pretrained`). It is added as `adapter_name`
+        (default `default_<n>`) and becomes the only active adapter, as in diffusers. Unfused: the
+        base weights are not copied; see `fuse_lora`. ValueError: pickle files (.pt, .bin,
+        .ckpt), state dicts, files that are not safetensors LoRAs, keys naming no layer of the
+        model, an adapter name in use, loading while LoRAs are fused. FileNotFoundError: a missing
+        file. Loading waits for the runs of this pipeline in progress.
+        """
+        source = pretrained_model_name_or_path_or_dict
+        if isinstance(source, dict):
+            raise ValueError("sd_py loads LoRAs from .safetensors files, not from state dicts")
+        hub = {k: kwargs.pop(k) for k in ("revision", "cache_dir", "local_files_only", "token") if k in kwargs}
+        if kwargs:
+            warnings.warn(f"load_lora_weights: ignoring unsupported argument(s) {', '.join(sorted(kwargs))}", stacklevel=2)
+        if not isinstance(source, (str, os.PathLike)):
+            raise ValueError(f"sd_py loads LoRAs from .safetensors files, not from a {type(source).__name__}")
+        path = os.fspath(source)
+        if os.path.isdir(path):
+            if weight_name is None:
+                files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+                weight_name = files[0] if len(files) == 1 else "pytorch_lora_weights.safetensors"
+            path = os.path.join(path, weight_name)
+        elif not os.path.isfile(path):
+            # A missing file, not a hub id: no lookup on the hub for it.
+            if weight_name is None and (os.path.isabs(path) or os.path.splitext(path)[1].lower() in _WEIGHT_SUFFIXES):
+                raise FileNotFoundError(errno.ENOENT, "no such LoRA file", path)
+            path = os.fspath(_native.model_file_path(path, weight_name or "pytorch_lora_weights.safetensors", **hub))
+        name = adapter_name if adapter_name is not None else f"default_{len(self._native.adapter_names())}"
+        self._native.load_lora(path, name)
+
+    def set_adapters(
+        self, adapter_names: Union[str, List[str]], adapter_weights: Union[float, List[Optional[float]], None] = None
+    ) -> None:
+        """diffusers' `set_adapters`: only these adapters run, with these weights (default 1; one
+        number for all). Per-block weight dicts are not supported."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        if adapter_weights is None or isinstance(adapter_weights, (int, float)):
+            weights: List[Optional[float]] = [adapter_weights] * len(names)
+        else:
+            weights = list(adapter_weights)
+        if len(weights) != len(names):
+            raise ValueError(f"{len(weights)} adapter_weights for {len(names)} adapters")
+        if any(isinstance(w, dict) for w in weights):
+            raise ValueError("sd_py does not support per-block adapter weights (dicts)")
+        self._native.set_adapters([(n, 1.0 if w is None else _number("adapter_weights", w)) for n, w in zip(names, weights)])
+
+    def get_active_adapters(self) -> List[str]:
+        """The active adapters' names."""
+        return [name for name, _ in self._native.active_adapters()]
+
+    def get_list_adapters(self) -> Dict[str, List[str]]:
+        """The loaded adapters, by component (sd_py lists every adapter under both)."""
+        names = self._native.adapter_names()
+        return {"text_encoder": list(names), "unet": list(names)}
+
+    def fuse_lora(self, components: Sequence[str] = ("text_encoder", "unet"), lora_scale: float = 1.0, safe_fusing: bool = False, adapter_names: Optional[List[str]] = None, **kwargs: Any) -> None:
+        """diffusers' `fuse_lora`: the active adapters, at their weights times `lora_scale`, are
+        added into copies of the weights they change (faster steps); runs then ignore
+        `cross_attention_kwargs["scale"]`. `unfuse_lora` restores the original weights exactly.
+        Fusing some components only, `safe_fusing` and `adapter_names` are not supported."""
+        if set(components) != {"text_encoder", "unet"} or safe_fusing or adapter_names is not None or kwargs:
+            raise ValueError("sd_py fuses the active adapters into both the text encoder and the UNet, only")
+        self._native.fuse_lora(_number("lora_scale", lora_scale))
+
+    def unfuse_lora(self, **kwargs: Any) -> None:
+        """diffusers' `unfuse_lora`: the original weights again, bit for bit."""
+        self._native.unfuse_lora()
+
+    def unload_lora_weights(self) -> None:
+        """diffusers' `unload_lora_weights`: removes every adapter (fused weights stay fused until
+        `unfuse_lora`, as in diffusers)."""
+        self._native.unload_lora()
+
+    def delete_adapters(self, adapter_names: Union[str, List[str]]) -> None:
+        """diffusers' `delete_adapters`."""
+        self._native.unload_lora([adapter_names] if isinstance(adapter_names, str) else list(adapter_names))
+
     # ---- generation ----
 
     def __call__(
@@ -564,10 +669,13 @@ class StableDiffusionPipeline:
           in AUTOMATIC1111's format, as sd-cli writes them into its PNGs (save with
           `PngInfo`/`pnginfo=` to keep them in a file).
 
+        - `cross_attention_kwargs={"scale": s}`: the factor of the active unfused LoRAs, in the
+          UNet and the text encoder, as diffusers (other keys: ValueError).
+
         Loaded `load_textual_inversion` tokens work in prompts and negative prompts.
 
-        `timesteps`, `sigmas`, IP-adapter inputs and `cross_attention_kwargs` are not supported
-        (ValueError); other unknown keyword arguments are ignored with a warning.
+        `timesteps`, `sigmas` and IP-adapter inputs are not supported (ValueError); other unknown
+        keyword arguments are ignored with a warning.
         """
         unsupported = {
             "timesteps": timesteps,
@@ -630,6 +738,7 @@ class StableDiffusionPipeline:
         when given (not None); `ignored`: unknown keyword arguments (a warning); `edit`: the native
         `init_images`, `mask` and `strength` arguments of image-to-image and inpainting."""
         self._interrupt = False
+        lora_scale = _lora_scale(unsupported.pop("cross_attention_kwargs", None))
         # Ours, taken by every pipeline class: the settings in each PIL image's `info`.
         output_metadata = bool(ignored.pop("output_metadata", False))
         given = [k for k, v in unsupported.items() if v is not None]
@@ -725,6 +834,7 @@ class StableDiffusionPipeline:
             metadata=output_metadata,
             clip_skip=skip,
             prompt_syntax=prompt_syntax,
+            lora_scale=lora_scale,
             **(edit or {}),
         )
         images: Any

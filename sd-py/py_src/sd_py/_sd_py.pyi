@@ -57,6 +57,10 @@ class StageTimings:
 
 class _Pipeline:
     """A loaded sd-core pipeline (the Python class `StableDiffusionPipeline` wraps it)."""
+    def active_adapters(self):
+        """The active adapters and their weights."""
+    def adapter_names(self):
+        """The loaded adapters, in load order."""
     @property
     def default_size(self): ...
     @property
@@ -66,7 +70,9 @@ class _Pipeline:
     @property
     def folder(self):
         """The local diffusers folder the weights were read from."""
-    def generate(self, prompts, negative_prompts=None, height=None, width=None, num_inference_steps=50, guidance_scale=7.5, num_images_per_prompt=1, seeds=..., scheduler=None, scheduler_config=None, output='pil', on_step=None, guidance_rescale=0.0, eta=0.0, step_latents=False, latents=None, prompt_embeds=None, negative_prompt_embeds=None, init_images=None, mask=None, strength=None, clip_skip=None, prompt_syntax='plain', metadata=False):
+    def fuse_lora(self, scale):
+        """Fuses the active adapters, at their weights times `scale`, into copies of the weights."""
+    def generate(self, prompts, negative_prompts=None, height=None, width=None, num_inference_steps=50, guidance_scale=7.5, num_images_per_prompt=1, seeds=..., scheduler=None, scheduler_config=None, output='pil', on_step=None, guidance_rescale=0.0, eta=0.0, step_latents=False, latents=None, prompt_embeds=None, negative_prompt_embeds=None, init_images=None, mask=None, strength=None, clip_skip=None, prompt_syntax='plain', metadata=False, lora_scale=None):
         """Runs the pipeline with the GIL released; sd-core checks every value.
 
         `seeds`: empty (random), one (one generator for the batch) or one per image.
@@ -84,10 +90,14 @@ class _Pipeline:
         `(width, height, luma bytes)`, white = repaint, for inpainting; `strength` in (0, 1]
         (default 0.8 without a mask, 1.0 with one, as diffusers). `clip_skip`: diffusers'
         (for the prompts and the negative prompts); `prompt_syntax`: "plain" or "a1111".
+        `metadata`: also return each image's settings in A1111's infotext format. `lora_scale`: the
+        factor of the active unfused LoRAs (diffusers' `cross_attention_kwargs["scale"]`, default 1).
         """
     @staticmethod
     def load(model, dtype='float32', device='cpu', variant=None, revision=None, local_files_only=False, cache_dir=None, token=None):
         """Loads a diffusers folder or hub model id."""
+    def load_lora(self, path, name):
+        """Loads a `.safetensors` LoRA file as adapter `name`, which becomes the only active one."""
     def load_textual_inversion(self, path, token=None):
         """diffusers' `load_textual_inversion` for a `.safetensors` file; returns the tokens added.
         Refused while a run of this pipeline is in progress.
@@ -96,18 +106,26 @@ class _Pipeline:
     def max_prompt_tokens(self):
         """The tokenizer's maximum sequence length (77 for CLIP)."""
     def reload(self, dtype, device):
-        """The same model loaded again on `device` in `dtype` (from the resolved local folder)."""
+        """The same model loaded again on `device` in `dtype` (from the resolved local folder), with
+        the same textual inversions and LoRAs (active adapters, weights and fusing too).
+        """
     @property
     def scheduler_class(self):
         """The scheduler class named by the model's `model_index.json`."""
     @property
     def scheduler_config(self):
         """The model's `scheduler/scheduler_config.json`, as JSON."""
+    def set_adapters(self, adapters):
+        """Makes these `(name, weight)` adapters the active ones."""
     def truncated_text(self, prompt):
         """The part of `prompt` cut off by the tokenizer's length limit, if any."""
     @property
     def unet_in_channels(self):
         """The UNet's input channels: 4 for text-to-image models, 9 for inpainting ones."""
+    def unfuse_lora(self):
+        """Runs the original weights again, bit for bit."""
+    def unload_lora(self, names=None):
+        """Removes the named adapters (all with `None`); fused weights stay until `unfuse_lora`."""
     @property
     def vae_scale_factor(self): ...
     @property
@@ -118,6 +136,11 @@ def _panic_for_tests(message):
 
 def cuda_is_available():
     """Whether this build has CUDA support (says nothing about a GPU being present)."""
+
+def model_file_path(model, file, revision=None, local_files_only=False, cache_dir=None, token=None):
+    """The local path of one file of a model (a local folder or a hub id; from a hub only that
+    file is downloaded), e.g. a LoRA's `.safetensors`.
+    """
 
 def normalize_dtype(name):
     """Normalizes a dtype name ("fp16", "torch.float16", ...) to "float32", "float16" or "bfloat16";

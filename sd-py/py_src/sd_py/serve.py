@@ -6,22 +6,22 @@ Use it as the `import_path` of a Serve config (`sd_py.serve:entrypoint`), or
 
 - `APIIngress` (FastAPI): `GET /imagine?prompt=...&img_size=768` answers the PNG
   (`image/png`). Optional query parameters: `seed`, `steps`, `guidance_scale`,
-  `negative_prompt`. Bad input is answered with 4xx and a JSON `detail` message; the seed used is
-  in the `X-Seed` header. `GET /healthz` answers 200 with the model's status, 503 when it is not
+  `negative_prompt`, `lora` and `lora_scale` (`SD_LORAS` below). Bad input is answered with 4xx
+  and a JSON `detail` message; the seed used is in the `X-Seed` header. `GET /healthz` answers 200 with the model's status, 503 when it is not
   healthy.
 - `POST /img2img` and `POST /inpaint` (sd_py's additions; `multipart/form-data`): fields `prompt`
   (required), `image` (file, required; PNG, JPEG, WebP or BMP), `mask` (file, required for
   `/inpaint`, the image's size; white = repaint), `strength` (in (0, 1]; default 0.8 for
   `/img2img`, 1.0 for `/inpaint`, as diffusers), `seed`, `steps`, `guidance_scale`,
-  `negative_prompt`. They answer the PNG (the image's size rounded down to a multiple of 8) with
-  `X-Seed`. Uploads over `SD_MAX_UPLOAD_BYTES` or whose header declares more than
+  `negative_prompt`, `lora`, `lora_scale`. They answer the PNG (the image's size rounded down to
+  a multiple of 8) with `X-Seed`. Uploads over `SD_MAX_UPLOAD_BYTES` or whose header declares more than
   `SD_MAX_UPLOAD_PIXELS` pixels are refused with 413 before they are decoded; anything else that
   is wrong (missing field, not an image, truncated file, mask of another size) with 422. Edits
   are not batched: each request is one pipeline call (over the same loaded weights).
-- `stable-diffusion-v2` (`StableDiffusionV2`): the model. Compatible requests (same size, steps and
-  guidance) that arrive together are batched into one pipeline call (`@serve.batch`), each image
-  with its own seed, so a request gives the same image alone or in a batch (up to float
-  rounding: 8-bit pixels within 1 level).
+- `stable-diffusion-v2` (`StableDiffusionV2`): the model. Compatible requests (same size, steps,
+  guidance, LoRA and LoRA scale) that arrive together are batched into one pipeline call
+  (`@serve.batch`), each image with its own seed, so a request gives the same image alone or in a
+  batch (up to float rounding: 8-bit pixels within 1 level).
 
 Under load and faults (docs/serve.md, "Load, faults and metrics"):
 
@@ -47,7 +47,13 @@ Configuration, by environment variable (e.g. `runtime_env.env_vars` of the Serve
 - `SD_MAX_UPLOAD_BYTES` (8 MiB, per uploaded file), `SD_MAX_UPLOAD_PIXELS` (2048 * 2048, per
   uploaded image);
 - `SD_MAX_QUEUED_REQUESTS` (16), `SD_REQUEST_TIMEOUT_S` (170), `SD_RETRY_AFTER_S` (10),
-  `SD_GRACEFUL_SHUTDOWN_TIMEOUT_S` (`SD_REQUEST_TIMEOUT_S` + 30).
+  `SD_GRACEFUL_SHUTDOWN_TIMEOUT_S` (`SD_REQUEST_TIMEOUT_S` + 30);
+- `SD_LORAS`: `name=path,name2=path2`, LoRA files (`.safetensors`, a local path or a hub id that
+  holds `pytorch_lora_weights.safetensors`) every replica loads at start. A request chooses one by
+  name (`lora`, never a path: an unknown name is a 422) and its weight (`lora_scale`, default 1,
+  diffusers' `cross_attention_kwargs["scale"]`); it runs unfused on the shared weights, so
+  requests with different LoRAs (or none) need no reload; they are batched only with requests of
+  the same LoRA and scale.
 
 This module does not load the native extension when imported (only the model replicas do), so
 the Serve controller can import it on a head node without a GPU.
@@ -120,6 +126,23 @@ def request_timeout_s() -> float:
 # Above the longest a request runs (its deadline, then at most a step and the VAE decode), so that a
 # replica being stopped finishes what it has.
 GRACEFUL_SHUTDOWN_TIMEOUT_S = _env_float("SD_GRACEFUL_SHUTDOWN_TIMEOUT_S", request_timeout_s() + 30.0)
+
+
+def parse_loras(spec: str) -> Dict[str, str]:
+    """`SD_LORAS` (`name=path,...`) as `{name: path}`."""
+    loras: Dict[str, str] = {}
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        name, sep, path = (x.strip() for x in item.partition("="))
+        if not sep or not name or not path or name in loras:
+            raise ValueError(f"SD_LORAS: expected distinct `name=path` entries, got {item!r}")
+        loras[name] = path
+    return loras
+
+
+def configured_loras() -> Dict[str, str]:
+    """The LoRAs requests may choose, by name (`SD_LORAS`), read where it is used, as
+    `request_timeout_s`."""
+    return parse_loras(os.environ.get("SD_LORAS", ""))
 # Formats an upload may have: Pillow's other decoders are never run on client data.
 UPLOAD_FORMATS = ("PNG", "JPEG", "WEBP", "BMP")
 # Room for the text fields and multipart framing besides the two files of an edit request.
@@ -144,6 +167,8 @@ def validate_request(
     steps: Any = None,
     guidance_scale: Any = None,
     negative_prompt: Optional[str] = None,
+    lora: Optional[str] = None,
+    lora_scale: Any = None,
 ) -> Dict[str, Any]:
     """Checks the query parameters of `/imagine` and returns the normalised request (a seed is drawn
     when none is given). Raises `BadRequest` with a message for the client."""
@@ -154,7 +179,7 @@ def validate_request(
         raise BadRequest(f"img_size must be an integer, got {img_size!r}") from None
     if size % 8 != 0 or not MIN_IMG_SIZE <= size <= MAX_IMG_SIZE:
         raise BadRequest(f"img_size must be a multiple of 8 between {MIN_IMG_SIZE} and {MAX_IMG_SIZE}, got {size}")
-    return _run_params(prompt, size, size, seed, steps, guidance_scale, negative_prompt)
+    return {**_run_params(prompt, size, size, seed, steps, guidance_scale, negative_prompt), **_lora_params(lora, lora_scale)}
 
 
 def validate_edit_request(
@@ -166,6 +191,8 @@ def validate_edit_request(
     steps: Any = None,
     guidance_scale: Any = None,
     negative_prompt: Optional[str] = None,
+    lora: Optional[str] = None,
+    lora_scale: Any = None,
 ) -> Dict[str, Any]:
     """Checks the fields of `/img2img` (no `mask`) and `/inpaint` around the decoded PIL images
     (see `decode_upload`) and returns the normalised request: the size is the image's rounded
@@ -185,7 +212,7 @@ def validate_edit_request(
     if not 0.0 < strength <= 1.0:
         raise BadRequest(f"strength must be in (0, 1], got {strength}")
     request = _run_params(prompt, height, width, seed, steps, guidance_scale, negative_prompt)
-    return {**request, "image": image, "mask": mask, "strength": strength}
+    return {**request, **_lora_params(lora, lora_scale), "image": image, "mask": mask, "strength": strength}
 
 
 def _check_prompt(prompt: Optional[str]) -> None:
@@ -230,12 +257,30 @@ def _run_params(
     }
 
 
+def _lora_params(lora: Optional[str], lora_scale: Any) -> Dict[str, Any]:
+    """`{"lora": name, "lora_scale": weight}` for a request naming one of `SD_LORAS`; `{}` without."""
+    if not lora:
+        if lora_scale is not None:
+            raise BadRequest("lora_scale needs a lora")
+        return {}
+    loras = configured_loras()
+    if lora not in loras:
+        raise BadRequest(f"unknown lora {lora!r}; this deployment has: {', '.join(sorted(loras)) or 'none'}")
+    try:
+        scale = 1.0 if lora_scale is None else float(lora_scale)
+    except (TypeError, ValueError):
+        raise BadRequest(f"lora_scale must be a number, got {lora_scale!r}") from None
+    if not math.isfinite(scale) or abs(scale) > 10.0:
+        raise BadRequest(f"lora_scale must be between -10 and 10, got {scale}")
+    return {"lora": lora, "lora_scale": scale}
+
+
 def group_requests(requests: List[Dict[str, Any]]) -> List[List[int]]:
     """Indices of `requests` grouped so that each group can be one pipeline call: same height,
-    width, steps and guidance scale (prompts, negative prompts and seeds may differ)."""
+    width, steps, guidance scale and LoRA (prompts, negative prompts and seeds may differ)."""
     groups: Dict[Tuple[Any, ...], List[int]] = {}
     for i, r in enumerate(requests):
-        key = (r["height"], r["width"], r["steps"], r["guidance_scale"])
+        key = (r["height"], r["width"], r["steps"], r["guidance_scale"], r.get("lora"), r.get("lora_scale"))
         groups.setdefault(key, []).append(i)
     return list(groups.values())
 
@@ -359,9 +404,11 @@ class APIIngress:
         steps: Optional[int] = Query(None, description=f"Denoising steps, 1..{MAX_STEPS} (default {DEFAULT_STEPS})."),
         guidance_scale: Optional[float] = Query(None, description=f"Classifier-free guidance, 0..50 (default {DEFAULT_GUIDANCE})."),
         negative_prompt: Optional[str] = Query(None, description="What not to draw."),
+        lora: Optional[str] = Query(None, description="A LoRA of the deployment's SD_LORAS, by name."),
+        lora_scale: Optional[float] = Query(None, description="The LoRA's weight (default 1)."),
     ):
         try:
-            request = validate_request(prompt, img_size, seed, steps, guidance_scale, negative_prompt)
+            request = validate_request(prompt, img_size, seed, steps, guidance_scale, negative_prompt, lora, lora_scale)
         except BadRequest as e:
             return _failure_answer(e.status_code, "bad_request", str(e))
         return await self._answer_png(self.handle.generate_png.remote, request)
@@ -399,7 +446,8 @@ class APIIngress:
         try:
             image = decode_upload("image", await _read_upload(form, "image"), "RGB")
             mask = decode_upload("mask", await _read_upload(form, "mask"), "L") if with_mask else None
-            fields = {f: _form_field(form, f) for f in ("strength", "seed", "steps", "guidance_scale", "negative_prompt")}
+            names = ("strength", "seed", "steps", "guidance_scale", "negative_prompt", "lora", "lora_scale")
+            fields = {f: _form_field(form, f) for f in names}
             return validate_edit_request(_form_field(form, "prompt"), image, mask, **fields)
         finally:
             await form.close()
@@ -457,6 +505,8 @@ class StableDiffusionV2:
     # Consecutive failed pipeline calls (not counting bad requests) after which the replica
     # reports itself unhealthy, so Ray Serve replaces it.
     MAX_CONSECUTIVE_FAILURES = 3
+    # The replica's `SD_LORAS`, loaded at start (none until then); never changed in place.
+    loras: Dict[str, str] = {}
 
     def __init__(self) -> None:
         from sd_py import StableDiffusionPipeline
@@ -466,6 +516,12 @@ class StableDiffusionV2:
         self.dtype = os.environ.get("SD_DTYPE", "").strip() or "float32"
         logger.info("sd_py: loading %s on %s (%s)", self.model_id, self.device, self.dtype)
         self.pipe = StableDiffusionPipeline.from_pretrained(self.model_id, torch_dtype=self.dtype, device=self.device)
+        self.loras = configured_loras()
+        for name, path in self.loras.items():
+            self.pipe.load_lora_weights(path, adapter_name=name)
+        self.pipe.set_adapters([])
+        # The active adapters are the pipeline's: a run sets its LoRA and runs under this lock.
+        self._lora_lock = threading.Lock()
         # The edit pipelines of `edit_png`, made on first use over the same weights (`from_pipe`).
         self._edit_pipes: Dict[bool, Any] = {}
         self._stats_lock = threading.Lock()
@@ -538,16 +594,20 @@ class StableDiffusionV2:
         with self._pipeline_call(batch) as on_step_end:
             out = self._counted(
                 len(batch),
-                lambda: self.pipe(
-                    [r["prompt"] for r in batch],
-                    negative_prompt=negatives if any(negatives) else None,
-                    height=first["height"],
-                    width=first["width"],
-                    num_inference_steps=first["steps"],
-                    guidance_scale=first["guidance_scale"],
-                    generator=[r["seed"] for r in batch],
-                    callback_on_step_end=on_step_end,
-                    callback_on_step_end_tensor_inputs=(),
+                lambda: self._with_lora(
+                    first,
+                    lambda **lora: self.pipe(
+                        [r["prompt"] for r in batch],
+                        negative_prompt=negatives if any(negatives) else None,
+                        height=first["height"],
+                        width=first["width"],
+                        num_inference_steps=first["steps"],
+                        guidance_scale=first["guidance_scale"],
+                        generator=[r["seed"] for r in batch],
+                        callback_on_step_end=on_step_end,
+                        callback_on_step_end_tensor_inputs=(),
+                        **lora,
+                    ),
                 ),
             )
         return [_png(img) for img in out.images]
@@ -569,20 +629,33 @@ class StableDiffusionV2:
         with self._pipeline_call([r]) as on_step_end:
             out = self._counted(
                 1,
-                lambda: pipe(
-                    r["prompt"],
-                    image=r["image"],
-                    strength=r["strength"],
-                    negative_prompt=r["negative_prompt"],
-                    num_inference_steps=r["steps"],
-                    guidance_scale=r["guidance_scale"],
-                    generator=r["seed"],
-                    callback_on_step_end=on_step_end,
-                    callback_on_step_end_tensor_inputs=(),
-                    **size,
+                lambda: self._with_lora(
+                    r,
+                    lambda **lora: pipe(
+                        r["prompt"],
+                        image=r["image"],
+                        strength=r["strength"],
+                        negative_prompt=r["negative_prompt"],
+                        num_inference_steps=r["steps"],
+                        guidance_scale=r["guidance_scale"],
+                        generator=r["seed"],
+                        callback_on_step_end=on_step_end,
+                        callback_on_step_end_tensor_inputs=(),
+                        **size,
+                        **lora,
+                    ),
                 ),
             )
         return _png(out.images[0])
+
+    def _with_lora(self, request: Dict[str, Any], call: Callable[..., Any]) -> Any:
+        """`call(**kwargs)` with the request's LoRA (or none) active, `kwargs` holding its scale."""
+        if not self.loras:
+            return call()
+        lora = request.get("lora")
+        with self._lora_lock:
+            self.pipe.set_adapters([lora] if lora else [])
+            return call(cross_attention_kwargs={"scale": request["lora_scale"]}) if lora else call()
 
     # -- the life of a request in the replica: queue, pipeline call, cancellation --
 
@@ -703,6 +776,7 @@ class StableDiffusionV2:
             "max_batch_size": MAX_BATCH_SIZE,
             "pid": os.getpid(),
             "rss_bytes": resident_bytes(),
+            "loras": sorted(self.loras),
             **stats,
         }
 
