@@ -33,7 +33,13 @@ Configuration, by environment variable (e.g. `runtime_env.env_vars` of the Serve
 - `SD_DEFAULT_STEPS` (50), `SD_MAX_STEPS` (500), `SD_GUIDANCE_SCALE` (7.5),
   `SD_MAX_BATCH_SIZE` (4), `SD_BATCH_WAIT_S` (0.1);
 - `SD_MAX_UPLOAD_BYTES` (8 MiB, per uploaded file), `SD_MAX_UPLOAD_PIXELS` (2048 * 2048, per
-  uploaded image).
+  uploaded image);
+- `SD_PNG_METADATA` (1): every PNG answered carries its settings as AUTOMATIC1111's `parameters`
+  text chunk (what `sd-cli generate --from` replays); 0 leaves it out.
+
+Beside these routes, the same ingress serves OpenAI's images API (`/v1/images/...`, see
+`_serve_openai`) and AUTOMATIC1111's (`/sdapi/v1/...`, see `_serve_a1111`), over the same
+validation, batching and model calls.
 
 This module does not load the native extension when imported (only the model replicas do), so
 the Serve controller can import it on a head node without a GPU.
@@ -53,6 +59,9 @@ from fastapi.responses import JSONResponse, Response
 from ray import serve
 from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
+
+# The OpenAI and AUTOMATIC1111 routes' logic (they use this module's validation at call time).
+from . import _serve_a1111, _serve_openai
 
 logger = logging.getLogger("ray.serve")
 
@@ -84,6 +93,7 @@ _DEVICE_ENV = os.environ.get("SD_DEVICE", "").strip()
 NUM_GPUS = _env_float("SD_NUM_GPUS", 1.0 if _DEVICE_ENV.startswith("cuda") else 0.0)
 MAX_UPLOAD_BYTES = max(1, _env_int("SD_MAX_UPLOAD_BYTES", 8 * 1024 * 1024))
 MAX_UPLOAD_PIXELS = max(1, _env_int("SD_MAX_UPLOAD_PIXELS", 2048 * 2048))
+PNG_METADATA = _env_int("SD_PNG_METADATA", 1) != 0
 # Formats an upload may have: Pillow's other decoders are never run on client data.
 UPLOAD_FORMATS = ("PNG", "JPEG", "WEBP", "BMP")
 # Room for the text fields and multipart framing besides the two files of an edit request.
@@ -101,6 +111,20 @@ class PayloadTooLarge(BadRequest):
     status_code = 413
 
 
+class ModelError(RuntimeError):
+    """A model call that failed: `status_code` 422 for bad arguments (found by sd_py), else 500;
+    the message is the replica's last error line."""
+
+    def __init__(self, message: str, status_code: int) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+
+
+def model_id() -> str:
+    """The hub id or local folder the model replicas load (`MODEL_ID`)."""
+    return os.environ.get("MODEL_ID") or DEFAULT_MODEL_ID
+
+
 def validate_request(
     prompt: Optional[str],
     img_size: Any = 768,
@@ -112,13 +136,19 @@ def validate_request(
     """Checks the query parameters of `/imagine` and returns the normalised request (a seed is drawn
     when none is given). Raises `BadRequest` with a message for the client."""
     _check_prompt(prompt)
-    try:
-        size = int(img_size)
-    except (TypeError, ValueError):
-        raise BadRequest(f"img_size must be an integer, got {img_size!r}") from None
-    if size % 8 != 0 or not MIN_IMG_SIZE <= size <= MAX_IMG_SIZE:
-        raise BadRequest(f"img_size must be a multiple of 8 between {MIN_IMG_SIZE} and {MAX_IMG_SIZE}, got {size}")
+    size = image_side("img_size", img_size)
     return _run_params(prompt, size, size, seed, steps, guidance_scale, negative_prompt)
+
+
+def image_side(name: str, value: Any) -> int:
+    """A requested image side: a multiple of 8 in [MIN_IMG_SIZE, MAX_IMG_SIZE]."""
+    try:
+        size = int(value)
+    except (TypeError, ValueError):
+        raise BadRequest(f"{name} must be an integer, got {value!r}") from None
+    if size % 8 != 0 or not MIN_IMG_SIZE <= size <= MAX_IMG_SIZE:
+        raise BadRequest(f"{name} must be a multiple of 8 between {MIN_IMG_SIZE} and {MAX_IMG_SIZE}, got {size}")
+    return size
 
 
 def validate_edit_request(
@@ -130,6 +160,7 @@ def validate_edit_request(
     steps: Any = None,
     guidance_scale: Any = None,
     negative_prompt: Optional[str] = None,
+    sampler: Optional[str] = None,
 ) -> Dict[str, Any]:
     """Checks the fields of `/img2img` (no `mask`) and `/inpaint` around the decoded PIL images
     (see `decode_upload`) and returns the normalised request: the size is the image's rounded
@@ -148,7 +179,7 @@ def validate_edit_request(
         raise BadRequest(f"strength must be a number, got {strength!r}") from None
     if not 0.0 < strength <= 1.0:
         raise BadRequest(f"strength must be in (0, 1], got {strength}")
-    request = _run_params(prompt, height, width, seed, steps, guidance_scale, negative_prompt)
+    request = _run_params(prompt, height, width, seed, steps, guidance_scale, negative_prompt, sampler)
     return {**request, "image": image, "mask": mask, "strength": strength}
 
 
@@ -158,9 +189,18 @@ def _check_prompt(prompt: Optional[str]) -> None:
 
 
 def _run_params(
-    prompt: Any, height: int, width: int, seed: Any, steps: Any, guidance_scale: Any, negative_prompt: Optional[str]
+    prompt: Any,
+    height: int,
+    width: int,
+    seed: Any,
+    steps: Any,
+    guidance_scale: Any,
+    negative_prompt: Optional[str],
+    sampler: Optional[str] = None,
 ) -> Dict[str, Any]:
-    """The checked values every route shares (a seed is drawn when none is given)."""
+    """The checked values every route shares (a seed is drawn when none is given). `sampler`: a
+    scheduler name as `sd_py.scheduler_from_name` takes (None: the model's own), checked by the
+    model replica."""
     n_steps = DEFAULT_STEPS if steps is None else steps
     try:
         n_steps = int(n_steps)
@@ -191,15 +231,17 @@ def _run_params(
         "steps": n_steps,
         "guidance_scale": guidance,
         "seed": seed,
+        # Only when given, so the request of the original routes is unchanged.
+        **({"sampler": sampler} if sampler else {}),
     }
 
 
 def group_requests(requests: List[Dict[str, Any]]) -> List[List[int]]:
     """Indices of `requests` grouped so that each group can be one pipeline call: same height,
-    width, steps and guidance scale (prompts, negative prompts and seeds may differ)."""
+    width, steps, guidance scale and sampler (prompts, negative prompts and seeds may differ)."""
     groups: Dict[Tuple[Any, ...], List[int]] = {}
     for i, r in enumerate(requests):
-        key = (r["height"], r["width"], r["steps"], r["guidance_scale"])
+        key = (r["height"], r["width"], r["steps"], r["guidance_scale"], r.get("sampler"))
         groups.setdefault(key, []).append(i)
     return list(groups.values())
 
@@ -241,6 +283,19 @@ async def _read_upload(form: Any, field: str) -> bytes:
     return await upload.read(MAX_UPLOAD_BYTES + 1)
 
 
+async def read_form(http_request: Request, files: int) -> Any:
+    """The multipart form of an edit request with at most `files` files (close it when done)."""
+    # The multipart parser spools the whole body before the per-file caps apply: refuse a
+    # declared length that cannot hold files within the caps.
+    length = http_request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > files * MAX_UPLOAD_BYTES + _FORM_OVERHEAD_BYTES:
+        raise PayloadTooLarge(f"the request body is over {files * MAX_UPLOAD_BYTES + _FORM_OVERHEAD_BYTES} bytes")
+    try:
+        return await http_request.form(max_files=files, max_fields=16)
+    except (HTTPException, MultiPartException) as e:  # Starlette's answer to a bad body
+        raise BadRequest(f"expected a multipart/form-data body: {getattr(e, 'detail', e)}") from None
+
+
 def _form_field(form: Any, field: str) -> Optional[str]:
     """A text field; an empty one (as HTML forms send) counts as absent."""
     value = form.get(field)
@@ -250,8 +305,16 @@ def _form_field(form: Any, field: str) -> Optional[str]:
 
 
 def _png(image: Any) -> bytes:
+    """The PNG of a pipeline image, with its `parameters` text (`output_metadata=True`) unless
+    SD_PNG_METADATA=0."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = None
+    if PNG_METADATA and image.info.get("parameters"):
+        info = PngInfo()
+        info.add_text("parameters", image.info["parameters"])  # iTXt when not Latin-1
     buf = io.BytesIO()
-    image.save(buf, "PNG")
+    image.save(buf, "PNG", pnginfo=info)
     return buf.getvalue()
 
 
@@ -319,16 +382,7 @@ class APIIngress:
         return await self._answer_png(self.handle.edit_png.remote, request)
 
     async def _edit_request(self, http_request: Request, with_mask: bool) -> Dict[str, Any]:
-        files = 2 if with_mask else 1
-        # The multipart parser spools the whole body before the per-file caps apply: refuse a
-        # declared length that cannot hold files within the caps.
-        length = http_request.headers.get("content-length", "")
-        if length.isdigit() and int(length) > files * MAX_UPLOAD_BYTES + _FORM_OVERHEAD_BYTES:
-            raise PayloadTooLarge(f"the request body is over {files * MAX_UPLOAD_BYTES + _FORM_OVERHEAD_BYTES} bytes")
-        try:
-            form = await http_request.form(max_files=files, max_fields=16)
-        except (HTTPException, MultiPartException) as e:  # Starlette's answer to a bad body
-            raise BadRequest(f"expected a multipart/form-data body: {getattr(e, 'detail', e)}") from None
+        form = await read_form(http_request, files=2 if with_mask else 1)
         try:
             image = decode_upload("image", await _read_upload(form, "image"), "RGB")
             mask = decode_upload("mask", await _read_upload(form, "mask"), "L") if with_mask else None
@@ -340,15 +394,62 @@ class APIIngress:
     async def _answer_png(self, remote: Callable[[Dict[str, Any]], Any], request: Dict[str, Any]):
         """The model's PNG for `request`, or its error as 422 (bad arguments) or 500."""
         try:
-            png = await remote(request)
+            (png,) = await self.model_pngs(remote, [request])
+        except ModelError as e:
+            return JSONResponse({"detail": str(e)}, status_code=e.status_code)
+        return Response(content=png, media_type="image/png", headers={"X-Seed": str(request["seed"])})
+
+    async def model_pngs(self, remote: Callable[[Dict[str, Any]], Any], requests: List[Dict[str, Any]]) -> List[bytes]:
+        """The model's PNGs for `requests`, sent together so that compatible ones are batched; the
+        first failure is raised as `ModelError`. Every route's model calls go through here."""
+        try:
+            return list(await asyncio.gather(*(remote(r) for r in requests)))
         except Exception as e:  # the model replica's error, with its message
             message = str(getattr(e, "cause", None) or e).strip().splitlines()
             detail = message[-1] if message else type(e).__name__
             if _is_bad_request(e):
-                return JSONResponse({"detail": detail}, status_code=422)
+                raise ModelError(detail, 422) from None
             logger.exception("image generation failed")
-            return JSONResponse({"detail": f"image generation failed: {detail}"}, status_code=500)
-        return Response(content=png, media_type="image/png", headers={"X-Seed": str(request["seed"])})
+            raise ModelError(f"image generation failed: {detail}", 500) from None
+
+    # -- OpenAI's images API (_serve_openai) --
+
+    @app.post("/v1/images/generations")
+    async def openai_generations(self, request: Request):
+        """OpenAI images: JSON prompt, n, size, response_format (b64_json); seed, steps,
+        guidance_scale, negative_prompt, sampler."""
+        return await _serve_openai.generations(request, self)
+
+    @app.post("/v1/images/edits")
+    async def openai_edits(self, request: Request):
+        """OpenAI image edits: multipart image, mask (transparent = repaint), prompt, n, size."""
+        return await _serve_openai.edits(request, self)
+
+    @app.get("/v1/models")
+    async def openai_models(self):
+        return _serve_openai.models()
+
+    # -- AUTOMATIC1111's API (_serve_a1111) --
+
+    @app.post("/sdapi/v1/txt2img")
+    async def a1111_txt2img(self, request: Request):
+        return await _serve_a1111.txt2img(request, self)
+
+    @app.post("/sdapi/v1/img2img")
+    async def a1111_img2img(self, request: Request):
+        return await _serve_a1111.img2img(request, self)
+
+    @app.get("/sdapi/v1/samplers")
+    async def a1111_samplers(self):
+        return _serve_a1111.samplers(await self.handle.scheduler_names.remote())
+
+    @app.get("/sdapi/v1/sd-models")
+    async def a1111_sd_models(self):
+        return _serve_a1111.sd_models()
+
+    @app.get("/sdapi/v1/options")
+    async def a1111_options(self):
+        return _serve_a1111.options()
 
     @app.get("/healthz")
     async def healthz(self):
@@ -376,7 +477,7 @@ class StableDiffusionV2:
     def __init__(self) -> None:
         from sd_py import StableDiffusionPipeline
 
-        self.model_id = os.environ.get("MODEL_ID") or DEFAULT_MODEL_ID
+        self.model_id = model_id()
         self.device = _DEVICE_ENV or self._default_device()
         self.dtype = os.environ.get("SD_DTYPE", "").strip() or "float32"
         logger.info("sd_py: loading %s on %s (%s)", self.model_id, self.device, self.dtype)
@@ -440,9 +541,10 @@ class StableDiffusionV2:
     def _run(self, batch: List[Dict[str, Any]]) -> List[bytes]:
         first = batch[0]
         negatives = [r["negative_prompt"] or "" for r in batch]
+        pipe = self._with_sampler(self.pipe, first.get("sampler"))
         out = self._counted(
             len(batch),
-            lambda: self.pipe(
+            lambda: pipe(
                 [r["prompt"] for r in batch],
                 negative_prompt=negatives if any(negatives) else None,
                 height=first["height"],
@@ -450,6 +552,7 @@ class StableDiffusionV2:
                 num_inference_steps=first["steps"],
                 guidance_scale=first["guidance_scale"],
                 generator=[r["seed"] for r in batch],
+                output_metadata=True,
             ),
         )
         return [_png(img) for img in out.images]
@@ -469,6 +572,7 @@ class StableDiffusionV2:
         if pipe is None:  # ValueError (422) for an inpainting model on /img2img
             cls = StableDiffusionInpaintPipeline if inpaint else StableDiffusionImg2ImgPipeline
             pipe = self._edit_pipes.setdefault(inpaint, cls.from_pipe(self.pipe))
+        pipe = self._with_sampler(pipe, r.get("sampler"))
         size = {"mask_image": r["mask"], "height": r["height"], "width": r["width"]} if inpaint else {}
         out = self._counted(
             1,
@@ -480,10 +584,29 @@ class StableDiffusionV2:
                 num_inference_steps=r["steps"],
                 guidance_scale=r["guidance_scale"],
                 generator=r["seed"],
+                output_metadata=True,
                 **size,
             ),
         )
         return _png(out.images[0])
+
+    @staticmethod
+    def _with_sampler(pipe: Any, sampler: Optional[str]) -> Any:
+        """`pipe`, or a pipeline over its weights with the scheduler `sampler` names (made per call:
+        nothing is loaded or copied). An unknown name is a ValueError (422)."""
+        if sampler is None:
+            return pipe
+        from sd_py import scheduler_from_name
+
+        return type(pipe).from_pipe(pipe, scheduler=scheduler_from_name(sampler, pipe.scheduler.config))
+
+    def scheduler_names(self) -> List[Tuple[str, str, str]]:
+        """Every scheduler name the routes take, with what it builds: `(name, class name, config
+        overrides as JSON)`, in sd-core's registry order."""
+        from sd_py import scheduler_names
+        from sd_py._sd_py import scheduler_entry
+
+        return [(name, *scheduler_entry(name)) for name in scheduler_names()]
 
     def _counted(self, images: int, call: Callable[[], Any]) -> Any:
         """Runs a pipeline call, keeping the stats and the failure count of the health check."""
