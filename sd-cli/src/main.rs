@@ -10,8 +10,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 use sd_core::hub::DEFAULT_MODEL_ID;
 use sd_core::metadata::{encode_png, read_png_parameters, GenerationInfo, Infotext};
 use sd_core::pipeline::{
-    parse_device, parse_dtype, to_luma, GenerateParams, InitImage, LoadOptions, RunHooks,
-    StableDiffusionPipeline, StepControl, StepProgress,
+    parse_device, parse_dtype, to_luma, GenerateParams, InitImage, LoadOptions, PromptSyntax,
+    RunHooks, StableDiffusionPipeline, StepControl, StepProgress,
 };
 
 #[derive(Parser)]
@@ -88,6 +88,18 @@ struct GenerateArgs {
     /// noised latents. Default: 0.8 for image-to-image, 1.0 for inpainting.
     #[arg(long)]
     strength: Option<f64>,
+    /// A textual-inversion embedding (.safetensors) to load, with the token that stands for it
+    /// in prompts (default: the file's own token); repeatable.
+    #[arg(long = "embedding", value_name = "FILE[:TOKEN]")]
+    embeddings: Vec<String>,
+    /// Encode the prompts with the output of the text encoder's layer n - N (diffusers'
+    /// clip_skip; A1111's "clip skip" N + 1), for the prompt and the negative prompt.
+    #[arg(long, value_name = "N")]
+    clip_skip: Option<usize>,
+    /// How prompts are read: plain (diffusers) or a1111 ((word:1.3), [word], BREAK, prompts
+    /// longer than 75 tokens in chunks, as AUTOMATIC1111's webui).
+    #[arg(long, default_value = "plain", value_parser = ["plain", "a1111"])]
+    prompt_syntax: String,
     /// Output PNG; with --num-images K > 1 the files are FILE-0.png ... FILE-(K-1).png.
     #[arg(long)]
     out: PathBuf,
@@ -206,6 +218,26 @@ fn output_paths(out: &Path, n: usize) -> Vec<PathBuf> {
     (0..n).map(|i| out.with_file_name(format!("{stem}-{i}.{ext}"))).collect()
 }
 
+/// Refuses an `--out` that cannot be written before the slow part: in a missing folder, a
+/// folder itself, or with an extension that is no image format.
+fn check_output(out: &Path, num_images: usize) -> anyhow::Result<()> {
+    if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
+        if !parent.is_dir() {
+            anyhow::bail!("output folder {} does not exist", parent.display());
+        }
+    }
+    if out.is_dir() {
+        anyhow::bail!("--out {} is a directory, not an image file", out.display());
+    }
+    // The first file's name; the others differ only in their number. Images are PNGs (with
+    // their settings in a text chunk).
+    let first = &output_paths(out, num_images.clamp(1, 2))[0];
+    if image::ImageFormat::from_path(first).ok() != Some(image::ImageFormat::Png) {
+        anyhow::bail!("--out {}: not an image file name (e.g. out.png)", first.display());
+    }
+    Ok(())
+}
+
 /// The `--image`, `--mask` and `--strength` of an edit run, read and checked; `None` without
 /// `--image`.
 fn init_image(
@@ -238,6 +270,17 @@ fn init_image(
         init.strength = strength;
     }
     Ok(Some(init))
+}
+
+/// `--embedding FILE[:TOKEN]`: the whole argument when it names a file, else split at the last
+/// `:`.
+fn embedding_arg(arg: &str) -> (&Path, Option<&str>) {
+    match arg.rsplit_once(':') {
+        Some((file, token)) if !Path::new(arg).is_file() && !file.is_empty() => {
+            (Path::new(file), Some(token))
+        }
+        _ => (Path::new(arg), None),
+    }
 }
 
 /// `--from`: fills every setting the command line leaves out from the image's metadata. Returns
@@ -307,11 +350,7 @@ fn generate(mut args: GenerateArgs, given: &ArgMatches) -> anyhow::Result<()> {
     if args.num_images == 0 {
         anyhow::bail!("--num-images must be at least 1");
     }
-    if let Some(parent) = args.out.parent().filter(|p| !p.as_os_str().is_empty()) {
-        if !parent.is_dir() {
-            anyhow::bail!("output folder {} does not exist", parent.display());
-        }
-    }
+    check_output(&args.out, keep_only.map_or(args.num_images, |_| 1))?;
     let mut params = GenerateParams::new(args.prompt.unwrap_or_default());
     params.negative_prompts = args.negative_prompt.map(|n| vec![n]);
     params.height = args.height;
@@ -324,11 +363,17 @@ fn generate(mut args: GenerateArgs, given: &ArgMatches) -> anyhow::Result<()> {
     params.seeds = vec![args.seed.unwrap_or_else(sd_core::pipeline::random_seed)];
     params.scheduler = args.scheduler;
     params.init_image = init_image(args.image.as_deref(), args.mask.as_deref(), args.strength)?;
+    params.clip_skip = args.clip_skip;
+    params.prompt_syntax = args.prompt_syntax.parse()?;
 
     let started = Instant::now();
     let mut opts = LoadOptions { device, dtype, ..LoadOptions::default() };
     opts.hub.progress = true;
-    let pipe = StableDiffusionPipeline::from_pretrained(&args.model, &opts)?;
+    let mut pipe = StableDiffusionPipeline::from_pretrained(&args.model, &opts)?;
+    for embedding in &args.embeddings {
+        let (file, token) = embedding_arg(embedding);
+        pipe.load_textual_inversion(file, token)?;
+    }
     // Check the scheduler name before the slow part.
     pipe.scheduler(params.scheduler.as_deref(), None)?;
     let load_time = started.elapsed();
@@ -341,8 +386,10 @@ fn generate(mut args: GenerateArgs, given: &ArgMatches) -> anyhow::Result<()> {
             );
         }
     }
-    for prompt in params.prompts.iter().chain(params.negative_prompts.iter().flatten()) {
-        if let Some(cut) = pipe.tokenizer.truncated_text(prompt)? {
+    let prompts = params.prompts.iter().chain(params.negative_prompts.iter().flatten());
+    for prompt in prompts.filter(|_| params.prompt_syntax == PromptSyntax::Plain) {
+        let prompt = pipe.expand_multi_vector_tokens(prompt)?;
+        if let Some(cut) = pipe.tokenizer.truncated_text(&prompt)? {
             let max = pipe.tokenizer.max_length();
             eprintln!("warning: prompt longer than {max} tokens; this part is ignored: {cut}");
         }
@@ -373,13 +420,19 @@ fn generate(mut args: GenerateArgs, given: &ArgMatches) -> anyhow::Result<()> {
         None => (0..out.images.len()).collect(),
     };
     let paths = output_paths(&args.out, indices.len());
-    for (&i, path) in indices.iter().zip(&paths) {
+    for (written, (&i, path)) in indices.iter().zip(&paths).enumerate() {
         let text = match args.no_metadata {
             true => None,
             false => Some(pipe.generation_info(&params, &out, i)?.to_infotext().to_text()),
         };
         let png = encode_png(&out.images[i], text.as_deref())?;
-        std::fs::write(path, png).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        if let Err(e) = std::fs::write(path, png) {
+            // All the images or none: a failed run leaves no file behind.
+            for path in &paths[..written] {
+                let _ = std::fs::remove_file(path);
+            }
+            anyhow::bail!("{}: {e}", path.display());
+        }
     }
     let t = out.timings;
     // The steps run: fewer than --steps with --strength below 1.

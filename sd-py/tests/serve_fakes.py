@@ -1,6 +1,7 @@
 """A Serve ingress without Ray: the real `APIIngress` class over a fake model handle, and a small
 FastAPI app routing to the OpenAI and A1111 modules as `sd_py.serve` does."""
 
+import asyncio
 import io
 from types import SimpleNamespace
 from typing import Any, Dict, List
@@ -18,11 +19,14 @@ class FakeModel:
     def __init__(self) -> None:
         self.requests: List[Dict[str, Any]] = []
         self.fail: Any = None
+        self.delay_s = 0.0
         remote = SimpleNamespace
         self.handle = SimpleNamespace(generate_png=remote(remote=self._png), edit_png=remote(remote=self._png))
 
     async def _png(self, r: Dict[str, Any]) -> bytes:
         self.requests.append(r)
+        if self.delay_s:
+            await asyncio.sleep(self.delay_s)
         if self.fail is not None:
             raise self.fail
         image = Image.new("RGB", (r["width"], r["height"]), (r["seed"] % 256, 0, 0))

@@ -130,19 +130,32 @@ def test_models_and_options(monkeypatch):
     assert a1111.options()["sd_model_checkpoint"] == "sd2-tiny"
 
 
-def test_a1111_infotexts_follow_the_png_metadata_setting(monkeypatch):
-    """serve's PNGs carry the `parameters` text (iTXt when not Latin-1), read back as infotexts;
-    SD_PNG_METADATA=0 (PNG_METADATA False) leaves it out."""
+def test_png_metadata_setting(monkeypatch):
+    """The model's PNGs carry the `parameters` text (iTXt when not Latin-1); with
+    SD_PNG_METADATA=0 (PNG_METADATA False) the answered PNGs lose that chunk only (same pixels),
+    and A1111's info still has the infotexts."""
+    import io
+
+    import numpy as np
     from PIL import Image
 
     from sd_py import _serve_compat as compat
 
-    image = Image.new("RGB", (8, 8))
+    image = Image.new("RGB", (8, 8), (10, 20, 30))
     image.info["parameters"] = "a cat\nSteps: 2, Seed: 1"
-    assert compat.png_parameters(serve._png(image)) == "a cat\nSteps: 2, Seed: 1"
+    png = serve._png(image)
+    assert compat.png_parameters(png) == "a cat\nSteps: 2, Seed: 1" and b"tEXt" in png
+    assert serve.answered_png(png) == png
     image.info["parameters"] = "一只猫\nSteps: 2"
     png = serve._png(image)
     assert b"iTXt" in png and compat.png_parameters(png) == "一只猫\nSteps: 2"
     monkeypatch.setattr(serve, "PNG_METADATA", False)
-    png = serve._png(image)
-    assert b"iTXt" not in png and b"tEXt" not in png and compat.png_parameters(png) == ""
+    stripped = serve.answered_png(png)
+    assert b"iTXt" not in stripped and compat.png_parameters(stripped) == ""
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(stripped))), np.asarray(image))
+
+    model = FakeModel()
+    r = TestClient(app_with(model)).post("/sdapi/v1/txt2img", json={"prompt": "a cat", "width": 64, "height": 64, "seed": 4})
+    answer = r.json()
+    assert compat.png_parameters(base64.b64decode(answer["images"][0])) == ""
+    assert "Seed: 4," in json.loads(answer["info"])["infotexts"][0]

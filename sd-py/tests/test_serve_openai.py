@@ -50,8 +50,8 @@ def test_shared_validation_and_model_errors_become_openai_errors():
     for error, status, kind in [
         (serve.BadRequest("steps must be between 1 and 500, got 0"), 400, "invalid_request_error"),
         (serve.PayloadTooLarge("image is over 8 bytes"), 413, "invalid_request_error"),
-        (serve.ModelError("unknown scheduler", 422), 400, "invalid_request_error"),
-        (serve.ModelError("image generation failed: boom", 500), 500, "server_error"),
+        (serve.ModelError("unknown scheduler", 422, "bad_request"), 400, "invalid_request_error"),
+        (serve.ModelError("image generation failed: boom", 500, "error"), 500, "server_error"),
     ]:
         response = oa.as_openai_error(error).response()
         assert response.status_code == status
@@ -123,3 +123,39 @@ def test_edits_route_resizes_and_converts_the_mask():
 def test_models_lists_the_served_model(monkeypatch):
     monkeypatch.setenv("MODEL_ID", "/models/sd2")
     assert oa.models() == {"object": "list", "data": [{"id": "/models/sd2", "object": "model", "created": 0, "owned_by": "sd_py"}]}
+
+
+@pytest.mark.parametrize(
+    "error, status, code",
+    [
+        ("overloaded", 503, "rate_limit_exceeded"),
+        ("lost replica", 503, None),
+        ("non-finite", 500, None),
+    ],
+)
+def test_model_failures_keep_imagine_status_in_openai_shape(error, status, code):
+    """Overload and a lost replica are 503 with Retry-After as on /imagine, in OpenAI's shape."""
+    from ray.exceptions import ActorDiedError
+    from ray.serve.exceptions import BackPressureError
+
+    model = FakeModel()
+    model.fail = {
+        "overloaded": BackPressureError(num_queued_requests=16, max_queued_requests=16),
+        "lost replica": ActorDiedError(),
+        "non-finite": FloatingPointError("non-finite values after step 2 of the UNet"),
+    }[error]
+    r = TestClient(app_with(model)).post("/v1/images/generations", json={"prompt": "a cat", "size": "64x64", "n": 2})
+    assert r.status_code == status
+    body = r.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}
+    assert body["error"]["type"] == "server_error" and body["error"]["code"] == code
+    assert (r.headers.get("retry-after") == str(serve.RETRY_AFTER_S)) == (status == 503)
+
+
+def test_past_the_deadline_is_504_in_openai_shape(monkeypatch):
+    monkeypatch.setenv("SD_REQUEST_TIMEOUT_S", "1")
+    model = FakeModel()
+    model.delay_s = 30
+    r = TestClient(app_with(model)).post("/v1/images/generations", json={"prompt": "a cat", "size": "64x64"})
+    assert r.status_code == 504
+    assert r.json()["error"] == {"message": "no image within SD_REQUEST_TIMEOUT_S (1 s)", "type": "server_error", "param": None, "code": "timeout"}

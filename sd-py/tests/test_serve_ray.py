@@ -368,3 +368,43 @@ def test_serve_a1111_txt2img_gives_sd_cli_image(sd_serve, tmp_path):
     assert all(set(s) == {"name", "aliases", "options"} for s in samplers)
     assert requests.get(f"{sd_serve}/sdapi/v1/sd-models", timeout=60).json()[0]["model_name"] == SD2.name
     assert requests.get(f"{sd_serve}/sdapi/v1/options", timeout=60).json()["sd_model_checkpoint"] == SD2.name
+
+
+def test_serve_a1111_img2img_and_openai_edit_give_the_pipeline_images(sd_serve, sd2_path):
+    """/sdapi/v1/img2img (n_iter 2: seeds 3, 4) and /v1/images/edits with a mask (the official
+    client) give exactly sd_py's img2img and inpainting images, with the same `parameters` text."""
+    import base64
+    import json
+
+    import openai
+    from sd_py import StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline
+
+    init_png, mask_png = (EDIT / "init.png").read_bytes(), (EDIT / "mask.png").read_bytes()
+    body = {"prompt": "a red cube on a table", "negative_prompt": "blurry", "seed": 3, "steps": 4, "cfg_scale": 6}
+    body |= {"denoising_strength": 0.6, "init_images": [base64.b64encode(init_png).decode()], "n_iter": 2}
+    r = requests.post(f"{sd_serve}/sdapi/v1/img2img", json=body, timeout=180)
+    assert r.status_code == 200, r.text[:500]
+    answer = r.json()
+    info = json.loads(answer["info"])
+    assert set(answer) == {"images", "parameters", "info"} and answer["parameters"]["init_images"] is None
+    assert info["all_seeds"] == [3, 4] and info["denoising_strength"] == 0.6 and (info["width"], info["height"]) == (72, 56)
+    served = [Image.open(io.BytesIO(base64.b64decode(b))) for b in answer["images"]]
+
+    init, mask = Image.open(EDIT / "init.png"), Image.open(EDIT / "mask.png")
+    img2img = StableDiffusionImg2ImgPipeline.from_pretrained(sd2_path)
+    args = {"negative_prompt": "blurry", "num_inference_steps": 4, "output_metadata": True}
+    for seed, image in zip((3, 4), served):
+        direct = img2img("a red cube on a table", image=init, strength=0.6, guidance_scale=6, generator=seed, **args).images[0]
+        assert np.array_equal(pixels(image), pixels(direct))
+        assert image.info["parameters"] == direct.info["parameters"] == info["infotexts"][seed - 3]
+
+    client = openai.OpenAI(api_key="unused", base_url=f"{sd_serve}/v1", max_retries=0, timeout=180)
+    edit = client.images.edit(
+        image=("init.png", init_png), mask=("mask.png", mask_png), prompt="a red cube on a table",
+        extra_body={"seed": 3, "steps": 4, "negative_prompt": "blurry"},
+    )
+    served_inpaint = Image.open(io.BytesIO(base64.b64decode(edit.data[0].b64_json)))
+    inpaint = StableDiffusionInpaintPipeline.from_pipe(img2img)
+    direct = inpaint("a red cube on a table", image=init, mask_image=mask, height=56, width=72, generator=3, **args).images[0]
+    assert np.array_equal(pixels(served_inpaint), pixels(direct))
+    assert served_inpaint.info["parameters"] == direct.info["parameters"]

@@ -35,6 +35,7 @@ mod stable_diffusion;
 mod text2img;
 mod validate;
 
+pub use crate::prompt::PromptSyntax;
 pub use denoise::rescale_noise_cfg;
 pub use device::{parse_device, parse_dtype};
 pub use hooks::{CancelToken, OnStepEnd, RunHooks, StepControl, StepProgress};

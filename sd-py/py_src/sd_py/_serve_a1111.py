@@ -17,7 +17,8 @@
 - `GET /sdapi/v1/samplers`, `/sdapi/v1/sd-models`, `/sdapi/v1/options` (a read-only subset).
 
 Errors are A1111's `{"error", "detail", "body", "errors"}`: 422 for bad input (413 over the upload
-caps), 500 when the generation fails.
+caps), 503 with `Retry-After` when overloaded or a replica is lost, 504 past the deadline, 500
+when the generation fails.
 """
 
 import json
@@ -31,6 +32,7 @@ from fastapi.responses import JSONResponse
 
 from . import _serve_compat as compat
 from . import serve as _serve
+from ._serve_metrics import serve_metrics
 
 MAX_IMAGES = 16
 TXT2IMG_DEFAULTS: Dict[str, Any] = {
@@ -90,6 +92,8 @@ def _with_defaults(body: Dict[str, Any], defaults: Dict[str, Any]) -> Tuple[Dict
     for field in ("prompt", "negative_prompt"):
         if not isinstance(fields[field], str):
             raise _serve.BadRequest(f"{field} must be a string")
+    if not isinstance(fields["override_settings"], dict):
+        raise _serve.BadRequest("override_settings must be a JSON object")
     return fields, images
 
 
@@ -183,17 +187,24 @@ def info(parameters: Dict[str, Any], requests: List[Dict[str, Any]], pngs: List[
 
 
 def error_response(e: Exception) -> JSONResponse:
+    """A1111's error body with the status of `/imagine`'s answer to the same failure (503 with
+    `Retry-After`), counted in the failure metric."""
+    serve_metrics().failed(_serve.failure_kind(e))
     message = str(e)
+    status = getattr(e, "status_code", 500)
     body = {"error": type(e).__name__, "detail": message, "body": "", "errors": message}
-    return JSONResponse(body, status_code=getattr(e, "status_code", 500))
+    headers = {"Retry-After": str(_serve.RETRY_AFTER_S)} if status == 503 else None
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 async def _generate(http_request: Request, ingress: Any, img2img: bool) -> JSONResponse:
     try:
         body = await compat.read_json(http_request, images=2 if img2img else 0)
         parameters, requests = (validate_img2img if img2img else validate_txt2img)(body)
+        if parameters["override_settings"]:
+            _serve.logger.info("%s: %s (%s)", http_request.url.path, _OVERRIDE_NOTE, sorted(parameters["override_settings"]))
         remote = ingress.handle.edit_png.remote if img2img else ingress.handle.generate_png.remote
-        pngs = await ingress.model_pngs(remote, requests)
+        pngs = await _serve.model_pngs(remote, requests)
     except (_serve.BadRequest, _serve.ModelError) as e:
         return error_response(e)
     images = [compat.b64_png(png) for png in pngs] if parameters["send_images"] else []

@@ -71,11 +71,12 @@ def with_seeds(request: Dict[str, Any], count: int) -> List[Dict[str, Any]]:
 
 
 def b64_png(png: bytes) -> str:
-    return base64.b64encode(png).decode("ascii")
+    """A PNG of the model as a route answers it (`serve.answered_png`), in base64."""
+    return base64.b64encode(_serve.answered_png(png)).decode("ascii")
 
 
 def png_parameters(png: bytes) -> str:
-    """The `parameters` text of a PNG the model answered ("" when SD_PNG_METADATA=0)."""
+    """The `parameters` text of a PNG the model answered ("" when it has none)."""
     import io
 
     from PIL import Image

@@ -11,8 +11,10 @@
   `strength`: image-to-image, or inpainting with a mask.
 - `GET /v1/models`: the served model.
 
-Errors are OpenAI's `{"error": {"message", "type", "param", "code"}}`: 400 `invalid_request_error`
-(413 for uploads over the caps), 500 `server_error`.
+Errors are OpenAI's `{"error": {"message", "type", "param", "code"}}` with the route's status:
+400 `invalid_request_error` (413 for uploads over the caps), 503 (`overloaded` or
+`replica_unavailable`, with `Retry-After`) and 504 (`deadline`) `server_error` as `/imagine`
+answers them, 500 `server_error` when the generation fails. Each counts in the failure metric.
 """
 
 import time
@@ -23,6 +25,7 @@ from fastapi.responses import JSONResponse
 
 from . import _serve_compat as compat
 from . import serve as _serve
+from ._serve_metrics import serve_metrics
 
 MAX_IMAGES = 10
 DEFAULT_SIZE = "768x768"
@@ -30,16 +33,26 @@ _RESPONSE_FORMATS = ("b64_json", "url")
 
 
 class OpenAIError(Exception):
-    """An error in OpenAI's shape."""
+    """An error in OpenAI's shape; `kind` is the failure metric's."""
 
-    def __init__(self, message: str, status_code: int = 400, param: Optional[str] = None, code: Optional[str] = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        status_code: int = 400,
+        param: Optional[str] = None,
+        code: Optional[str] = None,
+        kind: str = "bad_request",
+    ) -> None:
         super().__init__(message)
-        self.status_code, self.param, self.code = status_code, param, code
+        self.status_code, self.param, self.code, self.kind = status_code, param, code, kind
 
     def response(self) -> JSONResponse:
-        kind = "server_error" if self.status_code >= 500 else "invalid_request_error"
-        error = {"message": str(self), "type": kind, "param": self.param, "code": self.code}
-        return JSONResponse({"error": error}, status_code=self.status_code)
+        """The answer, counted in the failure metric; a 503 says when to try again."""
+        serve_metrics().failed(self.kind)
+        error_type = "server_error" if self.status_code >= 500 else "invalid_request_error"
+        error = {"message": str(self), "type": error_type, "param": self.param, "code": self.code}
+        headers = {"Retry-After": str(_serve.RETRY_AFTER_S)} if self.status_code == 503 else None
+        return JSONResponse({"error": error}, status_code=self.status_code, headers=headers)
 
 
 def parse_size(size: Any) -> Tuple[int, int]:
@@ -116,14 +129,17 @@ def as_openai_error(e: Exception) -> OpenAIError:
     if isinstance(e, OpenAIError):
         return e
     status = getattr(e, "status_code", 500)
-    return OpenAIError(str(e), status_code=400 if status == 422 else status)
+    kind = _serve.failure_kind(e)
+    # OpenAI's codes for these; the others have none.
+    code = {"overloaded": "rate_limit_exceeded", "deadline": "timeout"}.get(kind)
+    return OpenAIError(str(e), status_code=400 if status == 422 else status, code=code, kind=kind)
 
 
 async def generations(http_request: Request, ingress: Any) -> JSONResponse:
     try:
         body = await compat.read_json(http_request, images=0)
         requests = validate_generation(body)
-        pngs = await ingress.model_pngs(ingress.handle.generate_png.remote, requests)
+        pngs = await _serve.model_pngs(ingress.handle.generate_png.remote, requests)
     except (OpenAIError, _serve.BadRequest, _serve.ModelError) as e:
         return as_openai_error(e).response()
     return JSONResponse(images_response(pngs))
@@ -144,7 +160,7 @@ async def edits(http_request: Request, ingress: Any) -> JSONResponse:
         finally:
             await form.close()
         requests = validate_edit(fields, image, mask)
-        pngs = await ingress.model_pngs(ingress.handle.edit_png.remote, requests)
+        pngs = await _serve.model_pngs(ingress.handle.edit_png.remote, requests)
     except (OpenAIError, _serve.BadRequest, _serve.ModelError) as e:
         return as_openai_error(e).response()
     return JSONResponse(images_response(pngs))
