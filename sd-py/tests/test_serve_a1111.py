@@ -159,3 +159,22 @@ def test_png_metadata_setting(monkeypatch):
     answer = r.json()
     assert compat.png_parameters(base64.b64decode(answer["images"][0])) == ""
     assert "Seed: 4," in json.loads(answer["info"])["infotexts"][0]
+
+
+def test_json_bodies_over_the_caps_are_refused_before_decoding(monkeypatch):
+    """A declared length over the cap is refused unread, and a body sent without a length stops
+    being read at the cap (413 in each API's shape)."""
+    monkeypatch.setattr(serve, "MAX_UPLOAD_BYTES", 1000)
+    client = TestClient(app_with(FakeModel()))
+    headers = {"content-type": "application/json", "content-length": str(10**12)}
+    r = client.post("/sdapi/v1/img2img", content=b"{}", headers=headers)
+    assert r.status_code == 413 and "over" in r.json()["detail"]
+
+    def chunks():
+        for _ in range(64):
+            yield b" " * 65536
+
+    r = client.post("/sdapi/v1/txt2img", content=chunks(), headers={"content-type": "application/json"})
+    assert r.status_code == 413 and "the request body is over" in r.json()["detail"]
+    r = client.post("/v1/images/generations", content=chunks(), headers={"content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["type"] == "invalid_request_error"

@@ -324,7 +324,7 @@ def test_serve_openai_client(sd_serve, sd2_path):
     for seed, image in zip((21, 22), served):
         alone = pipe("a red cube", negative_prompt="blurry", height=64, width=64, num_inference_steps=3, generator=seed).images[0]
         assert np.abs(pixels(image) - pixels(alone)).max() <= 1
-        assert "Sampler: DPM++ 2M Karras, " in image.info["parameters"] and f"Seed: {seed}," in image.info["parameters"]
+        assert "Sampler: DPM++ 2M, Schedule type: Karras, " in image.info["parameters"] and f"Seed: {seed}," in image.info["parameters"]
 
     with pytest.raises(openai.BadRequestError) as info:
         client.images.generate(prompt="a red cube", response_format="url")
