@@ -448,7 +448,7 @@ def _serve_client(monkeypatch, model):
     from fastapi.testclient import TestClient
 
     async def generate_png(request):
-        # What `_serve_one` adds to a request before its pipeline call.
+        # What `StableDiffusionV2._serve_one` adds to a request before its pipeline call.
         request = {**request, "gone": threading.Event(), "queued": False}
         return (await asyncio.to_thread(model._run, [request]))[0]
 

@@ -291,3 +291,125 @@ def test_serve_edit_rejects_bad_input(sd_serve, route, files, data, status, mess
 def test_serve_edit_rejects_a_body_that_is_not_a_form(sd_serve):
     r = requests.post(f"{sd_serve}/img2img", json={"prompt": "cat"}, timeout=60)
     assert r.status_code == 422 and "image file is required" in r.json()["detail"]
+
+
+def test_serve_png_carries_the_pipeline_parameters(sd_serve, sd2_path):
+    """Every PNG answered holds A1111's `parameters` text, the one sd_py's `output_metadata=True`
+    gives for the same run."""
+    from sd_py import StableDiffusionPipeline
+
+    params = {"prompt": "a lighthouse at dusk", "img_size": 64, "steps": 2, "seed": 99}
+    served = _png(requests.get(f"{sd_serve}/imagine", params=params, timeout=180))
+    pipe = StableDiffusionPipeline.from_pretrained(sd2_path)
+    direct = pipe("a lighthouse at dusk", height=64, width=64, num_inference_steps=2, generator=99, output_metadata=True).images[0]
+    assert served.info["parameters"] == direct.info["parameters"]
+    assert ", Seed: 99, Size: 64x64, " in served.info["parameters"]
+
+
+def test_serve_openai_client(sd_serve, sd2_path):
+    """The official `openai` client against the served /v1 routes: n seeded images batched in one
+    pipeline call (each the image its seed gives alone, within 1 level), its error shapes, models."""
+    import base64
+
+    import openai
+    from sd_py import StableDiffusionPipeline, scheduler_from_name
+
+    client = openai.OpenAI(api_key="unused", base_url=f"{sd_serve}/v1", max_retries=0, timeout=180)
+    extra = {"seed": 21, "steps": 3, "negative_prompt": "blurry", "sampler": "DPM++ 2M Karras"}
+    out = client.images.generate(prompt="a red cube", n=2, size="64x64", model="sd2", extra_body=extra)
+    served = [Image.open(io.BytesIO(base64.b64decode(d.b64_json))) for d in out.data]
+    assert len(served) == 2 and abs(out.created - time.time()) < 600
+    pipe = StableDiffusionPipeline.from_pretrained(sd2_path)
+    pipe.scheduler = scheduler_from_name("DPM++ 2M Karras", pipe.scheduler.config)
+    for seed, image in zip((21, 22), served):
+        alone = pipe("a red cube", negative_prompt="blurry", height=64, width=64, num_inference_steps=3, generator=seed).images[0]
+        assert np.abs(pixels(image) - pixels(alone)).max() <= 1
+        assert "Sampler: DPM++ 2M, Schedule type: Karras, " in image.info["parameters"] and f"Seed: {seed}," in image.info["parameters"]
+
+    with pytest.raises(openai.BadRequestError) as info:
+        client.images.generate(prompt="a red cube", response_format="url")
+    assert info.value.body["param"] == "response_format" and info.value.body["type"] == "invalid_request_error"
+    with pytest.raises(openai.BadRequestError, match="scheduler"):
+        client.images.generate(prompt="a red cube", size="64x64", extra_body={"sampler": "no such sampler", "steps": 1})
+    edit = client.images.edit(image=("init.png", (EDIT / "init.png").read_bytes()), prompt="a red cube", extra_body={"steps": 2, "seed": 3})
+    assert Image.open(io.BytesIO(base64.b64decode(edit.data[0].b64_json))).size == (72, 56)
+    assert [m.id for m in client.models.list()] == [str(SD2)]
+
+
+def test_serve_a1111_txt2img_gives_sd_cli_image(sd_serve, tmp_path):
+    """/sdapi/v1/txt2img with a seed and an A1111 sampler name gives the image (and the PNG text)
+    sd-cli gives for the same settings; the A1111 read-only routes answer their schemas."""
+    import base64
+    import subprocess
+
+    import jsonschema
+    from conftest import sd_cli_binary
+    from serve_fakes import A1111_OPTIONS, A1111_SAMPLERS, A1111_SD_MODELS, check_a1111_response
+
+    body = {"prompt": "a blue sphere", "negative_prompt": "dark", "seed": 8, "sampler_name": "Euler a", "steps": 3, "cfg_scale": 6}
+    r = requests.post(f"{sd_serve}/sdapi/v1/txt2img", json={**body, "width": 64, "height": 64}, timeout=180)
+    assert r.status_code == 200, r.text[:500]
+    answer = r.json()
+    info = check_a1111_response(answer, 1)
+    assert info["all_seeds"] == [8] and info["sampler_name"] == "Euler a" and info["sd_model_name"] == SD2.name
+    served = Image.open(io.BytesIO(base64.b64decode(answer["images"][0])))
+    assert served.info["parameters"] == info["infotexts"][0]
+
+    out = tmp_path / "cli.png"
+    args = ["--prompt", "a blue sphere", "--negative-prompt", "dark", "--seed", "8", "--scheduler", "Euler a"]
+    args += ["--steps", "3", "--guidance-scale", "6", "--height", "64", "--width", "64", "--model", str(SD2)]
+    env = {"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    subprocess.run([str(sd_cli_binary()), "generate", *args, "--out", str(out)], check=True, capture_output=True, env=env)
+    cli = Image.open(out)
+    assert np.array_equal(pixels(served), pixels(cli))
+    assert served.info["parameters"] == cli.info["parameters"]
+
+    samplers = requests.get(f"{sd_serve}/sdapi/v1/samplers", timeout=60).json()
+    jsonschema.validate(samplers, A1111_SAMPLERS)
+    assert {"Euler a", "DPM++ 2M Karras", "DDIM"} <= {s["name"] for s in samplers}
+    models = requests.get(f"{sd_serve}/sdapi/v1/sd-models", timeout=60).json()
+    jsonschema.validate(models, A1111_SD_MODELS)
+    assert models[0]["model_name"] == SD2.name
+    options = requests.get(f"{sd_serve}/sdapi/v1/options", timeout=60).json()
+    jsonschema.validate(options, A1111_OPTIONS)
+    assert options["sd_model_checkpoint"] == SD2.name
+
+
+def test_serve_a1111_img2img_and_openai_edit_give_the_pipeline_images(sd_serve, sd2_path):
+    """/sdapi/v1/img2img (n_iter 2: seeds 3, 4) and /v1/images/edits with a mask (the official
+    client) give exactly sd_py's img2img and inpainting images, with the same `parameters` text."""
+    import base64
+
+    import openai
+    from sd_py import StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline
+    from serve_fakes import check_a1111_response
+
+    init_png, mask_png = (EDIT / "init.png").read_bytes(), (EDIT / "mask.png").read_bytes()
+    body = {"prompt": "a red cube on a table", "negative_prompt": "blurry", "seed": 3, "steps": 4, "cfg_scale": 6}
+    body |= {"denoising_strength": 0.6, "init_images": [base64.b64encode(init_png).decode()], "n_iter": 2}
+    r = requests.post(f"{sd_serve}/sdapi/v1/img2img", json=body, timeout=180)
+    assert r.status_code == 200, r.text[:500]
+    answer = r.json()
+    info = check_a1111_response(answer, 2)
+    assert answer["parameters"]["init_images"] is None
+    assert info["all_seeds"] == [3, 4] and info["denoising_strength"] == 0.6 and (info["width"], info["height"]) == (72, 56)
+    served = [Image.open(io.BytesIO(base64.b64decode(b))) for b in answer["images"]]
+
+    init, mask = Image.open(EDIT / "init.png"), Image.open(EDIT / "mask.png")
+    img2img = StableDiffusionImg2ImgPipeline.from_pretrained(sd2_path)
+    args = {"negative_prompt": "blurry", "num_inference_steps": 4, "output_metadata": True}
+    for seed, image in zip((3, 4), served):
+        direct = img2img("a red cube on a table", image=init, strength=0.6, guidance_scale=6, generator=seed, **args).images[0]
+        assert np.array_equal(pixels(image), pixels(direct))
+        assert image.info["parameters"] == direct.info["parameters"] == info["infotexts"][seed - 3]
+
+    client = openai.OpenAI(api_key="unused", base_url=f"{sd_serve}/v1", max_retries=0, timeout=180)
+    edit = client.images.edit(
+        image=("init.png", init_png), mask=("mask.png", mask_png), prompt="a red cube on a table",
+        extra_body={"seed": 3, "steps": 4, "negative_prompt": "blurry"},
+    )
+    served_inpaint = Image.open(io.BytesIO(base64.b64decode(edit.data[0].b64_json)))
+    inpaint = StableDiffusionInpaintPipeline.from_pipe(img2img)
+    direct = inpaint("a red cube on a table", image=init, mask_image=mask, height=56, width=72, generator=3, **args).images[0]
+    assert np.array_equal(pixels(served_inpaint), pixels(direct))
+    assert served_inpaint.info["parameters"] == direct.info["parameters"]

@@ -54,6 +54,12 @@ Configuration, by environment variable (e.g. `runtime_env.env_vars` of the Serve
   diffusers' `cross_attention_kwargs["scale"]`); it runs unfused on the shared weights, so
   requests with different LoRAs (or none) need no reload; they are batched only with requests of
   the same LoRA and scale.
+- `SD_PNG_METADATA` (1): every PNG answered carries its settings as AUTOMATIC1111's `parameters`
+  text chunk (what `sd-cli generate --from` replays); 0 leaves it out.
+
+Beside these routes, the same ingress serves OpenAI's images API (`/v1/images/...`, see
+`_serve_openai`) and AUTOMATIC1111's (`/sdapi/v1/...`, see `_serve_a1111`), over the same
+validation, batching, queue, deadline, cancellation and metrics (`model_pngs`).
 
 This module does not load the native extension when imported (only the model replicas do), so
 the Serve controller can import it on a head node without a GPU.
@@ -79,6 +85,9 @@ from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
 
 from ._serve_metrics import resident_bytes, serve_metrics
+
+# The OpenAI and AUTOMATIC1111 routes' logic (they use this module's validation at call time).
+from . import _serve_a1111, _serve_openai
 
 logger = logging.getLogger("ray.serve")
 
@@ -110,6 +119,7 @@ _DEVICE_ENV = os.environ.get("SD_DEVICE", "").strip()
 NUM_GPUS = _env_float("SD_NUM_GPUS", 1.0 if _DEVICE_ENV.startswith("cuda") else 0.0)
 MAX_UPLOAD_BYTES = max(1, _env_int("SD_MAX_UPLOAD_BYTES", 8 * 1024 * 1024))
 MAX_UPLOAD_PIXELS = max(1, _env_int("SD_MAX_UPLOAD_PIXELS", 2048 * 2048))
+PNG_METADATA = _env_int("SD_PNG_METADATA", 1) != 0
 # Requests that may wait for the model (at the ingress's handle) besides those the replicas run:
 # four full batches behind the running one suit one replica.
 MAX_QUEUED_REQUESTS = max(1, _env_int("SD_MAX_QUEUED_REQUESTS", 16))
@@ -160,6 +170,27 @@ class PayloadTooLarge(BadRequest):
     status_code = 413
 
 
+class ModelError(RuntimeError):
+    """A model call answered without an image (`model_pngs`): `status_code` and `kind` (the
+    failure metric's) as `classify_failure` gives them, or 504 "deadline"; the message is for the
+    client (the replica's last error line)."""
+
+    def __init__(self, message: str, status_code: int, kind: str) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+        self.kind = kind
+
+
+def failure_kind(e: Exception) -> str:
+    """The failure metric's kind of an error a route answers (`BadRequest` or `ModelError`)."""
+    return str(getattr(e, "kind", "bad_request" if isinstance(e, BadRequest) else "error"))
+
+
+def model_id() -> str:
+    """The hub id or local folder the model replicas load (`MODEL_ID`)."""
+    return os.environ.get("MODEL_ID") or DEFAULT_MODEL_ID
+
+
 def validate_request(
     prompt: Optional[str],
     img_size: Any = 768,
@@ -173,13 +204,19 @@ def validate_request(
     """Checks the query parameters of `/imagine` and returns the normalised request (a seed is drawn
     when none is given). Raises `BadRequest` with a message for the client."""
     _check_prompt(prompt)
-    try:
-        size = int(img_size)
-    except (TypeError, ValueError):
-        raise BadRequest(f"img_size must be an integer, got {img_size!r}") from None
-    if size % 8 != 0 or not MIN_IMG_SIZE <= size <= MAX_IMG_SIZE:
-        raise BadRequest(f"img_size must be a multiple of 8 between {MIN_IMG_SIZE} and {MAX_IMG_SIZE}, got {size}")
+    size = image_side("img_size", img_size)
     return {**_run_params(prompt, size, size, seed, steps, guidance_scale, negative_prompt), **_lora_params(lora, lora_scale)}
+
+
+def image_side(name: str, value: Any) -> int:
+    """A requested image side: a multiple of 8 in [MIN_IMG_SIZE, MAX_IMG_SIZE]."""
+    try:
+        size = int(value)
+    except (TypeError, ValueError):
+        raise BadRequest(f"{name} must be an integer, got {value!r}") from None
+    if size % 8 != 0 or not MIN_IMG_SIZE <= size <= MAX_IMG_SIZE:
+        raise BadRequest(f"{name} must be a multiple of 8 between {MIN_IMG_SIZE} and {MAX_IMG_SIZE}, got {size}")
+    return size
 
 
 def validate_edit_request(
@@ -193,6 +230,7 @@ def validate_edit_request(
     negative_prompt: Optional[str] = None,
     lora: Optional[str] = None,
     lora_scale: Any = None,
+    sampler: Optional[str] = None,
 ) -> Dict[str, Any]:
     """Checks the fields of `/img2img` (no `mask`) and `/inpaint` around the decoded PIL images
     (see `decode_upload`) and returns the normalised request: the size is the image's rounded
@@ -211,7 +249,7 @@ def validate_edit_request(
         raise BadRequest(f"strength must be a number, got {strength!r}") from None
     if not 0.0 < strength <= 1.0:
         raise BadRequest(f"strength must be in (0, 1], got {strength}")
-    request = _run_params(prompt, height, width, seed, steps, guidance_scale, negative_prompt)
+    request = _run_params(prompt, height, width, seed, steps, guidance_scale, negative_prompt, sampler)
     return {**request, **_lora_params(lora, lora_scale), "image": image, "mask": mask, "strength": strength}
 
 
@@ -221,9 +259,18 @@ def _check_prompt(prompt: Optional[str]) -> None:
 
 
 def _run_params(
-    prompt: Any, height: int, width: int, seed: Any, steps: Any, guidance_scale: Any, negative_prompt: Optional[str]
+    prompt: Any,
+    height: int,
+    width: int,
+    seed: Any,
+    steps: Any,
+    guidance_scale: Any,
+    negative_prompt: Optional[str],
+    sampler: Optional[str] = None,
 ) -> Dict[str, Any]:
-    """The checked values every route shares (a seed is drawn when none is given)."""
+    """The checked values every route shares (a seed is drawn when none is given). `sampler`: a
+    scheduler name as `sd_py.scheduler_from_name` takes (None: the model's own), checked by the
+    model replica."""
     n_steps = DEFAULT_STEPS if steps is None else steps
     try:
         n_steps = int(n_steps)
@@ -254,6 +301,8 @@ def _run_params(
         "steps": n_steps,
         "guidance_scale": guidance,
         "seed": seed,
+        # Only when given, so the request of the original routes is unchanged.
+        **({"sampler": sampler} if sampler else {}),
     }
 
 
@@ -277,10 +326,10 @@ def _lora_params(lora: Optional[str], lora_scale: Any) -> Dict[str, Any]:
 
 def group_requests(requests: List[Dict[str, Any]]) -> List[List[int]]:
     """Indices of `requests` grouped so that each group can be one pipeline call: same height,
-    width, steps, guidance scale and LoRA (prompts, negative prompts and seeds may differ)."""
+    width, steps, guidance scale, sampler and LoRA (prompts, negative prompts and seeds may differ)."""
     groups: Dict[Tuple[Any, ...], List[int]] = {}
     for i, r in enumerate(requests):
-        key = (r["height"], r["width"], r["steps"], r["guidance_scale"], r.get("lora"), r.get("lora_scale"))
+        key = (r["height"], r["width"], r["steps"], r["guidance_scale"], r.get("sampler"), r.get("lora"), r.get("lora_scale"))
         groups.setdefault(key, []).append(i)
     return list(groups.values())
 
@@ -322,6 +371,19 @@ async def _read_upload(form: Any, field: str) -> bytes:
     return await upload.read(MAX_UPLOAD_BYTES + 1)
 
 
+async def read_form(http_request: Request, files: int) -> Any:
+    """The multipart form of an edit request with at most `files` files (close it when done)."""
+    # The multipart parser spools the whole body before the per-file caps apply: refuse a
+    # declared length that cannot hold files within the caps.
+    length = http_request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > files * MAX_UPLOAD_BYTES + _FORM_OVERHEAD_BYTES:
+        raise PayloadTooLarge(f"the request body is over {files * MAX_UPLOAD_BYTES + _FORM_OVERHEAD_BYTES} bytes")
+    try:
+        return await http_request.form(max_files=files, max_fields=16)
+    except (HTTPException, MultiPartException) as e:  # Starlette's answer to a bad body
+        raise BadRequest(f"expected a multipart/form-data body: {getattr(e, 'detail', e)}") from None
+
+
 def _form_field(form: Any, field: str) -> Optional[str]:
     """A text field; an empty one (as HTML forms send) counts as absent."""
     value = form.get(field)
@@ -331,9 +393,38 @@ def _form_field(form: Any, field: str) -> Optional[str]:
 
 
 def _png(image: Any) -> bytes:
+    """The PNG of a pipeline image, with its `parameters` text (`output_metadata=True`); the
+    ingress takes it out of what it answers when SD_PNG_METADATA=0 (`answered_png`), after the
+    A1111 routes have read it for their `info`."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = None
+    if image.info.get("parameters"):
+        info = PngInfo()
+        info.add_text("parameters", image.info["parameters"])  # iTXt when not Latin-1
     buf = io.BytesIO()
-    image.save(buf, "PNG")
+    image.save(buf, "PNG", pnginfo=info)
     return buf.getvalue()
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_TEXT_CHUNKS = (b"tEXt", b"zTXt", b"iTXt")
+
+
+def answered_png(png: bytes) -> bytes:
+    """`png` as a route answers it: without its `parameters` text chunk when SD_PNG_METADATA=0
+    (the chunks are copied as they are: no pixel is decoded again)."""
+    if PNG_METADATA or not png.startswith(_PNG_SIGNATURE):
+        return png
+    out, pos = [_PNG_SIGNATURE], len(_PNG_SIGNATURE)
+    while pos + 8 <= len(png):
+        length = int.from_bytes(png[pos : pos + 4], "big")
+        end = pos + 12 + length  # length, type, data, CRC
+        kind, data = png[pos + 4 : pos + 8], png[pos + 8 : pos + 8 + length]
+        if not (kind in _TEXT_CHUNKS and data.split(b"\0", 1)[0] == b"parameters"):
+            out.append(png[pos:end])
+        pos = end
+    return b"".join(out)
 
 
 class RequestGone(Exception):
@@ -362,6 +453,48 @@ def _failure_answer(status: int, kind: str, detail: str) -> JSONResponse:
     serve_metrics().failed(kind)
     headers = {"Retry-After": str(RETRY_AFTER_S)} if status == 503 else None
     return JSONResponse({"detail": detail}, status_code=status, headers=headers)
+
+
+async def model_pngs(remote: Callable[[Dict[str, Any]], Any], requests: List[Dict[str, Any]]) -> List[bytes]:
+    """The model's PNGs for `requests`, sent together so that compatible ones are batched. Every
+    route's model calls go through here: the deployment's bounded queue, the deadline
+    (`SD_REQUEST_TIMEOUT_S`: `ModelError` 504) and hang-ups (Ray Serve cancels the route's task)
+    cancel every call, which stops its run at the next step (see `StableDiffusionV2._serve_one`).
+    A model failure is raised as `ModelError` (`classify_failure`); the other calls are
+    cancelled, as their images would not be answered."""
+    responses = [remote(r) for r in requests]
+    timeout_s = request_timeout_s()
+    try:
+        return list(await asyncio.wait_for(asyncio.gather(*responses), timeout_s))
+    except asyncio.CancelledError:  # Ray Serve cancels a request whose client hung up
+        _cancel(responses)
+        serve_metrics().failed("client_gone")
+        raise
+    except asyncio.TimeoutError:
+        _cancel(responses)
+        raise ModelError(f"no image within SD_REQUEST_TIMEOUT_S ({timeout_s:g} s)", 504, "deadline") from None
+    except Exception as e:  # the model replica's error, with its message
+        _cancel(responses)
+        message = str(getattr(e, "cause", None) or e).strip().splitlines()
+        detail = message[-1] if message else type(e).__name__
+        status, kind = classify_failure(e)
+        if status == 422:
+            raise ModelError(detail, status, kind) from None
+        if status == 503:
+            logger.warning("model unavailable (%s): %s", kind, detail)
+            raise ModelError(f"the model is unavailable ({kind}), try again: {detail}", status, kind) from None
+        logger.exception("image generation failed")
+        raise ModelError(f"image generation failed: {detail}", status, kind) from None
+
+
+def _cancel(responses: List[Any]) -> None:
+    for response in responses:
+        if not hasattr(response, "cancel"):  # Serve's DeploymentResponse (a coroutine has none)
+            continue
+        try:
+            response.cancel()
+        except Exception:  # a response that failed raises its error again: nothing to cancel
+            pass
 
 
 app = FastAPI(
@@ -433,16 +566,7 @@ class APIIngress:
         return await self._answer_png(self.handle.edit_png.remote, request)
 
     async def _edit_request(self, http_request: Request, with_mask: bool) -> Dict[str, Any]:
-        files = 2 if with_mask else 1
-        # The multipart parser spools the whole body before the per-file caps apply: refuse a
-        # declared length that cannot hold files within the caps.
-        length = http_request.headers.get("content-length", "")
-        if length.isdigit() and int(length) > files * MAX_UPLOAD_BYTES + _FORM_OVERHEAD_BYTES:
-            raise PayloadTooLarge(f"the request body is over {files * MAX_UPLOAD_BYTES + _FORM_OVERHEAD_BYTES} bytes")
-        try:
-            form = await http_request.form(max_files=files, max_fields=16)
-        except (HTTPException, MultiPartException) as e:  # Starlette's answer to a bad body
-            raise BadRequest(f"expected a multipart/form-data body: {getattr(e, 'detail', e)}") from None
+        form = await read_form(http_request, files=2 if with_mask else 1)
         try:
             image = decode_upload("image", await _read_upload(form, "image"), "RGB")
             mask = decode_upload("mask", await _read_upload(form, "mask"), "L") if with_mask else None
@@ -453,32 +577,51 @@ class APIIngress:
             await form.close()
 
     async def _answer_png(self, remote: Callable[[Dict[str, Any]], Any], request: Dict[str, Any]):
-        """The model's PNG for `request`, or its error (`classify_failure`); 504 past
-        `SD_REQUEST_TIMEOUT_S`. Past the deadline, and when the client hangs up, the model call is
-        cancelled, which stops its run at the next step (see `StableDiffusionV2._serve_one`)."""
-        response = remote(request)
-        timeout_s = request_timeout_s()
+        """The model's PNG for `request`, or its error (`model_pngs`) as a JSON `detail`."""
         try:
-            png = await asyncio.wait_for(response, timeout_s)
-        except asyncio.CancelledError:  # Ray Serve cancels a request whose client hung up
-            response.cancel()
-            serve_metrics().failed("client_gone")
-            raise
-        except asyncio.TimeoutError:
-            response.cancel()
-            return _failure_answer(504, "deadline", f"no image within SD_REQUEST_TIMEOUT_S ({timeout_s:g} s)")
-        except Exception as e:  # the model replica's error, with its message
-            message = str(getattr(e, "cause", None) or e).strip().splitlines()
-            detail = message[-1] if message else type(e).__name__
-            status, kind = classify_failure(e)
-            if status == 422:
-                return _failure_answer(status, kind, detail)
-            if status == 503:
-                logger.warning("model unavailable (%s): %s", kind, detail)
-                return _failure_answer(status, kind, f"the model is unavailable ({kind}), try again: {detail}")
-            logger.exception("image generation failed")
-            return _failure_answer(status, kind, f"image generation failed: {detail}")
-        return Response(content=png, media_type="image/png", headers={"X-Seed": str(request["seed"])})
+            (png,) = await model_pngs(remote, [request])
+        except ModelError as e:
+            return _failure_answer(e.status_code, e.kind, str(e))
+        return Response(content=answered_png(png), media_type="image/png", headers={"X-Seed": str(request["seed"])})
+
+    # -- OpenAI's images API (_serve_openai) --
+
+    @app.post("/v1/images/generations")
+    async def openai_generations(self, request: Request):
+        """OpenAI images: JSON prompt, n, size, response_format (b64_json); seed, steps,
+        guidance_scale, negative_prompt, sampler."""
+        return await _serve_openai.generations(request, self)
+
+    @app.post("/v1/images/edits")
+    async def openai_edits(self, request: Request):
+        """OpenAI image edits: multipart image, mask (transparent = repaint), prompt, n, size."""
+        return await _serve_openai.edits(request, self)
+
+    @app.get("/v1/models")
+    async def openai_models(self):
+        return _serve_openai.models()
+
+    # -- AUTOMATIC1111's API (_serve_a1111) --
+
+    @app.post("/sdapi/v1/txt2img")
+    async def a1111_txt2img(self, request: Request):
+        return await _serve_a1111.txt2img(request, self)
+
+    @app.post("/sdapi/v1/img2img")
+    async def a1111_img2img(self, request: Request):
+        return await _serve_a1111.img2img(request, self)
+
+    @app.get("/sdapi/v1/samplers")
+    async def a1111_samplers(self):
+        return _serve_a1111.samplers(await self.handle.scheduler_names.remote())
+
+    @app.get("/sdapi/v1/sd-models")
+    async def a1111_sd_models(self):
+        return _serve_a1111.sd_models()
+
+    @app.get("/sdapi/v1/options")
+    async def a1111_options(self):
+        return _serve_a1111.options()
 
     @app.get("/healthz")
     async def healthz(self):
@@ -511,7 +654,7 @@ class StableDiffusionV2:
     def __init__(self) -> None:
         from sd_py import StableDiffusionPipeline
 
-        self.model_id = os.environ.get("MODEL_ID") or DEFAULT_MODEL_ID
+        self.model_id = model_id()
         self.device = _DEVICE_ENV or self._default_device()
         self.dtype = os.environ.get("SD_DTYPE", "").strip() or "float32"
         logger.info("sd_py: loading %s on %s (%s)", self.model_id, self.device, self.dtype)
@@ -591,12 +734,13 @@ class StableDiffusionV2:
     def _run(self, batch: List[Dict[str, Any]]) -> List[bytes]:
         first = batch[0]
         negatives = [r["negative_prompt"] or "" for r in batch]
+        pipe = self._with_sampler(self.pipe, first.get("sampler"))
         with self._pipeline_call(batch) as on_step_end:
             out = self._counted(
                 len(batch),
                 lambda: self._with_lora(
                     first,
-                    lambda **lora: self.pipe(
+                    lambda **lora: pipe(
                         [r["prompt"] for r in batch],
                         negative_prompt=negatives if any(negatives) else None,
                         height=first["height"],
@@ -606,6 +750,7 @@ class StableDiffusionV2:
                         generator=[r["seed"] for r in batch],
                         callback_on_step_end=on_step_end,
                         callback_on_step_end_tensor_inputs=(),
+                        output_metadata=True,
                         **lora,
                     ),
                 ),
@@ -625,6 +770,7 @@ class StableDiffusionV2:
         if pipe is None:  # ValueError (422) for an inpainting model on /img2img
             cls = StableDiffusionInpaintPipeline if inpaint else StableDiffusionImg2ImgPipeline
             pipe = self._edit_pipes.setdefault(inpaint, cls.from_pipe(self.pipe))
+        pipe = self._with_sampler(pipe, r.get("sampler"))
         size = {"mask_image": r["mask"], "height": r["height"], "width": r["width"]} if inpaint else {}
         with self._pipeline_call([r]) as on_step_end:
             out = self._counted(
@@ -641,6 +787,7 @@ class StableDiffusionV2:
                         generator=r["seed"],
                         callback_on_step_end=on_step_end,
                         callback_on_step_end_tensor_inputs=(),
+                        output_metadata=True,
                         **size,
                         **lora,
                     ),
@@ -656,6 +803,24 @@ class StableDiffusionV2:
         with self._lora_lock:
             self.pipe.set_adapters([lora] if lora else [])
             return call(cross_attention_kwargs={"scale": request["lora_scale"]}) if lora else call()
+
+    @staticmethod
+    def _with_sampler(pipe: Any, sampler: Optional[str]) -> Any:
+        """`pipe`, or a pipeline over its weights with the scheduler `sampler` names (made per call:
+        nothing is loaded or copied). An unknown name is a ValueError (422)."""
+        if sampler is None:
+            return pipe
+        from sd_py import scheduler_from_name
+
+        return type(pipe).from_pipe(pipe, scheduler=scheduler_from_name(sampler, pipe.scheduler.config))
+
+    def scheduler_names(self) -> List[Tuple[str, str, str]]:
+        """Every scheduler name the routes take, with what it builds: `(name, class name, config
+        overrides as JSON)`, in sd-core's registry order."""
+        from sd_py import scheduler_names
+        from sd_py._sd_py import scheduler_entry
+
+        return [(name, *scheduler_entry(name)) for name in scheduler_names()]
 
     # -- the life of a request in the replica: queue, pipeline call, cancellation --
 
