@@ -5,6 +5,10 @@ use super::config::BetaSchedule;
 use super::numeric::{torch_cumprod_f32, torch_linspace_f32};
 use crate::{Error, Result};
 
+/// The most training timesteps a config may ask for. SD models use 1000; a larger count is a
+/// corrupt config whose schedule (several vectors of this length) could not be allocated.
+pub const MAX_TRAIN_TIMESTEPS: usize = 1_000_000;
+
 /// The training betas (float32) of a scheduler config, each in (0, 1): others make the alphas'
 /// square roots NaN (diffusers does not check, and its run ends as a black image).
 ///
@@ -40,6 +44,12 @@ fn unchecked_betas(
     num_train_timesteps: usize,
     trained_betas: Option<&[f64]>,
 ) -> Result<Vec<f32>> {
+    if !(1..=MAX_TRAIN_TIMESTEPS).contains(&num_train_timesteps) {
+        return Err(Error::invalid(format!(
+            "num_train_timesteps must be between 1 and {MAX_TRAIN_TIMESTEPS}, got \
+             {num_train_timesteps}"
+        )));
+    }
     if let Some(tb) = trained_betas {
         if tb.len() != num_train_timesteps {
             return Err(Error::invalid(format!(
@@ -48,9 +58,6 @@ fn unchecked_betas(
             )));
         }
         return Ok(tb.iter().map(|&b| b as f32).collect());
-    }
-    if num_train_timesteps == 0 {
-        return Err(Error::invalid("num_train_timesteps must be at least 1"));
     }
     Ok(match schedule {
         BetaSchedule::Linear => torch_linspace_f32(beta_start, beta_end, num_train_timesteps),
