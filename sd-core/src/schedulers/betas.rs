@@ -5,10 +5,6 @@ use super::config::BetaSchedule;
 use super::numeric::{torch_cumprod_f32, torch_linspace_f32};
 use crate::{Error, Result};
 
-/// The most training timesteps a config may ask for. SD models use 1000; a larger count is a
-/// corrupt config whose schedule (several vectors of this length) could not be allocated.
-pub const MAX_TRAIN_TIMESTEPS: usize = 1_000_000;
-
 /// The training betas (float32) of a scheduler config, each in (0, 1): others make the alphas'
 /// square roots NaN (diffusers does not check, and its run ends as a black image).
 ///
@@ -37,6 +33,9 @@ pub fn betas(
     }
 }
 
+/// The most training timesteps a scheduler config may declare.
+pub const MAX_TRAIN_TIMESTEPS: usize = 1_000_000;
+
 fn unchecked_betas(
     schedule: BetaSchedule,
     beta_start: f64,
@@ -44,10 +43,14 @@ fn unchecked_betas(
     num_train_timesteps: usize,
     trained_betas: Option<&[f64]>,
 ) -> Result<Vec<f32>> {
-    if !(1..=MAX_TRAIN_TIMESTEPS).contains(&num_train_timesteps) {
+    if num_train_timesteps == 0 {
+        return Err(Error::invalid("num_train_timesteps must be at least 1"));
+    }
+    // The schedule holds a few values per timestep: 10^12 aborted the process out of memory.
+    if num_train_timesteps > MAX_TRAIN_TIMESTEPS {
         return Err(Error::invalid(format!(
-            "num_train_timesteps must be between 1 and {MAX_TRAIN_TIMESTEPS}, got \
-             {num_train_timesteps}"
+            "num_train_timesteps {num_train_timesteps} is over the supported maximum of \
+             {MAX_TRAIN_TIMESTEPS} (models are trained with 1000)"
         )));
     }
     if let Some(tb) = trained_betas {
