@@ -3,9 +3,12 @@ multipart bodies of POST /img2img and /inpaint, through the real FastAPI app wit
 replica lookup of the class-based routes is pointed at a stand-in whose model answers a fixed PNG).
 
 Every answer must be 200 with a PNG or 4xx with a JSON `detail`; never 5xx or an exception. What
-reaches the model must be a valid request. Cases come from a seeded generator (the same on every
-run); `SD_FUZZ_CASES=N` runs N times as many. A failure prints the case to turn into a regression
-test."""
+reaches the model must be a valid request. The validators (`validate_request`,
+`validate_edit_request`, `decode_upload`) are also fuzzed directly with values of any Python type:
+they may raise `BadRequest` only. Cases come from a seeded generator (the same on every run);
+`SD_FUZZ_CASES=N` runs N times as many. A failure prints the case and saves its `repr` to
+`$SD_FUZZ_FAILURES` (default: `sd-fuzz-failures` in the temporary folder) to turn into a
+regression test."""
 
 import io
 import math
@@ -13,7 +16,10 @@ import os
 import random
 import struct
 import sys
+import tempfile
 import types
+from pathlib import Path
+from typing import Any, Callable, List
 import urllib.parse
 import zlib
 
@@ -67,7 +73,11 @@ def _png(size, mode="RGB", fmt="PNG") -> bytes:
     from PIL import Image
 
     buf = io.BytesIO()
-    Image.new(mode, size).save(buf, fmt)
+    try:
+        Image.new(mode, size).save(buf, fmt)
+    except OSError:  # a mode the format cannot hold (CMYK as PNG): that mode as TIFF
+        buf = io.BytesIO()
+        Image.new(mode, size).save(buf, "TIFF")
     return buf.getvalue()
 
 
@@ -188,15 +198,25 @@ def _check_response(response, case: str) -> None:
     assert detail, f"{status} without a JSON detail\n  case: {case}"
 
 
+def _save_failure(target: str, case: int, request: Any) -> str:
+    """Writes the failing input's `repr` whole (the report cuts it) and returns where."""
+    folder = Path(os.environ.get("SD_FUZZ_FAILURES") or Path(tempfile.gettempdir()) / "sd-fuzz-failures")
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{target.replace(' ', '_')}-case{case}.txt"
+    path.write_text(repr(request))
+    return str(path)
+
+
 def _fuzz(target: str, cases: int, make, send, client) -> None:
     rng = random.Random(target)
     for case in range(cases * CASES):
         request = make(rng)
         try:
             response = send(request)
-        except Exception as e:  # the app raised instead of answering
-            pytest.fail(f"case {case}: {type(e).__name__}: {e}\n  input: {request!r:.3000}")
-        _check_response(response, f"case {case}: {request!r:.3000}")
+            _check_response(response, f"case {case}: {request!r:.3000}")
+        except Exception as e:  # the app raised instead of answering, or a wrong answer
+            saved = _save_failure(target, case, request)
+            pytest.fail(f"case {case}: {type(e).__name__}: {e}\n  input (saved to {saved}): {request!r:.3000}")
     assert not client.invalid_requests, f"invalid requests reached the model: {client.invalid_requests[:3]!r:.3000}"
     print(f"fuzz {target}: {cases * CASES} cases, 0 failures", file=sys.stderr)
 
@@ -223,3 +243,126 @@ def test_fuzz_edit_bodies(client):
 def test_imagine_odd_bytes(client, query):
     _check_response(client.get("/imagine?" + query), query)
     assert not client.invalid_requests
+
+
+# ---- the validators called directly (the model deployment's `generate(prompt, img_size,
+# **params)` takes whatever a Python caller sends, not only what HTTP parsing gives) ----
+
+ANY_VALUES: List[Any] = [
+    None, True, False, 0, 1, -1, 7, 8, 64, 768, 2048, 2**63, 2**64, -(2**64), 10**400,
+    0.0, -0.0, 0.5, 64.0, 64.5, 1e308, float("inf"), float("-inf"), float("nan"),
+    "", " ", "64", " 64 ", "64.0", "1e3", "nan", "-inf", "9" * 5000, "\ud800", "a\x00b", "\U0010ffff",
+    b"64", b"\xff", bytearray(b"1"), [], [64], {}, {"a": 1}, (1,), {1}, object(), 1j,
+]
+
+
+def _any_value(rng: random.Random) -> Any:
+    return rng.choice(ANY_VALUES) if rng.random() < 0.8 else _text(rng)
+
+
+def _direct_fuzz(target: str, cases: int, make: Callable[[random.Random], Any], call: Callable[[Any], Any]) -> None:
+    """`call` on `cases * SD_FUZZ_CASES` inputs: it returns a request that `_check_request` accepts
+    or raises `BadRequest` (413 or 422) with a message; any other exception fails with the input."""
+    import sd_py.serve as s
+
+    rng = random.Random(target)
+    outcomes = {"accepted": 0, "refused": 0}
+    for case in range(cases * CASES):
+        args = make(rng)
+        try:
+            try:
+                request = call(args)
+            except s.BadRequest as e:
+                assert str(e) and e.status_code in (413, 422), f"BadRequest {e.status_code} {e!r}"
+                outcomes["refused"] += 1
+                continue
+            _check_request(request)
+            outcomes["accepted"] += 1
+        except Exception as e:
+            saved = _save_failure(target, case, args)
+            pytest.fail(f"case {case}: {type(e).__name__}: {e}\n  input (saved to {saved}): {args!r:.3000}")
+    print(f"fuzz {target}: {cases * CASES} cases, 0 failures ({outcomes})", file=sys.stderr)
+
+
+def test_fuzz_validate_request():
+    from sd_py.serve import validate_request
+
+    def make(rng: random.Random) -> dict:
+        args = {"prompt": _text(rng) or "x" if rng.random() < 0.6 else _any_value(rng)}
+        for name in ["img_size", "seed", "steps", "guidance_scale", "negative_prompt"]:
+            if rng.random() < 0.5:
+                args[name] = _any_value(rng)
+        return args
+
+    _direct_fuzz("validate_request", 2000, make, lambda args: validate_request(**args))
+
+
+def test_fuzz_validate_edit_request():
+    from PIL import Image
+
+    from sd_py.serve import validate_edit_request
+
+    sizes = [(0, 0), (1, 1), (7, 64), (8, 8), (64, 64), (75, 61), (2048, 8), (2049, 8), (8, 2056)]
+
+    def make(rng: random.Random) -> dict:
+        size = rng.choice(sizes)
+        args = {"prompt": _text(rng) or "x" if rng.random() < 0.6 else _any_value(rng), "size": size}
+        if rng.random() < 0.5:
+            args["mask"] = size if rng.random() < 0.8 else rng.choice(sizes)
+        for name in ["strength", "seed", "steps", "guidance_scale", "negative_prompt"]:
+            if rng.random() < 0.5:
+                args[name] = _any_value(rng)
+        return args
+
+    def call(args: dict) -> Any:
+        fields = dict(args)
+        image = Image.new("RGB", fields.pop("size"))
+        mask = Image.new("L", fields.pop("mask")) if "mask" in fields else None
+        return validate_edit_request(image=image, mask=mask, **fields)
+
+    _direct_fuzz("validate_edit_request", 1000, make, call)
+
+
+def test_fuzz_decode_upload():
+    from sd_py.serve import decode_upload
+
+    sizes = [(64, 64), (75, 61), (1, 1), (8, 3000)]
+
+    def make(rng: random.Random) -> tuple:
+        return rng.choice(["RGB", "L"]), _image_bytes(rng, rng.choice(sizes))
+
+    def call(args: tuple) -> Any:
+        image = decode_upload("image", args[1], args[0])
+        assert image.mode == args[0] and image.width * image.height > 0, image
+        return validate_request_for(image)
+
+    def validate_request_for(image: Any) -> Any:
+        from sd_py.serve import validate_edit_request
+
+        return validate_edit_request("a cat", image, seed=1)
+
+    _direct_fuzz("decode_upload", 300, make, call)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(img_size=float("inf")),  # int(inf) raised OverflowError
+        dict(img_size=64.5),  # was truncated to 64
+        dict(steps=float("-inf")),
+        dict(seed=float("nan")),
+        dict(guidance_scale=10**400),  # float(10**400) raised OverflowError
+        dict(negative_prompt=["dog"]),  # reached the model as a list
+        dict(negative_prompt="\ud800"),  # a lone surrogate cannot be encoded for sd_py
+        dict(prompt="a \udfff cat"),
+        dict(prompt=b"a cat"),
+    ],
+)
+def test_validator_regressions(kwargs):
+    """Inputs the direct fuzzing found raising other exceptions (or accepted): now `BadRequest`."""
+    from sd_py.serve import BadRequest, validate_request
+
+    args = {"prompt": "a cat", "img_size": 64, **kwargs}
+    with pytest.raises(BadRequest) as info:
+        validate_request(**args)
+    assert type(info.value) is BadRequest and str(info.value)
