@@ -81,7 +81,10 @@ impl AutoencoderKLConfig {
         }
         // Found by fuzzing: a huge count overflowed `2 * latent_channels`. Real VAEs have 4 to 16.
         if !(1..=1 << 16).contains(&self.latent_channels) {
-            candle_core::bail!("unsupported VAE config: `latent_channels` = {}", self.latent_channels)
+            candle_core::bail!(
+                "unsupported VAE config: `latent_channels` = {}",
+                self.latent_channels
+            )
         }
         Ok(())
     }

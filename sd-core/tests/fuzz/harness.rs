@@ -2,6 +2,7 @@
 //! test failure printing the input that caused it.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::Path;
 
 /// SplitMix64: small, seedable and the same on every platform, so a case number names an input.
 pub struct Rng(u64);
@@ -39,30 +40,52 @@ impl Rng {
 }
 
 /// The case count of a target: `base` times `SD_FUZZ_CASES` (a multiplier, default 1), so a
-/// longer local session is `SD_FUZZ_CASES=20 cargo test --workspace --test fuzz`.
+/// longer session is `SD_FUZZ_CASES=10 cargo test -p sd-core --test fuzz`. Case `i` is the same
+/// input whatever the multiplier, so a longer run adds new inputs after the CI ones.
 pub fn case_count(base: usize) -> usize {
     let multiplier = std::env::var("SD_FUZZ_CASES").ok().and_then(|v| v.parse::<usize>().ok());
     base * multiplier.unwrap_or(1).max(1)
 }
 
+/// `SD_FUZZ_CASE=N`: run only case `N` of each target (to reproduce a reported failure under a
+/// debugger or with prints).
+fn only_case() -> Option<usize> {
+    std::env::var("SD_FUZZ_CASE").ok().and_then(|v| v.parse().ok())
+}
+
+/// Where failing inputs are written: `SD_FUZZ_FAILURES`, else `fuzz-failures` in Cargo's
+/// temporary folder for integration tests (`target/tmp`).
+fn failures_dir() -> std::path::PathBuf {
+    std::env::var_os("SD_FUZZ_FAILURES")
+        .map(Into::into)
+        .unwrap_or_else(|| Path::new(env!("CARGO_TARGET_TMPDIR")).join("fuzz-failures"))
+}
+
 /// Runs `case_count(base)` cases of `target`: case `i` gets an [`Rng`] seeded from the target
 /// name and `i` (the same inputs on every run), `make` builds the input and `check` runs the code
 /// under test on it, returning `Err` for a wrong outcome (e.g. an untyped error). A panic or an
-/// `Err` fails the test with the case number and `describe` of the input, so the input can be
-/// turned into a regression case.
+/// `Err` fails the test with the case number and the input; `save` gives the input as the bytes
+/// of a file (the weight file, the config, the prompt...), written whole to
+/// [`failures_dir`]`/<target>-case<i>.bin` for reproduction and shown escaped in the report.
 pub fn fuzz<I>(
     target: &str,
     base: usize,
     mut make: impl FnMut(&mut Rng) -> I,
-    describe: impl Fn(&I) -> String,
+    save: impl Fn(&I) -> Vec<u8>,
     check: impl Fn(&I) -> Result<(), String>,
 ) {
     let cases = case_count(base);
     let seed = target.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
         (h ^ b as u64).wrapping_mul(0x0100_0000_01b3) // FNV-1a of the name
     });
-    let (mut failures, mut panics) = (Vec::new(), 0);
+    let only = only_case();
+    let (mut failures, mut panics, mut ran) = (Vec::new(), 0, 0);
+    let started = std::time::Instant::now();
     for case in 0..cases {
+        if only.is_some_and(|only| only != case) {
+            continue;
+        }
+        ran += 1;
         let mut rng = Rng::new(seed ^ (case as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
         let input = make(&mut rng);
         let outcome = match catch_unwind(AssertUnwindSafe(|| check(&input))) {
@@ -73,10 +96,22 @@ pub fn fuzz<I>(
                 format!("PANIC: {}", panic_message(&*panic))
             }
         };
-        failures.push(format!("case {case}: {outcome}\n  input: {}", describe(&input)));
+        let bytes = save(&input);
+        let file = failures_dir().join(format!("{}-case{case}.bin", target.replace(' ', "_")));
+        let saved = std::fs::create_dir_all(file.parent().expect("a folder"))
+            .and_then(|()| std::fs::write(&file, &bytes))
+            .map_or_else(
+                |e| format!("(not saved: {e})"),
+                |()| format!("saved to {}", file.display()),
+            );
+        failures
+            .push(format!("case {case}: {outcome}\n  input ({saved}): {}", escaped(&bytes, 2000)));
     }
     let wrong = failures.len() - panics;
-    eprintln!("fuzz {target}: {cases} cases, {panics} panics, {wrong} wrong outcomes");
+    eprintln!(
+        "fuzz {target}: {ran} cases, {panics} panics, {wrong} wrong outcomes ({:.1} s)",
+        started.elapsed().as_secs_f64()
+    );
     assert!(failures.is_empty(), "fuzz {target}:\n{}", failures.join("\n"));
 }
 
@@ -200,7 +235,9 @@ fn mutate_once(rng: &mut Rng, value: &mut serde_json::Value) {
                 _ => mutate_once(rng, &mut items[i]),
             }
         }
-        Value::Number(n) if !rng.one_in(4) => *value = nearby_number(rng, n.as_f64().unwrap_or(1.0)),
+        Value::Number(n) if !rng.one_in(4) => {
+            *value = nearby_number(rng, n.as_f64().unwrap_or(1.0))
+        }
         _ => *value = junk_value(rng, 2),
     }
 }
@@ -236,7 +273,8 @@ pub fn mutate_bytes(rng: &mut Rng, bytes: &[u8]) -> Vec<u8> {
             0 => out.truncate(at),
             1 if at < out.len() => out[at] ^= 1 << rng.below(8),
             2 => {
-                const INSERTS: [&[u8]; 8] = [b"\0", b"\xff\xfe", b"\"", b"{", b"]", b",", b" ", b"\n"];
+                const INSERTS: [&[u8]; 8] =
+                    [b"\0", b"\xff\xfe", b"\"", b"{", b"]", b",", b" ", b"\n"];
                 out.splice(at..at, rng.pick(&INSERTS).iter().copied());
             }
             3 => {

@@ -7,10 +7,12 @@ use std::path::Path;
 use candle_core::{DType, Device};
 use sd_core::loading::weight_files::shard_files;
 use sd_core::loading::{build_component, WeightStore};
+use sd_core::pipeline::StableDiffusionPipeline;
 use sd_core::Error;
 use serde_json::{json, Value};
 
-use crate::harness::{escaped, fuzz, junk_value, mutate_bytes, mutate_json, Rng};
+use crate::harness::{fuzz, junk_value, mutate_bytes, mutate_json, Rng};
+use crate::support::pipelines;
 
 /// A small valid file: every dtype the loader converts, a non-converted one, an empty tensor.
 fn base_tensors() -> (serde_json::Map<String, Value>, Vec<u8>) {
@@ -31,7 +33,8 @@ fn base_tensors() -> (serde_json::Map<String, Value>, Vec<u8>) {
         // Small values in every dtype (the low bytes of an f32/f16/bf16 1.0-ish pattern).
         data.extend((0..len).map(|i| if i % size == size - 1 { 0x3c } else { i as u8 }));
         let offsets = [start, data.len()];
-        header.insert(name.into(), json!({"dtype": dtype, "shape": shape, "data_offsets": offsets}));
+        header
+            .insert(name.into(), json!({"dtype": dtype, "shape": shape, "data_offsets": offsets}));
     }
     (header, data)
 }
@@ -94,8 +97,10 @@ fn lie(rng: &mut Rng, header: &mut serde_json::Map<String, Value>, data_len: usi
     }
 }
 
-fn mutated_weight_file(rng: &mut Rng) -> Vec<u8> {
-    let (mut header, mut data) = base_tensors();
+/// A file of `base` (header, data) with lies in the header, a JSON edit, a wrong length field,
+/// truncation, byte edits, or a junk header.
+fn mutated_weight_file(rng: &mut Rng, base: &(serde_json::Map<String, Value>, Vec<u8>)) -> Vec<u8> {
+    let (mut header, mut data) = base.clone();
     let valid = |h: &serde_json::Map<String, Value>, d: &[u8]| {
         let text = Value::Object(h.clone()).to_string();
         file_bytes(&text, text.len() as u64, d)
@@ -183,11 +188,18 @@ fn safetensors_files() {
     std::fs::write(&path, file_bytes(&text, text.len() as u64, &data)).unwrap();
     load_all(&path, DType::F32).expect("the unmutated file loads");
 
-    fuzz("safetensors", 600, mutated_weight_file, |b| escaped(b, 2000), |bytes| {
-        std::fs::write(&path, bytes).map_err(|e| e.to_string())?;
-        load_all(&path, DType::F32)?;
-        load_all(&path, DType::BF16)
-    });
+    let base = base_tensors();
+    fuzz(
+        "safetensors",
+        600,
+        |rng| mutated_weight_file(rng, &base),
+        Vec::clone,
+        |bytes| {
+            std::fs::write(&path, bytes).map_err(|e| e.to_string())?;
+            load_all(&path, DType::F32)?;
+            load_all(&path, DType::BF16)
+        },
+    );
 }
 
 fn base_index() -> Value {
@@ -240,7 +252,7 @@ fn sharded_indexes() {
     std::fs::create_dir(dir.path().join("dir")).unwrap();
     let index_path = dir.path().join("model.safetensors.index.json");
 
-    fuzz("sharded index", 400, mutated_index, |b| escaped(b, 2000), |bytes| {
+    fuzz("sharded index", 400, mutated_index, Vec::clone, |bytes| {
         if let Ok(text) = std::str::from_utf8(bytes) {
             match shard_files(text) {
                 Ok(_) | Err(Error::InvalidArgument(_)) => {}
@@ -255,4 +267,66 @@ fn sharded_indexes() {
             Err(other) => Err(format!("open_component: {other:?}")),
         }
     });
+}
+
+/// A fixture safetensors file as (header without `__metadata__` kept, data).
+fn read_base(path: &Path) -> (serde_json::Map<String, Value>, Vec<u8>) {
+    let bytes = std::fs::read(path).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    (header, bytes[8 + n..].to_vec())
+}
+
+/// Textual-inversion embeddings (diffusers' one-tensor and A1111's `string_to_param.*`
+/// layouts) with the weight-file mutations, loaded into the fixture pipeline with and without a
+/// token: every failure an `Error::Weights` (unreadable file) or `Error::InvalidArgument` (wrong
+/// layout, shape, size or token), and a refused load leaves the pipeline able to encode.
+#[test]
+fn textual_inversion_files() {
+    let text = crate::support::fixtures().join("text");
+    let bases = [
+        read_base(&text.join("ti_a1111.safetensors")),
+        read_base(&text.join("ti_emb_params.safetensors")),
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("embedding.safetensors");
+    let load = || {
+        StableDiffusionPipeline::from_folder(
+            &pipelines().join("sd2-tiny"),
+            DType::F32,
+            &Device::Cpu,
+            None,
+        )
+        .unwrap()
+    };
+    let pipe = std::cell::RefCell::new(load());
+    let tokens =
+        [None, Some("<x>"), Some(""), Some(" "), Some("a"), Some("<|endoftext|>"), Some("<x> <y>")];
+    fuzz(
+        "textual inversion",
+        300,
+        |rng| {
+            let base = rng.pick(&bases);
+            (mutated_weight_file(rng, base), *rng.pick(&tokens))
+        },
+        |(bytes, token)| [format!("token {token:?}\n").into_bytes(), bytes.clone()].concat(),
+        |(bytes, token)| {
+            std::fs::write(&path, bytes).map_err(|e| e.to_string())?;
+            let loaded = pipe.borrow_mut().load_textual_inversion(&path, *token);
+            match loaded {
+                // Loaded: the next case starts from a fresh pipeline (the token is taken now).
+                Ok(tokens) => {
+                    let prompt = tokens.join(" ");
+                    let encoded = pipe.borrow().encode_prompts(&[prompt]);
+                    *pipe.borrow_mut() = load();
+                    encoded.map(|_| ()).map_err(|e| format!("encode with {tokens:?}: {e}"))
+                }
+                Err(Error::Weights { .. } | Error::InvalidArgument(_)) => {
+                    let encoded = pipe.borrow().encode_prompts(&["a cat".to_string()]);
+                    encoded.map(|_| ()).map_err(|e| format!("encode after a refused load: {e}"))
+                }
+                Err(other) => Err(format!("load_textual_inversion: {other:?}")),
+            }
+        },
+    );
 }

@@ -7,7 +7,7 @@ use sd_core::schedulers::{SchedulerConfig, SCHEDULERS};
 use sd_core::Error;
 use serde_json::Value;
 
-use crate::harness::{escaped, fuzz, mutate_bytes, mutate_json};
+use crate::harness::{fuzz, mutate_bytes, mutate_json};
 use crate::support::pipelines;
 
 /// A config input: the JSON text when the mutation broke the text itself, else the object.
@@ -63,8 +63,9 @@ fn run(entry: usize, input: &ConfigInput, steps: usize) -> Result<(), String> {
 
 #[test]
 fn scheduler_configs() {
-    let model = SchedulerConfig::from_file(pipelines().join("sd2-tiny/scheduler/scheduler_config.json"))
-        .unwrap();
+    let model =
+        SchedulerConfig::from_file(pipelines().join("sd2-tiny/scheduler/scheduler_config.json"))
+            .unwrap();
     // Each entry's resolved config: every key its class reads.
     let bases: Vec<serde_json::Map<String, Value>> =
         SCHEDULERS.iter().map(|e| e.build(&model).unwrap().config().as_map().clone()).collect();
@@ -87,11 +88,13 @@ fn scheduler_configs() {
             (entry, input, *rng.pick(&steps_choices))
         },
         |(entry, input, steps)| {
+            // The scheduler and step count on the first line, then the config file.
             let config = match input {
-                ConfigInput::Object(map) => Value::Object(map.clone()).to_string(),
-                ConfigInput::Text(bytes) => escaped(bytes, 4000),
+                ConfigInput::Object(map) => serde_json::to_vec(map).expect("json"),
+                ConfigInput::Text(bytes) => bytes.clone(),
             };
-            format!("{} with {steps} steps, config {config}", SCHEDULERS[*entry].display_name())
+            let name = SCHEDULERS[*entry].display_name();
+            [format!("{name} with {steps} steps\n").into_bytes(), config].concat()
         },
         |(entry, input, steps)| run(*entry, input, *steps),
     );
