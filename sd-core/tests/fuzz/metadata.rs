@@ -75,7 +75,8 @@ fn mutated_text(rng: &mut Rng, base: &str) -> String {
                 while !text.is_char_boundary(at) {
                     at -= 1;
                 }
-                text.insert_str(at, *rng.pick(&INSERTS));
+                let insert = *rng.pick(&INSERTS);
+                text.insert_str(at, insert);
             }
         }
     }

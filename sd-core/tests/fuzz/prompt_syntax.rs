@@ -46,7 +46,8 @@ fn random_a1111_prompt(rng: &mut Rng) -> String {
                     // A weight with many digits: parses to a huge number or to inf.
                     text.push_str(&format!(":{})", "9".repeat(1 + rng.below(400))));
                 } else {
-                    text.push_str(*rng.pick(&PIECES));
+                    let piece = *rng.pick(&PIECES);
+                    text.push_str(piece);
                 }
             }
             text

@@ -200,7 +200,8 @@ pub fn random_prompt(rng: &mut Rng) -> String {
         if rng.one_in(4) {
             text.push(char::from_u32(rng.below(0x11_0000) as u32).unwrap_or('\u{fffd}'));
         } else {
-            text.push_str(*rng.pick(&PIECES));
+            let piece = *rng.pick(&PIECES);
+            text.push_str(piece);
         }
     }
     if rng.one_in(40) {
@@ -243,7 +244,8 @@ fn prompts_through_the_pipeline() {
         |rng| (random_prompt(rng), random_prompt(rng)),
         |p| serde_json::to_vec(&[&p.0, &p.1]).expect("json"),
         |(prompt, negative)| {
-            pipe.encode_prompts(&[prompt.clone()]).map_err(|e| format!("encode_prompts: {e}"))?;
+            pipe.encode_prompts(std::slice::from_ref(prompt))
+                .map_err(|e| format!("encode_prompts: {e}"))?;
             let mut params = GenerateParams::new(prompt.clone());
             params.negative_prompts = Some(vec![negative.clone()]);
             (params.height, params.width, params.num_inference_steps) = (Some(64), Some(64), 1);
