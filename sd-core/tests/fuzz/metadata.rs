@@ -1,4 +1,4 @@
-//! PNG `parameters` metadata (what `sd-cli generate --from-png` reads from a user's file): the
+//! PNG `parameters` metadata (what `sd-cli generate --from` reads from a user's file): the
 //! text chunks of corrupted PNGs, and A1111 infotexts with odd lines, quotes and values, through
 //! `read_png_parameters`, `Infotext::parse` and `GenerationInfo::from_infotext`.
 
