@@ -224,11 +224,15 @@ impl ClipTokenizer {
     /// `tokenizer.add_tokens(tokens)` does for textual inversion, and returns their new ids.
     ///
     /// # Errors
-    /// [`Error::InvalidArgument`] for a token already in the vocabulary (diffusers' error) or
-    /// given twice; nothing is added then.
+    /// [`Error::InvalidArgument`] for a token already in the vocabulary (diffusers' error), given
+    /// twice, or empty; nothing is added then.
     pub fn add_tokens(&mut self, tokens: &[String]) -> Result<Vec<u32>> {
         let mut seen = HashSet::new();
         for token in tokens {
+            // Found by fuzzing: the tokenizers crate skips an empty token, which then had no id.
+            if token.is_empty() {
+                return Err(Error::invalid("an added token must not be empty"));
+            }
             if self.token_to_id(token).is_some() || !seen.insert(token) {
                 return Err(Error::invalid(format!(
                     "token {token} is already in the tokenizer's vocabulary; choose a different \

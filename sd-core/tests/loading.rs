@@ -202,3 +202,39 @@ fn missing_weight_file_is_an_error_naming_the_folder() {
         .to_string();
     assert!(err.contains("unet") && err.contains("diffusion_pytorch_model"), "{err}");
 }
+
+/// Model configs the fuzzing (tests/fuzz) found panicking or overflowing while building: each is
+/// now an error naming the key.
+#[test]
+fn fuzz_found_model_configs_are_errors() {
+    use sd_core::loading::{build_component, WeightStore};
+    use sd_core::models::unet::UNet2DConditionConfig;
+    use sd_core::models::vae::{AutoencoderKL, AutoencoderKLConfig};
+
+    let model = pipelines().join("sd2-tiny");
+    let json = |path: &str| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(model.join(path)).unwrap()).unwrap()
+    };
+    // 0 attention heads divided by zero; a huge downsample padding overflowed the output size.
+    for (key, value) in
+        [("attention_head_dim", serde_json::json!(0)), ("downsample_padding", (1u64 << 40).into())]
+    {
+        let mut config = json("unet/config.json");
+        config[key] = value;
+        let config: UNet2DConditionConfig = serde_json::from_value(config).unwrap();
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains(key), "{key}: {err}");
+    }
+    // A huge latent channel count overflowed `2 * latent_channels`.
+    let mut config = json("vae/config.json");
+    config["latent_channels"] = (1u64 << 62).into();
+    let config: AutoencoderKLConfig = serde_json::from_value(config).unwrap();
+    let dir = model.join("vae");
+    let store = WeightStore::open_component(&dir, "diffusion_pytorch_model", None).unwrap();
+    let built = build_component(&dir, store, DType::F32, &Device::Cpu, |vb| {
+        AutoencoderKL::new(vb, &config)
+    });
+    let Err(err) = built else { panic!("a latent_channels of 2^62 was accepted") };
+    let err = err.to_string();
+    assert!(err.contains("latent_channels"), "{err}");
+}

@@ -758,3 +758,48 @@ fn multistep_schedulers_repeat_timesteps_and_draw_noise_as_diffusers() {
         );
     }
 }
+
+/// Configs the fuzzing (tests/fuzz) found panicking, for every scheduler: one training timestep
+/// (sigma-to-timestep interpolation indexed past its table) must build and run a short schedule
+/// or fail with an error; a huge `steps_offset` (overflowed the timestep arithmetic) is refused.
+#[test]
+fn fuzz_found_configs_do_not_panic() {
+    let base = SchedulerConfig::from_file(
+        support::pipelines().join("sd2-tiny/scheduler/scheduler_config.json"),
+    )
+    .unwrap();
+    let overrides = [
+        json!({"num_train_timesteps": 1}),
+        json!({"num_train_timesteps": 1, "use_karras_sigmas": true}),
+        json!({"steps_offset": i64::MAX, "timestep_spacing": "leading"}),
+        json!({"steps_offset": i64::MIN, "timestep_spacing": "leading"}),
+    ];
+    for entry in SCHEDULERS {
+        for o in &overrides {
+            let mut map = entry.build(&base).unwrap().config().as_map().clone();
+            map.extend(o.as_object().unwrap().clone());
+            let built = entry.build(&SchedulerConfig::from_map(map));
+            if o.get("steps_offset").is_some() {
+                // Refused when read: no offset that large gives a timestep in the schedule.
+                let err = built.err().map(|e| e.to_string()).unwrap_or_default();
+                assert!(err.contains("`steps_offset`: "), "{}: {err}", entry.display_name());
+                continue;
+            }
+            let Ok(mut scheduler) = built else { continue };
+            for steps in [1, 2, 3] {
+                if scheduler.set_timesteps(steps).is_err() {
+                    continue;
+                }
+                let sample =
+                    Tensor::ones((1, 4, 2, 2), candle_core::DType::F32, &Device::Cpu).unwrap();
+                let mut generators = Generators::from_seed(0);
+                for t in scheduler.timesteps().to_vec() {
+                    let Ok(input) = scheduler.scale_model_input(&sample, t) else { break };
+                    if scheduler.step(&input, t, &sample, &mut generators).is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+    }
+}

@@ -12,6 +12,7 @@ use candle_core::{Device, Tensor};
 use sd_core::pipeline::{GenerateParams, PromptSyntax, StableDiffusionPipeline};
 use sd_core::prompt::chunks::{tokenize_chunks, PromptChunk};
 use sd_core::prompt::parse::{parse_prompt_attention, WeightedText};
+use sd_core::Error;
 use support::*;
 
 fn text_fixtures() -> PathBuf {
@@ -207,6 +208,12 @@ fn textual_inversion_refusals() {
         .unwrap();
     let err = pipe.load_textual_inversion(&wrong_size, Some("<small>")).unwrap_err().to_string();
     assert!(err.contains("size 16, expected 32"), "{err}");
+
+    // Found by fuzzing: an empty token was an untyped tokenizer error ("has no id").
+    let one = text_fixtures().join("ti_emb_params.safetensors");
+    let err = pipe.load_textual_inversion(&one, Some("")).unwrap_err();
+    assert!(matches!(err, Error::InvalidArgument(_)), "{err:?}");
+    assert!(err.to_string().contains("must not be empty"), "{err}");
     // nothing was added by the refused loads
     assert_eq!(pipe.tokenizer.token_to_id("<small>"), None);
     assert_eq!(pipe.text_encoder.token_count(), 49408 + 4);
@@ -229,4 +236,10 @@ fn clip_skip_matches_diffusers() {
     params.clip_skip = Some(2);
     let err = pipe.generate(&params).unwrap_err().to_string();
     assert!(err.contains("clip_skip 2 must be less than the text encoder's 2 layers"), "{err}");
+    // Found by fuzzing: the encoding alone gave a candle error.
+    let err = pipe
+        .encode_prompts_with(std::slice::from_ref(&case.prompt), PromptSyntax::A1111, Some(2))
+        .unwrap_err();
+    assert!(matches!(err, Error::InvalidArgument(_)), "{err:?}");
+    assert!(err.to_string().contains("clip_skip 2 must be less than"), "{err}");
 }

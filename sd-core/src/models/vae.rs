@@ -79,6 +79,13 @@ impl AutoencoderKLConfig {
         if self.shift_factor.is_some_and(|s| s != 0.0) {
             candle_core::bail!("unsupported VAE config: `shift_factor` = {:?}", self.shift_factor)
         }
+        // Found by fuzzing: a huge count overflowed `2 * latent_channels`. Real VAEs have 4 to 16.
+        if !(1..=1 << 16).contains(&self.latent_channels) {
+            candle_core::bail!(
+                "unsupported VAE config: `latent_channels` = {}",
+                self.latent_channels
+            )
+        }
         Ok(())
     }
 

@@ -233,6 +233,10 @@ impl StableDiffusionPipeline {
     /// [`ClipTextModel::forward_skipping`]); loaded multi-vector textual-inversion tokens are
     /// expanded first. Plain: `[n, 77, hidden]`. A1111: `[n, 77 * chunks, hidden]`, as many
     /// chunks as the longest prompt needs, the others padded with empty chunks (A1111's batches).
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] for a `clip_skip` not below the text encoder's layer count, or an
+    /// A1111 weight that is not a number.
     pub fn encode_prompts_with(
         &self,
         prompts: &[String],
@@ -240,6 +244,13 @@ impl StableDiffusionPipeline {
         clip_skip: Option<usize>,
     ) -> Result<Tensor> {
         let skip = clip_skip.unwrap_or(0);
+        // As `generate` checks it: the text encoder's own check is a candle error (fuzzing).
+        let layers = self.text_encoder.config().num_hidden_layers;
+        if skip >= layers {
+            return Err(Error::invalid(format!(
+                "clip_skip {skip} must be less than the text encoder's {layers} layers"
+            )));
+        }
         let expanded = prompts
             .iter()
             .map(|p| self.expand_multi_vector_tokens(p))

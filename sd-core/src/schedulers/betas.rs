@@ -43,15 +43,6 @@ fn unchecked_betas(
     num_train_timesteps: usize,
     trained_betas: Option<&[f64]>,
 ) -> Result<Vec<f32>> {
-    if let Some(tb) = trained_betas {
-        if tb.len() != num_train_timesteps {
-            return Err(Error::invalid(format!(
-                "trained_betas has {} values but num_train_timesteps is {num_train_timesteps}",
-                tb.len()
-            )));
-        }
-        return Ok(tb.iter().map(|&b| b as f32).collect());
-    }
     if num_train_timesteps == 0 {
         return Err(Error::invalid("num_train_timesteps must be at least 1"));
     }
@@ -61,6 +52,15 @@ fn unchecked_betas(
             "num_train_timesteps {num_train_timesteps} is over the supported maximum of \
              {MAX_TRAIN_TIMESTEPS} (models are trained with 1000)"
         )));
+    }
+    if let Some(tb) = trained_betas {
+        if tb.len() != num_train_timesteps {
+            return Err(Error::invalid(format!(
+                "trained_betas has {} values but num_train_timesteps is {num_train_timesteps}",
+                tb.len()
+            )));
+        }
+        return Ok(tb.iter().map(|&b| b as f32).collect());
     }
     Ok(match schedule {
         BetaSchedule::Linear => torch_linspace_f32(beta_start, beta_end, num_train_timesteps),

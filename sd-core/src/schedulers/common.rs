@@ -300,8 +300,20 @@ pub(crate) fn read_config<C: ClassConfig>(
     config: &SchedulerConfig,
     class: &'static str,
 ) -> Result<C> {
-    let mut r = ConfigReader::new(config, class);
-    C::read_fields(&mut r)?.validate(&mut r)
+    read_typed(&mut ConfigReader::new(config, class))
+}
+
+/// The typed config of `r`: its fields, the class's checks, and the checks every class shares.
+pub(crate) fn read_typed<C: ClassConfig>(r: &mut ConfigReader<'_>) -> Result<C> {
+    let c = C::read_fields(r)?.validate(r)?;
+    // Found by fuzzing: an offset near i64::MAX overflowed the timestep arithmetic of the steps.
+    // Larger than the training schedule, it could only give timesteps outside it.
+    let max = super::betas::MAX_TRAIN_TIMESTEPS;
+    if c.steps_offset().unsigned_abs() > max as u64 {
+        let msg = format!("{} is outside -{max}..={max}", c.steps_offset());
+        return Err(r.error("steps_offset", msg));
+    }
+    Ok(c)
 }
 
 /// The beta schedules every class here implements.

@@ -43,7 +43,9 @@ pub(crate) fn discrete_timesteps(
         TimestepSpacing::Linspace => rounded_linspace((n_train - 1) as f64, n),
         TimestepSpacing::Leading => {
             let ratio = n_train / n;
-            (0..n).rev().map(|i| (i * ratio) as i64 + steps_offset).collect()
+            // Saturating: a corrupt config's huge offset must not overflow (the timesteps are
+            // out of range either way, and refused where they are used).
+            (0..n).rev().map(|i| ((i * ratio) as i64).saturating_add(steps_offset)).collect()
         }
         TimestepSpacing::Trailing => trailing(n_train, n_train, n),
     }
@@ -67,7 +69,7 @@ pub(crate) fn multistep_timesteps(
         }
         TimestepSpacing::Leading => {
             let ratio = last_timestep / (n + 1);
-            (1..=n).rev().map(|i| (i * ratio) as i64 + steps_offset).collect()
+            (1..=n).rev().map(|i| ((i * ratio) as i64).saturating_add(steps_offset)).collect()
         }
         TimestepSpacing::Trailing => trailing(last_timestep, n_train, n),
     }
@@ -184,6 +186,9 @@ impl TrainSigmas {
     /// space.
     pub fn sigma_to_t(&self, sigma: f64) -> f64 {
         let log_sigmas = &self.log_sigmas;
+        if log_sigmas.len() < 2 {
+            return 0.0; // one training timestep: every sigma is at it
+        }
         let log_sigma = sigma.max(1e-10).ln();
         let last_ge = log_sigmas.iter().rposition(|&l| log_sigma - l as f64 >= 0.0).unwrap_or(0);
         let low_idx = last_ge.min(log_sigmas.len() - 2);
@@ -197,6 +202,9 @@ impl TrainSigmas {
     /// `_sigma_to_t` as KDPM2 calls it on float32 torch tensors: every operation in float32.
     pub fn sigma_to_t_f32(&self, sigma: f32) -> f32 {
         let log_sigmas = &self.log_sigmas;
+        if log_sigmas.len() < 2 {
+            return 0.0;
+        }
         let log_sigma =
             if sigma.is_nan() { f32::NAN } else { np_log_f32(sigma.max(1e-10f64 as f32)) };
         let last_ge = log_sigmas.iter().rposition(|&l| log_sigma - l >= 0.0).unwrap_or(0);

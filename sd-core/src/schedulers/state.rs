@@ -144,7 +144,7 @@ impl<C: ClassConfig> SchedulerState<C> {
         parametrization: Parametrization,
     ) -> Result<Self> {
         let mut r = ConfigReader::new(config, class);
-        let typed = C::read_fields(&mut r)?.validate(&mut r)?;
+        let typed: C = super::common::read_typed(&mut r)?;
         let resolved = r.resolved(typed.resolved_values());
         let sigma_range =
             SigmaRange { min: r.hidden_f64("sigma_min"), max: r.hidden_f64("sigma_max") };

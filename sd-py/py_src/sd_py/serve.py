@@ -210,10 +210,7 @@ def validate_request(
 
 def image_side(name: str, value: Any) -> int:
     """A requested image side: a multiple of 8 in [MIN_IMG_SIZE, MAX_IMG_SIZE]."""
-    try:
-        size = int(value)
-    except (TypeError, ValueError):
-        raise BadRequest(f"{name} must be an integer, got {value!r}") from None
+    size = _as_int(name, value)
     if size % 8 != 0 or not MIN_IMG_SIZE <= size <= MAX_IMG_SIZE:
         raise BadRequest(f"{name} must be a multiple of 8 between {MIN_IMG_SIZE} and {MAX_IMG_SIZE}, got {size}")
     return size
@@ -241,12 +238,7 @@ def validate_edit_request(
         raise BadRequest(f"the image sides must be between 8 and {MAX_IMG_SIZE} pixels, got {image.width}x{image.height}")
     if mask is not None and mask.size != image.size:
         raise BadRequest(f"the mask is {mask.width}x{mask.height} but the image is {image.width}x{image.height}; they must have the same size")
-    if strength is None:
-        strength = 0.8 if mask is None else 1.0
-    try:
-        strength = float(strength)
-    except (TypeError, ValueError):
-        raise BadRequest(f"strength must be a number, got {strength!r}") from None
+    strength = _as_float("strength", (0.8 if mask is None else 1.0) if strength is None else strength)
     if not 0.0 < strength <= 1.0:
         raise BadRequest(f"strength must be in (0, 1], got {strength}")
     request = _run_params(prompt, height, width, seed, steps, guidance_scale, negative_prompt, sampler)
@@ -256,6 +248,38 @@ def validate_edit_request(
 def _check_prompt(prompt: Optional[str]) -> None:
     if prompt is None or not str(prompt).strip():
         raise BadRequest("prompt parameter cannot be empty")
+    _check_text("prompt", prompt)
+
+
+def _check_text(name: str, text: Any) -> None:
+    """A string that can go to the model: a lone surrogate (which Python's `generate` callers, not
+    HTTP, can send) cannot be encoded for sd_py."""
+    if not isinstance(text, str):
+        raise BadRequest(f"{name} must be a string, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise BadRequest(f"{name} is not valid Unicode: {e.reason} at character {e.start}") from None
+
+
+def _as_int(name: str, value: Any) -> int:
+    """`value` as an int: an int, its decimal text, or a float without a fraction. Found by fuzzing
+    the validators (the model's `generate` takes any Python value): `int()` alone raised
+    OverflowError for an infinite float, and truncated 64.5 to 64."""
+    if isinstance(value, float) and not value.is_integer():
+        raise BadRequest(f"{name} must be an integer, got {value!r}")
+    try:
+        return int(value)
+    except (TypeError, ValueError, OverflowError):
+        raise BadRequest(f"{name} must be an integer, got {value!r:.100}") from None
+
+
+def _as_float(name: str, value: Any) -> float:
+    """`value` as a float; `float()` alone raised OverflowError for an int over 1e308 (fuzzing)."""
+    try:
+        return float(value)
+    except (TypeError, ValueError, OverflowError):
+        raise BadRequest(f"{name} must be a number, got {value!r:.100}") from None
 
 
 def _run_params(
@@ -271,26 +295,15 @@ def _run_params(
     """The checked values every route shares (a seed is drawn when none is given). `sampler`: a
     scheduler name as `sd_py.scheduler_from_name` takes (None: the model's own), checked by the
     model replica."""
-    n_steps = DEFAULT_STEPS if steps is None else steps
-    try:
-        n_steps = int(n_steps)
-    except (TypeError, ValueError):
-        raise BadRequest(f"steps must be an integer, got {steps!r}") from None
+    n_steps = _as_int("steps", DEFAULT_STEPS if steps is None else steps)
     if not 1 <= n_steps <= MAX_STEPS:
         raise BadRequest(f"steps must be between 1 and {MAX_STEPS}, got {n_steps}")
-    guidance = DEFAULT_GUIDANCE if guidance_scale is None else guidance_scale
-    try:
-        guidance = float(guidance)
-    except (TypeError, ValueError):
-        raise BadRequest(f"guidance_scale must be a number, got {guidance_scale!r}") from None
+    guidance = _as_float("guidance_scale", DEFAULT_GUIDANCE if guidance_scale is None else guidance_scale)
     if not math.isfinite(guidance) or not 0.0 <= guidance <= 50.0:
         raise BadRequest(f"guidance_scale must be between 0 and 50, got {guidance}")
-    if seed is None:
-        seed = secrets.randbits(63)
-    try:
-        seed = int(seed)
-    except (TypeError, ValueError):
-        raise BadRequest(f"seed must be an integer, got {seed!r}") from None
+    seed = _as_int("seed", secrets.randbits(63) if seed is None else seed)
+    if negative_prompt is not None:
+        _check_text("negative_prompt", negative_prompt)
     if not 0 <= seed < 2**64:
         raise BadRequest(f"seed must be between 0 and 2**64 - 1, got {seed}")
     return {
@@ -313,12 +326,9 @@ def _lora_params(lora: Optional[str], lora_scale: Any) -> Dict[str, Any]:
             raise BadRequest("lora_scale needs a lora")
         return {}
     loras = configured_loras()
-    if lora not in loras:
-        raise BadRequest(f"unknown lora {lora!r}; this deployment has: {', '.join(sorted(loras)) or 'none'}")
-    try:
-        scale = 1.0 if lora_scale is None else float(lora_scale)
-    except (TypeError, ValueError):
-        raise BadRequest(f"lora_scale must be a number, got {lora_scale!r}") from None
+    if not isinstance(lora, str) or lora not in loras:
+        raise BadRequest(f"unknown lora {lora!r:.100}; this deployment has: {', '.join(sorted(loras)) or 'none'}")
+    scale = 1.0 if lora_scale is None else _as_float("lora_scale", lora_scale)
     if not math.isfinite(scale) or abs(scale) > 10.0:
         raise BadRequest(f"lora_scale must be between -10 and 10, got {scale}")
     return {"lora": lora, "lora_scale": scale}

@@ -225,6 +225,14 @@ impl UNet2DConditionConfig {
                 &(self.conv_in_kernel, self.conv_out_kernel),
             )?
         }
+        // Found by fuzzing: 0 heads divided by zero, and a huge padding overflowed the
+        // convolution's output size. The downsamplers' 3x3 kernels use padding 0 or 1.
+        if (0..n).any(|i| self.heads().get(i) == 0) {
+            unsupported("attention_head_dim", self.heads())?
+        }
+        if self.downsample_padding > 1 {
+            unsupported("downsample_padding", &self.downsample_padding)?
+        }
         Ok(())
     }
 }
