@@ -148,6 +148,8 @@ def _check_request(request) -> None:
     assert isinstance(request["guidance_scale"], float) and math.isfinite(request["guidance_scale"])
     assert isinstance(request["seed"], int) and 0 <= request["seed"] < 2**64
     assert request["height"] % 8 == 0 and request["width"] % 8 == 0 and request["height"] >= 8
+    assert isinstance(request.get("sampler", ""), str)
+    assert "lora" not in request and "lora_scale" not in request  # no SD_LORAS here: none is valid
     if "strength" in request:
         assert 0.0 < request["strength"] <= 1.0
         if request["mask"] is not None:
@@ -290,7 +292,7 @@ def test_fuzz_validate_request():
 
     def make(rng: random.Random) -> dict:
         args = {"prompt": _text(rng) or "x" if rng.random() < 0.6 else _any_value(rng)}
-        for name in ["img_size", "seed", "steps", "guidance_scale", "negative_prompt"]:
+        for name in ["img_size", "seed", "steps", "guidance_scale", "negative_prompt", "lora", "lora_scale"]:
             if rng.random() < 0.5:
                 args[name] = _any_value(rng)
         return args
@@ -310,7 +312,7 @@ def test_fuzz_validate_edit_request():
         args = {"prompt": _text(rng) or "x" if rng.random() < 0.6 else _any_value(rng), "size": size}
         if rng.random() < 0.5:
             args["mask"] = size if rng.random() < 0.8 else rng.choice(sizes)
-        for name in ["strength", "seed", "steps", "guidance_scale", "negative_prompt"]:
+        for name in ["strength", "seed", "steps", "guidance_scale", "negative_prompt", "sampler", "lora", "lora_scale"]:
             if rng.random() < 0.5:
                 args[name] = _any_value(rng)
         return args

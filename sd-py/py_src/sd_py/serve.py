@@ -295,6 +295,8 @@ def _run_params(
     """The checked values every route shares (a seed is drawn when none is given). `sampler`: a
     scheduler name as `sd_py.scheduler_from_name` takes (None: the model's own), checked by the
     model replica."""
+    if sampler is not None and not isinstance(sampler, str):
+        raise BadRequest(f"sampler must be a scheduler name, got {sampler!r:.100}")
     n_steps = _as_int("steps", DEFAULT_STEPS if steps is None else steps)
     if not 1 <= n_steps <= MAX_STEPS:
         raise BadRequest(f"steps must be between 1 and {MAX_STEPS}, got {n_steps}")
