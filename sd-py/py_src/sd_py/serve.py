@@ -49,10 +49,12 @@ Configuration, by environment variable (e.g. `runtime_env.env_vars` of the Serve
 - `SD_MAX_QUEUED_REQUESTS` (16), `SD_REQUEST_TIMEOUT_S` (170), `SD_RETRY_AFTER_S` (10),
   `SD_GRACEFUL_SHUTDOWN_TIMEOUT_S` (`SD_REQUEST_TIMEOUT_S` + 30);
 - `SD_PNG_METADATA` (1): every PNG answered carries its settings as AUTOMATIC1111's `parameters`
-  text chunk (what `sd-cli generate --from` replays); 0 leaves it out.
+  text chunk (what `sd-cli generate --from` replays); 0 leaves it out;
+- `SD_MAX_JOBS` (256), `SD_JOB_TTL_S` (3600): the job store's bounds (`_serve_jobs`).
 
 Beside these routes, the same ingress serves OpenAI's images API (`/v1/images/...`, see
-`_serve_openai`) and AUTOMATIC1111's (`/sdapi/v1/...`, see `_serve_a1111`), over the same
+`_serve_openai`) and AUTOMATIC1111's (`/sdapi/v1/...`, see `_serve_a1111`; progress and interrupt
+in `_serve_jobs`), and jobs with progress (`/v1/jobs`, see `_serve_jobs`), over the same
 validation, batching, queue, deadline, cancellation and metrics (`model_pngs`).
 
 This module does not load the native extension when imported (only the model replicas do), so
