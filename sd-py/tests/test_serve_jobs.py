@@ -75,6 +75,8 @@ def test_job_count_cap_evicts_the_oldest_finished_then_refuses():
     store.fail(a, "x", 500)
     c = store.add("job", 1, 5)  # b finished first: evicted
     assert c is not None and store.snapshot(b) is None and store.snapshot(a)["state"] == "failed"
+    # A run of an evicted job that is still going is told to stop.
+    assert store.report([], [b, c]) == [b]
     assert store.add("job", 1, 5) is not None and store.snapshot(a) is None
     assert store.add("job", 1, 5) is None
 

@@ -84,8 +84,17 @@ class Jobs:
         self.stale_after_s = stale_after_s
         self.clock = clock
         self.entries: Dict[str, Dict[str, Any]] = {}
+        # Ids of jobs dropped (evicted, expired, deleted), newest last: a run of one may still be
+        # going (a cancelled job is finished at once), and must still be told to stop.
+        self.dropped: Dict[str, None] = {}
         # Bumped by every change; an entry keeps the value of its last change (`watch`).
         self.version = 0
+
+    def _drop(self, entry_id: str) -> None:
+        del self.entries[entry_id]
+        self.dropped[entry_id] = None
+        while len(self.dropped) > 4 * self.max_jobs:
+            del self.dropped[next(iter(self.dropped))]
 
     def _changed(self, entry: Dict[str, Any]) -> None:
         self.version += 1
@@ -101,7 +110,7 @@ class Jobs:
                 done = [e for e in jobs if e["state"] in FINAL_STATES]
                 if not done:
                     return None
-                del self.entries[min(done, key=lambda e: e["finished"])["id"]]
+                self._drop(min(done, key=lambda e: e["finished"])["id"])
         entry = {
             "id": uuid.uuid4().hex,
             "kind": kind,
@@ -128,7 +137,7 @@ class Jobs:
         for entry in list(self.entries.values()):
             if entry["state"] in FINAL_STATES:
                 if now - entry["finished"] > self.ttl_s:
-                    del self.entries[entry["id"]]
+                    self._drop(entry["id"])
             elif now - entry["created"] > self.stale_after_s:
                 if entry["kind"] == "job":
                     self._end(entry, "failed", error="lost: the job was not finished in time (its ingress may have died)", status=500)
@@ -150,7 +159,7 @@ class Jobs:
         stop = []
         for entry_id in active:
             entry = self.entries.get(entry_id)
-            if entry is not None and (entry["interrupted"] or entry["state"] == "cancelled"):
+            if entry_id in self.dropped or (entry is not None and (entry["interrupted"] or entry["state"] == "cancelled")):
                 stop.append(entry_id)
         return stop
 
@@ -193,7 +202,7 @@ class Jobs:
         if entry is None or entry["kind"] != "job":
             return None
         if entry["state"] in FINAL_STATES:
-            del self.entries[entry_id]
+            self._drop(entry_id)
         else:
             self._end(entry, "cancelled", error="cancelled by DELETE /v1/jobs/{id}", status=409)
         return self.snapshot(entry_id, entry)
