@@ -347,33 +347,33 @@ class JobStore:
                 pass
 
 
-def store_name() -> str:
-    """The store's actor name: one per Serve application."""
+def store_name() -> Optional[str]:
+    """The store's actor name: one per Serve application (None outside a Serve replica)."""
     try:
         from ray import serve
 
-        app = serve.get_replica_context().app_name
-    except Exception:  # outside a replica
-        app = "default"
-    return f"sd_py-jobs:{app}"
+        return f"sd_py-jobs:{serve.get_replica_context().app_name}"
+    except Exception:
+        return None
 
 
 def job_store(ingress: Any) -> Any:
-    """The ingress's handle on the application's `JobStore` (made when missing), or None
-    without Ray (the routes then run untracked)."""
+    """The ingress's handle on the application's `JobStore` (made when missing), or None outside
+    a Serve replica (the routes then run untracked; jobs are refused)."""
     store = getattr(ingress, "_job_store", None)
     if store is not None:
         return store
     import ray
 
-    if not ray.is_initialized():
+    name = store_name()
+    if name is None or not ray.is_initialized():
         return None
     stale_after_s = _serve.request_timeout_s() + _STALE_MARGIN_S
     # Detached, so that a restarted ingress finds its jobs (get_if_exists); no CPU reserved: it
     # only keeps small records.
     store = (
         ray.remote(JobStore)
-        .options(name=store_name(), namespace=NAMESPACE, lifetime="detached", get_if_exists=True, num_cpus=0)
+        .options(name=name, namespace=NAMESPACE, lifetime="detached", get_if_exists=True, num_cpus=0)
         .remote(max_jobs(), job_ttl_s(), stale_after_s)
     )
     ingress._job_store = store
@@ -404,7 +404,7 @@ async def create(http_request: Request, ingress: Any) -> JSONResponse:
         return _serve._failure_answer(e.status_code, "bad_request", str(e))
     store = job_store(ingress)
     if store is None:
-        return _serve._failure_answer(503, "error", "jobs need Ray (no job store)")
+        return _serve._failure_answer(503, "error", "jobs need the app under Ray Serve (no job store)")
     steps = run_steps(requests[0])
     try:
         job_id = await store.add.remote("job", len(requests), steps)
