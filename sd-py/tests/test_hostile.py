@@ -447,7 +447,8 @@ def _serve_client(monkeypatch, model):
     from fastapi.testclient import TestClient
 
     async def generate_png(request):
-        return (await asyncio.to_thread(model._run, [request]))[0]
+        # Through `_serve_one`, as the replica does: it adds the queue and hang-up state `_run` reads.
+        return (await model._serve_one(request, lambda r: asyncio.to_thread(model._run, [r])))[0]
 
     async def health():
         return model.health()
