@@ -9,6 +9,7 @@ import json
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -16,7 +17,7 @@ import requests
 from PIL import Image
 
 from conftest import pixels
-from sd_py import _serve_jobs
+from sd_py import _serve_jobs, serve
 from sd_py._serve_jobs import Jobs, JobStore, ProgressReporter
 
 
@@ -202,6 +203,97 @@ def test_progress_reporter_sends_steps_and_sets_gone_for_stopped_runs():
 def test_run_steps_of_an_edit():
     assert _serve_jobs.run_steps({"steps": 10}) == 10
     assert _serve_jobs.run_steps({"steps": 10, "strength": 0.75}) == 7
+
+
+class LocalActor:
+    """A `JobStore` called in-process as the ingress calls the actor (`store.method.remote(...)`
+    answers an awaitable, run at once on the route's loop)."""
+
+    def __init__(self, store):
+        self.store = store
+
+    def __getattr__(self, name):
+        method = getattr(self.store, name)
+        return SimpleNamespace(remote=lambda *args: asyncio.ensure_future(method(*args)))
+
+
+def _jobs_app(model):
+    """The job and A1111 routes over a fake model and an in-process store (no Ray)."""
+    from fastapi import FastAPI, Request
+
+    from sd_py import _serve_a1111
+
+    ingress = serve.APIIngress.func_or_class.__mro__[1](model.handle)
+    ingress._job_store = LocalActor(JobStore(2, 100.0, 500.0))
+    app = FastAPI()
+
+    @app.post("/v1/jobs")
+    async def create(request: Request):
+        return await _serve_jobs.create(request, ingress)
+
+    @app.get("/v1/jobs/{job_id}")
+    async def get(job_id: str):
+        return await _serve_jobs.get(job_id, ingress)
+
+    @app.delete("/v1/jobs/{job_id}")
+    async def delete(job_id: str):
+        return await _serve_jobs.delete(job_id, ingress)
+
+    @app.get("/v1/jobs/{job_id}/events")
+    async def events(job_id: str):
+        return await _serve_jobs.events(job_id, ingress)
+
+    @app.get("/sdapi/v1/progress")
+    async def progress():
+        return await _serve_jobs.a1111_progress(ingress)
+
+    @app.post("/sdapi/v1/txt2img")
+    async def txt2img(request: Request):
+        return await _serve_a1111.txt2img(request, ingress)
+
+    return app, ingress
+
+
+def test_job_routes_without_ray():
+    """The routes' glue over an in-process store: 202 + Location, the model requests tagged for
+    the replica's reporter, the result, the final server-sent event, 404, 503 at the cap, and a
+    run stopped by the replica (RequestGone) as a cancelled job or a 409 txt2img."""
+    from fastapi.testclient import TestClient
+
+    from serve_fakes import FakeModel
+
+    model = FakeModel()
+    app, ingress = _jobs_app(model)
+    with TestClient(app) as client:
+        body = {"prompt": "a cat", "seed": 5, "batch_size": 2, "width": 64, "height": 64, "steps": 3}
+        r = client.post("/v1/jobs", json=body)
+        assert r.status_code == 202 and r.headers["location"] == f"/v1/jobs/{r.json()['id']}"
+        job_id = r.json()["id"]
+        job = _wait_for(lambda: client.get(f"/v1/jobs/{job_id}").json(), lambda j: j["state"] == "done", 10)
+        assert [m["job"]["part"] for m in model.requests] == [0, 1] and {m["job"]["id"] for m in model.requests} == {job_id}
+        assert json.loads(job["result"]["info"])["all_seeds"] == [5, 6] and len(job["result"]["images"]) == 2
+        with client.stream("GET", f"/v1/jobs/{job_id}/events") as stream:
+            assert stream.headers["content-type"].startswith("text/event-stream")
+            events = _sse(SimpleNamespace(iter_lines=lambda decode_unicode: stream.iter_lines()))
+        assert [name for name, _ in events] == ["done"] and events[0][1]["result"] == job["result"]
+        assert client.get(f"/v1/jobs/{'0' * 32}").status_code == 404
+        assert client.get(f"/v1/jobs/{'0' * 32}/events").status_code == 404
+
+        # The replica stopped the runs (what its reporter does for a cancelled or interrupted id).
+        model.fail = serve.RequestGone("every request of the batch is gone")
+        r = client.post("/sdapi/v1/txt2img", json=body)
+        assert r.status_code == 409 and "interrupt" in r.json()["detail"]
+        model.delay_s = 0.5  # the DELETE comes first, then the stopped run answers
+        cancelled = client.post("/v1/jobs", json=body).json()["id"]
+        assert client.delete(f"/v1/jobs/{cancelled}").json()["state"] == "cancelled"
+        job = _wait_for(lambda: client.get(f"/v1/jobs/{cancelled}").json(), lambda j: j["finished"] is not None, 10)
+        assert job["state"] == "cancelled" and "DELETE" in job["error"]
+        assert client.get("/sdapi/v1/progress").json()["state"]["job_count"] == 0
+
+        # At the cap (2) with both queued, a third job is refused.
+        model.fail, model.delay_s = None, 5.0
+        client.delete(f"/v1/jobs/{job_id}")
+        assert [client.post("/v1/jobs", json=body).status_code for _ in range(3)] == [202, 202, 503]
 
 
 # -- through a real local Ray Serve --
