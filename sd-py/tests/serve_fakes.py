@@ -66,3 +66,82 @@ def png_bytes(size, mode="RGB") -> bytes:
     buf = io.BytesIO()
     Image.new(mode, size).save(buf, "PNG")
     return buf.getvalue()
+
+
+# JSON Schemas of AUTOMATIC1111's answers (its `modules/api/models.py`: TextToImageResponse,
+# ImageToImageResponse, SamplerItem, SDModelItem; `info` is `Processed.js()`), checked with
+# `jsonschema` (a dependency of Ray).
+A1111_IMAGES_RESPONSE = {
+    "type": "object",
+    "required": ["images", "parameters", "info"],
+    "additionalProperties": False,
+    "properties": {
+        "images": {"type": "array", "items": {"type": "string", "minLength": 1}},
+        "parameters": {"type": "object"},
+        "info": {"type": "string"},
+    },
+}
+A1111_INFO = {
+    "type": "object",
+    "required": [
+        "prompt", "all_prompts", "negative_prompt", "seed", "all_seeds", "width", "height",
+        "sampler_name", "cfg_scale", "steps", "batch_size", "sd_model_name", "infotexts",
+    ],
+    "properties": {
+        "prompt": {"type": "string"},
+        "all_prompts": {"type": "array", "items": {"type": "string"}},
+        "negative_prompt": {"type": "string"},
+        "all_negative_prompts": {"type": "array", "items": {"type": "string"}},
+        "seed": {"type": "integer", "minimum": 0},
+        "all_seeds": {"type": "array", "items": {"type": "integer", "minimum": 0}},
+        "width": {"type": "integer"},
+        "height": {"type": "integer"},
+        "sampler_name": {"type": "string"},
+        "cfg_scale": {"type": "number"},
+        "steps": {"type": "integer", "minimum": 1},
+        "batch_size": {"type": "integer", "minimum": 1},
+        "n_iter": {"type": "integer", "minimum": 1},
+        "denoising_strength": {"type": ["number", "null"]},
+        "sd_model_name": {"type": "string"},
+        "sd_model_hash": {"type": ["string", "null"]},
+        "infotexts": {"type": "array", "items": {"type": "string"}},
+        "notes": {"type": "array", "items": {"type": "string"}},
+    },
+}
+A1111_SAMPLERS = {
+    "type": "array",
+    "minItems": 1,
+    "items": {
+        "type": "object",
+        "required": ["name", "aliases", "options"],
+        "additionalProperties": False,
+        "properties": {"name": {"type": "string"}, "aliases": {"type": "array", "items": {"type": "string"}}, "options": {"type": "object"}},
+    },
+}
+A1111_SD_MODELS = {
+    "type": "array",
+    "minItems": 1,
+    "items": {
+        "type": "object",
+        "required": ["title", "model_name", "hash", "sha256", "filename", "config"],
+        "properties": {"title": {"type": "string"}, "model_name": {"type": "string"}, "filename": {"type": "string"}},
+    },
+}
+A1111_OPTIONS = {
+    "type": "object",
+    "required": ["sd_model_checkpoint", "samples_format", "enable_pnginfo"],
+    "properties": {"sd_model_checkpoint": {"type": "string"}, "samples_format": {"const": "png"}, "enable_pnginfo": {"type": "boolean"}},
+}
+
+
+def check_a1111_response(body: Dict[str, Any], images: int) -> Dict[str, Any]:
+    """Validates A1111's txt2img/img2img answer and its `info`; returns the parsed info."""
+    import json
+
+    import jsonschema
+
+    jsonschema.validate(body, A1111_IMAGES_RESPONSE)
+    info = json.loads(body["info"])
+    jsonschema.validate(info, A1111_INFO)
+    assert len(body["images"]) == len(info["all_seeds"]) == len(info["all_prompts"]) == len(info["infotexts"]) == images
+    return info

@@ -9,21 +9,7 @@ from fastapi.testclient import TestClient
 
 from sd_py import _serve_a1111 as a1111
 from sd_py import serve
-from serve_fakes import FakeModel, app_with, png_bytes
-
-INFO_KEYS = {"prompt", "all_prompts", "negative_prompt", "seed", "all_seeds", "width", "height", "sampler_name"}
-INFO_KEYS |= {"cfg_scale", "steps", "batch_size", "sd_model_name", "infotexts"}
-
-
-def check_a1111_response(body: dict, images: int) -> dict:
-    """The schema of A1111's txt2img/img2img answer; returns the parsed info."""
-    assert set(body) == {"images", "parameters", "info"}
-    assert len(body["images"]) == images and all(isinstance(b, str) for b in body["images"])
-    info = json.loads(body["info"])
-    assert INFO_KEYS <= set(info), INFO_KEYS - set(info)
-    assert len(info["all_seeds"]) == len(info["all_prompts"]) == len(info["infotexts"]) == images
-    return info
-
+from serve_fakes import FakeModel, app_with, check_a1111_response, png_bytes
 
 def test_validate_txt2img_defaults_and_seeds():
     parameters, requests = a1111.validate_txt2img({"prompt": "a cat", "seed": 10, "batch_size": 2, "n_iter": 2})
@@ -125,9 +111,14 @@ def test_samplers_group_names_by_scheduler():
 
 
 def test_models_and_options(monkeypatch):
+    import jsonschema
+    from serve_fakes import A1111_OPTIONS, A1111_SD_MODELS
+
     monkeypatch.setenv("MODEL_ID", "/models/sd2-tiny")
     assert a1111.sd_models()[0]["model_name"] == "sd2-tiny"
     assert a1111.options()["sd_model_checkpoint"] == "sd2-tiny"
+    jsonschema.validate(a1111.sd_models(), A1111_SD_MODELS)
+    jsonschema.validate(a1111.options(), A1111_OPTIONS)
 
 
 def test_png_metadata_setting(monkeypatch):
@@ -159,3 +150,22 @@ def test_png_metadata_setting(monkeypatch):
     answer = r.json()
     assert compat.png_parameters(base64.b64decode(answer["images"][0])) == ""
     assert "Seed: 4," in json.loads(answer["info"])["infotexts"][0]
+
+
+def test_json_bodies_over_the_caps_are_refused_before_decoding(monkeypatch):
+    """A declared length over the cap is refused unread, and a body sent without a length stops
+    being read at the cap (413 in each API's shape)."""
+    monkeypatch.setattr(serve, "MAX_UPLOAD_BYTES", 1000)
+    client = TestClient(app_with(FakeModel()))
+    headers = {"content-type": "application/json", "content-length": str(10**12)}
+    r = client.post("/sdapi/v1/img2img", content=b"{}", headers=headers)
+    assert r.status_code == 413 and "over" in r.json()["detail"]
+
+    def chunks():
+        for _ in range(64):
+            yield b" " * 65536
+
+    r = client.post("/sdapi/v1/txt2img", content=chunks(), headers={"content-type": "application/json"})
+    assert r.status_code == 413 and "the request body is over" in r.json()["detail"]
+    r = client.post("/v1/images/generations", content=chunks(), headers={"content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["type"] == "invalid_request_error"

@@ -55,6 +55,8 @@ def test_shared_validation_and_model_errors_become_openai_errors():
     ]:
         response = oa.as_openai_error(error).response()
         assert response.status_code == status
+        if "steps" in str(error):
+            assert b'"param":"steps"' in response.body
         assert response.body.startswith(b'{"error":{"message":"') and kind.encode() in response.body
 
 

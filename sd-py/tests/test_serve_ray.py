@@ -324,7 +324,7 @@ def test_serve_openai_client(sd_serve, sd2_path):
     for seed, image in zip((21, 22), served):
         alone = pipe("a red cube", negative_prompt="blurry", height=64, width=64, num_inference_steps=3, generator=seed).images[0]
         assert np.abs(pixels(image) - pixels(alone)).max() <= 1
-        assert "Sampler: DPM++ 2M Karras, " in image.info["parameters"] and f"Seed: {seed}," in image.info["parameters"]
+        assert "Sampler: DPM++ 2M, Schedule type: Karras, " in image.info["parameters"] and f"Seed: {seed}," in image.info["parameters"]
 
     with pytest.raises(openai.BadRequestError) as info:
         client.images.generate(prompt="a red cube", response_format="url")
@@ -340,16 +340,17 @@ def test_serve_a1111_txt2img_gives_sd_cli_image(sd_serve, tmp_path):
     """/sdapi/v1/txt2img with a seed and an A1111 sampler name gives the image (and the PNG text)
     sd-cli gives for the same settings; the A1111 read-only routes answer their schemas."""
     import base64
-    import json
     import subprocess
 
+    import jsonschema
     from conftest import sd_cli_binary
+    from serve_fakes import A1111_OPTIONS, A1111_SAMPLERS, A1111_SD_MODELS, check_a1111_response
 
     body = {"prompt": "a blue sphere", "negative_prompt": "dark", "seed": 8, "sampler_name": "Euler a", "steps": 3, "cfg_scale": 6}
     r = requests.post(f"{sd_serve}/sdapi/v1/txt2img", json={**body, "width": 64, "height": 64}, timeout=180)
     assert r.status_code == 200, r.text[:500]
     answer = r.json()
-    info = json.loads(answer["info"])
+    info = check_a1111_response(answer, 1)
     assert info["all_seeds"] == [8] and info["sampler_name"] == "Euler a" and info["sd_model_name"] == SD2.name
     served = Image.open(io.BytesIO(base64.b64decode(answer["images"][0])))
     assert served.info["parameters"] == info["infotexts"][0]
@@ -364,20 +365,24 @@ def test_serve_a1111_txt2img_gives_sd_cli_image(sd_serve, tmp_path):
     assert served.info["parameters"] == cli.info["parameters"]
 
     samplers = requests.get(f"{sd_serve}/sdapi/v1/samplers", timeout=60).json()
+    jsonschema.validate(samplers, A1111_SAMPLERS)
     assert {"Euler a", "DPM++ 2M Karras", "DDIM"} <= {s["name"] for s in samplers}
-    assert all(set(s) == {"name", "aliases", "options"} for s in samplers)
-    assert requests.get(f"{sd_serve}/sdapi/v1/sd-models", timeout=60).json()[0]["model_name"] == SD2.name
-    assert requests.get(f"{sd_serve}/sdapi/v1/options", timeout=60).json()["sd_model_checkpoint"] == SD2.name
+    models = requests.get(f"{sd_serve}/sdapi/v1/sd-models", timeout=60).json()
+    jsonschema.validate(models, A1111_SD_MODELS)
+    assert models[0]["model_name"] == SD2.name
+    options = requests.get(f"{sd_serve}/sdapi/v1/options", timeout=60).json()
+    jsonschema.validate(options, A1111_OPTIONS)
+    assert options["sd_model_checkpoint"] == SD2.name
 
 
 def test_serve_a1111_img2img_and_openai_edit_give_the_pipeline_images(sd_serve, sd2_path):
     """/sdapi/v1/img2img (n_iter 2: seeds 3, 4) and /v1/images/edits with a mask (the official
     client) give exactly sd_py's img2img and inpainting images, with the same `parameters` text."""
     import base64
-    import json
 
     import openai
     from sd_py import StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline
+    from serve_fakes import check_a1111_response
 
     init_png, mask_png = (EDIT / "init.png").read_bytes(), (EDIT / "mask.png").read_bytes()
     body = {"prompt": "a red cube on a table", "negative_prompt": "blurry", "seed": 3, "steps": 4, "cfg_scale": 6}
@@ -385,8 +390,8 @@ def test_serve_a1111_img2img_and_openai_edit_give_the_pipeline_images(sd_serve, 
     r = requests.post(f"{sd_serve}/sdapi/v1/img2img", json=body, timeout=180)
     assert r.status_code == 200, r.text[:500]
     answer = r.json()
-    info = json.loads(answer["info"])
-    assert set(answer) == {"images", "parameters", "info"} and answer["parameters"]["init_images"] is None
+    info = check_a1111_response(answer, 2)
+    assert answer["parameters"]["init_images"] is None
     assert info["all_seeds"] == [3, 4] and info["denoising_strength"] == 0.6 and (info["width"], info["height"]) == (72, 56)
     served = [Image.open(io.BytesIO(base64.b64decode(b))) for b in answer["images"]]
 

@@ -8,7 +8,9 @@ use sha2::{Digest, Sha256};
 
 use super::{GenerateOutput, GenerateParams, StableDiffusionPipeline};
 use crate::metadata::GenerationInfo;
-use crate::schedulers::{find_scheduler, SchedulerEntry, SCHEDULERS};
+use crate::schedulers::{
+    find_scheduler, OverrideValue, SchedulerConfig, SchedulerEntry, SCHEDULERS,
+};
 use crate::{Error, Result};
 
 impl StableDiffusionPipeline {
@@ -42,7 +44,14 @@ impl StableDiffusionPipeline {
             Some(name) => Some(find_scheduler(name)?),
             None => None,
         };
-        let (sampler, karras) = self.a1111_sampler(entry);
+        // The config the run's scheduler was built from: a caller's (sd_py passes a scheduler as
+        // its class name and config, e.g. `use_karras_sigmas` set) or the model's.
+        let base = params.scheduler_config.as_ref().unwrap_or(&self.scheduler_config);
+        let config = entry.map_or_else(|| base.clone(), |e| e.apply_overrides(base));
+        let class = entry.map_or(self.scheduler_class.as_str(), |e| e.class_name);
+        // A class name alone says nothing of its overrides: name the entry the config matches.
+        let entry = entry.map(|e| matching_entry(e, &config));
+        let (sampler, karras) = a1111_sampler(class, &config, entry);
         let nonzero = |v: f64| (v != 0.0).then_some(v);
         Ok(GenerationInfo {
             prompt,
@@ -59,7 +68,7 @@ impl StableDiffusionPipeline {
             clip_skip: None,
             scheduler: Some(match entry {
                 Some(e) => e.aliases.first().copied().unwrap_or(e.class_name).to_string(),
-                None => self.scheduler_class.clone(),
+                None => class.to_string(),
             }),
             dtype: Some(self.dtype().as_str().to_string()),
             batch_size,
@@ -68,32 +77,6 @@ impl StableDiffusionPipeline {
             eta: nonzero(params.eta),
             engine: Some(format!("sd-rs {}", env!("CARGO_PKG_VERSION"))),
         })
-    }
-
-    /// A1111's sampler name for a registry entry (`None`: the model's own scheduler) and whether
-    /// it uses Karras sigmas (A1111's "Schedule type: Karras").
-    fn a1111_sampler(&self, entry: Option<&SchedulerEntry>) -> (String, bool) {
-        let class = entry.map_or(self.scheduler_class.as_str(), |e| e.class_name);
-        let config = match entry {
-            Some(e) => e.apply_overrides(&self.scheduler_config),
-            None => self.scheduler_config.clone(),
-        };
-        let karras = matches!(config.get("use_karras_sigmas"), Some(serde_json::Value::Bool(true)));
-        // The entry's own A1111 name, else the plain entry of its class ("euler_karras" is
-        // A1111's "Euler" with the Karras schedule), else its short name or class.
-        let named = |e: &SchedulerEntry| e.a1111_names.first().map(|n| n.to_string());
-        let name = entry
-            .and_then(named)
-            .or_else(|| {
-                SCHEDULERS
-                    .iter()
-                    .filter(|e| e.class_name == class && e.overrides.is_empty())
-                    .find_map(named)
-            })
-            .or_else(|| entry.and_then(|e| e.aliases.first()).map(|a| a.to_string()))
-            .unwrap_or_else(|| class.to_string());
-        let name = name.strip_suffix(" Karras").map(str::to_string).unwrap_or(name);
-        (name, karras)
     }
 
     /// The model's name in the metadata: `org/name` for a model from the hub cache
@@ -131,6 +114,51 @@ impl StableDiffusionPipeline {
         };
         Ok(self.model_hash.get_or_init(|| digest[..10].to_string()).clone())
     }
+}
+
+/// `entry`, or when it has no overrides, the entry of its class with the most overrides that
+/// `config` all has: `dpmpp_2m_karras` for DPMSolverMultistepScheduler with
+/// `use_karras_sigmas: true`.
+fn matching_entry(
+    entry: &'static SchedulerEntry,
+    config: &SchedulerConfig,
+) -> &'static SchedulerEntry {
+    if !entry.overrides.is_empty() {
+        return entry;
+    }
+    let holds =
+        |(k, v): &(&str, OverrideValue)| config.get(k) == Some(&serde_json::Value::from(*v));
+    SCHEDULERS
+        .iter()
+        .filter(|e| e.class_name == entry.class_name && !e.overrides.is_empty())
+        .filter(|e| e.overrides.iter().all(holds))
+        .max_by_key(|e| e.overrides.len())
+        .unwrap_or(entry)
+}
+
+/// A1111's sampler name for a run of `class` with `config` (`entry`: its registry entry, if
+/// known) and whether it uses Karras sigmas (A1111's "Schedule type: Karras").
+fn a1111_sampler(
+    class: &str,
+    config: &SchedulerConfig,
+    entry: Option<&SchedulerEntry>,
+) -> (String, bool) {
+    let karras = matches!(config.get("use_karras_sigmas"), Some(serde_json::Value::Bool(true)));
+    // The entry's own A1111 name, else the plain entry of its class ("euler_karras" is
+    // A1111's "Euler" with the Karras schedule), else its short name or class.
+    let named = |e: &SchedulerEntry| e.a1111_names.first().map(|n| n.to_string());
+    let name = entry
+        .and_then(named)
+        .or_else(|| {
+            SCHEDULERS
+                .iter()
+                .filter(|e| e.class_name == class && e.overrides.is_empty())
+                .find_map(named)
+        })
+        .or_else(|| entry.and_then(|e| e.aliases.first()).map(|a| a.to_string()))
+        .unwrap_or_else(|| class.to_string());
+    let name = name.strip_suffix(" Karras").map(str::to_string).unwrap_or(name);
+    (name, karras)
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -207,5 +235,44 @@ fn hash_file(path: &Path, hasher: &mut Sha256) -> Result<()> {
             return Ok(());
         }
         hasher.update(&buf[..n]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(json: &str) -> SchedulerConfig {
+        SchedulerConfig::from_json_str(json).unwrap()
+    }
+
+    #[test]
+    fn a_class_name_with_a_karras_config_is_named_as_its_karras_entry() {
+        // What sd_py passes for `scheduler_from_name("DPM++ 2M Karras", ...)`.
+        let class = find_scheduler("DPMSolverMultistepScheduler").unwrap();
+        let karras = config(r#"{"use_karras_sigmas": true}"#);
+        let entry = matching_entry(class, &karras);
+        assert_eq!(entry.aliases.first(), Some(&"dpmpp_2m_karras"));
+        assert_eq!(
+            a1111_sampler(entry.class_name, &karras, Some(entry)),
+            ("DPM++ 2M".to_string(), true)
+        );
+        let sde = config(r#"{"use_karras_sigmas": true, "algorithm_type": "sde-dpmsolver++"}"#);
+        let entry = matching_entry(class, &sde);
+        assert_eq!(entry.a1111_names.first(), Some(&"DPM++ 2M SDE Karras"));
+        assert_eq!(
+            a1111_sampler(entry.class_name, &sde, Some(entry)),
+            ("DPM++ 2M SDE".to_string(), true)
+        );
+        // A plain config, or an entry named with its overrides, stays as it is.
+        assert!(std::ptr::eq(matching_entry(class, &config("{}")), class));
+        let named = find_scheduler("Euler").unwrap();
+        assert!(std::ptr::eq(matching_entry(named, &config("{}")), named));
+        let euler_karras = matching_entry(named, &karras);
+        assert_eq!(euler_karras.aliases.first(), Some(&"euler_karras"));
+        assert_eq!(
+            a1111_sampler("EulerDiscreteScheduler", &karras, Some(euler_karras)),
+            ("Euler".to_string(), true)
+        );
     }
 }

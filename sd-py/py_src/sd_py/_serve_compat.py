@@ -21,9 +21,13 @@ async def read_json(http_request: Request, images: int) -> Dict[str, Any]:
     length = http_request.headers.get("content-length", "")
     if length.isdigit() and int(length) > limit:
         raise _serve.PayloadTooLarge(f"the request body is over {limit} bytes")
-    body = await http_request.body()
-    if len(body) > limit:
-        raise _serve.PayloadTooLarge(f"the request body is over {limit} bytes")
+    chunks, size = [], 0
+    async for chunk in http_request.stream():  # a body without a length stops at the limit too
+        size += len(chunk)
+        if size > limit:
+            raise _serve.PayloadTooLarge(f"the request body is over {limit} bytes")
+        chunks.append(chunk)
+    body = b"".join(chunks)
     try:
         value = json.loads(body)
     except ValueError as e:

@@ -85,6 +85,7 @@ def check_options(fields: Dict[str, Any]) -> int:
 
 
 _RUN_FIELDS = ("seed", "steps", "guidance_scale", "negative_prompt", "sampler")
+_PARAMS = frozenset(("prompt", "image", "mask", "strength", *_RUN_FIELDS))
 
 
 def _run_fields(fields: Dict[str, Any]) -> Dict[str, Any]:
@@ -132,7 +133,10 @@ def as_openai_error(e: Exception) -> OpenAIError:
     kind = _serve.failure_kind(e)
     # OpenAI's codes for these; the others have none.
     code = {"overloaded": "rate_limit_exceeded", "deadline": "timeout"}.get(kind)
-    return OpenAIError(str(e), status_code=400 if status == 422 else status, code=code, kind=kind)
+    # The shared messages start with the field they refuse ("steps must be ...").
+    field = str(e).split(" ", 1)[0]
+    param = field if kind == "bad_request" and field in _PARAMS else None
+    return OpenAIError(str(e), status_code=400 if status == 422 else status, param=param, code=code, kind=kind)
 
 
 async def generations(http_request: Request, ingress: Any) -> JSONResponse:
