@@ -24,6 +24,7 @@ import shutil
 import struct
 import subprocess
 import sys
+import threading
 import time
 import zlib
 from types import SimpleNamespace
@@ -447,8 +448,9 @@ def _serve_client(monkeypatch, model):
     from fastapi.testclient import TestClient
 
     async def generate_png(request):
-        # Through `_serve_one`, as the replica does: it adds the queue and hang-up state `_run` reads.
-        return (await model._serve_one(request, lambda r: asyncio.to_thread(model._run, [r])))[0]
+        # What `StableDiffusionV2._serve_one` adds to a request before its pipeline call.
+        request = {**request, "gone": threading.Event(), "queued": False}
+        return (await asyncio.to_thread(model._run, [request]))[0]
 
     async def health():
         return model.health()

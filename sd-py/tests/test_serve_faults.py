@@ -145,3 +145,24 @@ def test_a_cancelled_request_is_marked_gone_and_leaves_the_queue(model):
     asyncio.run(cancel_it())
     assert seen[0]["gone"].is_set()
     assert model._queued == 0
+
+
+def test_a_failed_call_and_its_siblings_are_cancelled_without_raising_again():
+    """A request for several images: when one model call fails, the others are cancelled, and a
+    response whose cancel() raises its own error again (as Serve's does for a refused call) does
+    not replace the answer (a BackPressureError escaping the route would be Ray's bare 503)."""
+
+    class Refused:
+        def __await__(self):
+            raise BackPressureError(num_queued_requests=2, max_queued_requests=2)
+            yield
+
+        def cancel(self):
+            raise BackPressureError(num_queued_requests=2, max_queued_requests=2)
+
+    slow = SlowResponse()
+    responses = iter([Refused(), slow])
+    with pytest.raises(s.ModelError) as info:
+        asyncio.run(s.model_pngs(lambda request: next(responses), [{"seed": 1}, {"seed": 2}]))
+    assert (info.value.status_code, info.value.kind) == (503, "overloaded")
+    assert slow.cancelled

@@ -449,8 +449,12 @@ async def model_pngs(remote: Callable[[Dict[str, Any]], Any], requests: List[Dic
 
 def _cancel(responses: List[Any]) -> None:
     for response in responses:
-        if hasattr(response, "cancel"):  # Serve's DeploymentResponse (a coroutine has none)
+        if not hasattr(response, "cancel"):  # Serve's DeploymentResponse (a coroutine has none)
+            continue
+        try:
             response.cancel()
+        except Exception:  # a response that failed raises its error again: nothing to cancel
+            pass
 
 
 app = FastAPI(
