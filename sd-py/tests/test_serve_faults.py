@@ -16,6 +16,7 @@ from ray.exceptions import ActorDiedError  # noqa: E402
 from ray.serve.exceptions import BackPressureError, ReplicaUnavailableError  # noqa: E402
 
 import sd_py.serve as s  # noqa: E402
+from sd_py._serve_jobs import ProgressReporter  # noqa: E402
 
 
 @pytest.mark.parametrize(
@@ -98,6 +99,7 @@ def model(pipe):
     m._consecutive_failures = 0
     m._last_error = None
     m._queued = m._running_images = 0
+    m._progress = ProgressReporter()
     return m
 
 

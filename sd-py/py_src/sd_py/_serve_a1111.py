@@ -31,6 +31,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 
 from . import _serve_compat as compat
+from . import _serve_jobs
 from . import serve as _serve
 from ._serve_metrics import serve_metrics
 
@@ -204,7 +205,8 @@ async def _generate(http_request: Request, ingress: Any, img2img: bool) -> JSONR
         if parameters["override_settings"]:
             _serve.logger.info("%s: %s (%s)", http_request.url.path, _OVERRIDE_NOTE, sorted(parameters["override_settings"]))
         remote = ingress.handle.edit_png.remote if img2img else ingress.handle.generate_png.remote
-        pngs = await _serve.model_pngs(remote, requests)
+        # Entered in the job store while it runs: /sdapi/v1/progress and /interrupt see it.
+        pngs = await _serve_jobs.tracked_pngs(ingress, "img2img" if img2img else "txt2img", remote, requests)
     except (_serve.BadRequest, _serve.ModelError) as e:
         return error_response(e)
     images = [compat.b64_png(png) for png in pngs] if parameters["send_images"] else []

@@ -15,6 +15,7 @@ FAILURE_KINDS = (
     "replica_unavailable",  # 503: the model replica died or is gone
     "deadline",  # 504: no image within SD_REQUEST_TIMEOUT_S
     "client_gone",  # the client hung up before the answer
+    "cancelled",  # 409: stopped by DELETE /v1/jobs/{id} or POST /sdapi/v1/interrupt
     "non_finite",  # 500: the run's values went NaN or inf
     "error",  # 500: any other failure
 )

@@ -55,10 +55,12 @@ Configuration, by environment variable (e.g. `runtime_env.env_vars` of the Serve
   requests with different LoRAs (or none) need no reload; they are batched only with requests of
   the same LoRA and scale.
 - `SD_PNG_METADATA` (1): every PNG answered carries its settings as AUTOMATIC1111's `parameters`
-  text chunk (what `sd-cli generate --from` replays); 0 leaves it out.
+  text chunk (what `sd-cli generate --from` replays); 0 leaves it out;
+- `SD_MAX_JOBS` (256), `SD_JOB_TTL_S` (3600): the job store's bounds (`_serve_jobs`).
 
 Beside these routes, the same ingress serves OpenAI's images API (`/v1/images/...`, see
-`_serve_openai`) and AUTOMATIC1111's (`/sdapi/v1/...`, see `_serve_a1111`), over the same
+`_serve_openai`) and AUTOMATIC1111's (`/sdapi/v1/...`, see `_serve_a1111`; progress and interrupt
+in `_serve_jobs`), and jobs with progress (`/v1/jobs`, see `_serve_jobs`), over the same
 validation, batching, queue, deadline, cancellation and metrics (`model_pngs`).
 
 This module does not load the native extension when imported (only the model replicas do), so
@@ -86,8 +88,9 @@ from starlette.formparsers import MultiPartException
 
 from ._serve_metrics import resident_bytes, serve_metrics
 
-# The OpenAI and AUTOMATIC1111 routes' logic (they use this module's validation at call time).
-from . import _serve_a1111, _serve_openai
+# The OpenAI and AUTOMATIC1111 routes' and the jobs' logic (they use this module's validation at
+# call time).
+from . import _serve_a1111, _serve_jobs, _serve_openai
 
 logger = logging.getLogger("ray.serve")
 
@@ -451,6 +454,8 @@ def classify_failure(e: BaseException) -> Tuple[int, str]:
     # original class, so ValueError (bad arguments, sd_py's and ours) is still recognisable.
     if isinstance(e, BackPressureError):
         return 503, "overloaded"
+    if isinstance(e, RequestGone):  # stopped by DELETE /v1/jobs/{id} or /sdapi/v1/interrupt
+        return 409, "cancelled"
     if isinstance(e, (RayActorError, ReplicaUnavailableError, DeploymentUnavailableError)):
         return 503, "replica_unavailable"
     if isinstance(e, ValueError):
@@ -490,7 +495,7 @@ async def model_pngs(remote: Callable[[Dict[str, Any]], Any], requests: List[Dic
         message = str(getattr(e, "cause", None) or e).strip().splitlines()
         detail = message[-1] if message else type(e).__name__
         status, kind = classify_failure(e)
-        if status == 422:
+        if status in (409, 422):
             raise ModelError(detail, status, kind) from None
         if status == 503:
             logger.warning("model unavailable (%s): %s", kind, detail)
@@ -635,6 +640,36 @@ class APIIngress:
     async def a1111_options(self):
         return _serve_a1111.options()
 
+    @app.get("/sdapi/v1/progress")
+    async def a1111_progress(self):
+        return await _serve_jobs.a1111_progress(self)
+
+    @app.post("/sdapi/v1/interrupt")
+    async def a1111_interrupt(self):
+        return await _serve_jobs.a1111_interrupt(self)
+
+    # -- jobs with progress (_serve_jobs) --
+
+    @app.post("/v1/jobs", status_code=202)
+    async def jobs_create(self, request: Request):
+        """A txt2img job (A1111's txt2img body): 202 {"id"} at once, the run in the background."""
+        return await _serve_jobs.create(request, self)
+
+    @app.get("/v1/jobs/{job_id}")
+    async def jobs_get(self, job_id: str):
+        """State, step, steps, progress, eta; the result (A1111's txt2img answer) when done."""
+        return await _serve_jobs.get(job_id, self)
+
+    @app.delete("/v1/jobs/{job_id}")
+    async def jobs_delete(self, job_id: str):
+        """Cancels a queued or running job (it stops at its next step); removes a finished one."""
+        return await _serve_jobs.delete(job_id, self)
+
+    @app.get("/v1/jobs/{job_id}/events")
+    async def jobs_events(self, job_id: str):
+        """Server-sent events: `progress` per step change, then `done`, `failed` or `cancelled`."""
+        return await _serve_jobs.events(job_id, self)
+
     @app.get("/healthz")
     async def healthz(self):
         try:
@@ -686,6 +721,8 @@ class StableDiffusionV2:
         # What the gauges show: requests waiting for their pipeline call, images of running calls.
         self._queued = 0
         self._running_images = 0
+        # Steps of job-tagged requests to the job store, and the stops it answers.
+        self._progress = _serve_jobs.ProgressReporter()
         serve_metrics()
         threading.Thread(target=self._refresh_gauges, name="sd-gauges", daemon=True).start()
 
@@ -845,12 +882,14 @@ class StableDiffusionV2:
             self.stats["requests"] += 1
             self._queued += 1
         self._publish_gauges()
+        self._progress.register(request)
         try:
             return await run(request)
         except asyncio.CancelledError:
             request["gone"].set()
             raise
         finally:  # when it left before its pipeline call started
+            self._progress.unregister(request)
             self._dequeue([request])
 
     def _dequeue(self, batch: List[Dict[str, Any]]) -> None:
@@ -879,6 +918,7 @@ class StableDiffusionV2:
             if step_index > 0:  # the first step's time would include the text encoding
                 serve_metrics().step_seconds.observe(now - last_step_end)
             last_step_end = now
+            self._progress.step(batch, step_index + 1)
             if all(event.is_set() for event in gone):
                 raise RequestGone(f"every request of the batch is gone (stopped after step {step_index + 1})")
             return callback_kwargs
@@ -886,6 +926,7 @@ class StableDiffusionV2:
         with self._stats_lock:
             self._running_images += len(batch)
         self._publish_gauges()
+        self._progress.step(batch, 0)
         try:
             yield on_step_end
         finally:
