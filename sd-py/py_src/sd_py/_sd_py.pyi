@@ -90,7 +90,8 @@ class _Pipeline:
         `(width, height, luma bytes)`, white = repaint, for inpainting; `strength` in (0, 1]
         (default 0.8 without a mask, 1.0 with one, as diffusers). `clip_skip`: diffusers'
         (for the prompts and the negative prompts); `prompt_syntax`: "plain" or "a1111".
-        `metadata`: also return each image's settings in A1111's infotext format.
+        `metadata`: also return each image's settings in A1111's infotext format. `lora_scale`: the
+        factor of the active unfused LoRAs (diffusers' `cross_attention_kwargs["scale"]`, default 1).
         """
     @staticmethod
     def load(model, dtype='float32', device='cpu', variant=None, revision=None, local_files_only=False, cache_dir=None, token=None):
