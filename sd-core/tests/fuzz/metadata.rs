@@ -24,7 +24,8 @@ fn base_text() -> String {
         model_hash: Some("abcdef1234".into()),
         model: Some("sd2-tiny".into()),
         denoising_strength: Some(0.75),
-        clip_skip: Some(1),
+        clip_skip: Some(2),
+        prompt_syntax: Some("a1111".into()),
         scheduler: Some("dpm++2m-karras".into()),
         dtype: Some("f32".into()),
         batch_size: Some(2),
@@ -32,6 +33,8 @@ fn base_text() -> String {
         guidance_rescale: Some(0.7),
         eta: Some(0.0),
         engine: Some("sd-rs".into()),
+        loras: vec![("style".into(), 0.8)],
+        lora_hashes: vec![("style".into(), "0123456789".into())],
     };
     info.to_infotext().to_text()
 }
