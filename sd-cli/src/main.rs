@@ -4,12 +4,14 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
 
-use clap::{Parser, Subcommand};
+use clap::parser::ValueSource;
+use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use sd_core::hub::DEFAULT_MODEL_ID;
+use sd_core::metadata::{encode_png, read_png_parameters, GenerationInfo, Infotext};
 use sd_core::pipeline::{
-    parse_device, parse_dtype, to_luma, GenerateParams, InitImage, LoadOptions, RunHooks,
-    StableDiffusionPipeline, StepControl, StepProgress,
+    parse_device, parse_dtype, to_luma, GenerateParams, InitImage, LoadOptions, PromptSyntax,
+    RunHooks, StableDiffusionPipeline, StepControl, StepProgress,
 };
 
 #[derive(Parser)]
@@ -34,8 +36,8 @@ enum Command {
 
 #[derive(clap::Args)]
 struct GenerateArgs {
-    #[arg(long)]
-    prompt: String,
+    #[arg(long, required_unless_present = "from")]
+    prompt: Option<String>,
     #[arg(long)]
     negative_prompt: Option<String>,
     /// A hub model id or a local diffusers folder.
@@ -86,9 +88,32 @@ struct GenerateArgs {
     /// noised latents. Default: 0.8 for image-to-image, 1.0 for inpainting.
     #[arg(long)]
     strength: Option<f64>,
+    /// A textual-inversion embedding (.safetensors) to load, with the token that stands for it
+    /// in prompts (default: the file's own token); repeatable.
+    #[arg(long = "embedding", value_name = "FILE[:TOKEN]")]
+    embeddings: Vec<String>,
+    /// Encode the prompts with the output of the text encoder's layer n - N (diffusers'
+    /// clip_skip; A1111's "clip skip" N + 1), for the prompt and the negative prompt.
+    #[arg(long, value_name = "N")]
+    clip_skip: Option<usize>,
+    /// How prompts are read: plain (diffusers) or a1111 ((word:1.3), [word], BREAK, prompts
+    /// longer than 75 tokens in chunks, as AUTOMATIC1111's webui).
+    #[arg(long, default_value = "plain", value_parser = ["plain", "a1111"])]
+    prompt_syntax: String,
     /// Output PNG; with --num-images K > 1 the files are FILE-0.png ... FILE-(K-1).png.
     #[arg(long)]
     out: PathBuf,
+    /// Do not write the settings into the PNG. By default each PNG carries them in a
+    /// `parameters` text chunk in AUTOMATIC1111's format (read by A1111, Civitai and
+    /// `--from`).
+    #[arg(long)]
+    no_metadata: bool,
+    /// Make an image again from the settings in its PNG metadata (ours or AUTOMATIC1111's):
+    /// prompt, negative prompt, steps, sampler, CFG scale, seed, size, strength and ours
+    /// (scheduler, dtype, batch). Options given on the command line override them; --model,
+    /// --image and --mask are not stored and must be given again when needed.
+    #[arg(long, value_name = "IMAGE.png")]
+    from: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -102,14 +127,21 @@ fn main() -> ExitCode {
             .unwrap_or_else(|| "unknown panic".into());
         eprintln!("error: internal error: {msg}");
     }));
-    let cli = Cli::parse();
-    let result = std::panic::catch_unwind(|| match cli.command {
-        Command::Generate(args) => generate(*args),
+    let matches = Cli::command().get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match cli.command {
+        Command::Generate(args) => {
+            let given = matches.subcommand_matches("generate").expect("the generate subcommand");
+            generate(*args, given)
+        }
         Command::Schedulers => {
             print!("{}", schedulers_table());
             Ok(())
         }
-    });
+    }));
     match result {
         Ok(Ok(())) => ExitCode::SUCCESS,
         Ok(Err(e)) => {
@@ -186,6 +218,26 @@ fn output_paths(out: &Path, n: usize) -> Vec<PathBuf> {
     (0..n).map(|i| out.with_file_name(format!("{stem}-{i}.{ext}"))).collect()
 }
 
+/// Refuses an `--out` that cannot be written before the slow part: in a missing folder, a
+/// folder itself, or with an extension that is no image format.
+fn check_output(out: &Path, num_images: usize) -> anyhow::Result<()> {
+    if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
+        if !parent.is_dir() {
+            anyhow::bail!("output folder {} does not exist", parent.display());
+        }
+    }
+    if out.is_dir() {
+        anyhow::bail!("--out {} is a directory, not an image file", out.display());
+    }
+    // The first file's name; the others differ only in their number. Images are PNGs (with
+    // their settings in a text chunk).
+    let first = &output_paths(out, num_images.clamp(1, 2))[0];
+    if image::ImageFormat::from_path(first).ok() != Some(image::ImageFormat::Png) {
+        anyhow::bail!("--out {}: not an image file name (e.g. out.png)", first.display());
+    }
+    Ok(())
+}
+
 /// The `--image`, `--mask` and `--strength` of an edit run, read and checked; `None` without
 /// `--image`.
 fn init_image(
@@ -220,19 +272,86 @@ fn init_image(
     Ok(Some(init))
 }
 
-fn generate(args: GenerateArgs) -> anyhow::Result<()> {
+/// `--embedding FILE[:TOKEN]`: the whole argument when it names a file, else split at the last
+/// `:`.
+fn embedding_arg(arg: &str) -> (&Path, Option<&str>) {
+    match arg.rsplit_once(':') {
+        Some((file, token)) if !Path::new(arg).is_file() && !file.is_empty() => {
+            (Path::new(file), Some(token))
+        }
+        _ => (Path::new(arg), None),
+    }
+}
+
+/// `--from`: fills every setting the command line leaves out from the image's metadata. Returns
+/// the settings read (to check the model hash against) and, for an image from a batch drawn
+/// with one seed, its place in that batch.
+fn apply_replay(
+    args: &mut GenerateArgs,
+    given: &ArgMatches,
+) -> anyhow::Result<Option<GenerationInfo>> {
+    let Some(path) = args.from.clone() else { return Ok(None) };
+    let bytes =
+        std::fs::read(&path).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
+    let text = read_png_parameters(&bytes)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
+        .ok_or_else(|| {
+            anyhow::anyhow!("{} has no generation settings (no `parameters` text)", path.display())
+        })?;
+    let info = GenerationInfo::from_infotext(&Infotext::parse(&text))
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let unset = |id: &str| given.value_source(id) != Some(ValueSource::CommandLine);
+    if unset("prompt") {
+        args.prompt = Some(info.prompt.clone());
+    }
+    if unset("negative_prompt") && !info.negative_prompt.is_empty() {
+        args.negative_prompt = Some(info.negative_prompt.clone());
+    }
+    if let (true, Some((w, h))) = (unset("width") && unset("height"), info.size) {
+        (args.width, args.height) = (Some(w), Some(h));
+    }
+    macro_rules! fill {
+        ($id:literal, $field:ident, $value:expr) => {
+            if let (true, Some(v)) = (unset($id), $value) {
+                args.$field = v;
+            }
+        };
+    }
+    fill!("steps", steps, info.steps);
+    fill!("guidance_scale", guidance_scale, info.cfg_scale);
+    fill!("guidance_rescale", guidance_rescale, info.guidance_rescale);
+    fill!("eta", eta, info.eta);
+    fill!("num_images", num_images, info.batch_size);
+    fill!("dtype", dtype, info.dtype.clone());
+    fill!("seed", seed, info.seed.map(Some));
+    fill!("scheduler", scheduler, info.scheduler_name().map(Some));
+    if let (true, Some(strength)) = (unset("strength"), info.denoising_strength) {
+        if args.image.is_none() {
+            anyhow::bail!(
+                "{} was made from an image (denoising strength {strength}): pass it with --image",
+                path.display()
+            );
+        }
+        args.strength = Some(strength);
+    }
+    Ok(Some(info))
+}
+
+fn generate(mut args: GenerateArgs, given: &ArgMatches) -> anyhow::Result<()> {
+    let replayed = apply_replay(&mut args, given)?;
+    // From a batch drawn with one seed, --from makes the whole batch and keeps its image.
+    let keep_only = replayed
+        .as_ref()
+        .and_then(|i| i.batch_position)
+        .filter(|_| given.value_source("num_images") != Some(ValueSource::CommandLine));
     let dtype = parse_dtype(&args.dtype)?;
     let device = parse_device(&args.device)?;
     sd_core::runtime::init_cpu(args.threads)?;
     if args.num_images == 0 {
         anyhow::bail!("--num-images must be at least 1");
     }
-    if let Some(parent) = args.out.parent().filter(|p| !p.as_os_str().is_empty()) {
-        if !parent.is_dir() {
-            anyhow::bail!("output folder {} does not exist", parent.display());
-        }
-    }
-    let mut params = GenerateParams::new(args.prompt);
+    check_output(&args.out, keep_only.map_or(args.num_images, |_| 1))?;
+    let mut params = GenerateParams::new(args.prompt.unwrap_or_default());
     params.negative_prompts = args.negative_prompt.map(|n| vec![n]);
     params.height = args.height;
     params.width = args.width;
@@ -244,16 +363,33 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
     params.seeds = vec![args.seed.unwrap_or_else(sd_core::pipeline::random_seed)];
     params.scheduler = args.scheduler;
     params.init_image = init_image(args.image.as_deref(), args.mask.as_deref(), args.strength)?;
+    params.clip_skip = args.clip_skip;
+    params.prompt_syntax = args.prompt_syntax.parse()?;
 
     let started = Instant::now();
     let mut opts = LoadOptions { device, dtype, ..LoadOptions::default() };
     opts.hub.progress = true;
-    let pipe = StableDiffusionPipeline::from_pretrained(&args.model, &opts)?;
+    let mut pipe = StableDiffusionPipeline::from_pretrained(&args.model, &opts)?;
+    for embedding in &args.embeddings {
+        let (file, token) = embedding_arg(embedding);
+        pipe.load_textual_inversion(file, token)?;
+    }
     // Check the scheduler name before the slow part.
     pipe.scheduler(params.scheduler.as_deref(), None)?;
     let load_time = started.elapsed();
-    for prompt in params.prompts.iter().chain(params.negative_prompts.iter().flatten()) {
-        if let Some(cut) = pipe.tokenizer.truncated_text(prompt)? {
+    if let Some(want) = replayed.as_ref().and_then(|i| i.model_hash.as_deref()) {
+        let have = pipe.model_hash()?;
+        if have != want {
+            eprintln!(
+                "warning: the image was made with model hash {want}; this model's is {have}, so \
+                 the result will differ"
+            );
+        }
+    }
+    let prompts = params.prompts.iter().chain(params.negative_prompts.iter().flatten());
+    for prompt in prompts.filter(|_| params.prompt_syntax == PromptSyntax::Plain) {
+        let prompt = pipe.expand_multi_vector_tokens(prompt)?;
+        if let Some(cut) = pipe.tokenizer.truncated_text(&prompt)? {
             let max = pipe.tokenizer.max_length();
             eprintln!("warning: prompt longer than {max} tokens; this part is ignored: {cut}");
         }
@@ -276,9 +412,27 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
     bar.finish_and_clear();
     let out = out?;
 
-    let paths = output_paths(&args.out, out.images.len());
-    for (img, path) in out.images.iter().zip(&paths) {
-        img.save(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let indices: Vec<usize> = match keep_only {
+        Some(i) if i < out.images.len() => vec![i],
+        Some(i) => {
+            anyhow::bail!("the image is number {i} of its batch; the run made {}", out.images.len())
+        }
+        None => (0..out.images.len()).collect(),
+    };
+    let paths = output_paths(&args.out, indices.len());
+    for (written, (&i, path)) in indices.iter().zip(&paths).enumerate() {
+        let text = match args.no_metadata {
+            true => None,
+            false => Some(pipe.generation_info(&params, &out, i)?.to_infotext().to_text()),
+        };
+        let png = encode_png(&out.images[i], text.as_deref())?;
+        if let Err(e) = std::fs::write(path, png) {
+            // All the images or none: a failed run leaves no file behind.
+            for path in &paths[..written] {
+                let _ = std::fs::remove_file(path);
+            }
+            anyhow::bail!("{}: {e}", path.display());
+        }
     }
     let t = out.timings;
     // The steps run: fewer than --steps with --strength below 1.

@@ -17,14 +17,17 @@
 //! The CPU kernels under the layers ([`nn`]) and the attention share one low-level layer,
 //! [`cpu`]: SIMD dispatch, the GEMM backends (builtin, MKL, AMX) and scratch buffers.
 
+pub mod adapters;
 pub mod attention;
 pub mod cpu;
 pub mod error;
 pub mod hub;
 pub mod loading;
+pub mod metadata;
 pub mod models;
 pub mod nn;
 pub mod pipeline;
+pub mod prompt;
 pub mod rng;
 pub mod runtime;
 pub mod schedulers;

@@ -210,6 +210,43 @@ impl ClipTokenizer {
         Ok(encoding.get_ids().to_vec())
     }
 
+    /// The ids of `text` alone, without `<|startoftext|>` / `<|endoftext|>`
+    /// (`tokenizer(text, add_special_tokens=False).input_ids`).
+    ///
+    /// # Errors
+    /// [`Error::Tokenizer`] if the tokenizer pipeline fails.
+    pub fn tokenize(&self, text: &str) -> Result<Vec<u32>> {
+        let encoding = self.tokenizer.encode_fast(text, false).map_err(tok_err)?;
+        Ok(encoding.get_ids().to_vec())
+    }
+
+    /// Adds `tokens` as added (non-special, normalized) tokens, as transformers'
+    /// `tokenizer.add_tokens(tokens)` does for textual inversion, and returns their new ids.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] for a token already in the vocabulary (diffusers' error) or
+    /// given twice; nothing is added then.
+    pub fn add_tokens(&mut self, tokens: &[String]) -> Result<Vec<u32>> {
+        let mut seen = HashSet::new();
+        for token in tokens {
+            if self.token_to_id(token).is_some() || !seen.insert(token) {
+                return Err(Error::invalid(format!(
+                    "token {token} is already in the tokenizer's vocabulary; choose a different \
+                     token name"
+                )));
+            }
+        }
+        let added = tokens.iter().map(|t| AddedToken::from(t.clone(), false));
+        self.tokenizer.add_tokens(added).map_err(tok_err)?;
+        tokens
+            .iter()
+            .map(|t| {
+                self.token_to_id(t)
+                    .ok_or_else(|| Error::Tokenizer(format!("added token {t} has no id")))
+            })
+            .collect()
+    }
+
     /// Decodes ids back to text the way transformers' `CLIPTokenizer.decode` does: special tokens
     /// are kept, each word end (`</w>`) becomes a space, and the result is stripped. Lossy: the
     /// normalization (case, whitespace) is not undone and words split by the pre-tokenizer come
@@ -335,6 +372,10 @@ fn read_merges(path: &Path) -> Result<Merges> {
                 ))
             }
         }
+    }
+    // A CLIP BPE without merges would split every word into letters: a truncated file.
+    if merges.is_empty() {
+        return Err(Error::config(path, "no merges (an empty or truncated file)"));
     }
     Ok(merges)
 }

@@ -2,7 +2,7 @@
 //! it) and what its `generate` returns.
 
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use candle_core::{DType, Tensor};
 use pyo3::exceptions::PyValueError;
@@ -10,8 +10,8 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyTuple};
 use sd_core::hub::variant_for;
 use sd_core::pipeline::{
-    GenerateParams, InitImage, LoadOptions, OutputType, RunHooks, StableDiffusionPipeline,
-    StepControl, StepProgress,
+    GenerateParams, InitImage, LoadOptions, OutputType, PromptSyntax, RunHooks,
+    StableDiffusionPipeline, StepControl, StepProgress,
 };
 use sd_core::schedulers::SchedulerConfig;
 
@@ -23,9 +23,13 @@ use crate::hub::hub_options;
 /// A loaded sd-core pipeline (the Python class `StableDiffusionPipeline` wraps it).
 #[pyclass(frozen, name = "_Pipeline", module = "sd_py._sd_py")]
 pub struct PyPipeline {
-    inner: Arc<StableDiffusionPipeline>,
+    /// Replaced only while no run holds it (`load_textual_inversion`).
+    inner: RwLock<Arc<StableDiffusionPipeline>>,
     /// The variant asked for at load time (`None`: sd-core's default for the dtype).
     variant: Option<String>,
+    /// The textual-inversion files loaded, with their `token` argument, so that `reload` loads
+    /// them again.
+    embeddings: RwLock<Vec<(PathBuf, Option<String>)>>,
 }
 
 /// An 8-bit RGB image: `data` holds `height` rows of `width` RGB pixels.
@@ -57,6 +61,9 @@ pub struct GenerateResult {
     /// The seed of each image, or the one seed of the batch.
     pub seeds: Vec<u64>,
     pub timings: Py<StageTimings>,
+    /// With `metadata=True` and "pil": each image's settings as AUTOMATIC1111's `parameters`
+    /// text (what sd-cli writes into its PNGs); else empty.
+    pub infotexts: Vec<String>,
 }
 
 /// The `output` argument of `generate`.
@@ -74,6 +81,7 @@ struct RunOutput {
     values: Option<(Vec<f32>, Vec<usize>)>,
     seeds: Vec<u64>,
     timings: sd_core::pipeline::StageTimings,
+    infotexts: Vec<String>,
 }
 
 impl RunOutput {
@@ -103,6 +111,7 @@ impl RunOutput {
             latents,
             seeds: self.seeds,
             timings: Py::new(py, timings)?,
+            infotexts: self.infotexts,
         })
     }
 }
@@ -177,6 +186,21 @@ fn call_on_step(
     Ok(control)
 }
 
+impl PyPipeline {
+    fn new(
+        pipe: StableDiffusionPipeline,
+        variant: Option<String>,
+        embeddings: Vec<(PathBuf, Option<String>)>,
+    ) -> Self {
+        Self { inner: RwLock::new(Arc::new(pipe)), variant, embeddings: RwLock::new(embeddings) }
+    }
+
+    /// The loaded pipeline, shared with the runs in progress.
+    fn pipe(&self) -> Arc<StableDiffusionPipeline> {
+        Arc::clone(&self.inner.read().expect("not poisoned"))
+    }
+}
+
 #[pymethods]
 impl PyPipeline {
     /// Loads a diffusers folder or hub model id.
@@ -204,36 +228,60 @@ impl PyPipeline {
             init_cpu_for(&opts.device)?;
             StableDiffusionPipeline::from_pretrained(&model, &opts)
         })?;
-        Ok(Self { inner: Arc::new(inner), variant })
+        Ok(Self::new(inner, variant, vec![]))
     }
 
     /// The same model loaded again on `device` in `dtype` (from the resolved local folder).
     fn reload(&self, py: Python<'_>, dtype: &str, device: &str) -> PyResult<Self> {
         let dtype = dtype_from_name(dtype)?;
         let device = device_from_name(device)?;
-        let folder = self.inner.folder.clone();
+        let folder = self.pipe().folder.clone();
         let variant = variant_for(self.variant.as_deref(), dtype);
+        let embeddings = self.embeddings.read().expect("not poisoned").clone();
+        let loaded = embeddings.clone();
         let inner = detached(py, move || {
             init_cpu_for(&device)?;
-            StableDiffusionPipeline::from_folder(&folder, dtype, &device, variant.as_deref())
+            let mut pipe =
+                StableDiffusionPipeline::from_folder(&folder, dtype, &device, variant.as_deref())?;
+            for (path, token) in &loaded {
+                pipe.load_textual_inversion(path, token.as_deref())?;
+            }
+            Ok(pipe)
         })?;
-        Ok(Self { inner: Arc::new(inner), variant: self.variant.clone() })
+        Ok(Self::new(inner, self.variant.clone(), embeddings))
+    }
+
+    /// diffusers' `load_textual_inversion` for a `.safetensors` file; returns the tokens added.
+    /// Refused while a run of this pipeline is in progress.
+    #[pyo3(signature = (path, token=None))]
+    fn load_textual_inversion(
+        &self,
+        path: PathBuf,
+        token: Option<String>,
+    ) -> PyResult<Vec<String>> {
+        let mut inner = self.inner.write().expect("not poisoned");
+        let pipe = Arc::get_mut(&mut inner).ok_or_else(|| {
+            PyValueError::new_err("load_textual_inversion: the pipeline is generating; load before")
+        })?;
+        let tokens = attached(|| pipe.load_textual_inversion(&path, token.as_deref()))?;
+        self.embeddings.write().expect("not poisoned").push((path, token));
+        Ok(tokens)
     }
 
     /// The local diffusers folder the weights were read from.
     #[getter]
     fn folder(&self) -> PathBuf {
-        self.inner.folder.clone()
+        self.pipe().folder.clone()
     }
 
     #[getter]
     fn device(&self) -> String {
-        device_name(self.inner.device())
+        device_name(self.pipe().device())
     }
 
     #[getter]
     fn dtype(&self) -> &'static str {
-        dtype_name(self.inner.dtype())
+        dtype_name(self.pipe().dtype())
     }
 
     #[getter]
@@ -243,41 +291,42 @@ impl PyPipeline {
 
     #[getter]
     fn default_size(&self) -> usize {
-        self.inner.default_size()
+        self.pipe().default_size()
     }
 
     #[getter]
     fn vae_scale_factor(&self) -> usize {
-        self.inner.vae_scale_factor()
+        self.pipe().vae_scale_factor()
     }
 
     /// The scheduler class named by the model's `model_index.json`.
     #[getter]
     fn scheduler_class(&self) -> String {
-        self.inner.scheduler_class.clone()
+        self.pipe().scheduler_class.clone()
     }
 
     /// The model's `scheduler/scheduler_config.json`, as JSON.
     #[getter]
     fn scheduler_config(&self) -> String {
-        self.inner.scheduler_config.to_json_string()
+        self.pipe().scheduler_config.to_json_string()
     }
 
     /// The UNet's input channels: 4 for text-to-image models, 9 for inpainting ones.
     #[getter]
     fn unet_in_channels(&self) -> usize {
-        self.inner.unet.config().in_channels
+        self.pipe().unet.config().in_channels
     }
 
     /// The tokenizer's maximum sequence length (77 for CLIP).
     #[getter]
     fn max_prompt_tokens(&self) -> usize {
-        self.inner.tokenizer.max_length()
+        self.pipe().tokenizer.max_length()
     }
 
     /// The part of `prompt` cut off by the tokenizer's length limit, if any.
     fn truncated_text(&self, prompt: &str) -> PyResult<Option<String>> {
-        attached(|| self.inner.tokenizer.truncated_text(prompt))
+        let pipe = self.pipe();
+        attached(|| pipe.tokenizer.truncated_text(&pipe.expand_multi_vector_tokens(prompt)?))
     }
 
     /// Runs the pipeline with the GIL released; sd-core checks every value.
@@ -295,8 +344,10 @@ impl PyPipeline {
     /// the prompts (then empty) or the negative prompts. `init_images`: `(width, height, RGB
     /// bytes)` of one image (or one per prompt) to start from (image-to-image), with `mask`
     /// `(width, height, luma bytes)`, white = repaint, for inpainting; `strength` in (0, 1]
-    /// (default 0.8 without a mask, 1.0 with one, as diffusers).
-    #[pyo3(signature = (prompts, negative_prompts=None, height=None, width=None, num_inference_steps=50, guidance_scale=7.5, num_images_per_prompt=1, seeds=Vec::new(), scheduler=None, scheduler_config=None, output="pil", on_step=None, guidance_rescale=0.0, eta=0.0, step_latents=false, latents=None, prompt_embeds=None, negative_prompt_embeds=None, init_images=None, mask=None, strength=None))]
+    /// (default 0.8 without a mask, 1.0 with one, as diffusers). `clip_skip`: diffusers'
+    /// (for the prompts and the negative prompts); `prompt_syntax`: "plain" or "a1111".
+    /// `metadata`: also return each image's settings in A1111's infotext format.
+    #[pyo3(signature = (prompts, negative_prompts=None, height=None, width=None, num_inference_steps=50, guidance_scale=7.5, num_images_per_prompt=1, seeds=Vec::new(), scheduler=None, scheduler_config=None, output="pil", on_step=None, guidance_rescale=0.0, eta=0.0, step_latents=false, latents=None, prompt_embeds=None, negative_prompt_embeds=None, init_images=None, mask=None, strength=None, clip_skip=None, prompt_syntax="plain", metadata=false))]
     #[allow(clippy::too_many_arguments)]
     fn generate<'py>(
         &self,
@@ -322,6 +373,9 @@ impl PyPipeline {
         init_images: Option<Vec<(u32, u32, Bound<'py, PyBytes>)>>,
         mask: Option<(u32, u32, Bound<'py, PyBytes>)>,
         strength: Option<f64>,
+        metadata: bool,
+        clip_skip: Option<usize>,
+        prompt_syntax: &str,
     ) -> PyResult<GenerateResult> {
         let output = match output {
             "pil" => Output::Pil,
@@ -361,9 +415,11 @@ impl PyPipeline {
             output: if output == Output::Pil { OutputType::Image } else { OutputType::Latent },
             latents: tensor(latents)?,
             init_image: init_image(init_images, mask, strength)?,
+            clip_skip,
+            prompt_syntax: attached(|| prompt_syntax.parse::<PromptSyntax>())?,
         };
 
-        let pipe = Arc::clone(&self.inner);
+        let pipe = self.pipe();
         let mut callback_error: Option<PyErr> = None;
         let result = {
             let callback_error = &mut callback_error;
@@ -391,11 +447,20 @@ impl PyPipeline {
                             Some((l.flatten_all()?.to_vec1::<f32>()?, l.dims().to_vec()))
                         }
                     };
+                    let infotexts = match metadata && output == Output::Pil {
+                        true => (0..out.images.len())
+                            .map(|i| {
+                                Ok(pipe.generation_info(&params, &out, i)?.to_infotext().to_text())
+                            })
+                            .collect::<sd_core::Result<Vec<_>>>()?,
+                        false => Vec::new(),
+                    };
                     Ok(RunOutput {
                         images: out.images,
                         values,
                         seeds: out.seeds,
                         timings: out.timings,
+                        infotexts,
                     })
                 })
             })
@@ -409,9 +474,9 @@ impl PyPipeline {
     fn __repr__(&self) -> String {
         format!(
             "_Pipeline(folder={:?}, device={}, dtype={})",
-            self.inner.folder.display().to_string(),
-            device_name(self.inner.device()),
-            dtype_name(self.inner.dtype())
+            self.pipe().folder.display().to_string(),
+            device_name(self.pipe().device()),
+            dtype_name(self.pipe().dtype())
         )
     }
 }

@@ -48,6 +48,15 @@ def read_safetensors(path: Path) -> dict:
     return out
 
 
+def fill_with_nan(path, name):
+    """Overwrites the float32 tensor `name` of a safetensors file with NaN, in place."""
+    data = bytearray(path.read_bytes())
+    (n,) = struct.unpack("<Q", data[:8])
+    begin, end = json.loads(data[8 : 8 + n])[name]["data_offsets"]
+    data[8 + n + begin : 8 + n + end] = np.full((end - begin) // 4, np.nan, dtype=np.float32).tobytes()
+    path.write_bytes(bytes(data))
+
+
 def sd_cli_binary() -> Path:
     """The sd-cli binary `cargo test --workspace` built (built here if it is missing or older than
     the sources, so that it runs the same sd-core as the wheel)."""
@@ -79,6 +88,10 @@ def pipe():
     return StableDiffusionPipeline.from_pretrained(str(SD2))
 
 
+# Where the Ray cluster of `ray_cluster` exports its Prometheus metrics (on 127.0.0.1).
+RAY_METRICS_PORT = free_port()
+
+
 @pytest.fixture(scope="session")
 def ray_cluster(tmp_path_factory):
     """A small local Ray cluster with Serve on 127.0.0.1:<free port>, shared by the Ray tests.
@@ -107,6 +120,7 @@ def ray_cluster(tmp_path_factory):
         runtime_env={"env_vars": env},
         logging_level="WARNING",
         log_to_driver=True,
+        _metrics_export_port=RAY_METRICS_PORT,
     )
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})

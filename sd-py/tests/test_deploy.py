@@ -64,6 +64,26 @@ def test_model_deployment_autoscaling_and_resources(serve_config):
     assert d["max_ongoing_requests"] >= 1
 
 
+def test_bounded_queue_deadline_and_graceful_shutdown(serve_config):
+    """The model's queue is bounded, and both deployments wait longer than the request deadline
+    before a stopping replica is killed, so that its in-flight requests finish."""
+    (app,) = serve_config["applications"]
+    deadline = float(app["runtime_env"]["env_vars"]["SD_REQUEST_TIMEOUT_S"])
+    model = _deployment(serve_config, "stable-diffusion-v2")
+    assert 1 <= model["max_queued_requests"] <= 64
+    ingress = _deployment(serve_config, "APIIngress")
+    assert ingress["max_ongoing_requests"] >= model["max_queued_requests"] + 4 * model["max_ongoing_requests"]
+    assert ingress["backpressure_config"]["retry_after_s"] > 0
+    for d in (model, ingress):
+        assert d["graceful_shutdown_timeout_s"] > deadline, d["name"]
+
+
+def test_serve_config_parses_with_ray_schema(serve_config):
+    """Ray Serve accepts the manifest's Serve config (the keys and their values)."""
+    schema = pytest.importorskip("ray.serve.schema")
+    schema.ServeDeploySchema.model_validate(serve_config)
+
+
 def test_no_deprecated_ray_keys():
     text = MANIFEST.read_text()
     for old in ("target_num_ongoing_requests_per_replica", "max_concurrent_queries", "num_replicas: auto"):

@@ -179,7 +179,6 @@ def inpaint():
         ({"image": [_init(), _init()]}, "2 init images for 1 prompts"),
         ({"timesteps": [1, 2]}, "sd_py does not support timesteps"),
         ({"sigmas": [1.0]}, "sd_py does not support sigmas"),
-        ({"clip_skip": 1}, "sd_py does not support clip_skip"),
     ],
 )
 def test_img2img_rejects_bad_arguments(img2img, kwargs, message):

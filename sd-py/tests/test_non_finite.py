@@ -5,23 +5,13 @@ answers that with 500 and counts it toward the replica's health."""
 import asyncio
 import json
 import shutil
-import struct
 import threading
 
 import numpy as np
 import pytest
 
 from sd_py import StableDiffusionPipeline
-from conftest import SD2
-
-
-def _fill_with_nan(path, name):
-    """Overwrites the float32 tensor `name` of a safetensors file with NaN, in place."""
-    data = bytearray(path.read_bytes())
-    (n,) = struct.unpack("<Q", data[:8])
-    begin, end = json.loads(data[8 : 8 + n])[name]["data_offsets"]
-    data[8 + n + begin : 8 + n + end] = np.full((end - begin) // 4, np.nan, dtype=np.float32).tobytes()
-    path.write_bytes(bytes(data))
+from conftest import SD2, fill_with_nan
 
 
 @pytest.mark.parametrize(
@@ -43,7 +33,7 @@ def test_non_finite_arguments_are_value_errors(pipe, kwargs):
 def test_nan_in_the_vae_is_a_floating_point_error(tmp_path, output_type):
     model = tmp_path / "model"
     shutil.copytree(SD2, model)
-    _fill_with_nan(model / "vae" / "diffusion_pytorch_model.safetensors", "decoder.conv_out.bias")
+    fill_with_nan(model / "vae" / "diffusion_pytorch_model.safetensors", "decoder.conv_out.bias")
     pipe = StableDiffusionPipeline.from_pretrained(str(model))
     with pytest.raises(FloatingPointError, match=r"^non-finite values \(NaN or inf\) in the VAE decode"):
         pipe("a cat", height=64, width=64, num_inference_steps=2, output_type=output_type)

@@ -130,3 +130,17 @@ pub fn copy_model(name: &str, to: &Path) -> PathBuf {
     copy_dir(&pipelines().join(name), &dest);
     dest
 }
+
+/// Overwrites the f32 tensor `name` of the safetensors file at `path` with NaN, in place.
+pub fn fill_with_nan(path: &Path, name: &str) {
+    let mut bytes = std::fs::read(path).unwrap();
+    let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + header_len]).unwrap();
+    let entry = &header[name];
+    assert_eq!(entry["dtype"], "F32", "{name}");
+    let offset = |i: usize| 8 + header_len + entry["data_offsets"][i].as_u64().unwrap() as usize;
+    for value in bytes[offset(0)..offset(1)].chunks_exact_mut(4) {
+        value.copy_from_slice(&f32::NAN.to_le_bytes());
+    }
+    std::fs::write(path, bytes).unwrap();
+}

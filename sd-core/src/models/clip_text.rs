@@ -1,5 +1,8 @@
 //! `CLIPTextModel` (transformers), built from `text_encoder/config.json`. Stable Diffusion uses
-//! its `last_hidden_state`: every token's embedding after the final layer norm.
+//! its `last_hidden_state`: every token's embedding after the final layer norm, or with
+//! `clip_skip` an earlier layer's output through the same layer norm. Textual-inversion tokens
+//! get their embeddings from a small table beside the base one
+//! ([`ClipTextModel::add_token_embeddings`]).
 
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{Embedding, LayerNorm, VarBuilder};
@@ -133,6 +136,9 @@ impl ClipEncoderLayer {
 #[derive(Debug)]
 pub struct ClipTextModel {
     token_embedding: Embedding,
+    /// Rows for ids from `vocab_size` on (textual inversion), `[added, hidden]`; the base table
+    /// stays as loaded.
+    added_token_embeddings: Option<Tensor>,
     position_embedding: Embedding,
     layers: Vec<ClipEncoderLayer>,
     final_layer_norm: LayerNorm,
@@ -161,6 +167,7 @@ impl ClipTextModel {
             .collect::<Result<_>>()?;
         Ok(Self {
             token_embedding: embedding(config.vocab_size, d, emb.pp("token_embedding"))?,
+            added_token_embeddings: None,
             position_embedding: embedding(
                 config.max_position_embeddings,
                 d,
@@ -176,8 +183,39 @@ impl ClipTextModel {
         &self.config
     }
 
+    /// The number of token ids the model embeds: the base vocabulary plus added tokens.
+    pub fn token_count(&self) -> usize {
+        self.config.vocab_size
+            + self.added_token_embeddings.as_ref().map_or(0, |t| t.dim(0).unwrap_or(0))
+    }
+
+    /// Appends embedding rows `[n, hidden]` for the ids `token_count()..token_count() + n`
+    /// (diffusers' `resize_token_embeddings` plus the new rows, without copying the base table).
+    pub fn add_token_embeddings(&mut self, rows: &Tensor) -> Result<()> {
+        let base = self.token_embedding.embeddings();
+        let rows = rows.to_dtype(base.dtype())?.to_device(base.device())?;
+        let (_, dim) = rows.dims2()?;
+        if dim != self.config.hidden_size {
+            candle_core::bail!(
+                "token embeddings of size {dim}, expected the text encoder's {}",
+                self.config.hidden_size
+            )
+        }
+        self.added_token_embeddings = Some(match self.added_token_embeddings.take() {
+            Some(added) => Tensor::cat(&[added, rows], 0)?,
+            None => rows,
+        });
+        Ok(())
+    }
+
     /// `input_ids` `[batch, seq]` (u32 or i64) to `last_hidden_state` `[batch, seq, hidden]`.
     pub fn forward(&self, input_ids: &Tensor) -> Result<Tensor> {
+        self.forward_skipping(input_ids, 0)
+    }
+
+    /// diffusers' `clip_skip`: the output of layer `n - clip_skip` of the `n` layers
+    /// (`hidden_states[-(clip_skip + 1)]`) through the final layer norm; 0 is [`Self::forward`].
+    pub fn forward_skipping(&self, input_ids: &Tensor, clip_skip: usize) -> Result<Tensor> {
         let (_, seq) = input_ids.dims2()?;
         if seq > self.config.max_position_embeddings {
             candle_core::bail!(
@@ -185,15 +223,36 @@ impl ClipTextModel {
                 self.config.max_position_embeddings
             )
         }
+        let layers = self.layers.len();
+        if clip_skip >= layers {
+            candle_core::bail!(
+                "clip_skip {clip_skip} must be less than the {layers} text encoder layers"
+            )
+        }
         let input_ids = input_ids.to_dtype(DType::U32)?;
         let positions = Tensor::arange(0u32, seq as u32, input_ids.device())?.unsqueeze(0)?;
         let mut xs = self
-            .token_embedding
-            .forward(&input_ids)?
+            .embed_tokens(&input_ids)?
             .broadcast_add(&self.position_embedding.forward(&positions)?)?;
-        for layer in &self.layers {
+        for layer in &self.layers[..layers - clip_skip] {
             xs = layer.forward(&xs)?;
         }
         self.final_layer_norm.forward(&xs)
+    }
+
+    /// The token embeddings of `input_ids`, taking ids past the base vocabulary from the added
+    /// rows.
+    fn embed_tokens(&self, input_ids: &Tensor) -> Result<Tensor> {
+        let Some(added) = &self.added_token_embeddings else {
+            return self.token_embedding.forward(input_ids);
+        };
+        let base_count = self.config.vocab_size as u32;
+        let is_added = input_ids.ge(base_count)?;
+        let first_added = Tensor::full(base_count, input_ids.shape(), input_ids.device())?;
+        let base_ids = is_added.where_cond(&input_ids.zeros_like()?, input_ids)?;
+        let added_ids = (is_added.where_cond(input_ids, &first_added)? - &first_added)?;
+        let base = self.token_embedding.forward(&base_ids)?;
+        let added = Embedding::new(added.clone(), self.config.hidden_size).forward(&added_ids)?;
+        is_added.unsqueeze(2)?.broadcast_as(base.shape())?.where_cond(&added, &base)
     }
 }

@@ -15,7 +15,8 @@
 //!
 //! Loading ([`StableDiffusionPipeline::from_pretrained`]) and the stages on their own are in
 //! `stable_diffusion.rs`; a run's arguments and results in `params.rs`; its hooks in `hooks.rs`;
-//! device and dtype names in `device.rs`; the checks that stop a run at NaN or inf in
+//! device and dtype names in `device.rs`; the settings of an image as A1111's metadata text in
+//! `infotext.rs`; the checks that stop a run at NaN or inf in
 //! `finite.rs`; the image cap and memory estimate that refuse runs too large in `memory.rs`.
 
 mod denoise;
@@ -23,6 +24,7 @@ mod device;
 mod finite;
 mod hooks;
 mod img2img;
+mod infotext;
 mod inpaint;
 mod memory;
 mod params;
@@ -33,6 +35,7 @@ mod stable_diffusion;
 mod text2img;
 mod validate;
 
+pub use crate::prompt::PromptSyntax;
 pub use denoise::rescale_noise_cfg;
 pub use device::{parse_device, parse_dtype};
 pub use hooks::{CancelToken, OnStepEnd, RunHooks, StepControl, StepProgress};

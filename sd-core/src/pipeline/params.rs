@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use candle_core::Tensor;
 
+use crate::prompt::PromptSyntax;
 use crate::schedulers::SchedulerConfig;
 
 /// What to return from a run.
@@ -88,6 +89,12 @@ pub struct GenerateParams {
     pub latents: Option<Tensor>,
     /// The image (and mask) to start from; `None` is text-to-image.
     pub init_image: Option<InitImage>,
+    /// diffusers' `clip_skip`: encode with the output of the text encoder's layer `n - k` (then
+    /// its final layer norm), for the prompts and the negative prompts (diffusers 0.42 skips for
+    /// the prompts only). `None` or 0: the last layer. Must be below the number of layers.
+    pub clip_skip: Option<usize>,
+    /// How prompts are read: plain (diffusers) or A1111's weights and long prompts (ours).
+    pub prompt_syntax: PromptSyntax,
 }
 
 impl GenerateParams {
@@ -110,6 +117,8 @@ impl GenerateParams {
             output: OutputType::Image,
             latents: None,
             init_image: None,
+            clip_skip: None,
+            prompt_syntax: PromptSyntax::Plain,
         }
     }
 }

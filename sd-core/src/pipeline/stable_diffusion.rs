@@ -3,16 +3,21 @@
 //! ([`generate_with`](StableDiffusionPipeline::generate_with)) is in `text2img.rs`.
 
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
 use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
 
 use super::postprocess::to_rgb_images;
+use crate::adapters::textual_inversion::MultiVectorToken;
 use crate::hub::{resolve_model, variant_for, HubOptions};
-use crate::loading::{build_component, read_json, WeightStore};
+use crate::loading::{build_component, component_weight_paths, read_json, WeightStore};
 use crate::models::clip_text::{ClipTextConfig, ClipTextModel};
 use crate::models::unet::{UNet2DConditionConfig, UNet2DConditionModel};
 use crate::models::vae::{AutoencoderKL, AutoencoderKLConfig};
+use crate::prompt::chunks::{apply_multipliers, empty_chunk, tokenize_chunks, CHUNK_IDS};
+use crate::prompt::parse::parse_prompt_attention;
+use crate::prompt::PromptSyntax;
 use crate::schedulers::{scheduler_from_name, Scheduler, SchedulerConfig};
 use crate::tokenizer::ClipTokenizer;
 use crate::{Error, Result};
@@ -62,6 +67,11 @@ pub struct StableDiffusionPipeline {
     dtype: DType,
     /// The most images per UNet or VAE call; `None`: [`Self::model_batch`]'s estimate.
     pub(super) max_model_batch: Option<usize>,
+    /// The UNet weight files, hashed (once) for the image metadata's model hash.
+    pub(super) unet_weights: Vec<PathBuf>,
+    pub(super) model_hash: OnceLock<String>,
+    /// Loaded textual-inversion tokens of several vectors, expanded in prompts.
+    pub(crate) multi_vector_tokens: Vec<MultiVectorToken>,
 }
 
 impl StableDiffusionPipeline {
@@ -108,6 +118,8 @@ impl StableDiffusionPipeline {
         let cfg: ClipTextConfig = read_json(&dir.join("config.json"))?;
         let text_encoder =
             build_component(&dir, store, dtype, device, |vb| ClipTextModel::new(vb, &cfg))?;
+        let unet_weights =
+            component_weight_paths(&folder.join("unet"), "diffusion_pytorch_model", variant)?;
         let (dir, store) = load("unet", "diffusion_pytorch_model")?;
         let cfg: UNet2DConditionConfig = read_json(&dir.join("config.json"))?;
         let unet =
@@ -127,6 +139,9 @@ impl StableDiffusionPipeline {
             device: device.clone(),
             dtype,
             max_model_batch: None,
+            unet_weights,
+            model_hash: OnceLock::new(),
+            multi_vector_tokens: vec![],
         })
     }
 
@@ -167,15 +182,62 @@ impl StableDiffusionPipeline {
         )
     }
 
-    /// Tokenizes and encodes prompts: `[n, 77, hidden]` in the activation dtype.
+    /// Tokenizes and encodes prompts as diffusers does: `[n, 77, hidden]` in the activation
+    /// dtype.
     pub fn encode_prompts(&self, prompts: &[String]) -> Result<Tensor> {
-        let mut ids = Vec::with_capacity(prompts.len() * self.tokenizer.max_length());
-        for p in prompts {
+        self.encode_prompts_with(prompts, PromptSyntax::Plain, None)
+    }
+
+    /// Tokenizes and encodes prompts read in `syntax`, with diffusers' `clip_skip` (see
+    /// [`ClipTextModel::forward_skipping`]); loaded multi-vector textual-inversion tokens are
+    /// expanded first. Plain: `[n, 77, hidden]`. A1111: `[n, 77 * chunks, hidden]`, as many
+    /// chunks as the longest prompt needs, the others padded with empty chunks (A1111's batches).
+    pub fn encode_prompts_with(
+        &self,
+        prompts: &[String],
+        syntax: PromptSyntax,
+        clip_skip: Option<usize>,
+    ) -> Result<Tensor> {
+        let skip = clip_skip.unwrap_or(0);
+        let expanded = prompts
+            .iter()
+            .map(|p| self.expand_multi_vector_tokens(p))
+            .collect::<Result<Vec<_>>>()?;
+        if syntax == PromptSyntax::A1111 {
+            return self.encode_a1111_prompts(&expanded, skip);
+        }
+        let length = self.tokenizer.max_length();
+        let mut ids = Vec::with_capacity(prompts.len() * length);
+        for p in &expanded {
             ids.extend(self.tokenizer.encode(p)?);
         }
-        let ids =
-            Tensor::from_vec(ids, (prompts.len(), self.tokenizer.max_length()), &self.device)?;
-        Ok(self.text_encoder.forward(&ids)?)
+        let ids = Tensor::from_vec(ids, (prompts.len(), length), &self.device)?;
+        Ok(self.text_encoder.forward_skipping(&ids, skip)?)
+    }
+
+    /// [`PromptSyntax::A1111`]: every prompt's chunks (padded to the longest prompt's count)
+    /// encoded as one batch, weighted, and concatenated per prompt.
+    fn encode_a1111_prompts(&self, prompts: &[String], clip_skip: usize) -> Result<Tensor> {
+        let mut per_prompt = prompts
+            .iter()
+            .map(|p| tokenize_chunks(&self.tokenizer, &parse_prompt_attention(p)?))
+            .collect::<Result<Vec<_>>>()?;
+        let chunks = per_prompt.iter().map(Vec::len).max().unwrap_or(1);
+        let empty = empty_chunk(&self.tokenizer)?;
+        let (mut ids, mut multipliers) = (vec![], vec![]);
+        for prompt_chunks in &mut per_prompt {
+            prompt_chunks.resize(chunks, empty.clone());
+            for chunk in prompt_chunks.iter() {
+                ids.extend_from_slice(&chunk.ids);
+                multipliers.extend(chunk.multipliers.iter().map(|&m| m as f32));
+            }
+        }
+        let shape = (prompts.len() * chunks, CHUNK_IDS);
+        let ids = Tensor::from_vec(ids, shape, &self.device)?;
+        let multipliers = Tensor::from_vec(multipliers, shape, &self.device)?;
+        let z = self.text_encoder.forward_skipping(&ids, clip_skip)?;
+        let z = apply_multipliers(&z, &multipliers)?;
+        Ok(z.reshape((prompts.len(), chunks * CHUNK_IDS, ()))?)
     }
 
     /// Decodes latents (as the denoising loop leaves them) into the VAE's output, roughly in

@@ -10,9 +10,10 @@ use super::hooks::RunHooks;
 use super::params::{GenerateOutput, GenerateParams, OutputType, StageTimings};
 use super::validate::RunPlan;
 use super::StableDiffusionPipeline;
+use crate::prompt::PromptSyntax;
 use crate::rng::Generators;
 use crate::schedulers::Scheduler;
-use crate::Result;
+use crate::{Error, Result};
 
 impl StableDiffusionPipeline {
     pub fn generate(&self, params: &GenerateParams) -> Result<GenerateOutput> {
@@ -106,7 +107,9 @@ impl StableDiffusionPipeline {
 
     /// diffusers' `encode_prompt` and the guidance batch after it: the UNet's text context,
     /// `[uncond..., cond...]` with guidance, each prompt repeated per image (prompt-major).
-    /// Given embeddings are used as they are; prompts are encoded by [`Self::encode_prompts`].
+    /// Given embeddings are used as they are; prompts are encoded by
+    /// [`Self::encode_prompts_with`] (A1111 syntax: prompts and negative prompts together, so
+    /// that both get the same number of chunks).
     pub(super) fn encode_prompt(
         &self,
         params: &GenerateParams,
@@ -120,28 +123,47 @@ impl StableDiffusionPipeline {
         };
         let given =
             |embeds: &Tensor| embeds.to_dtype(self.activation_dtype())?.to_device(self.device());
-        let cond = match &params.prompt_embeds {
-            Some(embeds) => given(embeds)?,
-            None => {
-                self.checked_text_embeddings(self.encode_prompts(&params.prompts)?, "prompts")?
-            }
+        let encode = |texts: &[String], what: &str| {
+            let embeds = self.encode_prompts_with(texts, params.prompt_syntax, params.clip_skip)?;
+            self.checked_text_embeddings(embeds, what)
         };
-        let cond = repeat(cond)?;
-        if !guidance.is_enabled() {
-            return Ok(cond);
-        }
-        let uncond = match &params.negative_prompt_embeds {
-            Some(embeds) => given(embeds)?,
-            None => {
-                let negatives = match &params.negative_prompts {
-                    None => vec![String::new(); plan.prompts],
-                    Some(n) if n.len() == 1 => vec![n[0].clone(); plan.prompts],
-                    Some(n) => n.clone(),
+        let negatives = || match &params.negative_prompts {
+            None => vec![String::new(); plan.prompts],
+            Some(n) if n.len() == 1 => vec![n[0].clone(); plan.prompts],
+            Some(n) => n.clone(),
+        };
+        let (uncond, cond) = match (&params.negative_prompt_embeds, &params.prompt_embeds) {
+            (None, None)
+                if guidance.is_enabled() && params.prompt_syntax == PromptSyntax::A1111 =>
+            {
+                let both = encode(&[negatives(), params.prompts.clone()].concat(), "prompts")?;
+                let n = plan.prompts;
+                (Some(both.narrow(0, 0, n)?), both.narrow(0, n, n)?)
+            }
+            (negative_embeds, prompt_embeds) => {
+                let cond = match prompt_embeds {
+                    Some(embeds) => given(embeds)?,
+                    None => encode(&params.prompts, "prompts")?,
                 };
-                self.checked_text_embeddings(self.encode_prompts(&negatives)?, "negative prompts")?
+                let uncond = match negative_embeds {
+                    _ if !guidance.is_enabled() => None,
+                    Some(embeds) => Some(given(embeds)?),
+                    None => Some(encode(&negatives(), "negative prompts")?),
+                };
+                (uncond, cond)
             }
         };
-        Ok(Tensor::cat(&[repeat(uncond)?, cond], 0)?)
+        let Some(uncond) = uncond else {
+            return repeat(cond);
+        };
+        if uncond.dims() != cond.dims() {
+            return Err(Error::invalid(format!(
+                "the prompts encode to {:?} and the negative prompts to {:?}; they must match",
+                cond.dims(),
+                uncond.dims()
+            )));
+        }
+        Ok(Tensor::cat(&[repeat(uncond)?, repeat(cond)?], 0)?)
     }
 
     /// diffusers' `prepare_latents`: the given latents, or noise drawn from the run's generators,

@@ -180,6 +180,13 @@ impl StableDiffusionPipeline {
             None => vec![p.prompts.len(), tokens, hidden],
         };
         let prompts = cond_dims[0];
+        let layers = self.text_encoder.config().num_hidden_layers;
+        if p.clip_skip.is_some_and(|k| k >= layers) {
+            return Err(Error::invalid(format!(
+                "clip_skip {} must be less than the text encoder's {layers} layers",
+                p.clip_skip.unwrap_or_default()
+            )));
+        }
         for (argument, given) in [
             ("prompt_embeds", &p.prompt_embeds),
             ("negative_prompt_embeds", &p.negative_prompt_embeds),

@@ -33,6 +33,9 @@ pub fn betas(
     }
 }
 
+/// The most training timesteps a scheduler config may declare.
+pub const MAX_TRAIN_TIMESTEPS: usize = 1_000_000;
+
 fn unchecked_betas(
     schedule: BetaSchedule,
     beta_start: f64,
@@ -51,6 +54,13 @@ fn unchecked_betas(
     }
     if num_train_timesteps == 0 {
         return Err(Error::invalid("num_train_timesteps must be at least 1"));
+    }
+    // The schedule holds a few values per timestep: 10^12 aborted the process out of memory.
+    if num_train_timesteps > MAX_TRAIN_TIMESTEPS {
+        return Err(Error::invalid(format!(
+            "num_train_timesteps {num_train_timesteps} is over the supported maximum of \
+             {MAX_TRAIN_TIMESTEPS} (models are trained with 1000)"
+        )));
     }
     Ok(match schedule {
         BetaSchedule::Linear => torch_linspace_f32(beta_start, beta_end, num_train_timesteps),

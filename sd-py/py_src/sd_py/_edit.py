@@ -35,9 +35,11 @@ _FORWARDED = (
     "return_dict",
     "callback_on_step_end",
     "callback_on_step_end_tensor_inputs",
+    "clip_skip",
+    "prompt_syntax",
 )
 # diffusers' `__call__` arguments that every sd_py pipeline refuses (as the text-to-image one).
-_REFUSED = ("timesteps", "sigmas", "ip_adapter_image", "ip_adapter_image_embeds", "cross_attention_kwargs", "clip_skip")
+_REFUSED = ("timesteps", "sigmas", "ip_adapter_image", "ip_adapter_image_embeds", "cross_attention_kwargs")
 
 
 def _split_call_args(args: Dict[str, Any], refused: Sequence[str]) -> Tuple[Dict[str, Any], Dict[str, Any]]:
@@ -125,6 +127,7 @@ class StableDiffusionImg2ImgPipeline(StableDiffusionPipeline):
         clip_skip: Optional[int] = None,
         callback_on_step_end: Optional[Callable[..., Any]] = None,
         callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+        prompt_syntax: str = "plain",
         **kwargs: Any,
     ) -> Any:
         """Edits `image`, as diffusers' `StableDiffusionImg2ImgPipeline.__call__`.
@@ -136,7 +139,7 @@ class StableDiffusionImg2ImgPipeline(StableDiffusionPipeline):
           strength)` steps run.
 
         The other arguments are those of `StableDiffusionPipeline.__call__`; `timesteps`,
-        `sigmas`, IP-adapter inputs, `cross_attention_kwargs` and `clip_skip` are not supported
+        `sigmas`, IP-adapter inputs and `cross_attention_kwargs` are not supported
         (ValueError), other unknown keyword arguments are ignored with a warning.
         """
         forwarded, unsupported = _split_call_args(locals(), _REFUSED)
@@ -178,6 +181,7 @@ class StableDiffusionInpaintPipeline(StableDiffusionPipeline):
         clip_skip: Optional[int] = None,
         callback_on_step_end: Optional[Callable[..., Any]] = None,
         callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+        prompt_syntax: str = "plain",
         **kwargs: Any,
     ) -> Any:
         """Repaints the white part of `mask_image` in `image`, as diffusers'
@@ -194,7 +198,7 @@ class StableDiffusionInpaintPipeline(StableDiffusionPipeline):
         - `strength` in (0, 1]: 1 starts from pure noise; below 1 from the noised image.
 
         `masked_image_latents`, `padding_mask_crop`, `latents`, `timesteps`, `sigmas`,
-        IP-adapter inputs, `cross_attention_kwargs` and `clip_skip` are not supported
+        IP-adapter inputs and `cross_attention_kwargs` are not supported
         (ValueError); other unknown keyword arguments are ignored with a warning.
         """
         refused = ("masked_image_latents", "padding_mask_crop", "latents") + _REFUSED

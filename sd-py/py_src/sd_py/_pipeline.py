@@ -138,6 +138,8 @@ def _count(name: str, value: Any) -> int:
             raise ValueError(f"`{name}` must be an integer, got {value!r}") from None
     if n < 0:
         raise ValueError(f"`{name}` must not be negative, got {n}")
+    if n >= _U64:  # the native module would raise OverflowError, naming nothing
+        raise ValueError(f"`{name}` is too large, got {n}")
     return n
 
 
@@ -187,10 +189,17 @@ def _latents_bytes(latents: Any, shape: List[int]) -> bytes:
 
 def _prompt_list(name: str, value: Any) -> List[str]:
     if isinstance(value, str):
-        return [value]
-    if isinstance(value, (list, tuple)) and all(isinstance(p, str) for p in value):
-        return list(value)
-    raise ValueError(f"`{name}` has to be of type `str` or `list` of `str`, got {type(value).__name__}")
+        prompts = [value]
+    elif isinstance(value, (list, tuple)) and all(isinstance(p, str) for p in value):
+        prompts = list(value)
+    else:
+        raise ValueError(f"`{name}` has to be of type `str` or `list` of `str`, got {type(value).__name__}")
+    for prompt in prompts:
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError as e:  # a lone surrogate, e.g. from os.fsdecode of bad bytes
+            raise ValueError(f"`{name}` is not valid Unicode text: {e}") from None
+    return prompts
 
 
 def _seed_of(gen: Any) -> int:
@@ -310,7 +319,7 @@ class StableDiffusionPipeline:
             raise ValueError(f"`scheduler` must be an sd_py scheduler (e.g. EulerDiscreteScheduler), got {type(scheduler).__name__}")
         if variant is not None and not isinstance(variant, str):
             raise ValueError(f"`variant` must be a string such as 'fp16', got {variant!r}")
-        name = os.fspath(pretrained_model_name_or_path)
+        name = os.fsdecode(pretrained_model_name_or_path)  # str, bytes or os.PathLike
         native = _native._Pipeline.load(
             name,
             dtype=_dtype_name(torch_dtype),
@@ -334,6 +343,43 @@ class StableDiffusionPipeline:
         if kwargs:
             warnings.warn(f"{cls.__name__}.from_pipe: ignoring unsupported argument(s) {', '.join(sorted(kwargs))}", stacklevel=2)
         return cls._from_native(pipeline._native, scheduler or pipeline.scheduler, pipeline._name_or_path)
+
+    # ---- adapters ----
+
+    def load_textual_inversion(
+        self,
+        pretrained_model_name_or_path: Any,
+        token: Union[str, List[str], None] = None,
+        weight_name: Optional[str] = None,
+        **kwargs: Any,
+    ) -> None:
+        """diffusers' `load_textual_inversion` for local `.safetensors` embeddings: a file, a
+        folder holding `weight_name` (default `learned_embeds.safetensors`), or a list of them
+        with a list of tokens. The token comes from `token`, else from the file (the key of a
+        one-tensor file; A1111's `string_to_param` layout: its `name` metadata, else the file
+        name); an embedding of `n` vectors adds `<tok>`, `<tok>_1`, ... `<tok>_{n-1}`, and `<tok>`
+        in a prompt stands for all of them, as in diffusers. Pickle files (`.pt`, `.bin`), state
+        dicts, tensors and hub ids are refused (ValueError); so is a token already in the
+        vocabulary. Pipelines made with `from_pipe` share the embeddings, as they share the text
+        encoder in diffusers. Other keyword arguments are ignored with a warning."""
+        sources = list(pretrained_model_name_or_path) if isinstance(pretrained_model_name_or_path, (list, tuple)) else [pretrained_model_name_or_path]
+        tokens = list(token) if isinstance(token, (list, tuple)) else [token] * len(sources)
+        if len(tokens) != len(sources):
+            raise ValueError(
+                f"You have passed a list of models of length {len(sources)}, and list of tokens of length {len(tokens)} "
+                "Make sure both lists have the same length."
+            )
+        if kwargs:
+            warnings.warn(f"load_textual_inversion: ignoring unsupported argument(s) {', '.join(sorted(kwargs))}", stacklevel=2)
+        for source, tok in zip(sources, tokens):
+            if not isinstance(source, (str, os.PathLike)):
+                raise ValueError(
+                    f"sd_py loads textual inversion embeddings from .safetensors files, not from a {type(source).__name__}"
+                )
+            path = os.fspath(source)
+            if os.path.isdir(path):
+                path = os.path.join(path, weight_name or "learned_embeds.safetensors")
+            self._native.load_textual_inversion(path, tok)
 
     # ---- placement ----
 
@@ -475,6 +521,7 @@ class StableDiffusionPipeline:
         clip_skip: Optional[int] = None,
         callback_on_step_end: Optional[Callable[..., Any]] = None,
         callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+        prompt_syntax: str = "plain",
         **kwargs: Any,
     ) -> Any:
         """Generates images, as diffusers' `StableDiffusionPipeline.__call__`.
@@ -506,8 +553,20 @@ class StableDiffusionPipeline:
           embeddings, the negative prompts are encoded (then `prompt_embeds` must have the
           tokenizer's 77 tokens).
 
-        `timesteps`, `sigmas`, IP-adapter
-        inputs, `cross_attention_kwargs` and `clip_skip` are not supported
+        - `clip_skip`: diffusers' (the output of the text encoder's layer n - clip_skip, then its
+          final layer norm), applied to the prompts and the negative prompts (diffusers 0.42: to
+          the prompts only).
+        - `prompt_syntax` (sd_py's, not diffusers'): "plain" (default, diffusers) or "a1111":
+          AUTOMATIC1111's `(word)`, `(word:1.3)`, `[word]`, `\\(` escapes, `BREAK` and prompts
+          longer than 75 tokens, encoded in 77-token chunks with the weights applied to the
+          embeddings (A1111's mean restoration).
+        - `output_metadata=True` (ours): each PIL image's `info["parameters"]` holds its settings
+          in AUTOMATIC1111's format, as sd-cli writes them into its PNGs (save with
+          `PngInfo`/`pnginfo=` to keep them in a file).
+
+        Loaded `load_textual_inversion` tokens work in prompts and negative prompts.
+
+        `timesteps`, `sigmas`, IP-adapter inputs and `cross_attention_kwargs` are not supported
         (ValueError); other unknown keyword arguments are ignored with a warning.
         """
         unsupported = {
@@ -516,7 +575,6 @@ class StableDiffusionPipeline:
             "ip_adapter_image": ip_adapter_image,
             "ip_adapter_image_embeds": ip_adapter_image_embeds,
             "cross_attention_kwargs": cross_attention_kwargs or None,
-            "clip_skip": clip_skip,
         }
         return self._generate(
             unsupported,
@@ -538,6 +596,8 @@ class StableDiffusionPipeline:
             guidance_rescale=guidance_rescale,
             callback_on_step_end=callback_on_step_end,
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+            clip_skip=clip_skip,
+            prompt_syntax=prompt_syntax,
         )
 
     def _generate(
@@ -562,12 +622,16 @@ class StableDiffusionPipeline:
         guidance_rescale: float,
         callback_on_step_end: Optional[Callable[..., Any]],
         callback_on_step_end_tensor_inputs: Sequence[str],
+        clip_skip: Optional[int],
+        prompt_syntax: str,
         edit: Optional[Dict[str, Any]] = None,
     ) -> Any:
         """The run shared by every pipeline class. `unsupported`: diffusers arguments sd_py refuses
         when given (not None); `ignored`: unknown keyword arguments (a warning); `edit`: the native
         `init_images`, `mask` and `strength` arguments of image-to-image and inpainting."""
         self._interrupt = False
+        # Ours, taken by every pipeline class: the settings in each PIL image's `info`.
+        output_metadata = bool(ignored.pop("output_metadata", False))
         given = [k for k, v in unsupported.items() if v is not None]
         if given:
             raise ValueError(f"sd_py does not support {', '.join(given)}")
@@ -612,7 +676,11 @@ class StableDiffusionPipeline:
 
         native = self._native
         scheduler = self._scheduler
-        for p in prompts + (negatives or []):
+        if not isinstance(prompt_syntax, str):
+            raise ValueError(f"`prompt_syntax` must be 'plain' or 'a1111', got {prompt_syntax!r}")
+        skip = None if clip_skip is None else _count("clip_skip", clip_skip)
+        long_prompts_fit = prompt_syntax.lower() == "a1111"
+        for p in [] if long_prompts_fit else prompts + (negatives or []):
             cut = native.truncated_text(p)
             if cut:
                 logger.warning(
@@ -654,6 +722,9 @@ class StableDiffusionPipeline:
             latents=initial_noise,
             prompt_embeds=embeds,
             negative_prompt_embeds=negative_embeds,
+            metadata=output_metadata,
+            clip_skip=skip,
+            prompt_syntax=prompt_syntax,
             **(edit or {}),
         )
         images: Any
@@ -661,6 +732,8 @@ class StableDiffusionPipeline:
             from PIL import Image
 
             images = [Image.frombytes("RGB", (image.width, image.height), image.data) for image in out.images]
+            for image, text in zip(images, out.infotexts):
+                image.info["parameters"] = text
         else:
             images = _from_native(out.array if output == "np" else out.latents)
         result = StableDiffusionPipelineOutput(images=images, nsfw_content_detected=None, seeds=list(out.seeds))

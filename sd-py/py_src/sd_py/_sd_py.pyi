@@ -21,6 +21,11 @@ class GenerateResult:
     def images(self):
         """\"pil": one RGB image per prompt and image."""
     @property
+    def infotexts(self):
+        """With `metadata=True` and "pil": each image's settings as AUTOMATIC1111's `parameters`
+        text (what sd-cli writes into its PNGs); else empty.
+        """
+    @property
     def latents(self):
         """\"latent": the final latents `[b, c, h/8, w/8]`."""
     @property
@@ -61,7 +66,7 @@ class _Pipeline:
     @property
     def folder(self):
         """The local diffusers folder the weights were read from."""
-    def generate(self, prompts, negative_prompts=None, height=None, width=None, num_inference_steps=50, guidance_scale=7.5, num_images_per_prompt=1, seeds=..., scheduler=None, scheduler_config=None, output='pil', on_step=None, guidance_rescale=0.0, eta=0.0, step_latents=False, latents=None, prompt_embeds=None, negative_prompt_embeds=None, init_images=None, mask=None, strength=None):
+    def generate(self, prompts, negative_prompts=None, height=None, width=None, num_inference_steps=50, guidance_scale=7.5, num_images_per_prompt=1, seeds=..., scheduler=None, scheduler_config=None, output='pil', on_step=None, guidance_rescale=0.0, eta=0.0, step_latents=False, latents=None, prompt_embeds=None, negative_prompt_embeds=None, init_images=None, mask=None, strength=None, clip_skip=None, prompt_syntax='plain', metadata=False):
         """Runs the pipeline with the GIL released; sd-core checks every value.
 
         `seeds`: empty (random), one (one generator for the batch) or one per image.
@@ -77,11 +82,16 @@ class _Pipeline:
         the prompts (then empty) or the negative prompts. `init_images`: `(width, height, RGB
         bytes)` of one image (or one per prompt) to start from (image-to-image), with `mask`
         `(width, height, luma bytes)`, white = repaint, for inpainting; `strength` in (0, 1]
-        (default 0.8 without a mask, 1.0 with one, as diffusers).
+        (default 0.8 without a mask, 1.0 with one, as diffusers). `clip_skip`: diffusers'
+        (for the prompts and the negative prompts); `prompt_syntax`: "plain" or "a1111".
         """
     @staticmethod
     def load(model, dtype='float32', device='cpu', variant=None, revision=None, local_files_only=False, cache_dir=None, token=None):
         """Loads a diffusers folder or hub model id."""
+    def load_textual_inversion(self, path, token=None):
+        """diffusers' `load_textual_inversion` for a `.safetensors` file; returns the tokens added.
+        Refused while a run of this pipeline is in progress.
+        """
     @property
     def max_prompt_tokens(self):
         """The tokenizer's maximum sequence length (77 for CLIP)."""

