@@ -373,9 +373,9 @@ impl PyPipeline {
         init_images: Option<Vec<(u32, u32, Bound<'py, PyBytes>)>>,
         mask: Option<(u32, u32, Bound<'py, PyBytes>)>,
         strength: Option<f64>,
-        metadata: bool,
         clip_skip: Option<usize>,
         prompt_syntax: &str,
+        metadata: bool,
     ) -> PyResult<GenerateResult> {
         let output = match output {
             "pil" => Output::Pil,
