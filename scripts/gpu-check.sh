@@ -95,13 +95,56 @@ unpack() {
   done
 }
 
-# Puts the folders of the CUDA libraries on LD_LIBRARY_PATH; prints a PASS/FAIL line per library.
-# Fails without the driver library (no GPU driver here) or with any library missing.
+# The shared libraries `$1` loads and where from, as `ldd` prints them (the dynamic loader's own
+# trace where `ldd` is not installed).
+deps() {
+  if command -v ldd >/dev/null 2>&1; then
+    ldd "$1"
+  else
+    LD_TRACE_LOADED_OBJECTS=1 "$1"
+  fi
+}
+
+# Finds the NVIDIA driver and a GPU, then the CUDA 13 libraries, and puts their folders on
+# LD_LIBRARY_PATH; a PASS/FAIL line each. Without a driver or a GPU it fails at once (the rest
+# cannot run); a missing library fails after all of them are listed.
 find_libraries() {
-  local bin="$1" dirs=() lib dir found all status=0
+  local bin="$1" lib dir found all best status=0
   all="$(list_cuda_libs)"
-  for lib in libcublas.so.13 libcublasLt.so.13 libcurand.so.10 libcudart.so.13 libnvrtc.so.13 libnvrtc-builtins.so.13; do
-    found="$(grep -F "/$lib" <<<"$all" | head -n 1 || true)"
+  # The driver library normally comes with the driver's own search path; else take one found on
+  # disk, never a link stub (such as scripts/cuda-env.sh's, which answers every call with
+  # CUDA_ERROR_STUB_LIBRARY).
+  found="$(deps "$bin" | awk '$1 == "libcuda.so.1" && $3 ~ /^\// {print $3}')"
+  if [ -n "$found" ] && readlink -f "$found" | grep -q stub; then
+    found=""
+  fi
+  if [ -z "$found" ]; then
+    found="$(grep '/libcuda.so.1$' <<<"$all" | while read -r f; do
+      readlink -f "$f" | grep -qv stub && echo "$f"
+    done | head -n 1 || true)"
+    [ -z "$found" ] || export LD_LIBRARY_PATH="$(dirname "$found")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+  fi
+  if [ -z "$found" ]; then
+    echo "FAIL NVIDIA driver: libcuda.so.1 not found: no NVIDIA driver, so no CUDA device on this machine"
+    return 1
+  fi
+  echo "PASS NVIDIA driver: $found"
+  if command -v nvidia-smi >/dev/null 2>&1; then
+    if ! nvidia-smi -L 2>/dev/null | grep -q '^GPU '; then
+      echo "FAIL CUDA device: nvidia-smi lists no GPU: no CUDA device on this machine"
+      return 1
+    fi
+    echo "PASS CUDA device: $(nvidia-smi -L | head -n 1)"
+  fi
+
+  # The toolkit libraries from one folder where possible (libcublas and libcublasLt, libnvrtc and
+  # its builtins must be of the same release): the folder holding most of them first.
+  local libs=(libcublas.so.13 libcublasLt.so.13 libcurand.so.10 libcudart.so.13 libnvrtc.so.13 libnvrtc-builtins.so.13)
+  best="$(for lib in "${libs[@]}"; do (grep -F "/$lib" <<<"$all" || true) | xargs -r -n 1 dirname | sort -u; done |
+    sort | uniq -c | sort -k1,1nr -k2 | awk 'NR == 1 {print $2}')"
+  local dirs=()
+  for lib in "${libs[@]}"; do
+    found="$( (ls "$best/$lib"* 2>/dev/null || true; grep -F "/$lib" <<<"$all" || true) | head -n 1)"
     if [ -n "$found" ]; then
       dir="$(dirname "$found")"
       echo "PASS library $lib: $found"
@@ -114,23 +157,13 @@ find_libraries() {
   local joined
   joined="$(IFS=:; echo "${dirs[*]-}")"
   export LD_LIBRARY_PATH="${joined}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-  # The driver library normally comes with the driver's own search path; else take one found on
-  # disk, never a link stub (such as scripts/cuda-env.sh's).
-  if ldd "$bin" | grep -q 'libcuda.so.1 => not found'; then
-    found="$(grep '/libcuda.so.1$' <<<"$all" | while read -r f; do
-      readlink -f "$f" | grep -qv stub && echo "$f"
-    done | head -n 1 || true)"
-    if [ -z "$found" ]; then
-      echo "FAIL NVIDIA driver: libcuda.so.1 not found: no GPU driver on this machine"
-      return 1
+  local name
+  for name in gpu_check sd-cli; do
+    if deps "$(dirname "$bin")/$name" | grep 'not found'; then
+      echo "FAIL libraries of $name: the above are missing"
+      status=1
     fi
-    export LD_LIBRARY_PATH="$(dirname "$found"):$LD_LIBRARY_PATH"
-  fi
-  echo "PASS NVIDIA driver: $(ldd "$bin" | awk '/libcuda.so.1/ {print $3}')"
-  if ldd "$bin" | grep 'not found'; then
-    echo "FAIL libraries: the above are missing"
-    status=1
-  fi
+  done
   return "$status"
 }
 

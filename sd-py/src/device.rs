@@ -41,10 +41,20 @@ pub fn device_from_name(name: &str) -> PyResult<Device> {
         // Opening the device failed (cuInit or the context): CUDA_ERROR_NO_DEVICE, a stub or
         // missing driver, an ordinal past the last GPU.
         Err(sd_core::Error::Candle(e)) => Err(PyRuntimeError::new_err(format!(
-            "device `{name}` requested, but no usable CUDA device or driver was found ({e}); \
-             check `nvidia-smi` and CUDA_VISIBLE_DEVICES, or use \"cpu\""
+            "device `{name}` requested, but no usable CUDA device or driver was found ({}); \
+             check `nvidia-smi` and CUDA_VISIBLE_DEVICES, or use \"cpu\"",
+            without_backtrace(&e)
         ))),
         parsed => attached(|| parsed),
+    }
+}
+
+/// The error without the backtrace candle attaches under `RUST_BACKTRACE=1` (dozens of lines of
+/// frames in a one-line Python message).
+fn without_backtrace(e: &candle_core::Error) -> &candle_core::Error {
+    match e {
+        candle_core::Error::WithBacktrace { inner, .. } => without_backtrace(inner),
+        e => e,
     }
 }
 
