@@ -190,9 +190,17 @@ run() {
   command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
 
   echo "== 2-4. gpu_check kernels, bench, pipeline ($((SECONDS - t0)) s so far)"
+  local status
   timeout 330 "$work/bin/gpu_check" all --steps "$steps" --size "$sizes" --dtype "$dtypes" \
-    --tokenizer "$tokenizer" --work "$work" --keep | tee "$work/gpu_check.log" || failed=1
+    --tokenizer "$tokenizer" --work "$work" --keep | tee "$work/gpu_check.log"
+  status="${PIPESTATUS[0]}"
   lines="$(cat "$work/libraries.log" "$work/gpu_check.log" | grep -E '^(PASS|FAIL) ' || true)"
+  # gpu_check prints its own FAIL lines; a crash or the timeout (status 124) prints none.
+  if [ "$status" != 0 ]; then
+    failed=1
+    grep -q '^FAIL ' "$work/gpu_check.log" ||
+      lines+=$'\n'"FAIL gpu_check: exit status $status$([ "$status" = 124 ] && echo ' (over its 330 s)') without a summary: see the log above"
+  fi
 
   echo "== 5. sd-cli generate --device cuda ($((SECONDS - t0)) s so far)"
   local dtype started
