@@ -47,9 +47,10 @@ _sd_cuda_setup() {
   # Link stubs: the wheels ship only versioned libraries (libcublas.so.13, ...) and no libcuda at
   # all. The linker wants `libX.so`: symlinks for the toolkit libraries, and for the driver a stub
   # libcuda.so (soname libcuda.so.1, so the binary loads the real driver library at run time)
-  # exporting every driver function cudarc declares.
+  # exporting every driver function cudarc declares. Like NVIDIA's own stub, each returns
+  # CUDA_ERROR_STUB_LIBRARY (34), so a binary started on it fails cleanly at cuInit.
   stubs="$SD_CUDA_VENV/stubs"
-  if [ ! -f "$stubs/libcuda.so" ]; then
+  if ! grep -qs 'return 34;' "$stubs/libcuda_stub.c"; then
     mkdir -p "$stubs" || return 1
     for lib in cublas cublasLt curand cudart nvrtc; do
       local real
@@ -63,7 +64,7 @@ _sd_cuda_setup() {
     local src
     src="$(_sd_cuda_driver_bindings)" || return 1
     grep -ohE 'pub unsafe fn cu[A-Za-z0-9_]+' "$src" | awk '{print $4}' | sort -u |
-      awk '{print "void " $1 "(void) {}"}' >"$stubs/libcuda_stub.c"
+      awk '{print "int " $1 "(void) { return 34; }"}' >"$stubs/libcuda_stub.c"
     gcc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$stubs/libcuda.so" "$stubs/libcuda_stub.c" || return 1
   fi
   # The same stub as libcuda.so.1, in a folder of its own: only for starting a CUDA binary on a

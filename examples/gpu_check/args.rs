@@ -12,8 +12,10 @@ pub struct Args {
     pub bench: bool,
     pub pipeline: bool,
     pub steps: usize,
-    pub size: usize,
-    pub dtype: String,
+    /// Image sizes in pixels: `bench` and `pipeline` run at each.
+    pub sizes: Vec<usize>,
+    /// `pipeline` runs in each; `bench` in each of them but f32 (which has no kernels).
+    pub dtypes: Vec<String>,
     pub device: usize,
     pub tokenizer: PathBuf,
     pub work: Option<PathBuf>,
@@ -21,8 +23,32 @@ pub struct Args {
 }
 
 const USAGE: &str = "usage: gpu_check [all|kernels|bench|pipeline|compile]... [--steps N] \
-    [--size PX] [--dtype f16|bf16] [--device N] [--tokenizer DIR] [--work DIR] [--keep] \
+    [--size PX,...] [--dtype f32,f16,bf16] [--device N] [--tokenizer DIR] [--work DIR] [--keep] \
     [--arch sm_80,sm_90]";
+
+/// A comma-separated list, each item checked by `item`.
+fn list<T>(
+    name: &str,
+    value: Option<&String>,
+    item: impl Fn(&str) -> Result<T, String>,
+) -> Result<Vec<T>, String> {
+    let value = value.ok_or_else(|| format!("{name} needs a value"))?;
+    value.split(',').map(|v| item(v).map_err(|e| format!("{name}: {e}"))).collect()
+}
+
+fn size(v: &str) -> Result<usize, String> {
+    match v.parse::<usize>() {
+        Ok(px) if px > 0 && px.is_multiple_of(64) => Ok(px),
+        _ => Err(format!("`{v}` is not a positive multiple of 64")),
+    }
+}
+
+fn dtype(v: &str) -> Result<String, String> {
+    match v {
+        "f32" | "f16" | "bf16" => Ok(v.to_string()),
+        _ => Err(format!("`{v}` is not f32, f16 or bf16")),
+    }
+}
 
 pub fn parse_args(argv: &[String]) -> Result<Args, String> {
     let mut args = Args {
@@ -32,8 +58,8 @@ pub fn parse_args(argv: &[String]) -> Result<Args, String> {
         bench: false,
         pipeline: false,
         steps: 4,
-        size: 768,
-        dtype: "f16".into(),
+        sizes: vec![512, 768],
+        dtypes: vec!["f32".into(), "f16".into(), "bf16".into()],
         device: 0,
         tokenizer: PathBuf::from("tests/fixtures/pipelines/sd2-tiny/tokenizer"),
         work: None,
@@ -63,15 +89,9 @@ pub fn parse_args(argv: &[String]) -> Result<Args, String> {
                 }
             }
             "--steps" => args.steps = number("--steps", it.next())?,
-            "--size" => args.size = number("--size", it.next())?,
+            "--size" => args.sizes = list("--size", it.next(), size)?,
             "--device" => args.device = number("--device", it.next())?,
-            "--dtype" => {
-                let v = it.next().ok_or("--dtype needs a value")?;
-                match v.as_str() {
-                    "f16" | "bf16" => args.dtype = v.clone(),
-                    _ => return Err(format!("--dtype: `{v}` is not f16 or bf16")),
-                }
-            }
+            "--dtype" => args.dtypes = list("--dtype", it.next(), dtype)?,
             "--tokenizer" => {
                 args.tokenizer = PathBuf::from(it.next().ok_or("--tokenizer needs a value")?)
             }
@@ -86,9 +106,6 @@ pub fn parse_args(argv: &[String]) -> Result<Args, String> {
     }
     if args.steps == 0 {
         return Err("--steps must be at least 1".into());
-    }
-    if args.size == 0 || !args.size.is_multiple_of(64) {
-        return Err(format!("--size must be a positive multiple of 64, got {}", args.size));
     }
     Ok(args)
 }
@@ -105,10 +122,8 @@ mod tests {
     fn defaults_run_everything() {
         let a = parse("").unwrap();
         assert!(a.kernels && a.bench && a.pipeline);
-        assert_eq!(
-            (a.steps, a.size, a.dtype.as_str(), a.device, a.keep),
-            (4, 768, "f16", 0, false)
-        );
+        assert_eq!((a.steps, a.sizes.as_slice(), a.device, a.keep), (4, &[512, 768][..], 0, false));
+        assert_eq!(a.dtypes, ["f32", "f16", "bf16"]);
         assert_eq!(a.tokenizer, PathBuf::from("tests/fixtures/pipelines/sd2-tiny/tokenizer"));
         assert_eq!(parse("all").unwrap(), a);
     }
@@ -116,15 +131,13 @@ mod tests {
     #[test]
     fn subcommands_and_options() {
         let a = parse(
-            "kernels pipeline --steps 2 --size 512 --dtype bf16 --device 1 --work /tmp/w --keep \
-             --tokenizer tok",
+            "kernels pipeline --steps 2 --size 512 --dtype bf16,f32 --device 1 --work /tmp/w \
+             --keep --tokenizer tok",
         )
         .unwrap();
         assert!(a.kernels && !a.bench && a.pipeline);
-        assert_eq!(
-            (a.steps, a.size, a.dtype.as_str(), a.device, a.keep),
-            (2, 512, "bf16", 1, true)
-        );
+        assert_eq!((a.steps, a.sizes.as_slice(), a.device, a.keep), (2, &[512][..], 1, true));
+        assert_eq!(a.dtypes, ["bf16", "f32"]);
         assert_eq!(a.work, Some(PathBuf::from("/tmp/w")));
         assert_eq!(a.tokenizer, PathBuf::from("tok"));
     }
@@ -145,7 +158,9 @@ mod tests {
             "--steps 0",
             "--size 700",
             "--size 0",
-            "--dtype f32",
+            "--size 512,",
+            "--dtype f64",
+            "--dtype f16,,bf16",
             "--frobnicate",
             "kernels --work",
         ] {

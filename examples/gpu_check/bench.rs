@@ -5,12 +5,11 @@ use std::time::Duration;
 use candle_core::{DType, Device};
 use sd_core::attention::cuda as fa;
 use sd_core::attention::{attention, AttentionOptions};
-use sd_core::pipeline::parse_dtype;
 
-use crate::args::Args;
 use crate::device::time_it;
 use crate::kernels::{make_input, Layout};
 use crate::sd21::{sd21_unet_attention, AttnShape};
+use crate::Summary;
 
 /// Time of one call per shape with the kernels and with the reference path.
 fn time_shape(dev: &Device, s: &AttnShape, dtype: DType) -> anyhow::Result<(Duration, Duration)> {
@@ -37,14 +36,17 @@ fn time_shape(dev: &Device, s: &AttnShape, dtype: DType) -> anyhow::Result<(Dura
     Ok((flash, reference?))
 }
 
-/// `bench`: the attention calls of an SD 2.1 UNet step at `--size`, the VAE's and CLIP's, timed
+/// `bench`: the attention calls of an SD 2.1 UNet step at `size` px, the VAE's and CLIP's, timed
 /// with the kernels and with the reference path.
-pub fn bench_attention(dev: &Device, args: &Args) -> anyhow::Result<()> {
-    let dtype = parse_dtype(&args.dtype)?;
+pub fn bench_attention(
+    dev: &Device,
+    size: usize,
+    dtype: DType,
+    summary: &mut Summary,
+) -> anyhow::Result<()> {
     println!(
-        "\n== attention at {} px, {:?}, batch 2 (classifier-free guidance): kernels vs the \
-         reference path",
-        args.size, dtype
+        "\n== attention at {size} px, {dtype:?}, batch 2 (classifier-free guidance): kernels vs \
+         the reference path"
     );
     println!(
         "{:<15} {:>5} {:>6} {:>6} {:>4} {:>3} {:>5} {:>10} {:>8} {:>10} {:>8}",
@@ -60,8 +62,8 @@ pub fn bench_attention(dev: &Device, args: &Args) -> anyhow::Result<()> {
         "ref ms",
         "speedup"
     );
-    let latent = args.size / 8;
-    let mut shapes = sd21_unet_attention(args.size, 2);
+    let latent = size / 8;
+    let mut shapes = sd21_unet_attention(size, 2);
     shapes.push(AttnShape {
         what: "vae mid",
         batch: 1,
@@ -106,11 +108,13 @@ pub fn bench_attention(dev: &Device, args: &Args) -> anyhow::Result<()> {
             unet_ref += r * s.count as u32;
         }
     }
-    println!(
-        "attention per UNet step (sum of the calls above x count): flash {:.1} ms, \
-         reference {:.1} ms",
+    let line = format!(
+        "bench {dtype:?} {size} px: attention per UNet step (the calls above x count): kernels \
+         {:.1} ms, reference {:.1} ms",
         unet_flash.as_secs_f64() * 1e3,
         unet_ref.as_secs_f64() * 1e3
     );
+    println!("{line}");
+    summary.add(true, line);
     Ok(())
 }

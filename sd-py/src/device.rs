@@ -25,8 +25,9 @@ pub fn device_name(device: &Device) -> String {
     }
 }
 
-/// `cpu`, `cuda`, `cuda:N`. Asking for CUDA from a build without it is a `RuntimeError` (the
-/// argument is fine, the build is not); an unknown name is a `ValueError`.
+/// `cpu`, `cuda`, `cuda:N`. Asking for CUDA from a build without it, or where the CUDA build finds
+/// no device or driver, is a `RuntimeError` (the argument is fine, the machine is not); an unknown
+/// name is a `ValueError`.
 pub fn device_from_name(name: &str) -> PyResult<Device> {
     let name = name.trim();
     let is_cuda = name == "cuda" || name.starts_with("cuda:");
@@ -36,7 +37,25 @@ pub fn device_from_name(name: &str) -> PyResult<Device> {
              install a wheel built with `maturin build --features cuda` (see deploy/Dockerfile), or use \"cpu\""
         )));
     }
-    attached(|| parse_device(name))
+    match parse_device(name) {
+        // Opening the device failed (cuInit or the context): CUDA_ERROR_NO_DEVICE, a stub or
+        // missing driver, an ordinal past the last GPU.
+        Err(sd_core::Error::Candle(e)) => Err(PyRuntimeError::new_err(format!(
+            "device `{name}` requested, but no usable CUDA device or driver was found ({}); \
+             check `nvidia-smi` and CUDA_VISIBLE_DEVICES, or use \"cpu\"",
+            without_backtrace(&e)
+        ))),
+        parsed => attached(|| parsed),
+    }
+}
+
+/// The error without the backtrace candle attaches under `RUST_BACKTRACE=1` (dozens of lines of
+/// frames in a one-line Python message).
+fn without_backtrace(e: &candle_core::Error) -> &candle_core::Error {
+    match e {
+        candle_core::Error::WithBacktrace { inner, .. } => without_backtrace(inner),
+        e => e,
+    }
 }
 
 pub fn dtype_from_name(name: &str) -> PyResult<DType> {

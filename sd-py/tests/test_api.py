@@ -585,3 +585,23 @@ def test_lazy_import_does_not_load_the_extension():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
+
+
+def test_cuda_build_without_cuda_libraries_is_a_clear_import_error(monkeypatch):
+    """The CUDA wheel's extension links libcuda.so.1 and the CUDA 13 libraries: where they are
+    missing, the first use of the extension says so (scripts/ci/cuda-wheel.sh checks the real
+    wheel); other import errors pass through unchanged."""
+    def missing(name: str, package: str) -> None:
+        raise ImportError("libcuda.so.1: cannot open shared object file: No such file or directory")
+
+    monkeypatch.setattr(sd_py, "import_module", missing)
+    with pytest.raises(ImportError, match=r"CUDA build, and its native extension needs libcuda\.so\.1") as info:
+        sd_py.__getattr__("StableDiffusionPipeline")
+    assert "install the CPU wheel" in str(info.value) and isinstance(info.value.__cause__, ImportError)
+
+    def other(name: str, package: str) -> None:
+        raise ImportError("libfoo.so: cannot open shared object file")
+
+    monkeypatch.setattr(sd_py, "import_module", other)
+    with pytest.raises(ImportError, match=r"^libfoo\.so: cannot open shared object file$"):
+        sd_py.__getattr__("StableDiffusionPipeline")

@@ -12,8 +12,10 @@
 //!   and no PTX-version question with the driver) and loaded once per CUDA context. The source
 //!   includes no headers, so only libnvrtc (and its libnvrtc-builtins) is needed at run time.
 //!
-//! [`super::attention`] calls [`try_flash_attention`] for every CUDA tensor; `SD_CUDA_ATTENTION=reference`
-//! in the environment (or [`set_enabled`]`(false)`) turns the kernels off, to compare.
+//! [`super::attention`] calls [`try_flash_attention`] for every CUDA tensor. `SD_CUDA_ATTENTION`
+//! in the environment ([`AttentionSetting`]) turns the kernels off (`reference`, to compare; also
+//! [`set_enabled`]`(false)`) or makes a fallback of f16/bf16 inputs to the reference path an error
+//! (`require`, for the GPU check); [`fallback_count`] counts those fallbacks either way.
 //!
 //! The parts that need no GPU (the kernel table, launch geometry) are compiled in tests of the
 //! default build too, where they are checked against the CUDA source.
@@ -135,6 +137,28 @@ pub fn is_kernel_layout(layout: &candle_core::Layout) -> bool {
         && layout.start_offset().is_multiple_of(8)
 }
 
+/// What `SD_CUDA_ATTENTION` asks of the attention of f16/bf16 CUDA tensors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttentionSetting {
+    /// Unset (or any other value): the kernels where they take the inputs, else the reference
+    /// path with a note on stderr.
+    Kernels,
+    /// `reference`: always the reference path (to compare).
+    Reference,
+    /// `require`: the kernels, and an error where they would fall back to the reference path.
+    Require,
+}
+
+impl AttentionSetting {
+    pub fn from_env_value(value: Option<&str>) -> Self {
+        match value {
+            Some(v) if v.eq_ignore_ascii_case("reference") => Self::Reference,
+            Some(v) if v.eq_ignore_ascii_case("require") => Self::Require,
+            _ => Self::Kernels,
+        }
+    }
+}
+
 #[cfg(feature = "cuda")]
 pub use imp::*;
 
@@ -143,7 +167,7 @@ mod imp {
     use std::collections::hash_map::Entry;
     use std::collections::HashMap;
     use std::ffi::{CStr, CString};
-    use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
     use std::sync::{Arc, Mutex, OnceLock};
     use std::time::{Duration, Instant};
 
@@ -158,12 +182,19 @@ mod imp {
         bail, CpuStorage, CudaDevice, CudaStorage, DType, Device, Layout, Result, Shape, Tensor,
     };
 
-    use super::{kernel_layout, HalfType, KernelSpec, SOURCE};
+    use super::{kernel_layout, AttentionSetting, HalfType, KernelSpec, SOURCE};
     use crate::attention::AttentionOptions;
 
     static ENABLED: AtomicBool = AtomicBool::new(true);
-    /// 0: not read yet, 1: enabled, 2: disabled by `SD_CUDA_ATTENTION=reference`.
-    static ENV_SETTING: AtomicU8 = AtomicU8::new(0);
+    static FALLBACKS: AtomicUsize = AtomicUsize::new(0);
+
+    /// `SD_CUDA_ATTENTION`, read once per process.
+    pub fn setting() -> AttentionSetting {
+        static SETTING: OnceLock<AttentionSetting> = OnceLock::new();
+        *SETTING.get_or_init(|| {
+            AttentionSetting::from_env_value(std::env::var("SD_CUDA_ATTENTION").ok().as_deref())
+        })
+    }
 
     /// Turns the CUDA kernels on or off for [`super::super::attention`] (they are on by default
     /// unless `SD_CUDA_ATTENTION=reference` is set). [`flash_attention`] ignores this switch.
@@ -172,17 +203,14 @@ mod imp {
     }
 
     pub fn is_enabled() -> bool {
-        let env = match ENV_SETTING.load(Ordering::Relaxed) {
-            0 => {
-                let off = std::env::var("SD_CUDA_ATTENTION")
-                    .is_ok_and(|v| v.eq_ignore_ascii_case("reference"));
-                let v = if off { 2 } else { 1 };
-                ENV_SETTING.store(v, Ordering::Relaxed);
-                v
-            }
-            v => v,
-        };
-        env == 1 && ENABLED.load(Ordering::Relaxed)
+        setting() != AttentionSetting::Reference && ENABLED.load(Ordering::Relaxed)
+    }
+
+    /// How many attention calls on f16/bf16 CUDA tensors took the reference path while the
+    /// kernels were enabled (since the process started). f32 takes it by design and is not
+    /// counted.
+    pub fn fallback_count() -> usize {
+        FALLBACKS.load(Ordering::Relaxed)
     }
 
     /// What compiling the kernels for one architecture took.
@@ -360,30 +388,48 @@ mod imp {
             && b * h <= 65535
     }
 
-    /// The dispatch of [`super::super::attention`]: the kernel's result, or `None` when these
-    /// inputs are not for it (not CUDA, not f16/bf16, unsupported shape, kernels switched off, a
-    /// device older than sm_80, or NVRTC unavailable, which is reported once on stderr).
+    /// The dispatch of [`super::super::attention`]: the kernel's result, or `None` for the
+    /// reference path: by design for inputs that are not f16/bf16 CUDA tensors or with the
+    /// kernels switched off; as a fallback ([`fall_back`]) for a shape they do not take, a device
+    /// older than sm_80 or NVRTC unavailable.
     pub fn try_flash_attention(
         q: &Tensor,
         k: &Tensor,
         v: &Tensor,
         opts: AttentionOptions,
     ) -> Result<Option<Tensor>> {
-        if !supports(q, k, v) || !is_enabled() {
+        let Device::Cuda(dev) = q.device() else { return Ok(None) };
+        let Some(ty) = HalfType::from_dtype(q.dtype()) else { return Ok(None) };
+        if !is_enabled() {
             return Ok(None);
         }
-        let Device::Cuda(dev) = q.device() else { return Ok(None) };
-        let ty = HalfType::from_dtype(q.dtype()).expect("checked by supports");
+        if !supports(q, k, v) {
+            return fall_back(format!(
+                "the CUDA flash-attention kernels do not take q {:?}, k {:?}, v {:?} ({:?})",
+                q.dims(),
+                k.dims(),
+                v.dims(),
+                q.dtype()
+            ));
+        }
         if let Err(e) = prepare(dev, ty) {
-            static WARNED: AtomicBool = AtomicBool::new(false);
-            if !WARNED.swap(true, Ordering::Relaxed) {
-                eprintln!(
-                    "sd-core: CUDA flash attention unavailable, using the reference path: {e}"
-                );
-            }
-            return Ok(None);
+            return fall_back(format!("CUDA flash attention unavailable: {e}"));
         }
         flash_attention(q, k, v, opts).map(Some)
+    }
+
+    /// The reference path for inputs the kernels should have taken: counted
+    /// ([`fallback_count`]), reported once on stderr, an error under `SD_CUDA_ATTENTION=require`.
+    fn fall_back(reason: String) -> Result<Option<Tensor>> {
+        FALLBACKS.fetch_add(1, Ordering::Relaxed);
+        if setting() == AttentionSetting::Require {
+            bail!("{reason} (SD_CUDA_ATTENTION=require forbids the reference path)")
+        }
+        static WARNED: AtomicBool = AtomicBool::new(false);
+        if !WARNED.swap(true, Ordering::Relaxed) {
+            eprintln!("sd-core: {reason}; using the reference attention path");
+        }
+        Ok(None)
     }
 
     /// Flash attention with the CUDA kernels; errors for inputs they do not take (see
@@ -589,6 +635,22 @@ mod tests {
             assert_eq!(values(&k)?, values(t)?, "{name}");
         }
         Ok(())
+    }
+
+    #[test]
+    fn attention_setting_from_the_environment() {
+        use AttentionSetting::*;
+        for (value, setting) in [
+            (None, Kernels),
+            (Some(""), Kernels),
+            (Some("kernels"), Kernels),
+            (Some("reference"), Reference),
+            (Some("Reference"), Reference),
+            (Some("require"), Require),
+            (Some("REQUIRE"), Require),
+        ] {
+            assert_eq!(AttentionSetting::from_env_value(value), setting, "{value:?}");
+        }
     }
 
     #[test]

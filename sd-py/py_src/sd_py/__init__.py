@@ -14,9 +14,11 @@ extension, so a Ray head node without a GPU driver can import the Serve app of a
 """
 
 import os
+import re
 import sys
 from importlib import import_module
 from pathlib import Path
+from types import ModuleType
 from typing import Any, List
 
 
@@ -68,24 +70,43 @@ _LAZY = {
 
 _STATIC_ALL = sorted(_LAZY)
 
+# How the dynamic loader names a library the CUDA build links and cannot find
+# ("libcuda.so.1: cannot open shared object file: No such file or directory").
+_CUDA_LIBRARY = re.compile(r"lib(cuda|cublas|cublasLt|curand|cudart|nvrtc)\.so[.\d]*")
+
+
+def _submodule(name: str) -> ModuleType:
+    """Imports a submodule that loads the native extension. On a machine without the NVIDIA
+    driver or the CUDA libraries the CUDA build cannot load: an ImportError that says so."""
+    try:
+        return import_module(name, __name__)
+    except ImportError as e:
+        missing = _CUDA_LIBRARY.search(str(e))
+        if missing is None:
+            raise
+        raise ImportError(
+            f"this sd_py wheel is the CUDA build, and its native extension needs {missing.group(0)}, "
+            "which this machine lacks: it needs the NVIDIA driver (libcuda.so.1) and the CUDA 13 "
+            "libraries (libcublas, libcublasLt, libcurand, libcudart, libnvrtc; NVIDIA's pip "
+            "wheels, on LD_LIBRARY_PATH), even for device='cpu'; install the CPU wheel of sd_py "
+            "on machines without them"
+        ) from e
+
 
 def _scheduler_class_names() -> List[str]:
-    from ._schedulers import scheduler_classes
-
-    return scheduler_classes()
+    names: List[str] = _submodule("._schedulers").scheduler_classes()
+    return names
 
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
-        value = getattr(import_module(_LAZY[name], __name__), name)
+        value = getattr(_submodule(_LAZY[name]), name)
         globals()[name] = value
         return value
     if name == "__all__":
         return _STATIC_ALL + _scheduler_class_names()
     if name.endswith("Scheduler") and not name.startswith("_"):
-        from ._schedulers import scheduler_class
-
-        cls = scheduler_class(name)
+        cls = _submodule("._schedulers").scheduler_class(name)
         if cls is not None:
             globals()[name] = cls
             return cls
