@@ -36,7 +36,7 @@ import os
 import threading
 import time
 import uuid
-from typing import Any, AsyncIterator, Dict, List, Optional, Set, Tuple
+from typing import Any, AsyncIterator, Callable, Dict, List, Optional, Set, Tuple
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -446,23 +446,21 @@ def _unknown(job_id: str) -> JSONResponse:
 
 async def get(job_id: str, ingress: Any) -> JSONResponse:
     """`GET /v1/jobs/{id}`."""
-    store = job_store(ingress)
-    if store is None:
-        return _unknown(job_id)
-    try:
-        job = await store.get.remote(job_id)
-    except Exception as e:
-        return _no_store(e)
-    return _unknown(job_id) if job is None else JSONResponse(_public(job))
+    return await _answer_job(job_id, ingress, lambda store: store.get.remote(job_id))
 
 
 async def delete(job_id: str, ingress: Any) -> JSONResponse:
     """`DELETE /v1/jobs/{id}`."""
+    return await _answer_job(job_id, ingress, lambda store: store.cancel.remote(job_id))
+
+
+async def _answer_job(job_id: str, ingress: Any, call: Callable[[Any], Any]) -> JSONResponse:
+    """The job that `call(store)` returns, 404 when there is none (or no store yet)."""
     store = job_store(ingress)
     if store is None:
         return _unknown(job_id)
     try:
-        job = await store.cancel.remote(job_id)
+        job = await call(store)
     except Exception as e:
         return _no_store(e)
     return _unknown(job_id) if job is None else JSONResponse(_public(job))
