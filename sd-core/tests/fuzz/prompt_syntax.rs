@@ -2,15 +2,13 @@
 //! escapes, unbalanced brackets, `BREAK`, deep nesting and long prompts, through the parser, the
 //! 77-id chunking and the pipeline's text encoder and a one-step run.
 
-use candle_core::{DType, Device};
-use sd_core::pipeline::{GenerateParams, PromptSyntax, StableDiffusionPipeline};
+use sd_core::pipeline::{GenerateParams, PromptSyntax};
 use sd_core::prompt::chunks::{tokenize_chunks, CHUNK_IDS};
 use sd_core::prompt::parse::parse_prompt_attention;
 use sd_core::Error;
 
 use crate::harness::{fuzz, Rng};
-use crate::support::pipelines;
-use crate::tokenizer::{prompt_bytes, random_prompt, sd2_tokenizer};
+use crate::tokenizer::{prompt_bytes, random_prompt, sd2_tiny_pipeline, sd2_tokenizer};
 
 /// A prompt of A1111 syntax pieces (and sometimes the plain prompt generator's odd text), or one
 /// of the shapes that stress the parser: deep nesting, many open brackets, many `BREAK`s.
@@ -92,13 +90,7 @@ fn a1111_prompts_parsed_and_chunked() {
 /// `Error::NonFinite`, not an image.
 #[test]
 fn a1111_prompts_through_the_pipeline() {
-    let pipe = StableDiffusionPipeline::from_folder(
-        &pipelines().join("sd2-tiny"),
-        DType::F32,
-        &Device::Cpu,
-        None,
-    )
-    .unwrap();
+    let pipe = sd2_tiny_pipeline();
     // Long prompts cost a text-encoder pass per 77 ids: keep these to a few hundred tokens.
     let short = |rng: &mut Rng| {
         let p = random_a1111_prompt(rng);

@@ -228,16 +228,21 @@ fn prompts_through_the_tokenizer() {
     fuzz("prompt tokenizer", 800, random_prompt, prompt_bytes, |p| check_encode(tokenizer, p));
 }
 
-/// Prompts through the pipeline: text encoder, and a one-step 64 px run with a negative prompt.
-#[test]
-fn prompts_through_the_pipeline() {
-    let pipe = StableDiffusionPipeline::from_folder(
+/// The tiny SD 2 fixture pipeline, in f32 on the CPU, for the targets that run prompts through it.
+pub fn sd2_tiny_pipeline() -> StableDiffusionPipeline {
+    StableDiffusionPipeline::from_folder(
         &pipelines().join("sd2-tiny"),
         DType::F32,
         &Device::Cpu,
         None,
     )
-    .unwrap();
+    .unwrap()
+}
+
+/// Prompts through the pipeline: text encoder, and a one-step 64 px run with a negative prompt.
+#[test]
+fn prompts_through_the_pipeline() {
+    let pipe = sd2_tiny_pipeline();
     fuzz(
         "prompt pipeline",
         40,

@@ -794,12 +794,8 @@ class StableDiffusionV2:
                         negative_prompt=negatives if any(negatives) else None,
                         height=first["height"],
                         width=first["width"],
-                        num_inference_steps=first["steps"],
-                        guidance_scale=first["guidance_scale"],
                         generator=[r["seed"] for r in batch],
-                        callback_on_step_end=on_step_end,
-                        callback_on_step_end_tensor_inputs=(),
-                        output_metadata=True,
+                        **self._shared_call_args(first, on_step_end),
                         **lora,
                     ),
                 ),
@@ -831,18 +827,26 @@ class StableDiffusionV2:
                         image=r["image"],
                         strength=r["strength"],
                         negative_prompt=r["negative_prompt"],
-                        num_inference_steps=r["steps"],
-                        guidance_scale=r["guidance_scale"],
                         generator=r["seed"],
-                        callback_on_step_end=on_step_end,
-                        callback_on_step_end_tensor_inputs=(),
-                        output_metadata=True,
+                        **self._shared_call_args(r, on_step_end),
                         **size,
                         **lora,
                     ),
                 ),
             )
         return _png(out.images[0])
+
+    @staticmethod
+    def _shared_call_args(request: Dict[str, Any], on_step_end: Callable[..., Any]) -> Dict[str, Any]:
+        """The pipeline arguments of every route's call: steps, guidance, the step callback (timing
+        and cancellation) and the settings text of each image (the PNG metadata)."""
+        return {
+            "num_inference_steps": request["steps"],
+            "guidance_scale": request["guidance_scale"],
+            "callback_on_step_end": on_step_end,
+            "callback_on_step_end_tensor_inputs": (),
+            "output_metadata": True,
+        }
 
     def _with_lora(self, request: Dict[str, Any], call: Callable[..., Any]) -> Any:
         """`call(**kwargs)` with the request's LoRA (or none) active, `kwargs` holding its scale."""
