@@ -4,8 +4,8 @@
 //! and hands raw buffers back. The diffusers-shaped API (argument handling, `torch.Generator`
 //! seeds, PIL/numpy outputs, scheduler classes) lives in the Python package beside it
 //! (`py_src/sd_py`). As in huggingface/tokenizers' bindings, this file only wires the module:
-//! `error` (sd-core errors as Python exceptions, the panic guard), `pipeline` (`_Pipeline` and
-//! its run result), `schedulers`, `hub` (single model files), `arrays` (float32 buffers) and
+//! `error` (sd-core errors as Python exceptions, the panic guard), `pipeline` (`_Pipeline`, its
+//! run result and its stepped runs), `run_args` (a run's arguments), `schedulers`, `hub` (single model files), `arrays` (float32 buffers) and
 //! `device` (device and dtype names).
 
 use pyo3::prelude::*;
@@ -15,12 +15,14 @@ mod device;
 mod error;
 mod hub;
 mod pipeline;
+mod run_args;
 mod schedulers;
 
 /// Native half of `sd_py`: sd-core pipelines and schedulers.
 #[pymodule]
 fn _sd_py(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<pipeline::PyPipeline>()?;
+    m.add_class::<pipeline::ActiveRun>()?;
     m.add_class::<pipeline::GenerateResult>()?;
     m.add_class::<pipeline::RgbImage>()?;
     m.add_class::<pipeline::StageTimings>()?;

@@ -2,23 +2,23 @@
 //! it) and what its `generate` returns.
 
 use std::path::PathBuf;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use candle_core::{DType, Tensor};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyTuple};
+use pyo3::types::{PyBytes, PyDict, PyTuple};
 use sd_core::hub::variant_for;
 use sd_core::pipeline::{
-    GenerateParams, InitImage, LoadOptions, OutputType, PromptSyntax, RunHooks,
-    StableDiffusionPipeline, StepControl, StepProgress,
+    GenerateOutput, GenerateParams, LoadOptions, RunHooks, StableDiffusionPipeline, StepControl,
+    StepProgress,
 };
-use sd_core::schedulers::SchedulerConfig;
 
-use crate::arrays::{f32_values, tensor_from_f32_bytes, to_unit_hwc, Float32Array};
+use crate::arrays::{f32_values, to_unit_hwc, Float32Array};
 use crate::device::{device_from_name, device_name, dtype_from_name, dtype_name};
 use crate::error::{attached, config_arg_error, detached, guard, to_pyerr, unguard};
 use crate::hub::hub_options;
+use crate::run_args::{Output, OutputChoice, RunArgs};
 
 /// A loaded sd-core pipeline (the Python class `StableDiffusionPipeline` wraps it).
 #[pyclass(frozen, name = "_Pipeline", module = "sd_py._sd_py")]
@@ -68,14 +68,6 @@ pub struct GenerateResult {
     pub infotexts: Vec<String>,
 }
 
-/// The `output` argument of `generate`.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Output {
-    Pil,
-    Np,
-    Latent,
-}
-
 /// A run's output in Rust values, made while the GIL is released.
 struct RunOutput {
     images: Vec<image::RgbImage>,
@@ -115,6 +107,95 @@ impl RunOutput {
             timings: Py::new(py, timings)?,
             infotexts: self.infotexts,
         })
+    }
+}
+
+/// A finished run's output as `output` asks for it, made while the GIL is released: the "np"
+/// array or the latents, and each image's settings text when `metadata` (with "pil").
+fn run_output(
+    pipe: &StableDiffusionPipeline,
+    params: &GenerateParams,
+    out: GenerateOutput,
+    output: OutputChoice,
+) -> sd_core::Result<RunOutput> {
+    let values = match output.kind {
+        Output::Pil => None,
+        Output::Np => Some(to_unit_hwc(&pipe.decode_latents(&out.latents)?)?),
+        Output::Latent => {
+            let l = out.latents.to_dtype(DType::F32)?;
+            Some((l.flatten_all()?.to_vec1::<f32>()?, l.dims().to_vec()))
+        }
+    };
+    let infotexts = match output.metadata && output.kind == Output::Pil {
+        true => (0..out.images.len())
+            .map(|i| Ok(pipe.generation_info(params, &out, i)?.to_infotext().to_text()))
+            .collect::<sd_core::Result<Vec<_>>>()?,
+        false => Vec::new(),
+    };
+    Ok(RunOutput { images: out.images, values, seeds: out.seeds, timings: out.timings, infotexts })
+}
+
+/// A run started by `_Pipeline.start_run`, stepped by `_Pipeline.step_runs` (several at once) and
+/// finished by `_Pipeline.complete_run`.
+#[pyclass(frozen, name = "_ActiveRun", module = "sd_py._sd_py")]
+pub struct ActiveRun {
+    /// Taken by `complete_run`.
+    run: Mutex<Option<sd_core::pipeline::ActiveRun>>,
+    key: (usize, usize, usize, Option<u64>),
+    output: OutputChoice,
+    /// The pipeline that started it: its runs are stepped only by it.
+    pipe: Arc<StableDiffusionPipeline>,
+}
+
+impl ActiveRun {
+    /// `f(run)`, or `default` once the run is completed.
+    fn with<T>(&self, default: T, f: impl FnOnce(&sd_core::pipeline::ActiveRun) -> T) -> T {
+        match self.run.lock().as_deref() {
+            Ok(Some(run)) => f(run),
+            _ => default,
+        }
+    }
+}
+
+#[pymethods]
+impl ActiveRun {
+    /// Runs with the same key may be stepped together: `(latent height, latent width, text
+    /// tokens, LoRA scale bits or None)`.
+    #[getter]
+    fn batch_key(&self) -> (usize, usize, usize, Option<u64>) {
+        self.key
+    }
+
+    /// Images of the run.
+    #[getter]
+    fn images(&self) -> usize {
+        self.with(0, |run| run.images())
+    }
+
+    #[getter]
+    fn steps_done(&self) -> usize {
+        self.with(0, |run| run.steps_done())
+    }
+
+    #[getter]
+    fn total_steps(&self) -> usize {
+        self.with(0, |run| run.total_steps())
+    }
+
+    /// What `complete_run` returns: "pil", "np" or "latent".
+    #[getter]
+    fn output(&self) -> &'static str {
+        match self.output.kind {
+            Output::Pil => "pil",
+            Output::Np => "np",
+            Output::Latent => "latent",
+        }
+    }
+
+    /// No step is left (all done, or one failed), or the run was completed.
+    #[getter]
+    fn finished(&self) -> bool {
+        self.with(true, |run| run.is_finished())
     }
 }
 
@@ -353,97 +434,21 @@ impl PyPipeline {
 
     /// Runs the pipeline with the GIL released; sd-core checks every value.
     ///
-    /// `seeds`: empty (random), one (one generator for the batch) or one per image.
-    /// `output`: "pil" (`GenerateResult.images`), "np" (`.array`, float32 `[b, h, w, 3]`) or
-    /// "latent" (`.latents`). `on_step(step_index, timestep)` is called after each step with
-    /// the GIL held, with a third argument, the latents as a `Float32Array`, when
-    /// `step_latents`. It returns a bool (falsy stops the run with `GenerationCancelled`) or a
-    /// pair `(action, latents)`: "continue", "finish" (skip the remaining steps and decode the
-    /// latents as they are) or "cancel", and `None` or replacement latents as float32 bytes. An
-    /// exception stops the run and is re-raised. `latents`: `(float32 bytes, shape)` of the
-    /// initial noise, instead of drawing it from the seeds. `prompt_embeds`,
-    /// `negative_prompt_embeds`: `(float32 bytes, shape)` of text embeddings, instead of encoding
-    /// the prompts (then empty) or the negative prompts. `init_images`: `(width, height, RGB
-    /// bytes)` of one image (or one per prompt) to start from (image-to-image), with `mask`
-    /// `(width, height, luma bytes)`, white = repaint, for inpainting; `strength` in (0, 1]
-    /// (default 0.8 without a mask, 1.0 with one, as diffusers). `clip_skip`: diffusers'
-    /// (for the prompts and the negative prompts); `prompt_syntax`: "plain" or "a1111".
-    /// `metadata`: also return each image's settings in A1111's infotext format. `lora_scale`: the
-    /// factor of the active unfused LoRAs (diffusers' `cross_attention_kwargs["scale"]`, default 1).
-    #[pyo3(signature = (prompts, negative_prompts=None, height=None, width=None, num_inference_steps=50, guidance_scale=7.5, num_images_per_prompt=1, seeds=Vec::new(), scheduler=None, scheduler_config=None, output="pil", on_step=None, guidance_rescale=0.0, eta=0.0, step_latents=false, latents=None, prompt_embeds=None, negative_prompt_embeds=None, init_images=None, mask=None, strength=None, clip_skip=None, prompt_syntax="plain", metadata=false, lora_scale=None))]
-    #[allow(clippy::too_many_arguments)]
-    fn generate<'py>(
+    /// `args`: the run's arguments as a dict ([`RunArgs`]). `on_step(step_index, timestep)` is
+    /// called after each step with the GIL held, with a third argument, the latents as a
+    /// `Float32Array`, when `step_latents`. It returns a bool (falsy stops the run with
+    /// `GenerationCancelled`) or a pair `(action, latents)`: "continue", "finish" (skip the
+    /// remaining steps and decode the latents as they are) or "cancel", and `None` or
+    /// replacement latents as float32 bytes. An exception stops the run and is re-raised.
+    #[pyo3(signature = (args, on_step=None, step_latents=false))]
+    fn generate(
         &self,
-        py: Python<'py>,
-        prompts: Vec<String>,
-        negative_prompts: Option<Vec<String>>,
-        height: Option<usize>,
-        width: Option<usize>,
-        num_inference_steps: usize,
-        guidance_scale: f64,
-        num_images_per_prompt: usize,
-        seeds: Vec<u64>,
-        scheduler: Option<String>,
-        scheduler_config: Option<String>,
-        output: &str,
+        py: Python<'_>,
+        args: &Bound<'_, PyDict>,
         on_step: Option<Py<PyAny>>,
-        guidance_rescale: f64,
-        eta: f64,
         step_latents: bool,
-        latents: Option<(Bound<'py, PyBytes>, Vec<usize>)>,
-        prompt_embeds: Option<(Bound<'py, PyBytes>, Vec<usize>)>,
-        negative_prompt_embeds: Option<(Bound<'py, PyBytes>, Vec<usize>)>,
-        init_images: Option<Vec<(u32, u32, Bound<'py, PyBytes>)>>,
-        mask: Option<(u32, u32, Bound<'py, PyBytes>)>,
-        strength: Option<f64>,
-        clip_skip: Option<usize>,
-        prompt_syntax: &str,
-        metadata: bool,
-        lora_scale: Option<f64>,
     ) -> PyResult<GenerateResult> {
-        let output = match output {
-            "pil" => Output::Pil,
-            "np" => Output::Np,
-            "latent" => Output::Latent,
-            other => {
-                return Err(PyValueError::new_err(format!(
-                    "unknown output `{other}` (expected pil, np or latent)"
-                )))
-            }
-        };
-        let scheduler_config = match scheduler_config {
-            Some(json) => {
-                Some(attached(|| SchedulerConfig::from_json_str(&json)).map_err(config_arg_error)?)
-            }
-            None => None,
-        };
-        let tensor = |arg: Option<(Bound<'py, PyBytes>, Vec<usize>)>| match arg {
-            Some((bytes, shape)) => tensor_from_f32_bytes(bytes.as_bytes(), &shape).map(Some),
-            None => Ok(None),
-        };
-        let params = GenerateParams {
-            prompts,
-            negative_prompts,
-            prompt_embeds: tensor(prompt_embeds)?,
-            negative_prompt_embeds: tensor(negative_prompt_embeds)?,
-            height,
-            width,
-            num_inference_steps,
-            guidance_scale,
-            guidance_rescale,
-            eta,
-            num_images_per_prompt,
-            seeds,
-            scheduler,
-            scheduler_config,
-            output: if output == Output::Pil { OutputType::Image } else { OutputType::Latent },
-            latents: tensor(latents)?,
-            init_image: init_image(init_images, mask, strength)?,
-            clip_skip,
-            prompt_syntax: attached(|| prompt_syntax.parse::<PromptSyntax>())?,
-            lora_scale,
-        };
-
+        let (params, output) = RunArgs::params_of(args)?;
         let pipe = self.pipe();
         let mut callback_error: Option<PyErr> = None;
         let result = {
@@ -464,36 +469,81 @@ impl PyPipeline {
                     let hooks =
                         RunHooks { on_step_end: Some(&mut step_hook), ..Default::default() };
                     let out = pipe.generate_with(&params, hooks)?;
-                    let values = match output {
-                        Output::Pil => None,
-                        Output::Np => Some(to_unit_hwc(&pipe.decode_latents(&out.latents)?)?),
-                        Output::Latent => {
-                            let l = out.latents.to_dtype(DType::F32)?;
-                            Some((l.flatten_all()?.to_vec1::<f32>()?, l.dims().to_vec()))
-                        }
-                    };
-                    let infotexts = match metadata && output == Output::Pil {
-                        true => (0..out.images.len())
-                            .map(|i| {
-                                Ok(pipe.generation_info(&params, &out, i)?.to_infotext().to_text())
-                            })
-                            .collect::<sd_core::Result<Vec<_>>>()?,
-                        false => Vec::new(),
-                    };
-                    Ok(RunOutput {
-                        images: out.images,
-                        values,
-                        seeds: out.seeds,
-                        timings: out.timings,
-                        infotexts,
-                    })
+                    run_output(&pipe, &params, out, output)
                 })
             })
         };
         if let Some(e) = callback_error {
             return Err(e);
         }
-        unguard(result)?.into_py(py, output)
+        unguard(result)?.into_py(py, output.kind)
+    }
+
+    /// Starts a run for step-level batching (text-to-image or image-to-image): checks `args` (as
+    /// `generate` takes them), encodes the prompt and prepares the latents, with the GIL
+    /// released. Step it with `step_runs`, then `complete_run` it.
+    fn start_run(&self, py: Python<'_>, args: &Bound<'_, PyDict>) -> PyResult<ActiveRun> {
+        let (params, output) = RunArgs::params_of(args)?;
+        let pipe = self.pipe();
+        let run = detached(py, {
+            let pipe = Arc::clone(&pipe);
+            move || pipe.start_run(&params)
+        })?;
+        let key = run.batch_key().map_err(to_pyerr)?;
+        Ok(ActiveRun {
+            run: Mutex::new(Some(run)),
+            key: (key.latent_size.0, key.latent_size.1, key.context_tokens, key.lora_scale_bits),
+            output,
+            pipe,
+        })
+    }
+
+    /// One denoising step of each of `runs`, stacked into as few UNet calls as memory allows,
+    /// with the GIL released. The runs must have been started by this pipeline, share a
+    /// `batch_key` and have a step left. A run whose own step fails (non-finite values) finishes,
+    /// and `complete_run` raises its error; an error raised here failed the whole step.
+    fn step_runs(&self, py: Python<'_>, runs: Vec<Py<ActiveRun>>) -> PyResult<()> {
+        let pipe = self.pipe();
+        let handles: Vec<&ActiveRun> = runs.iter().map(|r| r.get()).collect();
+        if handles.iter().any(|r| !Arc::ptr_eq(&r.pipe, &pipe)) {
+            return Err(PyValueError::new_err(
+                "step_runs: a run was started by another pipeline (or before a reload)",
+            ));
+        }
+        let mut guards = Vec::with_capacity(handles.len());
+        for (i, handle) in handles.iter().enumerate() {
+            let guard = handle.run.try_lock().map_err(|_| {
+                PyValueError::new_err(format!("step_runs: run {i} is being stepped elsewhere"))
+            })?;
+            if guard.is_none() {
+                return Err(PyValueError::new_err(format!("step_runs: run {i} was completed")));
+            }
+            guards.push(guard);
+        }
+        let mut active: Vec<&mut sd_core::pipeline::ActiveRun> =
+            guards.iter_mut().map(|g| g.as_mut().expect("checked above")).collect();
+        let result = py.detach(|| guard(|| pipe.step_runs(&mut active)));
+        unguard(result)
+    }
+
+    /// Decodes a run (the remaining steps are skipped if any are left, as diffusers' interrupt)
+    /// and returns what `generate` would have; raises the error of a run whose step failed. A run
+    /// completes once.
+    fn complete_run(&self, py: Python<'_>, run: Py<ActiveRun>) -> PyResult<GenerateResult> {
+        let handle = run.get();
+        let taken = handle.run.lock().map_err(|_| PyValueError::new_err("run poisoned"))?.take();
+        let Some(active) = taken else {
+            return Err(PyValueError::new_err("complete_run: the run was completed already"));
+        };
+        let (pipe, output) = (Arc::clone(&handle.pipe), handle.output);
+        let result = py.detach(move || {
+            guard(|| {
+                let params = active.params().clone();
+                let out = pipe.complete_run(active)?;
+                run_output(&pipe, &params, out, output)
+            })
+        });
+        unguard(result)?.into_py(py, output.kind)
     }
 
     /// Loads a `.safetensors` LoRA file as adapter `name`, which becomes the only active one.
@@ -553,42 +603,6 @@ impl PyPipeline {
             dtype_name(self.pipe().dtype())
         )
     }
-}
-
-/// An image from `(width, height, bytes)`, checking the byte count.
-fn image_from_bytes<P: image::Pixel<Subpixel = u8>>(
-    what: &str,
-    (width, height, data): (u32, u32, Bound<'_, PyBytes>),
-) -> PyResult<image::ImageBuffer<P, Vec<u8>>> {
-    let bytes = data.as_bytes().to_vec();
-    let len = bytes.len();
-    image::ImageBuffer::from_raw(width, height, bytes).ok_or_else(|| {
-        PyValueError::new_err(format!(
-            "{what}: {len} bytes do not hold a {width}x{height} image of {} channel(s)",
-            P::CHANNEL_COUNT
-        ))
-    })
-}
-
-/// The `InitImage` of `generate`'s edit arguments (`None`: text-to-image).
-fn init_image(
-    images: Option<Vec<(u32, u32, Bound<'_, PyBytes>)>>,
-    mask: Option<(u32, u32, Bound<'_, PyBytes>)>,
-    strength: Option<f64>,
-) -> PyResult<Option<InitImage>> {
-    let Some(images) = images else {
-        if mask.is_some() || strength.is_some() {
-            return Err(PyValueError::new_err("mask and strength need init_images"));
-        }
-        return Ok(None);
-    };
-    let images = images
-        .into_iter()
-        .map(|img| image_from_bytes::<image::Rgb<u8>>("init image", img))
-        .collect::<PyResult<Vec<_>>>()?;
-    let mask = mask.map(|m| image_from_bytes::<image::Luma<u8>>("mask", m)).transpose()?;
-    let default_strength = if mask.is_some() { 1.0 } else { 0.8 };
-    Ok(Some(InitImage { images, mask, strength: strength.unwrap_or(default_strength) }))
 }
 
 /// sd-core's CPU setup (rayon pool, allocator settings) before a CPU pipeline is loaded.

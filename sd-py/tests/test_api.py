@@ -549,8 +549,8 @@ def test_native_step_callback_protocol(pipe):
     native = pipe._native
 
     def run(on_step, steps=3):
-        return native.generate(["a"], height=64, width=64, num_inference_steps=steps, seeds=[0], output="latent",
-                               on_step=on_step, step_latents=True)
+        args = {"prompts": ["a"], "height": 64, "width": 64, "num_inference_steps": steps, "seeds": [0], "output": "latent"}
+        return native.generate(args, on_step=on_step, step_latents=True)
 
     assert issubclass(sd_py.GenerationCancelled, RuntimeError)
     for reply in (False, ("cancel", None)):

@@ -33,7 +33,7 @@ impl Guidance {
 
     /// Combines the UNet's `[uncond..., cond...]` prediction: `uncond + scale * (cond - uncond)`,
     /// then `rescale_noise_cfg` when `rescale` is above 0. Without guidance, `pred` as it is.
-    fn apply(&self, pred: Tensor) -> Result<Tensor> {
+    pub(super) fn apply(&self, pred: Tensor) -> Result<Tensor> {
         if !self.is_enabled() {
             return Ok(pred);
         }
@@ -135,6 +135,21 @@ impl StableDiffusionPipeline {
         guidance: Guidance,
         extra_channels: Option<&Tensor>,
     ) -> Result<Tensor> {
+        let input = self.model_input(scheduler, latents, t, guidance, extra_channels)?;
+        let pred = self.unet_in_sub_batches(&input, t, context, guidance)?.to_dtype(DType::F32)?;
+        guidance.apply(pred)
+    }
+
+    /// The UNet's input for `latents` at `t`: twice (`[uncond, cond]`) with guidance, scaled by
+    /// the scheduler, followed by `extra_channels` if any, in the activation dtype.
+    pub(super) fn model_input(
+        &self,
+        scheduler: &mut dyn Scheduler,
+        latents: &Tensor,
+        t: f64,
+        guidance: Guidance,
+        extra_channels: Option<&Tensor>,
+    ) -> Result<Tensor> {
         let input = if guidance.is_enabled() {
             Tensor::cat(&[latents, latents], 0)?
         } else {
@@ -144,15 +159,13 @@ impl StableDiffusionPipeline {
         if let Some(extra) = extra_channels {
             input = Tensor::cat(&[&input, extra], 1)?;
         }
-        let input = input.to_dtype(self.activation_dtype())?;
-        let pred = self.unet_in_sub_batches(&input, t, context, guidance)?.to_dtype(DType::F32)?;
-        guidance.apply(pred)
+        Ok(input.to_dtype(self.activation_dtype())?)
     }
 
     /// The UNet on `input` in sub-batches of at most [`Self::model_batch`] images; with guidance
     /// each call takes `[uncond_chunk, cond_chunk]` and the matching context rows, and the
     /// predictions are put back in the order `[uncond..., cond...]`.
-    fn unet_in_sub_batches(
+    pub(super) fn unet_in_sub_batches(
         &self,
         input: &Tensor,
         t: f64,

@@ -5,10 +5,11 @@ use std::time::Instant;
 
 use candle_core::{DType, Tensor};
 
-use super::denoise::{DenoiseLoop, Guidance};
+use super::denoise::Guidance;
 use super::hooks::RunHooks;
 use super::params::{GenerateOutput, GenerateParams, InitImage};
 use super::preprocess::preprocess_images;
+use super::step_batch::ActiveRun;
 use super::StableDiffusionPipeline;
 use crate::rng::Generators;
 use crate::schedulers::Scheduler;
@@ -20,8 +21,20 @@ impl StableDiffusionPipeline {
         &self,
         params: &GenerateParams,
         init: &InitImage,
-        mut hooks: RunHooks<'_>,
+        hooks: RunHooks<'_>,
     ) -> Result<GenerateOutput> {
+        // 1.-5. Check inputs, prepare timesteps, encode the prompt and the image
+        let run = self.prepare_image_to_image(params, init)?;
+        // 6. Denoising loop; 7. decode and postprocess
+        self.run_to_end(run, hooks)
+    }
+
+    /// The steps of an image-to-image run before its denoising loop.
+    pub(super) fn prepare_image_to_image(
+        &self,
+        params: &GenerateParams,
+        init: &InitImage,
+    ) -> Result<ActiveRun> {
         // 1. Check inputs
         let plan = self.check_inputs(params)?;
         let guidance = Guidance::of(params);
@@ -51,15 +64,20 @@ impl StableDiffusionPipeline {
             repeat_to_batch(&self.encode_images(&pixels, &mut generators)?, plan.batch)?;
         let noise = generators.randn(init_latents.dims(), self.device())?;
         let latents = scheduler.add_noise(&init_latents, &noise, timesteps[0])?;
-
-        // 6. Denoising loop
-        let run = DenoiseLoop::new(&context, guidance, &timesteps);
-        let latents =
-            self.denoise(scheduler.as_mut(), &mut generators, latents, run, &mut hooks)?;
-        let denoise = started.elapsed();
-
-        // 7. Decode and postprocess
-        self.finish_run(params.output, latents, plan.seeds, text_encoder, denoise)
+        Ok(ActiveRun {
+            params: params.clone(),
+            seeds: plan.seeds,
+            scheduler,
+            generators,
+            latents,
+            context,
+            guidance,
+            timesteps,
+            steps_done: 0,
+            text_encoder,
+            denoise: started.elapsed(),
+            failure: None,
+        })
     }
 
     /// diffusers' `retrieve_latents(vae.encode(images), generator)` times the VAE's scaling

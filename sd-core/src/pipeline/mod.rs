@@ -11,6 +11,7 @@
 //! | 2.-4. scheduler and timesteps, encode the prompt, prepare latents | `text2img.rs` (`strength`'s timesteps and the VAE encoding in `img2img.rs`) |
 //! | edit runs: image and mask preprocessing ([`preprocess_images`], [`preprocess_mask`]) | `preprocess.rs`, `resample.rs` (Pillow's Lanczos) |
 //! | 5. denoising loop and guidance ([`rescale_noise_cfg`]) | `denoise.rs` |
+//! | step-level batching: runs stepped by the caller, several per UNet call ([`ActiveRun`]) | `step_batch.rs` |
 //! | 6. decode ([`StableDiffusionPipeline::decode_latents`]) and postprocess ([`to_rgb_images`]) | `stable_diffusion.rs`, `postprocess.rs` |
 //!
 //! Loading ([`StableDiffusionPipeline::from_pretrained`]) and the stages on their own are in
@@ -32,6 +33,7 @@ mod postprocess;
 mod preprocess;
 mod resample;
 mod stable_diffusion;
+mod step_batch;
 mod text2img;
 mod validate;
 
@@ -46,3 +48,4 @@ pub use params::{
 pub use postprocess::to_rgb_images;
 pub use preprocess::{preprocess_images, preprocess_mask, to_luma};
 pub use stable_diffusion::{LoadOptions, StableDiffusionPipeline};
+pub use step_batch::{ActiveRun, BatchKey};

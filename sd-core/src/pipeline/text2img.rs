@@ -8,6 +8,7 @@ use candle_core::{DType, Tensor};
 use super::denoise::{DenoiseLoop, Guidance};
 use super::hooks::RunHooks;
 use super::params::{GenerateOutput, GenerateParams, OutputType, StageTimings};
+use super::step_batch::ActiveRun;
 use super::validate::RunPlan;
 use super::StableDiffusionPipeline;
 use crate::prompt::PromptSyntax;
@@ -40,14 +41,22 @@ impl StableDiffusionPipeline {
     fn text_to_image(
         &self,
         params: &GenerateParams,
-        mut hooks: RunHooks<'_>,
+        hooks: RunHooks<'_>,
     ) -> Result<GenerateOutput> {
+        // 1.-4. Check inputs, prepare timesteps, encode the prompt, prepare latents
+        let run = self.prepare_text_to_image(params)?;
+        // 5. Denoising loop; 6. decode and postprocess
+        self.run_to_end(run, hooks)
+    }
+
+    /// The steps of a text-to-image run before its denoising loop.
+    pub(super) fn prepare_text_to_image(&self, params: &GenerateParams) -> Result<ActiveRun> {
         // 1. Check inputs
         let plan = self.check_inputs(params)?;
         let guidance = Guidance::of(params);
 
         // 2. Prepare timesteps (before the slow steps, so that a scheduler error comes first)
-        let mut scheduler = self.prepare_scheduler(params)?;
+        let scheduler = self.prepare_scheduler(params)?;
         let timesteps = scheduler.timesteps().to_vec();
         let mut generators = Generators::from_seeds(&plan.seeds, plan.batch)?;
 
@@ -64,15 +73,48 @@ impl StableDiffusionPipeline {
             scheduler.as_ref(),
             &mut generators,
         )?;
+        Ok(ActiveRun {
+            params: params.clone(),
+            seeds: plan.seeds,
+            scheduler,
+            generators,
+            latents,
+            context,
+            guidance,
+            timesteps,
+            steps_done: 0,
+            text_encoder,
+            denoise: started.elapsed(),
+            failure: None,
+        })
+    }
 
-        // 5. Denoising loop
-        let run = DenoiseLoop::new(&context, guidance, &timesteps);
+    /// A prepared text-to-image or image-to-image run walked to its end: the denoising loop with
+    /// `hooks`, then decoding and postprocessing.
+    pub(super) fn run_to_end(
+        &self,
+        run: ActiveRun,
+        mut hooks: RunHooks<'_>,
+    ) -> Result<GenerateOutput> {
+        let ActiveRun {
+            params,
+            seeds,
+            mut scheduler,
+            mut generators,
+            latents,
+            context,
+            guidance,
+            timesteps,
+            text_encoder,
+            denoise,
+            ..
+        } = run;
+        let started = Instant::now();
+        let loop_ = DenoiseLoop::new(&context, guidance, &timesteps);
         let latents =
-            self.denoise(scheduler.as_mut(), &mut generators, latents, run, &mut hooks)?;
-        let denoise = started.elapsed();
-
-        // 6. Decode and postprocess
-        self.finish_run(params.output, latents, plan.seeds, text_encoder, denoise)
+            self.denoise(scheduler.as_mut(), &mut generators, latents, loop_, &mut hooks)?;
+        let denoise = denoise + started.elapsed();
+        self.finish_run(params.output, latents, seeds, text_encoder, denoise)
     }
 
     /// The last step of every run: decodes and postprocesses the latents unless only they are

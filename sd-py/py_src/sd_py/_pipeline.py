@@ -708,7 +708,116 @@ class StableDiffusionPipeline:
             prompt_syntax=prompt_syntax,
         )
 
+    # -- step-level batching: runs stepped by the caller, several per UNet call --
+
+    def start_run(
+        self,
+        prompt: Union[str, List[str], None] = None,
+        height: Optional[int] = None,
+        width: Optional[int] = None,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 7.5,
+        negative_prompt: Union[str, List[str], None] = None,
+        num_images_per_prompt: Optional[int] = 1,
+        eta: float = 0.0,
+        generator: Any = None,
+        latents: Any = None,
+        prompt_embeds: Any = None,
+        negative_prompt_embeds: Any = None,
+        output_type: Optional[str] = "pil",
+        cross_attention_kwargs: Optional[Dict[str, Any]] = None,
+        guidance_rescale: float = 0.0,
+        clip_skip: Optional[int] = None,
+        prompt_syntax: str = "plain",
+        **kwargs: Any,
+    ) -> "_native._ActiveRun":
+        """Starts a text-to-image run that the caller steps (sd_py's, not diffusers'): the
+        arguments are `__call__`'s (without the step callback), checked now; the prompt is encoded
+        and the initial latents drawn before this returns.
+
+        Step runs with `step_runs` (any number of runs that share `run.batch_key`, at any step of
+        any scheduler, with any guidance), then `complete_run` each one once `run.finished`. Runs
+        may join and leave between steps; a run gives the images of `__call__` with the same
+        arguments (within float rounding: 8-bit pixels within 1 level), however it was batched.
+        The scheduler is the pipeline's when the run starts."""
+        args = self._run_args(
+            {"cross_attention_kwargs": cross_attention_kwargs or None},
+            kwargs,
+            caller="start_run",
+            prompt=prompt,
+            height=height,
+            width=width,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            negative_prompt=negative_prompt,
+            num_images_per_prompt=num_images_per_prompt,
+            eta=eta,
+            generator=generator,
+            latents=latents,
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds,
+            output_type=output_type,
+            guidance_rescale=guidance_rescale,
+            clip_skip=clip_skip,
+            prompt_syntax=prompt_syntax,
+        )
+        return self._native.start_run(args)
+
+    def step_runs(self, runs: Sequence["_native._ActiveRun"]) -> None:
+        """One denoising step of each run in `runs` (started by this pipeline, sharing a
+        `batch_key`, not finished), in as few UNet calls as memory allows. A run whose own step
+        fails (NaN or inf) becomes finished and `complete_run` raises its error; an error raised
+        here is one of the whole step (every run of it is then unusable)."""
+        self._native.step_runs(list(runs))
+
+    def complete_run(self, run: "_native._ActiveRun", return_dict: bool = True) -> Any:
+        """Decodes a run's latents and returns what `__call__` would have (steps left, if any,
+        are skipped, as with `pipe._interrupt`). Raises the error of a run whose step failed."""
+        return _pipeline_output(self._native.complete_run(run), run.output, return_dict)
+
     def _generate(
+        self,
+        unsupported: Dict[str, Any],
+        ignored: Dict[str, Any],
+        *,
+        return_dict: bool,
+        callback_on_step_end: Optional[Callable[..., Any]],
+        callback_on_step_end_tensor_inputs: Sequence[str],
+        **run: Any,
+    ) -> Any:
+        """The run shared by every pipeline class. `unsupported`: diffusers arguments sd_py refuses
+        when given (not None); `ignored`: unknown keyword arguments (a warning); `run`: what
+        `_run_args` takes."""
+        self._interrupt = False
+        args = self._run_args(unsupported, ignored, **run)
+        if callback_on_step_end is not None and not callable(callback_on_step_end):
+            raise ValueError("`callback_on_step_end` must be callable")
+        tensor_inputs = [] if callback_on_step_end_tensor_inputs is None else list(callback_on_step_end_tensor_inputs)
+        not_exposed = [k for k in tensor_inputs if k != "latents"]
+        if not_exposed:
+            raise ValueError(
+                f"`callback_on_step_end_tensor_inputs` may only hold 'latents' in sd_py, got {', '.join(map(repr, not_exposed))}"
+            )
+        step_latents = callback_on_step_end is not None and "latents" in tensor_inputs
+
+        def on_step(index: int, timestep: float, latents: Any = None) -> Tuple[str, Optional[bytes]]:
+            replacement = None
+            if callback_on_step_end is not None:
+                kwargs: Dict[str, Any] = {}
+                if latents is not None:
+                    kwargs["latents"] = _from_native(latents)
+                ret = callback_on_step_end(self, index, timestep, kwargs)
+                if latents is not None:
+                    # As diffusers' `callback_outputs.pop("latents", latents)`; an array changed in
+                    # place is taken too, as a torch tensor changed in place would be.
+                    chosen = ret.get("latents", kwargs["latents"]) if isinstance(ret, dict) else kwargs["latents"]
+                    replacement = _latents_bytes(chosen, latents.shape)
+            return ("finish" if self._interrupt else "continue", replacement)
+
+        out = self._native.generate(args, on_step=on_step, step_latents=step_latents)
+        return _pipeline_output(out, args["output"], return_dict)
+
+    def _run_args(
         self,
         unsupported: Dict[str, Any],
         ignored: Dict[str, Any],
@@ -726,18 +835,15 @@ class StableDiffusionPipeline:
         prompt_embeds: Any,
         negative_prompt_embeds: Any,
         output_type: Optional[str],
-        return_dict: bool,
         guidance_rescale: float,
-        callback_on_step_end: Optional[Callable[..., Any]],
-        callback_on_step_end_tensor_inputs: Sequence[str],
         clip_skip: Optional[int],
         prompt_syntax: str,
         edit: Optional[Dict[str, Any]] = None,
-    ) -> Any:
-        """The run shared by every pipeline class. `unsupported`: diffusers arguments sd_py refuses
-        when given (not None); `ignored`: unknown keyword arguments (a warning); `edit`: the native
-        `init_images`, `mask` and `strength` arguments of image-to-image and inpainting."""
-        self._interrupt = False
+        caller: str = "__call__",
+    ) -> Dict[str, Any]:
+        """The native run arguments (`_Pipeline.generate`'s `args`) of a diffusers-style call.
+        `edit`: the native `init_images`, `mask` and `strength` arguments of image-to-image and
+        inpainting; `caller`: the public method, for the warning about `ignored` arguments."""
         lora_scale = _lora_scale(unsupported.pop("cross_attention_kwargs", None))
         # Ours, taken by every pipeline class: the settings in each PIL image's `info`.
         output_metadata = bool(ignored.pop("output_metadata", False))
@@ -746,8 +852,9 @@ class StableDiffusionPipeline:
             raise ValueError(f"sd_py does not support {', '.join(given)}")
         if ignored:
             warnings.warn(
-                f"{type(self).__name__}.__call__: ignoring unsupported argument(s) {', '.join(sorted(ignored))}",
-                stacklevel=3,
+                f"{type(self).__name__}.{caller}: ignoring unsupported argument(s) {', '.join(sorted(ignored))}",
+                # The user's line: through `_generate` for `__call__`, directly for the others.
+                stacklevel=4 if caller == "__call__" else 3,
             )
         # Values (sizes, steps, guidance, prompt counts, embedding shapes...) are checked by
         # sd-core, with the same messages as sd-cli's; here only what Python types decide.
@@ -772,15 +879,6 @@ class StableDiffusionPipeline:
         output = "pil" if output_type is None else output_type
         if output not in ("pil", "np", "latent"):
             raise ValueError(f"`output_type` must be 'pil', 'np' or 'latent', got {output_type!r}")
-        if callback_on_step_end is not None and not callable(callback_on_step_end):
-            raise ValueError("`callback_on_step_end` must be callable")
-        tensor_inputs = [] if callback_on_step_end_tensor_inputs is None else list(callback_on_step_end_tensor_inputs)
-        not_exposed = [k for k in tensor_inputs if k != "latents"]
-        if not_exposed:
-            raise ValueError(
-                f"`callback_on_step_end_tensor_inputs` may only hold 'latents' in sd_py, got {', '.join(map(repr, not_exposed))}"
-            )
-        step_latents = callback_on_step_end is not None and "latents" in tensor_inputs
         initial_noise = _to_native("latents", latents)
 
         native = self._native
@@ -797,56 +895,44 @@ class StableDiffusionPipeline:
                     native.max_prompt_tokens,
                     cut,
                 )
-
-        def on_step(index: int, timestep: float, latents: Any = None) -> Tuple[str, Optional[bytes]]:
-            replacement = None
-            if callback_on_step_end is not None:
-                kwargs: Dict[str, Any] = {}
-                if latents is not None:
-                    kwargs["latents"] = _from_native(latents)
-                ret = callback_on_step_end(self, index, timestep, kwargs)
-                if latents is not None:
-                    # As diffusers' `callback_outputs.pop("latents", latents)`; an array changed in
-                    # place is taken too, as a torch tensor changed in place would be.
-                    chosen = ret.get("latents", kwargs["latents"]) if isinstance(ret, dict) else kwargs["latents"]
-                    replacement = _latents_bytes(chosen, latents.shape)
-            return ("finish" if self._interrupt else "continue", replacement)
-
-        out = native.generate(
-            prompts,
-            negative_prompts=negatives,
-            height=h,
-            width=w,
-            num_inference_steps=steps,
-            guidance_scale=guidance,
-            num_images_per_prompt=per_prompt,
-            seeds=seeds,
-            scheduler=scheduler._class_name,
-            scheduler_config=scheduler._config_as_json(),
-            output=output,
-            on_step=on_step,
-            guidance_rescale=rescale,
-            eta=_number("eta", eta),
-            step_latents=step_latents,
-            latents=initial_noise,
-            prompt_embeds=embeds,
-            negative_prompt_embeds=negative_embeds,
-            metadata=output_metadata,
-            clip_skip=skip,
-            prompt_syntax=prompt_syntax,
-            lora_scale=lora_scale,
+        return {
+            "prompts": prompts,
+            "negative_prompts": negatives,
+            "height": h,
+            "width": w,
+            "num_inference_steps": steps,
+            "guidance_scale": guidance,
+            "num_images_per_prompt": per_prompt,
+            "seeds": seeds,
+            "scheduler": scheduler._class_name,
+            "scheduler_config": scheduler._config_as_json(),
+            "output": output,
+            "guidance_rescale": rescale,
+            "eta": _number("eta", eta),
+            "latents": initial_noise,
+            "prompt_embeds": embeds,
+            "negative_prompt_embeds": negative_embeds,
+            "metadata": output_metadata,
+            "clip_skip": skip,
+            "prompt_syntax": prompt_syntax,
+            "lora_scale": lora_scale,
             **(edit or {}),
-        )
-        images: Any
-        if output == "pil":
-            from PIL import Image
+        }
 
-            images = [Image.frombytes("RGB", (image.width, image.height), image.data) for image in out.images]
-            for image, text in zip(images, out.infotexts):
-                image.info["parameters"] = text
-        else:
-            images = _from_native(out.array if output == "np" else out.latents)
-        result = StableDiffusionPipelineOutput(images=images, nsfw_content_detected=None, seeds=list(out.seeds))
-        if not return_dict:
-            return (images, None)
-        return result
+
+def _pipeline_output(out: Any, output: str, return_dict: bool) -> Any:
+    """A native run result as diffusers returns it: PIL images (with their settings text, if
+    any) or a numpy array, in an output object or a tuple."""
+    images: Any
+    if output == "pil":
+        from PIL import Image
+
+        images = [Image.frombytes("RGB", (image.width, image.height), image.data) for image in out.images]
+        for image, text in zip(images, out.infotexts):
+            image.info["parameters"] = text
+    else:
+        images = _from_native(out.array if output == "np" else out.latents)
+    result = StableDiffusionPipelineOutput(images=images, nsfw_content_detected=None, seeds=list(out.seeds))
+    if not return_dict:
+        return (images, None)
+    return result

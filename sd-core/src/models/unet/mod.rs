@@ -369,7 +369,25 @@ impl UNet2DConditionModel {
         timestep: f64,
         encoder_hidden_states: &Tensor,
     ) -> Result<Tensor> {
+        let batch = sample.dim(0)?;
+        self.forward_with_timesteps(sample, &vec![timestep; batch], encoder_hidden_states)
+    }
+
+    /// [`Self::forward`] with a timestep per sample (diffusers' `timestep` tensor of shape
+    /// `[batch]`): samples of runs at different steps share one call (step-level batching).
+    pub fn forward_with_timesteps(
+        &self,
+        sample: &Tensor,
+        timesteps: &[f64],
+        encoder_hidden_states: &Tensor,
+    ) -> Result<Tensor> {
         let (batch, _, height, width) = sample.dims4()?;
+        if timesteps.len() != batch {
+            candle_core::bail!(
+                "the UNet got {} timesteps for a batch of {batch} samples",
+                timesteps.len()
+            );
+        }
         let dtype = sample.dtype();
         let sample = if self.config.center_input_sample {
             sample.affine(2.0, -1.0)?
@@ -378,7 +396,7 @@ impl UNet2DConditionModel {
         };
 
         let t = timestep_features(
-            &vec![timestep; batch],
+            timesteps,
             self.config.block_out_channels[0],
             self.config.flip_sin_to_cos,
             self.config.freq_shift,
