@@ -464,7 +464,7 @@ def test_a1111_progress_and_interrupt(jobs_serve):
         state = progress["state"]
         assert state["job"].startswith("txt2img(") and state["sampling_steps"] == 500 and state["job_count"] == 1
         assert 0 < progress["progress"] < 1 and progress["eta_relative"] > 0 and "step" in progress["textinfo"]
-        # Another size: not batched with the running call, it waits for it.
+        # Another size: a run of its own, which takes turns with the running one.
         job_id = requests.post(f"{jobs_serve}/v1/jobs", json={**LONG, "width": 64, "height": 64}, timeout=60).json()["id"]
         assert requests.get(progress_url, timeout=60).json()["state"]["job_count"] == 2
 

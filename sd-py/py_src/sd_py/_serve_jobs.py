@@ -178,6 +178,8 @@ class Jobs:
             return "done"
         if entry["state"] not in FINAL_STATES:
             entry["parts"] = {i: entry["steps"] for i in range(entry["images"])}
+            # A run shorter than the replica's report interval may finish before any report.
+            entry["started"] = entry["started"] or self.clock()
             self._end(entry, "done", result=result)
         return str(entry["state"])
 

