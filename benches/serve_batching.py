@@ -10,10 +10,10 @@ request sent while a long one runs, against the short request alone.
 
     # tiny model of the repository
     python benches/serve_batching.py --model tests/fixtures/pipelines/sd2-tiny --size 64 \\
-        --short-steps 20 --long-steps 200 --rate 4 --requests 200
+        --short-steps 20 --long-steps 200 --rate 0.8 --requests 150
     # the full SD 2.1 architecture (random weights), 256 px
     python benches/serve_batching.py --model ~/.cache/sd-rs/sd21-random --size 256 \\
-        --short-steps 4 --long-steps 16 --rate 0.05 --requests 16
+        --short-steps 3 --long-steps 12 --rate 0.035 --requests 12
 
 Needs the environment of the Serve app (ray[serve], sd_py; a release build of sd_py for timings).
 """
@@ -64,8 +64,9 @@ def deploy(base_url: str, model: str, mode: str, max_batch: int) -> str:
     env = {"MODEL_ID": os.path.abspath(model), "SD_BATCHING": mode, "SD_MAX_BATCH_SIZE": str(max_batch),
            "SD_REQUEST_TIMEOUT_S": "3600", "SD_MAX_QUEUED_REQUESTS": "1000", "RAY_USAGE_STATS_ENABLED": "0"}
     options = {"runtime_env": {"env_vars": env}, "num_gpus": 0}
-    app = APIIngress.options(ray_actor_options={"runtime_env": {"env_vars": env}}).bind(
-        StableDiffusionV2.options(ray_actor_options=options, max_queued_requests=1000).bind())
+    # Queues that hold the whole schedule: this measures latency, not back-pressure.
+    ingress = APIIngress.options(ray_actor_options={"runtime_env": {"env_vars": env}}, max_ongoing_requests=1000, max_queued_requests=-1)
+    app = ingress.bind(StableDiffusionV2.options(ray_actor_options=options, max_queued_requests=-1).bind())
     serve.run(app, name=f"bench-{mode}", route_prefix=f"/{mode}")
     url = f"{base_url}/{mode}"
     deadline = time.monotonic() + 600

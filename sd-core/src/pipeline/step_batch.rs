@@ -58,6 +58,18 @@ pub struct BatchKey {
     pub lora_scale_bits: Option<u64>,
 }
 
+impl std::fmt::Debug for ActiveRun {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ActiveRun")
+            .field("scheduler", &self.scheduler.class_name())
+            .field("latents", &self.latents.dims())
+            .field("steps_done", &self.steps_done)
+            .field("total_steps", &self.timesteps.len())
+            .field("failure", &self.failure)
+            .finish_non_exhaustive()
+    }
+}
+
 impl ActiveRun {
     /// The arguments the run was started with (for its metadata).
     pub fn params(&self) -> &GenerateParams {

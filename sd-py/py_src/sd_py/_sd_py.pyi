@@ -55,12 +55,40 @@ class StageTimings:
     @property
     def vae_decode(self): ...
 
+class _ActiveRun:
+    """A run started by `_Pipeline.start_run`, stepped by `_Pipeline.step_runs` (several at once) and
+    finished by `_Pipeline.complete_run`.
+    """
+    @property
+    def batch_key(self):
+        """Runs with the same key may be stepped together: `(latent height, latent width, text
+        tokens, LoRA scale bits or None)`.
+        """
+    @property
+    def finished(self):
+        """No step is left (all done, or one failed), or the run was completed."""
+    @property
+    def images(self):
+        """Images of the run."""
+    @property
+    def output(self):
+        """What `complete_run` returns: "pil", "np" or "latent"."""
+    @property
+    def steps_done(self): ...
+    @property
+    def total_steps(self): ...
+
 class _Pipeline:
     """A loaded sd-core pipeline (the Python class `StableDiffusionPipeline` wraps it)."""
     def active_adapters(self):
         """The active adapters and their weights."""
     def adapter_names(self):
         """The loaded adapters, in load order."""
+    def complete_run(self, run):
+        """Decodes a run (the remaining steps are skipped if any are left, as diffusers' interrupt)
+        and returns what `generate` would have; raises the error of a run whose step failed. A run
+        completes once.
+        """
     @property
     def default_size(self): ...
     @property
@@ -72,26 +100,15 @@ class _Pipeline:
         """The local diffusers folder the weights were read from."""
     def fuse_lora(self, scale):
         """Fuses the active adapters, at their weights times `scale`, into copies of the weights."""
-    def generate(self, prompts, negative_prompts=None, height=None, width=None, num_inference_steps=50, guidance_scale=7.5, num_images_per_prompt=1, seeds=..., scheduler=None, scheduler_config=None, output='pil', on_step=None, guidance_rescale=0.0, eta=0.0, step_latents=False, latents=None, prompt_embeds=None, negative_prompt_embeds=None, init_images=None, mask=None, strength=None, clip_skip=None, prompt_syntax='plain', metadata=False, lora_scale=None):
+    def generate(self, args, on_step=None, step_latents=False):
         """Runs the pipeline with the GIL released; sd-core checks every value.
 
-        `seeds`: empty (random), one (one generator for the batch) or one per image.
-        `output`: "pil" (`GenerateResult.images`), "np" (`.array`, float32 `[b, h, w, 3]`) or
-        "latent" (`.latents`). `on_step(step_index, timestep)` is called after each step with
-        the GIL held, with a third argument, the latents as a `Float32Array`, when
-        `step_latents`. It returns a bool (falsy stops the run with `GenerationCancelled`) or a
-        pair `(action, latents)`: "continue", "finish" (skip the remaining steps and decode the
-        latents as they are) or "cancel", and `None` or replacement latents as float32 bytes. An
-        exception stops the run and is re-raised. `latents`: `(float32 bytes, shape)` of the
-        initial noise, instead of drawing it from the seeds. `prompt_embeds`,
-        `negative_prompt_embeds`: `(float32 bytes, shape)` of text embeddings, instead of encoding
-        the prompts (then empty) or the negative prompts. `init_images`: `(width, height, RGB
-        bytes)` of one image (or one per prompt) to start from (image-to-image), with `mask`
-        `(width, height, luma bytes)`, white = repaint, for inpainting; `strength` in (0, 1]
-        (default 0.8 without a mask, 1.0 with one, as diffusers). `clip_skip`: diffusers'
-        (for the prompts and the negative prompts); `prompt_syntax`: "plain" or "a1111".
-        `metadata`: also return each image's settings in A1111's infotext format. `lora_scale`: the
-        factor of the active unfused LoRAs (diffusers' `cross_attention_kwargs["scale"]`, default 1).
+        `args`: the run's arguments as a dict ([`RunArgs`]). `on_step(step_index, timestep)` is
+        called after each step with the GIL held, with a third argument, the latents as a
+        `Float32Array`, when `step_latents`. It returns a bool (falsy stops the run with
+        `GenerationCancelled`) or a pair `(action, latents)`: "continue", "finish" (skip the
+        remaining steps and decode the latents as they are) or "cancel", and `None` or
+        replacement latents as float32 bytes. An exception stops the run and is re-raised.
         """
     @staticmethod
     def load(model, dtype='float32', device='cpu', variant=None, revision=None, local_files_only=False, cache_dir=None, token=None):
@@ -117,6 +134,17 @@ class _Pipeline:
         """The model's `scheduler/scheduler_config.json`, as JSON."""
     def set_adapters(self, adapters):
         """Makes these `(name, weight)` adapters the active ones."""
+    def start_run(self, args):
+        """Starts a run for step-level batching (text-to-image or image-to-image): checks `args` (as
+        `generate` takes them), encodes the prompt and prepares the latents, with the GIL
+        released. Step it with `step_runs`, then `complete_run` it.
+        """
+    def step_runs(self, runs):
+        """One denoising step of each of `runs`, stacked into as few UNet calls as memory allows,
+        with the GIL released. The runs must have been started by this pipeline, share a
+        `batch_key` and have a step left. A run whose own step fails (non-finite values) finishes,
+        and `complete_run` raises its error; an error raised here failed the whole step.
+        """
     def truncated_text(self, prompt):
         """The part of `prompt` cut off by the tokenizer's length limit, if any."""
     @property

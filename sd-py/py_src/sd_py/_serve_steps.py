@@ -17,11 +17,14 @@ that waited longest for a step.
 
 import asyncio
 import itertools
+import logging
 import threading
 import time
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
 
 from ._serve_metrics import serve_metrics
+
+logger = logging.getLogger("ray.serve")
 
 if TYPE_CHECKING:  # pragma: no cover
     from .serve import StableDiffusionV2
@@ -55,18 +58,21 @@ class _Job:
         """Runs with equal keys may share a UNet call: sd-core's batch key and the LoRA."""
         return (self.run.batch_key, self.request.get("lora"), self.request.get("lora_scale"))
 
-    def settle(self, result: Optional[bytes] = None, error: Optional[BaseException] = None) -> None:
-        """Answers the request's `submit` (from the scheduler's thread), once."""
+    def answer(self, png: bytes) -> None:
+        """Answers the request's `submit` with its PNG (from the scheduler's thread)."""
+        self.loop.call_soon_threadsafe(self._settle, png, None)
 
-        def settle_in_loop() -> None:
-            if self.future.done():  # cancelled: the caller is gone
-                return
-            if error is not None:
-                self.future.set_exception(error)
-            else:
-                self.future.set_result(result or b"")
+    def fail(self, error: BaseException) -> None:
+        """Raises `error` from the request's `submit` (from the scheduler's thread)."""
+        self.loop.call_soon_threadsafe(self._settle, None, error)
 
-        self.loop.call_soon_threadsafe(settle_in_loop)
+    def _settle(self, png: Optional[bytes], error: Optional[BaseException]) -> None:
+        if self.future.done():  # cancelled: the caller is gone
+            return
+        if error is not None:
+            self.future.set_exception(error)
+        else:
+            self.future.set_result(png)
 
 
 class StepScheduler:
@@ -101,20 +107,33 @@ class StepScheduler:
     def _loop(self) -> None:
         active: List[_Job] = []
         while True:
-            for job in self._take_pending(wait=not active):
-                if self._start(job):
-                    active.append(job)
-            active = [job for job in active if not self._dropped_if_gone(job)]
-            if not active:
-                continue
-            batch = self._next_batch(active)
-            self._step(batch)
-            for job in batch:
-                if job.run is None:  # its step failed and was answered
-                    active.remove(job)
-                elif job.run.finished:
-                    active.remove(job)
-                    self._complete(job)
+            try:
+                self._tick(active)
+            except Exception as e:  # a bug of ours: fail what runs, keep serving
+                logger.exception("step scheduler: a tick failed; failing its %d runs", len(active))
+                for job in active:
+                    if job.run is not None:
+                        self._model._track_running(-job.run.images)
+                    job.fail(e)
+                active.clear()
+
+    def _tick(self, active: List[_Job]) -> None:
+        """Admits the requests that arrived, drops the gone ones, steps one batch and completes
+        the runs it finished. `active` is changed in place."""
+        for job in self._take_pending(wait=not active):
+            if self._start(job):
+                active.append(job)
+        active[:] = [job for job in active if not self._dropped_if_gone(job)]
+        if not active:
+            return
+        batch = self._next_batch(active)
+        self._step(batch)
+        for job in batch:
+            if job.run is None:  # its step failed and was answered
+                active.remove(job)
+            elif job.run.finished:
+                active.remove(job)
+                self._complete(job)
 
     def _take_pending(self, wait: bool) -> List[_Job]:
         """The requests that arrived since the last tick; waits for one when nothing runs."""
@@ -130,7 +149,7 @@ class StepScheduler:
         model, r = self._model, job.request
         model._dequeue([r])
         if job.gone:
-            job.settle(error=RequestGone("gone before its run started"))
+            job.fail(RequestGone("gone before its run started"))
             return False
         try:
             job.pipe = model._with_sampler(model.pipe, r.get("sampler"))
@@ -150,7 +169,7 @@ class StepScheduler:
             )
         except Exception as e:
             model._count_failure(e)
-            job.settle(error=e)
+            job.fail(e)
             return False
         model._track_running(job.run.images)
         model._progress.step([r], 0)
@@ -162,7 +181,7 @@ class StepScheduler:
             return False
         self._model._track_running(-job.run.images)
         self._model._count_stopped()
-        job.settle(error=RequestGone(f"gone (stopped after step {job.run.steps_done})"))
+        job.fail(RequestGone(f"gone (stopped after step {job.run.steps_done})"))
         return True
 
     def _next_batch(self, active: List[_Job]) -> List[_Job]:
@@ -212,7 +231,7 @@ class StepScheduler:
         self._model._count_failure(error)
         self._model._track_running(-job.run.images)
         job.run = None
-        job.settle(error=error)
+        job.fail(error)
 
     def _complete(self, job: _Job) -> None:
         """Decodes a finished run and answers its request (or the error of its failed step)."""
@@ -220,6 +239,6 @@ class StepScheduler:
         model._track_running(-run.images)
         try:
             out = model._counted(run.images, lambda: job.pipe.complete_run(run))
-            job.settle(result=self._png(out.images[0]))
+            job.answer(self._png(out.images[0]))
         except Exception as e:
-            job.settle(error=e)
+            job.fail(e)

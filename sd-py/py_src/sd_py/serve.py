@@ -18,18 +18,21 @@ Use it as the `import_path` of a Serve config (`sd_py.serve:entrypoint`), or
   `SD_MAX_UPLOAD_PIXELS` pixels are refused with 413 before they are decoded; anything else that
   is wrong (missing field, not an image, truncated file, mask of another size) with 422. Edits
   are not batched: each request is one pipeline call (over the same loaded weights).
-- `stable-diffusion-v2` (`StableDiffusionV2`): the model. Compatible requests (same size, steps,
-  guidance, LoRA and LoRA scale) that arrive together are batched into one pipeline call
-  (`@serve.batch`), each image with its own seed, so a request gives the same image alone or in a
-  batch (up to float rounding: 8-bit pixels within 1 level).
+- `stable-diffusion-v2` (`StableDiffusionV2`): the model. Text-to-image requests are batched step
+  by step (`SD_BATCHING=continuous`, `_serve_steps`): requests of the same size and LoRA share
+  their UNet calls whatever their steps, guidance, sampler and seed, join at the next step and
+  leave when their own steps are done. `SD_BATCHING=request` batches compatible requests (same
+  size, steps, guidance, sampler, LoRA and LoRA scale) that arrive together into one pipeline call
+  (`@serve.batch`); `none` runs one at a time. Either way a request gives the same image alone or
+  batched (up to float rounding: 8-bit pixels within 1 level).
 
 Under load and faults (docs/serve.md, "Load, faults and metrics"):
 
 - at most `SD_MAX_QUEUED_REQUESTS` requests wait for the model (`max_queued_requests`); more are
   answered at once with 503 and `Retry-After` (also by Ray's proxy when the ingress is full);
 - a request whose client hangs up, or that is past `SD_REQUEST_TIMEOUT_S` (answered 504), is
-  cancelled: its pipeline call stops at the next step, unless it runs batched with requests that
-  are still waited for (a batch cannot drop one image: it runs on, and the image is dropped);
+  cancelled: its run stops at the next step (with `SD_BATCHING=request`, unless it runs batched
+  with requests that are still waited for: such a batch runs on, and the image is dropped);
 - a model replica that dies under a request makes it a 503 with `Retry-After` (the request is
   idempotent: the client may send it again);
 - replicas stop gracefully: `graceful_shutdown_timeout_s` exceeds the longest a request may run;
@@ -42,8 +45,9 @@ Configuration, by environment variable (e.g. `runtime_env.env_vars` of the Serve
   else `cpu`); `SD_DTYPE`: `float32` (default, as the blueprint), `float16` or `bfloat16`;
 - `SD_NUM_GPUS`: GPUs per model replica when the Serve config does not set `ray_actor_options`
   (default 1 if `SD_DEVICE` names CUDA, else 0);
-- `SD_DEFAULT_STEPS` (50), `SD_MAX_STEPS` (500), `SD_GUIDANCE_SCALE` (7.5),
-  `SD_MAX_BATCH_SIZE` (4), `SD_BATCH_WAIT_S` (0.1);
+- `SD_DEFAULT_STEPS` (50), `SD_MAX_STEPS` (500), `SD_GUIDANCE_SCALE` (7.5), `SD_BATCHING`
+  (continuous), `SD_MAX_BATCH_SIZE` (4: images per UNet call, requests per `@serve.batch` call),
+  `SD_BATCH_WAIT_S` (0.1, `request` only);
 - `SD_MAX_UPLOAD_BYTES` (8 MiB, per uploaded file), `SD_MAX_UPLOAD_PIXELS` (2048 * 2048, per
   uploaded image);
 - `SD_MAX_QUEUED_REQUESTS` (16), `SD_REQUEST_TIMEOUT_S` (170), `SD_RETRY_AFTER_S` (10),
@@ -702,8 +706,8 @@ class APIIngress:
     graceful_shutdown_timeout_s=GRACEFUL_SHUTDOWN_TIMEOUT_S,
 )
 class StableDiffusionV2:
-    """The model: an sd_py pipeline, with batching of compatible requests and cancellation of
-    requests whose caller is gone."""
+    """The model: an sd_py pipeline, with batching of compatible requests (step by step, or by
+    `@serve.batch`) and cancellation of requests whose caller is gone."""
 
     # Consecutive failed pipeline calls (not counting bad requests) after which the replica
     # reports itself unhealthy, so Ray Serve replaces it.
