@@ -11,19 +11,6 @@ use support::*;
 
 const TOL: f32 = 1e-4;
 
-fn params(case: &Case) -> GenerateParams {
-    let mut p = GenerateParams::new(case.prompt.clone());
-    p.negative_prompts = case.negative_prompt.clone().map(|n| vec![n]);
-    p.height = Some(case.height);
-    p.width = Some(case.width);
-    p.num_inference_steps = case.num_inference_steps;
-    p.guidance_scale = case.guidance_scale;
-    p.num_images_per_prompt = case.num_images_per_prompt;
-    p.seeds = vec![case.seed];
-    p.scheduler = Some(case.scheduler.clone());
-    p
-}
-
 /// Runs the denoising loop with the stage APIs and compares every intermediate with diffusers.
 fn check_steps(name: &str) {
     let case = load_case(name);
@@ -120,7 +107,7 @@ fn check_images(name: &str) {
     };
     let out = pipe
         .generate_with(
-            &params(&case),
+            &case.params(),
             RunHooks { on_step_end: Some(&mut on_step_end), ..Default::default() },
         )
         .unwrap();
@@ -153,7 +140,7 @@ fn sd2_ddim_given_latents_images() {
     let case = load_case("sd2_ddim");
     let refs = load_refs("sd2_ddim.safetensors");
     let pipe = fixture_pipeline(&case.model);
-    let mut p = params(&case);
+    let mut p = case.params();
     p.seeds = vec![case.seed + 1];
     p.latents = Some(get(&refs, "init_latents").clone());
     let out = pipe.generate(&p).unwrap();
@@ -171,7 +158,7 @@ fn sd2_ddim_given_prompt_embeds_images() {
     let refs = load_refs("sd2_ddim.safetensors");
     let pipe = fixture_pipeline(&case.model);
     let expected = image::open(pipelines().join("sd2_ddim.png")).unwrap().to_rgb8();
-    let mut p = params(&case);
+    let mut p = case.params();
     p.prompts.clear();
     p.prompt_embeds = Some(get(&refs, "prompt_embeds").clone());
     let negative_encoded = pipe.generate(&p).unwrap();

@@ -12,17 +12,7 @@ use sd_core::Error;
 use support::*;
 
 fn case_params(name: &str) -> GenerateParams {
-    let case = load_case(name);
-    let mut p = GenerateParams::new(case.prompt.clone());
-    p.negative_prompts = case.negative_prompt.clone().map(|n| vec![n]);
-    p.height = Some(case.height);
-    p.width = Some(case.width);
-    p.num_inference_steps = case.num_inference_steps;
-    p.guidance_scale = case.guidance_scale;
-    p.num_images_per_prompt = case.num_images_per_prompt;
-    p.seeds = vec![case.seed];
-    p.scheduler = Some(case.scheduler.clone());
-    p
+    load_case(name).params()
 }
 
 /// An ancestral scheduler (it draws noise at every step from the run's own generators).
@@ -173,7 +163,7 @@ fn runs_that_cannot_share_a_call_are_refused() {
     let init = image::RgbImage::new(64, 64);
     let mut inpaint = small.clone();
     inpaint.init_image = Some(InitImage::with_mask(init, image::GrayImage::new(64, 64)));
-    let err = pipe.start_run(&inpaint).err().expect("inpainting is refused");
+    let err = pipe.start_run(&inpaint).expect_err("inpainting is refused");
     assert!(err.to_string().contains("run inpainting with generate"), "{err}");
 }
 

@@ -92,6 +92,27 @@ def pipe():
 RAY_METRICS_PORT = free_port()
 
 
+def replica_without_ray(pipe):
+    """A model replica's object (`sd_py.serve.StableDiffusionV2`) around `pipe`, built without Ray
+    or its `__init__` (no model load, no gauge thread), with its step scheduler."""
+    import threading
+
+    import sd_py.serve as s
+    from sd_py._serve_jobs import ProgressReporter
+    from sd_py._serve_steps import StepScheduler
+
+    m = object.__new__(s.StableDiffusionV2.func_or_class)
+    m.pipe = pipe
+    m._stats_lock = threading.Lock()
+    m.stats = {"requests": 0, "pipeline_calls": 0, "images": 0, "largest_batch": 0, "failures": 0, "stopped_calls": 0}
+    m._consecutive_failures = 0
+    m._last_error = None
+    m._queued = m._running_images = 0
+    m._progress = ProgressReporter()
+    m._steps = StepScheduler(m, 4, s._png)
+    return m
+
+
 @pytest.fixture(scope="session")
 def ray_cluster(tmp_path_factory):
     """A small local Ray cluster with Serve on 127.0.0.1:<free port>, shared by the Ray tests.

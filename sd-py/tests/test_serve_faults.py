@@ -16,7 +16,7 @@ from ray.exceptions import ActorDiedError  # noqa: E402
 from ray.serve.exceptions import BackPressureError, ReplicaUnavailableError  # noqa: E402
 
 import sd_py.serve as s  # noqa: E402
-from sd_py._serve_jobs import ProgressReporter  # noqa: E402
+from conftest import replica_without_ray  # noqa: E402
 
 
 @pytest.mark.parametrize(
@@ -92,15 +92,7 @@ def test_a_client_hang_up_cancels_the_model_call():
 @pytest.fixture
 def model(pipe):
     """A model replica's object around the session's tiny pipeline (no Ray)."""
-    m = object.__new__(s.StableDiffusionV2.func_or_class)
-    m.pipe = pipe
-    m._stats_lock = threading.Lock()
-    m.stats = {"requests": 0, "pipeline_calls": 0, "images": 0, "largest_batch": 0, "failures": 0, "stopped_calls": 0}
-    m._consecutive_failures = 0
-    m._last_error = None
-    m._queued = m._running_images = 0
-    m._progress = ProgressReporter()
-    return m
+    return replica_without_ray(pipe)
 
 
 def _queued_requests(model, n, steps):

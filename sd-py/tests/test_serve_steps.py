@@ -14,23 +14,14 @@ from PIL import Image
 
 import sd_py.serve as s
 from sd_py import StableDiffusionPipeline, scheduler_from_name
-from sd_py._serve_jobs import ProgressReporter
-from sd_py._serve_steps import StepScheduler
+
+from conftest import replica_without_ray
 
 
 @pytest.fixture
 def model(pipe):
     """A model replica's object around the session's tiny pipeline, with its step scheduler."""
-    m = object.__new__(s.StableDiffusionV2.func_or_class)
-    m.pipe = pipe
-    m._stats_lock = threading.Lock()
-    m.stats = {"requests": 0, "pipeline_calls": 0, "images": 0, "largest_batch": 0, "failures": 0, "stopped_calls": 0}
-    m._consecutive_failures = 0
-    m._last_error = None
-    m._queued = m._running_images = 0
-    m._progress = ProgressReporter()
-    m._steps = StepScheduler(m, 4, s._png)
-    return m
+    return replica_without_ray(pipe)
 
 
 def request(prompt="a red cube", height=64, width=None, seed=1, steps=3, guidance_scale=None, negative_prompt=None, sampler=None):

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use sd_core::loading::{build_component, read_json, WeightStore};
-use sd_core::pipeline::StableDiffusionPipeline;
+use sd_core::pipeline::{GenerateParams, StableDiffusionPipeline};
 use serde::de::DeserializeOwned;
 
 // ---- fixture paths and files ----
@@ -86,6 +86,22 @@ pub struct Case {
 
 pub fn load_case(name: &str) -> Case {
     read_json_file(&pipelines().join(format!("{name}.json")))
+}
+
+impl Case {
+    /// The run's `GenerateParams`, as diffusers was called.
+    pub fn params(&self) -> GenerateParams {
+        let mut p = GenerateParams::new(self.prompt.clone());
+        p.negative_prompts = self.negative_prompt.clone().map(|n| vec![n]);
+        p.height = Some(self.height);
+        p.width = Some(self.width);
+        p.num_inference_steps = self.num_inference_steps;
+        p.guidance_scale = self.guidance_scale;
+        p.num_images_per_prompt = self.num_images_per_prompt;
+        p.seeds = vec![self.seed];
+        p.scheduler = Some(self.scheduler.clone());
+        p
+    }
 }
 
 /// A fixture model (`pipelines/NAME`) loaded in f32 on the CPU, as the parity runs use it.

@@ -18,6 +18,26 @@ logger = logging.getLogger("sd_py")
 
 _U64 = 1 << 64
 
+# The arguments of `__call__` (and `start_run`) that `_run_args` turns into the native run's.
+_RUN_ARG_NAMES = (
+    "prompt",
+    "height",
+    "width",
+    "num_inference_steps",
+    "guidance_scale",
+    "negative_prompt",
+    "num_images_per_prompt",
+    "eta",
+    "generator",
+    "latents",
+    "prompt_embeds",
+    "negative_prompt_embeds",
+    "output_type",
+    "guidance_rescale",
+    "clip_skip",
+    "prompt_syntax",
+)
+
 # `from_pretrained` keyword arguments of diffusers that need no action here: components sd_py
 # never has (no safety checker) and download options it takes from the environment.
 _SILENT_KWARGS = {"safety_checker", "feature_extractor", "requires_safety_checker", "image_encoder"}
@@ -684,28 +704,14 @@ class StableDiffusionPipeline:
             "ip_adapter_image_embeds": ip_adapter_image_embeds,
             "cross_attention_kwargs": cross_attention_kwargs or None,
         }
+        given = locals()
         return self._generate(
             unsupported,
             kwargs,
-            prompt=prompt,
-            height=height,
-            width=width,
-            num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale,
-            negative_prompt=negative_prompt,
-            num_images_per_prompt=num_images_per_prompt,
-            eta=eta,
-            generator=generator,
-            latents=latents,
-            prompt_embeds=prompt_embeds,
-            negative_prompt_embeds=negative_prompt_embeds,
-            output_type=output_type,
             return_dict=return_dict,
-            guidance_rescale=guidance_rescale,
             callback_on_step_end=callback_on_step_end,
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
-            clip_skip=clip_skip,
-            prompt_syntax=prompt_syntax,
+            **{name: given[name] for name in _RUN_ARG_NAMES},
         )
 
     # -- step-level batching: runs stepped by the caller, several per UNet call --
@@ -740,27 +746,9 @@ class StableDiffusionPipeline:
         may join and leave between steps; a run gives the images of `__call__` with the same
         arguments (within float rounding: 8-bit pixels within 1 level), however it was batched.
         The scheduler is the pipeline's when the run starts."""
-        args = self._run_args(
-            {"cross_attention_kwargs": cross_attention_kwargs or None},
-            kwargs,
-            caller="start_run",
-            prompt=prompt,
-            height=height,
-            width=width,
-            num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale,
-            negative_prompt=negative_prompt,
-            num_images_per_prompt=num_images_per_prompt,
-            eta=eta,
-            generator=generator,
-            latents=latents,
-            prompt_embeds=prompt_embeds,
-            negative_prompt_embeds=negative_prompt_embeds,
-            output_type=output_type,
-            guidance_rescale=guidance_rescale,
-            clip_skip=clip_skip,
-            prompt_syntax=prompt_syntax,
-        )
+        given = locals()
+        run = {name: given[name] for name in _RUN_ARG_NAMES}
+        args = self._run_args({"cross_attention_kwargs": cross_attention_kwargs or None}, kwargs, caller="start_run", **run)
         return self._native.start_run(args)
 
     def step_runs(self, runs: Sequence["_native._ActiveRun"]) -> None:
