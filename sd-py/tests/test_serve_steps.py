@@ -149,3 +149,33 @@ def test_runs_of_different_sizes_take_turns(model, pipe):
     for r, png in zip(requests, pngs):
         assert Image.open(io.BytesIO(png)).size == (r["width"], r["height"])
         assert np.abs(image_of(png) - alone(pipe, r)).max() <= 1
+
+
+def test_the_batching_mode_is_read_when_a_replica_starts(monkeypatch):
+    monkeypatch.delenv("SD_BATCHING", raising=False)
+    assert s.batching_mode() == "continuous"
+    for mode in ("request", " None "):
+        monkeypatch.setenv("SD_BATCHING", mode)
+        assert s.batching_mode() == mode.strip().lower()
+    monkeypatch.setenv("SD_BATCHING", "step")
+    with pytest.raises(ValueError, match="SD_BATCHING must be one of continuous, request, none, got 'step'"):
+        s.batching_mode()
+
+
+@pytest.mark.parametrize("mode", ["continuous", "none"])
+def test_generate_png_goes_through_the_mode(model, mode):
+    """`generate_png` (every text-to-image route's model call) in the modes that need no Ray:
+    continuous batching shares steps, `none` runs the requests one at a time."""
+    model.batching = mode
+    model._one_at_a_time = asyncio.Lock()
+    if mode == "none":
+        model._steps = None
+    requests = [request("a red cube", seed=1, steps=8), request("a blue sphere", seed=2, steps=8)]
+
+    async def main():
+        return await asyncio.gather(*(model.generate_png(r) for r in requests))
+
+    pngs = asyncio.run(main())
+    assert all(png[:8] == b"\x89PNG\r\n\x1a\n" for png in pngs)
+    assert model.stats["images"] == 2
+    assert model.stats["largest_batch"] == (2 if mode == "continuous" else 1), model.stats
