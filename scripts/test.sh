@@ -40,7 +40,7 @@ cargo test --workspace --locked
 
 stage "cargo test: sd-core's layers and parity with the builtin GEMM (no MKL)"
 # --workspace (not -p sd-core) keeps the feature set of the run above, so nothing recompiles.
-SD_CPU_GEMM=builtin env -u SD_REQUIRE_MKL cargo test --workspace --locked --lib --test parity_pipeline --test parity_stages --test loading
+SD_CPU_GEMM=builtin env -u SD_REQUIRE_MKL cargo test --workspace --locked --lib --test parity_pipeline --test parity_stages --test loading --test lora
 
 stage "CUDA kernels: NVRTC compile for sm_80/sm_90 (no GPU needed)"
 bash scripts/ci/check-cuda-kernels.sh
