@@ -71,6 +71,15 @@ def sd_cli_binary() -> Path:
     return binary
 
 
+def sd_cli_env(tmp_path: Path) -> dict:
+    """A minimal environment for an sd-cli run (offline, its own hub cache) with this process's
+    `SD_*` settings: sd_py sets `SD_MKL_LIB` when it finds MKL, and sd-cli must run the same GEMM
+    backend for its pixels to equal sd_py's bit for bit (MKL and the builtin GEMM round
+    differently)."""
+    env = {k: v for k, v in os.environ.items() if k.startswith("SD_")}
+    return {**env, "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "XDG_CACHE_HOME": str(tmp_path / "cache")}
+
+
 def pixels(image) -> np.ndarray:
     return np.asarray(image.convert("RGB"), dtype=np.int16)
 

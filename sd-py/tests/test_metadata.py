@@ -7,7 +7,7 @@ import numpy as np
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from conftest import sd_cli_binary
+from conftest import sd_cli_binary, sd_cli_env
 
 
 def test_images_carry_a1111_parameters(pipe, tmp_path, monkeypatch):
@@ -45,7 +45,7 @@ def test_sd_cli_makes_a_saved_image_again(pipe, tmp_path, monkeypatch):
         [str(sd_cli_binary()), "generate", "--from", str(saved), "--model", str(pipe._native.folder), "--out", str(again)],
         check=True,
         capture_output=True,
-        env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "XDG_CACHE_HOME": str(tmp_path / "cache")},
+        env=sd_cli_env(tmp_path),
     )
     assert np.array_equal(np.asarray(Image.open(again)), np.asarray(image))
     assert Image.open(again).info["parameters"] == image.info["parameters"]
@@ -67,7 +67,7 @@ def test_a_scheduler_set_by_name_is_written_and_replayed(tmp_path, monkeypatch, 
     info.add_text("parameters", text)
     saved, again = tmp_path / "saved.png", tmp_path / "again.png"
     image.save(saved, pnginfo=info)
-    env = {"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    env = sd_cli_env(tmp_path)
     args = ["generate", "--from", str(saved), "--model", sd2_path, "--out", str(again)]
     subprocess.run([str(sd_cli_binary()), *args], check=True, capture_output=True, env=env)
     # The scheduler built from sd_py's config JSON may round one pixel differently from sd-cli's

@@ -386,7 +386,7 @@ def test_serve_a1111_txt2img_gives_sd_cli_image(sd_serve, tmp_path):
     import subprocess
 
     import jsonschema
-    from conftest import sd_cli_binary
+    from conftest import sd_cli_binary, sd_cli_env
     from serve_fakes import A1111_OPTIONS, A1111_SAMPLERS, A1111_SD_MODELS, check_a1111_response
 
     body = {"prompt": "a blue sphere", "negative_prompt": "dark", "seed": 8, "sampler_name": "Euler a", "steps": 3, "cfg_scale": 6}
@@ -401,7 +401,7 @@ def test_serve_a1111_txt2img_gives_sd_cli_image(sd_serve, tmp_path):
     out = tmp_path / "cli.png"
     args = ["--prompt", "a blue sphere", "--negative-prompt", "dark", "--seed", "8", "--scheduler", "Euler a"]
     args += ["--steps", "3", "--guidance-scale", "6", "--height", "64", "--width", "64", "--model", str(SD2)]
-    env = {"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    env = sd_cli_env(tmp_path)
     subprocess.run([str(sd_cli_binary()), "generate", *args, "--out", str(out)], check=True, capture_output=True, env=env)
     cli = Image.open(out)
     assert np.array_equal(pixels(served), pixels(cli))
