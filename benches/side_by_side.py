@@ -1,12 +1,17 @@
 #!/usr/bin/env python3
-"""Side-by-side CPU benchmark: diffusers (in its own venv) against sd-cli on the same model folder
-and the same work, alternating runs (A B A B ...), printing per-stage medians, ratios and peak RSS.
+"""Side-by-side CPU benchmark: sd-cli against diffusers (in its own venv) and, optionally, OpenVINO (in
+another venv) on the same model folder and the same work, alternating runs (A B C A B C ...), printing
+per-stage medians, the precision each engine ran in, ratios sd-rs / each other engine and peak RSS.
 
     python3 benches/side_by_side.py --model ~/.cache/sd-rs/sd21-random --size 512 --steps 4 --runs 2
+    python3 benches/side_by_side.py --engines diffusers,sd-rs,openvino --openvino-precision default
 
 The model folder is the full SD 2.1 architecture with random weights
 (`cargo run --release -p sd-core --example make_random_model`); speed does not depend on weight
-values. Only the Python standard library is needed here; diffusers runs in --venv.
+values. Only the Python standard library is needed here; diffusers runs in --venv, OpenVINO in
+--openvino-venv after a one-time conversion to IR (setup in benches/openvino_run.py's docstring):
+
+    nice -n 19 ~/.cache/sd-rs/openvino-venv/bin/python benches/openvino_run.py --convert
 """
 
 import argparse
@@ -43,7 +48,17 @@ def diffusers_run(args, mode):
     out, wall, rss = run_child(cmd)
     r = json.loads(out.strip().splitlines()[-1])
     return {"load": r["load"], "text_encoder": r["text_encoder"], "unet_step": r["unet_step"],
-            "vae_decode": r["vae_decode"], "wall": wall, "rss": rss}
+            "vae_decode": r["vae_decode"], "wall": wall, "rss": rss, "precision": mode}
+
+
+def openvino_run(args):
+    py = Path(args.openvino_venv) / "bin" / "python"
+    cmd = [str(py), str(HERE / "openvino_run.py"), "--model", args.model, "--size", str(args.size),
+           "--steps", str(args.steps), "--seed", str(args.seed), "--precision", args.openvino_precision]
+    out, wall, rss = run_child(cmd)
+    r = json.loads(out.strip().splitlines()[-1])
+    return {"load": r["load"], "text_encoder": r["text_encoder"], "unet_step": r["unet_step"],
+            "vae_decode": r["vae_decode"], "wall": wall, "rss": rss, "precision": r["precision"]}
 
 
 SUMMARY = re.compile(r"load ([\d.]+)s \| text encoder ([\d.]+)s \| denoise ([\d.]+)s \(([\d.]+)s/step\) \| vae decode ([\d.]+)s")
@@ -58,7 +73,8 @@ def ours_run(args, dtype):
     if not m:
         sys.exit(f"could not parse sd-cli output: {out}")
     load, text, _, step, vae = map(float, m.groups())
-    return {"load": load, "text_encoder": text, "unet_step": step, "vae_decode": vae, "wall": wall, "rss": rss}
+    return {"load": load, "text_encoder": text, "unet_step": step, "vae_decode": vae, "wall": wall, "rss": rss,
+            "precision": dtype}
 
 
 def main():
@@ -72,24 +88,40 @@ def main():
     ap.add_argument("--runs", type=int, default=2)
     ap.add_argument("--mode", choices=["f32", "bf16"], default="f32",
                     help="f32: both in f32; bf16: diffusers bf16 autocast against sd-cli --dtype bf16")
+    ap.add_argument("--engines", default="diffusers,sd-rs",
+                    help="comma-separated, run in this order each round: diffusers, sd-rs, openvino")
+    ap.add_argument("--openvino-venv", default=str(Path.home() / ".cache/sd-rs/openvino-venv"))
+    ap.add_argument("--openvino-precision", choices=["default", "f32"], default="default",
+                    help="default: OpenVINO's own choice (bf16 on AVX512_BF16 or AMX); f32: forced f32")
     args = ap.parse_args()
 
     theirs_mode, ours_dtype = ("f32", "f32") if args.mode == "f32" else ("bf16-autocast", "bf16")
-    results = {"diffusers": [], "sd-rs": []}
+    runners = {"diffusers": lambda: diffusers_run(args, theirs_mode), "sd-rs": lambda: ours_run(args, ours_dtype),
+               "openvino": lambda: openvino_run(args)}
+    engines = args.engines.split(",")
+    if not engines or any(e not in runners for e in engines):
+        sys.exit(f"--engines takes a comma-separated list of {', '.join(runners)}")
+    results = {e: [] for e in engines}
     for i in range(args.runs):
-        for name, fn in (("diffusers", lambda: diffusers_run(args, theirs_mode)), ("sd-rs", lambda: ours_run(args, ours_dtype))):
-            r = fn()
+        for name in engines:
+            r = runners[name]()
             results[name].append(r)
-            print(f"run {i + 1} {name}: " + ", ".join(f"{k} {v:.2f}" for k, v in r.items()), flush=True)
+            print(f"run {i + 1} {name}: " + ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}"
+                                                      for k, v in r.items()), flush=True)
 
     med = {n: {k: statistics.median(r[k] for r in rs) for k in STAGES + ["rss"]} for n, rs in results.items()}
-    print(f"\n{args.size}x{args.size}, {args.steps} Euler steps, CFG 7.5, mode {args.mode}, medians of {args.runs} runs")
-    print(f"| stage | diffusers | sd-rs | sd-rs / diffusers |\n|---|---|---|---|")
-    for k in STAGES:
-        a, b = med["diffusers"][k], med["sd-rs"][k]
-        print(f"| {k} | {a:.2f} s | {b:.2f} s | {b / a:.2f} |")
-    a, b = med["diffusers"]["rss"], med["sd-rs"]["rss"]
-    print(f"| peak RSS | {a:.2f} GiB | {b:.2f} GiB | {b / a:.2f} |")
+    others = [e for e in engines if e != "sd-rs"] if "sd-rs" in engines else []
+    row = lambda label, cells: print(f"| {label} | " + " | ".join(cells) + " |")
+    print(f"\n{args.size}x{args.size}, {args.steps} Euler steps, CFG 7.5, medians of {args.runs} runs")
+    row("stage", engines + [f"sd-rs / {e}" for e in others])
+    row("---", ["---"] * (len(engines) + len(others)))
+    row("precision", [",".join(sorted({r["precision"] for r in results[e]})) for e in engines] + [""] * len(others))
+    for k, unit in [(k, "s") for k in STAGES] + [("rss", "GiB")]:
+        row("peak RSS" if k == "rss" else k,
+            [f"{med[e][k]:.2f} {unit}" for e in engines] + [f"{med['sd-rs'][k] / med[e][k]:.2f}" for e in others])
+    for e in others:  # the runs of one round are adjacent in time: their ratios are the fair ones
+        pairs = [f"{a['wall'] / b['wall']:.2f}" for a, b in zip(results["sd-rs"], results[e])]
+        print(f"whole process sd-rs / {e}, per round: {', '.join(pairs)}")
 
 
 if __name__ == "__main__":

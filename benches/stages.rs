@@ -5,12 +5,13 @@
 //!
 //! The model folder is made once by `cargo run --release -p sd-core --example make_random_model`
 //! (default `~/.cache/sd-rs/sd21-random`; `SD_BENCH_MODEL` overrides). `SD_BENCH_DTYPE=bf16`
-//! loads the models in bf16 (bf16 GEMMs on the AMX tiles, or MKL under `SD_CPU_AMX=0`; f32
-//! activations). The GEMM backend in use (MKL or builtin, see `SD_CPU_GEMM`) and whether AMX is
-//! used are printed first.
+//! loads the models in bf16 (bf16 GEMMs on the packed kernels, AMX tiles or AVX512_BF16, or on
+//! MKL with those switched off by `SD_CPU_AMX=0 SD_CPU_AVX512BF16=0`; f32 activations). What runs
+//! (`sd_core::cpu::describe`: the f32 GEMM backend, see `SD_CPU_GEMM`, and the bf16 kernel) is
+//! printed first.
 //!
 //! `layers_bf16`: the same convolution and the 16x16 level's 1280-channel one with bf16 weights,
-//! on the AMX tile GEMM, or on MKL's bf16 GEMM under `SD_CPU_AMX=0` (the entry names say which).
+//! on the packed kernel or MKL (the entry names say which).
 //!
 //! `cargo bench -p sd-core --bench stages [-- FILTER]`, e.g. `-- unet_256` or `-- layers`.
 
@@ -47,12 +48,7 @@ fn stages(c: &mut Criterion) {
         _ => DType::F32,
     };
     sd_core::runtime::init_cpu(None).unwrap();
-    eprintln!(
-        "gemm: {}, bf16 on AMX tiles: {}, dtype {dtype:?}, {} threads",
-        sd_core::cpu::blas::cpu_gemm().describe(),
-        sd_core::cpu::amx::available(),
-        rayon::current_num_threads()
-    );
+    eprintln!("dtype {dtype:?}\n{}", sd_core::cpu::describe(dtype));
     let pipe = StableDiffusionPipeline::from_folder(&dir, dtype, &Device::Cpu, None).unwrap();
     let context = pipe
         .encode_prompts(&[
@@ -128,12 +124,15 @@ fn layers(c: &mut Criterion) {
 /// (`[2, 1280, 16, 16]`) levels at 512 px, where MKL's per-call repacking of the weight costs most.
 fn layers_bf16(c: &mut Criterion) {
     sd_core::runtime::init_cpu(None).unwrap();
-    let path = if sd_core::cpu::amx::available() {
-        "amx"
-    } else if sd_core::cpu::blas::cpu_gemm().supports_bf16() {
+    let path = if let Some(kernel) = sd_core::cpu::packed::kernel() {
+        match kernel {
+            sd_core::cpu::packed::Kernel::AmxTiles => "amx",
+            sd_core::cpu::packed::Kernel::Avx512Bf16 => "avx512bf16",
+        }
+    } else if sd_core::cpu::blas::mkl().is_ok() {
         "mkl"
     } else {
-        eprintln!("layers_bf16 skipped: neither AMX nor MKL");
+        eprintln!("layers_bf16 skipped: no packed kernel and no MKL");
         return;
     };
     let mut g = c.benchmark_group("layers_bf16");

@@ -14,12 +14,13 @@
 //!   `~/.cache/sd-rs/sd21-random`). Written in diffusers' layout, f32 safetensors (about 5 GB).
 //! * `--seed`: the weights are a function of the seed (default 0) and the tensor names.
 //!
-//! Every weight keeps the distribution scale of candle's initialisation (`VarMap`: Kaiming
-//! uniform for linear and conv layers, normal for embeddings, ones/zeros for norms): candle's
-//! CPU random numbers cannot be seeded, so each non-constant tensor is then refilled with
-//! uniform values of the same standard deviation from a generator seeded by `--seed` and its
-//! name. The tokenizer (the CLIP BPE vocabulary, which the configs lack) is copied from the tiny
-//! SD 2.x test fixture.
+//! The weights follow torch's default initialisation, from a generator seeded by `--seed` and
+//! the tensor's name: matrices and convolution kernels (and embeddings) uniform in
+//! `±1/sqrt(fan_in)`, biases zero and norm scales one, so activations keep a sane scale through
+//! the whole network. (sd-core's layers ask the `VarBuilder` for their weights without an
+//! initialisation hint, so `VarMap` builds them all as zeros: every tensor is filled here.) The
+//! tokenizer (the CLIP BPE vocabulary, which the configs lack) is copied from the tiny SD 2.x test
+//! fixture.
 
 use std::path::{Path, PathBuf};
 
@@ -136,7 +137,7 @@ fn component<C: serde::de::DeserializeOwned>(
     vars.sort_by(|a, b| a.0.cmp(&b.0));
     let params: usize = vars.iter().map(|(_, v)| v.elem_count()).sum();
     for (name, var) in &vars {
-        randomize(var, seed ^ fnv1a(&format!("{sub}/{name}")))?;
+        randomize(name, var, seed ^ fnv1a(&format!("{sub}/{name}")))?;
     }
     copy(&config_path, &out.join(sub).join("config.json"))?;
     let path = out.join(sub).join(file);
@@ -150,30 +151,31 @@ fn component<C: serde::de::DeserializeOwned>(
     Ok(())
 }
 
-/// Refills a randomly initialised tensor with seeded uniform values of the same mean and
-/// standard deviation; leaves constant tensors (norm weights and biases) alone.
-fn randomize(var: &Var, seed: u64) -> anyhow::Result<()> {
+/// Fills a tensor as torch initialises it: uniform in `±1/sqrt(fan_in)` for tensors of two
+/// or more dimensions (fan-in: the product of all but the first), ones for one-dimensional
+/// `weight`s (norm scales), zeros for the rest (biases).
+fn randomize(name: &str, var: &Var, seed: u64) -> anyhow::Result<()> {
     let t = var.as_tensor();
-    let values = t.flatten_all()?.to_vec1::<f32>()?;
-    let n = values.len() as f64;
-    let mean = values.iter().map(|&x| x as f64).sum::<f64>() / n;
-    let std = (values.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / n).sqrt();
-    if std == 0.0 {
-        return Ok(());
-    }
-    // Uniform on [mean - b, mean + b] has standard deviation b / sqrt(3).
-    let b = (std * 3f64.sqrt()) as f32;
-    let mean = mean as f32;
-    let mut fresh = vec![0f32; values.len()];
-    fresh.par_chunks_mut(1 << 16).enumerate().for_each(|(i, chunk)| {
-        let base = splitmix(seed ^ splitmix(i as u64));
-        for (j, x) in chunk.iter_mut().enumerate() {
-            let state = splitmix(base.wrapping_add(j as u64));
-            let u = (state >> 40) as f32 / (1u32 << 24) as f32; // [0, 1)
-            *x = mean + b * (2.0 * u - 1.0);
-        }
-    });
-    var.set(&Tensor::from_vec(fresh, t.shape(), t.device())?)?;
+    let dims = t.dims();
+    let fresh = if dims.len() >= 2 {
+        let fan_in: usize = dims[1..].iter().product();
+        let bound = 1.0 / (fan_in.max(1) as f32).sqrt();
+        let mut fresh = vec![0f32; t.elem_count()];
+        fresh.par_chunks_mut(1 << 16).enumerate().for_each(|(i, chunk)| {
+            let base = splitmix(seed ^ splitmix(i as u64));
+            for (j, x) in chunk.iter_mut().enumerate() {
+                let state = splitmix(base.wrapping_add(j as u64));
+                let u = (state >> 40) as f32 / (1u32 << 24) as f32; // [0, 1)
+                *x = bound * (2.0 * u - 1.0);
+            }
+        });
+        Tensor::from_vec(fresh, dims, t.device())?
+    } else if name.ends_with("weight") {
+        Tensor::ones(dims, DType::F32, t.device())?
+    } else {
+        Tensor::zeros(dims, DType::F32, t.device())?
+    };
+    var.set(&fresh)?;
     Ok(())
 }
 

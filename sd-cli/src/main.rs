@@ -77,6 +77,10 @@ struct GenerateArgs {
     /// CPU worker threads (default: RAYON_NUM_THREADS, else one per core).
     #[arg(long)]
     threads: Option<usize>,
+    /// Print what runs the work (on stderr): the CPU and threads, the f32 GEMM backend and why,
+    /// and the bf16 kernel.
+    #[arg(long, short)]
+    verbose: bool,
     /// Start from this image (image-to-image, or inpainting with --mask); it is resized to the
     /// output size as diffusers does (Lanczos).
     #[arg(long, value_name = "IN.png")]
@@ -405,6 +409,19 @@ fn generate(mut args: GenerateArgs, given: &ArgMatches) -> anyhow::Result<()> {
     let mut opts = LoadOptions { device, dtype, ..LoadOptions::default() };
     opts.hub.progress = true;
     let mut pipe = StableDiffusionPipeline::from_pretrained(&args.model, &opts)?;
+    if pipe.dtype() != dtype {
+        eprintln!(
+            "note: running {:?} instead of {dtype:?}: this CPU has neither AMX nor AVX512_BF16, \
+             where bf16 would be emulated and slower than f32",
+            pipe.dtype()
+        );
+    }
+    if args.verbose {
+        match pipe.device().is_cpu() {
+            true => eprintln!("dtype {:?}\n{}", pipe.dtype(), sd_core::cpu::describe(pipe.dtype())),
+            false => eprintln!("device {:?}, dtype {:?}", pipe.device(), pipe.dtype()),
+        }
+    }
     for embedding in &args.embeddings {
         let (file, token) = embedding_arg(embedding);
         pipe.load_textual_inversion(file, token)?;

@@ -6,16 +6,17 @@
 //! division by the row sums. The operand rounding is the same as torch's bf16 autocast;
 //! scores, softmax and accumulation stay f32.
 //!
-//! The GEMMs run on our AMX tiles where the CPU has them (keys and values packed once per
-//! call), else on MKL's bf16 GEMM (keys and values converted to bf16 once per call).
+//! The GEMMs run on our packed bf16 GEMM where the CPU has AMX or AVX512_BF16 (keys and values
+//! packed once per call), else on MKL's bf16 GEMM (keys and values converted to bf16 once per
+//! call).
 
 use candle_core::{DType, Device, Result, Tensor};
 use half::bf16;
 use rayon::prelude::*;
 
-use crate::cpu::amx;
 use crate::cpu::bf16::{round_to_bf16, to_bf16, to_bf16_par};
 use crate::cpu::blas::{gemm_bf16, Operand};
+use crate::cpu::packed;
 use crate::cpu::simd::{exp_approx, simd_dispatch, MulAdd};
 use crate::cpu::{with_scratch, with_slice};
 
@@ -30,7 +31,7 @@ pub fn bf16_attention(
     scale: f64,
     causal: bool,
 ) -> Result<Tensor> {
-    bf16_attention_on(q, k, v, scale, causal, amx::available())
+    bf16_attention_on(q, k, v, scale, causal, packed::available())
 }
 
 fn bf16_attention_on(
@@ -39,7 +40,7 @@ fn bf16_attention_on(
     v: &Tensor,
     scale: f64,
     causal: bool,
-    tiles: bool,
+    on_packed: bool,
 ) -> Result<Tensor> {
     let (b, h, seq_q, d) = q.dims4()?;
     let (_, _, seq_k, dv) = v.dims4()?;
@@ -60,10 +61,10 @@ fn bf16_attention_on(
     let v16 = with_slice(&v, to_bf16_par)?;
 
     // Whole tile blocks of query rows.
-    let block = (BLOCK_BYTES / 4 / seq_k.max(1)).clamp(32, 512).next_multiple_of(amx::BLOCK);
+    let block = (BLOCK_BYTES / 4 / seq_k.max(1)).clamp(32, 512).next_multiple_of(packed::BLOCK);
     let shape = BlockShape { seq_k, d, dv, scale: scale as f32, causal };
     let mut out = vec![0f32; b * h * seq_q * dv];
-    let packed = tiles.then(|| PackedHeads::new(&k16, &v16, &shape));
+    let packed = on_packed.then(|| PackedHeads::new(&k16, &v16, &shape));
     with_slice(&q, |q: &[f32]| {
         // Heads, and blocks of query rows within a head, in parallel.
         out.par_chunks_mut(seq_q * dv).zip(q.par_chunks(seq_q * d)).enumerate().for_each(
@@ -73,7 +74,7 @@ fn bf16_attention_on(
                     .zip(q_h.par_chunks(block * d))
                     .enumerate()
                     .for_each(|(j, (o, q_blk))| match &packed {
-                        Some(p) => attend_block_tiles(
+                        Some(p) => attend_block_packed(
                             &shape,
                             j * block,
                             q_blk,
@@ -154,23 +155,24 @@ struct PackedHeads {
 
 impl PackedHeads {
     fn new(k16: &[bf16], v16: &[bf16], s: &BlockShape) -> Self {
-        let (key_len, value_len) = (amx::packed_len(s.seq_k, s.d), amx::packed_len(s.dv, s.seq_k));
+        let (key_len, value_len) =
+            (packed::packed_len(s.seq_k, s.d), packed::packed_len(s.dv, s.seq_k));
         let heads = k16.len() / (s.seq_k * s.d).max(1);
         let mut keys = vec![bf16::ZERO; heads * key_len + 32];
         let mut values = vec![bf16::ZERO; heads * value_len + 32];
         // Every head's packing is a whole number of 2 KiB blocks, so one aligned start
         // aligns them all.
-        amx::aligned(&mut keys, heads * key_len)
+        packed::aligned(&mut keys, heads * key_len)
             .par_chunks_mut(key_len)
             .zip(k16.par_chunks(s.seq_k * s.d))
             .for_each(|(dst, k)| {
-                amx::pack_b_transposed(k, s.seq_k, s.d, dst);
+                packed::pack_b_transposed(k, s.seq_k, s.d, dst);
             });
-        amx::aligned(&mut values, heads * value_len)
+        packed::aligned(&mut values, heads * value_len)
             .par_chunks_mut(value_len)
             .zip(v16.par_chunks(s.seq_k * s.dv))
             .for_each(|(dst, v)| {
-                amx::pack_b_rows(s.dv, s.seq_k, dst, |j, row| {
+                packed::pack_b_rows(s.dv, s.seq_k, dst, |j, row| {
                     row.copy_from_slice(&v[j * s.dv..][..s.dv])
                 });
             });
@@ -188,8 +190,8 @@ impl PackedHeads {
     }
 }
 
-/// [`attend_block`] on the AMX tiles, with the head's packed keys and values.
-fn attend_block_tiles(
+/// [`attend_block`] on the packed GEMM, with the head's packed keys and values.
+fn attend_block_packed(
     s: &BlockShape,
     q0: usize,
     q: &[f32],
@@ -199,38 +201,38 @@ fn attend_block_tiles(
 ) {
     let (seq_k, d, dv) = (s.seq_k, s.d, s.dv);
     let rows = q.len() / d;
-    let (q_len, p_len) = (amx::packed_len(rows, d), amx::packed_len(rows, seq_k));
+    let (q_len, p_len) = (packed::packed_len(rows, d), packed::packed_len(rows, seq_k));
     with_scratch(0, q_len + 32, |q16: &mut [bf16]| {
         with_scratch(1, rows * seq_k, |scores: &mut [f32]| {
             with_scratch(2, rows * seq_k, |probs: &mut [bf16]| {
                 with_scratch(3, p_len + 32, |packed_probs: &mut [bf16]| {
-                    let q16 = amx::aligned(q16, q_len);
-                    amx::pack_a_f32(q, rows, d, q16);
+                    let q16 = packed::aligned(q16, q_len);
+                    packed::pack_a_f32(q, rows, d, q16);
                     // Safety (both GEMMs): AMX is available (the caller checked); operands
                     // packed above; `scores` is this thread's scratch, `o` this block's rows.
                     unsafe {
-                        amx::gemm(
+                        packed::gemm(
                             q16,
                             rows,
                             keys,
                             seq_k,
                             d,
-                            amx::Bias::None,
+                            packed::Bias::None,
                             scores.as_mut_ptr(),
                             seq_k,
                         )
                     };
                     let inv_sums = softmax_rows(s, q0, scores, probs);
-                    let packed_probs = amx::aligned(packed_probs, p_len);
-                    amx::pack_a(probs, rows, seq_k, packed_probs);
+                    let packed_probs = packed::aligned(packed_probs, p_len);
+                    packed::pack_a(probs, rows, seq_k, packed_probs);
                     unsafe {
-                        amx::gemm(
+                        packed::gemm(
                             packed_probs,
                             rows,
                             values,
                             dv,
                             seq_k,
-                            amx::Bias::None,
+                            packed::Bias::None,
                             o.as_mut_ptr(),
                             dv,
                         )
@@ -306,17 +308,17 @@ mod tests {
     use super::*;
     use crate::attention::{reference_attention, AttentionOptions};
 
-    /// Both GEMM paths (MKL, AMX tiles) where this machine has them.
+    /// Both GEMM paths (MKL, the packed kernel) where this machine has them.
     #[test]
     fn close_to_f32_reference() -> Result<()> {
-        let mkl = crate::cpu::blas::cpu_gemm().supports_bf16();
+        let mkl = crate::cpu::blas::mkl().is_ok();
         if !mkl {
             assert!(
                 std::env::var("SD_REQUIRE_MKL").is_err(),
                 "SD_REQUIRE_MKL set but MKL is not loaded"
             );
         }
-        let paths: Vec<bool> = [(false, mkl), (true, amx::available())]
+        let paths: Vec<bool> = [(false, mkl), (true, packed::available())]
             .into_iter()
             .filter(|p| p.1)
             .map(|p| p.0)
@@ -333,11 +335,11 @@ mod tests {
             let v = Tensor::from_vec(vals(b * h * sk * d, 3), (b, h, sk, d), &dev)?;
             let opts = AttentionOptions { causal, ..AttentionOptions::new(d) };
             let want = reference_attention(&q, &k, &v, opts)?;
-            for &tiles in &paths {
-                let got = bf16_attention_on(&q, &k, &v, opts.scale, causal, tiles)?;
+            for &on_packed in &paths {
+                let got = bf16_attention_on(&q, &k, &v, opts.scale, causal, on_packed)?;
                 let err = (got - &want)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
                 // bf16 operands: 8 mantissa bits, values of order 1.
-                assert!(err < 2e-2, "({b},{h},{sq},{sk},{d},{causal}) tiles {tiles}: {err}");
+                assert!(err < 2e-2, "({b},{h},{sq},{sk},{d},{causal}) packed {on_packed}: {err}");
             }
         }
         Ok(())

@@ -1,21 +1,26 @@
 //! The CPU matrix products behind the GEMM layers and the bf16 attention.
 //!
-//! Two backends, chosen once per process:
+//! Two backends for f32, chosen once per process:
 //!
 //! * **Intel MKL**, loaded at run time (`dlopen`) from the `mkl` wheel on PyPI or any MKL
-//!   install: `cblas_sgemm` for f32 and `cblas_gemm_bf16bf16f32` for bf16 operands with f32
-//!   accumulation, which runs on the AMX tiles of Sapphire Rapids and later. Nothing links
-//!   against MKL at build time, so the pure-Rust build is unchanged.
-//! * **builtin**: the `gemm` crate (the one candle uses), with its AVX-512 kernels. f32 only.
+//!   install: `cblas_sgemm`. Nothing links against MKL at build time, so the pure-Rust build is
+//!   unchanged. The default on Intel CPUs.
+//! * **builtin**: the `gemm` crate (the one candle uses), with its AVX-512 kernels. The default
+//!   on other CPUs: MKL loads its generic kernels there, and on a Zen 4 box the builtin GEMM was
+//!   faster in every stage (text encoder, UNet, VAE; BENCHMARKS.md).
+//!
+//! bf16 operands run on [`super::packed`] where the CPU has AMX or AVX512_BF16; MKL's
+//! `cblas_gemm_bf16bf16f32` ([`gemm_bf16`]) is the fallback when those kernels are switched off.
 //!
 //! MKL runs with its sequential threading layer: the callers split the work over rayon's
 //! threads themselves, so there is one thread pool in the process and `RAYON_NUM_THREADS` /
 //! `--threads` govern all of it.
 //!
-//! Environment: `SD_CPU_GEMM=mkl|builtin` forces a backend (`mkl` fails loudly if MKL cannot be
-//! loaded); `SD_MKL_LIB` names the library file or its folder. Otherwise MKL is looked up by the
-//! dynamic loader's usual search and then in `$VIRTUAL_ENV/lib`, `$CONDA_PREFIX/lib`,
-//! `~/.local/lib` (where `pip install --user mkl` puts it) and `/usr/local/lib`.
+//! Environment: `SD_CPU_GEMM=mkl|builtin` forces the f32 backend (`mkl` fails loudly if MKL
+//! cannot be loaded; `builtin` also keeps MKL out of the process); `SD_MKL_LIB` names the library
+//! file or its folder. Otherwise MKL is looked up by the dynamic loader's usual search and then in
+//! `$VIRTUAL_ENV/lib`, `$CONDA_PREFIX/lib`, `~/.local/lib` (where `pip install --user mkl` puts
+//! it) and `/usr/local/lib`.
 
 use std::ffi::{c_char, c_int};
 use std::path::PathBuf;
@@ -23,68 +28,100 @@ use std::sync::OnceLock;
 
 use half::bf16;
 
-/// The GEMM backend of this process.
+/// The f32 GEMM backend of this process.
 pub enum CpuGemm {
-    Mkl(Mkl),
+    Mkl(&'static Mkl),
     Builtin,
 }
 
 impl CpuGemm {
-    /// `"mkl 2026.2.0"` or `"builtin"`, for logs and benchmark records.
+    /// `"mkl 2026.2"` or `"builtin"`, for logs and benchmark records.
     pub fn describe(&self) -> String {
         match self {
             CpuGemm::Mkl(mkl) => format!("mkl {}", mkl.version),
             CpuGemm::Builtin => "builtin".to_string(),
         }
     }
-
-    pub fn supports_bf16(&self) -> bool {
-        matches!(self, CpuGemm::Mkl(_))
-    }
 }
 
 struct Selected {
     gemm: CpuGemm,
-    /// Why MKL is not used, when it is not.
-    mkl_error: Option<String>,
+    /// Why this backend: the variable that forced it, or the CPU vendor.
+    reason: String,
     /// What is wrong with `SD_CPU_GEMM`, if anything.
     request_error: Option<String>,
 }
 
-static SELECTED: OnceLock<Selected> = OnceLock::new();
+fn wanted_backend() -> String {
+    std::env::var("SD_CPU_GEMM").unwrap_or_default().to_ascii_lowercase()
+}
 
 fn selected() -> &'static Selected {
+    static SELECTED: OnceLock<Selected> = OnceLock::new();
     SELECTED.get_or_init(|| {
-        let wanted = std::env::var("SD_CPU_GEMM").unwrap_or_default().to_ascii_lowercase();
-        let (gemm, mkl_error) = if wanted == "builtin" {
-            (CpuGemm::Builtin, Some("SD_CPU_GEMM=builtin".to_string()))
-        } else {
-            match Mkl::load() {
-                Ok(mkl) => (CpuGemm::Mkl(mkl), None),
-                Err(e) => (CpuGemm::Builtin, Some(e)),
-            }
+        let wanted = wanted_backend();
+        let (gemm, reason) = match wanted.as_str() {
+            "builtin" => (CpuGemm::Builtin, "SD_CPU_GEMM=builtin".to_string()),
+            "mkl" => match mkl() {
+                Ok(mkl) => (CpuGemm::Mkl(mkl), "SD_CPU_GEMM=mkl".to_string()),
+                Err(e) => (CpuGemm::Builtin, format!("MKL: {e}")),
+            },
+            // MKL is not even loaded here.
+            _ if !intel_cpu() => (
+                CpuGemm::Builtin,
+                "not an Intel CPU: MKL runs generic kernels there; SD_CPU_GEMM=mkl forces it"
+                    .to_string(),
+            ),
+            _ => match mkl() {
+                Ok(mkl) => (CpuGemm::Mkl(mkl), "Intel CPU with MKL".to_string()),
+                Err(e) => (CpuGemm::Builtin, format!("Intel CPU without MKL: {e}")),
+            },
         };
-        let request_error = match (wanted.as_str(), &mkl_error) {
-            ("mkl", Some(reason)) => {
-                Some(format!("SD_CPU_GEMM=mkl but MKL could not be loaded: {reason}"))
-            }
-            ("" | "mkl" | "builtin", _) => None,
-            (other, _) => {
+        let request_error = match wanted.as_str() {
+            "mkl" => mkl()
+                .err()
+                .map(|reason| format!("SD_CPU_GEMM=mkl but MKL could not be loaded: {reason}")),
+            "" | "builtin" => None,
+            other => {
                 Some(format!("SD_CPU_GEMM=`{other}` is not a backend (expected mkl or builtin)"))
             }
         };
-        Selected { gemm, mkl_error, request_error }
+        Selected { gemm, reason, request_error }
     })
 }
 
-/// The backend in use (loading MKL on first call).
+/// Whether the CPU says it is Intel's (CPUID vendor "GenuineIntel").
+fn intel_cpu() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let id = std::arch::x86_64::__cpuid(0);
+        // The vendor string is EBX, EDX, ECX: "Genu" "ineI" "ntel".
+        [id.ebx, id.edx, id.ecx] == [0x756e_6547, 0x4965_6e69, 0x6c65_746e]
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// The f32 backend in use.
 pub fn cpu_gemm() -> &'static CpuGemm {
     &selected().gemm
 }
 
-/// Why MKL is not in use, if it is not.
-pub fn mkl_unavailable_reason() -> Option<&'static str> {
-    selected().mkl_error.as_deref()
+/// Why [`cpu_gemm`] is the backend it is, for `sd-cli --verbose` and benchmark records.
+pub fn cpu_gemm_reason() -> &'static str {
+    &selected().reason
+}
+
+/// MKL, loaded on first call; `Err` says why it cannot be used (not found, or
+/// `SD_CPU_GEMM=builtin`).
+pub fn mkl() -> Result<&'static Mkl, &'static str> {
+    static MKL: OnceLock<Result<Mkl, String>> = OnceLock::new();
+    MKL.get_or_init(|| match wanted_backend().as_str() {
+        "builtin" => Err("SD_CPU_GEMM=builtin keeps MKL out".to_string()),
+        _ => Mkl::load(),
+    })
+    .as_ref()
+    .map_err(String::as_str)
 }
 
 /// `Err` when `SD_CPU_GEMM` names no backend, or asks for MKL and it could not be loaded.
@@ -339,8 +376,8 @@ pub unsafe fn gemm_f32(
     }
 }
 
-/// `C = A B + beta C` with bf16 operands and f32 accumulation (MKL only; the callers check
-/// [`CpuGemm::supports_bf16`] when the model is built).
+/// `C = A B + beta C` with bf16 operands and f32 accumulation, on MKL (the callers check
+/// [`mkl`] when the model is built).
 ///
 /// # Safety
 /// As for [`gemm_f32`].
@@ -359,27 +396,23 @@ pub unsafe fn gemm_bf16(
     if m == 0 || n == 0 {
         return;
     }
-    match cpu_gemm() {
-        CpuGemm::Mkl(mkl) => (mkl.gemm_bf16)(
-            CBLAS_ROW_MAJOR,
-            trans(a.transposed),
-            trans(b.transposed),
-            m as c_int,
-            n as c_int,
-            k as c_int,
-            1.0,
-            a.data.as_ptr() as *const u16,
-            a.ld as c_int,
-            b.data.as_ptr() as *const u16,
-            b.ld as c_int,
-            beta,
-            c,
-            ldc as c_int,
-        ),
-        CpuGemm::Builtin => {
-            panic!("bf16 GEMM needs MKL; the model builder refuses bf16 without it")
-        }
-    }
+    let mkl = mkl().expect("bf16 GEMM without MKL; the model builder refuses bf16 without it");
+    (mkl.gemm_bf16)(
+        CBLAS_ROW_MAJOR,
+        trans(a.transposed),
+        trans(b.transposed),
+        m as c_int,
+        n as c_int,
+        k as c_int,
+        1.0,
+        a.data.as_ptr() as *const u16,
+        a.ld as c_int,
+        b.data.as_ptr() as *const u16,
+        b.ld as c_int,
+        beta,
+        c,
+        ldc as c_int,
+    )
 }
 
 /// A raw pointer that may cross rayon's thread boundary; each task writes a disjoint region.
@@ -464,12 +497,8 @@ mod tests {
 
     #[test]
     fn bf16_products_accumulate_in_f32() {
-        if !cpu_gemm().supports_bf16() {
-            assert!(
-                std::env::var("SD_REQUIRE_MKL").is_err(),
-                "SD_REQUIRE_MKL set but {:?}",
-                mkl_unavailable_reason()
-            );
+        if let Err(reason) = mkl() {
+            assert!(std::env::var("SD_REQUIRE_MKL").is_err(), "SD_REQUIRE_MKL set but {reason}");
             return;
         }
         let (m, n, k) = (33, 40, 300);

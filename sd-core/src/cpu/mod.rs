@@ -1,17 +1,19 @@
 //! The low-level CPU layer that the layers (`nn`) and the attention build on, depending on
-//! neither: SIMD kernels compiled per instruction set (`simd`), the GEMM backends ([`blas`]:
-//! Intel MKL or the `gemm` crate; [`amx`]: bf16 on AMX tiles), f32 to bf16 conversion
-//! ([`bf16`]) and per-thread scratch buffers.
+//! neither: SIMD kernels compiled per instruction set (`simd`), the f32 GEMM backends
+//! ([`blas`]: Intel MKL or the `gemm` crate), the packed bf16 GEMM ([`packed`]: AMX tiles or
+//! AVX512_BF16), f32 to bf16 conversion ([`bf16`]) and per-thread scratch buffers.
 //!
 //! # bf16 on the CPU
 //!
 //! Models whose weights are bf16 on the CPU multiply bf16 operands with f32 accumulation
-//! ([`multiplies_in_bf16`]); that needs AMX tiles or MKL's bf16 GEMM
-//! ([`bf16_gemms_available`]), which [`check_dtype_supported`] checks before a model loads.
+//! ([`multiplies_in_bf16`]), on the packed GEMM, or on MKL's bf16 GEMM when its kernels are
+//! switched off ([`bf16_gemms_available`]). On a CPU with neither AMX nor AVX512_BF16, bf16
+//! would be emulated and slower than f32, so a pipeline asked for bf16 runs f32 there
+//! ([`run_dtype`]).
 
-pub mod amx;
 pub mod bf16;
 pub mod blas;
+pub mod packed;
 mod scratch;
 pub(crate) mod simd;
 
@@ -27,23 +29,55 @@ pub fn multiplies_in_bf16(dtype: DType, device: &Device) -> bool {
     device.is_cpu() && dtype == DType::BF16
 }
 
-/// Whether bf16 matrix products can run here: on AMX tiles or on MKL's bf16 GEMM.
+/// Whether bf16 matrix products can run here: on the packed GEMM or on MKL's bf16 GEMM.
 pub fn bf16_gemms_available() -> bool {
-    amx::available() || blas::cpu_gemm().supports_bf16()
+    packed::available() || blas::mkl().is_ok()
 }
 
-/// `Err` when models of `dtype` cannot run on the CPU: bf16 without AMX or MKL, or any dtype
-/// when `SD_CPU_GEMM` names no backend or asks for MKL that could not be loaded.
-pub fn check_dtype_supported(dtype: DType) -> Result<()> {
+/// The dtype a CPU pipeline asked for `dtype` runs in: `dtype`, except bf16 on a CPU without
+/// bf16 dot products in hardware (neither AMX nor AVX512_BF16), which runs f32: emulated bf16
+/// would be slower than f32 there. `Err` when it cannot run: `SD_CPU_GEMM` names no backend or
+/// asks for MKL that could not be loaded, or bf16 with the packed kernels switched off and no MKL.
+pub fn run_dtype(dtype: DType) -> Result<DType> {
     blas::check_requested_backend().map_err(Error::invalid)?;
-    if dtype == DType::BF16 && !bf16_gemms_available() {
-        let reason = blas::mkl_unavailable_reason().unwrap_or("unknown");
-        return Err(Error::invalid(format!(
-            "bf16 on the CPU runs its matrix products on AMX tiles, which this CPU lacks (or SD_CPU_AMX=0 turned off), \
-             or on Intel MKL's bf16 GEMM, which could not be loaded ({reason}); install it with `pip install --user mkl` or use f32"
-        )));
+    choose_run_dtype(dtype, !packed::Kernel::supported().is_empty(), bf16_gemms_available())
+}
+
+fn choose_run_dtype(dtype: DType, bf16_in_hardware: bool, bf16_gemms: bool) -> Result<DType> {
+    match dtype {
+        DType::BF16 if !bf16_in_hardware => Ok(DType::F32),
+        DType::BF16 if !bf16_gemms => {
+            let reason = blas::mkl().err().unwrap_or("unknown");
+            Err(Error::invalid(format!(
+                "bf16 on the CPU runs its matrix products on AMX tiles or AVX512_BF16, which \
+                 SD_CPU_AMX=0 and SD_CPU_AVX512BF16=0 turned off, or on Intel MKL's bf16 GEMM, \
+                 which could not be loaded ({reason}); install it with `pip install --user mkl`, \
+                 unset those variables, or use f32"
+            )))
+        }
+        _ => Ok(dtype),
     }
-    Ok(())
+}
+
+/// What runs the CPU work of a model in `dtype`, in a few lines: the CPU and threads, the f32
+/// GEMM and why, and for bf16 its kernel. For `sd-cli --verbose` and benchmark records.
+pub fn describe(dtype: DType) -> String {
+    let mut lines = vec![format!(
+        "cpu: {}, {} threads, {}",
+        simd::cpu_name(),
+        rayon::current_num_threads(),
+        simd::Isa::best().describe()
+    )];
+    let gemm = blas::cpu_gemm();
+    lines.push(format!("f32 GEMM: {} ({})", gemm.describe(), blas::cpu_gemm_reason()));
+    if dtype == DType::BF16 {
+        lines.push(match (packed::kernel(), blas::mkl()) {
+            (Some(kernel), _) => format!("bf16 GEMM: {}, weights packed at load", kernel.name()),
+            (None, Ok(mkl)) => format!("bf16 GEMM: mkl {} (packed kernels off)", mkl.version),
+            (None, Err(_)) => "bf16 GEMM: none".to_string(),
+        });
+    }
+    lines.join("\n")
 }
 
 /// Runs `f` on the contiguous CPU data of `t`.
@@ -75,12 +109,33 @@ pub(crate) mod test_values {
             .collect()
     }
 
-    /// Whether bf16 weights can be multiplied here (MKL or AMX); tests that need it say so.
+    /// Whether bf16 weights can be multiplied here (packed kernels or MKL); tests that need it
+    /// say so.
     pub fn bf16_gemms() -> bool {
         let ok = super::bf16_gemms_available();
         if !ok {
-            eprintln!("skipped: bf16 GEMMs need MKL or AMX");
+            eprintln!("skipped: bf16 GEMMs need AMX, AVX512_BF16 or MKL");
         }
         ok
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// bf16 runs as f32 without bf16 hardware, is refused with its kernels switched off and no
+    /// MKL, and runs otherwise; other dtypes pass through.
+    #[test]
+    fn bf16_runs_where_hardware_multiplies_it() {
+        let bf16 = DType::BF16;
+        assert_eq!(choose_run_dtype(bf16, false, true).unwrap(), DType::F32);
+        assert_eq!(choose_run_dtype(bf16, false, false).unwrap(), DType::F32);
+        assert_eq!(choose_run_dtype(bf16, true, true).unwrap(), bf16);
+        let err = choose_run_dtype(bf16, true, false).unwrap_err().to_string();
+        assert!(err.contains("SD_CPU_AVX512BF16=0") && err.contains("pip install"), "{err}");
+        for dtype in [DType::F32, DType::F16] {
+            assert_eq!(choose_run_dtype(dtype, false, false).unwrap(), dtype);
+        }
     }
 }

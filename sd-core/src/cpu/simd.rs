@@ -80,6 +80,17 @@ impl Isa {
         all
     }
 
+    /// `"AVX-512"`, `"AVX2+FMA"` or `"baseline"`, for logs.
+    pub(crate) fn describe(self) -> &'static str {
+        match self.0 {
+            Level::Baseline => "baseline",
+            #[cfg(target_arch = "x86_64")]
+            Level::Avx2Fma => "AVX2+FMA",
+            #[cfg(target_arch = "x86_64")]
+            Level::Avx512 => "AVX-512",
+        }
+    }
+
     /// Which set it is, for [`simd_dispatch!`].
     pub(crate) fn level(self) -> Level {
         self.0
@@ -90,6 +101,31 @@ impl Isa {
     pub(crate) fn has_avx512(self) -> bool {
         self.0 == Level::Avx512
     }
+
+    /// AVX-512 with AVX512_BF16 (`VDPBF16PS`), for the packed bf16 GEMM.
+    #[cfg(target_arch = "x86_64")]
+    pub(crate) fn has_avx512_bf16(self) -> bool {
+        self.has_avx512() && std::arch::is_x86_feature_detected!("avx512bf16")
+    }
+}
+
+/// The CPU's brand string (CPUID leaves 0x80000002-4), e.g. "AMD EPYC 9R14", for logs.
+pub(crate) fn cpu_name() -> String {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::__cpuid;
+        if __cpuid(0x8000_0000).eax >= 0x8000_0004 {
+            let bytes: Vec<u8> = (0x8000_0002..=0x8000_0004)
+                .flat_map(|leaf| {
+                    let r = __cpuid(leaf);
+                    [r.eax, r.ebx, r.ecx, r.edx].into_iter().flat_map(u32::to_le_bytes)
+                })
+                .take_while(|&b| b != 0)
+                .collect();
+            return String::from_utf8_lossy(&bytes).trim().to_string();
+        }
+    }
+    std::env::consts::ARCH.to_string()
 }
 
 #[cfg(target_arch = "x86_64")]

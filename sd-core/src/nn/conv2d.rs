@@ -6,8 +6,9 @@
 //! the whole im2col matrix first: `kh kw` times the input, 1.2 GB for the last VAE block at
 //! 512 px, written to memory and read back.
 //!
-//! With bf16 weights on a CPU with AMX, the weight is packed for [`amx`] once, and each task's
-//! im2col rows (one 256-pixel panel) are interleaved straight into the tile layout.
+//! With bf16 weights on a CPU with AMX or AVX512_BF16, the weight is packed for [`packed`] once,
+//! and each task's im2col rows (one 256-pixel panel) are interleaved straight into the packed
+//! layout.
 
 use std::sync::Arc;
 
@@ -17,10 +18,10 @@ use half::bf16;
 use rayon::prelude::*;
 
 use super::lora::{record, LoraLayer, LoraSlot};
-use super::{packs_for_tiles, param_dtype, task_count, use_cpu_kernels};
-use crate::cpu::amx;
+use super::{packs_weight, param_dtype, task_count, use_cpu_kernels};
 use crate::cpu::bf16::to_bf16_par;
 use crate::cpu::blas::{gemm_bf16, gemm_f32, Operand, SendPtr};
+use crate::cpu::packed;
 use crate::cpu::{with_scratch, with_slice};
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -132,20 +133,20 @@ fn im2col_row<T: Copy + Default>(x: &[T], g: &Geometry, p0: usize, tap: usize, d
 pub(crate) enum Weight {
     /// `[out, in, kh, kw]`, in the builder's dtype (bf16 for bf16 GEMMs on the CPU).
     Dense(Tensor),
-    /// A bf16 CPU weight packed once for the AMX tiles, as the A operand `[out, in kh kw]`.
-    Tiles { packed: Arc<amx::Packed>, dims: (usize, usize, usize, usize) },
+    /// A bf16 CPU weight packed once for the packed bf16 GEMM, as the A operand `[out, in kh kw]`.
+    Packed { weight: Arc<packed::Packed>, dims: (usize, usize, usize, usize) },
 }
 
 impl Weight {
-    /// A bf16 weight on a CPU with AMX is packed for the tiles (and the tensor dropped).
+    /// A bf16 weight on a CPU with AMX or AVX512_BF16 is packed (and the tensor dropped).
     fn new(weight: Tensor) -> Result<Self> {
-        Ok(if packs_for_tiles(&weight) {
+        Ok(if packs_weight(&weight) {
             let dims = weight.dims4()?;
             let (c_out, c_in, kh, kw) = dims;
             let packed = with_slice::<bf16, _>(&weight.contiguous()?, |w| {
-                amx::Packed::a_from_rows(w, c_out, c_in * kh * kw)
+                packed::Packed::a_from_rows(w, c_out, c_in * kh * kw)
             })?;
-            Weight::Tiles { packed: Arc::new(packed), dims }
+            Weight::Packed { weight: Arc::new(packed), dims }
         } else {
             Weight::Dense(weight)
         })
@@ -154,7 +155,7 @@ impl Weight {
     fn dims(&self) -> Result<(usize, usize, usize, usize)> {
         match self {
             Weight::Dense(w) => w.dims4(),
-            Weight::Tiles { dims, .. } => Ok(*dims),
+            Weight::Packed { dims, .. } => Ok(*dims),
         }
     }
 
@@ -162,15 +163,15 @@ impl Weight {
     fn tensor(&self) -> Result<Tensor> {
         match self {
             Weight::Dense(w) => Ok(w.clone()),
-            Weight::Tiles { packed, dims } => {
-                Tensor::from_vec(packed.unpack_a_rows(), *dims, &Device::Cpu)
+            Weight::Packed { weight, dims } => {
+                Tensor::from_vec(weight.unpack_a_rows(), *dims, &Device::Cpu)
             }
         }
     }
 }
 
 impl Conv2d {
-    /// A bf16 weight on a CPU with AMX is packed for the tiles here (and the tensor dropped).
+    /// A bf16 weight on a CPU with AMX or AVX512_BF16 is packed here (and the tensor dropped).
     pub fn new(weight: Tensor, bias: Option<Tensor>, cfg: Conv2dConfig) -> Result<Self> {
         let cfg = Conv2dConfig { stride: cfg.stride.max(1), ..cfg };
         Ok(Self { weight: Weight::new(weight)?, bias, cfg, lora: LoraSlot::default() })
@@ -201,8 +202,8 @@ impl Conv2d {
     fn forward_weight(&self, weight: &Weight, xs: &Tensor) -> Result<Tensor> {
         let weight = match weight {
             Weight::Dense(w) if !use_cpu_kernels(xs, w.dtype()) => w,
-            Weight::Tiles { .. } if !use_cpu_kernels(xs, DType::BF16) => {
-                candle_core::bail!("conv2d: weights packed for the CPU's AMX tiles take f32 CPU inputs, got {:?} on {:?}", xs.dtype(), xs.device())
+            Weight::Packed { .. } if !use_cpu_kernels(xs, DType::BF16) => {
+                candle_core::bail!("conv2d: weights packed for the CPU's bf16 GEMM take f32 CPU inputs, got {:?} on {:?}", xs.dtype(), xs.device())
             }
             _ => return self.forward_cpu(weight, xs),
         };
@@ -247,7 +248,7 @@ impl Conv2d {
         let len = batch * c_out * pixels;
         let mut out: Vec<f32> = Vec::with_capacity(len);
         match weight {
-            Weight::Tiles { packed, .. } => {
+            Weight::Packed { weight, .. } => {
                 // One panel of columns per task: the packed block then stays in L2, and the
                 // weight is read once per panel whatever the block size.
                 let plan = Plan::new(
@@ -255,23 +256,33 @@ impl Conv2d {
                     batch,
                     c_out,
                     None,
-                    (amx::BLOCK, amx::PANEL),
+                    (packed::BLOCK, packed::PANEL),
                     SendPtr(out.as_mut_ptr()),
                 );
-                let bias = bias.as_deref().map_or(amx::Bias::None, amx::Bias::Rows);
+                let bias = bias.as_deref().map_or(packed::Bias::None, packed::Bias::Rows);
                 with_slice::<f32, _>(&xs, |x| {
                     // Convert the input once, not once per kernel tap.
                     let x16 = to_bf16_par(x);
                     plan.run(&x16, |image, p0, len, _, c| {
-                        let cols = amx::packed_len(len, k);
+                        let cols = packed::packed_len(len, k);
                         with_scratch(1, cols + 32, |buf: &mut [bf16]| {
-                            let cols = amx::aligned(buf, cols);
-                            amx::pack_b_rows(len, k, cols, |tap, row| {
+                            let cols = packed::aligned(buf, cols);
+                            packed::pack_b_rows(len, k, cols, |tap, row| {
                                 im2col_row(image, &g, p0, tap, row)
                             });
-                            // Safety: AMX is available (the weight was packed); see `Plan::run`.
+                            // Safety: a packed kernel runs here (the weight was packed); see
+                            // `Plan::run`.
                             unsafe {
-                                amx::gemm(packed.as_slice(), c_out, cols, len, k, bias, c, pixels)
+                                packed::gemm(
+                                    weight.as_slice(),
+                                    c_out,
+                                    cols,
+                                    len,
+                                    k,
+                                    bias,
+                                    c,
+                                    pixels,
+                                )
                             };
                         })
                     })
@@ -480,8 +491,8 @@ mod tests {
         check_against_candle(&cases, DType::F32)
     }
 
-    /// bf16 weights (AMX tiles where the CPU has them, else MKL). Shapes cut the tile blocks in
-    /// every dimension (channels, pixels, k), with strides, padding and 1x1.
+    /// bf16 weights (the packed kernel where the CPU has one, else MKL). Shapes cut the packed
+    /// blocks in every dimension (channels, pixels, k), with strides, padding and 1x1.
     #[test]
     fn bf16_weights_match_rounded_f32() -> Result<()> {
         if !bf16_gemms() {

@@ -8,10 +8,10 @@ use half::bf16;
 use rayon::prelude::*;
 
 use super::lora::{record, LoraLayer, LoraSlot};
-use super::{packs_for_tiles, param_dtype, task_count, use_cpu_kernels};
-use crate::cpu::amx;
+use super::{packs_weight, param_dtype, task_count, use_cpu_kernels};
 use crate::cpu::bf16::to_bf16;
 use crate::cpu::blas::{cpu_gemm, gemm_bf16, gemm_f32, CpuGemm, Operand};
+use crate::cpu::packed;
 use crate::cpu::{with_scratch, with_slice};
 
 #[derive(Debug, Clone)]
@@ -26,8 +26,8 @@ pub struct Linear {
 pub(crate) enum Weight {
     /// `[out, in]`, in the builder's dtype (bf16 for bf16 GEMMs on the CPU).
     Dense(Tensor),
-    /// A bf16 CPU weight packed once for the AMX tiles, as the B operand `W^T`.
-    Tiles(Arc<amx::Packed>),
+    /// A bf16 CPU weight packed once for the packed bf16 GEMM, as the B operand `W^T`.
+    Packed(Arc<packed::Packed>),
     /// `[in, out]`: an f32 CPU weight stored transposed for the builtin GEMM. Its packing reads
     /// this layout contiguously; from `[out, in]` it gathers with a stride of `in` and spent most
     /// of a short input's call packing (the text encoder's 77-token rows: 2.2x slower than MKL).
@@ -45,15 +45,15 @@ pub fn linear_no_bias(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<L
 }
 
 impl Weight {
-    /// A bf16 weight on a CPU with AMX is packed for the tiles (and the tensor dropped); an f32
+    /// A bf16 weight on a CPU with AMX or AVX512_BF16 is packed (and the tensor dropped); an f32
     /// CPU weight is stored transposed when the builtin GEMM runs it.
     fn new(weight: Tensor) -> Result<Self> {
-        Ok(if packs_for_tiles(&weight) {
+        Ok(if packs_weight(&weight) {
             let (n, k) = weight.dims2()?;
             let packed = with_slice::<bf16, _>(&weight.contiguous()?, |w| {
-                amx::Packed::b_from_transposed(w, n, k)
+                packed::Packed::b_from_transposed(w, n, k)
             })?;
-            Weight::Tiles(Arc::new(packed))
+            Weight::Packed(Arc::new(packed))
         } else if weight.dtype() == DType::F32
             && weight.device().is_cpu()
             && matches!(cpu_gemm(), CpuGemm::Builtin)
@@ -70,7 +70,7 @@ impl Weight {
     fn dims(&self) -> Result<(usize, usize)> {
         match self {
             Weight::Dense(w) => w.dims2(),
-            Weight::Tiles(p) => Ok((p.outer, p.k)),
+            Weight::Packed(p) => Ok((p.outer, p.k)),
             Weight::Columns(w) => w.dims2().map(|(k, n)| (n, k)),
         }
     }
@@ -80,7 +80,7 @@ impl Weight {
         match self {
             Weight::Dense(w) => Ok(w.clone()),
             Weight::Columns(w) => w.t()?.contiguous(),
-            Weight::Tiles(p) => {
+            Weight::Packed(p) => {
                 Tensor::from_vec(p.unpack_b_transposed(), (p.outer, p.k), &Device::Cpu)
             }
         }
@@ -110,7 +110,7 @@ fn transposed(w: &[f32], rows: usize, cols: usize) -> Vec<f32> {
 }
 
 impl Linear {
-    /// A bf16 weight on a CPU with AMX is packed for the tiles here (and the tensor dropped).
+    /// A bf16 weight on a CPU with AMX or AVX512_BF16 is packed here (and the tensor dropped).
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
         Ok(Self { weight: Weight::new(weight)?, bias, lora: LoraSlot::default() })
     }
@@ -146,8 +146,8 @@ impl Linear {
             Weight::Columns(w) if !use_cpu_kernels(xs, DType::F32) => {
                 candle_nn::Linear::new(w.t()?, self.bias.clone()).forward(xs)
             }
-            Weight::Tiles(_) if !use_cpu_kernels(xs, DType::BF16) => {
-                candle_core::bail!("linear: weights packed for the CPU's AMX tiles take f32 CPU inputs, got {:?} on {:?}", xs.dtype(), xs.device())
+            Weight::Packed(_) if !use_cpu_kernels(xs, DType::BF16) => {
+                candle_core::bail!("linear: weights packed for the CPU's bf16 GEMM take f32 CPU inputs, got {:?} on {:?}", xs.dtype(), xs.device())
             }
             _ => self.forward_cpu(weight, xs),
         }
@@ -171,12 +171,8 @@ impl Linear {
             };
         }
         let (weight, stored_transposed) = match weight {
-            Weight::Tiles(packed) => {
-                return Tensor::from_vec(
-                    self.forward_tiles(&xs, packed, m)?,
-                    out_dims,
-                    &Device::Cpu,
-                )
+            Weight::Packed(w) => {
+                return Tensor::from_vec(self.forward_packed(&xs, w, m)?, out_dims, &Device::Cpu)
             }
             Weight::Dense(w) => (w, false),
             Weight::Columns(w) => (w, true),
@@ -238,33 +234,36 @@ impl Linear {
         Tensor::from_vec(out, out_dims, &Device::Cpu)
     }
 
-    /// The AMX path: rows split into tasks of whole tile blocks; each task packs its rows
+    /// The packed path: rows split into tasks of whole packed blocks; each task packs its rows
     /// (rounding to bf16) and multiplies them by the packed weight, bias included.
-    fn forward_tiles(&self, xs: &Tensor, w: &amx::Packed, m: usize) -> Result<Vec<f32>> {
+    fn forward_packed(&self, xs: &Tensor, w: &packed::Packed, m: usize) -> Result<Vec<f32>> {
         let (n, k) = (w.outer, w.k);
         let bias = match &self.bias {
             Some(b) => Some(b.to_dtype(DType::F32)?.to_vec1::<f32>()?),
             None => None,
         };
-        let bias = bias.as_deref().map_or(amx::Bias::None, amx::Bias::Cols);
+        let bias = bias.as_deref().map_or(packed::Bias::None, packed::Bias::Cols);
         // At most a panel of rows per task, so that the packed rows stay in L2 while every
         // panel of the weight passes them.
-        let rows_per_task =
-            m.div_ceil(task_count(amx::blocks(m))).next_multiple_of(amx::BLOCK).min(amx::PANEL);
+        let rows_per_task = m
+            .div_ceil(task_count(packed::blocks(m)))
+            .next_multiple_of(packed::BLOCK)
+            .min(packed::PANEL);
         let mut out: Vec<f32> = Vec::with_capacity(m * n);
         with_slice::<f32, _>(xs, |x| {
             let c = out.spare_capacity_mut();
             c.par_chunks_mut(rows_per_task * n).zip(x.par_chunks(rows_per_task * k)).for_each(
                 |(c, a)| {
                     let rows = a.len() / k;
-                    let len = amx::packed_len(rows, k);
+                    let len = packed::packed_len(rows, k);
                     with_scratch(1, len + 32, |buf: &mut [bf16]| {
-                        let packed = amx::aligned(buf, len);
-                        amx::pack_a_f32(a, rows, k, packed);
-                        // Safety: AMX is available (the weight was packed); `c` is this task's rows.
+                        let rows_packed = packed::aligned(buf, len);
+                        packed::pack_a_f32(a, rows, k, rows_packed);
+                        // Safety: a packed kernel runs here (the weight was packed); `c` is this
+                        // task's rows.
                         unsafe {
-                            amx::gemm(
-                                packed,
+                            packed::gemm(
+                                rows_packed,
                                 rows,
                                 w.as_slice(),
                                 n,
@@ -297,8 +296,8 @@ mod tests {
     use super::*;
     use crate::cpu::test_values::{bf16_gemms, values};
 
-    /// bf16 weights (AMX tiles where the CPU has them, else MKL) against an f32 product of the
-    /// same bf16-rounded values, for row counts and feature sizes that cut the tile blocks,
+    /// bf16 weights (the packed kernel where the CPU has one, else MKL) against an f32 product of
+    /// the same bf16-rounded values, for row counts and feature sizes that cut the packed blocks,
     /// more rows than one task takes, with and without bias.
     #[test]
     fn bf16_weights_match_rounded_f32() -> Result<()> {
@@ -316,9 +315,11 @@ mod tests {
                 let ours = Linear::new(w.clone(), bias.clone())?.forward(&x)?;
                 let theirs = candle_nn::Linear::new(w.to_dtype(DType::F32)?, bias).forward(&x)?;
                 assert_eq!(ours.dims(), &[1, rows, n]);
+                let scale = theirs.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
                 let diff = (ours - theirs)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
-                // f32 rounding of sums of k products of size ~1, in another order.
-                assert!(diff < 1e-6 * k as f32 + 1e-5, "{rows}x{k}x{n}: {diff}");
+                // f32 rounding of sums of k products, in another order: the AVX512_BF16 kernel
+                // sums along k in one register, which drifts most on these correlated values.
+                assert!(diff < 1e-5 * (1.0 + scale), "{rows}x{k}x{n}: {diff} (|max| {scale})");
             }
         }
         Ok(())

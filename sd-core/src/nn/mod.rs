@@ -12,8 +12,9 @@
 //! linear and convolution weights are stored in bf16 and multiplied with f32 accumulation,
 //! while activations, biases, norms, softmax and embeddings stay f32 ([`param_dtype`]). This
 //! is the CPU counterpart of torch's bf16 autocast, minus its bf16 elementwise ops. On CPUs
-//! with AMX the weights are packed once at load for [`cpu::amx`]'s tile GEMM (`SD_CPU_AMX=0`
-//! turns it off); elsewhere they stay plain and go through MKL's bf16 GEMM.
+//! with AMX or AVX512_BF16 the weights are packed once at load for [`cpu::packed`]'s GEMM
+//! (`SD_CPU_AMX=0` / `SD_CPU_AVX512BF16=0` turn its kernels off); elsewhere they stay plain and
+//! go through MKL's bf16 GEMM.
 
 mod activations;
 mod conv2d;
@@ -58,10 +59,10 @@ pub fn embedding(count: usize, dim: usize, vb: VarBuilder) -> Result<candle_nn::
     candle_nn::embedding(count, dim, vb.to_dtype(dtype))
 }
 
-/// Whether a layer packs this weight for the AMX tiles when it is built (and keeps no tensor):
-/// bf16 on the CPU, where the CPU has AMX.
-fn packs_for_tiles(weight: &Tensor) -> bool {
-    cpu::multiplies_in_bf16(weight.dtype(), weight.device()) && cpu::amx::available()
+/// Whether a layer packs this weight for [`cpu::packed`] when it is built (and keeps no
+/// tensor): bf16 on the CPU, where a packed kernel (AMX tiles, AVX512_BF16) runs.
+fn packs_weight(weight: &Tensor) -> bool {
+    cpu::multiplies_in_bf16(weight.dtype(), weight.device()) && cpu::packed::available()
 }
 
 /// Whether the CPU kernels of this module handle `xs` with weights of dtype `weight`.

@@ -90,7 +90,8 @@ impl StableDiffusionPipeline {
     }
 
     /// Loads a local diffusers folder (`model_index.json`, `unet/`, `vae/`, `text_encoder/`,
-    /// `tokenizer/`, `scheduler/`).
+    /// `tokenizer/`, `scheduler/`). On a CPU without bf16 hardware, bf16 runs as f32
+    /// ([`crate::cpu::run_dtype`]); [`Self::dtype`] says which dtype runs.
     pub fn from_folder(
         folder: &Path,
         dtype: DType,
@@ -100,9 +101,7 @@ impl StableDiffusionPipeline {
         if !folder.is_dir() {
             return Err(Error::NotFound { path: folder.to_path_buf() });
         }
-        if device.is_cpu() {
-            crate::cpu::check_dtype_supported(dtype)?;
-        }
+        let dtype = if device.is_cpu() { crate::cpu::run_dtype(dtype)? } else { dtype };
         let index: ModelIndex = read_json(&folder.join("model_index.json"))?;
         let scheduler_config =
             SchedulerConfig::from_file(folder.join("scheduler").join("scheduler_config.json"))?;

@@ -1,23 +1,34 @@
-//! bf16 GEMM on Intel AMX tiles, for the CPU bf16 mode, with the weights packed once at load.
+//! bf16 GEMM with the weights packed once at load, for the CPU bf16 mode, on one of two
+//! micro-kernels ([`Kernel`]): AMX tiles ([`tiles`]) or AVX-512 `VDPBF16PS` ([`dot`]).
 //!
-//! MKL's `cblas_gemm_bf16bf16f32` repacks both operands into its tile layout on every call:
-//! 12-14% of a bf16 UNet step, most of it the same weights again and again. Here the weights
-//! are packed when the model loads (same size as the plain bf16 weight) and the activations are
-//! written straight into the tile layout by the op that produces them (im2col, bf16 conversion).
+//! MKL's `cblas_gemm_bf16bf16f32` repacks both operands into its own layout on every call:
+//! 12-14% of a bf16 UNet step, most of it the same weights again and again; and on CPUs other
+//! than Intel's it runs generic code, slower than f32. Here the weights are packed when the model
+//! loads (same size as the plain bf16 weight) and the activations are written straight into the
+//! packed layout by the op that produces them (im2col, bf16 conversion).
 //!
 //! # Layouts
 //!
 //! `C[m, n] = bias + A[m, k] B[k, n]`, both operands in blocks of 32 rows (A) or 32 columns (B)
 //! by 32 `k`, zero-padded to whole blocks. Block `(i, kb)` starts at `(i * kblocks + kb) * 1024`
 //! and holds two 16x32 tiles of 1 KiB:
-//! - A ([`Packed::a_from_rows`], [`pack_a`], [`pack_a_f32`]): tile `h` row `r` = row `32 i + 16 h + r` of A,
-//!   `k = 32 kb .. 32 kb + 32`.
-//! - B ([`Packed::b_from_transposed`], [`pack_b_rows`], [`pack_b_transposed`]), in the pair-interleaved ("VNNI") layout that
-//!   `TDPBF16PS` reads: tile `h` row `r` holds, for the 16 columns `j = 32 i + 16 h ..`, the pairs
+//! - A ([`Packed::a_from_rows`], [`pack_a`], [`pack_a_f32`]): tile `h` row `r` = row
+//!   `32 i + 16 h + r` of A, `k = 32 kb .. 32 kb + 32`.
+//! - B ([`Packed::b_from_transposed`], [`pack_b_rows`], [`pack_b_transposed`]), in the
+//!   pair-interleaved ("VNNI") layout that `TDPBF16PS` and `VDPBF16PS` read: tile `h` row `r`
+//!   holds, for the 16 columns `j = 32 i + 16 h ..`, the pairs
 //!   `(B[32 kb + 2r, j], B[32 kb + 2r + 1, j])`.
 //!
-//! The micro-kernel keeps a 32x32 block of C in four tiles (two A tiles, two B tiles per step of
-//! 32 `k`); the driver walks `k` in chunks so the A chunk stays in L1 and the B panel in L2.
+//! Both kernels compute a 32x32 block of C from a run of `k` blocks; the driver walks `k` in
+//! chunks so the A chunk stays in L1 and the B panel in L2.
+//!
+//! # Choosing the kernel
+//!
+//! [`kernel`]: AMX tiles where the CPU and OS run them, unless `SD_CPU_AMX=0`; else
+//! `VDPBF16PS` where the CPU has AVX512_BF16 (Zen 4, Cooper Lake), unless `SD_CPU_AVX512BF16=0`.
+
+mod dot;
+mod tiles;
 
 use half::bf16;
 
@@ -34,29 +45,61 @@ const NC_BLOCKS: usize = 8;
 /// handing one call more columns than this, and a B of this width stays in L2.
 pub const PANEL: usize = NC_BLOCKS * BLOCK;
 
-/// Whether this CPU and OS run AMX bf16 tiles for this process, and `SD_CPU_AMX` does not say
-/// `0`. Asks the kernel for the tile state once (Linux `arch_prctl`).
-pub fn available() -> bool {
-    static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *AVAILABLE.get_or_init(|| std::env::var("SD_CPU_AMX").map_or(true, |v| v != "0") && detect())
+/// The micro-kernel that multiplies packed blocks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kernel {
+    /// AMX tiles (`TDPBF16PS`): Sapphire Rapids and later.
+    AmxTiles,
+    /// AVX-512 `VDPBF16PS` on vector registers: Zen 4 and later, Cooper Lake, Sapphire Rapids.
+    Avx512Bf16,
 }
 
-#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
-fn detect() -> bool {
-    // CPUID leaf 7: EDX bit 22 AMX-BF16, bit 24 AMX-TILE.
-    let leaf7 = std::arch::x86_64::__cpuid_count(7, 0);
-    if leaf7.edx & (1 << 22) == 0 || leaf7.edx & (1 << 24) == 0 {
-        return false;
+impl Kernel {
+    /// The kernels this CPU (and OS) can run, best first, whatever the switches say.
+    pub fn supported() -> &'static [Kernel] {
+        static SUPPORTED: std::sync::OnceLock<Vec<Kernel>> = std::sync::OnceLock::new();
+        SUPPORTED.get_or_init(|| {
+            let mut kernels = vec![];
+            if tiles::detect() {
+                kernels.push(Kernel::AmxTiles);
+            }
+            if dot::detect() {
+                kernels.push(Kernel::Avx512Bf16);
+            }
+            kernels
+        })
     }
-    const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
-    const XFEATURE_XTILEDATA: libc::c_long = 18;
-    // Safety: a plain syscall with integer arguments; it fails cleanly on kernels without AMX.
-    unsafe { libc::syscall(libc::SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0 }
+
+    /// `"AMX tiles"` or `"AVX512_BF16"`, for logs and benchmark records.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kernel::AmxTiles => "AMX tiles",
+            Kernel::Avx512Bf16 => "AVX512_BF16",
+        }
+    }
+
+    /// The variable that turns this kernel off when it says `0`.
+    fn switch(self) -> &'static str {
+        match self {
+            Kernel::AmxTiles => "SD_CPU_AMX",
+            Kernel::Avx512Bf16 => "SD_CPU_AVX512BF16",
+        }
+    }
 }
 
-#[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
-fn detect() -> bool {
-    false
+/// The kernel of this process: the best [`Kernel::supported`] one that its switch does not turn
+/// off (`SD_CPU_AMX=0`, `SD_CPU_AVX512BF16=0`). `None`: bf16 GEMMs go to MKL, if anywhere.
+pub fn kernel() -> Option<Kernel> {
+    static KERNEL: std::sync::OnceLock<Option<Kernel>> = std::sync::OnceLock::new();
+    *KERNEL.get_or_init(|| {
+        let on = |k: &&Kernel| std::env::var(k.switch()).map_or(true, |v| v != "0");
+        Kernel::supported().iter().find(on).copied()
+    })
+}
+
+/// Whether the packed GEMM runs in this process ([`kernel`] is some).
+pub fn available() -> bool {
+    kernel().is_some()
 }
 
 /// Blocks needed for `len` rows, columns or `k`.
@@ -333,13 +376,35 @@ pub enum Bias<'a> {
 /// `C = bias + A B` for packed `a` (`m` rows) and `b` (`n` columns) with `k` inner; `c` has row
 /// stride `ldc` and receives exactly `m x n` values.
 ///
+/// Runs on this process's [`kernel`].
+///
 /// # Safety
 /// [`available`] returned true; `a` and `b` are packed for these sizes and 64-byte aligned; `c`
 /// is valid for writes of rows `0..m`, columns `0..n` at stride `ldc`, and nothing else touches
 /// them meanwhile.
-#[cfg(target_arch = "x86_64")]
 #[allow(clippy::too_many_arguments)] // a GEMM's operands, sizes, bias and output
 pub unsafe fn gemm(
+    a: &[bf16],
+    m: usize,
+    b: &[bf16],
+    n: usize,
+    k: usize,
+    bias: Bias,
+    c: *mut f32,
+    ldc: usize,
+) {
+    let kernel = kernel().expect("the packed bf16 GEMM called where no kernel runs");
+    gemm_on(kernel, a, m, b, n, k, bias, c, ldc)
+}
+
+/// [`gemm`] on a given kernel (the tests run each one this CPU has).
+///
+/// # Safety
+/// As for [`gemm`], with `kernel` one of [`Kernel::supported`].
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn gemm_on(
+    kernel: Kernel,
     a: &[bf16],
     m: usize,
     b: &[bf16],
@@ -364,13 +429,14 @@ pub unsafe fn gemm(
     }
     BIAS_TABLE.with(|table| {
         let bias = BiasSource::new(&mut table.borrow_mut(), bias, mblocks, nblocks);
-        gemm_blocks(a.as_ptr(), m, b.as_ptr(), n, kblocks, bias, c, ldc)
+        gemm_blocks(kernel, a.as_ptr(), m, b.as_ptr(), n, kblocks, bias, c, ldc)
     })
 }
 
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::too_many_arguments)]
 unsafe fn gemm_blocks(
+    kernel: Kernel,
     a: *const bf16,
     m: usize,
     b: *const bf16,
@@ -383,7 +449,15 @@ unsafe fn gemm_blocks(
     let (mblocks, nblocks) = (blocks(m), blocks(n));
     let (full_m, full_n) = (m / BLOCK, n / BLOCK);
     let block = |i: usize, kb: usize| i * kblocks * BLOCK_ELEMS + kb * BLOCK_ELEMS;
-    tiles::configure();
+    // C block (32x32 at `c`, row stride `ldc`) = init + `steps` k blocks of A times B, while
+    // the next A chunk is fetched from `prefetch` on.
+    let block_product = |a, b, steps, init, c, ldc, prefetch| match kernel {
+        Kernel::AmxTiles => tiles::block(a, b, steps, init, c, ldc, prefetch),
+        Kernel::Avx512Bf16 => dot::block(a, b, steps, init, c, ldc, prefetch),
+    };
+    if kernel == Kernel::AmxTiles {
+        tiles::configure();
+    }
     // Whole 32x32 blocks of C, in place: k in chunks, C carried through memory between them.
     for nc in (0..full_n).step_by(NC_BLOCKS) {
         // At least one chunk, so that with k = 0 the blocks still receive the bias.
@@ -395,7 +469,7 @@ unsafe fn gemm_blocks(
                 for (q, ni) in (nc..full_n.min(nc + NC_BLOCKS)).enumerate() {
                     let cp = c.add(mi * BLOCK * ldc + ni * BLOCK);
                     let init = if kc > 0 { Init::from_c(cp, ldc) } else { bias.init(mi, ni) };
-                    tiles::block(
+                    block_product(
                         a.add(block(mi, kc)),
                         b.add(block(ni, kc)),
                         steps,
@@ -417,7 +491,7 @@ unsafe fn gemm_blocks(
             }
             let cp = edge.0.as_mut_ptr();
             let a = a.add(block(mi, 0));
-            tiles::block(a, b.add(block(ni, 0)), kblocks, bias.init(mi, ni), cp, BLOCK, a);
+            block_product(a, b.add(block(ni, 0)), kblocks, bias.init(mi, ni), cp, BLOCK, a);
             let rows = (m - mi * BLOCK).min(BLOCK);
             let cols = (n - ni * BLOCK).min(BLOCK);
             for r in 0..rows {
@@ -429,12 +503,15 @@ unsafe fn gemm_blocks(
             }
         }
     }
-    tiles::release();
+    if kernel == Kernel::AmxTiles {
+        tiles::release();
+    }
 }
 
 #[cfg(not(target_arch = "x86_64"))]
 #[allow(clippy::too_many_arguments)]
-pub unsafe fn gemm(
+pub unsafe fn gemm_on(
+    _: Kernel,
     _: &[bf16],
     _: usize,
     _: &[bf16],
@@ -444,7 +521,7 @@ pub unsafe fn gemm(
     _: *mut f32,
     _: usize,
 ) {
-    unreachable!("AMX is only detected on x86_64")
+    unreachable!("the packed kernels are only detected on x86_64")
 }
 
 #[repr(C, align(64))]
@@ -515,100 +592,6 @@ impl BiasSource {
     }
 }
 
-/// The tile instructions. Tile registers: C in tmm0-3, A in tmm4-5, B in tmm6-7.
-#[cfg(target_arch = "x86_64")]
-mod tiles {
-    use std::arch::asm;
-
-    use super::{Init, BLOCK_ELEMS};
-    use half::bf16;
-
-    /// `ldtilecfg` operand: palette 1, eight 16-row tiles of 64 bytes.
-    #[repr(C, align(64))]
-    struct Config {
-        palette: u8,
-        start_row: u8,
-        reserved: [u8; 14],
-        colsb: [u16; 16],
-        rows: [u8; 16],
-    }
-
-    pub(super) unsafe fn configure() {
-        let mut cfg =
-            Config { palette: 1, start_row: 0, reserved: [0; 14], colsb: [0; 16], rows: [0; 16] };
-        cfg.colsb[..8].fill(64);
-        cfg.rows[..8].fill(16);
-        asm!("ldtilecfg [{0}]", in(reg) &cfg, options(nostack, readonly));
-    }
-
-    pub(super) unsafe fn release() {
-        asm!("tilerelease", options(nostack, nomem));
-    }
-
-    /// C block (32x32 f32 at `c`, row stride `ldc` floats) = init + the product of `steps`
-    /// k blocks of A (`a`) and B (`b`). Meanwhile 256 bytes per step from `prefetch` on are
-    /// fetched towards L2 (the next A chunk). B tiles are loaded with the streaming hint (`t1`):
-    /// each is used once per pass, while the A chunk is reused by every block of the panel.
-    #[inline(always)]
-    pub(super) unsafe fn block(
-        a: *const bf16,
-        b: *const bf16,
-        steps: usize,
-        init: Init,
-        c: *mut f32,
-        ldc: usize,
-        prefetch: *const bf16,
-    ) {
-        match init {
-            Init::Zero => asm!(
-                "tilezero tmm0",
-                "tilezero tmm1",
-                "tilezero tmm2",
-                "tilezero tmm3",
-                options(nostack, nomem)
-            ),
-            Init::Load([p0, p1, p2, p3], stride) => asm!(
-                "tileloadd tmm0, [{p0} + {s}*1]",
-                "tileloadd tmm1, [{p1} + {s}*1]",
-                "tileloadd tmm2, [{p2} + {s}*1]",
-                "tileloadd tmm3, [{p3} + {s}*1]",
-                p0 = in(reg) p0, p1 = in(reg) p1, p2 = in(reg) p2, p3 = in(reg) p3, s = in(reg) stride,
-                options(nostack, readonly)
-            ),
-        }
-        for step in 0..steps {
-            let (a, b, p) =
-                (a.add(step * BLOCK_ELEMS), b.add(step * BLOCK_ELEMS), prefetch.add(step * 128));
-            asm!(
-                "tileloadd tmm4, [{a} + {s}*1]",
-                "tileloaddt1 tmm6, [{b} + {s}*1]",
-                "tdpbf16ps tmm0, tmm4, tmm6",
-                "prefetcht1 [{p}]",
-                "tileloadd tmm5, [{a} + {s}*1 + 1024]",
-                "tdpbf16ps tmm2, tmm5, tmm6",
-                "prefetcht1 [{p} + 64]",
-                "tileloaddt1 tmm7, [{b} + {s}*1 + 1024]",
-                "tdpbf16ps tmm1, tmm4, tmm7",
-                "prefetcht1 [{p} + 128]",
-                "tdpbf16ps tmm3, tmm5, tmm7",
-                "prefetcht1 [{p} + 192]",
-                a = in(reg) a, b = in(reg) b, p = in(reg) p, s = in(reg) 64usize,
-                options(nostack, readonly)
-            );
-        }
-        let stride = ldc * 4;
-        asm!(
-            "tilestored [{c0} + {s}*1], tmm0",
-            "tilestored [{c1} + {s}*1], tmm1",
-            "tilestored [{c2} + {s}*1], tmm2",
-            "tilestored [{c3} + {s}*1], tmm3",
-            c0 = in(reg) c, c1 = in(reg) c.add(16), c2 = in(reg) c.add(16 * ldc), c3 = in(reg) c.add(16 * ldc + 16),
-            s = in(reg) stride,
-            options(nostack)
-        );
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::super::test_values::values as vals;
@@ -649,16 +632,19 @@ mod tests {
         vec![bf16::ZERO; len + 32]
     }
 
-    /// Every packing path and bias kind against a plain f64 product, with edges in m, n and k
-    /// and more than one k chunk (k > 512) and column panel (n > 256).
+    /// Every kernel this CPU has, packing path and bias kind against a plain f64 product, with
+    /// edges in m, n and k and more than one k chunk (k > 512) and column panel (n > 256).
     #[test]
     fn products_match_reference() {
-        if !available() {
+        let kernels = Kernel::supported();
+        if !kernels.contains(&Kernel::AmxTiles) {
             assert!(
                 std::env::var("SD_REQUIRE_AMX").is_err(),
                 "SD_REQUIRE_AMX is set but AMX is not available"
             );
-            eprintln!("skipped: no AMX on this machine");
+        }
+        if kernels.is_empty() {
+            eprintln!("skipped: neither AMX nor AVX512_BF16 on this machine");
             return;
         }
         for &(m, n, k) in &[
@@ -674,14 +660,28 @@ mod tests {
             let b_t = bf(&vals(n * k, 2)); // B^T: n rows of k
             let rb = vals(m, 3);
             let cb = vals(n, 4);
-            for bias in [Bias::None, Bias::Rows(&rb), Bias::Cols(&cb)] {
+            for (&kernel, bias) in kernels.iter().flat_map(|kernel| {
+                [Bias::None, Bias::Rows(&rb), Bias::Cols(&cb)].map(|bias| (kernel, bias))
+            }) {
                 let expected = reference(&a, &b_t, m, n, k, bias);
                 // A from bf16 rows, B from B^T (the linear weight path).
                 let pa = Packed::a_from_rows(&a, m, k);
                 let pb = Packed::b_from_transposed(&b_t, n, k);
                 let ldc = n + 3;
                 let mut c = vec![f32::NAN; m * ldc];
-                unsafe { gemm(pa.as_slice(), m, pb.as_slice(), n, k, bias, c.as_mut_ptr(), ldc) };
+                unsafe {
+                    gemm_on(
+                        kernel,
+                        pa.as_slice(),
+                        m,
+                        pb.as_slice(),
+                        n,
+                        k,
+                        bias,
+                        c.as_mut_ptr(),
+                        ldc,
+                    )
+                };
                 // A from f32 rows, B from its rows (the linear input and im2col paths).
                 let a32: Vec<f32> = a.iter().map(|v| v.to_f32()).collect();
                 let mut sa = packed_scratch(packed_len(m, k));
@@ -695,19 +695,19 @@ mod tests {
                     }
                 });
                 let mut c2 = vec![f32::NAN; m * n];
-                unsafe { gemm(sa, m, sb, n, k, bias, c2.as_mut_ptr(), n) };
+                unsafe { gemm_on(kernel, sa, m, sb, n, k, bias, c2.as_mut_ptr(), n) };
                 for i in 0..m {
                     for j in 0..n {
                         let e = expected[i * n + j];
                         let tol = 1e-4 * (1.0 + e.abs());
                         assert!(
                             (c[i * ldc + j] - e).abs() < tol,
-                            "{m}x{n}x{k} [{i},{j}]: {} vs {e}",
+                            "{kernel:?} {m}x{n}x{k} [{i},{j}]: {} vs {e}",
                             c[i * ldc + j]
                         );
                         assert!(
                             (c2[i * n + j] - e).abs() < tol,
-                            "{m}x{n}x{k} [{i},{j}]: {} vs {e}",
+                            "{kernel:?} {m}x{n}x{k} [{i},{j}]: {} vs {e}",
                             c2[i * n + j]
                         );
                     }
