@@ -355,9 +355,10 @@ class StableDiffusionPipeline:
         if variant is not None and not isinstance(variant, str):
             raise ValueError(f"`variant` must be a string such as 'fp16', got {variant!r}")
         name = os.fsdecode(pretrained_model_name_or_path)  # str, bytes or os.PathLike
+        dtype = _dtype_name(torch_dtype)
         native = _native._Pipeline.load(
             name,
-            dtype=_dtype_name(torch_dtype),
+            dtype=dtype,
             device=_device_name(device),
             variant=variant,
             revision=revision,
@@ -365,6 +366,12 @@ class StableDiffusionPipeline:
             cache_dir=None if cache_dir is None else os.fspath(cache_dir),
             token=token if isinstance(token, str) else None,
         )
+        if native.dtype != dtype:
+            warnings.warn(
+                f"running {native.dtype} instead of {dtype}: this CPU has neither AMX nor AVX512_BF16, "
+                "where bfloat16 would be emulated and slower than float32",
+                stacklevel=2,
+            )
         return cls._from_native(native, scheduler, name)
 
     @classmethod
