@@ -202,14 +202,16 @@ fn attend_block_packed(
     let (seq_k, d, dv) = (s.seq_k, s.d, s.dv);
     let rows = q.len() / d;
     let (q_len, p_len) = (packed::packed_len(rows, d), packed::packed_len(rows, seq_k));
+    let padded_k = packed::blocks(seq_k) * packed::BLOCK;
     with_scratch(0, q_len + 32, |q16: &mut [bf16]| {
         with_scratch(1, rows * seq_k, |scores: &mut [f32]| {
-            with_scratch(2, rows * seq_k, |probs: &mut [bf16]| {
+            with_scratch(2, padded_k, |probs_row: &mut [bf16]| {
                 with_scratch(3, p_len + 32, |packed_probs: &mut [bf16]| {
                     let q16 = packed::aligned(q16, q_len);
                     packed::pack_a_f32(q, rows, d, q16);
-                    // Safety (both GEMMs): AMX is available (the caller checked); operands
-                    // packed above; `scores` is this thread's scratch, `o` this block's rows.
+                    // Safety (both GEMMs): a packed kernel runs here (the caller checked);
+                    // operands packed above; `scores` is this thread's scratch, `o` this
+                    // block's rows.
                     unsafe {
                         packed::gemm(
                             q16,
@@ -222,9 +224,20 @@ fn attend_block_packed(
                             seq_k,
                         )
                     };
-                    let inv_sums = softmax_rows(s, q0, scores, probs);
+                    // Each row's numerators go straight into the packed layout through one
+                    // row buffer that stays in L1 (rows past `rows` pad the last block).
                     let packed_probs = packed::aligned(packed_probs, p_len);
-                    packed::pack_a(probs, rows, seq_k, packed_probs);
+                    probs_row.fill(bf16::ZERO);
+                    let mut inv_sums = Vec::with_capacity(rows);
+                    for r in 0..packed::blocks(rows) * packed::BLOCK {
+                        if r < rows {
+                            let row = &scores[r * seq_k..][..seq_k];
+                            inv_sums.push(softmax_row(s, q0 + r, row, &mut probs_row[..seq_k]));
+                        } else if r == rows {
+                            probs_row.fill(bf16::ZERO);
+                        }
+                        packed::write_a_row(packed_probs, seq_k, r, probs_row);
+                    }
                     unsafe {
                         packed::gemm(
                             packed_probs,
@@ -244,18 +257,20 @@ fn attend_block_packed(
     })
 }
 
-/// The softmax numerators of each row of `scores` into `probs` (0 past the causal limit), and
-/// the inverse of each row's sum.
+/// The softmax numerators of each row of `scores` into `probs`, and the inverse of each row's
+/// sum.
 fn softmax_rows(s: &BlockShape, q0: usize, scores: &[f32], probs: &mut [bf16]) -> Vec<f32> {
-    let seq_k = s.seq_k;
-    let mut inv_sums = Vec::with_capacity(scores.len() / seq_k.max(1));
-    for (r, (row, p)) in scores.chunks(seq_k).zip(probs.chunks_mut(seq_k)).enumerate() {
-        // Causal: query q0 + r sees keys 0 ..= q0 + r (seq_q == seq_k for CLIP).
-        let visible = if s.causal { (q0 + r + 1).min(seq_k) } else { seq_k };
-        inv_sums.push(1.0 / softmax_numerators(&row[..visible], s.scale, &mut p[..visible]));
-        p[visible..].fill(bf16::ZERO);
-    }
-    inv_sums
+    let rows = scores.chunks(s.seq_k).zip(probs.chunks_mut(s.seq_k));
+    rows.enumerate().map(|(r, (row, p))| softmax_row(s, q0 + r, row, p)).collect()
+}
+
+/// The softmax numerators of query row `query`'s scores `row` into `p` (0 past the causal
+/// limit), and the inverse of their sum.
+fn softmax_row(s: &BlockShape, query: usize, row: &[f32], p: &mut [bf16]) -> f32 {
+    // Causal: query i sees keys 0 ..= i (seq_q == seq_k for CLIP).
+    let visible = if s.causal { (query + 1).min(s.seq_k) } else { s.seq_k };
+    p[visible..].fill(bf16::ZERO);
+    1.0 / softmax_numerators(&row[..visible], s.scale, &mut p[..visible])
 }
 
 fn scale_rows(o: &mut [f32], dv: usize, inv_sums: &[f32]) {
@@ -277,7 +292,9 @@ fn softmax_numerators_with<A: MulAdd>(row: &[f32], scale: f32, probs: &mut [bf16
     let mut chunks = row.chunks_exact(LANES);
     for c in &mut chunks {
         for i in 0..LANES {
-            max[i] = max[i].max(c[i]);
+            // A plain compare (one instruction): `f32::max`'s NaN rule costs two more, and a
+            // NaN score poisons the row either way.
+            max[i] = if c[i] > max[i] { c[i] } else { max[i] };
         }
     }
     let m = chunks

@@ -248,6 +248,17 @@ pub fn pack_a(src: &[bf16], m: usize, k: usize, dst: &mut [bf16]) {
     })
 }
 
+/// Writes row `row` of an A operand with inner size `k` into packed `dst`, from `src`: the row's
+/// `k` values zero-padded to whole blocks (`blocks(k) * 32` values). Lets a producer that makes A
+/// a row at a time (the attention's softmax) write the packed layout directly.
+pub fn write_a_row(dst: &mut [bf16], k: usize, row: usize, src: &[bf16]) {
+    let kblocks = blocks(k);
+    for (kb, run) in src[..kblocks * BLOCK].chunks_exact(BLOCK).enumerate() {
+        let at = tile_row(row / BLOCK, kb, kblocks, (row % BLOCK) / 16, row % 16);
+        dst[at..at + BLOCK].copy_from_slice(run);
+    }
+}
+
 /// Packs `W^T` as the B operand into `dst`, for `w` of `n` rows of `k` bf16.
 pub fn pack_b_transposed(w: &[bf16], n: usize, k: usize, dst: &mut [bf16]) {
     pack_serial(n, k, dst, |i, block_row| pack_b_transposed_block(w, n, k, i, block_row))
