@@ -145,7 +145,7 @@ fn attend_block(s: &BlockShape, q0: usize, q: &[f32], k: &[bf16], v: &[bf16], o:
     })
 }
 
-/// Keys (as `k^T`) and values of every head, packed as B operands of the AMX GEMM.
+/// Keys (as `k^T`) and values of every head, packed as B operands of the packed bf16 GEMM.
 struct PackedHeads {
     keys: Vec<bf16>,
     values: Vec<bf16>,
