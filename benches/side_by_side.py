@@ -28,6 +28,17 @@ HERE = Path(__file__).resolve().parent
 STAGES = ["load", "text_encoder", "unet_step", "vae_decode", "wall"]
 
 
+def read_into_page_cache(folder):
+    """Reads every file under `folder`, so that each engine's load starts from the page cache: the
+    others' runs (and, on some VMs, the host's reclaim) evict it, and which engine then reads
+    from disk would otherwise depend on the order of the runs."""
+    for path in Path(folder).rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as f:
+                while f.read(64 << 20):
+                    pass
+
+
 def run_child(cmd, env=None):
     """Runs a command; returns (stdout, wall seconds, peak RSS in GiB) of that child alone."""
     t0 = time.perf_counter()
@@ -93,6 +104,8 @@ def main():
     ap.add_argument("--openvino-venv", default=str(Path.home() / ".cache/sd-rs/openvino-venv"))
     ap.add_argument("--openvino-precision", choices=["default", "f32"], default="default",
                     help="default: OpenVINO's own choice (bf16 on AVX512_BF16 or AMX); f32: forced f32")
+    ap.add_argument("--cold", action="store_true",
+                    help="do not read each engine's weight files into the page cache before its run")
     args = ap.parse_args()
 
     theirs_mode, ours_dtype = ("f32", "f32") if args.mode == "f32" else ("bf16-autocast", "bf16")
@@ -101,9 +114,13 @@ def main():
     engines = args.engines.split(",")
     if not engines or any(e not in runners for e in engines):
         sys.exit(f"--engines takes a comma-separated list of {', '.join(runners)}")
+    model = Path(args.model)
+    weights = {"diffusers": model, "sd-rs": model, "openvino": Path.home() / ".cache/sd-rs" / f"openvino-{model.name}"}
     results = {e: [] for e in engines}
     for i in range(args.runs):
         for name in engines:
+            if not args.cold:
+                read_into_page_cache(weights[name])
             r = runners[name]()
             results[name].append(r)
             print(f"run {i + 1} {name}: " + ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}"

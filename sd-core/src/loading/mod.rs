@@ -1,12 +1,16 @@
 //! Loading diffusers model folders: JSON configs, weight files (variants, shards) and tensors.
 //!
-//! Weights are memory-mapped and converted to the run dtype tensor by tensor as the models ask
-//! for them. Every failure names the file, and for tensors the tensor and the shapes involved.
+//! Weights are memory-mapped. The CPU's GEMM layers read f32 weights in place or pack them
+//! straight from the map ([`MappedF32`]); everything else is converted to the run dtype tensor by
+//! tensor as the models ask for it. Every failure names the file, and for tensors the tensor and
+//! the shapes involved.
 
+mod mapped;
 pub mod weight_files;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Shape, Tensor};
@@ -15,8 +19,10 @@ use candle_nn::VarBuilder;
 use serde::de::DeserializeOwned;
 
 use crate::cpu::bf16::round_to_bf16;
-use crate::cpu::Pod;
+use crate::cpu::{advise_huge_pages, Pod};
 use crate::{Error, Result};
+pub(crate) use mapped::mapped_f32;
+pub use mapped::MappedF32;
 use weight_files::{choose_weight_files, shard_paths, WeightFiles};
 
 /// Reads and deserializes a JSON config. Unknown keys are ignored by the config structs; a missing
@@ -52,7 +58,7 @@ pub fn component_weight_paths(
 /// A set of memory-mapped safetensors files that serves tensors by name to a [`VarBuilder`],
 /// with errors that name the file and the tensor.
 pub struct WeightStore {
-    files: Vec<(PathBuf, MmapedSafetensors)>,
+    files: Vec<(PathBuf, Arc<MmapedSafetensors>)>,
     routing: HashMap<String, usize>,
 }
 
@@ -76,7 +82,7 @@ impl WeightStore {
             for (name, _) in st.tensors() {
                 routing.insert(name, files.len());
             }
-            files.push((path.clone(), st));
+            files.push((path.clone(), Arc::new(st)));
         }
         Ok(Self { files, routing })
     }
@@ -95,8 +101,23 @@ impl WeightStore {
         self.routing.keys().map(String::as_str)
     }
 
+    /// A builder over these weights. Layers built with it copy their weights out; inside
+    /// [`build_component`] f32 weights are read in place instead (see [`MappedF32`]).
     pub fn into_var_builder(self, dtype: DType, device: &Device) -> VarBuilder<'static> {
-        VarBuilder::from_backend(Box::new(self), dtype, device.clone())
+        Arc::new(self).var_builder(dtype, device)
+    }
+
+    fn var_builder(self: Arc<Self>, dtype: DType, device: &Device) -> VarBuilder<'static> {
+        VarBuilder::from_backend(Box::new(SharedStore(self)), dtype, device.clone())
+    }
+
+    /// Tensor `name`'s file (path and mapping) and stored view.
+    fn view(
+        &self,
+        name: &str,
+    ) -> Option<(&Path, &Arc<MmapedSafetensors>, safetensors::tensor::TensorView<'_>)> {
+        let (path, st) = &self.files[*self.routing.get(name)?];
+        Some((path, st, st.get(name).ok()?))
     }
 
     fn file_names(&self) -> String {
@@ -129,7 +150,10 @@ impl WeightStore {
     }
 }
 
-impl SimpleBackend for WeightStore {
+/// The [`SimpleBackend`] of a [`WeightStore`] that [`mapped_f32`] may share while building.
+struct SharedStore(Arc<WeightStore>);
+
+impl SimpleBackend for SharedStore {
     fn get(
         &self,
         shape: Shape,
@@ -138,7 +162,7 @@ impl SimpleBackend for WeightStore {
         dtype: DType,
         dev: &Device,
     ) -> candle_core::Result<Tensor> {
-        let (tensor, path) = self.load(name, dtype, dev)?;
+        let (tensor, path) = self.0.load(name, dtype, dev)?;
         if tensor.shape() != &shape {
             candle_core::bail!(
                 "{}: tensor `{name}` has shape {:?}, expected {:?}",
@@ -151,16 +175,17 @@ impl SimpleBackend for WeightStore {
     }
 
     fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-        Ok(self.load(name, dtype, dev)?.0)
+        Ok(self.0.load(name, dtype, dev)?.0)
     }
 
     fn contains_tensor(&self, name: &str) -> bool {
-        self.contains(name)
+        self.0.contains(name)
     }
 }
 
 /// Builds a model from a component folder, turning loader errors into [`Error::Weights`] that
-/// name the folder.
+/// name the folder. The layers read f32 weights in place from the mapped files where they can
+/// ([`MappedF32`]).
 pub fn build_component<M>(
     dir: &Path,
     store: WeightStore,
@@ -168,7 +193,8 @@ pub fn build_component<M>(
     device: &Device,
     build: impl FnOnce(VarBuilder<'static>) -> candle_core::Result<M>,
 ) -> Result<M> {
-    build(store.into_var_builder(dtype, device))
+    let store = Arc::new(store);
+    mapped::building(store.clone(), || build(store.var_builder(dtype, device)))
         .map_err(|e| Error::Weights { path: dir.to_path_buf(), msg: root_cause(&e) })
 }
 
@@ -243,21 +269,6 @@ fn convert_par<S: Copy + Sync, T: Send>(src: &[S], f: impl Fn(S) -> T + Sync) ->
     // Safety: every one of the `src.len()` elements was written above.
     unsafe { out.set_len(src.len()) };
     out
-}
-
-fn advise_huge_pages(ptr: *mut u8, len: usize) {
-    #[cfg(target_os = "linux")]
-    {
-        const HUGE: usize = 2 << 20;
-        let start = (ptr as usize).next_multiple_of(HUGE);
-        let end = (ptr as usize + len) / HUGE * HUGE;
-        if end > start {
-            // Safety: whole huge pages inside an allocation we own; only a hint to the kernel.
-            unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE) };
-        }
-    }
-    #[cfg(not(target_os = "linux"))]
-    let _ = (ptr, len);
 }
 
 /// Drops the mapped file pages of a tensor that has been copied out, so that loading a model

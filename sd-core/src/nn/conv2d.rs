@@ -18,11 +18,12 @@ use half::bf16;
 use rayon::prelude::*;
 
 use super::lora::{record, LoraLayer, LoraSlot};
-use super::{packs_weight, param_dtype, task_count, use_cpu_kernels};
+use super::{param_dtype, task_count, use_cpu_kernels, Source};
 use crate::cpu::bf16::to_bf16_par;
 use crate::cpu::blas::{gemm_bf16, gemm_f32, Operand, SendPtr};
 use crate::cpu::packed;
 use crate::cpu::{with_scratch, with_slice};
+use crate::loading::MappedF32;
 
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Conv2dConfig {
@@ -46,10 +47,10 @@ pub fn conv2d(
     cfg: Conv2dConfig,
     vb: VarBuilder,
 ) -> Result<Conv2d> {
-    let weight = vb.get((out_channels, in_channels, kernel, kernel), "weight")?;
+    let weight = Source::get(&vb, (out_channels, in_channels, kernel, kernel), "weight")?;
     let bias =
         vb.get_with_hints_dtype(out_channels, "bias", Default::default(), param_dtype(&vb))?;
-    let conv = Conv2d::new(weight, Some(bias), cfg)?;
+    let conv = Conv2d::from_source(weight, Some(bias), cfg)?;
     record(vb.prefix(), || LoraLayer::Conv2d(conv.clone()));
     Ok(conv)
 }
@@ -133,29 +134,46 @@ fn im2col_row<T: Copy + Default>(x: &[T], g: &Geometry, p0: usize, tap: usize, d
 pub(crate) enum Weight {
     /// `[out, in, kh, kw]`, in the builder's dtype (bf16 for bf16 GEMMs on the CPU).
     Dense(Tensor),
+    /// `[out, in, kh, kw]` f32 values read in place from the mapped weight file.
+    Mapped { values: MappedF32, dims: (usize, usize, usize, usize) },
     /// A bf16 CPU weight packed once for the packed bf16 GEMM, as the A operand `[out, in kh kw]`.
     Packed { weight: Arc<packed::Packed>, dims: (usize, usize, usize, usize) },
 }
 
 impl Weight {
-    /// A bf16 weight on a CPU with AMX or AVX512_BF16 is packed (and the tensor dropped).
-    fn new(weight: Tensor) -> Result<Self> {
-        Ok(if packs_weight(&weight) {
-            let dims = weight.dims4()?;
-            let (c_out, c_in, kh, kw) = dims;
-            let packed = with_slice::<bf16, _>(&weight.contiguous()?, |w| {
-                packed::Packed::a_from_rows(w, c_out, c_in * kh * kw)
-            })?;
-            Weight::Packed { weight: Arc::new(packed), dims }
-        } else {
-            Weight::Dense(weight)
+    /// A bf16 weight on a CPU with AMX or AVX512_BF16 is packed (from the mapped f32 values
+    /// where the loader has them); mapped f32 values are used in place.
+    fn new(source: Source) -> Result<Self> {
+        let packs = source.packs();
+        Ok(match source {
+            Source::Mapped { values, shape, dtype } if packs || dtype == DType::F32 => {
+                let dims = shape.dims4()?;
+                if packs {
+                    let (c_out, c_in, kh, kw) = dims;
+                    let packed = packed::Packed::a_from_rows_f32(&values, c_out, c_in * kh * kw);
+                    values.release();
+                    Weight::Packed { weight: Arc::new(packed), dims }
+                } else {
+                    Weight::Mapped { values, dims }
+                }
+            }
+            source @ Source::Mapped { .. } => Weight::new(Source::Tensor(source.into_tensor()?))?,
+            Source::Tensor(weight) if packs => {
+                let dims = weight.dims4()?;
+                let (c_out, c_in, kh, kw) = dims;
+                let packed = with_slice::<bf16, _>(&weight.contiguous()?, |w| {
+                    packed::Packed::a_from_rows(w, c_out, c_in * kh * kw)
+                })?;
+                Weight::Packed { weight: Arc::new(packed), dims }
+            }
+            Source::Tensor(weight) => Weight::Dense(weight),
         })
     }
 
     fn dims(&self) -> Result<(usize, usize, usize, usize)> {
         match self {
             Weight::Dense(w) => w.dims4(),
-            Weight::Packed { dims, .. } => Ok(*dims),
+            Weight::Mapped { dims, .. } | Weight::Packed { dims, .. } => Ok(*dims),
         }
     }
 
@@ -163,6 +181,7 @@ impl Weight {
     fn tensor(&self) -> Result<Tensor> {
         match self {
             Weight::Dense(w) => Ok(w.clone()),
+            Weight::Mapped { values, dims } => Tensor::from_slice(values, *dims, &Device::Cpu),
             Weight::Packed { weight, dims } => {
                 Tensor::from_vec(weight.unpack_a_rows(), *dims, &Device::Cpu)
             }
@@ -173,6 +192,10 @@ impl Weight {
 impl Conv2d {
     /// A bf16 weight on a CPU with AMX or AVX512_BF16 is packed here (and the tensor dropped).
     pub fn new(weight: Tensor, bias: Option<Tensor>, cfg: Conv2dConfig) -> Result<Self> {
+        Self::from_source(Source::Tensor(weight), bias, cfg)
+    }
+
+    fn from_source(weight: Source, bias: Option<Tensor>, cfg: Conv2dConfig) -> Result<Self> {
         let cfg = Conv2dConfig { stride: cfg.stride.max(1), ..cfg };
         Ok(Self { weight: Weight::new(weight)?, bias, cfg, lora: LoraSlot::default() })
     }
@@ -186,6 +209,16 @@ impl Conv2d {
         self.cfg
     }
 
+    /// How the layer holds its weight: `dense`, `mapped` or `packed` (for tests).
+    #[cfg(test)]
+    pub(crate) fn weight_kind(&self) -> &'static str {
+        match self.weight {
+            Weight::Dense(_) => "dense",
+            Weight::Mapped { .. } => "mapped",
+            Weight::Packed { .. } => "packed",
+        }
+    }
+
     /// The layer's LoRA state (see [`super::lora`]).
     pub(crate) fn lora(&self) -> &LoraSlot<Weight, Conv2d> {
         &self.lora
@@ -196,12 +229,17 @@ impl Conv2d {
     pub(crate) fn weight_plus(&self, delta: &Tensor) -> Result<Weight> {
         let own = self.weight.tensor()?;
         let delta = delta.reshape(own.shape())?;
-        Weight::new((own.to_dtype(DType::F32)? + delta)?.to_dtype(own.dtype())?)
+        Weight::new(Source::Tensor((own.to_dtype(DType::F32)? + delta)?.to_dtype(own.dtype())?))
     }
 
     fn forward_weight(&self, weight: &Weight, xs: &Tensor) -> Result<Tensor> {
+        let mapped;
         let weight = match weight {
             Weight::Dense(w) if !use_cpu_kernels(xs, w.dtype()) => w,
+            Weight::Mapped { .. } if !use_cpu_kernels(xs, DType::F32) => {
+                mapped = weight.tensor()?;
+                &mapped
+            }
             Weight::Packed { .. } if !use_cpu_kernels(xs, DType::BF16) => {
                 candle_core::bail!("conv2d: weights packed for the CPU's bf16 GEMM take f32 CPU inputs, got {:?} on {:?}", xs.dtype(), xs.device())
             }
@@ -288,7 +326,7 @@ impl Conv2d {
                     })
                 })?
             }
-            Weight::Dense(dense) => {
+            Weight::Dense(_) | Weight::Mapped { .. } => {
                 let plan = Plan::new(
                     &g,
                     batch,
@@ -297,51 +335,22 @@ impl Conv2d {
                     (1, usize::MAX),
                     SendPtr(out.as_mut_ptr()),
                 );
-                with_slice::<f32, _>(&xs, |x| match dense.dtype() {
-                    DType::BF16 => with_slice::<bf16, _>(dense, |wt| {
-                        // Convert the input once, not once per kernel tap.
-                        let x16 = to_bf16_par(x);
-                        plan.run(&x16, |image, p0, len, beta, c| {
-                            with_scratch(0, k * len, |col: &mut [bf16]| {
-                                im2col(image, &g, p0, len, col);
-                                // Safety: see `Plan::run`.
-                                unsafe {
-                                    gemm_bf16(
-                                        c_out,
-                                        len,
-                                        k,
-                                        Operand::new(wt, k),
-                                        Operand::new(col, len),
-                                        beta,
-                                        c,
-                                        pixels,
-                                    )
-                                };
-                            })
-                        })
-                    }),
-                    _ => with_slice::<f32, _>(dense, |wt| {
-                        let pointwise = kh == 1 && kw == 1 && stride == 1 && pad == 0;
-                        plan.run(x, |image, p0, len, beta, c| {
-                            // Safety (both GEMMs): see `Plan::run`.
-                            if pointwise {
-                                unsafe {
-                                    gemm_f32(
-                                        c_out,
-                                        len,
-                                        k,
-                                        Operand::new(wt, k),
-                                        Operand::new(&image[p0..], pixels),
-                                        beta,
-                                        c,
-                                        pixels,
-                                    )
-                                };
-                            } else {
-                                with_scratch(0, k * len, |col: &mut [f32]| {
+                let pointwise = kh == 1 && kw == 1 && stride == 1 && pad == 0;
+                with_slice::<f32, _>(&xs, |x| match weight {
+                    Weight::Mapped { values, .. } => {
+                        plan.run_f32(x, values, &g, pointwise);
+                        Ok(())
+                    }
+                    Weight::Dense(dense) if dense.dtype() == DType::BF16 => {
+                        with_slice::<bf16, _>(dense, |wt| {
+                            // Convert the input once, not once per kernel tap.
+                            let x16 = to_bf16_par(x);
+                            plan.run(&x16, |image, p0, len, beta, c| {
+                                with_scratch(0, k * len, |col: &mut [bf16]| {
                                     im2col(image, &g, p0, len, col);
+                                    // Safety: see `Plan::run`.
                                     unsafe {
-                                        gemm_f32(
+                                        gemm_bf16(
                                             c_out,
                                             len,
                                             k,
@@ -353,9 +362,13 @@ impl Conv2d {
                                         )
                                     };
                                 })
-                            }
+                            })
                         })
-                    }),
+                    }
+                    Weight::Dense(dense) => {
+                        with_slice::<f32, _>(dense, |wt| plan.run_f32(x, wt, &g, pointwise))
+                    }
+                    Weight::Packed { .. } => unreachable!("handled above"),
                 })??;
             }
         }
@@ -377,6 +390,45 @@ struct Plan<'a> {
 }
 
 impl<'a> Plan<'a> {
+    /// The f32 convolution: `[c_out, k]` weight `wt` times each block's im2col columns, or
+    /// times the input pixels themselves for a `pointwise` (1x1, stride 1, no padding) kernel.
+    fn run_f32(&self, x: &[f32], wt: &[f32], g: &Geometry, pointwise: bool) {
+        let (k, pixels) = (g.k(), g.pixels());
+        self.run(x, |image, p0, len, beta, c| {
+            // Safety (both GEMMs): see `Plan::run`.
+            if pointwise {
+                unsafe {
+                    gemm_f32(
+                        self.c_out,
+                        len,
+                        k,
+                        Operand::new(wt, k),
+                        Operand::new(&image[p0..], pixels),
+                        beta,
+                        c,
+                        pixels,
+                    )
+                };
+            } else {
+                with_scratch(0, k * len, |col: &mut [f32]| {
+                    im2col(image, g, p0, len, col);
+                    unsafe {
+                        gemm_f32(
+                            self.c_out,
+                            len,
+                            k,
+                            Operand::new(wt, k),
+                            Operand::new(col, len),
+                            beta,
+                            c,
+                            pixels,
+                        )
+                    };
+                })
+            }
+        })
+    }
+
     /// Blocks of at most `max_block` pixels (and `BLOCK_ELEMS` im2col elements), a multiple
     /// of `align` but the last of an image, for GEMMs that work in blocks of columns. With
     /// `bias`, `run` writes it into the output before the GEMM.

@@ -1,6 +1,6 @@
 //! `Linear`: `y = x W^T + b` over the last dimension.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::VarBuilder;
@@ -8,11 +8,12 @@ use half::bf16;
 use rayon::prelude::*;
 
 use super::lora::{record, LoraLayer, LoraSlot};
-use super::{packs_weight, param_dtype, task_count, use_cpu_kernels};
+use super::{param_dtype, task_count, use_cpu_kernels, Source};
 use crate::cpu::bf16::to_bf16;
 use crate::cpu::blas::{cpu_gemm, gemm_bf16, gemm_f32, CpuGemm, Operand};
 use crate::cpu::packed;
 use crate::cpu::{with_scratch, with_slice};
+use crate::loading::MappedF32;
 
 #[derive(Debug, Clone)]
 pub struct Linear {
@@ -24,45 +25,107 @@ pub struct Linear {
 
 #[derive(Debug, Clone)]
 pub(crate) enum Weight {
-    /// `[out, in]`, in the builder's dtype (bf16 for bf16 GEMMs on the CPU).
+    /// `[out, in]`, in the builder's dtype: on other devices, and bf16 for MKL's bf16 GEMM.
     Dense(Tensor),
+    /// An f32 CPU weight.
+    F32(F32Weight),
     /// A bf16 CPU weight packed once for the packed bf16 GEMM, as the B operand `W^T`.
     Packed(Arc<packed::Packed>),
-    /// `[in, out]`: an f32 CPU weight stored transposed for the builtin GEMM. Its packing reads
-    /// this layout contiguously; from `[out, in]` it gathers with a stride of `in` and spent most
-    /// of a short input's call packing (the text encoder's 77-token rows: 2.2x slower than MKL).
-    Columns(Tensor),
+}
+
+/// An f32 CPU weight `[out, in]`, read in place from the mapped file where it came from one.
+///
+/// The builtin GEMM multiplies `x W^T` with `W^T` as its B operand, which it packs per call:
+/// from `[out, in]` by a gather at stride `in`, from the transpose `[in, out]` contiguously.
+/// With few rows per task it computes `W x^T` instead (no gather: see [`FEW_ROWS`]); with more,
+/// the transpose (`columns`) is made at the first such call and kept, so that neither loading
+/// nor layers that only ever see few rows (the text encoder, cross-attention keys and values)
+/// pay for it. MKL reads `[out, in]` as fast as anything and never needs it.
+#[derive(Debug, Clone)]
+pub(crate) struct F32Weight {
+    values: Values,
+    /// `(out, in)`.
+    dims: (usize, usize),
+    /// `[in, out]`, shared by the clones of a layer.
+    columns: Arc<OnceLock<Vec<f32>>>,
+}
+
+#[derive(Debug, Clone)]
+enum Values {
+    Mapped(MappedF32),
+    Owned(Arc<[f32]>),
+}
+
+impl std::ops::Deref for Values {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        match self {
+            Values::Mapped(m) => m,
+            Values::Owned(v) => v,
+        }
+    }
+}
+
+impl F32Weight {
+    fn new(values: Values, dims: (usize, usize)) -> Self {
+        Self { values, dims, columns: Arc::default() }
+    }
+
+    /// `[in, out]`, made on the first call (by all threads). The mapped `[out, in]` pages are
+    /// dropped from memory then: they come back from the page cache if few-row calls need them.
+    fn columns(&self) -> &[f32] {
+        self.columns.get_or_init(|| {
+            let (n, k) = self.dims;
+            let columns = transposed(&self.values, n, k);
+            if let Values::Mapped(m) = &self.values {
+                m.clone().release();
+            }
+            columns
+        })
+    }
 }
 
 pub fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
-    let weight = vb.get((out_dim, in_dim), "weight")?;
+    let weight = Source::get(&vb, (out_dim, in_dim), "weight")?;
     let bias = vb.get_with_hints_dtype(out_dim, "bias", Default::default(), param_dtype(&vb))?;
-    Linear::new(weight, Some(bias)).map(|l| l.recorded(&vb))
+    Linear::from_source(weight, Some(bias)).map(|l| l.recorded(&vb))
 }
 
 pub fn linear_no_bias(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
-    Linear::new(vb.get((out_dim, in_dim), "weight")?, None).map(|l| l.recorded(&vb))
+    let weight = Source::get(&vb, (out_dim, in_dim), "weight")?;
+    Linear::from_source(weight, None).map(|l| l.recorded(&vb))
 }
 
 impl Weight {
-    /// A bf16 weight on a CPU with AMX or AVX512_BF16 is packed (and the tensor dropped); an f32
-    /// CPU weight is stored transposed when the builtin GEMM runs it.
-    fn new(weight: Tensor) -> Result<Self> {
-        Ok(if packs_weight(&weight) {
-            let (n, k) = weight.dims2()?;
-            let packed = with_slice::<bf16, _>(&weight.contiguous()?, |w| {
-                packed::Packed::b_from_transposed(w, n, k)
-            })?;
-            Weight::Packed(Arc::new(packed))
-        } else if weight.dtype() == DType::F32
-            && weight.device().is_cpu()
-            && matches!(cpu_gemm(), CpuGemm::Builtin)
-        {
-            let (n, k) = weight.dims2()?;
-            let columns = with_slice::<f32, _>(&weight.contiguous()?, |w| transposed(w, n, k))?;
-            Weight::Columns(Tensor::from_vec(columns, (k, n), &Device::Cpu)?)
-        } else {
-            Weight::Dense(weight)
+    /// A bf16 weight on a CPU with AMX or AVX512_BF16 is packed (from the mapped f32 values
+    /// where the loader has them); an f32 CPU weight is kept as it came, mapped or not.
+    fn new(source: Source) -> Result<Self> {
+        let packs = source.packs();
+        Ok(match source {
+            Source::Mapped { values, shape, dtype } if packs || dtype == DType::F32 => {
+                let (n, k) = shape.dims2()?;
+                if packs {
+                    let packed = packed::Packed::b_from_transposed_f32(&values, n, k);
+                    values.release();
+                    Weight::Packed(Arc::new(packed))
+                } else {
+                    Weight::F32(F32Weight::new(Values::Mapped(values), (n, k)))
+                }
+            }
+            source @ Source::Mapped { .. } => Weight::new(Source::Tensor(source.into_tensor()?))?,
+            Source::Tensor(weight) if packs => {
+                let (n, k) = weight.dims2()?;
+                let packed = with_slice::<bf16, _>(&weight.contiguous()?, |w| {
+                    packed::Packed::b_from_transposed(w, n, k)
+                })?;
+                Weight::Packed(Arc::new(packed))
+            }
+            Source::Tensor(weight) if weight.dtype() == DType::F32 && weight.device().is_cpu() => {
+                let dims = weight.dims2()?;
+                let values = weight.flatten_all()?.to_vec1::<f32>()?;
+                Weight::F32(F32Weight::new(Values::Owned(values.into()), dims))
+            }
+            Source::Tensor(weight) => Weight::Dense(weight),
         })
     }
 
@@ -70,8 +133,8 @@ impl Weight {
     fn dims(&self) -> Result<(usize, usize)> {
         match self {
             Weight::Dense(w) => w.dims2(),
+            Weight::F32(w) => Ok(w.dims),
             Weight::Packed(p) => Ok((p.outer, p.k)),
-            Weight::Columns(w) => w.dims2().map(|(k, n)| (n, k)),
         }
     }
 
@@ -79,7 +142,7 @@ impl Weight {
     fn tensor(&self) -> Result<Tensor> {
         match self {
             Weight::Dense(w) => Ok(w.clone()),
-            Weight::Columns(w) => w.t()?.contiguous(),
+            Weight::F32(w) => Tensor::from_slice(&w.values, w.dims, &Device::Cpu),
             Weight::Packed(p) => {
                 Tensor::from_vec(p.unpack_b_transposed(), (p.outer, p.k), &Device::Cpu)
             }
@@ -87,9 +150,8 @@ impl Weight {
     }
 }
 
-/// `w` `[rows, cols]` (row-major) transposed to `[cols, rows]`, in tiles over rayon's threads:
-/// at load, for every f32 linear weight on the builtin GEMM (candle's strided copy took seconds
-/// for a whole model).
+/// `w` `[rows, cols]` (row-major) transposed to `[cols, rows]`, in tiles over rayon's threads
+/// (candle's strided copy took seconds for a whole model).
 fn transposed(w: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     const TILE: usize = 64;
     let mut out = vec![0f32; w.len()];
@@ -112,6 +174,10 @@ fn transposed(w: &[f32], rows: usize, cols: usize) -> Vec<f32> {
 impl Linear {
     /// A bf16 weight on a CPU with AMX or AVX512_BF16 is packed here (and the tensor dropped).
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
+        Self::from_source(Source::Tensor(weight), bias)
+    }
+
+    fn from_source(weight: Source, bias: Option<Tensor>) -> Result<Self> {
         Ok(Self { weight: Weight::new(weight)?, bias, lora: LoraSlot::default() })
     }
 
@@ -125,6 +191,17 @@ impl Linear {
         self.weight.dims()
     }
 
+    /// How the layer holds its weight: `dense`, `mapped` or `packed` (for tests).
+    #[cfg(test)]
+    pub(crate) fn weight_kind(&self) -> &'static str {
+        match self.weight {
+            Weight::Dense(_) => "dense",
+            Weight::F32(F32Weight { values: Values::Mapped(_), .. }) => "mapped",
+            Weight::F32(_) => "f32",
+            Weight::Packed { .. } => "packed",
+        }
+    }
+
     /// The layer's LoRA state (see [`super::lora`]).
     pub(crate) fn lora(&self) -> &LoraSlot<Weight, Linear> {
         &self.lora
@@ -134,7 +211,7 @@ impl Linear {
     /// stored in the layer's dtype and packed as the layer's own weight is.
     pub(crate) fn weight_plus(&self, delta: &Tensor) -> Result<Weight> {
         let own = self.weight.tensor()?;
-        Weight::new((own.to_dtype(DType::F32)? + delta)?.to_dtype(own.dtype())?)
+        Weight::new(Source::Tensor((own.to_dtype(DType::F32)? + delta)?.to_dtype(own.dtype())?))
     }
 
     /// `xs` through `weight` (the layer's own or a fused one) and the bias.
@@ -143,8 +220,8 @@ impl Linear {
             Weight::Dense(w) if !use_cpu_kernels(xs, w.dtype()) => {
                 candle_nn::Linear::new(w.clone(), self.bias.clone()).forward(xs)
             }
-            Weight::Columns(w) if !use_cpu_kernels(xs, DType::F32) => {
-                candle_nn::Linear::new(w.t()?, self.bias.clone()).forward(xs)
+            Weight::F32(_) if !use_cpu_kernels(xs, DType::F32) => {
+                candle_nn::Linear::new(weight.tensor()?, self.bias.clone()).forward(xs)
             }
             Weight::Packed(_) if !use_cpu_kernels(xs, DType::BF16) => {
                 candle_core::bail!("linear: weights packed for the CPU's bf16 GEMM take f32 CPU inputs, got {:?} on {:?}", xs.dtype(), xs.device())
@@ -170,15 +247,9 @@ impl Linear {
                 None => Tensor::zeros(out_dims, DType::F32, &Device::Cpu),
             };
         }
-        let (weight, stored_transposed) = match weight {
-            Weight::Packed(w) => {
-                return Tensor::from_vec(self.forward_packed(&xs, w, m)?, out_dims, &Device::Cpu)
-            }
-            Weight::Dense(w) => (w, false),
-            Weight::Columns(w) => (w, true),
-        };
-        // The GEMM's B operand `W^T`: `[in, out]` as stored, or `[out, in]` transposed.
-        let (w_ld, w_transposed) = if stored_transposed { (n, false) } else { (k, true) };
+        if let Weight::Packed(w) = weight {
+            return Tensor::from_vec(self.forward_packed(&xs, w, m)?, out_dims, &Device::Cpu);
+        }
         let mut out = vec![0f32; m * n];
         let beta = match &self.bias {
             Some(bias) => {
@@ -192,14 +263,23 @@ impl Linear {
         };
         // Rows are split over the threads; each task multiplies its rows by the whole weight.
         let rows_per_task = m.div_ceil(task_count(m.div_ceil(8)));
+        let columns = match weight {
+            Weight::F32(w)
+                if rows_per_task > FEW_ROWS && matches!(cpu_gemm(), CpuGemm::Builtin) =>
+            {
+                Some(w.columns())
+            }
+            _ => None,
+        };
         with_slice::<f32, _>(&xs, |x| {
             let tasks = out.par_chunks_mut(rows_per_task * n).zip(x.par_chunks(rows_per_task * k));
-            // Safety (both GEMMs): `c` is this task's own rows.
-            match weight.dtype() {
-                DType::BF16 => with_slice::<bf16, _>(weight, |w| {
+            match weight {
+                Weight::F32(w) => f32_rows(tasks, &w.values, columns, (n, k), beta),
+                Weight::Dense(w) if w.dtype() == DType::BF16 => with_slice::<bf16, _>(w, |w| {
                     tasks.for_each(|(c, a)| {
                         with_scratch(0, a.len(), |a16: &mut [bf16]| {
                             to_bf16(a, a16);
+                            // Safety: `c` is this task's own rows.
                             unsafe {
                                 gemm_bf16(
                                     a.len() / k,
@@ -214,22 +294,13 @@ impl Linear {
                             };
                         })
                     })
-                }),
-                _ => with_slice::<f32, _>(weight, |w| {
-                    tasks.for_each(|(c, a)| unsafe {
-                        gemm_f32(
-                            a.len() / k,
-                            n,
-                            k,
-                            Operand::new(a, k),
-                            Operand { data: w, ld: w_ld, transposed: w_transposed },
-                            beta,
-                            c.as_mut_ptr(),
-                            n,
-                        )
-                    })
-                }),
+                })?,
+                Weight::Dense(w) => {
+                    with_slice::<f32, _>(w, |w| f32_rows(tasks, w, None, (n, k), beta))?
+                }
+                Weight::Packed(_) => unreachable!("handled above"),
             }
+            Ok::<_, candle_core::Error>(())
         })??;
         Tensor::from_vec(out, out_dims, &Device::Cpu)
     }
@@ -283,6 +354,50 @@ impl Linear {
     }
 }
 
+/// Rows per task up to which the builtin GEMM computes `(W x^T)^T` rather than `x W^T`, with
+/// `W` as the A operand, read along its rows. Measured on Zen 4 (2 threads, SD's layer sizes):
+/// with 32 rows per task it took 0.2-0.7x the time of `x W^T` on either layout of `W`; from 128
+/// rows on, `x W^T` on the transposed weight was as fast or faster (3-30% at 256-1024 rows).
+const FEW_ROWS: usize = 96;
+
+/// `c = beta c + a W^T` for each task's rows `(c, a)`, for `w` `[n, k]` and, when the builtin
+/// GEMM runs tasks of more than [`FEW_ROWS`], its transpose `columns`.
+fn f32_rows<'a>(
+    tasks: impl ParallelIterator<Item = (&'a mut [f32], &'a [f32])>,
+    w: &[f32],
+    columns: Option<&[f32]>,
+    (n, k): (usize, usize),
+    beta: f32,
+) {
+    let builtin = matches!(cpu_gemm(), CpuGemm::Builtin);
+    tasks.for_each(|(c, a)| {
+        let rows = a.len() / k;
+        let w_t = match columns {
+            Some(columns) => Operand::new(columns, n),
+            None if !builtin || rows > FEW_ROWS => Operand::t(w, k),
+            None => return few_rows(c, a, w, (n, k), beta),
+        };
+        // Safety: `c` is this task's own rows.
+        unsafe { gemm_f32(rows, n, k, Operand::new(a, k), w_t, beta, c.as_mut_ptr(), n) }
+    })
+}
+
+/// `c = beta c + a W^T` as `(W a^T)^T`, through a transposed product in this thread's scratch.
+fn few_rows(c: &mut [f32], a: &[f32], w: &[f32], (n, k): (usize, usize), beta: f32) {
+    let rows = a.len() / k;
+    with_scratch(0, n * rows, |c_t: &mut [f32]| {
+        // Safety: `c_t` is this thread's scratch, `n x rows`.
+        unsafe {
+            gemm_f32(n, rows, k, Operand::new(w, k), Operand::t(a, k), 0.0, c_t.as_mut_ptr(), rows)
+        };
+        for (r, c_row) in c.chunks_exact_mut(n).enumerate() {
+            for (j, v) in c_row.iter_mut().enumerate() {
+                *v = beta * *v + c_t[j * rows + r];
+            }
+        }
+    })
+}
+
 impl Module for Linear {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let lora = self.lora.read();
@@ -325,10 +440,10 @@ mod tests {
         Ok(())
     }
 
-    /// f32 weights on this process's GEMM (stored transposed for the builtin one: scripts/test.sh
-    /// runs the lib tests again with `SD_CPU_GEMM=builtin`) against candle's product, for the
-    /// text encoder's short inputs and more rows than one task takes; the weight comes back as
-    /// `[out, in]` for LoRA fusing.
+    /// f32 weights on this process's GEMM (scripts/test.sh runs the lib tests again on the other
+    /// backend) against candle's product, for the text encoder's short inputs (the builtin GEMM's
+    /// `W x^T` path) and more rows than one task takes; the weight comes back as `[out, in]` for
+    /// LoRA fusing.
     #[test]
     fn f32_weights_match_candle_on_either_gemm() -> Result<()> {
         let dev = Device::Cpu;
@@ -338,8 +453,6 @@ mod tests {
             let bias = Tensor::from_vec(values(n, 3), n, &dev)?;
             for bias in [Some(bias), None] {
                 let layer = Linear::new(w.clone(), bias.clone())?;
-                let builtin = matches!(cpu_gemm(), CpuGemm::Builtin);
-                assert_eq!(matches!(layer.weight, Weight::Columns(_)), builtin);
                 assert_eq!(layer.dims()?, (n, k));
                 let round_trip = (layer.weight.tensor()? - &w)?.abs()?.flatten_all()?.max(0)?;
                 assert_eq!(round_trip.to_scalar::<f32>()?, 0.0);

@@ -28,10 +28,11 @@ pub use group_norm::{group_norm, GroupNorm};
 pub use linear::{linear, linear_no_bias, Linear};
 pub use lora::{collect_layers, LoraLayer};
 
-use candle_core::{DType, Device, Result, Tensor};
+use candle_core::{DType, Device, Result, Shape, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::cpu;
+use crate::loading::{mapped_f32, MappedF32};
 
 /// The dtype of activations and of the parameters that are not GEMM weights, for a builder.
 pub fn param_dtype(vb: &VarBuilder) -> DType {
@@ -57,6 +58,52 @@ pub fn layer_norm(size: usize, eps: f64, vb: VarBuilder) -> Result<candle_nn::La
 pub fn embedding(count: usize, dim: usize, vb: VarBuilder) -> Result<candle_nn::Embedding> {
     let dtype = param_dtype(&vb);
     candle_nn::embedding(count, dim, vb.to_dtype(dtype))
+}
+
+/// A GEMM layer's weight as the loader hands it over.
+#[derive(Debug)]
+enum Source {
+    Tensor(Tensor),
+    /// f32 values read in place from the mapped weight file, for a CPU builder of `dtype` (see
+    /// [`MappedF32`]): the layer keeps them as they are, or packs from them and releases them.
+    Mapped {
+        values: MappedF32,
+        shape: Shape,
+        dtype: DType,
+    },
+}
+
+impl Source {
+    /// Weight `name` of `vb`: mapped where the loader has it so, else `vb.get`.
+    fn get(vb: &VarBuilder, shape: impl Into<Shape>, name: &str) -> Result<Self> {
+        let shape = shape.into();
+        Ok(match mapped_f32(vb, shape.clone(), name)? {
+            Some(values) => Source::Mapped { values, shape, dtype: vb.dtype() },
+            None => Source::Tensor(vb.get(shape, name)?),
+        })
+    }
+
+    /// Whether the layer packs this weight for [`cpu::packed`] (see [`packs_weight`]).
+    fn packs(&self) -> bool {
+        match self {
+            Source::Tensor(t) => packs_weight(t),
+            Source::Mapped { dtype, .. } => {
+                cpu::multiplies_in_bf16(*dtype, &Device::Cpu) && cpu::packed::available()
+            }
+        }
+    }
+
+    /// The weight as a tensor of the builder's dtype (mapped values are copied, then released).
+    fn into_tensor(self) -> Result<Tensor> {
+        match self {
+            Source::Tensor(t) => Ok(t),
+            Source::Mapped { values, shape, dtype } => {
+                let t = Tensor::from_slice(&values, shape, &Device::Cpu)?.to_dtype(dtype)?;
+                values.release();
+                Ok(t)
+            }
+        }
+    }
 }
 
 /// Whether a layer packs this weight for [`cpu::packed`] when it is built (and keeps no

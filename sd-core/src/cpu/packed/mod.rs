@@ -32,6 +32,8 @@ mod tiles;
 
 use half::bf16;
 
+use super::bf16::round_to_bf16;
+
 /// Rows (A) or columns (B) per packed block, and `k` per block.
 pub const BLOCK: usize = 32;
 /// Elements of one packed block (two 16x32 tiles).
@@ -141,16 +143,22 @@ impl std::fmt::Debug for Packed {
 impl Packed {
     /// Packs by all threads: `fill(i, block_row)` writes block row `i` (the `kblocks` blocks
     /// of rows or columns `32 i ..`), which starts zeroed. Zeroing each block row just before
-    /// it is packed keeps the page faults and the fill parallel and in cache.
+    /// it is packed keeps the page faults and the fill parallel and in cache; without padding
+    /// the fill writes every element and nothing is zeroed.
     fn build(outer: usize, k: usize, fill: impl Fn(usize, &mut [bf16]) + Sync) -> Self {
         use rayon::prelude::*;
         let (count, per_row) = (packed_len(outer, k) / 32, blocks(k) * BLOCK_ELEMS / 32);
+        let padded = !outer.is_multiple_of(BLOCK) || !k.is_multiple_of(BLOCK);
         let mut lines: Vec<Line> = Vec::with_capacity(count);
+        crate::cpu::advise_huge_pages(lines.as_mut_ptr().cast(), count * size_of::<Line>());
         lines.spare_capacity_mut().par_chunks_mut(per_row.max(1)).enumerate().for_each(
             |(i, chunk)| {
-                // Safety: zero bytes are a valid `Line`; the view covers exactly this chunk.
+                // Safety: zero bytes are a valid `Line`; the view covers exactly this chunk, and
+                // is fully written by `fill` where it is not zeroed.
                 let block_row = unsafe {
-                    std::ptr::write_bytes(chunk.as_mut_ptr(), 0, chunk.len());
+                    if padded {
+                        std::ptr::write_bytes(chunk.as_mut_ptr(), 0, chunk.len());
+                    }
                     std::slice::from_raw_parts_mut(
                         chunk.as_mut_ptr() as *mut bf16,
                         chunk.len() * 32,
@@ -159,7 +167,7 @@ impl Packed {
                 fill(i, block_row);
             },
         );
-        // Safety: every line was zeroed, then packed, above.
+        // Safety: every line was packed above, and zeroed first where the fill leaves padding.
         unsafe { lines.set_len(count) };
         Self { lines, outer, k }
     }
@@ -178,9 +186,19 @@ impl Packed {
         })
     }
 
+    /// An f32 weight `[m, k]` (row-major) as the A operand, rounded to bf16 as it is packed.
+    pub fn a_from_rows_f32(w: &[f32], m: usize, k: usize) -> Self {
+        Self::build(m, k, |i, dst| pack_a_block(w, m, k, i, dst, super::bf16::to_bf16))
+    }
+
     /// A weight `[n, k]` (row-major, as `nn.Linear` stores it) as the B operand `W^T`.
     pub fn b_from_transposed(w: &[bf16], n: usize, k: usize) -> Self {
-        Self::build(n, k, |i, dst| pack_b_transposed_block(w, n, k, i, dst))
+        Self::build(n, k, |i, dst| pack_b_transposed_block(w, n, k, i, dst, |v| v))
+    }
+
+    /// An f32 weight `[n, k]` as the B operand `W^T`, rounded to bf16 as it is packed.
+    pub fn b_from_transposed_f32(w: &[f32], n: usize, k: usize) -> Self {
+        Self::build(n, k, |i, dst| pack_b_transposed_block(w, n, k, i, dst, round_to_bf16))
     }
 
     /// The `[m, k]` weight [`Self::a_from_rows`] packed (for fusing LoRAs into packed layers).
@@ -261,7 +279,7 @@ pub fn write_a_row(dst: &mut [bf16], k: usize, row: usize, src: &[bf16]) {
 
 /// Packs `W^T` as the B operand into `dst`, for `w` of `n` rows of `k` bf16.
 pub fn pack_b_transposed(w: &[bf16], n: usize, k: usize, dst: &mut [bf16]) {
-    pack_serial(n, k, dst, |i, block_row| pack_b_transposed_block(w, n, k, i, block_row))
+    pack_serial(n, k, dst, |i, block_row| pack_b_transposed_block(w, n, k, i, block_row, |v| v))
 }
 
 /// Runs a block-row packer over `dst` on this thread, zeroing first where there is padding.
@@ -287,25 +305,29 @@ pub fn pack_a_f32(src: &[f32], m: usize, k: usize, dst: &mut [bf16]) {
 }
 
 /// Block row `i` of `W^T` as the B operand, for `w` of `n` rows of `k` (B's columns are W's
-/// rows), into zeroed `dst`: tile row `r` of column `j` is the pair `w[j][2r], w[j][2r + 1]`.
-/// Walks the destination in order, reading the 32 weight rows side by side.
-fn pack_b_transposed_block(w: &[bf16], n: usize, k: usize, i: usize, dst: &mut [bf16]) {
-    let cols = (i * BLOCK..((i + 1) * BLOCK).min(n)).len();
-    for (kb, dst) in dst.chunks_exact_mut(BLOCK_ELEMS).enumerate() {
-        for (h, tile) in dst.chunks_exact_mut(512).enumerate() {
-            let tile_cols = cols.saturating_sub(h * 16).min(16);
-            for (r, row) in tile.chunks_exact_mut(32).enumerate() {
-                let kk = kb * BLOCK + 2 * r;
-                if kk >= k {
-                    break;
-                }
-                for (j, d) in row.chunks_exact_mut(2).take(tile_cols).enumerate() {
-                    let at = (i * BLOCK + h * 16 + j) * k + kk;
-                    d[0] = w[at];
-                    if kk + 1 < k {
-                        d[1] = w[at + 1];
-                    }
-                }
+/// rows), into zeroed `dst`: tile row `r` of column `j` is the pair `w[j][2r], w[j][2r + 1]`,
+/// each through `to_bf16`. Reads each weight row once, in order, and scatters its pairs down
+/// the tiles of this block row (which stay in L2: `k / 32` KiB).
+fn pack_b_transposed_block<S: Copy>(
+    w: &[S],
+    n: usize,
+    k: usize,
+    i: usize,
+    dst: &mut [bf16],
+    to_bf16: impl Fn(S) -> bf16,
+) {
+    let kblocks = blocks(k);
+    for j in i * BLOCK..((i + 1) * BLOCK).min(n) {
+        let (h, lane) = ((j % BLOCK) / 16, 2 * (j % 16));
+        for (kb, run) in w[j * k..][..k].chunks(BLOCK).enumerate() {
+            let tile = &mut dst[tile_row(0, kb, kblocks, h, 0)..][..512];
+            let mut pairs = run.chunks_exact(2);
+            for (row, pair) in tile.chunks_exact_mut(32).zip(&mut pairs) {
+                row[lane] = to_bf16(pair[0]);
+                row[lane + 1] = to_bf16(pair[1]);
+            }
+            if let [last] = pairs.remainder() {
+                tile[(run.len() / 2) * 32 + lane] = to_bf16(*last);
             }
         }
     }

@@ -1,0 +1,228 @@
+//! GEMM weights read straight from the memory-mapped weight file.
+//!
+//! Copying a weight into a tensor costs a fresh page (zeroed by the kernel) per 4 KiB and a
+//! pass over memory; a layer that repacks the weight afterwards (the bf16 packed layout, the
+//! builtin GEMM's transposed f32 layout) pays it twice. While [`build_component`] builds a
+//! model, the layers ask [`mapped_f32`] for their weight first: an f32 weight stored as f32
+//! comes back as a view into the map, which an f32 convolution keeps and multiplies from (no
+//! copy at all, the pages load on first use as torch's mapped weights do) and a repacking layer
+//! packs from once, then [`MappedF32::release`]s.
+//!
+//! A view keeps its file mapped; like every mmap-based loader we rely on the file not being
+//! truncated while it is in use (replacing or deleting it is safe).
+//!
+//! [`build_component`]: super::build_component
+
+use std::cell::RefCell;
+use std::sync::Arc;
+
+use candle_core::safetensors::MmapedSafetensors;
+use candle_core::{DType, Shape};
+use candle_nn::VarBuilder;
+
+use super::{display_name, release_pages, WeightStore};
+
+/// f32 values of one tensor inside a mapped weight file, kept mapped while this lives.
+#[derive(Clone)]
+pub struct MappedF32 {
+    /// Held for the mapping's lifetime, never read.
+    _file: Arc<MmapedSafetensors>,
+    ptr: *const f32,
+    len: usize,
+}
+
+// Safety: the values are a read-only mapping that lives as long as `_file`; nothing writes them.
+unsafe impl Send for MappedF32 {}
+unsafe impl Sync for MappedF32 {}
+
+impl std::ops::Deref for MappedF32 {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        // Safety: `ptr .. ptr + len` is an aligned run of f32 inside the mapping `_file` holds.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+}
+
+impl std::fmt::Debug for MappedF32 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "MappedF32 {{ len: {} }}", self.len)
+    }
+}
+
+impl MappedF32 {
+    /// Drops this tensor's pages from the process's memory once a layer has copied it out
+    /// (they stay in the page cache, and fault back in if touched again).
+    pub fn release(self) {
+        release_pages(bytes_of(&self));
+    }
+
+    /// Keeps the mapping alive for the returned view's owner.
+    fn new(file: &Arc<MmapedSafetensors>, values: &[f32]) -> Self {
+        Self { _file: file.clone(), ptr: values.as_ptr(), len: values.len() }
+    }
+}
+
+fn bytes_of(values: &[f32]) -> &[u8] {
+    // Safety: any f32 is 4 valid bytes.
+    unsafe { std::slice::from_raw_parts(values.as_ptr().cast(), std::mem::size_of_val(values)) }
+}
+
+thread_local! {
+    /// The weights of the component [`build_component`](super::build_component) is building on
+    /// this thread.
+    static BUILDING: RefCell<Option<Arc<WeightStore>>> = const { RefCell::new(None) };
+}
+
+/// Makes `store` the one [`mapped_f32`] reads from on this thread while `f` runs.
+pub(super) fn building<R>(store: Arc<WeightStore>, f: impl FnOnce() -> R) -> R {
+    struct Restore(Option<Arc<WeightStore>>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            BUILDING.with(|b| *b.borrow_mut() = self.0.take());
+        }
+    }
+    let _restore = Restore(BUILDING.with(|b| b.borrow_mut().replace(store)));
+    f()
+}
+
+/// Weight `name` of `vb` as a view into its mapped file, where that can stand in for
+/// `vb.get(shape, name)`: while a component is being built from mapped files, for a CPU builder
+/// of dtype f32 or bf16 (bf16 builders are the packed GEMM's, which packs from f32), and a tensor
+/// stored as aligned f32. `Ok(None)` means "use `vb.get`"; a wrong shape is the same error.
+pub(crate) fn mapped_f32(
+    vb: &VarBuilder,
+    shape: impl Into<Shape>,
+    name: &str,
+) -> candle_core::Result<Option<MappedF32>> {
+    if !vb.device().is_cpu() || !matches!(vb.dtype(), DType::F32 | DType::BF16) {
+        return Ok(None);
+    }
+    let Some(store) = BUILDING.with(|b| b.borrow().clone()) else { return Ok(None) };
+    let prefix = vb.prefix();
+    let full = if prefix.is_empty() { name.to_string() } else { format!("{prefix}.{name}") };
+    let Some((path, file, view)) = store.view(&full) else { return Ok(None) };
+    if view.dtype() != safetensors::Dtype::F32 {
+        return Ok(None);
+    }
+    let Some(values) = super::as_values::<f32>(view.data()) else { return Ok(None) };
+    let shape = shape.into();
+    if view.shape() != shape.dims() {
+        candle_core::bail!(
+            "{}: tensor `{full}` has shape {:?}, expected {:?}",
+            display_name(path),
+            view.shape(),
+            shape.dims()
+        )
+    }
+    Ok(Some(MappedF32::new(file, values)))
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{Device, Module, Tensor};
+
+    use super::*;
+    use crate::cpu::test_values::values;
+    use crate::loading::build_component;
+    use crate::nn::{conv2d, linear, Conv2dConfig};
+
+    /// A weight file with an f32 linear layer `lin` (`[40, 96]`), a 3x3 convolution `conv`
+    /// (`[8, 4, 3, 3]`) and a bf16 linear layer `half` (`[16, 32]`), each with a bias.
+    fn weight_file(dir: &std::path::Path) -> std::path::PathBuf {
+        let dev = Device::Cpu;
+        let t = |dims: &[usize], seed| {
+            Tensor::from_vec(values(dims.iter().product(), seed), dims, &dev).unwrap()
+        };
+        let tensors = [
+            ("lin.weight", t(&[40, 96], 1)),
+            ("lin.bias", t(&[40], 2)),
+            ("conv.weight", t(&[8, 4, 3, 3], 3)),
+            ("conv.bias", t(&[8], 4)),
+            ("half.weight", t(&[16, 32], 5).to_dtype(DType::BF16).unwrap()),
+            ("half.bias", t(&[16], 6)),
+        ];
+        let path = dir.join("model.safetensors");
+        candle_core::safetensors::save(&tensors.into_iter().collect(), &path).unwrap();
+        path
+    }
+
+    fn store(path: &std::path::Path) -> WeightStore {
+        WeightStore::open(&[path.to_path_buf()]).unwrap()
+    }
+
+    /// Inside `build_component` f32 weights come back mapped, bf16 ones (and builders of other
+    /// dtypes) do not; outside it nothing is mapped.
+    #[test]
+    fn only_stored_f32_weights_inside_a_build_are_mapped() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = weight_file(dir.path());
+        let found = build_component(dir.path(), store(&path), DType::F32, &Device::Cpu, |vb| {
+            Ok([
+                mapped_f32(&vb.pp("lin"), (40, 96), "weight")?.map(|m| m.to_vec()),
+                mapped_f32(&vb.pp("half"), (16, 32), "weight")?.map(|m| m.to_vec()),
+                mapped_f32(&vb.to_dtype(DType::F16).pp("lin"), (40, 96), "weight")?
+                    .map(|m| m.to_vec()),
+            ])
+        })
+        .unwrap();
+        assert_eq!(found[0].as_deref(), Some(&values(40 * 96, 1)[..]));
+        assert_eq!(found[1], None);
+        assert_eq!(found[2], None);
+        let vb = store(&path).into_var_builder(DType::F32, &Device::Cpu);
+        assert!(mapped_f32(&vb.pp("lin"), (40, 96), "weight").unwrap().is_none());
+    }
+
+    /// A mapped weight of the wrong shape is the loader's usual error, naming file and tensor.
+    #[test]
+    fn a_wrong_shape_names_the_file_and_the_tensor() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = weight_file(dir.path());
+        let err = build_component(dir.path(), store(&path), DType::F32, &Device::Cpu, |vb| {
+            linear(95, 40, vb.pp("lin"))
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains(
+                "model.safetensors: tensor `lin.weight` has shape [40, 96], expected [40, 95]"
+            ),
+            "{err}"
+        );
+    }
+
+    /// Layers built from mapped weights (used in place in f32, packed from f32 in bf16) give
+    /// exactly what layers built from copied tensors give, after the store is gone.
+    #[test]
+    fn mapped_layers_match_copied_ones_and_outlive_the_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = weight_file(dir.path());
+        let dev = Device::Cpu;
+        let x = Tensor::from_vec(values(3 * 96, 7), (3, 96), &dev).unwrap();
+        let img = Tensor::from_vec(values(2 * 4 * 6 * 5, 8), (2, 4, 6, 5), &dev).unwrap();
+        let cfg = Conv2dConfig { padding: 1, stride: 1 };
+        let dtypes: &[DType] = if crate::cpu::packed::available() {
+            &[DType::F32, DType::BF16]
+        } else {
+            &[DType::F32]
+        };
+        for &dtype in dtypes {
+            let build = |vb: VarBuilder| {
+                Ok((linear(96, 40, vb.pp("lin"))?, conv2d(4, 8, 3, cfg, vb.pp("conv"))?))
+            };
+            let (lin, conv) =
+                build_component(dir.path(), store(&path), dtype, &dev, build).unwrap();
+            let (lin_copied, conv_copied) =
+                build(store(&path).into_var_builder(dtype, &dev)).unwrap();
+            let kind = if dtype == DType::F32 { "mapped" } else { "packed" };
+            assert_eq!((lin.weight_kind(), conv.weight_kind()), (kind, kind));
+            assert_eq!(conv_copied.weight_kind(), if dtype == DType::F32 { "dense" } else { kind });
+            for (ours, theirs) in [
+                (lin.forward(&x).unwrap(), lin_copied.forward(&x).unwrap()),
+                (conv.forward(&img).unwrap(), conv_copied.forward(&img).unwrap()),
+            ] {
+                let diff = (ours - theirs).unwrap().abs().unwrap().flatten_all().unwrap();
+                assert_eq!(diff.max(0).unwrap().to_scalar::<f32>().unwrap(), 0.0, "{dtype:?}");
+            }
+        }
+    }
+}
