@@ -80,23 +80,6 @@ pub fn describe(dtype: DType) -> String {
     lines.join("\n")
 }
 
-/// Asks for transparent huge pages for a fresh allocation before it is first written: a
-/// weight-sized buffer then costs one page fault per 2 MiB instead of per 4 KiB.
-pub(crate) fn advise_huge_pages(ptr: *mut u8, len: usize) {
-    #[cfg(target_os = "linux")]
-    {
-        const HUGE: usize = 2 << 20;
-        let start = (ptr as usize).next_multiple_of(HUGE);
-        let end = (ptr as usize + len) / HUGE * HUGE;
-        if end > start {
-            // Safety: whole huge pages inside an allocation we own; only a hint to the kernel.
-            unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE) };
-        }
-    }
-    #[cfg(not(target_os = "linux"))]
-    let _ = (ptr, len);
-}
-
 /// Runs `f` on the contiguous CPU data of `t`.
 pub(crate) fn with_slice<T: WithDType, R>(
     t: &Tensor,

@@ -19,7 +19,7 @@ use candle_nn::VarBuilder;
 use serde::de::DeserializeOwned;
 
 use crate::cpu::bf16::round_to_bf16;
-use crate::cpu::{advise_huge_pages, Pod};
+use crate::cpu::Pod;
 use crate::{Error, Result};
 pub(crate) use mapped::mapped_f32;
 pub use mapped::MappedF32;
@@ -269,6 +269,21 @@ fn convert_par<S: Copy + Sync, T: Send>(src: &[S], f: impl Fn(S) -> T + Sync) ->
     // Safety: every one of the `src.len()` elements was written above.
     unsafe { out.set_len(src.len()) };
     out
+}
+
+fn advise_huge_pages(ptr: *mut u8, len: usize) {
+    #[cfg(target_os = "linux")]
+    {
+        const HUGE: usize = 2 << 20;
+        let start = (ptr as usize).next_multiple_of(HUGE);
+        let end = (ptr as usize + len) / HUGE * HUGE;
+        if end > start {
+            // Safety: whole huge pages inside an allocation we own; only a hint to the kernel.
+            unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE) };
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = (ptr, len);
 }
 
 /// Drops the mapped file pages of a tensor that has been copied out, so that loading a model
