@@ -355,9 +355,10 @@ impl Linear {
 }
 
 /// Rows per task up to which the builtin GEMM computes `(W x^T)^T` rather than `x W^T`, with
-/// `W` as the A operand, read along its rows. Measured on Zen 4 (2 threads, SD's layer sizes):
-/// with 32 rows per task it took 0.2-0.7x the time of `x W^T` on either layout of `W`; from 128
-/// rows on, `x W^T` on the transposed weight was as fast or faster (3-30% at 256-1024 rows).
+/// `W` as the A operand, read along its rows. Measured on Zen 4 at SD's layer sizes: with 32 rows
+/// per task it took 0.2-0.7x the time of `x W^T` gathering from `[out, in]` and 0.7-1.1x that of
+/// `x W^T` on the transpose (which it spares making); with 128 rows, 1.04-1.08x the latter, and
+/// more beyond (BENCHMARKS.md).
 const FEW_ROWS: usize = 96;
 
 /// `c = beta c + a W^T` for each task's rows `(c, a)`, for `w` `[n, k]` and, when the builtin
