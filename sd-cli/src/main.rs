@@ -418,7 +418,14 @@ fn generate(mut args: GenerateArgs, given: &ArgMatches) -> anyhow::Result<()> {
     }
     if args.verbose {
         match pipe.device().is_cpu() {
-            true => eprintln!("dtype {:?}\n{}", pipe.dtype(), sd_core::cpu::describe(pipe.dtype())),
+            true => {
+                let weights = match sd_core::loading::maps_weights() {
+                    true => "f32 weights read in place from the mapped files (SD_MAP_WEIGHTS=0 copies them)",
+                    false => "weights copied at load (SD_MAP_WEIGHTS=0)",
+                };
+                let cpu = sd_core::cpu::describe(pipe.dtype());
+                eprintln!("dtype {:?}\n{cpu}\n{weights}", pipe.dtype())
+            }
             false => eprintln!("device {:?}, dtype {:?}", pipe.device(), pipe.dtype()),
         }
     }

@@ -105,6 +105,34 @@ fn thread_count_does_not_change_the_image() {
     assert!(mean < 0.1 && max <= 1, "mean {mean}, max {max}");
 }
 
+/// Weights read in place from the mapped files (the default) and copied at load
+/// (`SD_MAP_WEIGHTS=0`) give byte-identical images, in f32 and in bf16.
+#[test]
+fn mapped_and_copied_weights_give_the_same_image() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = pipelines().join("sd2-tiny").display().to_string();
+    for dtype in ["f32", "bf16"] {
+        let run = |name: &str, env: &[(&str, &str)]| {
+            let out = dir.path().join(format!("{dtype}-{name}"));
+            let out_arg = out.display().to_string();
+            #[rustfmt::skip]
+            let args = [
+                "generate", "--prompt", "a cat", "--model", &model, "--steps", "2", "--seed", "7",
+                "--dtype", dtype, "--verbose", "--out", &out_arg,
+            ];
+            let result = sd_cli_env(&args, env);
+            let err = stderr(&result);
+            assert!(result.status.success(), "{dtype} {env:?}: {err}");
+            (std::fs::read(out).unwrap(), err)
+        };
+        let (mapped, says) = run("mapped.png", &[]);
+        assert!(says.contains("f32 weights read in place from the mapped files"), "{says}");
+        let (copied, says) = run("copied.png", &[("SD_MAP_WEIGHTS", "0")]);
+        assert!(says.contains("weights copied at load"), "{says}");
+        assert!(mapped == copied, "{dtype}");
+    }
+}
+
 /// `--dtype bf16`: every bf16 GEMM this machine has (the packed kernel, the AVX512_BF16 kernel
 /// with AMX switched off, MKL with both switched off) stays within the documented distance of
 /// the f32 image, and `--verbose` names the one that ran. (Not bit-equal to each other: a sum

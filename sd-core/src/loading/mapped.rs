@@ -9,7 +9,9 @@
 //! packs from once, then [`MappedF32::release`]s.
 //!
 //! A view keeps its file mapped; like every mmap-based loader we rely on the file not being
-//! truncated while it is in use (replacing or deleting it is safe).
+//! truncated while it is in use (replacing or deleting it is safe). Mapped pages are page cache:
+//! under memory pressure the kernel may drop them and read them again when next used.
+//! `SD_MAP_WEIGHTS=0` copies every weight into process memory at load instead ([`maps_weights`]).
 //!
 //! [`build_component`]: super::build_component
 
@@ -85,6 +87,16 @@ pub(super) fn building<R>(store: Arc<WeightStore>, f: impl FnOnce() -> R) -> R {
     f()
 }
 
+/// Whether GEMM weights are read in place: unless `SD_MAP_WEIGHTS=0` (a replica that wants no
+/// page-ins after load, whatever the page cache does, pays a few seconds of load for it).
+pub fn maps_weights() -> bool {
+    maps_weights_for(std::env::var("SD_MAP_WEIGHTS").ok().as_deref())
+}
+
+fn maps_weights_for(var: Option<&str>) -> bool {
+    var.map(str::trim) != Some("0")
+}
+
 /// Weight `name` of `vb` as a view into its mapped file, where that can stand in for
 /// `vb.get(shape, name)`: while a component is being built from mapped files, for a CPU builder
 /// of dtype f32 or bf16 (bf16 builders are the packed GEMM's, which packs from f32), and a tensor
@@ -94,7 +106,7 @@ pub(crate) fn mapped_f32(
     shape: impl Into<Shape>,
     name: &str,
 ) -> candle_core::Result<Option<MappedF32>> {
-    if !vb.device().is_cpu() || !matches!(vb.dtype(), DType::F32 | DType::BF16) {
+    if !vb.device().is_cpu() || !matches!(vb.dtype(), DType::F32 | DType::BF16) || !maps_weights() {
         return Ok(None);
     }
     let Some(store) = BUILDING.with(|b| b.borrow().clone()) else { return Ok(None) };
@@ -170,6 +182,14 @@ mod tests {
         assert_eq!(found[2], None);
         let vb = store(&path).into_var_builder(DType::F32, &Device::Cpu);
         assert!(mapped_f32(&vb.pp("lin"), (40, 96), "weight").unwrap().is_none());
+    }
+
+    #[test]
+    fn only_sd_map_weights_0_turns_mapping_off() {
+        assert!(maps_weights_for(None));
+        assert!(maps_weights_for(Some("1")));
+        assert!(!maps_weights_for(Some("0")));
+        assert!(!maps_weights_for(Some(" 0 ")));
     }
 
     /// A mapped weight of the wrong shape is the loader's usual error, naming file and tensor.

@@ -22,7 +22,7 @@ use crate::cpu::bf16::round_to_bf16;
 use crate::cpu::Pod;
 use crate::{Error, Result};
 pub(crate) use mapped::mapped_f32;
-pub use mapped::MappedF32;
+pub use mapped::{maps_weights, MappedF32};
 use weight_files::{choose_weight_files, shard_paths, WeightFiles};
 
 /// Reads and deserializes a JSON config. Unknown keys are ignored by the config structs; a missing
