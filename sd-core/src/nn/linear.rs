@@ -191,7 +191,7 @@ impl Linear {
         self.weight.dims()
     }
 
-    /// How the layer holds its weight: `dense`, `mapped` or `packed` (for tests).
+    /// How the layer holds its weight: `dense`, `mapped`, `f32` (owned) or `packed` (for tests).
     #[cfg(test)]
     pub(crate) fn weight_kind(&self) -> &'static str {
         match self.weight {
