@@ -54,8 +54,8 @@ impl std::fmt::Debug for MappedF32 {
 impl MappedF32 {
     /// Drops this tensor's pages from the process's memory once a layer has copied it out
     /// (they stay in the page cache, and fault back in if touched again).
-    pub fn release(self) {
-        release_pages(bytes_of(&self));
+    pub fn release(&self) {
+        release_pages(bytes_of(self));
     }
 
     /// Keeps the mapping alive for the returned view's owner.

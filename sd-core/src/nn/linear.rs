@@ -78,7 +78,7 @@ impl F32Weight {
             let (n, k) = self.dims;
             let columns = transposed(&self.values, n, k);
             if let Values::Mapped(m) = &self.values {
-                m.clone().release();
+                m.release();
             }
             columns
         })

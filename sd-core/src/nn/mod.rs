@@ -86,10 +86,8 @@ impl Source {
     /// Whether the layer packs this weight for [`cpu::packed`] (see [`packs_weight`]).
     fn packs(&self) -> bool {
         match self {
-            Source::Tensor(t) => packs_weight(t),
-            Source::Mapped { dtype, .. } => {
-                cpu::multiplies_in_bf16(*dtype, &Device::Cpu) && cpu::packed::available()
-            }
+            Source::Tensor(t) => packs_weight(t.dtype(), t.device()),
+            Source::Mapped { dtype, .. } => packs_weight(*dtype, &Device::Cpu),
         }
     }
 
@@ -106,10 +104,10 @@ impl Source {
     }
 }
 
-/// Whether a layer packs this weight for [`cpu::packed`] when it is built (and keeps no
-/// tensor): bf16 on the CPU, where a packed kernel (AMX tiles, AVX512_BF16) runs.
-fn packs_weight(weight: &Tensor) -> bool {
-    cpu::multiplies_in_bf16(weight.dtype(), weight.device()) && cpu::packed::available()
+/// Whether a layer packs a weight of `dtype` on `device` for [`cpu::packed`] when it is built
+/// (and keeps no tensor): bf16 on the CPU, where a packed kernel (AMX tiles, AVX512_BF16) runs.
+fn packs_weight(dtype: DType, device: &Device) -> bool {
+    cpu::multiplies_in_bf16(dtype, device) && cpu::packed::available()
 }
 
 /// Whether the CPU kernels of this module handle `xs` with weights of dtype `weight`.
