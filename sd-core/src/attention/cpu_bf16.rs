@@ -282,7 +282,89 @@ fn scale_rows(o: &mut [f32], dv: usize, inv_sums: &[f32]) {
 /// `probs = bf16(exp(scale (row - max(row))))` (`scale > 0`); returns the sum of the
 /// exponentials before rounding.
 fn softmax_numerators(row: &[f32], scale: f32, probs: &mut [bf16]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if crate::cpu::simd::Isa::best().has_avx512_bf16() {
+        // Safety: the CPU has AVX-512 F and BF16.
+        return unsafe { avx512_bf16::softmax_numerators(row, scale, probs) };
+    }
     simd_dispatch!(softmax_numerators_with(row: &[f32], scale: f32, probs: &mut [bf16]) -> f32)
+}
+
+/// [`softmax_numerators`] where the CPU converts to bf16 itself (`VCVTNEPS2BF16`, which rounds
+/// to nearest even as [`round_to_bf16`] does): the integer rounding and the narrowing store it
+/// replaces were a third of the loop on Zen 4. The same operations in the same order as
+/// [`softmax_numerators_with`] and [`exp_approx`], so the numerators are bit for bit the same.
+#[cfg(target_arch = "x86_64")]
+mod avx512_bf16 {
+    use std::arch::x86_64::*;
+
+    use half::bf16;
+
+    use crate::cpu::bf16::round_to_bf16;
+    use crate::cpu::simd::{exp_approx, Avx512};
+
+    /// # Safety
+    /// The CPU has AVX-512 F and BF16.
+    #[target_feature(enable = "avx512f,avx512bf16,fma")]
+    pub(super) unsafe fn softmax_numerators(row: &[f32], scale: f32, probs: &mut [bf16]) -> f32 {
+        const LANES: usize = 16;
+        let whole = row.len() / LANES * LANES;
+        let mut max = _mm512_set1_ps(f32::NEG_INFINITY);
+        for i in (0..whole).step_by(LANES) {
+            // The max of (row, running max) takes the running max where the score is NaN, as
+            // the plain compare of the portable loop does.
+            max = _mm512_max_ps(_mm512_loadu_ps(row.as_ptr().add(i)), max);
+        }
+        let mut lanes = [0f32; LANES];
+        _mm512_storeu_ps(lanes.as_mut_ptr(), max);
+        let m = row[whole..]
+            .iter()
+            .fold(lanes.iter().copied().fold(f32::NEG_INFINITY, f32::max), |a, &b| a.max(b));
+        let (m16, scale16) = (_mm512_set1_ps(m), _mm512_set1_ps(scale));
+        let mut sum = _mm512_setzero_ps();
+        for i in (0..whole).step_by(LANES) {
+            let x =
+                _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(row.as_ptr().add(i)), m16), scale16);
+            let e = exp(x);
+            sum = _mm512_add_ps(sum, e);
+            let e16: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(e));
+            _mm256_storeu_si256(probs.as_mut_ptr().add(i).cast(), e16);
+        }
+        _mm512_storeu_ps(lanes.as_mut_ptr(), sum);
+        let mut total: f32 = lanes.iter().sum();
+        for (&x, p) in row[whole..].iter().zip(&mut probs[whole..]) {
+            let e = exp_approx::<Avx512>((x - m) * scale);
+            total += e;
+            *p = round_to_bf16(e);
+        }
+        total
+    }
+
+    /// [`exp_approx`] on 16 lanes.
+    #[inline]
+    #[target_feature(enable = "avx512f,fma")]
+    fn exp(x: __m512) -> __m512 {
+        const ROUND: f32 = 12_582_912.0;
+        let c = _mm512_set1_ps;
+        // `max(-87, x)`: x where x is NaN, like the portable clamps.
+        let x = _mm512_min_ps(c(88.0), _mm512_max_ps(c(-87.0), x));
+        let t = _mm512_fmadd_ps(x, c(std::f32::consts::LOG2_E), c(ROUND));
+        let n = _mm512_sub_ps(t, c(ROUND));
+        let minus_n = _mm512_sub_ps(c(0.0), n);
+        let r = _mm512_fmadd_ps(
+            minus_n,
+            c(-2.121_944_4e-4),
+            _mm512_fmadd_ps(minus_n, c(0.693_359_4), x),
+        );
+        let mut p = c(1.987_569_1e-4);
+        for coefficient in [1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 0.5] {
+            p = _mm512_fmadd_ps(p, r, c(coefficient));
+        }
+        let e = _mm512_add_ps(_mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r), c(1.0));
+        // e 2^n in one instruction: exact, as the product with 2^n built in the exponent bits
+        // is, since the result stays a normal number (x >= -87).
+        _mm512_scalef_ps(e, n)
+    }
 }
 
 #[inline(always)]
@@ -324,6 +406,34 @@ fn softmax_numerators_with<A: MulAdd>(row: &[f32], scale: f32, probs: &mut [bf16
 mod tests {
     use super::*;
     use crate::attention::{reference_attention, AttentionOptions};
+
+    /// The AVX512_BF16 numerators are bit for bit the portable ones, tails and NaN included.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn avx512_bf16_numerators_match_portable() {
+        if !crate::cpu::simd::Isa::best().has_avx512_bf16() {
+            return;
+        }
+        for len in [1, 15, 16, 77, 4096, 4099] {
+            let mut row: Vec<f32> =
+                (0..len).map(|i| ((i * 7919) % 2001) as f32 / 20.0 - 50.0).collect();
+            if len > 40 {
+                // A spread past exp's clamp at -87, and a NaN.
+                row[3] = -1.0e4;
+                row[len - 2] = f32::NAN;
+            }
+            for scale in [0.125, 1.0] {
+                let (mut ours, mut portable) = (vec![bf16::ZERO; len], vec![bf16::ZERO; len]);
+                // Safety: checked above.
+                let sum = unsafe { avx512_bf16::softmax_numerators(&row, scale, &mut ours) };
+                let want =
+                    softmax_numerators_with::<crate::cpu::simd::Avx512>(&row, scale, &mut portable);
+                let bits = |v: &[bf16]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&ours), bits(&portable), "len {len}, scale {scale}");
+                assert_eq!(sum.to_bits(), want.to_bits(), "len {len}, scale {scale}");
+            }
+        }
+    }
 
     /// Both GEMM paths (MKL, the packed kernel) where this machine has them.
     #[test]
