@@ -13,10 +13,12 @@
 
 pub mod bf16;
 pub mod blas;
+mod copy;
 pub mod packed;
 mod scratch;
 pub(crate) mod simd;
 
+pub use copy::contiguous;
 pub(crate) use scratch::{with_scratch, Pod};
 
 use candle_core::{DType, Device, Tensor, WithDType};

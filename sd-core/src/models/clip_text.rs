@@ -11,6 +11,7 @@ use crate::nn::{embedding, layer_norm, linear, Linear};
 use serde::Deserialize;
 
 use crate::attention::{attention, AttentionOptions};
+use crate::cpu::contiguous;
 
 fn quick_gelu() -> String {
     "quick_gelu".into()
@@ -93,12 +94,13 @@ impl ClipAttention {
         let (b, seq, d) = xs.dims3()?;
         let head_dim = d / self.heads;
         let split = |t: Tensor| -> Result<Tensor> {
-            t.reshape((b, seq, self.heads, head_dim))?.transpose(1, 2)?.contiguous()
+            contiguous(&t.reshape((b, seq, self.heads, head_dim))?.transpose(1, 2)?)
         };
         let q = split(self.q_proj.forward(xs)?)?;
         let k = split(self.k_proj.forward(xs)?)?;
         let v = split(self.v_proj.forward(xs)?)?;
-        let out = attention(&q, &k, &v, self.opts)?.transpose(1, 2)?.reshape((b, seq, d))?;
+        let out = contiguous(&attention(&q, &k, &v, self.opts)?.transpose(1, 2)?)?
+            .reshape((b, seq, d))?;
         self.out_proj.forward(&out)
     }
 }

@@ -10,6 +10,7 @@ use serde::Deserialize;
 use super::resnet::{Downsample2D, ResnetBlock2D, ResnetBlock2DConfig, Upsample2D};
 use super::{check_act_fn, group_norm_silu};
 use crate::attention::{attention, AttentionOptions};
+use crate::cpu::contiguous;
 
 fn three() -> usize {
     3
@@ -131,11 +132,11 @@ impl Module for VaeAttention {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let (b, c, h, w) = xs.dims4()?;
         let tokens =
-            self.group_norm.forward(xs)?.reshape((b, c, h * w))?.transpose(1, 2)?.contiguous()?;
+            contiguous(&self.group_norm.forward(xs)?.reshape((b, c, h * w))?.transpose(1, 2)?)?;
         let heads = |l: &Linear| -> Result<Tensor> { l.forward(&tokens)?.unsqueeze(1) };
         let (q, k, v) = (heads(&self.to_q)?, heads(&self.to_k)?, heads(&self.to_v)?);
         let out = self.to_out.forward(&attention(&q, &k, &v, self.opts)?.squeeze(1)?)?;
-        out.transpose(1, 2)?.reshape((b, c, h, w))? + xs
+        contiguous(&out.transpose(1, 2)?)?.reshape((b, c, h, w))? + xs
     }
 }
 

@@ -9,6 +9,7 @@ use crate::nn::{
 };
 
 use crate::attention::{attention, AttentionOptions};
+use crate::cpu::contiguous;
 
 #[derive(Debug, Clone, Copy)]
 pub struct Transformer2DConfig {
@@ -56,7 +57,7 @@ impl CrossAttention {
 
     fn split_heads(&self, xs: &Tensor) -> Result<Tensor> {
         let (b, seq, inner) = xs.dims3()?;
-        xs.reshape((b, seq, self.heads, inner / self.heads))?.transpose(1, 2)?.contiguous()
+        contiguous(&xs.reshape((b, seq, self.heads, inner / self.heads))?.transpose(1, 2)?)
     }
 
     pub fn forward(&self, xs: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
@@ -66,7 +67,7 @@ impl CrossAttention {
         let v = self.split_heads(&self.to_v.forward(context)?)?;
         let out = attention(&q, &k, &v, self.opts)?;
         let (b, _, seq, _) = out.dims4()?;
-        self.to_out.forward(&out.transpose(1, 2)?.reshape((b, seq, ()))?)
+        self.to_out.forward(&contiguous(&out.transpose(1, 2)?)?.reshape((b, seq, ()))?)
     }
 }
 
@@ -186,7 +187,7 @@ impl Transformer2DModel {
         let xs = self.norm.forward(xs)?;
         let to_tokens = |t: &Tensor| -> Result<Tensor> {
             let c = t.dim(1)?;
-            t.permute((0, 2, 3, 1))?.reshape((b, h * w, c))
+            contiguous(&t.permute((0, 2, 3, 1))?)?.reshape((b, h * w, c))
         };
         let mut tokens = match &self.proj_in {
             Projection::Linear(l) => l.forward(&to_tokens(&xs)?)?,
@@ -197,7 +198,7 @@ impl Transformer2DModel {
         }
         let to_image = |t: &Tensor| -> Result<Tensor> {
             let c = t.dim(2)?;
-            t.reshape((b, h, w, c))?.permute((0, 3, 1, 2))?.contiguous()
+            contiguous(&t.reshape((b, h, w, c))?.permute((0, 3, 1, 2))?)
         };
         let out = match &self.proj_out {
             Projection::Linear(l) => to_image(&l.forward(&tokens)?)?,
