@@ -14,7 +14,8 @@ const TASK_ELEMS: usize = 1 << 14;
 /// `t` laid out contiguously: a parallel copy for a strided CPU f32 tensor, else
 /// [`Tensor::contiguous`] (which returns `t` itself when it is contiguous already).
 pub fn contiguous(t: &Tensor) -> Result<Tensor> {
-    if t.is_contiguous() || !t.device().is_cpu() || t.dtype() != DType::F32 {
+    if t.is_contiguous() || !t.device().is_cpu() || t.dtype() != DType::F32 || t.elem_count() == 0
+    {
         return t.contiguous();
     }
     let view = View::new(t.dims(), t.stride());
@@ -130,6 +131,8 @@ mod tests {
         let narrowed = big.narrow(3, 10, 500)?.transpose(1, 2)?;
         let broadcast = x.narrow(0, 0, 1)?.broadcast_as((4, 3, 5, 7))?;
         let strided = x.flatten_all()?.reshape((105, 2))?.narrow(1, 1, 1)?.squeeze(1)?;
+        let empty = Tensor::zeros((3, 0, 4), DType::F32, &dev)?.transpose(0, 2)?;
+        assert_eq!(contiguous(&empty)?.dims(), [4, 0, 3]);
         for t in [narrowed, broadcast, strided] {
             let (a, b) = (
                 contiguous(&t)?.flatten_all()?.to_vec1::<f32>()?,
