@@ -14,8 +14,7 @@ const TASK_ELEMS: usize = 1 << 14;
 /// `t` laid out contiguously: a parallel copy for a strided CPU f32 tensor, else
 /// [`Tensor::contiguous`] (which returns `t` itself when it is contiguous already).
 pub fn contiguous(t: &Tensor) -> Result<Tensor> {
-    if t.is_contiguous() || !t.device().is_cpu() || t.dtype() != DType::F32 || t.elem_count() == 0
-    {
+    if t.is_contiguous() || !t.device().is_cpu() || t.dtype() != DType::F32 || t.elem_count() == 0 {
         return t.contiguous();
     }
     let view = View::new(t.dims(), t.stride());
