@@ -36,7 +36,7 @@ pub fn round_to_bf16(v: f32) -> bf16 {
 ///
 /// The buffer is written once, by the threads that convert: a zero fill first would have the
 /// calling thread alone fault in its fresh pages (a VAE convolution's input at 512 px is 64-128
-/// MB, and first touch of fresh memory is most of that cost on a VM).
+/// MB, and first touch of fresh memory is slow on a VM).
 pub fn to_bf16_par(src: &[f32]) -> Vec<bf16> {
     let mut dst = Vec::with_capacity(src.len());
     dst.spare_capacity_mut()[..src.len()]

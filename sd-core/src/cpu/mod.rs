@@ -1,7 +1,8 @@
 //! The low-level CPU layer that the layers (`nn`) and the attention build on, depending on
 //! neither: SIMD kernels compiled per instruction set (`simd`), the f32 GEMM backends
 //! ([`blas`]: Intel MKL or the `gemm` crate), the packed bf16 GEMM ([`packed`]: AMX tiles or
-//! AVX512_BF16), f32 to bf16 conversion ([`bf16`]) and per-thread scratch buffers.
+//! AVX512_BF16), f32 to bf16 conversion ([`bf16`]), strided copies on every thread
+//! ([`contiguous`]) and per-thread scratch buffers.
 //!
 //! # bf16 on the CPU
 //!
