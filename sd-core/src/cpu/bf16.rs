@@ -10,16 +10,9 @@ use super::simd::simd_dispatch;
 
 /// `dst[i] = bf16(src[i])`.
 pub fn to_bf16(src: &[f32], dst: &mut [bf16]) {
-    simd_dispatch!(to_bf16_with(src: &[f32], dst: &mut [bf16]))
-}
-
-/// [`to_bf16`] compiled for the instruction set `S` (integer ops only, so `S` is not used).
-#[inline(always)]
-#[allow(clippy::extra_unused_type_parameters)] // `simd_dispatch!` names it
-fn to_bf16_with<S>(src: &[f32], dst: &mut [bf16]) {
-    for (d, &v) in dst.iter_mut().zip(src) {
-        *d = round_to_bf16(v);
-    }
+    // Safety: `MaybeUninit<bf16>` has `bf16`'s layout, and only initialised values are written.
+    let dst = unsafe { &mut *(dst as *mut [bf16] as *mut [MaybeUninit<bf16>]) };
+    to_bf16_uninit(src, dst)
 }
 
 /// One value of [`to_bf16`], for loops that produce bf16 values themselves.
@@ -48,14 +41,16 @@ pub fn to_bf16_par(src: &[f32]) -> Vec<bf16> {
     dst
 }
 
-/// [`to_bf16`] into memory not yet written.
+/// [`to_bf16`] into memory that may not be written yet.
 fn to_bf16_uninit(src: &[f32], dst: &mut [MaybeUninit<bf16>]) {
-    simd_dispatch!(to_bf16_uninit_with(src: &[f32], dst: &mut [MaybeUninit<bf16>]))
+    simd_dispatch!(to_bf16_with(src: &[f32], dst: &mut [MaybeUninit<bf16>]))
 }
 
+/// [`to_bf16_uninit`] compiled for the instruction set `S` (integer ops only, so `S` is not
+/// used).
 #[inline(always)]
 #[allow(clippy::extra_unused_type_parameters)] // `simd_dispatch!` names it
-fn to_bf16_uninit_with<S>(src: &[f32], dst: &mut [MaybeUninit<bf16>]) {
+fn to_bf16_with<S>(src: &[f32], dst: &mut [MaybeUninit<bf16>]) {
     for (d, &v) in dst.iter_mut().zip(src) {
         d.write(round_to_bf16(v));
     }
