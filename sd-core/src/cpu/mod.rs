@@ -63,7 +63,8 @@ fn choose_run_dtype(dtype: DType, bf16_in_hardware: bool, bf16_gemms: bool) -> R
 }
 
 /// What runs the CPU work of a model in `dtype`, in a few lines: the CPU and threads, the f32
-/// GEMM and why, and for bf16 its kernel. For `sd-cli --verbose` and benchmark records.
+/// GEMM and why, for f32 the 3x3 convolutions' algorithm, and for bf16 its kernel. For
+/// `sd-cli --verbose` and benchmark records.
 pub fn describe(dtype: DType) -> String {
     let mut lines = vec![format!(
         "cpu: {}, {} threads, {}",
@@ -73,6 +74,9 @@ pub fn describe(dtype: DType) -> String {
     )];
     let gemm = blas::cpu_gemm();
     lines.push(format!("f32 GEMM: {} ({})", gemm.describe(), blas::cpu_gemm_reason()));
+    if dtype == DType::F32 {
+        lines.push(crate::nn::winograd::describe());
+    }
     if dtype == DType::BF16 {
         lines.push(match (packed::kernel(), blas::mkl()) {
             (Some(kernel), _) => format!("bf16 GEMM: {}, weights packed at load", kernel.name()),

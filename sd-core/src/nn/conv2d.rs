@@ -18,7 +18,7 @@ use half::bf16;
 use rayon::prelude::*;
 
 use super::lora::{record, LoraLayer, LoraSlot};
-use super::{param_dtype, task_count, use_cpu_kernels, Source};
+use super::{param_dtype, task_count, use_cpu_kernels, winograd, Source};
 use crate::cpu::bf16::to_bf16_par;
 use crate::cpu::blas::{gemm_bf16, gemm_f32, Operand, SendPtr};
 use crate::cpu::packed;
@@ -282,6 +282,13 @@ impl Conv2d {
             None => None,
         };
         let (k, pixels) = (g.k(), g.pixels());
+        // Winograd takes f32 weights only (bf16 ones multiply on the bf16 kernels).
+        let shape = winograd::Shape { batch, c_in, c_out, h, w };
+        let f32_weight = match weight {
+            Weight::Dense(w) => w.dtype() == DType::F32,
+            Weight::Mapped { .. } => true,
+            Weight::Packed { .. } => false,
+        };
         // Every element is written by the tasks below (bias or GEMM); the length is set after.
         let len = batch * c_out * pixels;
         let mut out: Vec<f32> = Vec::with_capacity(len);
@@ -325,6 +332,23 @@ impl Conv2d {
                         })
                     })
                 })?
+            }
+            Weight::Dense(_) | Weight::Mapped { .. }
+                if f32_weight && winograd::applies((kh, kw), stride, pad, &shape) =>
+            {
+                let bias = bias.as_deref();
+                with_slice::<f32, _>(&xs, |x| match weight {
+                    Weight::Mapped { values, .. } => {
+                        // Safety: `out` has room for the whole output, written only here.
+                        unsafe { winograd::conv3x3(x, &shape, values, bias, out.as_mut_ptr()) };
+                        Ok(())
+                    }
+                    Weight::Dense(dense) => with_slice::<f32, _>(dense, |wt| {
+                        // Safety: as above.
+                        unsafe { winograd::conv3x3(x, &shape, wt, bias, out.as_mut_ptr()) }
+                    }),
+                    Weight::Packed { .. } => unreachable!("handled above"),
+                })??;
             }
             Weight::Dense(_) | Weight::Mapped { .. } => {
                 let plan = Plan::new(

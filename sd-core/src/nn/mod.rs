@@ -21,6 +21,7 @@ mod conv2d;
 mod group_norm;
 mod linear;
 pub mod lora;
+pub(crate) mod winograd;
 
 pub use activations::{geglu, gelu_erf};
 pub use conv2d::{conv2d, Conv2d, Conv2dConfig};
