@@ -133,6 +133,33 @@ fn mapped_and_copied_weights_give_the_same_image() {
     }
 }
 
+/// f32 3x3 convolutions on Winograd F(2x2,3x3) (the default) and on im2col
+/// (`SD_CONV_WINOGRAD=0`) give the same image within one level, and `--verbose` says which ran.
+#[test]
+fn winograd_and_im2col_convolutions_give_the_same_image() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = pipelines().join("sd2-tiny").display().to_string();
+    let run = |name: &str, env: &[(&str, &str)]| {
+        let out = dir.path().join(name);
+        let out_arg = out.display().to_string();
+        #[rustfmt::skip]
+        let args = [
+            "generate", "--prompt", "a cat", "--model", &model, "--steps", "2", "--seed", "7",
+            "--verbose", "--out", &out_arg,
+        ];
+        let result = sd_cli_env(&args, env);
+        let err = stderr(&result);
+        assert!(result.status.success(), "{env:?}: {err}");
+        (out, err)
+    };
+    let (winograd, says) = run("winograd.png", &[]);
+    assert!(says.contains("f32 3x3 convolutions: Winograd F(2x2,3x3)"), "{says}");
+    let (im2col, says) = run("im2col.png", &[("SD_CONV_WINOGRAD", "0")]);
+    assert!(says.contains("f32 3x3 convolutions: im2col"), "{says}");
+    let (mean, max) = png_diff(&winograd, &im2col);
+    assert!(max <= 1, "Winograd against im2col: mean {mean}, max {max}");
+}
+
 /// `--dtype bf16`: every bf16 GEMM this machine has (the packed kernel, the AVX512_BF16 kernel
 /// with AMX switched off, MKL with both switched off) stays within the documented distance of
 /// the f32 image, and `--verbose` names the one that ran. (Not bit-equal to each other: a sum
