@@ -79,11 +79,14 @@ pub(crate) fn describe() -> String {
 /// Whether a convolution with this kernel, stride and padding on `batch` images of `h x w`
 /// runs here.
 pub(super) fn applies(kernel: (usize, usize), stride: usize, pad: usize, s: &Shape) -> bool {
-    enabled()
-        && kernel == (3, 3)
-        && stride == 1
-        && pad == 1
-        && s.batch * s.tiles_h() * s.tiles_w() >= MIN_TILES
+    enabled() && kernel == (3, 3) && stride == 1 && pad == 1 && fits(s)
+}
+
+/// Enough tiles to pay for the weight transform, and one row of tiles within 4x a task's
+/// budget (a task holds whole tile rows; SD's VAE at 2048 px is within 1x).
+fn fits(s: &Shape) -> bool {
+    s.batch * s.tiles_h() * s.tiles_w() >= MIN_TILES
+        && XI * (s.c_in + s.c_out) * s.tiles_w() <= 4 * TASK_ELEMS
 }
 
 /// The convolution of `x` (`[batch, c_in, h, w]`) with `weight` (`[c_out, c_in, 3, 3]`) plus
@@ -413,6 +416,18 @@ mod tests {
             assert!(diff < 1e-4, "{batch} {c_in} {c_out} {h} {w}: {diff}");
         }
         Ok(())
+    }
+
+    /// Small calls (the UNet's 8x8 level) and rows too wide for a task's scratch stay on im2col.
+    #[test]
+    fn takes_large_enough_calls_only() {
+        let shape = |batch, c, h, w| Shape { batch, c_in: c, c_out: c, h, w };
+        assert!(fits(&shape(2, 1280, 16, 16)));
+        assert!(!fits(&shape(2, 1280, 8, 8)));
+        assert!(!fits(&shape(1, 1280, 16, 16)));
+        // The VAE decoder's last blocks at 2048 px, and a 16384 px wide strip.
+        assert!(fits(&shape(1, 128, 2048, 2048)));
+        assert!(!fits(&shape(1, 128, 64, 16384)));
     }
 
     /// The weight transform against `G g Gᵀ` written out as matrix products, for a channel
