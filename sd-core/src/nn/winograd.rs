@@ -13,8 +13,8 @@
 //!
 //! The weights are transformed on each call (16/9 of the weight, shared by the tasks) rather
 //! than kept from load: keeping them would add 0.8x the UNet's 2 GB of 3x3 weights to the
-//! process's memory. Calls with few tiles (the UNet's 16x16 and 8x8 levels) stay on im2col,
-//! where that transform would cost more than it saves.
+//! process's memory. Calls with few tiles (the UNet's 8x8 level, and its 16x16 level without
+//! CFG) stay on im2col, where that transform would cost more than it saves.
 //!
 //! `SD_CONV_WINOGRAD=0` turns the path off (every convolution on im2col).
 
@@ -106,9 +106,9 @@ pub(super) unsafe fn conv3x3(
     assert!(bias.is_none_or(|b| b.len() >= c_out));
     let u = transform_weights(weight, c_out, c_in);
     let (tiles_h, tiles_w) = (s.tiles_h(), s.tiles_w());
-    // Tile rows per task: as many as the scratch budget allows, a multiple of 64 tiles where
-    // possible (the GEMM kernel's 64-column panel; a 32-column remainder runs at half speed),
-    // and enough tasks for every thread.
+    // Tile rows per task: as many as the scratch budget allows, enough tasks for every thread,
+    // and a multiple of 64 tiles where possible (the builtin GEMM's kernel takes 64 tiles at a
+    // time; a remainder of 32 ran on its half-width kernel, 7% of a UNet step).
     let mut rows = (TASK_ELEMS / (XI * (c_in + c_out) * tiles_w)).clamp(1, tiles_h);
     while rows > 1 && batch * tiles_h.div_ceil(rows) < rayon::current_num_threads() {
         rows = rows.div_ceil(2);
