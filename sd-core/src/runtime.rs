@@ -56,3 +56,27 @@ pub fn max_threads() -> usize {
 fn cores() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
+
+/// Whether the on/off variable `name` (`SD_MAP_WEIGHTS`, `SD_CONV_WINOGRAD`, `SD_CPU_AMX`,
+/// `SD_CPU_AVX512BF16`) turns its feature off: it says `0`, spaces aside. Unset or any other
+/// value leaves the feature on.
+pub(crate) fn switched_off(name: &str) -> bool {
+    says_off(std::env::var(name).ok().as_deref())
+}
+
+fn says_off(value: Option<&str>) -> bool {
+    value.map(str::trim) == Some("0")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_0_switches_off() {
+        assert!(!says_off(None));
+        assert!(!says_off(Some("1")));
+        assert!(says_off(Some("0")));
+        assert!(says_off(Some(" 0 ")));
+    }
+}

@@ -90,11 +90,7 @@ pub(super) fn building<R>(store: Arc<WeightStore>, f: impl FnOnce() -> R) -> R {
 /// Whether GEMM weights are read in place: unless `SD_MAP_WEIGHTS=0` (a replica that wants no
 /// page-ins after load, whatever the page cache does, pays a few seconds of load for it).
 pub fn maps_weights() -> bool {
-    maps_weights_for(std::env::var("SD_MAP_WEIGHTS").ok().as_deref())
-}
-
-fn maps_weights_for(var: Option<&str>) -> bool {
-    var.map(str::trim) != Some("0")
+    !crate::runtime::switched_off("SD_MAP_WEIGHTS")
 }
 
 /// Weight `name` of `vb` as a view into its mapped file, where that can stand in for
@@ -182,14 +178,6 @@ mod tests {
         assert_eq!(found[2], None);
         let vb = store(&path).into_var_builder(DType::F32, &Device::Cpu);
         assert!(mapped_f32(&vb.pp("lin"), (40, 96), "weight").unwrap().is_none());
-    }
-
-    #[test]
-    fn only_sd_map_weights_0_turns_mapping_off() {
-        assert!(maps_weights_for(None));
-        assert!(maps_weights_for(Some("1")));
-        assert!(!maps_weights_for(Some("0")));
-        assert!(!maps_weights_for(Some(" 0 ")));
     }
 
     /// A mapped weight of the wrong shape is the loader's usual error, naming file and tensor.

@@ -61,7 +61,7 @@ impl Shape {
 /// Whether the Winograd path is on: unless `SD_CONV_WINOGRAD=0`.
 pub(crate) fn enabled() -> bool {
     static ON: OnceLock<bool> = OnceLock::new();
-    *ON.get_or_init(|| std::env::var("SD_CONV_WINOGRAD").map_or(true, |v| v.trim() != "0"))
+    *ON.get_or_init(|| !crate::runtime::switched_off("SD_CONV_WINOGRAD"))
 }
 
 /// What runs f32 3x3 convolutions, for `sd-cli --verbose` ([`crate::cpu::describe`]).

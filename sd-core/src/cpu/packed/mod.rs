@@ -94,7 +94,7 @@ impl Kernel {
 pub fn kernel() -> Option<Kernel> {
     static KERNEL: std::sync::OnceLock<Option<Kernel>> = std::sync::OnceLock::new();
     *KERNEL.get_or_init(|| {
-        let on = |k: &&Kernel| std::env::var(k.switch()).map_or(true, |v| v != "0");
+        let on = |k: &&Kernel| !crate::runtime::switched_off(k.switch());
         Kernel::supported().iter().find(on).copied()
     })
 }
