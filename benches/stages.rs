@@ -139,7 +139,7 @@ fn layers_bf16(c: &mut Criterion) {
     g.sample_size(10)
         .warm_up_time(Duration::from_millis(500))
         .measurement_time(Duration::from_secs(5));
-    for (channels, size) in [(320usize, 64usize), (1280, 16)] {
+    for (channels, size) in [(320usize, 64usize), (1280, 16), (1280, 8)] {
         let x = randn(&[2, channels, size, size], 3);
         let weights = candle_nn::VarBuilder::from_tensors(
             [

@@ -161,11 +161,12 @@ fn winograd_and_im2col_convolutions_give_the_same_image() {
 }
 
 /// `--dtype bf16`: every bf16 GEMM this machine has (the packed kernel, the AVX512_BF16 kernel
-/// with AMX switched off, MKL with both switched off) stays within the documented distance of
-/// the f32 image, and `--verbose` names the one that ran. (Not bit-equal to each other: a sum
-/// in another order can flip an activation's bf16 rounding, which the next layers carry on.) With none (both off and `SD_CPU_GEMM=builtin`) the run is refused
-/// with one line that says what to install; on a CPU without bf16 hardware it runs f32 instead,
-/// and says so.
+/// with AMX switched off, MKL with both switched off) and both convolution algorithms of the
+/// packed kernels (Winograd, im2col) stay within the documented distance of the f32 image, and
+/// `--verbose` names the one that ran. (Not bit-equal to each other: a sum in another order can
+/// flip an activation's bf16 rounding, which the next layers carry on.) With none (both off and
+/// `SD_CPU_GEMM=builtin`) the run is refused with one line that says what to install; on a CPU
+/// without bf16 hardware it runs f32 instead, and says so.
 #[test]
 fn bf16_kernels_stay_near_f32_and_none_is_refused() {
     let dir = tempfile::tempdir().unwrap();
@@ -199,8 +200,10 @@ fn bf16_kernels_stay_near_f32_and_none_is_refused() {
     }
     let kernel = if err.contains("bf16 GEMM: AMX tiles") { "AMX tiles" } else { "AVX512_BF16" };
     assert!(err.contains(&format!("bf16 GEMM: {kernel}, weights packed at load")), "{err}");
+    assert!(err.contains("bf16 3x3 convolutions: Winograd F(2x2,3x3)"), "{err}");
     near_f32(&default_png, kernel);
     let others = [
+        ("im2col.png", vec![("SD_CONV_WINOGRAD", "0")], "bf16 3x3 convolutions: im2col"),
         ("dot.png", vec![("SD_CPU_AMX", "0")], "bf16 GEMM: AVX512_BF16"),
         ("mkl.png", vec![("SD_CPU_AMX", "0"), ("SD_CPU_AVX512BF16", "0")], "bf16 GEMM: mkl"),
     ];

@@ -63,7 +63,7 @@ fn choose_run_dtype(dtype: DType, bf16_in_hardware: bool, bf16_gemms: bool) -> R
 }
 
 /// What runs the CPU work of a model in `dtype`, in a few lines: the CPU and threads, the f32
-/// GEMM and why, for f32 the 3x3 convolutions' algorithm, and for bf16 its kernel. For
+/// GEMM and why, the 3x3 convolutions' algorithm, and for bf16 its kernel. For
 /// `sd-cli --verbose` and benchmark records.
 pub fn describe(dtype: DType) -> String {
     let mut lines = vec![format!(
@@ -75,7 +75,7 @@ pub fn describe(dtype: DType) -> String {
     let gemm = blas::cpu_gemm();
     lines.push(format!("f32 GEMM: {} ({})", gemm.describe(), blas::cpu_gemm_reason()));
     if dtype == DType::F32 {
-        lines.push(crate::nn::winograd::describe());
+        lines.push(crate::nn::winograd::describe(dtype));
     }
     if dtype == DType::BF16 {
         lines.push(match (packed::kernel(), blas::mkl()) {
@@ -83,6 +83,10 @@ pub fn describe(dtype: DType) -> String {
             (None, Ok(mkl)) => format!("bf16 GEMM: mkl {} (packed kernels off)", mkl.version),
             (None, Err(_)) => "bf16 GEMM: none".to_string(),
         });
+        // Winograd needs the packed kernels; MKL's bf16 GEMM runs every convolution by im2col.
+        if packed::available() {
+            lines.push(crate::nn::winograd::describe(dtype));
+        }
     }
     lines.join("\n")
 }

@@ -10,8 +10,9 @@
 //! and each task's im2col rows (one 256-pixel panel) are interleaved straight into the packed
 //! layout.
 //!
-//! f32 3x3 convolutions with stride 1 and padding 1 go to [`winograd`] instead when the call has
-//! enough output tiles (2.25x fewer multiplications).
+//! 3x3 convolutions with stride 1 and padding 1 go to [`winograd`] instead (2.25x fewer
+//! multiplications): in f32 when the call has enough output tiles, in bf16 always (the layer
+//! keeps its filters transformed from load).
 
 use std::sync::Arc;
 
@@ -141,42 +142,54 @@ pub(crate) enum Weight {
     Mapped { values: MappedF32, dims: (usize, usize, usize, usize) },
     /// A bf16 CPU weight packed once for the packed bf16 GEMM, as the A operand `[out, in kh kw]`.
     Packed { weight: Arc<packed::Packed>, dims: (usize, usize, usize, usize) },
+    /// A bf16 CPU 3x3 (stride 1, padding 1) weight transformed for Winograd and packed once.
+    Winograd(Arc<winograd::PackedFilters>),
 }
 
 impl Weight {
     /// A bf16 weight on a CPU with AMX or AVX512_BF16 is packed (from the mapped f32 values
-    /// where the loader has them); mapped f32 values are used in place.
-    fn new(source: Source) -> Result<Self> {
+    /// where the loader has them): transformed for Winograd where the layer is a 3x3 one with
+    /// stride 1 and padding 1 and [`winograd::enabled`], else for im2col. Mapped f32 values are
+    /// used in place.
+    fn new(source: Source, cfg: Conv2dConfig) -> Result<Self> {
         let packs = source.packs();
         Ok(match source {
-            Source::Mapped { values, shape, dtype } if packs || dtype == DType::F32 => {
-                let dims = shape.dims4()?;
-                if packs {
-                    let (c_out, c_in, kh, kw) = dims;
-                    let packed = packed::Packed::a_from_rows_f32(&values, c_out, c_in * kh * kw);
-                    values.release();
-                    Weight::Packed { weight: Arc::new(packed), dims }
-                } else {
-                    Weight::Mapped { values, dims }
-                }
+            Source::Mapped { values, shape, .. } if packs => {
+                let weight = Weight::pack(&values, shape.dims4()?, cfg);
+                values.release();
+                weight
             }
-            source @ Source::Mapped { .. } => Weight::new(Source::Tensor(source.into_tensor()?))?,
+            Source::Mapped { values, shape, dtype: DType::F32 } => {
+                Weight::Mapped { values, dims: shape.dims4()? }
+            }
+            source @ Source::Mapped { .. } => {
+                Weight::new(Source::Tensor(source.into_tensor()?), cfg)?
+            }
             Source::Tensor(weight) if packs => {
                 let dims = weight.dims4()?;
-                let (c_out, c_in, kh, kw) = dims;
-                let packed = with_slice::<bf16, _>(&weight.contiguous()?, |w| {
-                    packed::Packed::a_from_rows(w, c_out, c_in * kh * kw)
-                })?;
-                Weight::Packed { weight: Arc::new(packed), dims }
+                let f32_weight = weight.to_dtype(DType::F32)?.contiguous()?;
+                with_slice::<f32, _>(&f32_weight, |w| Weight::pack(w, dims, cfg))?
             }
             Source::Tensor(weight) => Weight::Dense(weight),
         })
+    }
+
+    /// The packed form of weight `w` (`dims`; f32 values, rounded to bf16 as they are packed).
+    fn pack(w: &[f32], dims: (usize, usize, usize, usize), cfg: Conv2dConfig) -> Self {
+        let (c_out, c_in, kh, kw) = dims;
+        if winograd::takes_bf16((kh, kw), cfg.stride, cfg.padding) {
+            let filters = winograd::PackedFilters::new(w, c_out, c_in);
+            return Weight::Winograd(Arc::new(filters));
+        }
+        let packed = packed::Packed::a_from_rows_f32(w, c_out, c_in * kh * kw);
+        Weight::Packed { weight: Arc::new(packed), dims }
     }
 
     fn dims(&self) -> Result<(usize, usize, usize, usize)> {
         match self {
             Weight::Dense(w) => w.dims4(),
             Weight::Mapped { dims, .. } | Weight::Packed { dims, .. } => Ok(*dims),
+            Weight::Winograd(f) => Ok((f.c_out, f.c_in, 3, 3)),
         }
     }
 
@@ -187,6 +200,9 @@ impl Weight {
             Weight::Mapped { values, dims } => Tensor::from_slice(values, *dims, &Device::Cpu),
             Weight::Packed { weight, dims } => {
                 Tensor::from_vec(weight.unpack_a_rows(), *dims, &Device::Cpu)
+            }
+            Weight::Winograd(f) => {
+                Tensor::from_vec(f.filters(), self.dims()?, &Device::Cpu)?.to_dtype(DType::BF16)
             }
         }
     }
@@ -200,7 +216,7 @@ impl Conv2d {
 
     fn from_source(weight: Source, bias: Option<Tensor>, cfg: Conv2dConfig) -> Result<Self> {
         let cfg = Conv2dConfig { stride: cfg.stride.max(1), ..cfg };
-        Ok(Self { weight: Weight::new(weight)?, bias, cfg, lora: LoraSlot::default() })
+        Ok(Self { weight: Weight::new(weight, cfg)?, bias, cfg, lora: LoraSlot::default() })
     }
 
     /// `(out, in, kh, kw)`.
@@ -212,13 +228,14 @@ impl Conv2d {
         self.cfg
     }
 
-    /// How the layer holds its weight: `dense`, `mapped` or `packed` (for tests).
+    /// How the layer holds its weight: `dense`, `mapped`, `packed` or `winograd` (for tests).
     #[cfg(test)]
     pub(crate) fn weight_kind(&self) -> &'static str {
         match self.weight {
             Weight::Dense(_) => "dense",
             Weight::Mapped { .. } => "mapped",
             Weight::Packed { .. } => "packed",
+            Weight::Winograd(_) => "winograd",
         }
     }
 
@@ -232,7 +249,8 @@ impl Conv2d {
     pub(crate) fn weight_plus(&self, delta: &Tensor) -> Result<Weight> {
         let own = self.weight.tensor()?;
         let delta = delta.reshape(own.shape())?;
-        Weight::new(Source::Tensor((own.to_dtype(DType::F32)? + delta)?.to_dtype(own.dtype())?))
+        let fused = (own.to_dtype(DType::F32)? + delta)?.to_dtype(own.dtype())?;
+        Weight::new(Source::Tensor(fused), self.cfg)
     }
 
     fn forward_weight(&self, weight: &Weight, xs: &Tensor) -> Result<Tensor> {
@@ -243,7 +261,7 @@ impl Conv2d {
                 mapped = weight.tensor()?;
                 &mapped
             }
-            Weight::Packed { .. } if !use_cpu_kernels(xs, DType::BF16) => {
+            Weight::Packed { .. } | Weight::Winograd(_) if !use_cpu_kernels(xs, DType::BF16) => {
                 candle_core::bail!("conv2d: weights packed for the CPU's bf16 GEMM take f32 CPU inputs, got {:?} on {:?}", xs.dtype(), xs.device())
             }
             _ => return self.forward_cpu(weight, xs),
@@ -290,12 +308,20 @@ impl Conv2d {
         let f32_weight = match weight {
             Weight::Dense(w) => w.dtype() == DType::F32,
             Weight::Mapped { .. } => true,
-            Weight::Packed { .. } => false,
+            Weight::Packed { .. } | Weight::Winograd(_) => false,
         };
         // Every element is written by the tasks below (bias or GEMM); the length is set after.
         let len = batch * c_out * pixels;
         let mut out: Vec<f32> = Vec::with_capacity(len);
         match weight {
+            Weight::Winograd(filters) => {
+                let bias = bias.as_deref();
+                // Safety: `out` has room for the whole output, written only here; the filters
+                // were packed, so the packed kernel runs.
+                with_slice::<f32, _>(&xs, |x| unsafe {
+                    winograd::conv3x3_bf16(x, &shape, filters, bias, out.as_mut_ptr())
+                })?;
+            }
             Weight::Packed { weight, .. } => {
                 // One panel of columns per task: the packed block then stays in L2, and the
                 // weight is read once per panel whatever the block size.
@@ -350,7 +376,7 @@ impl Conv2d {
                         // Safety: as above.
                         unsafe { winograd::conv3x3(x, &shape, wt, bias, out.as_mut_ptr()) }
                     }),
-                    Weight::Packed { .. } => unreachable!("handled above"),
+                    Weight::Packed { .. } | Weight::Winograd(_) => unreachable!("handled above"),
                 })??;
             }
             Weight::Dense(_) | Weight::Mapped { .. } => {
@@ -395,7 +421,7 @@ impl Conv2d {
                     Weight::Dense(dense) => {
                         with_slice::<f32, _>(dense, |wt| plan.run_f32(x, wt, &g, pointwise))
                     }
-                    Weight::Packed { .. } => unreachable!("handled above"),
+                    Weight::Packed { .. } | Weight::Winograd(_) => unreachable!("handled above"),
                 })??;
             }
         }
@@ -570,20 +596,45 @@ mod tests {
         check_against_candle(&cases, DType::F32)
     }
 
-    /// bf16 weights (the packed kernel where the CPU has one, else MKL). Shapes cut the packed
-    /// blocks in every dimension (channels, pixels, k), with strides, padding and 1x1.
+    /// bf16 weights on im2col (the packed kernel where the CPU has one, else MKL). Shapes cut the
+    /// packed blocks in every dimension (channels, pixels, k), with strides, padding and 1x1.
+    /// (3x3 layers with stride 1 and padding 1 go to Winograd, tested in [`winograd`].)
     #[test]
     fn bf16_weights_match_rounded_f32() -> Result<()> {
         if !bf16_gemms() {
             return Ok(());
         }
         let cases = [
-            (2, 5, 7, 9, 11, 3, 1, 1),
-            (1, 40, 64, 16, 16, 3, 1, 1),
+            (2, 5, 7, 9, 11, 3, 1, 0),
+            (1, 40, 64, 16, 16, 3, 1, 2),
             (2, 36, 96, 13, 9, 3, 2, 1),
             (1, 64, 33, 20, 20, 1, 1, 0),
-            (2, 32, 32, 24, 24, 3, 1, 1),
+            (2, 32, 32, 24, 24, 3, 2, 0),
         ];
         check_against_candle(&cases, DType::BF16)
+    }
+
+    /// bf16 3x3 layers with stride 1 and padding 1 hold their weight transformed for Winograd
+    /// where the packed kernels run (and it is not switched off), and their filters come back
+    /// for LoRA fusing.
+    #[test]
+    fn bf16_3x3_layers_keep_winograd_filters() -> Result<()> {
+        if !packed::available() || !winograd::enabled() {
+            eprintln!("skipped: needs the packed bf16 GEMM and Winograd switched on");
+            return Ok(());
+        }
+        let dev = Device::Cpu;
+        let wt =
+            Tensor::from_vec(values(6 * 4 * 9, 2), (6, 4, 3, 3), &dev)?.to_dtype(DType::BF16)?;
+        let same = Conv2dConfig { padding: 1, stride: 1 };
+        let conv = Conv2d::new(wt.clone(), None, same)?;
+        assert_eq!(conv.weight_kind(), "winograd");
+        assert_eq!(conv.dims()?, (6, 4, 3, 3));
+        let back = conv.weight.tensor()?.to_dtype(DType::F32)?;
+        let diff = (back - wt.to_dtype(DType::F32)?)?.abs()?.flatten_all()?.max(0)?;
+        assert!(diff.to_scalar::<f32>()? <= 4.0 / 256.0);
+        let strided = Conv2d::new(wt, None, Conv2dConfig { padding: 1, stride: 2 })?;
+        assert_eq!(strided.weight_kind(), "packed");
+        Ok(())
     }
 }

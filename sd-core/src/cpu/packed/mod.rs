@@ -148,29 +148,45 @@ impl Packed {
     /// SD 2.1's bf16 load 0.8-3.1 s instead of 1.0-1.2 s: the kernel compacts memory for them
     /// when the page cache holds the model.)
     fn build(outer: usize, k: usize, fill: impl Fn(usize, &mut [bf16]) + Sync) -> Self {
+        let [packed] = Self::build_many(outer, k, |i, [block_row]| fill(i, block_row));
+        packed
+    }
+
+    /// `N` operands of the same size packed together, by all threads: `fill(i, block_rows)`
+    /// writes block row `i` of each (so a producer that makes all `N` at once, the Winograd
+    /// filter transform, runs once per block row). As [`Self::build`] otherwise.
+    pub(crate) fn build_many<const N: usize>(
+        outer: usize,
+        k: usize,
+        fill: impl Fn(usize, [&mut [bf16]; N]) + Sync,
+    ) -> [Self; N] {
         use rayon::prelude::*;
         let (count, per_row) = (packed_len(outer, k) / 32, blocks(k) * BLOCK_ELEMS / 32);
         let padded = !outer.is_multiple_of(BLOCK) || !k.is_multiple_of(BLOCK);
-        let mut lines: Vec<Line> = Vec::with_capacity(count);
-        lines.spare_capacity_mut().par_chunks_mut(per_row.max(1)).enumerate().for_each(
-            |(i, chunk)| {
-                // Safety: zero bytes are a valid `Line`; the view covers exactly this chunk, and
-                // is fully written by `fill` where it is not zeroed.
-                let block_row = unsafe {
+        let mut lines: [Vec<Line>; N] = std::array::from_fn(|_| Vec::with_capacity(count));
+        let starts: [super::blas::SendPtr<Line>; N] =
+            std::array::from_fn(|j| super::blas::SendPtr(lines[j].as_mut_ptr()));
+        (0..count / per_row.max(1)).into_par_iter().for_each(|i| {
+            let block_rows = starts.map(|start| {
+                // Safety: block row `i` of each operand lies inside its capacity, and only this
+                // task writes it. Zero bytes are a valid `Line`; the view is fully written by
+                // `fill` where it is not zeroed.
+                unsafe {
+                    let chunk = start.get().add(i * per_row);
                     if padded {
-                        std::ptr::write_bytes(chunk.as_mut_ptr(), 0, chunk.len());
+                        std::ptr::write_bytes(chunk, 0, per_row);
                     }
-                    std::slice::from_raw_parts_mut(
-                        chunk.as_mut_ptr() as *mut bf16,
-                        chunk.len() * 32,
-                    )
-                };
-                fill(i, block_row);
-            },
-        );
-        // Safety: every line was packed above, and zeroed first where the fill leaves padding.
-        unsafe { lines.set_len(count) };
-        Self { lines, outer, k }
+                    std::slice::from_raw_parts_mut(chunk as *mut bf16, per_row * 32)
+                }
+            });
+            fill(i, block_rows);
+        });
+        lines.map(|mut lines| {
+            // Safety: every line was packed above, and zeroed first where the fill leaves
+            // padding.
+            unsafe { lines.set_len(count) };
+            Self { lines, outer, k }
+        })
     }
 
     pub fn as_slice(&self) -> &[bf16] {
@@ -238,7 +254,7 @@ fn tile_row(i: usize, kb: usize, kblocks: usize, h: usize, r: usize) -> usize {
 
 /// Block row `i` of `src` (`m` rows of `k`, row-major) as the A operand, into zeroed `dst`;
 /// `copy(run, out)` moves (or rounds to bf16) one run of a row.
-fn pack_a_block<S: Copy>(
+pub(crate) fn pack_a_block<S: Copy>(
     src: &[S],
     m: usize,
     k: usize,
@@ -275,6 +291,57 @@ pub fn write_a_row(dst: &mut [bf16], k: usize, row: usize, src: &[bf16]) {
     for (kb, run) in src[..kblocks * BLOCK].chunks_exact(BLOCK).enumerate() {
         let at = tile_row(row / BLOCK, kb, kblocks, (row % BLOCK) / 16, row % 16);
         dst[at..at + BLOCK].copy_from_slice(run);
+    }
+}
+
+/// Writes rows `2 p` and `2 p + 1` of a B operand with `n` columns and inner size `k` into
+/// packed `dst`, from f32 rows `lo` and `hi` (`n` values each) rounded to bf16; the columns
+/// past `n` up to a whole block get zeros. Lets a producer that makes B two rows at a time (the
+/// Winograd input transform) write the packed layout directly.
+pub fn write_b_pair(dst: &mut [bf16], n: usize, k: usize, p: usize, lo: &[f32], hi: &[f32]) {
+    super::simd::simd_dispatch!(write_b_pair_with(
+        dst: &mut [bf16],
+        n: usize,
+        k: usize,
+        p: usize,
+        lo: &[f32],
+        hi: &[f32]
+    ))
+}
+
+#[inline(always)]
+#[allow(clippy::extra_unused_type_parameters)] // `simd_dispatch!` names it
+fn write_b_pair_with<S>(dst: &mut [bf16], n: usize, k: usize, p: usize, lo: &[f32], hi: &[f32]) {
+    let (kblocks, kb, r) = (blocks(k), 2 * p / BLOCK, p % 16);
+    let full = n / 16;
+    let groups = lo[..full * 16].chunks_exact(16).zip(hi[..full * 16].chunks_exact(16));
+    for (c16, (lo, hi)) in groups.enumerate() {
+        let at = tile_row(c16 / 2, kb, kblocks, c16 % 2, r);
+        write_pairs(&mut dst[at..at + 32], lo, hi);
+    }
+    // The last partial group and the zero columns of the last block.
+    for c16 in full..blocks(n) * 2 {
+        let value = |v: &[f32], l: usize| if c16 * 16 + l < n { v[c16 * 16 + l] } else { 0.0 };
+        let lo: [f32; 16] = std::array::from_fn(|l| value(lo, l));
+        let hi: [f32; 16] = std::array::from_fn(|l| value(hi, l));
+        let at = tile_row(c16 / 2, kb, kblocks, c16 % 2, r);
+        write_pairs(&mut dst[at..at + 32], &lo, &hi);
+    }
+}
+
+/// One tile row of pairs: `dst[2 l] = lo[l]`, `dst[2 l + 1] = hi[l]`, rounded to bf16. Written
+/// as one 32-bit lane per pair (the `lo` value in its low half) so that it vectorises; a
+/// plain function, not a closure, so that it is compiled with its caller's target features.
+#[inline(always)]
+fn write_pairs(dst: &mut [bf16], lo: &[f32], hi: &[f32]) {
+    let bits = |v: f32| round_to_bf16(v).to_bits() as u32;
+    let mut row = [0u32; 16];
+    for ((r, &lo), &hi) in row.iter_mut().zip(lo).zip(hi) {
+        *r = bits(hi) << 16 | bits(lo);
+    }
+    for (d, v) in dst.chunks_exact_mut(2).zip(row) {
+        d[0] = bf16::from_bits(v as u16);
+        d[1] = bf16::from_bits((v >> 16) as u16);
     }
 }
 
@@ -664,6 +731,29 @@ mod tests {
 
     fn packed_scratch(len: usize) -> Vec<bf16> {
         vec![bf16::ZERO; len + 32]
+    }
+
+    /// Writing B two f32 rows at a time gives the layout `pack_b_rows` makes from the
+    /// bf16-rounded rows, padding included (over a buffer that held other values).
+    #[test]
+    fn write_b_pair_matches_pack_b_rows() {
+        for (n, k) in [(1, 1), (16, 2), (45, 37), (64, 64), (100, 70)] {
+            let b = vals(n * k, 9); // row kk of B: b[kk * n..][..n]
+            let len = packed_len(n, k);
+            let mut expected = vec![bf16::ZERO; len];
+            pack_b_rows(n, k, &mut expected, |kk, out| {
+                for (o, &v) in out.iter_mut().zip(&b[kk * n..][..n]) {
+                    *o = bf16::from_f32(v);
+                }
+            });
+            let mut ours = vec![bf16::from_f32(7.0); len];
+            let zeros = vec![0f32; n];
+            for p in 0..blocks(k) * BLOCK / 2 {
+                let row = |kk: usize| if kk < k { &b[kk * n..][..n] } else { &zeros[..] };
+                write_b_pair(&mut ours, n, k, p, row(2 * p), row(2 * p + 1));
+            }
+            assert_eq!(ours, expected, "{n} {k}");
+        }
     }
 
     /// Every kernel this CPU has, packing path and bias kind against a plain f64 product, with
