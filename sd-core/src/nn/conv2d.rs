@@ -616,7 +616,8 @@ mod tests {
 
     /// bf16 3x3 layers with stride 1 and padding 1 hold their weight transformed for Winograd
     /// where the packed kernels run (and it is not switched off), and their filters come back
-    /// for LoRA fusing.
+    /// for LoRA fusing: a fused layer gives what a layer of the summed weight gives, within bf16
+    /// rounding.
     #[test]
     fn bf16_3x3_layers_keep_winograd_filters() -> Result<()> {
         if !packed::available() || !winograd::enabled() {
@@ -633,6 +634,17 @@ mod tests {
         let back = conv.weight.tensor()?.to_dtype(DType::F32)?;
         let diff = (back - wt.to_dtype(DType::F32)?)?.abs()?.flatten_all()?.max(0)?;
         assert!(diff.to_scalar::<f32>()? <= 4.0 / 256.0);
+        // A LoRA fused into it: the filters recovered, plus the delta, transformed again.
+        let delta = (Tensor::from_vec(values(6 * 36, 5), (6, 36), &dev)? * 0.1)?;
+        let fused = conv.weight_plus(&delta)?;
+        assert!(matches!(fused, Weight::Winograd(_)));
+        let x = Tensor::from_vec(values(2 * 4 * 5 * 7, 6), (2, 4, 5, 7), &dev)?;
+        let sum = (wt.to_dtype(DType::F32)? + delta.reshape((6, 4, 3, 3))?)?;
+        let expected = Conv2d::new(sum.to_dtype(DType::BF16)?, None, same)?.forward(&x)?;
+        let diff = (conv.forward_weight(&fused, &x)? - &expected)?.abs()?.flatten_all()?;
+        let scale = expected.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+        let diff = diff.max(0)?.to_scalar::<f32>()?;
+        assert!(diff < 0.02 * scale, "fused LoRA: {diff} (outputs up to {scale})");
         let strided = Conv2d::new(wt, None, Conv2dConfig { padding: 1, stride: 2 })?;
         assert_eq!(strided.weight_kind(), "packed");
         Ok(())
