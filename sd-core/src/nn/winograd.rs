@@ -99,8 +99,8 @@ pub(crate) fn describe(dtype: candle_core::DType) -> String {
     }
 }
 
-/// Whether a convolution with this kernel, stride and padding on `batch` images of `h x w`
-/// runs here.
+/// Whether an f32 convolution with this kernel, stride and padding, of shape `s`, runs here
+/// ([`conv3x3`]).
 pub(super) fn applies(kernel: (usize, usize), stride: usize, pad: usize, s: &Shape) -> bool {
     enabled() && kernel == (3, 3) && stride == 1 && pad == 1 && fits(s)
 }
