@@ -177,7 +177,7 @@ impl Weight {
     /// The packed form of weight `w` (`dims`; f32 values, rounded to bf16 as they are packed).
     fn pack(w: &[f32], dims: (usize, usize, usize, usize), cfg: Conv2dConfig) -> Self {
         let (c_out, c_in, kh, kw) = dims;
-        if winograd::takes_bf16((kh, kw), cfg.stride, cfg.padding) {
+        if winograd::takes((kh, kw), cfg.stride, cfg.padding) {
             let filters = winograd::PackedFilters::new(w, c_out, c_in);
             return Weight::Winograd(Arc::new(filters));
         }
@@ -303,13 +303,10 @@ impl Conv2d {
             None => None,
         };
         let (k, pixels) = (g.k(), g.pixels());
-        // Winograd takes f32 weights only (bf16 ones multiply on the bf16 kernels).
         let shape = winograd::Shape { batch, c_in, c_out, h, w };
-        let f32_weight = match weight {
-            Weight::Dense(w) => w.dtype() == DType::F32,
-            Weight::Mapped { .. } => true,
-            Weight::Packed { .. } | Weight::Winograd(_) => false,
-        };
+        // The f32 Winograd path takes f32 weights; dense bf16 ones (MKL's bf16 GEMM) stay on
+        // im2col, and packed ones have their own arms below.
+        let f32_weight = !matches!(weight, Weight::Dense(w) if w.dtype() != DType::F32);
         // Every element is written by the tasks below (bias or GEMM); the length is set after.
         let len = batch * c_out * pixels;
         let mut out: Vec<f32> = Vec::with_capacity(len);

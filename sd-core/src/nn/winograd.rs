@@ -99,16 +99,17 @@ pub(crate) fn describe(dtype: candle_core::DType) -> String {
     }
 }
 
-/// Whether an f32 convolution with this kernel, stride and padding, of shape `s`, runs here
-/// ([`conv3x3`]).
-pub(super) fn applies(kernel: (usize, usize), stride: usize, pad: usize, s: &Shape) -> bool {
-    enabled() && kernel == (3, 3) && stride == 1 && pad == 1 && fits(s)
+/// Whether a layer with this kernel, stride and padding is one Winograd computes: 3x3, stride 1,
+/// padding 1, with the path switched on. A bf16 layer on the packed kernels then keeps its
+/// filters transformed for [`conv3x3_bf16`] (all its calls run there, whatever their size).
+pub(super) fn takes(kernel: (usize, usize), stride: usize, pad: usize) -> bool {
+    enabled() && kernel == (3, 3) && stride == 1 && pad == 1
 }
 
-/// Whether a bf16 layer with this kernel, stride and padding keeps its weight transformed for
-/// [`conv3x3_bf16`] (all its calls then run here, whatever their size).
-pub(super) fn takes_bf16(kernel: (usize, usize), stride: usize, pad: usize) -> bool {
-    enabled() && kernel == (3, 3) && stride == 1 && pad == 1
+/// Whether an f32 convolution with this kernel, stride and padding, of shape `s`, runs here
+/// ([`conv3x3`]): a layer Winograd [`takes`], in a call with enough tiles.
+pub(super) fn applies(kernel: (usize, usize), stride: usize, pad: usize, s: &Shape) -> bool {
+    takes(kernel, stride, pad) && fits(s)
 }
 
 /// Enough tiles to pay for the weight transform.
