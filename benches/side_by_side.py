@@ -79,13 +79,14 @@ def ours_run(args, dtype):
     cmd = [args.sd_cli, "generate", "--model", args.model, "--prompt", "a photograph of an astronaut riding a horse",
            "--height", str(args.size), "--width", str(args.size), "--steps", str(args.steps), "--seed", str(args.seed),
            "--scheduler", "euler", "--dtype", dtype, "--out", "/tmp/side_by_side.png"]
-    out, wall, rss = run_child(cmd)
+    env = dict(os.environ, SD_WEIGHT_CACHE=args.weight_cache) if args.weight_cache else None
+    out, wall, rss = run_child(cmd, env)
     m = SUMMARY.search(out)
     if not m:
         sys.exit(f"could not parse sd-cli output: {out}")
     load, text, _, step, vae = map(float, m.groups())
     return {"load": load, "text_encoder": text, "unet_step": step, "vae_decode": vae, "wall": wall, "rss": rss,
-            "precision": dtype}
+            "precision": f"{dtype}, weight cache" if args.weight_cache else dtype}
 
 
 def main():
@@ -104,6 +105,9 @@ def main():
     ap.add_argument("--openvino-venv", default=str(Path.home() / ".cache/sd-rs/openvino-venv"))
     ap.add_argument("--openvino-precision", choices=["default", "f32"], default="default",
                     help="default: OpenVINO's own choice (bf16 on AVX512_BF16 or AMX); f32: forced f32")
+    ap.add_argument("--weight-cache", metavar="DIR",
+                    help="sd-rs bf16 reads its packed weights from this SD_WEIGHT_CACHE folder (filled by "
+                         "one uncounted run first)")
     ap.add_argument("--cold", action="store_true",
                     help="do not read each engine's weight files into the page cache before its run")
     args = ap.parse_args()
@@ -116,11 +120,15 @@ def main():
         sys.exit(f"--engines takes a comma-separated list of {', '.join(runners)}")
     model = Path(args.model)
     weights = {"diffusers": model, "sd-rs": model, "openvino": Path.home() / ".cache/sd-rs" / f"openvino-{model.name}"}
+    if args.weight_cache and "sd-rs" in engines:
+        ours_run(args, ours_dtype)  # writes the cache where it is not there yet
+        weights["sd-rs"] = [model, Path(args.weight_cache)]
     results = {e: [] for e in engines}
     for i in range(args.runs):
         for name in engines:
             if not args.cold:
-                read_into_page_cache(weights[name])
+                for folder in weights[name] if isinstance(weights[name], list) else [weights[name]]:
+                    read_into_page_cache(folder)
             r = runners[name]()
             results[name].append(r)
             print(f"run {i + 1} {name}: " + ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}"

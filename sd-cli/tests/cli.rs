@@ -233,6 +233,59 @@ fn bf16_kernels_stay_near_f32_and_none_is_refused() {
     assert!(!Path::new(&png).exists());
 }
 
+/// `SD_WEIGHT_CACHE`: the first bf16 run writes one packed-weight file per component, the
+/// next reads them without writing again, and both images are the uncached run's, byte for byte.
+#[test]
+fn the_weight_cache_is_written_once_and_changes_no_pixel() {
+    if sd_core::cpu::packed::Kernel::supported().is_empty() {
+        eprintln!("skipped: the packed bf16 GEMM needs AMX or AVX512_BF16");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let model = pipelines().join("sd2-tiny").display().to_string();
+    let cache = dir.path().join("weight-cache");
+    let run = |name: &str, env: &[(&str, &str)]| {
+        let out = dir.path().join(name);
+        #[rustfmt::skip]
+        let args = [
+            "generate", "--prompt", "a cat", "--model", &model, "--steps", "2", "--seed", "7",
+            "--dtype", "bf16", "--verbose", "--out", out.to_str().unwrap(),
+        ];
+        let run = sd_cli_env(&args, env);
+        assert!(run.status.success(), "{}", stderr(&run));
+        (stderr(&run), std::fs::read(out).unwrap())
+    };
+    let listing = || {
+        let mut files: Vec<_> = std::fs::read_dir(&cache)
+            .unwrap()
+            .map(|e| e.unwrap())
+            .map(|e| {
+                (e.file_name().into_string().unwrap(), e.metadata().unwrap().modified().unwrap())
+            })
+            .collect();
+        files.sort();
+        files
+    };
+    let (err, uncached) = run("uncached.png", &[]);
+    assert!(
+        err.contains("packed bf16 weights: packed at every load (SD_WEIGHT_CACHE=DIR"),
+        "{err}"
+    );
+    let env = [("SD_WEIGHT_CACHE", cache.to_str().unwrap())];
+    let (err, written) = run("written.png", &env);
+    assert!(err.contains(&format!("packed bf16 weights: cached in {}", cache.display())), "{err}");
+    assert!(written == uncached, "the run that writes the cache changed the image");
+    let files = listing();
+    let names: Vec<&str> = files.iter().map(|(name, _)| name.as_str()).collect();
+    assert_eq!(names.len(), 3, "{names:?}");
+    for (name, component) in names.iter().zip(["text_encoder", "unet", "vae"]) {
+        assert!(name.starts_with(&format!("sd2-tiny-{component}-")) && name.ends_with(".sdpack"));
+    }
+    let (_, read) = run("read.png", &env);
+    assert!(read == uncached, "the run that reads the cache changed the image");
+    assert_eq!(listing(), files, "the second run wrote the cache again");
+}
+
 #[test]
 fn bad_input_gives_one_line_errors() {
     let model = pipelines().join("sd2-tiny");

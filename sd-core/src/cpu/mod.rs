@@ -63,7 +63,8 @@ fn choose_run_dtype(dtype: DType, bf16_in_hardware: bool, bf16_gemms: bool) -> R
 }
 
 /// What runs the CPU work of a model in `dtype`, in a few lines: the CPU and threads, the f32
-/// GEMM and why, the 3x3 convolutions' algorithm, and for bf16 its kernel. For
+/// GEMM and why, the 3x3 convolutions' algorithm, and for bf16 its kernel and where its packed
+/// weights come from. For
 /// `sd-cli --verbose` and benchmark records.
 pub fn describe(dtype: DType) -> String {
     let mut lines = vec![format!(
@@ -86,6 +87,17 @@ pub fn describe(dtype: DType) -> String {
         // Winograd needs the packed kernels; MKL's bf16 GEMM runs every convolution by im2col.
         if packed::available() {
             lines.push(crate::nn::winograd::describe(dtype));
+            lines.push(match crate::loading::weight_cache_dir() {
+                Some(dir) if crate::loading::maps_weights() => {
+                    format!("packed bf16 weights: cached in {} (SD_WEIGHT_CACHE)", dir.display())
+                }
+                Some(_) => "packed bf16 weights: packed at every load (SD_WEIGHT_CACHE \
+                    needs the mapped weights, and SD_MAP_WEIGHTS=0 is set)"
+                    .to_string(),
+                None => "packed bf16 weights: packed at every load (SD_WEIGHT_CACHE=DIR \
+                    keeps them on disk)"
+                    .to_string(),
+            });
         }
     }
     lines.join("\n")

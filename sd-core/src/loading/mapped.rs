@@ -31,6 +31,8 @@ pub struct MappedF32 {
     _file: Arc<MmapedSafetensors>,
     ptr: *const f32,
     len: usize,
+    /// The tensor's full name in the file (the packed-weight cache's key for it).
+    name: Arc<str>,
 }
 
 // Safety: the values are a read-only mapping that lives as long as `_file`; nothing writes them.
@@ -58,9 +60,14 @@ impl MappedF32 {
         release_pages(bytes_of(self));
     }
 
+    /// The tensor's full name in its file.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
     /// Keeps the mapping alive for the returned view's owner.
-    fn new(file: &Arc<MmapedSafetensors>, values: &[f32]) -> Self {
-        Self { _file: file.clone(), ptr: values.as_ptr(), len: values.len() }
+    fn new(file: &Arc<MmapedSafetensors>, values: &[f32], name: &str) -> Self {
+        Self { _file: file.clone(), ptr: values.as_ptr(), len: values.len(), name: name.into() }
     }
 }
 
@@ -93,6 +100,16 @@ pub fn maps_weights() -> bool {
     !crate::runtime::switched_off("SD_MAP_WEIGHTS")
 }
 
+/// The name of weight `name` of `vb` in the weight files.
+pub(crate) fn full_name(vb: &VarBuilder, name: &str) -> String {
+    let prefix = vb.prefix();
+    if prefix.is_empty() {
+        name.to_string()
+    } else {
+        format!("{prefix}.{name}")
+    }
+}
+
 /// Weight `name` of `vb` as a view into its mapped file, where that can stand in for
 /// `vb.get(shape, name)`: while a component is being built from mapped files, for a CPU builder
 /// of dtype f32 or bf16 (bf16 builders are the packed GEMM's, which packs from f32), and a tensor
@@ -106,8 +123,7 @@ pub(crate) fn mapped_f32(
         return Ok(None);
     }
     let Some(store) = BUILDING.with(|b| b.borrow().clone()) else { return Ok(None) };
-    let prefix = vb.prefix();
-    let full = if prefix.is_empty() { name.to_string() } else { format!("{prefix}.{name}") };
+    let full = full_name(vb, name);
     let Some((path, file, view)) = store.view(&full) else { return Ok(None) };
     if view.dtype() != safetensors::Dtype::F32 {
         return Ok(None);
@@ -122,7 +138,7 @@ pub(crate) fn mapped_f32(
             shape.dims()
         )
     }
-    Ok(Some(MappedF32::new(file, values)))
+    Ok(Some(MappedF32::new(file, values, &full)))
 }
 
 #[cfg(test)]

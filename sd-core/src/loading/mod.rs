@@ -6,6 +6,7 @@
 //! the shapes involved.
 
 mod mapped;
+mod packed_cache;
 pub mod weight_files;
 
 use std::collections::HashMap;
@@ -21,8 +22,11 @@ use serde::de::DeserializeOwned;
 use crate::cpu::bf16::round_to_bf16;
 use crate::cpu::Pod;
 use crate::{Error, Result};
-pub(crate) use mapped::mapped_f32;
+pub(crate) use mapped::{full_name, mapped_f32};
 pub use mapped::{maps_weights, MappedF32};
+pub use packed_cache::cache_dir as weight_cache_dir;
+use packed_cache::PackedCache;
+pub(crate) use packed_cache::{cached_operands, pack_into_cache, PackedForm};
 use weight_files::{choose_weight_files, shard_paths, WeightFiles};
 
 /// Reads and deserializes a JSON config. Unknown keys are ignored by the config structs; a missing
@@ -185,7 +189,8 @@ impl SimpleBackend for SharedStore {
 
 /// Builds a model from a component folder, turning loader errors into [`Error::Weights`] that
 /// name the folder. The layers read f32 weights in place from the mapped files where they can
-/// ([`MappedF32`]).
+/// ([`MappedF32`]); packed bf16 weights come from the cache folder `SD_WEIGHT_CACHE` names, if
+/// any ([`weight_cache_dir`]).
 pub fn build_component<M>(
     dir: &Path,
     store: WeightStore,
@@ -193,9 +198,32 @@ pub fn build_component<M>(
     device: &Device,
     build: impl FnOnce(VarBuilder<'static>) -> candle_core::Result<M>,
 ) -> Result<M> {
+    build_component_cached(dir, store, dtype, device, weight_cache_dir().as_deref(), build)
+}
+
+/// [`build_component`] with the packed-weight cache in `cache_dir` (used where the weights are
+/// mapped f32 packed for the bf16 kernels; see [`packed_cache`]).
+pub(crate) fn build_component_cached<M>(
+    dir: &Path,
+    store: WeightStore,
+    dtype: DType,
+    device: &Device,
+    cache_dir: Option<&Path>,
+    build: impl FnOnce(VarBuilder<'static>) -> candle_core::Result<M>,
+) -> Result<M> {
+    let packs = crate::nn::packs_weight(dtype, device) && maps_weights();
+    let cache = cache_dir.filter(|_| packs).and_then(|cache_dir| {
+        let files: Vec<PathBuf> = store.files.iter().map(|(path, _)| path.clone()).collect();
+        PackedCache::open(cache_dir, dir, &files)
+    });
     let store = Arc::new(store);
-    mapped::building(store.clone(), || build(store.var_builder(dtype, device)))
-        .map_err(|e| Error::Weights { path: dir.to_path_buf(), msg: root_cause(&e) })
+    let (built, cache) = packed_cache::with_cache(cache, || {
+        mapped::building(store.clone(), || build(store.var_builder(dtype, device)))
+    });
+    if let Some(cache) = cache {
+        cache.finish(built.is_ok());
+    }
+    built.map_err(|e| Error::Weights { path: dir.to_path_buf(), msg: root_cause(&e) })
 }
 
 /// A tensor of the mapped file copied or converted into a CPU tensor (f32 or bf16) by all

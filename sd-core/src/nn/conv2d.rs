@@ -27,7 +27,7 @@ use crate::cpu::bf16::to_bf16_par;
 use crate::cpu::blas::{gemm_bf16, gemm_f32, Operand, SendPtr};
 use crate::cpu::packed;
 use crate::cpu::{with_scratch, with_slice};
-use crate::loading::MappedF32;
+use crate::loading::{pack_into_cache, MappedF32, PackedForm};
 
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Conv2dConfig {
@@ -51,12 +51,23 @@ pub fn conv2d(
     cfg: Conv2dConfig,
     vb: VarBuilder,
 ) -> Result<Conv2d> {
-    let weight = Source::get(&vb, (out_channels, in_channels, kernel, kernel), "weight")?;
+    let dims = (out_channels, in_channels, kernel, kernel);
+    let weight = Source::get(&vb, dims, "weight", packed_form(dims, cfg))?;
     let bias =
         vb.get_with_hints_dtype(out_channels, "bias", Default::default(), param_dtype(&vb))?;
     let conv = Conv2d::from_source(weight, Some(bias), cfg)?;
     record(vb.prefix(), || LoraLayer::Conv2d(conv.clone()));
     Ok(conv)
+}
+
+/// How a bf16 layer of weight `dims` packs it: Winograd's 16 transformed operands
+/// `[out, in]`, or one `[out, in kh kw]` for im2col.
+fn packed_form(dims: (usize, usize, usize, usize), cfg: Conv2dConfig) -> PackedForm {
+    let (c_out, c_in, kh, kw) = dims;
+    match winograd::takes((kh, kw), cfg.stride.max(1), cfg.padding) {
+        true => PackedForm { operands: winograd::XI, outer: c_out, k: c_in },
+        false => PackedForm { operands: 1, outer: c_out, k: c_in * kh * kw },
+    }
 }
 
 /// Elements of one task's im2col block: 4 Mi (16 MiB in f32, 8 in bf16). Smaller blocks mean
@@ -154,8 +165,16 @@ impl Weight {
     fn new(source: Source, cfg: Conv2dConfig) -> Result<Self> {
         let packs = source.packs();
         Ok(match source {
+            Source::Cached { operands, shape } => {
+                match <[packed::Packed; winograd::XI]>::try_from(operands) {
+                    Ok(u) => Weight::Winograd(Arc::new(winograd::PackedFilters::from_operands(u))),
+                    Err(mut one) => {
+                        Weight::Packed { weight: Arc::new(one.remove(0)), dims: shape.dims4()? }
+                    }
+                }
+            }
             Source::Mapped { values, shape, .. } if packs => {
-                let weight = Weight::pack(&values, shape.dims4()?, cfg);
+                let weight = Weight::pack(&values, Some(values.name()), shape.dims4()?, cfg);
                 values.release();
                 weight
             }
@@ -163,25 +182,34 @@ impl Weight {
                 Weight::Mapped { values, dims: shape.dims4()? }
             }
             source @ Source::Mapped { .. } => {
-                Weight::new(Source::Tensor(source.into_tensor()?), cfg)?
+                Weight::new(Source::Tensor(source.into_tensor()?, None), cfg)?
             }
-            Source::Tensor(weight) if packs => {
+            Source::Tensor(weight, name) if packs => {
                 let dims = weight.dims4()?;
                 let f32_weight = weight.to_dtype(DType::F32)?.contiguous()?;
-                with_slice::<f32, _>(&f32_weight, |w| Weight::pack(w, dims, cfg))?
+                with_slice::<f32, _>(&f32_weight, |w| Weight::pack(w, name.as_deref(), dims, cfg))?
             }
-            Source::Tensor(weight) => Weight::Dense(weight),
+            Source::Tensor(weight, _) => Weight::Dense(weight),
         })
     }
 
-    /// The packed form of weight `w` (`dims`; f32 values, rounded to bf16 as they are packed).
-    fn pack(w: &[f32], dims: (usize, usize, usize, usize), cfg: Conv2dConfig) -> Self {
+    /// The packed form of weight `w` (`dims`; f32 values, rounded to bf16 as they are packed),
+    /// from the packed-weight cache where the weight is the mapped tensor `name` it holds.
+    fn pack(
+        w: &[f32],
+        name: Option<&str>,
+        dims: (usize, usize, usize, usize),
+        cfg: Conv2dConfig,
+    ) -> Self {
         let (c_out, c_in, kh, kw) = dims;
         if winograd::takes((kh, kw), cfg.stride, cfg.padding) {
-            let filters = winograd::PackedFilters::new(w, c_out, c_in);
-            return Weight::Winograd(Arc::new(filters));
+            let u = pack_into_cache(name, || {
+                winograd::PackedFilters::new(w, c_out, c_in).into_operands()
+            });
+            return Weight::Winograd(Arc::new(winograd::PackedFilters::from_operands(u)));
         }
-        let packed = packed::Packed::a_from_rows_f32(w, c_out, c_in * kh * kw);
+        let k = c_in * kh * kw;
+        let [packed] = pack_into_cache(name, || [packed::Packed::a_from_rows_f32(w, c_out, k)]);
         Weight::Packed { weight: Arc::new(packed), dims }
     }
 
@@ -211,7 +239,7 @@ impl Weight {
 impl Conv2d {
     /// A bf16 weight on a CPU with AMX or AVX512_BF16 is packed here (and the tensor dropped).
     pub fn new(weight: Tensor, bias: Option<Tensor>, cfg: Conv2dConfig) -> Result<Self> {
-        Self::from_source(Source::Tensor(weight), bias, cfg)
+        Self::from_source(Source::Tensor(weight, None), bias, cfg)
     }
 
     fn from_source(weight: Source, bias: Option<Tensor>, cfg: Conv2dConfig) -> Result<Self> {
@@ -250,7 +278,7 @@ impl Conv2d {
         let own = self.weight.tensor()?;
         let delta = delta.reshape(own.shape())?;
         let fused = (own.to_dtype(DType::F32)? + delta)?.to_dtype(own.dtype())?;
-        Weight::new(Source::Tensor(fused), self.cfg)
+        Weight::new(Source::Tensor(fused, None), self.cfg)
     }
 
     fn forward_weight(&self, weight: &Weight, xs: &Tensor) -> Result<Tensor> {

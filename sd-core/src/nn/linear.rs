@@ -13,7 +13,7 @@ use crate::cpu::bf16::to_bf16;
 use crate::cpu::blas::{cpu_gemm, gemm_bf16, gemm_f32, CpuGemm, Operand};
 use crate::cpu::packed;
 use crate::cpu::{with_scratch, with_slice};
-use crate::loading::MappedF32;
+use crate::loading::{pack_into_cache, MappedF32, PackedForm};
 
 #[derive(Debug, Clone)]
 pub struct Linear {
@@ -86,14 +86,19 @@ impl F32Weight {
 }
 
 pub fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
-    let weight = Source::get(&vb, (out_dim, in_dim), "weight")?;
+    let weight = Source::get(&vb, (out_dim, in_dim), "weight", packed_form(out_dim, in_dim))?;
     let bias = vb.get_with_hints_dtype(out_dim, "bias", Default::default(), param_dtype(&vb))?;
     Linear::from_source(weight, Some(bias)).map(|l| l.recorded(&vb))
 }
 
 pub fn linear_no_bias(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
-    let weight = Source::get(&vb, (out_dim, in_dim), "weight")?;
+    let weight = Source::get(&vb, (out_dim, in_dim), "weight", packed_form(out_dim, in_dim))?;
     Linear::from_source(weight, None).map(|l| l.recorded(&vb))
+}
+
+/// A linear layer packs its weight `[n, k]` as one B operand.
+fn packed_form(n: usize, k: usize) -> PackedForm {
+    PackedForm { operands: 1, outer: n, k }
 }
 
 impl Weight {
@@ -102,30 +107,39 @@ impl Weight {
     fn new(source: Source) -> Result<Self> {
         let packs = source.packs();
         Ok(match source {
+            Source::Cached { mut operands, .. } => Weight::Packed(Arc::new(operands.remove(0))),
             Source::Mapped { values, shape, dtype } if packs || dtype == DType::F32 => {
                 let (n, k) = shape.dims2()?;
                 if packs {
-                    let packed = packed::Packed::b_from_transposed_f32(&values, n, k);
+                    let [packed] = pack_into_cache(Some(values.name()), || {
+                        [packed::Packed::b_from_transposed_f32(&values, n, k)]
+                    });
                     values.release();
                     Weight::Packed(Arc::new(packed))
                 } else {
                     Weight::F32(F32Weight::new(Values::Mapped(values), (n, k)))
                 }
             }
-            source @ Source::Mapped { .. } => Weight::new(Source::Tensor(source.into_tensor()?))?,
-            Source::Tensor(weight) if packs => {
+            source @ Source::Mapped { .. } => {
+                Weight::new(Source::Tensor(source.into_tensor()?, None))?
+            }
+            Source::Tensor(weight, name) if packs => {
                 let (n, k) = weight.dims2()?;
-                let packed = with_slice::<bf16, _>(&weight.contiguous()?, |w| {
-                    packed::Packed::b_from_transposed(w, n, k)
+                let [packed] = with_slice::<bf16, _>(&weight.contiguous()?, |w| {
+                    pack_into_cache(name.as_deref(), || {
+                        [packed::Packed::b_from_transposed(w, n, k)]
+                    })
                 })?;
                 Weight::Packed(Arc::new(packed))
             }
-            Source::Tensor(weight) if weight.dtype() == DType::F32 && weight.device().is_cpu() => {
+            Source::Tensor(weight, _)
+                if weight.dtype() == DType::F32 && weight.device().is_cpu() =>
+            {
                 let dims = weight.dims2()?;
                 let values = weight.flatten_all()?.to_vec1::<f32>()?;
                 Weight::F32(F32Weight::new(Values::Owned(values.into()), dims))
             }
-            Source::Tensor(weight) => Weight::Dense(weight),
+            Source::Tensor(weight, _) => Weight::Dense(weight),
         })
     }
 
@@ -174,7 +188,7 @@ fn transposed(w: &[f32], rows: usize, cols: usize) -> Vec<f32> {
 impl Linear {
     /// A bf16 weight on a CPU with AMX or AVX512_BF16 is packed here (and the tensor dropped).
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
-        Self::from_source(Source::Tensor(weight), bias)
+        Self::from_source(Source::Tensor(weight, None), bias)
     }
 
     fn from_source(weight: Source, bias: Option<Tensor>) -> Result<Self> {
@@ -211,7 +225,8 @@ impl Linear {
     /// stored in the layer's dtype and packed as the layer's own weight is.
     pub(crate) fn weight_plus(&self, delta: &Tensor) -> Result<Weight> {
         let own = self.weight.tensor()?;
-        Weight::new(Source::Tensor((own.to_dtype(DType::F32)? + delta)?.to_dtype(own.dtype())?))
+        let fused = (own.to_dtype(DType::F32)? + delta)?.to_dtype(own.dtype())?;
+        Weight::new(Source::Tensor(fused, None))
     }
 
     /// `xs` through `weight` (the layer's own or a fused one) and the bias.

@@ -33,7 +33,8 @@ use candle_core::{DType, Device, Result, Shape, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::cpu;
-use crate::loading::{mapped_f32, MappedF32};
+use crate::cpu::packed::Packed;
+use crate::loading::{cached_operands, full_name, mapped_f32, MappedF32, PackedForm};
 
 /// The dtype of activations and of the parameters that are not GEMM weights, for a builder.
 pub fn param_dtype(vb: &VarBuilder) -> DType {
@@ -64,50 +65,60 @@ pub fn embedding(count: usize, dim: usize, vb: VarBuilder) -> Result<candle_nn::
 /// A GEMM layer's weight as the loader hands it over.
 #[derive(Debug)]
 enum Source {
-    Tensor(Tensor),
+    /// A tensor, with the loader's name for it (the packed-weight cache's key; `None` for a
+    /// weight made in code, such as a fused LoRA).
+    Tensor(Tensor, Option<String>),
     /// f32 values read in place from the mapped weight file, for a CPU builder of `dtype` (see
     /// [`MappedF32`]): the layer keeps them as they are, or packs from them and releases them.
-    Mapped {
-        values: MappedF32,
-        shape: Shape,
-        dtype: DType,
-    },
+    Mapped { values: MappedF32, shape: Shape, dtype: DType },
+    /// Packed operands read in place from the packed-weight cache, in the form the layer asked
+    /// for; `shape` is the weight's.
+    Cached { operands: Vec<Packed>, shape: Shape },
 }
 
 impl Source {
-    /// Weight `name` of `vb`: mapped where the loader has it so, else `vb.get`.
-    fn get(vb: &VarBuilder, shape: impl Into<Shape>, name: &str) -> Result<Self> {
+    /// Weight `name` of `vb`: from the packed-weight cache where the layer packs it (`form`)
+    /// and the cache holds it, else mapped where the loader has it so, else `vb.get`.
+    fn get(vb: &VarBuilder, shape: impl Into<Shape>, name: &str, form: PackedForm) -> Result<Self> {
         let shape = shape.into();
+        let full = full_name(vb, name);
+        if packs_weight(vb.dtype(), vb.device()) {
+            if let Some(operands) = cached_operands(&full, form) {
+                return Ok(Source::Cached { operands, shape });
+            }
+        }
         Ok(match mapped_f32(vb, shape.clone(), name)? {
             Some(values) => Source::Mapped { values, shape, dtype: vb.dtype() },
-            None => Source::Tensor(vb.get(shape, name)?),
+            None => Source::Tensor(vb.get(shape, name)?, Some(full)),
         })
     }
 
     /// Whether the layer packs this weight for [`cpu::packed`] (see [`packs_weight`]).
     fn packs(&self) -> bool {
         match self {
-            Source::Tensor(t) => packs_weight(t.dtype(), t.device()),
+            Source::Tensor(t, _) => packs_weight(t.dtype(), t.device()),
             Source::Mapped { dtype, .. } => packs_weight(*dtype, &Device::Cpu),
+            Source::Cached { .. } => true,
         }
     }
 
     /// The weight as a tensor of the builder's dtype (mapped values are copied, then released).
     fn into_tensor(self) -> Result<Tensor> {
         match self {
-            Source::Tensor(t) => Ok(t),
+            Source::Tensor(t, _) => Ok(t),
             Source::Mapped { values, shape, dtype } => {
                 let t = Tensor::from_slice(&values, shape, &Device::Cpu)?.to_dtype(dtype)?;
                 values.release();
                 Ok(t)
             }
+            Source::Cached { .. } => candle_core::bail!("a cached packed weight is not a tensor"),
         }
     }
 }
 
 /// Whether a layer packs a weight of `dtype` on `device` for [`cpu::packed`] when it is built
 /// (and keeps no tensor): bf16 on the CPU, where a packed kernel (AMX tiles, AVX512_BF16) runs.
-fn packs_weight(dtype: DType, device: &Device) -> bool {
+pub(crate) fn packs_weight(dtype: DType, device: &Device) -> bool {
     cpu::multiplies_in_bf16(dtype, device) && cpu::packed::available()
 }
 

@@ -45,7 +45,7 @@ use crate::cpu::simd::{simd_dispatch, MulAdd};
 use crate::cpu::with_scratch;
 
 /// Positions of the 4x4 transforms (ξ), one GEMM each.
-const XI: usize = 16;
+pub(super) const XI: usize = 16;
 
 /// Fewest tiles (over the whole batch) for which the Winograd path pays for its weight
 /// transform: below it the GEMMs are too short next to transforming a large weight. On the SD 2.1
@@ -252,7 +252,7 @@ fn plan_by_channels(s: &Shape, align: usize) -> Vec<Task> {
 /// bf16) and packed as the packed GEMM's A operand, `[c_out, c_in]` per ξ: 16/9 of the plain
 /// bf16 weight.
 pub(crate) struct PackedFilters {
-    u: Vec<packed::Packed>,
+    u: [packed::Packed; XI],
     pub c_out: usize,
     pub c_in: usize,
 }
@@ -288,7 +288,18 @@ impl PackedFilters {
                 }
             })
         });
-        Self { u: u.into(), c_out, c_in }
+        Self { u, c_out, c_in }
+    }
+
+    /// The 16 packed operands `U_ξ` (for the packed-weight cache).
+    pub(crate) fn into_operands(self) -> [packed::Packed; XI] {
+        self.u
+    }
+
+    /// Filters from their 16 packed operands, as [`Self::into_operands`] gave them.
+    pub(crate) fn from_operands(u: [packed::Packed; XI]) -> Self {
+        let (c_out, c_in) = (u[0].outer, u[0].k);
+        Self { u, c_out, c_in }
     }
 
     /// The `[c_out, c_in, 3, 3]` filters back from the transform (for fusing LoRAs), within the

@@ -121,9 +121,10 @@ pub fn aligned(buf: &mut [bf16], len: usize) -> &mut [bf16] {
     &mut buf[skip..skip + len]
 }
 
-/// A packed operand that owns its 64-byte aligned storage (the weights).
+/// A packed operand (the weights), 64-byte aligned: packed by this process, or read in place
+/// from a file of packed weights ([`Self::mapped`]).
 pub struct Packed {
-    lines: Vec<Line>,
+    storage: Storage,
     /// Rows (A) or columns (B), unpadded.
     pub outer: usize,
     /// The inner dimension, unpadded.
@@ -133,6 +134,20 @@ pub struct Packed {
 #[derive(Clone, Copy)]
 #[repr(C, align(64))]
 struct Line([bf16; 32]);
+
+enum Storage {
+    Owned(Vec<Line>),
+    /// `len` elements at `ptr`, inside a read-only map that `_map` keeps alive.
+    Mapped {
+        _map: std::sync::Arc<memmap2::Mmap>,
+        ptr: *const bf16,
+        len: usize,
+    },
+}
+
+// Safety: a mapped operand is read-only memory that lives as long as `_map`; nothing writes it.
+unsafe impl Send for Storage {}
+unsafe impl Sync for Storage {}
 
 impl std::fmt::Debug for Packed {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -185,15 +200,49 @@ impl Packed {
             // Safety: every line was packed above, and zeroed first where the fill leaves
             // padding.
             unsafe { lines.set_len(count) };
-            Self { lines, outer, k }
+            Self { storage: Storage::Owned(lines), outer, k }
         })
     }
 
-    pub fn as_slice(&self) -> &[bf16] {
-        // Safety: `Line` is 32 bf16 with no padding.
-        unsafe {
-            std::slice::from_raw_parts(self.lines.as_ptr() as *const bf16, self.lines.len() * 32)
+    /// The operand of `outer` by `k` stored packed at byte `offset` of `map` (as
+    /// [`Self::as_bytes`] wrote it), read in place; `None` where that run is not inside the map
+    /// or not 64-byte aligned.
+    pub fn mapped(
+        map: &std::sync::Arc<memmap2::Mmap>,
+        offset: usize,
+        outer: usize,
+        k: usize,
+    ) -> Option<Self> {
+        let len = packed_len(outer, k);
+        let bytes = map.get(offset..offset.checked_add(len * 2)?)?;
+        if !(bytes.as_ptr() as usize).is_multiple_of(64) {
+            return None;
         }
+        let ptr = bytes.as_ptr().cast();
+        Some(Self { storage: Storage::Mapped { _map: map.clone(), ptr, len }, outer, k })
+    }
+
+    /// Whether this operand is read in place from a file ([`Self::mapped`]).
+    pub fn is_mapped(&self) -> bool {
+        matches!(self.storage, Storage::Mapped { .. })
+    }
+
+    pub fn as_slice(&self) -> &[bf16] {
+        match &self.storage {
+            // Safety: `Line` is 32 bf16 with no padding.
+            Storage::Owned(lines) => unsafe {
+                std::slice::from_raw_parts(lines.as_ptr() as *const bf16, lines.len() * 32)
+            },
+            // Safety: `ptr .. ptr + len` lies inside the map `_map` holds (checked in `mapped`).
+            Storage::Mapped { ptr, len, .. } => unsafe { std::slice::from_raw_parts(*ptr, *len) },
+        }
+    }
+
+    /// The packed operand's bytes, as [`Self::mapped`] reads them back.
+    pub fn as_bytes(&self) -> &[u8] {
+        let values = self.as_slice();
+        // Safety: any bf16 is 2 valid bytes.
+        unsafe { std::slice::from_raw_parts(values.as_ptr().cast(), values.len() * 2) }
     }
 
     /// A weight `[m, k]` (row-major) as the A operand.

@@ -1,0 +1,466 @@
+//! Packed bf16 weights kept on disk between loads (`SD_WEIGHT_CACHE=DIR`).
+//!
+//! A bf16 load on the packed kernels spends most of its time making the packed weights: for SD
+//! 2.1 about 2.7 GB of fresh memory (page faults, and the kernel zeroing every page), the
+//! rounding to bf16 and the Winograd filter transform. The result depends only on the weight
+//! files and on how this build packs, so with a cache folder set, the first load of a component
+//! writes what it packed to `DIR/<model>-<component>-<key>.sdpack`, and later loads map that
+//! file and read the packed weights in place: nothing is packed and no fresh memory is taken;
+//! the pages come from the page cache on first use, as torch's mapped weights do.
+//!
+//! The key (hashed into the file name, and kept whole inside the file, where it is checked) is
+//! everything the packed bytes depend on: this format, the sd-core version, the packed kernel,
+//! whether Winograd is on, and each weight file's path, size, modification time and inode. A
+//! file that does not validate is ignored and written again; a file is written under a
+//! temporary name and renamed, so no reader sees a partial one. The bytes of a valid file are
+//! trusted as they are: a checksum would read all 2.7 GB at every load, which is what the cache
+//! saves. A cache that cannot be read or written never fails a load: it is reported on stderr
+//! and the weights are packed as without it. Old files are never deleted: the folder can be
+//! emptied at any time.
+//!
+//! File layout: the magic `SDPACK01`; the packed operands, each at a 4 KiB-aligned offset; a
+//! JSON index `{"key": .., "entries": {name: [offset, outer, k]}}`; the index's offset and
+//! length (u64, little-endian); the magic again.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{BufWriter, Seek, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::cpu::packed::{self, Packed};
+
+const MAGIC: &[u8; 8] = b"SDPACK01";
+/// Offsets of packed operands: whole pages, so each one maps aligned.
+const ALIGN: u64 = 4096;
+/// Index offset, index length, magic.
+const TRAILER: usize = 24;
+
+/// The folder `SD_WEIGHT_CACHE` names, if it is set and not empty.
+pub fn cache_dir() -> Option<PathBuf> {
+    std::env::var_os("SD_WEIGHT_CACHE").filter(|v| !v.is_empty()).map(PathBuf::from)
+}
+
+#[derive(Serialize, Deserialize, Default)]
+pub(super) struct Index {
+    key: String,
+    /// Operand name -> (byte offset, outer, k).
+    entries: HashMap<String, (u64, usize, usize)>,
+}
+
+/// The cache file of one component while it is being built.
+pub(super) enum PackedCache {
+    /// A valid file for this key: operands are read in place.
+    Reading { map: Arc<memmap2::Mmap>, index: Index },
+    /// No valid file yet: what is packed is appended to a temporary file, renamed to `path` by
+    /// [`PackedCache::finish`].
+    Writing(Writer),
+}
+
+pub(super) struct Writer {
+    path: PathBuf,
+    tmp: PathBuf,
+    file: BufWriter<File>,
+    index: Index,
+    /// The first write error; the file is then dropped at the end.
+    failed: Option<std::io::Error>,
+}
+
+impl PackedCache {
+    /// The cache file in `dir` for the component in `component_dir` made of `weight_files`:
+    /// read where a valid one exists, else started. `None` (said on stderr) where the folder or
+    /// the weight files cannot be read or the file cannot be created.
+    pub(super) fn open(dir: &Path, component_dir: &Path, weight_files: &[PathBuf]) -> Option<Self> {
+        let key = match cache_key(weight_files) {
+            Ok(key) => key,
+            Err(e) => return warn(dir, &format!("cannot read the weight files' metadata: {e}")),
+        };
+        let path = dir.join(file_name(component_dir, &key));
+        match read_index(&path, &key) {
+            Ok(Some((map, index))) => return Some(PackedCache::Reading { map, index }),
+            Ok(None) => {}
+            Err(why) => {
+                eprintln!("sd-core: ignoring {}: {why}; packing the weights again", path.display())
+            }
+        }
+        let tmp = path.with_extension(format!("sdpack.tmp{}", std::process::id()));
+        let file = std::fs::create_dir_all(dir).and_then(|_| File::create(&tmp));
+        match file {
+            Ok(file) => {
+                let mut file = BufWriter::with_capacity(1 << 20, file);
+                let failed = file.write_all(MAGIC).err();
+                let index = Index { key, entries: HashMap::new() };
+                Some(PackedCache::Writing(Writer { path, tmp, file, index, failed }))
+            }
+            Err(e) => warn(dir, &format!("cannot write {}: {e}", tmp.display())),
+        }
+    }
+
+    /// Operand `name` (`outer` by `k`), if this is a file being read that holds it.
+    fn get(&self, name: &str, outer: usize, k: usize) -> Option<Packed> {
+        let PackedCache::Reading { map, index } = self else { return None };
+        let &(offset, o, kk) = index.entries.get(name)?;
+        if (o, kk) != (outer, k) {
+            return None;
+        }
+        Packed::mapped(map, usize::try_from(offset).ok()?, outer, k)
+    }
+
+    /// Appends operand `name`, if this is a file being written.
+    fn put(&mut self, name: &str, operand: &Packed) {
+        let PackedCache::Writing(w) = self else { return };
+        if w.failed.is_some() {
+            return;
+        }
+        let result = (|| {
+            let offset = w.file.stream_position()?.next_multiple_of(ALIGN);
+            let pad = offset - w.file.stream_position()?;
+            w.file.write_all(&vec![0u8; pad as usize])?;
+            w.file.write_all(operand.as_bytes())?;
+            w.index.entries.insert(name.to_string(), (offset, operand.outer, operand.k));
+            Ok(())
+        })();
+        w.failed = result.err();
+    }
+
+    /// Ends the build: a file being written gets its index and its name where the build
+    /// succeeded (`built`) and every write did; otherwise the temporary file is removed.
+    pub(super) fn finish(self, built: bool) {
+        let PackedCache::Writing(mut w) = self else { return };
+        let result = match w.failed.take() {
+            Some(e) => Err(e),
+            None if !built || w.index.entries.is_empty() => Ok(false),
+            None => w.write_index().map(|_| true),
+        };
+        match result {
+            Ok(true) => {}
+            Ok(false) => {
+                let _ = std::fs::remove_file(&w.tmp);
+            }
+            Err(e) => {
+                let _ = std::fs::remove_file(&w.tmp);
+                eprintln!("sd-core: could not write {}: {e}", w.path.display());
+            }
+        }
+    }
+}
+
+impl Writer {
+    fn write_index(&mut self) -> std::io::Result<()> {
+        let json = serde_json::to_vec(&self.index).map_err(std::io::Error::other)?;
+        let offset = self.file.stream_position()?;
+        self.file.write_all(&json)?;
+        self.file.write_all(&offset.to_le_bytes())?;
+        self.file.write_all(&(json.len() as u64).to_le_bytes())?;
+        self.file.write_all(MAGIC)?;
+        self.file.flush()?;
+        std::fs::rename(&self.tmp, &self.path)
+    }
+}
+
+fn warn(dir: &Path, why: &str) -> Option<PackedCache> {
+    eprintln!("sd-core: weight cache {}: {why}; loading without it", dir.display());
+    None
+}
+
+/// What the packed bytes depend on, in words.
+fn cache_key(weight_files: &[PathBuf]) -> std::io::Result<String> {
+    use std::os::unix::fs::MetadataExt;
+    let kernel = packed::kernel().map_or("none", |k| k.name());
+    let mut key = format!(
+        "sdpack 1, sd-core {}, kernel {kernel}, winograd {}",
+        env!("CARGO_PKG_VERSION"),
+        crate::nn::winograd::enabled()
+    );
+    for path in weight_files {
+        let meta = std::fs::metadata(path)?;
+        let path = std::fs::canonicalize(path)?;
+        let mtime = (meta.mtime(), meta.mtime_nsec());
+        key += &format!(
+            "; {} {} bytes, mtime {}.{:09}, inode {}",
+            path.display(),
+            meta.len(),
+            mtime.0,
+            mtime.1,
+            meta.ino()
+        );
+    }
+    Ok(key)
+}
+
+/// `<model>-<component>-<16 hex digits of the key's hash>.sdpack`, the folder names reduced to
+/// characters any file system takes.
+fn file_name(component_dir: &Path, key: &str) -> String {
+    let name_of = |p: Option<&Path>| {
+        let name = p.and_then(Path::file_name).map(|n| n.to_string_lossy().into_owned());
+        let name = name.unwrap_or_default();
+        name.chars()
+            .map(|c| if c.is_ascii_alphanumeric() || "._-".contains(c) { c } else { '_' })
+            .collect::<String>()
+    };
+    let hash = Sha256::digest(key.as_bytes());
+    let hex: String = hash[..8].iter().map(|b| format!("{b:02x}")).collect();
+    format!("{}-{}-{hex}.sdpack", name_of(component_dir.parent()), name_of(Some(component_dir)))
+}
+
+/// The map and index of the cache file at `path`: `Ok(None)` where there is none, `Err` (why)
+/// where it does not validate for `key`.
+fn read_index(path: &Path, key: &str) -> Result<Option<(Arc<memmap2::Mmap>, Index)>, String> {
+    let file = match File::open(path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e.to_string()),
+    };
+    // Safety: the map is read-only; cache files are only ever renamed into place, never written
+    // again, so nothing truncates one while it is mapped (unless someone does so by hand).
+    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| e.to_string())?;
+    let len = map.len();
+    if len < MAGIC.len() + TRAILER || &map[..8] != MAGIC || &map[len - 8..] != MAGIC {
+        return Err("not a packed-weight file, or a truncated one".into());
+    }
+    let word = |at: usize| u64::from_le_bytes(map[at..at + 8].try_into().unwrap());
+    let (offset, size) = (word(len - TRAILER), word(len - TRAILER + 8));
+    let index_end = offset.checked_add(size).filter(|&end| end == (len - TRAILER) as u64);
+    let Some(index_end) = index_end else { return Err("its index is out of bounds".into()) };
+    let index: Index = serde_json::from_slice(&map[offset as usize..index_end as usize])
+        .map_err(|e| format!("its index does not parse: {e}"))?;
+    if index.key != key {
+        return Err("it was written for other weights or settings (its key differs)".into());
+    }
+    for (name, &(at, outer, k)) in &index.entries {
+        let end = at.checked_add(2 * packed::packed_len(outer, k) as u64);
+        if !at.is_multiple_of(ALIGN) || end.is_none_or(|end| end > offset) {
+            return Err(format!("entry `{name}` is out of bounds"));
+        }
+    }
+    Ok(Some((Arc::new(map), index)))
+}
+
+thread_local! {
+    /// The cache of the component [`super::build_component`] is building on this thread.
+    static CACHE: RefCell<Option<PackedCache>> = const { RefCell::new(None) };
+}
+
+/// Runs `f` with `cache` as this thread's cache, and hands the cache back.
+pub(super) fn with_cache<R>(
+    cache: Option<PackedCache>,
+    f: impl FnOnce() -> R,
+) -> (R, Option<PackedCache>) {
+    struct Restore(Option<PackedCache>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            CACHE.with(|c| *c.borrow_mut() = self.0.take());
+        }
+    }
+    let restore = Restore(CACHE.with(|c| std::mem::replace(&mut *c.borrow_mut(), cache)));
+    let result = f();
+    let cache = CACHE.with(|c| c.borrow_mut().take());
+    drop(restore);
+    (result, cache)
+}
+
+/// How a layer packs a weight: `operands` of `outer` by `k`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) struct PackedForm {
+    pub operands: usize,
+    pub outer: usize,
+    pub k: usize,
+}
+
+/// The packed operands of the loader's weight `name` (full name) in `form`, read in place from
+/// the cache of the component being built on this thread, where it holds them.
+pub(crate) fn cached_operands(name: &str, form: PackedForm) -> Option<Vec<Packed>> {
+    CACHE.with(|c| {
+        let cache = c.borrow();
+        let cache = cache.as_ref()?;
+        (0..form.operands)
+            .map(|j| cache.get(&operand_name(name, form.operands, j), form.outer, form.k))
+            .collect()
+    })
+}
+
+/// The cache's name for operand `j` of the `count` of weight `name`.
+fn operand_name(name: &str, count: usize, j: usize) -> String {
+    if count == 1 {
+        name.to_string()
+    } else {
+        format!("{name}#{j}")
+    }
+}
+
+/// `pack()`'s operands, also written to the cache being written on this thread (if any) as
+/// those of the loader's weight `name`; with no name (a weight made in code, such as a fused
+/// LoRA), only `pack()`.
+pub(crate) fn pack_into_cache<const N: usize>(
+    name: Option<&str>,
+    pack: impl FnOnce() -> [Packed; N],
+) -> [Packed; N] {
+    let packed = pack();
+    if let Some(name) = name {
+        CACHE.with(|c| {
+            if let Some(cache) = c.borrow_mut().as_mut() {
+                for (j, p) in packed.iter().enumerate() {
+                    cache.put(&operand_name(name, N, j), p);
+                }
+            }
+        });
+    }
+    packed
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{DType, Device, Module, Tensor};
+    use candle_nn::VarBuilder;
+
+    use super::*;
+    use crate::cpu::test_values::values;
+    use crate::loading::{build_component_cached, WeightStore};
+    use crate::nn::{conv2d, linear, Conv2dConfig};
+
+    /// Writes (by rename, as a new file) a weight file with a linear layer `lin` (`[64, 96]`), a
+    /// 3x3 stride-1 convolution `conv` (`[40, 24, 3, 3]`, Winograd's) and a stride-2 one `down`
+    /// (`[16, 24, 3, 3]`, im2col's), their values drawn from `seed`, stored as `dtype` (f32
+    /// weights are packed from the map, others from tensors).
+    fn weight_file(dir: &Path, seed: u32, dtype: DType) -> PathBuf {
+        let t = |dims: &[usize], s| {
+            let v = values(dims.iter().product(), seed * 10 + s);
+            Tensor::from_vec(v, dims, &Device::Cpu).unwrap().to_dtype(dtype).unwrap()
+        };
+        let tensors = [
+            ("lin.weight", t(&[64, 96], 1)),
+            ("lin.bias", t(&[64], 2)),
+            ("conv.weight", t(&[40, 24, 3, 3], 3)),
+            ("conv.bias", t(&[40], 4)),
+            ("down.weight", t(&[16, 24, 3, 3], 5)),
+            ("down.bias", t(&[16], 6)),
+        ];
+        let (tmp, path) = (dir.join("new.safetensors"), dir.join("model.safetensors"));
+        candle_core::safetensors::save(&tensors.into_iter().collect(), &tmp).unwrap();
+        std::fs::rename(&tmp, &path).unwrap();
+        path
+    }
+
+    /// The three layers built in bf16 (through the cache in `cache`, if any), run on fixed
+    /// inputs: their outputs, flattened.
+    fn outputs(weights: &Path, cache: Option<&Path>) -> Vec<f32> {
+        let dev = Device::Cpu;
+        let store = WeightStore::open(&[weights.to_path_buf()]).unwrap();
+        let build = |vb: VarBuilder| {
+            let (same, down) =
+                (Conv2dConfig { padding: 1, stride: 1 }, Conv2dConfig { padding: 1, stride: 2 });
+            Ok((
+                linear(96, 64, vb.pp("lin"))?,
+                conv2d(24, 40, 3, same, vb.pp("conv"))?,
+                conv2d(24, 16, 3, down, vb.pp("down"))?,
+            ))
+        };
+        let dir = weights.parent().unwrap();
+        let (lin, conv, down) =
+            build_component_cached(dir, store, DType::BF16, &dev, cache, build).unwrap();
+        let x = Tensor::from_vec(values(3 * 96, 7), (3, 96), &dev).unwrap();
+        let img = Tensor::from_vec(values(2 * 24 * 8 * 8, 8), (2, 24, 8, 8), &dev).unwrap();
+        let outs = [lin.forward(&x), conv.forward(&img), down.forward(&img)];
+        outs.iter()
+            .flat_map(|o| o.as_ref().unwrap().flatten_all().unwrap().to_vec1().unwrap())
+            .collect()
+    }
+
+    fn cache_files(cache: &Path) -> Vec<PathBuf> {
+        let mut files: Vec<PathBuf> =
+            std::fs::read_dir(cache).unwrap().map(|e| e.unwrap().path()).collect();
+        files.sort();
+        files
+    }
+
+    fn packed_kernels() -> bool {
+        if !packed::available() {
+            eprintln!("skipped: the packed bf16 GEMM needs AMX or AVX512_BF16");
+        }
+        packed::available()
+    }
+
+    /// The first load writes one file of the component's packed weights and gives the same
+    /// layers as a load without the cache; the next loads read that file in place (changing
+    /// its bytes changes the layers) and do not write it again. Weights stored as f32 (packed
+    /// from the map) and as f16 (packed from tensors) alike.
+    #[test]
+    fn later_loads_read_the_packed_weights_in_place() {
+        if !packed_kernels() {
+            return;
+        }
+        for stored in [DType::F32, DType::F16] {
+            later_loads_read_in_place(stored);
+        }
+    }
+
+    fn later_loads_read_in_place(stored: DType) {
+        let (models, cache) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let weights = weight_file(models.path(), 1, stored);
+        let reference = outputs(&weights, None);
+
+        assert_eq!(outputs(&weights, Some(cache.path())), reference);
+        let files = cache_files(cache.path());
+        assert_eq!(files.len(), 1, "{files:?}");
+        let name = files[0].file_name().unwrap().to_string_lossy().into_owned();
+        let model = models.path().parent().unwrap().file_name().unwrap().to_string_lossy();
+        assert!(name.starts_with(&format!("{model}-")) && name.ends_with(".sdpack"), "{name}");
+        let written = std::fs::metadata(&files[0]).unwrap().modified().unwrap();
+
+        assert_eq!(outputs(&weights, Some(cache.path())), reference);
+        assert_eq!(cache_files(cache.path()), files);
+        assert_eq!(std::fs::metadata(&files[0]).unwrap().modified().unwrap(), written);
+
+        // The first packed operand starts at 4 KiB: make it all ones (bf16 0x3f80).
+        let mut bytes = std::fs::read(&files[0]).unwrap();
+        for pair in bytes[4096..8192].chunks_mut(2) {
+            pair.copy_from_slice(&[0x80, 0x3f]);
+        }
+        std::fs::write(&files[0], &bytes).unwrap();
+        assert_ne!(outputs(&weights, Some(cache.path())), reference, "{stored:?}");
+    }
+
+    /// New weights (another file under the same name) get a file of their own; a truncated
+    /// or foreign file is ignored and written again; an unusable cache folder only costs the
+    /// cache. The layers are right in every case.
+    #[test]
+    fn stale_broken_or_unwritable_caches_load_the_weights_as_without_one() {
+        if !packed_kernels() {
+            return;
+        }
+        let (models, cache) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let weights = weight_file(models.path(), 1, DType::F32);
+        let first = outputs(&weights, None);
+        assert_eq!(outputs(&weights, Some(cache.path())), first);
+
+        let weights = weight_file(models.path(), 2, DType::F32);
+        let second = outputs(&weights, None);
+        assert_ne!(second, first);
+        assert_eq!(outputs(&weights, Some(cache.path())), second);
+        let files = cache_files(cache.path());
+        assert_eq!(files.len(), 2, "{files:?}");
+
+        for broken in [&b"SDPACK01 and then nothing"[..], &b"not a cache file at all"[..]] {
+            for file in &files {
+                std::fs::write(file, broken).unwrap();
+            }
+            assert_eq!(outputs(&weights, Some(cache.path())), second);
+            let sizes: Vec<u64> =
+                files.iter().map(|f| std::fs::metadata(f).unwrap().len()).collect();
+            assert!(
+                sizes.iter().any(|&s| s > 8192),
+                "the current file is written again: {sizes:?}"
+            );
+            assert_eq!(outputs(&weights, Some(cache.path())), second);
+        }
+
+        // A folder that cannot be made (under a plain file).
+        let blocked = cache.path().join("plain-file");
+        std::fs::write(&blocked, b"").unwrap();
+        assert_eq!(outputs(&weights, Some(&blocked.join("cache"))), second);
+    }
+}
