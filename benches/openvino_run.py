@@ -101,6 +101,8 @@ def run(args):
     config = {"INFERENCE_NUM_THREADS": args.threads, "PERFORMANCE_HINT": "LATENCY"}
     if args.precision == "f32":
         config["INFERENCE_PRECISION_HINT"] = "f32"
+    if args.cache_dir:
+        config["CACHE_DIR"] = args.cache_dir
     shapes = {"text_encoder": {"input_ids": [1, 77]},
               "unet": {"sample": [2, 4, lat, lat], "timestep": [1],
                        "encoder_hidden_states": [2, 77, read("unet")["cross_attention_dim"]]},
@@ -170,6 +172,8 @@ def main():
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--precision", choices=["default", "f32"], default="default",
                     help="default: OpenVINO's own choice (bf16 where the CPU has it); f32: forced")
+    ap.add_argument("--cache-dir", help="OpenVINO's model cache (CACHE_DIR): the first load writes the compiled "
+                                         "models there, later loads read them")
     args = ap.parse_args()
     args.ir = args.ir or str(Path.home() / f".cache/sd-rs/openvino-{Path(args.model).resolve().name}")
     convert(args) if args.convert else run(args)

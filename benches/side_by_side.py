@@ -5,6 +5,8 @@ per-stage medians, the precision each engine ran in, ratios sd-rs / each other e
 
     python3 benches/side_by_side.py --model ~/.cache/sd-rs/sd21-random --size 512 --steps 4 --runs 2
     python3 benches/side_by_side.py --engines diffusers,sd-rs,openvino --openvino-precision default
+    python3 benches/side_by_side.py --engines sd-rs,openvino --mode bf16 \
+        --weight-cache /tmp/sd-weight-cache --openvino-cache /tmp/ov-model-cache
 
 The model folder is the full SD 2.1 architecture with random weights
 (`cargo run --release -p sd-core --example make_random_model`); speed does not depend on weight
@@ -66,10 +68,13 @@ def openvino_run(args):
     py = Path(args.openvino_venv) / "bin" / "python"
     cmd = [str(py), str(HERE / "openvino_run.py"), "--model", args.model, "--size", str(args.size),
            "--steps", str(args.steps), "--seed", str(args.seed), "--precision", args.openvino_precision]
+    if args.openvino_cache:
+        cmd += ["--cache-dir", args.openvino_cache]
     out, wall, rss = run_child(cmd)
     r = json.loads(out.strip().splitlines()[-1])
+    precision = f"{r['precision']}, model cache" if args.openvino_cache else r["precision"]
     return {"load": r["load"], "text_encoder": r["text_encoder"], "unet_step": r["unet_step"],
-            "vae_decode": r["vae_decode"], "wall": wall, "rss": rss, "precision": r["precision"]}
+            "vae_decode": r["vae_decode"], "wall": wall, "rss": rss, "precision": precision}
 
 
 SUMMARY = re.compile(r"load ([\d.]+)s \| text encoder ([\d.]+)s \| denoise ([\d.]+)s \(([\d.]+)s/step\) \| vae decode ([\d.]+)s")
@@ -108,6 +113,8 @@ def main():
     ap.add_argument("--weight-cache", metavar="DIR",
                     help="sd-rs bf16 reads its packed weights from this SD_WEIGHT_CACHE folder (filled by "
                          "one uncounted run first)")
+    ap.add_argument("--openvino-cache", metavar="DIR",
+                    help="OpenVINO reads its compiled models from this CACHE_DIR (filled by one uncounted run first)")
     ap.add_argument("--cold", action="store_true",
                     help="do not read each engine's weight files into the page cache before its run")
     args = ap.parse_args()
@@ -123,6 +130,9 @@ def main():
     if args.weight_cache and "sd-rs" in engines:
         ours_run(args, ours_dtype)  # writes the cache where it is not there yet
         weights["sd-rs"] = [model, Path(args.weight_cache)]
+    if args.openvino_cache and "openvino" in engines:
+        openvino_run(args)  # writes the cache where it is not there yet
+        weights["openvino"] = [weights["openvino"], Path(args.openvino_cache)]
     results = {e: [] for e in engines}
     for i in range(args.runs):
         for name in engines:
