@@ -6,7 +6,9 @@
 //! model, the layers ask [`mapped_f32`] for their weight first: an f32 weight stored as f32
 //! comes back as a view into the map, which an f32 convolution keeps and multiplies from (no
 //! copy at all, the pages load on first use as torch's mapped weights do) and a repacking layer
-//! packs from once, then [`MappedF32::release`]s.
+//! packs from once, then [`Mapped::release`]s. A layer that packs (bf16 on the packed kernels)
+//! also reads f16 and bf16 weights in place ([`mapped_half`]: the fp16 variant, which bf16 runs
+//! choose): converting them to a bf16 tensor first took about 2 GB of fresh memory for SD 2.1.
 //!
 //! A view keeps its file mapped; like every mmap-based loader we rely on the file not being
 //! truncated while it is in use (replacing or deleting it is safe). Mapped pages are page cache:
@@ -21,43 +23,81 @@ use std::sync::Arc;
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Shape};
 use candle_nn::VarBuilder;
+use half::{bf16, f16};
 
 use super::{display_name, release_pages, WeightStore};
+use crate::cpu::Pod;
 
-/// f32 values of one tensor inside a mapped weight file, kept mapped while this lives.
-#[derive(Clone)]
-pub struct MappedF32 {
+/// The values of one tensor inside a mapped weight file (`T` as stored: f32, or f16 and bf16
+/// for packing), kept mapped while this lives.
+pub struct Mapped<T> {
     /// Held for the mapping's lifetime, never read.
     _file: Arc<MmapedSafetensors>,
-    ptr: *const f32,
+    ptr: *const T,
     len: usize,
     /// The tensor's full name in the file (the packed-weight cache's key for it).
     name: Arc<str>,
 }
 
-// Safety: the values are a read-only mapping that lives as long as `_file`; nothing writes them.
-unsafe impl Send for MappedF32 {}
-unsafe impl Sync for MappedF32 {}
+/// f32 values read in place (see the module docs).
+pub type MappedF32 = Mapped<f32>;
 
-impl std::ops::Deref for MappedF32 {
-    type Target = [f32];
-    fn deref(&self) -> &[f32] {
-        // Safety: `ptr .. ptr + len` is an aligned run of f32 inside the mapping `_file` holds.
+/// f16 or bf16 values read in place, for a layer that packs them.
+#[derive(Clone, Debug)]
+pub enum MappedHalf {
+    F16(Mapped<f16>),
+    Bf16(Mapped<bf16>),
+}
+
+impl MappedHalf {
+    pub fn name(&self) -> &str {
+        match self {
+            MappedHalf::F16(v) => v.name(),
+            MappedHalf::Bf16(v) => v.name(),
+        }
+    }
+
+    pub fn release(&self) {
+        match self {
+            MappedHalf::F16(v) => v.release(),
+            MappedHalf::Bf16(v) => v.release(),
+        }
+    }
+}
+
+impl<T> Clone for Mapped<T> {
+    fn clone(&self) -> Self {
+        Self { _file: self._file.clone(), ptr: self.ptr, len: self.len, name: self.name.clone() }
+    }
+}
+
+// Safety: the values are a read-only mapping that lives as long as `_file`; nothing writes them.
+unsafe impl<T: Sync> Send for Mapped<T> {}
+unsafe impl<T: Sync> Sync for Mapped<T> {}
+
+impl<T> std::ops::Deref for Mapped<T> {
+    type Target = [T];
+    fn deref(&self) -> &[T] {
+        // Safety: `ptr .. ptr + len` is an aligned run of `T` inside the mapping `_file` holds.
         unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
     }
 }
 
-impl std::fmt::Debug for MappedF32 {
+impl<T> std::fmt::Debug for Mapped<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "MappedF32 {{ len: {} }}", self.len)
+        write!(f, "Mapped {{ name: {}, len: {} }}", self.name, self.len)
     }
 }
 
-impl MappedF32 {
+impl<T> Mapped<T> {
     /// Drops this tensor's pages from the process's memory once a layer has copied it out
     /// (they stay in the page cache, and fault back in if touched again).
     pub fn release(&self) {
-        release_pages(bytes_of(self));
+        // Safety: any value is `size_of::<T>()` valid bytes.
+        let bytes = unsafe {
+            std::slice::from_raw_parts(self.ptr.cast::<u8>(), std::mem::size_of_val::<[T]>(self))
+        };
+        release_pages(bytes);
     }
 
     /// The tensor's full name in its file.
@@ -66,14 +106,9 @@ impl MappedF32 {
     }
 
     /// Keeps the mapping alive for the returned view's owner.
-    fn new(file: &Arc<MmapedSafetensors>, values: &[f32], name: &str) -> Self {
+    fn new(file: &Arc<MmapedSafetensors>, values: &[T], name: &str) -> Self {
         Self { _file: file.clone(), ptr: values.as_ptr(), len: values.len(), name: name.into() }
     }
-}
-
-fn bytes_of(values: &[f32]) -> &[u8] {
-    // Safety: any f32 is 4 valid bytes.
-    unsafe { std::slice::from_raw_parts(values.as_ptr().cast(), std::mem::size_of_val(values)) }
 }
 
 thread_local! {
@@ -119,17 +154,48 @@ pub(crate) fn mapped_f32(
     shape: impl Into<Shape>,
     name: &str,
 ) -> candle_core::Result<Option<MappedF32>> {
-    if !vb.device().is_cpu() || !matches!(vb.dtype(), DType::F32 | DType::BF16) || !maps_weights() {
+    if !matches!(vb.dtype(), DType::F32 | DType::BF16) {
+        return Ok(None);
+    }
+    mapped(vb, shape.into(), name, safetensors::Dtype::F32)
+}
+
+/// As [`mapped_f32`], for a weight stored as f16 or bf16, which only a layer that packs it
+/// reads in place (`packs`: a bf16 builder on the packed kernels); others convert it to a tensor.
+pub(crate) fn mapped_half(
+    vb: &VarBuilder,
+    shape: impl Into<Shape>,
+    name: &str,
+    packs: bool,
+) -> candle_core::Result<Option<MappedHalf>> {
+    if !packs {
+        return Ok(None);
+    }
+    let shape = shape.into();
+    if let Some(values) = mapped(vb, shape.clone(), name, safetensors::Dtype::F16)? {
+        return Ok(Some(MappedHalf::F16(values)));
+    }
+    Ok(mapped(vb, shape, name, safetensors::Dtype::BF16)?.map(MappedHalf::Bf16))
+}
+
+/// Weight `name` of `vb` as a view of `T`, where it is stored as `stored` (`T`'s dtype), aligned,
+/// and the component is being built from mapped files on the CPU.
+fn mapped<T: Pod>(
+    vb: &VarBuilder,
+    shape: Shape,
+    name: &str,
+    stored: safetensors::Dtype,
+) -> candle_core::Result<Option<Mapped<T>>> {
+    if !vb.device().is_cpu() || !maps_weights() {
         return Ok(None);
     }
     let Some(store) = BUILDING.with(|b| b.borrow().clone()) else { return Ok(None) };
     let full = full_name(vb, name);
     let Some((path, file, view)) = store.view(&full) else { return Ok(None) };
-    if view.dtype() != safetensors::Dtype::F32 {
+    if view.dtype() != stored {
         return Ok(None);
     }
-    let Some(values) = super::as_values::<f32>(view.data()) else { return Ok(None) };
-    let shape = shape.into();
+    let Some(values) = super::as_values::<T>(view.data()) else { return Ok(None) };
     if view.shape() != shape.dims() {
         candle_core::bail!(
             "{}: tensor `{full}` has shape {:?}, expected {:?}",
@@ -138,7 +204,7 @@ pub(crate) fn mapped_f32(
             shape.dims()
         )
     }
-    Ok(Some(MappedF32::new(file, values, &full)))
+    Ok(Some(Mapped::new(file, values, &full)))
 }
 
 #[cfg(test)]
@@ -151,7 +217,8 @@ mod tests {
     use crate::nn::{conv2d, linear, Conv2dConfig};
 
     /// A weight file with an f32 linear layer `lin` (`[40, 96]`), a 3x3 convolution `conv`
-    /// (`[8, 4, 3, 3]`) and a bf16 linear layer `half` (`[16, 32]`), each with a bias.
+    /// (`[8, 4, 3, 3]`), a bf16 linear layer `half` (`[16, 32]`), and f16 copies of the first
+    /// two's shapes (`lin16`, `conv16`), each with an f32 bias.
     fn weight_file(dir: &std::path::Path) -> std::path::PathBuf {
         let dev = Device::Cpu;
         let t = |dims: &[usize], seed| {
@@ -164,6 +231,10 @@ mod tests {
             ("conv.bias", t(&[8], 4)),
             ("half.weight", t(&[16, 32], 5).to_dtype(DType::BF16).unwrap()),
             ("half.bias", t(&[16], 6)),
+            ("lin16.weight", t(&[40, 96], 9).to_dtype(DType::F16).unwrap()),
+            ("lin16.bias", t(&[40], 10)),
+            ("conv16.weight", t(&[8, 4, 3, 3], 11).to_dtype(DType::F16).unwrap()),
+            ("conv16.bias", t(&[8], 12)),
         ];
         let path = dir.join("model.safetensors");
         candle_core::safetensors::save(&tensors.into_iter().collect(), &path).unwrap();
@@ -175,7 +246,7 @@ mod tests {
     }
 
     /// Inside `build_component` f32 weights come back mapped, bf16 ones (and builders of other
-    /// dtypes) do not; outside it nothing is mapped.
+    /// dtypes) do not, unless the layer packs them; outside it nothing is mapped.
     #[test]
     fn only_stored_f32_weights_inside_a_build_are_mapped() {
         let dir = tempfile::tempdir().unwrap();
@@ -192,6 +263,30 @@ mod tests {
         assert_eq!(found[0].as_deref(), Some(&values(40 * 96, 1)[..]));
         assert_eq!(found[1], None);
         assert_eq!(found[2], None);
+        // f16 and bf16 weights are mapped for a layer that packs them (a bf16 builder), as such.
+        let found = build_component(dir.path(), store(&path), DType::BF16, &Device::Cpu, |vb| {
+            let half = |name: &str, shape: (usize, usize), packs| {
+                mapped_half(&vb.pp(name), shape, "weight", packs)
+            };
+            Ok([
+                half("lin16", (40, 96), true)?,
+                half("half", (16, 32), true)?,
+                half("lin", (40, 96), true)?,
+                half("lin16", (40, 96), false)?,
+            ])
+        })
+        .unwrap();
+        let to_f32 = |v: &[f32], dtype| {
+            let t = Tensor::from_slice(v, v.len(), &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
+            t.to_dtype(DType::F32).unwrap().to_vec1::<f32>().unwrap()
+        };
+        let Some(MappedHalf::F16(lin16)) = &found[0] else { panic!("{:?}", found[0]) };
+        let lin16: Vec<f32> = lin16.iter().map(|v| v.to_f32()).collect();
+        assert_eq!(lin16, to_f32(&values(40 * 96, 9), DType::F16));
+        let Some(MappedHalf::Bf16(half)) = &found[1] else { panic!("{:?}", found[1]) };
+        let half: Vec<f32> = half.iter().map(|v| v.to_f32()).collect();
+        assert_eq!(half, to_f32(&values(16 * 32, 5), DType::BF16));
+        assert!(found[2].is_none() && found[3].is_none());
         let vb = store(&path).into_var_builder(DType::F32, &Device::Cpu);
         assert!(mapped_f32(&vb.pp("lin"), (40, 96), "weight").unwrap().is_none());
     }
@@ -214,8 +309,8 @@ mod tests {
         );
     }
 
-    /// Layers built from mapped weights (used in place in f32, packed from f32 in bf16) give
-    /// exactly what layers built from copied tensors give, after the store is gone.
+    /// Layers built from mapped weights (used in place in f32, packed from f32, f16 or bf16 in
+    /// bf16) give exactly what layers built from copied tensors give, after the store is gone.
     #[test]
     fn mapped_layers_match_copied_ones_and_outlive_the_store() {
         let dir = tempfile::tempdir().unwrap();
@@ -231,11 +326,14 @@ mod tests {
         };
         for &dtype in dtypes {
             let build = |vb: VarBuilder| {
-                Ok((linear(96, 40, vb.pp("lin"))?, conv2d(4, 8, 3, cfg, vb.pp("conv"))?))
+                let (lin, conv) =
+                    (linear(96, 40, vb.pp("lin"))?, conv2d(4, 8, 3, cfg, vb.pp("conv"))?);
+                let halves = [linear(96, 40, vb.pp("lin16"))?, linear(32, 16, vb.pp("half"))?];
+                Ok((lin, conv, halves, conv2d(4, 8, 3, cfg, vb.pp("conv16"))?))
             };
-            let (lin, conv) =
+            let (lin, conv, halves, conv16) =
                 build_component(dir.path(), store(&path), dtype, &dev, build).unwrap();
-            let (lin_copied, conv_copied) =
+            let (lin_copied, conv_copied, halves_copied, conv16_copied) =
                 build(store(&path).into_var_builder(dtype, &dev)).unwrap();
             // bf16 3x3 layers keep Winograd's transform where it is on.
             let (kind, conv_kind) = match dtype {
@@ -246,9 +344,13 @@ mod tests {
             assert_eq!((lin.weight_kind(), conv.weight_kind()), (kind, conv_kind));
             let copied = if dtype == DType::F32 { "dense" } else { conv_kind };
             assert_eq!(conv_copied.weight_kind(), copied);
+            let x32 = x.narrow(1, 0, 32).unwrap();
             for (ours, theirs) in [
                 (lin.forward(&x).unwrap(), lin_copied.forward(&x).unwrap()),
                 (conv.forward(&img).unwrap(), conv_copied.forward(&img).unwrap()),
+                (halves[0].forward(&x).unwrap(), halves_copied[0].forward(&x).unwrap()),
+                (halves[1].forward(&x32).unwrap(), halves_copied[1].forward(&x32).unwrap()),
+                (conv16.forward(&img).unwrap(), conv16_copied.forward(&img).unwrap()),
             ] {
                 let diff = (ours - theirs).unwrap().abs().unwrap().flatten_all().unwrap();
                 assert_eq!(diff.max(0).unwrap().to_scalar::<f32>().unwrap(), 0.0, "{dtype:?}");

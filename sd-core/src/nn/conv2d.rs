@@ -23,11 +23,11 @@ use rayon::prelude::*;
 
 use super::lora::{record, LoraLayer, LoraSlot};
 use super::{param_dtype, task_count, use_cpu_kernels, winograd, Source};
-use crate::cpu::bf16::to_bf16_par;
+use crate::cpu::bf16::{to_bf16_par, WeightValue};
 use crate::cpu::blas::{gemm_bf16, gemm_f32, Operand, SendPtr};
 use crate::cpu::packed;
 use crate::cpu::{with_scratch, with_slice};
-use crate::loading::{pack_into_cache, MappedF32, PackedForm};
+use crate::loading::{pack_into_cache, MappedF32, MappedHalf, PackedForm};
 
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Conv2dConfig {
@@ -181,22 +181,31 @@ impl Weight {
             Source::Mapped { values, shape, dtype: DType::F32 } => {
                 Weight::Mapped { values, dims: shape.dims4()? }
             }
+            Source::MappedHalf { values, shape } => {
+                let (dims, name) = (shape.dims4()?, Some(values.name()));
+                let weight = match &values {
+                    MappedHalf::F16(w) => Weight::pack(w, name, dims, cfg),
+                    MappedHalf::Bf16(w) => Weight::pack(w, name, dims, cfg),
+                };
+                values.release();
+                weight
+            }
             source @ Source::Mapped { .. } => {
                 Weight::new(Source::Tensor(source.into_tensor()?, None), cfg)?
             }
             Source::Tensor(weight, name) if packs => {
                 let dims = weight.dims4()?;
-                let f32_weight = weight.to_dtype(DType::F32)?.contiguous()?;
-                with_slice::<f32, _>(&f32_weight, |w| Weight::pack(w, name.as_deref(), dims, cfg))?
+                let weight = weight.to_dtype(DType::BF16)?.contiguous()?;
+                with_slice::<bf16, _>(&weight, |w| Weight::pack(w, name.as_deref(), dims, cfg))?
             }
             Source::Tensor(weight, _) => Weight::Dense(weight),
         })
     }
 
-    /// The packed form of weight `w` (`dims`; f32 values, rounded to bf16 as they are packed),
-    /// from the packed-weight cache where the weight is the mapped tensor `name` it holds.
-    fn pack(
-        w: &[f32],
+    /// The packed form of weight `w` (`dims`; f32, f16 or bf16 values, rounded to bf16 as they
+    /// are packed), also written to the packed-weight cache as the loader's weight `name`.
+    fn pack<S: WeightValue>(
+        w: &[S],
         name: Option<&str>,
         dims: (usize, usize, usize, usize),
         cfg: Conv2dConfig,
@@ -209,7 +218,7 @@ impl Weight {
             return Weight::Winograd(Arc::new(winograd::PackedFilters::from_operands(u)));
         }
         let k = c_in * kh * kw;
-        let [packed] = pack_into_cache(name, || [packed::Packed::a_from_rows_f32(w, c_out, k)]);
+        let [packed] = pack_into_cache(name, || [packed::Packed::a_from_rows(w, c_out, k)]);
         Weight::Packed { weight: Arc::new(packed), dims }
     }
 

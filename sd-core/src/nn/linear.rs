@@ -13,7 +13,7 @@ use crate::cpu::bf16::to_bf16;
 use crate::cpu::blas::{cpu_gemm, gemm_bf16, gemm_f32, CpuGemm, Operand};
 use crate::cpu::packed;
 use crate::cpu::{with_scratch, with_slice};
-use crate::loading::{pack_into_cache, MappedF32, PackedForm};
+use crate::loading::{pack_into_cache, MappedF32, MappedHalf, PackedForm};
 
 #[derive(Debug, Clone)]
 pub struct Linear {
@@ -112,13 +112,24 @@ impl Weight {
                 let (n, k) = shape.dims2()?;
                 if packs {
                     let [packed] = pack_into_cache(Some(values.name()), || {
-                        [packed::Packed::b_from_transposed_f32(&values, n, k)]
+                        [packed::Packed::b_from_transposed(&values, n, k)]
                     });
                     values.release();
                     Weight::Packed(Arc::new(packed))
                 } else {
                     Weight::F32(F32Weight::new(Values::Mapped(values), (n, k)))
                 }
+            }
+            Source::MappedHalf { values, shape } => {
+                let (n, k) = shape.dims2()?;
+                let [packed] = pack_into_cache(Some(values.name()), || {
+                    [match &values {
+                        MappedHalf::F16(w) => packed::Packed::b_from_transposed(w, n, k),
+                        MappedHalf::Bf16(w) => packed::Packed::b_from_transposed(w, n, k),
+                    }]
+                });
+                values.release();
+                Weight::Packed(Arc::new(packed))
             }
             source @ Source::Mapped { .. } => {
                 Weight::new(Source::Tensor(source.into_tensor()?, None))?

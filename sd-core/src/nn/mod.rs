@@ -34,7 +34,9 @@ use candle_nn::VarBuilder;
 
 use crate::cpu;
 use crate::cpu::packed::Packed;
-use crate::loading::{cached_operands, full_name, mapped_f32, MappedF32, PackedForm};
+use crate::loading::{
+    cached_operands, full_name, mapped_f32, mapped_half, MappedF32, MappedHalf, PackedForm,
+};
 
 /// The dtype of activations and of the parameters that are not GEMM weights, for a builder.
 pub fn param_dtype(vb: &VarBuilder) -> DType {
@@ -71,6 +73,8 @@ enum Source {
     /// f32 values read in place from the mapped weight file, for a CPU builder of `dtype` (see
     /// [`MappedF32`]): the layer keeps them as they are, or packs from them and releases them.
     Mapped { values: MappedF32, shape: Shape, dtype: DType },
+    /// f16 or bf16 values read in place from the mapped weight file, for a layer that packs them.
+    MappedHalf { values: MappedHalf, shape: Shape },
     /// Packed operands read in place from the packed-weight cache, in the form the layer asked
     /// for; `shape` is the weight's.
     Cached { operands: Vec<Packed>, shape: Shape },
@@ -82,10 +86,14 @@ impl Source {
     fn get(vb: &VarBuilder, shape: impl Into<Shape>, name: &str, form: PackedForm) -> Result<Self> {
         let shape = shape.into();
         let full = full_name(vb, name);
-        if packs_weight(vb.dtype(), vb.device()) {
+        let packs = packs_weight(vb.dtype(), vb.device());
+        if packs {
             if let Some(operands) = cached_operands(&full, form) {
                 return Ok(Source::Cached { operands, shape });
             }
+        }
+        if let Some(values) = mapped_half(vb, shape.clone(), name, packs)? {
+            return Ok(Source::MappedHalf { values, shape });
         }
         Ok(match mapped_f32(vb, shape.clone(), name)? {
             Some(values) => Source::Mapped { values, shape, dtype: vb.dtype() },
@@ -98,7 +106,7 @@ impl Source {
         match self {
             Source::Tensor(t, _) => packs_weight(t.dtype(), t.device()),
             Source::Mapped { dtype, .. } => packs_weight(*dtype, &Device::Cpu),
-            Source::Cached { .. } => true,
+            Source::MappedHalf { .. } | Source::Cached { .. } => true,
         }
     }
 
@@ -111,7 +119,9 @@ impl Source {
                 values.release();
                 Ok(t)
             }
-            Source::Cached { .. } => candle_core::bail!("a cached packed weight is not a tensor"),
+            Source::MappedHalf { .. } | Source::Cached { .. } => {
+                candle_core::bail!("a weight read for packing is not a tensor")
+            }
         }
     }
 }

@@ -38,7 +38,7 @@ use rayon::prelude::*;
 
 use half::bf16;
 
-use crate::cpu::bf16::{round_to_bf16, to_bf16};
+use crate::cpu::bf16::{round_to_bf16, to_bf16, WeightValue};
 use crate::cpu::blas::{gemm_f32, Operand, SendPtr};
 use crate::cpu::packed;
 use crate::cpu::simd::{simd_dispatch, MulAdd};
@@ -264,21 +264,23 @@ impl std::fmt::Debug for PackedFilters {
 }
 
 impl PackedFilters {
-    /// From the weight `[c_out, c_in, 3, 3]`, rounded to bf16 before the transform (so a mapped
-    /// f32 weight and the bf16 tensor of it give the same layer). Each block of 32 output
-    /// channels is transformed into a per-thread scratch and packed from there, so the only new
-    /// memory is the packed filters.
-    pub(crate) fn new(weight: &[f32], c_out: usize, c_in: usize) -> Self {
+    /// From the weight `[c_out, c_in, 3, 3]` (f32, f16 or bf16), rounded to bf16 before the
+    /// transform (so a mapped weight and the bf16 tensor of it give the same layer). Each block
+    /// of 32 output channels is transformed into a per-thread scratch and packed from there, so
+    /// the only new memory is the packed filters.
+    pub(crate) fn new<S: WeightValue>(weight: &[S], c_out: usize, c_in: usize) -> Self {
         assert!(weight.len() >= c_out * c_in * 9);
         let u = packed::Packed::build_many(c_out, c_in, |block, dst: [&mut [bf16]; XI]| {
             let first = block * packed::BLOCK;
             let rows = packed::BLOCK.min(c_out - first);
             let plane = rows * c_in;
+            let mut converted = Vec::new();
             with_scratch(0, XI * plane, |u: &mut [f32]| {
                 let out = SendPtr(u.as_mut_ptr());
                 for (co, filters) in
                     weight[first * c_in * 9..][..plane * 9].chunks(c_in * 9).enumerate()
                 {
+                    let filters = S::as_f32(filters, &mut converted);
                     // Safety: `u` holds the `[16, rows, c_in]` transforms of this block.
                     unsafe { transform_filters(filters, true, out, plane, co * c_in) };
                 }

@@ -32,7 +32,7 @@ mod tiles;
 
 use half::bf16;
 
-use super::bf16::round_to_bf16;
+use super::bf16::{round_to_bf16, WeightValue};
 
 /// Rows (A) or columns (B) per packed block, and `k` per block.
 pub const BLOCK: usize = 32;
@@ -245,26 +245,16 @@ impl Packed {
         unsafe { std::slice::from_raw_parts(values.as_ptr().cast(), values.len() * 2) }
     }
 
-    /// A weight `[m, k]` (row-major) as the A operand.
-    pub fn a_from_rows(w: &[bf16], m: usize, k: usize) -> Self {
-        Self::build(m, k, |i, dst| {
-            pack_a_block(w, m, k, i, dst, |s, d: &mut [bf16]| d.copy_from_slice(s))
-        })
+    /// A weight `[m, k]` (row-major; f32, f16 or bf16, rounded to bf16 as it is packed) as the
+    /// A operand.
+    pub fn a_from_rows<S: WeightValue>(w: &[S], m: usize, k: usize) -> Self {
+        Self::build(m, k, |i, dst| pack_a_block(w, m, k, i, dst, S::to_bf16_slice))
     }
 
-    /// An f32 weight `[m, k]` (row-major) as the A operand, rounded to bf16 as it is packed.
-    pub fn a_from_rows_f32(w: &[f32], m: usize, k: usize) -> Self {
-        Self::build(m, k, |i, dst| pack_a_block(w, m, k, i, dst, super::bf16::to_bf16))
-    }
-
-    /// A weight `[n, k]` (row-major, as `nn.Linear` stores it) as the B operand `W^T`.
-    pub fn b_from_transposed(w: &[bf16], n: usize, k: usize) -> Self {
-        Self::build(n, k, |i, dst| pack_b_transposed_block(w, n, k, i, dst, |v| v))
-    }
-
-    /// An f32 weight `[n, k]` as the B operand `W^T`, rounded to bf16 as it is packed.
-    pub fn b_from_transposed_f32(w: &[f32], n: usize, k: usize) -> Self {
-        Self::build(n, k, |i, dst| pack_b_transposed_block(w, n, k, i, dst, round_to_bf16))
+    /// A weight `[n, k]` (row-major, as `nn.Linear` stores it; f32, f16 or bf16, rounded to
+    /// bf16 as it is packed) as the B operand `W^T`.
+    pub fn b_from_transposed<S: WeightValue>(w: &[S], n: usize, k: usize) -> Self {
+        Self::build(n, k, |i, dst| pack_b_transposed_block(w, n, k, i, dst))
     }
 
     /// The `[m, k]` weight [`Self::a_from_rows`] packed (for fusing LoRAs into packed layers).
@@ -396,7 +386,7 @@ fn write_pairs(dst: &mut [bf16], lo: &[f32], hi: &[f32]) {
 
 /// Packs `W^T` as the B operand into `dst`, for `w` of `n` rows of `k` bf16.
 pub fn pack_b_transposed(w: &[bf16], n: usize, k: usize, dst: &mut [bf16]) {
-    pack_serial(n, k, dst, |i, block_row| pack_b_transposed_block(w, n, k, i, block_row, |v| v))
+    pack_serial(n, k, dst, |i, block_row| pack_b_transposed_block(w, n, k, i, block_row))
 }
 
 /// Runs a block-row packer over `dst` on this thread, zeroing first where there is padding.
@@ -425,26 +415,28 @@ pub fn pack_a_f32(src: &[f32], m: usize, k: usize, dst: &mut [bf16]) {
 /// rows), into zeroed `dst`: tile row `r` of column `j` is the pair `w[j][2r], w[j][2r + 1]`,
 /// each through `to_bf16`. Reads each weight row once, in order, and scatters its pairs down
 /// the tiles of this block row (which stay in L2: `k / 32` KiB).
-fn pack_b_transposed_block<S: Copy>(
+fn pack_b_transposed_block<S: WeightValue>(
     w: &[S],
     n: usize,
     k: usize,
     i: usize,
     dst: &mut [bf16],
-    to_bf16: impl Fn(S) -> bf16,
 ) {
     let kblocks = blocks(k);
+    let mut rounded = [bf16::ZERO; BLOCK];
     for j in i * BLOCK..((i + 1) * BLOCK).min(n) {
         let (h, lane) = ((j % BLOCK) / 16, 2 * (j % 16));
-        for (kb, run) in w[j * k..][..k].chunks(BLOCK).enumerate() {
+        for (kb, src) in w[j * k..][..k].chunks(BLOCK).enumerate() {
+            let run = &mut rounded[..src.len()];
+            S::to_bf16_slice(src, run);
             let tile = &mut dst[tile_row(0, kb, kblocks, h, 0)..][..512];
             let mut pairs = run.chunks_exact(2);
             for (row, pair) in tile.chunks_exact_mut(32).zip(&mut pairs) {
-                row[lane] = to_bf16(pair[0]);
-                row[lane + 1] = to_bf16(pair[1]);
+                row[lane] = pair[0];
+                row[lane + 1] = pair[1];
             }
             if let [last] = pairs.remainder() {
-                tile[(run.len() / 2) * 32 + lane] = to_bf16(*last);
+                tile[(run.len() / 2) * 32 + lane] = *last;
             }
         }
     }
