@@ -35,6 +35,10 @@ use sha2::{Digest, Sha256};
 use crate::cpu::packed::{self, Packed};
 
 const MAGIC: &[u8; 8] = b"SDPACK01";
+/// The version of what the files hold, in their key: bump it with any change to the packed
+/// layouts (`cpu::packed`), to Winograd's filter transform or to this file's layout (a test pins
+/// the first two), so that no file of the old one is read as the new.
+const FORMAT: u32 = 1;
 /// Offsets of packed operands: whole pages, so each one maps aligned.
 const ALIGN: u64 = 4096;
 /// Index offset, index length, magic.
@@ -54,8 +58,9 @@ pub(super) struct Index {
 
 /// The cache file of one component while it is being built.
 pub(super) enum PackedCache {
-    /// A valid file for this key: operands are read in place.
-    Reading { map: Arc<memmap2::Mmap>, index: Index },
+    /// A valid file for this key: operands are read in place. `missing` counts the weights the
+    /// build asked for that it lacks.
+    Reading { map: Arc<memmap2::Mmap>, index: Index, path: PathBuf, missing: usize },
     /// No valid file yet: what is packed is appended to a temporary file, renamed to `path` by
     /// [`PackedCache::finish`].
     Writing(Writer),
@@ -81,7 +86,9 @@ impl PackedCache {
         };
         let path = dir.join(file_name(component_dir, &key));
         match read_index(&path, &key) {
-            Ok(Some((map, index))) => return Some(PackedCache::Reading { map, index }),
+            Ok(Some((map, index))) => {
+                return Some(PackedCache::Reading { map, index, path, missing: 0 });
+            }
             Ok(None) => {}
             Err(why) => {
                 eprintln!("sd-core: ignoring {}: {why}; packing the weights again", path.display())
@@ -102,7 +109,7 @@ impl PackedCache {
 
     /// Operand `name` (`outer` by `k`), if this is a file being read that holds it.
     fn get(&self, name: &str, outer: usize, k: usize) -> Option<Packed> {
-        let PackedCache::Reading { map, index } = self else { return None };
+        let PackedCache::Reading { map, index, .. } = self else { return None };
         let &(offset, o, kk) = index.entries.get(name)?;
         if (o, kk) != (outer, k) {
             return None;
@@ -128,9 +135,24 @@ impl PackedCache {
     }
 
     /// Ends the build: a file being written gets its index and its name where the build
-    /// succeeded (`built`) and every write did; otherwise the temporary file is removed.
+    /// succeeded (`built`) and every write did; otherwise the temporary file is removed. A file
+    /// read that lacked weights (written by a build that packed other layers) is removed, so
+    /// that the next load writes a whole one.
     pub(super) fn finish(self, built: bool) {
-        let PackedCache::Writing(mut w) = self else { return };
+        let mut w = match self {
+            PackedCache::Writing(w) => w,
+            PackedCache::Reading { path, missing, .. } => {
+                if missing > 0 {
+                    eprintln!(
+                        "sd-core: {} lacks {missing} packed weights (they were packed again); \
+                         removing it so that the next load writes a whole one",
+                        path.display()
+                    );
+                    let _ = std::fs::remove_file(&path);
+                }
+                return;
+            }
+        };
         let result = match w.failed.take() {
             Some(e) => Err(e),
             None if !built || w.index.entries.is_empty() => Ok(false),
@@ -172,7 +194,7 @@ fn cache_key(weight_files: &[PathBuf]) -> std::io::Result<String> {
     use std::os::unix::fs::MetadataExt;
     let kernel = packed::kernel().map_or("none", |k| k.name());
     let mut key = format!(
-        "sdpack 1, sd-core {}, kernel {kernel}, winograd {}",
+        "sdpack {FORMAT}, sd-core {}, kernel {kernel}, winograd {}",
         env!("CARGO_PKG_VERSION"),
         crate::nn::winograd::enabled()
     );
@@ -275,11 +297,15 @@ pub(crate) struct PackedForm {
 /// the cache of the component being built on this thread, where it holds them.
 pub(crate) fn cached_operands(name: &str, form: PackedForm) -> Option<Vec<Packed>> {
     CACHE.with(|c| {
-        let cache = c.borrow();
-        let cache = cache.as_ref()?;
-        (0..form.operands)
+        let mut cache = c.borrow_mut();
+        let cache = cache.as_mut()?;
+        let found: Option<Vec<Packed>> = (0..form.operands)
             .map(|j| cache.get(&operand_name(name, form.operands, j), form.outer, form.k))
-            .collect()
+            .collect();
+        if let (None, PackedCache::Reading { missing, .. }) = (&found, cache) {
+            *missing += 1;
+        }
+        found
     })
 }
 
@@ -424,9 +450,31 @@ mod tests {
         assert_ne!(outputs(&weights, Some(cache.path())), reference, "{stored:?}");
     }
 
+    /// What the files hold: the packed layouts and Winograd's filter transform, pinned by a
+    /// hash. If this fails, the layout changed: bump `FORMAT` (old files must not be read as the
+    /// new layout), then update the hash.
+    #[test]
+    fn the_packed_layouts_are_the_ones_the_format_names() {
+        let w = values(40 * 70, 3);
+        let mut hash = Sha256::new();
+        hash.update(Packed::a_from_rows(&w, 40, 70).as_bytes());
+        hash.update(Packed::b_from_transposed(&w, 40, 70).as_bytes());
+        let filters = crate::nn::winograd::PackedFilters::new(&values(40 * 24 * 9, 4), 40, 24);
+        for u in filters.into_operands() {
+            hash.update(u.as_bytes());
+        }
+        let hex: String = hash.finalize().iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(
+            (FORMAT, hex.as_str()),
+            (1, "7497992598b43987ba60b474352348fcdf6b30bb8c4a92e06989c7ad4f33ea66"),
+            "the packed layout changed: bump FORMAT, then update this hash"
+        );
+    }
+
     /// New weights (another file under the same name) get a file of their own; a truncated
-    /// or foreign file is ignored and written again; an unusable cache folder only costs the
-    /// cache. The layers are right in every case.
+    /// or foreign file is ignored and written again; a file that lacks weights is removed after
+    /// use, and written whole at the next load; an unusable cache folder only costs the cache.
+    /// The layers are right in every case.
     #[test]
     fn stale_broken_or_unwritable_caches_load_the_weights_as_without_one() {
         if !packed_kernels() {
@@ -457,6 +505,22 @@ mod tests {
             );
             assert_eq!(outputs(&weights, Some(cache.path())), second);
         }
+
+        // A file that lacks weights: written by a build of fewer layers from the same weights.
+        let fresh = tempfile::tempdir().unwrap();
+        let store = WeightStore::open(std::slice::from_ref(&weights)).unwrap();
+        let dir = weights.parent().unwrap();
+        let only_lin = |vb: VarBuilder| linear(96, 64, vb.pp("lin"));
+        build_component_cached(dir, store, DType::BF16, &Device::Cpu, Some(fresh.path()), only_lin)
+            .unwrap();
+        let partial = cache_files(fresh.path());
+        assert_eq!(partial.len(), 1);
+        let partial_size = std::fs::metadata(&partial[0]).unwrap().len();
+        assert_eq!(outputs(&weights, Some(fresh.path())), second);
+        assert!(cache_files(fresh.path()).is_empty(), "the partial file is removed");
+        assert_eq!(outputs(&weights, Some(fresh.path())), second);
+        assert_eq!(cache_files(fresh.path()), partial, "the next load writes a whole one");
+        assert!(std::fs::metadata(&partial[0]).unwrap().len() > partial_size);
 
         // A folder that cannot be made (under a plain file).
         let blocked = cache.path().join("plain-file");

@@ -22,6 +22,9 @@
 //! Both kernels compute a 32x32 block of C from a run of `k` blocks; the driver walks `k` in
 //! chunks so the A chunk stays in L1 and the B panel in L2.
 //!
+//! Packed weights are also kept on disk (`SD_WEIGHT_CACHE`, `loading/packed_cache.rs`): a change
+//! to these layouts must bump `FORMAT` there (a test there pins them).
+//!
 //! # Choosing the kernel
 //!
 //! [`kernel`]: AMX tiles where the CPU and OS run them, unless `SD_CPU_AMX=0`; else
