@@ -50,6 +50,7 @@ pub enum MappedHalf {
 }
 
 impl MappedHalf {
+    /// The tensor's full name in its file.
     pub fn name(&self) -> &str {
         match self {
             MappedHalf::F16(v) => v.name(),
@@ -57,6 +58,7 @@ impl MappedHalf {
         }
     }
 
+    /// See [`Mapped::release`].
     pub fn release(&self) {
         match self {
             MappedHalf::F16(v) => v.release(),

@@ -201,8 +201,8 @@ pub fn build_component<M>(
     build_component_cached(dir, store, dtype, device, weight_cache_dir().as_deref(), build)
 }
 
-/// [`build_component`] with the packed-weight cache in `cache_dir` (used where the weights are
-/// mapped f32 packed for the bf16 kernels; see [`packed_cache`]).
+/// [`build_component`] with the packed-weight cache in `cache_dir`, where the layers pack mapped
+/// weights for the bf16 kernels (see [`packed_cache`]).
 pub(crate) fn build_component_cached<M>(
     dir: &Path,
     store: WeightStore,

@@ -1,7 +1,7 @@
 //! Packed bf16 weights kept on disk between loads (`SD_WEIGHT_CACHE=DIR`).
 //!
 //! A bf16 load on the packed kernels spends most of its time making the packed weights: for SD
-//! 2.1 about 2.7 GB of fresh memory (page faults, and the kernel zeroing every page), the
+//! 2.1 about 3.4 GB of fresh memory (page faults, and the kernel zeroing every page), the
 //! rounding to bf16 and the Winograd filter transform. The result depends only on the weight
 //! files and on how this build packs, so with a cache folder set, the first load of a component
 //! writes what it packed to `DIR/<model>-<component>-<key>.sdpack`, and later loads map that
@@ -13,8 +13,9 @@
 //! whether Winograd is on, and each weight file's path, size, modification time and inode. A
 //! file that does not validate is ignored and written again; a file is written under a
 //! temporary name and renamed, so no reader sees a partial one. The bytes of a valid file are
-//! trusted as they are: a checksum would read all 2.7 GB at every load, which is what the cache
-//! saves. A cache that cannot be read or written never fails a load: it is reported on stderr
+//! trusted as they are: a checksum would read all 3.4 GB at every load, which is what the cache
+//! saves. A file that lacks some weights a load packs is removed after that load, so that the
+//! next one writes it whole. A cache that cannot be read or written never fails a load: it is reported on stderr
 //! and the weights are packed as without it. Old files are never deleted: the folder can be
 //! emptied at any time.
 //!
@@ -25,7 +26,7 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::{BufWriter, Seek, Write};
+use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -49,7 +50,7 @@ pub fn cache_dir() -> Option<PathBuf> {
     std::env::var_os("SD_WEIGHT_CACHE").filter(|v| !v.is_empty()).map(PathBuf::from)
 }
 
-#[derive(Serialize, Deserialize, Default)]
+#[derive(Serialize, Deserialize)]
 pub(super) struct Index {
     key: String,
     /// Operand name -> (byte offset, outer, k).
@@ -70,6 +71,8 @@ pub(super) struct Writer {
     path: PathBuf,
     tmp: PathBuf,
     file: BufWriter<File>,
+    /// Bytes written so far.
+    pos: u64,
     index: Index,
     /// The first write error; the file is then dropped at the end.
     failed: Option<std::io::Error>,
@@ -101,7 +104,8 @@ impl PackedCache {
                 let mut file = BufWriter::with_capacity(1 << 20, file);
                 let failed = file.write_all(MAGIC).err();
                 let index = Index { key, entries: HashMap::new() };
-                Some(PackedCache::Writing(Writer { path, tmp, file, index, failed }))
+                let pos = MAGIC.len() as u64;
+                Some(PackedCache::Writing(Writer { path, tmp, file, pos, index, failed }))
             }
             Err(e) => warn(dir, &format!("cannot write {}: {e}", tmp.display())),
         }
@@ -124,10 +128,10 @@ impl PackedCache {
             return;
         }
         let result = (|| {
-            let offset = w.file.stream_position()?.next_multiple_of(ALIGN);
-            let pad = offset - w.file.stream_position()?;
-            w.file.write_all(&vec![0u8; pad as usize])?;
+            let offset = w.pos.next_multiple_of(ALIGN);
+            w.file.write_all(&vec![0u8; (offset - w.pos) as usize])?;
             w.file.write_all(operand.as_bytes())?;
+            w.pos = offset + operand.as_bytes().len() as u64;
             w.index.entries.insert(name.to_string(), (offset, operand.outer, operand.k));
             Ok(())
         })();
@@ -174,9 +178,8 @@ impl PackedCache {
 impl Writer {
     fn write_index(&mut self) -> std::io::Result<()> {
         let json = serde_json::to_vec(&self.index).map_err(std::io::Error::other)?;
-        let offset = self.file.stream_position()?;
         self.file.write_all(&json)?;
-        self.file.write_all(&offset.to_le_bytes())?;
+        self.file.write_all(&self.pos.to_le_bytes())?;
         self.file.write_all(&(json.len() as u64).to_le_bytes())?;
         self.file.write_all(MAGIC)?;
         self.file.flush()?;
@@ -191,7 +194,6 @@ fn warn(dir: &Path, why: &str) -> Option<PackedCache> {
 
 /// What the packed bytes depend on, in words.
 fn cache_key(weight_files: &[PathBuf]) -> std::io::Result<String> {
-    use std::os::unix::fs::MetadataExt;
     let kernel = packed::kernel().map_or("none", |k| k.name());
     let mut key = format!(
         "sdpack {FORMAT}, sd-core {}, kernel {kernel}, winograd {}",
@@ -201,17 +203,22 @@ fn cache_key(weight_files: &[PathBuf]) -> std::io::Result<String> {
     for path in weight_files {
         let meta = std::fs::metadata(path)?;
         let path = std::fs::canonicalize(path)?;
-        let mtime = (meta.mtime(), meta.mtime_nsec());
-        key += &format!(
-            "; {} {} bytes, mtime {}.{:09}, inode {}",
-            path.display(),
-            meta.len(),
-            mtime.0,
-            mtime.1,
-            meta.ino()
-        );
+        key += &format!("; {} {} bytes, {}", path.display(), meta.len(), file_identity(&meta));
     }
     Ok(key)
+}
+
+/// A file's modification time and inode: a file rewritten, or replaced by another of the same
+/// size, changes one of them.
+#[cfg(unix)]
+fn file_identity(meta: &std::fs::Metadata) -> String {
+    use std::os::unix::fs::MetadataExt;
+    format!("mtime {}.{:09}, inode {}", meta.mtime(), meta.mtime_nsec(), meta.ino())
+}
+
+#[cfg(not(unix))]
+fn file_identity(meta: &std::fs::Metadata) -> String {
+    format!("modified {:?}", meta.modified().ok())
 }
 
 /// `<model>-<component>-<16 hex digits of the key's hash>.sdpack`, the folder names reduced to

@@ -225,11 +225,6 @@ impl Packed {
         Some(Self { storage: Storage::Mapped { _map: map.clone(), ptr, len }, outer, k })
     }
 
-    /// Whether this operand is read in place from a file ([`Self::mapped`]).
-    pub fn is_mapped(&self) -> bool {
-        matches!(self.storage, Storage::Mapped { .. })
-    }
-
     pub fn as_slice(&self) -> &[bf16] {
         match &self.storage {
             // Safety: `Line` is 32 bf16 with no padding.
