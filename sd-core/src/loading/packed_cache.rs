@@ -128,10 +128,11 @@ impl PackedCache {
             return;
         }
         let result = (|| {
-            let offset = w.pos.next_multiple_of(ALIGN);
-            w.file.write_all(&vec![0u8; (offset - w.pos) as usize])?;
-            w.file.write_all(operand.as_bytes())?;
-            w.pos = offset + operand.as_bytes().len() as u64;
+            const ZEROS: [u8; ALIGN as usize] = [0; ALIGN as usize];
+            let (offset, bytes) = (w.pos.next_multiple_of(ALIGN), operand.as_bytes());
+            w.file.write_all(&ZEROS[..(offset - w.pos) as usize])?;
+            w.file.write_all(bytes)?;
+            w.pos = offset + bytes.len() as u64;
             w.index.entries.insert(name.to_string(), (offset, operand.outer, operand.k));
             Ok(())
         })();
