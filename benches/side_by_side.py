@@ -84,7 +84,8 @@ def ours_run(args, dtype):
     cmd = [args.sd_cli, "generate", "--model", args.model, "--prompt", "a photograph of an astronaut riding a horse",
            "--height", str(args.size), "--width", str(args.size), "--steps", str(args.steps), "--seed", str(args.seed),
            "--scheduler", "euler", "--dtype", dtype, "--out", "/tmp/side_by_side.png"]
-    env = dict(os.environ, SD_WEIGHT_CACHE=args.weight_cache) if args.weight_cache else None
+    # Without --weight-cache, none: sd-cli's default folder would make the first round write it.
+    env = dict(os.environ, SD_WEIGHT_CACHE=args.weight_cache or "off")
     out, wall, rss = run_child(cmd, env)
     m = SUMMARY.search(out)
     if not m:
@@ -112,7 +113,7 @@ def main():
                     help="default: OpenVINO's own choice (bf16 on AVX512_BF16 or AMX); f32: forced f32")
     ap.add_argument("--weight-cache", metavar="DIR",
                     help="sd-rs bf16 reads its packed weights from this SD_WEIGHT_CACHE folder (filled by "
-                         "one uncounted run first)")
+                         "one uncounted run first); without it, sd-cli runs with SD_WEIGHT_CACHE=off")
     ap.add_argument("--openvino-cache", metavar="DIR",
                     help="OpenVINO reads its compiled models from this CACHE_DIR (filled by one uncounted run first)")
     ap.add_argument("--cold", action="store_true",

@@ -235,6 +235,7 @@ fn bf16_kernels_stay_near_f32_and_none_is_refused() {
 
 /// `SD_WEIGHT_CACHE`: the first bf16 run writes one packed-weight file per component, the
 /// next reads them without writing again, and both images are the uncached run's, byte for byte.
+/// Unset, sd-cli keeps them in `$XDG_CACHE_HOME/sd-rs/packed`; `off` keeps none.
 #[test]
 fn the_weight_cache_is_written_once_and_changes_no_pixel() {
     if sd_core::cpu::packed::Kernel::supported().is_empty() {
@@ -244,19 +245,23 @@ fn the_weight_cache_is_written_once_and_changes_no_pixel() {
     let dir = tempfile::tempdir().unwrap();
     let model = pipelines().join("sd2-tiny").display().to_string();
     let cache = dir.path().join("weight-cache");
-    let run = |name: &str, env: &[(&str, &str)]| {
-        let out = dir.path().join(name);
+    let args = |out: &Path| -> Vec<String> {
         #[rustfmt::skip]
         let args = [
             "generate", "--prompt", "a cat", "--model", &model, "--steps", "2", "--seed", "7",
             "--dtype", "bf16", "--verbose", "--out", out.to_str().unwrap(),
         ];
-        let run = sd_cli_env(&args, env);
+        args.map(String::from).to_vec()
+    };
+    let run = |name: &str, env: &[(&str, &str)]| {
+        let out = dir.path().join(name);
+        let args = args(&out);
+        let run = sd_cli_env(&args.iter().map(String::as_str).collect::<Vec<_>>(), env);
         assert!(run.status.success(), "{}", stderr(&run));
         (stderr(&run), std::fs::read(out).unwrap())
     };
-    let listing = || {
-        let mut files: Vec<_> = std::fs::read_dir(&cache)
+    let listing = |cache: &Path| {
+        let mut files: Vec<_> = std::fs::read_dir(cache)
             .unwrap()
             .map(|e| e.unwrap())
             .map(|e| {
@@ -266,16 +271,18 @@ fn the_weight_cache_is_written_once_and_changes_no_pixel() {
         files.sort();
         files
     };
-    let (err, uncached) = run("uncached.png", &[]);
+    let xdg = dir.path().join("xdg");
+    let (err, uncached) = run("uncached.png", &[("XDG_CACHE_HOME", xdg.to_str().unwrap())]);
     assert!(
-        err.contains("packed bf16 weights: packed at every load (SD_WEIGHT_CACHE=DIR"),
+        err.contains("packed bf16 weights: packed at every load (SD_WEIGHT_CACHE is off)"),
         "{err}"
     );
+    assert!(!xdg.join("sd-rs").join("packed").exists());
     let env = [("SD_WEIGHT_CACHE", cache.to_str().unwrap())];
     let (err, written) = run("written.png", &env);
     assert!(err.contains(&format!("packed bf16 weights: cached in {}", cache.display())), "{err}");
     assert!(written == uncached, "the run that writes the cache changed the image");
-    let files = listing();
+    let files = listing(&cache);
     let names: Vec<&str> = files.iter().map(|(name, _)| name.as_str()).collect();
     assert_eq!(names.len(), 3, "{names:?}");
     for (name, component) in names.iter().zip(["text_encoder", "unet", "vae"]) {
@@ -283,7 +290,26 @@ fn the_weight_cache_is_written_once_and_changes_no_pixel() {
     }
     let (_, read) = run("read.png", &env);
     assert!(read == uncached, "the run that reads the cache changed the image");
-    assert_eq!(listing(), files, "the second run wrote the cache again");
+    assert_eq!(listing(&cache), files, "the second run wrote the cache again");
+
+    // SD_WEIGHT_CACHE unset: sd-cli's default folder, with the same files.
+    let out = dir.path().join("default.png");
+    let default = std::process::Command::new(env!("CARGO_BIN_EXE_sd-cli"))
+        .args(args(&out))
+        .env("HF_HUB_OFFLINE", "1")
+        .env("XDG_CACHE_HOME", &xdg)
+        .env_remove("SD_WEIGHT_CACHE")
+        .output()
+        .unwrap();
+    let (err, default_cache) = (stderr(&default), xdg.join("sd-rs").join("packed"));
+    assert!(default.status.success(), "{err}");
+    let line = format!("packed bf16 weights: cached in {} (default", default_cache.display());
+    assert!(err.contains(&line), "{err}");
+    assert!(std::fs::read(out).unwrap() == uncached);
+    let names = |files: Vec<(String, _)>| -> Vec<String> {
+        files.into_iter().map(|(name, _)| name).collect()
+    };
+    assert_eq!(names(listing(&default_cache)), names(files));
 }
 
 #[test]

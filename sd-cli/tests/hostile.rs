@@ -346,6 +346,7 @@ fn run_with_time_limit(args: &[OsString], logs: &Path) -> Result<(i32, String), 
     let mut child = Command::new(env!("CARGO_BIN_EXE_sd-cli"))
         .args(args)
         .env("HF_HUB_OFFLINE", "1")
+        .env("SD_WEIGHT_CACHE", "off")
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&stderr_path).unwrap())
         .spawn()

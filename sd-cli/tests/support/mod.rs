@@ -63,11 +63,13 @@ pub fn sd_cli(args: &[&str]) -> Output {
     sd_cli_env(args, &[])
 }
 
-/// [`sd_cli`] with extra environment variables.
+/// [`sd_cli`] with extra environment variables. The packed-weight cache is off unless `env`
+/// sets `SD_WEIGHT_CACHE`: tests write nothing to the user's cache folder.
 pub fn sd_cli_env(args: &[&str], env: &[(&str, &str)]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_sd-cli"))
         .args(args)
         .env("HF_HUB_OFFLINE", "1")
+        .env("SD_WEIGHT_CACHE", "off")
         .envs(env.iter().copied())
         .output()
         .expect("sd-cli runs")

@@ -87,13 +87,19 @@ pub fn describe(dtype: DType) -> String {
         // Winograd needs the packed kernels; MKL's bf16 GEMM runs every convolution by im2col.
         if packed::available() {
             lines.push(crate::nn::winograd::describe(dtype));
+            let from_env = std::env::var_os("SD_WEIGHT_CACHE").is_some();
             lines.push(match crate::loading::weight_cache_dir() {
-                Some(dir) if crate::loading::maps_weights() => {
-                    format!("packed bf16 weights: cached in {} (SD_WEIGHT_CACHE)", dir.display())
-                }
+                Some(dir) if crate::loading::maps_weights() => format!(
+                    "packed bf16 weights: cached in {} ({})",
+                    dir.display(),
+                    if from_env { "SD_WEIGHT_CACHE" } else { "default; SD_WEIGHT_CACHE=off: none" }
+                ),
                 Some(_) => "packed bf16 weights: packed at every load (SD_WEIGHT_CACHE \
                     needs the mapped weights, and SD_MAP_WEIGHTS=0 is set)"
                     .to_string(),
+                None if from_env => {
+                    "packed bf16 weights: packed at every load (SD_WEIGHT_CACHE is off)".to_string()
+                }
                 None => "packed bf16 weights: packed at every load (SD_WEIGHT_CACHE=DIR \
                     keeps them on disk)"
                     .to_string(),

@@ -24,8 +24,11 @@ use crate::cpu::Pod;
 use crate::{Error, Result};
 pub(crate) use mapped::{full_name, mapped_f32, mapped_half};
 pub use mapped::{maps_weights, Mapped, MappedF32, MappedHalf};
-pub use packed_cache::cache_dir as weight_cache_dir;
 use packed_cache::PackedCache;
+pub use packed_cache::{
+    cache_dir as weight_cache_dir, set_default_cache_dir as set_default_weight_cache_dir,
+    user_cache_dir as user_weight_cache_dir,
+};
 pub(crate) use packed_cache::{cached_operands, pack_into_cache, PackedForm};
 use weight_files::{choose_weight_files, shard_paths, WeightFiles};
 

@@ -33,6 +33,9 @@
 mod dot;
 mod tiles;
 
+use std::cell::RefCell;
+use std::sync::Arc;
+
 use half::bf16;
 
 use super::bf16::{round_to_bf16, WeightValue};
@@ -140,17 +143,94 @@ struct Line([bf16; 32]);
 
 enum Storage {
     Owned(Vec<Line>),
-    /// `len` elements at `ptr`, inside a read-only map that `_map` keeps alive.
+    /// `len` elements at `ptr`, inside a map of a file that `_map` keeps alive: read in place
+    /// ([`Packed::mapped`]), or packed into the file as it was written ([`packing_into`]).
     Mapped {
-        _map: std::sync::Arc<memmap2::Mmap>,
+        _map: Arc<dyn Send + Sync>,
         ptr: *const bf16,
         len: usize,
     },
 }
 
-// Safety: a mapped operand is read-only memory that lives as long as `_map`; nothing writes it.
+// Safety: a mapped operand lives as long as `_map`, and nothing writes it once it is packed.
 unsafe impl Send for Storage {}
 unsafe impl Sync for Storage {}
+
+/// Memory for one packed operand outside the heap: `len` bytes at `ptr` (page-aligned, writable,
+/// in a map of a file that `owner` keeps alive). The weight cache hands these out so that the
+/// first load packs straight into the cache file ([`packing_into`]).
+pub(crate) struct Region {
+    pub owner: Arc<dyn Send + Sync>,
+    pub ptr: *mut u8,
+    pub len: usize,
+}
+
+type RegionSource = Box<dyn FnMut(usize) -> Option<Region>>;
+
+thread_local! {
+    /// Where operands packed on this thread take their memory (see [`packing_into`]).
+    static REGIONS: RefCell<Option<RegionSource>> = const { RefCell::new(None) };
+}
+
+/// Runs `f`, with every operand that [`Packed`]'s constructors pack on this thread built in
+/// `regions(bytes)`' memory where it gives some (else on the heap).
+pub(crate) fn packing_into<R>(
+    regions: impl FnMut(usize) -> Option<Region> + 'static,
+    f: impl FnOnce() -> R,
+) -> R {
+    struct Restore(Option<RegionSource>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            REGIONS.with(|r| *r.borrow_mut() = self.0.take());
+        }
+    }
+    let previous = REGIONS.with(|r| r.borrow_mut().replace(Box::new(regions)));
+    let _restore = Restore(previous);
+    f()
+}
+
+/// Memory for an operand of `lines` lines: a region from [`packing_into`]'s source, or a heap
+/// vector (empty, with that capacity).
+enum Memory {
+    Heap(Vec<Line>),
+    Region(Region),
+}
+
+impl Memory {
+    fn new(lines: usize) -> Self {
+        let bytes = lines * std::mem::size_of::<Line>();
+        let region = REGIONS.with(|r| r.borrow_mut().as_mut().and_then(|source| source(bytes)));
+        match region {
+            Some(region) if region.len >= bytes && (region.ptr as usize).is_multiple_of(64) => {
+                Memory::Region(region)
+            }
+            _ => Memory::Heap(Vec::with_capacity(lines)),
+        }
+    }
+
+    fn start(&mut self) -> *mut Line {
+        match self {
+            Memory::Heap(lines) => lines.as_mut_ptr(),
+            Memory::Region(region) => region.ptr.cast(),
+        }
+    }
+
+    /// The storage, once all `lines` are written.
+    ///
+    /// # Safety
+    /// Every one of the `lines` lines must have been written.
+    unsafe fn into_storage(self, lines: usize) -> Storage {
+        match self {
+            Memory::Heap(mut vec) => {
+                vec.set_len(lines);
+                Storage::Owned(vec)
+            }
+            Memory::Region(Region { owner, ptr, .. }) => {
+                Storage::Mapped { _map: owner, ptr: ptr.cast_const().cast(), len: lines * 32 }
+            }
+        }
+    }
+}
 
 impl std::fmt::Debug for Packed {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -181,9 +261,9 @@ impl Packed {
         use rayon::prelude::*;
         let (count, per_row) = (packed_len(outer, k) / 32, blocks(k) * BLOCK_ELEMS / 32);
         let padded = !outer.is_multiple_of(BLOCK) || !k.is_multiple_of(BLOCK);
-        let mut lines: [Vec<Line>; N] = std::array::from_fn(|_| Vec::with_capacity(count));
+        let mut memory: [Memory; N] = std::array::from_fn(|_| Memory::new(count));
         let starts: [super::blas::SendPtr<Line>; N] =
-            std::array::from_fn(|j| super::blas::SendPtr(lines[j].as_mut_ptr()));
+            std::array::from_fn(|j| super::blas::SendPtr(memory[j].start()));
         (0..count / per_row.max(1)).into_par_iter().for_each(|i| {
             let block_rows = starts.map(|start| {
                 // Safety: block row `i` of each operand lies inside its capacity, and only this
@@ -199,23 +279,18 @@ impl Packed {
             });
             fill(i, block_rows);
         });
-        lines.map(|mut lines| {
+        memory.map(|memory| {
             // Safety: every line was packed above, and zeroed first where the fill leaves
             // padding.
-            unsafe { lines.set_len(count) };
-            Self { storage: Storage::Owned(lines), outer, k }
+            let storage = unsafe { memory.into_storage(count) };
+            Self { storage, outer, k }
         })
     }
 
     /// The operand of `outer` by `k` stored packed at byte `offset` of `map` (as
     /// [`Self::as_bytes`] wrote it), read in place; `None` where that run is not inside the map
     /// or not 64-byte aligned.
-    pub fn mapped(
-        map: &std::sync::Arc<memmap2::Mmap>,
-        offset: usize,
-        outer: usize,
-        k: usize,
-    ) -> Option<Self> {
+    pub fn mapped(map: &Arc<memmap2::Mmap>, offset: usize, outer: usize, k: usize) -> Option<Self> {
         let len = packed_len(outer, k);
         let bytes = map.get(offset..offset.checked_add(len * 2)?)?;
         if !(bytes.as_ptr() as usize).is_multiple_of(64) {
