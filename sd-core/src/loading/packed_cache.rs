@@ -138,7 +138,9 @@ impl PackedCache {
         let file = std::fs::create_dir_all(dir).and_then(|_| {
             let (mut file, tmp) = create_unnamed(dir, &tmp)?;
             if let Err(e) = file.write_all(MAGIC) {
-                tmp.map(std::fs::remove_file);
+                if let Some(tmp) = &tmp {
+                    let _ = std::fs::remove_file(tmp);
+                }
                 return Err(e);
             }
             Ok((file, tmp))
