@@ -36,7 +36,7 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::{Seek, SeekFrom, Write};
+use std::io::{ErrorKind, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -250,7 +250,8 @@ impl Writer {
                 self.regions.insert(region.ptr as usize, offset);
                 Some(region)
             }
-            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => {
+            // No room (disk or quota): copying would fail the same way.
+            Err(e) if matches!(e.kind(), ErrorKind::StorageFull | ErrorKind::QuotaExceeded) => {
                 self.failed = Some(e);
                 None
             }
@@ -353,7 +354,7 @@ fn link_unnamed(file: &File, path: &Path) -> std::io::Result<()> {
     match link() {
         // A stale or broken file of that name (a valid one would have been read, not written),
         // or one another process wrote meanwhile from the same weights: either may go.
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+        Err(e) if e.kind() == ErrorKind::AlreadyExists => {
             std::fs::remove_file(path)?;
             link()
         }
@@ -436,7 +437,7 @@ fn allocate(file: &File, offset: u64, len: u64) -> std::io::Result<()> {
 
 #[cfg(not(target_os = "linux"))]
 fn allocate(_: &File, _: u64, _: u64) -> std::io::Result<()> {
-    Err(std::io::ErrorKind::Unsupported.into())
+    Err(ErrorKind::Unsupported.into())
 }
 
 fn warn(dir: &Path, why: &str) -> Option<PackedCache> {
@@ -493,7 +494,7 @@ fn file_name(component_dir: &Path, key: &str) -> String {
 fn read_index(path: &Path, key: &str) -> Result<Option<(Arc<memmap2::Mmap>, Index)>, String> {
     let file = match File::open(path) {
         Ok(file) => file,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e.to_string()),
     };
     // Safety: the map is read-only; cache files are only ever renamed into place, never written
