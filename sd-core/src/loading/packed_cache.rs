@@ -135,8 +135,10 @@ impl PackedCache {
             }
         }
         let tmp = path.with_extension(format!("sdpack.tmp{}", std::process::id()));
-        let file = std::fs::create_dir_all(dir).and_then(|_| {
-            let (mut file, tmp) = create_unnamed(dir, &tmp)?;
+        if let Err(e) = std::fs::create_dir_all(dir) {
+            return warn(dir, &format!("cannot create it: {e}"));
+        }
+        let file = create_unnamed(dir, &tmp).and_then(|(mut file, tmp)| {
             if let Err(e) = file.write_all(MAGIC) {
                 if let Some(tmp) = &tmp {
                     let _ = std::fs::remove_file(tmp);
@@ -157,7 +159,7 @@ impl PackedCache {
                 min_free: min_free(),
                 failed: None,
             })),
-            Err(e) => warn(dir, &format!("cannot write {}: {e}", tmp.display())),
+            Err(e) => warn(dir, &format!("cannot write in it: {e}")),
         }
     }
 
@@ -440,8 +442,14 @@ fn allocate(_: &File, _: u64, _: u64) -> std::io::Result<()> {
     Err(ErrorKind::Unsupported.into())
 }
 
+/// Says once per folder and process (not once per component) why the cache is not used.
 fn warn(dir: &Path, why: &str) -> Option<PackedCache> {
-    eprintln!("sd-core: weight cache {}: {why}; loading without it", dir.display());
+    static WARNED: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
+    let mut warned = WARNED.lock().unwrap_or_else(|e| e.into_inner());
+    if !warned.iter().any(|d| d == dir) {
+        warned.push(dir.to_path_buf());
+        eprintln!("sd-core: weight cache {}: {why}; loading without it", dir.display());
+    }
     None
 }
 
@@ -494,7 +502,10 @@ fn file_name(component_dir: &Path, key: &str) -> String {
 fn read_index(path: &Path, key: &str) -> Result<Option<(Arc<memmap2::Mmap>, Index)>, String> {
     let file = match File::open(path) {
         Ok(file) => file,
-        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
+        // No file there, or a folder that is not one (said when the file cannot be written).
+        Err(e) if matches!(e.kind(), ErrorKind::NotFound | ErrorKind::NotADirectory) => {
+            return Ok(None)
+        }
         Err(e) => return Err(e.to_string()),
     };
     // Safety: the map is read-only; cache files are only ever renamed into place, never written
