@@ -310,6 +310,25 @@ fn the_weight_cache_is_written_once_and_changes_no_pixel() {
         files.into_iter().map(|(name, _)| name).collect()
     };
     assert_eq!(names(listing(&default_cache)), names(files));
+
+    // A default folder that cannot be made: the run is the same, with one line on stderr.
+    let blocked = dir.path().join("blocked");
+    std::fs::create_dir_all(&blocked).unwrap();
+    std::fs::write(blocked.join("sd-rs"), b"a plain file").unwrap();
+    let out = dir.path().join("blocked.png");
+    let run = std::process::Command::new(env!("CARGO_BIN_EXE_sd-cli"))
+        .args(args(&out))
+        .env("HF_HUB_OFFLINE", "1")
+        .env("XDG_CACHE_HOME", &blocked)
+        .env_remove("SD_WEIGHT_CACHE")
+        .output()
+        .unwrap();
+    let err = stderr(&run);
+    assert!(run.status.success(), "{err}");
+    assert!(std::fs::read(out).unwrap() == uncached);
+    let said: Vec<&str> = err.lines().filter(|l| l.starts_with("sd-core: weight cache")).collect();
+    assert_eq!(said.len(), 1, "{err}");
+    assert!(said[0].contains("cannot create it") && said[0].ends_with("loading without it"));
 }
 
 #[test]
