@@ -293,19 +293,23 @@ fn the_weight_cache_is_written_once_and_changes_no_pixel() {
     assert_eq!(listing(&cache), files, "the second run wrote the cache again");
 
     // SD_WEIGHT_CACHE unset: sd-cli's default folder, with the same files.
-    let out = dir.path().join("default.png");
-    let default = std::process::Command::new(env!("CARGO_BIN_EXE_sd-cli"))
-        .args(args(&out))
-        .env("HF_HUB_OFFLINE", "1")
-        .env("XDG_CACHE_HOME", &xdg)
-        .env_remove("SD_WEIGHT_CACHE")
-        .output()
-        .unwrap();
-    let (err, default_cache) = (stderr(&default), xdg.join("sd-rs").join("packed"));
-    assert!(default.status.success(), "{err}");
+    let run_default = |name: &str, cache_home: &Path| {
+        let out = dir.path().join(name);
+        let run = std::process::Command::new(env!("CARGO_BIN_EXE_sd-cli"))
+            .args(args(&out))
+            .env("HF_HUB_OFFLINE", "1")
+            .env("XDG_CACHE_HOME", cache_home)
+            .env_remove("SD_WEIGHT_CACHE")
+            .output()
+            .unwrap();
+        assert!(run.status.success(), "{}", stderr(&run));
+        (stderr(&run), std::fs::read(out).unwrap())
+    };
+    let (err, image) = run_default("default.png", &xdg);
+    let default_cache = xdg.join("sd-rs").join("packed");
     let line = format!("packed bf16 weights: cached in {} (default", default_cache.display());
     assert!(err.contains(&line), "{err}");
-    assert!(std::fs::read(out).unwrap() == uncached);
+    assert!(image == uncached);
     let names = |files: Vec<(String, _)>| -> Vec<String> {
         files.into_iter().map(|(name, _)| name).collect()
     };
@@ -315,17 +319,8 @@ fn the_weight_cache_is_written_once_and_changes_no_pixel() {
     let blocked = dir.path().join("blocked");
     std::fs::create_dir_all(&blocked).unwrap();
     std::fs::write(blocked.join("sd-rs"), b"a plain file").unwrap();
-    let out = dir.path().join("blocked.png");
-    let run = std::process::Command::new(env!("CARGO_BIN_EXE_sd-cli"))
-        .args(args(&out))
-        .env("HF_HUB_OFFLINE", "1")
-        .env("XDG_CACHE_HOME", &blocked)
-        .env_remove("SD_WEIGHT_CACHE")
-        .output()
-        .unwrap();
-    let err = stderr(&run);
-    assert!(run.status.success(), "{err}");
-    assert!(std::fs::read(out).unwrap() == uncached);
+    let (err, image) = run_default("blocked.png", &blocked);
+    assert!(image == uncached);
     let said: Vec<&str> = err.lines().filter(|l| l.starts_with("sd-core: weight cache")).collect();
     assert_eq!(said.len(), 1, "{err}");
     assert!(said[0].contains("cannot create it") && said[0].ends_with("loading without it"));
