@@ -21,13 +21,13 @@
 //! whether Winograd is on, and each weight file's path, size, modification time and inode. A
 //! file that does not validate is ignored and written again. A file is written without a name
 //! (`O_TMPFILE`; elsewhere under a temporary one), flushed to disk and then named, so no reader
-//! sees a partial one, a crash leaves no named file that is not whole, and an interrupted load
-//! leaves nothing. The bytes of a valid file are trusted as they are: a checksum would read all
-//! 3.4 GB at every load, which is what the cache saves. A file that lacks some weights a load
-//! packs is removed after that load, so that the next one writes it whole. A cache that cannot
-//! be read or written, or that would leave its disk with less than 2 GiB free, never fails a
-//! load: it is reported on stderr and the weights are packed as without it. Old files are never
-//! deleted: the folder can be emptied at any time.
+//! sees a partial one, a crash leaves no named file that is not whole, and (on Linux) an
+//! interrupted load leaves nothing. The bytes of a valid file are trusted as they are: a
+//! checksum would read all 3.4 GB at every load, which is what the cache saves. A file that
+//! lacks some weights a load packs is removed after that load, so that the next one writes it
+//! whole. A cache that cannot be read or written, or that would leave its disk with less than 2
+//! GiB free, never fails a load: it is reported on stderr (once per folder) and the weights are
+//! packed as without it. Old files are never deleted: the folder can be emptied at any time.
 //!
 //! File layout: the magic `SDPACK01`; the packed operands, each at a 4 KiB-aligned offset; a
 //! JSON index `{"key": .., "entries": {name: [offset, outer, k]}}`; the index's offset and
