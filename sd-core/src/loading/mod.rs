@@ -32,6 +32,15 @@ pub use packed_cache::{
 pub(crate) use packed_cache::{cached_operands, pack_into_cache, PackedForm};
 use weight_files::{choose_weight_files, shard_paths, WeightFiles};
 
+/// sd-rs's folder in the user's cache: `$XDG_CACHE_HOME/sd-rs`, else `~/.cache/sd-rs` (`None`
+/// without a home). It holds the model hashes (`model-hashes.json`) and sd-cli's packed weights
+/// (`packed/`).
+pub(crate) fn sd_rs_cache_dir() -> Option<PathBuf> {
+    let var = |name| std::env::var_os(name).filter(|v| !v.is_empty()).map(PathBuf::from);
+    let cache = var("XDG_CACHE_HOME").or_else(|| Some(var("HOME")?.join(".cache")))?;
+    Some(cache.join("sd-rs"))
+}
+
 /// Reads and deserializes a JSON config. Unknown keys are ignored by the config structs; a missing
 /// required key is an error that names the file and the key.
 pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T> {

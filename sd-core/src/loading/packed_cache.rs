@@ -75,9 +75,7 @@ pub fn set_default_cache_dir(dir: Option<PathBuf>) {
 
 /// `$XDG_CACHE_HOME/sd-rs/packed`, else `~/.cache/sd-rs/packed` (`None` without a home).
 pub fn user_cache_dir() -> Option<PathBuf> {
-    let var = |name| std::env::var_os(name).filter(|v| !v.is_empty()).map(PathBuf::from);
-    let cache = var("XDG_CACHE_HOME").or_else(|| Some(var("HOME")?.join(".cache")))?;
-    Some(cache.join("sd-rs").join("packed"))
+    Some(super::sd_rs_cache_dir()?.join("packed"))
 }
 
 #[derive(Serialize, Deserialize)]

@@ -201,10 +201,7 @@ struct HashCache {
 
 impl HashCache {
     fn load() -> Self {
-        let path = std::env::var_os("XDG_CACHE_HOME")
-            .map(PathBuf::from)
-            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
-            .map(|dir| dir.join("sd-rs").join("model-hashes.json"));
+        let path = crate::loading::sd_rs_cache_dir().map(|dir| dir.join("model-hashes.json"));
         let entries = path
             .as_ref()
             .and_then(|p| std::fs::read_to_string(p).ok())
