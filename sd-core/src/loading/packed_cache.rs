@@ -693,6 +693,15 @@ mod tests {
         files
     }
 
+    /// A weight file (seed 1, stored as `stored`) in a folder of its own, an empty cache folder,
+    /// and the layers' outputs without a cache.
+    fn fixture(stored: DType) -> (tempfile::TempDir, tempfile::TempDir, PathBuf, Vec<f32>) {
+        let (models, cache) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let weights = weight_file(models.path(), 1, stored);
+        let reference = outputs(&weights, None);
+        (models, cache, weights, reference)
+    }
+
     fn packed_kernels() -> bool {
         if !packed::available() {
             eprintln!("skipped: the packed bf16 GEMM needs AMX or AVX512_BF16");
@@ -719,9 +728,7 @@ mod tests {
     }
 
     fn later_loads_read_in_place(stored: DType) {
-        let (models, cache) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-        let weights = weight_file(models.path(), 1, stored);
-        let reference = outputs(&weights, None);
+        let (models, cache, weights, reference) = fixture(stored);
 
         assert_eq!(outputs(&weights, Some(cache.path())), reference);
         let files = cache_files(cache.path());
@@ -752,9 +759,7 @@ mod tests {
         if !packed_kernels() {
             return;
         }
-        let (models, cache) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-        let weights = weight_file(models.path(), 1, DType::F16);
-        let reference = outputs(&weights, None);
+        let (_models, cache, weights, reference) = fixture(DType::F16);
 
         let first = layers(&weights, Some(cache.path()));
         assert_eq!(run(&first), reference);
@@ -824,9 +829,7 @@ mod tests {
         if !packed_kernels() {
             return;
         }
-        let (models, cache) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-        let weights = weight_file(models.path(), 1, DType::F32);
-        let first = outputs(&weights, None);
+        let (models, cache, weights, first) = fixture(DType::F32);
         assert_eq!(outputs(&weights, Some(cache.path())), first);
 
         let weights = weight_file(models.path(), 2, DType::F32);
