@@ -6,7 +6,7 @@ pub mod resnet;
 pub mod unet;
 pub mod vae;
 
-use candle_core::{Result, Tensor};
+use candle_core::Result;
 
 /// Parses diffusers' `act_fn` names; SD uses "silu" everywhere.
 pub(crate) fn check_act_fn(act_fn: &str) -> Result<()> {
@@ -14,9 +14,4 @@ pub(crate) fn check_act_fn(act_fn: &str) -> Result<()> {
         "silu" | "swish" => Ok(()),
         other => candle_core::bail!("unsupported act_fn `{other}` (supported: silu)"),
     }
-}
-
-/// `GroupNorm` followed by SiLU, the pattern at the start of every resnet block.
-pub(crate) fn group_norm_silu(norm: &crate::nn::GroupNorm, xs: &Tensor) -> Result<Tensor> {
-    norm.forward_silu(xs)
 }

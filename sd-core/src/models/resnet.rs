@@ -6,8 +6,6 @@ use candle_nn::VarBuilder;
 
 use crate::nn::{conv2d, group_norm, linear, Conv2d, Conv2dConfig, GroupNorm, Linear};
 
-use super::group_norm_silu;
-
 #[derive(Debug, Clone, Copy)]
 pub struct ResnetBlock2DConfig {
     pub out_channels: usize,
@@ -59,12 +57,12 @@ impl ResnetBlock2D {
 
     /// `temb` is the (already SiLU-free) time embedding `[batch, temb_channels]`, or `None`.
     pub fn forward(&self, xs: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
-        let mut h = self.conv1.forward(&group_norm_silu(&self.norm1, xs)?)?;
+        let mut h = self.conv1.forward_norm_silu(&self.norm1, xs)?;
         if let (Some(proj), Some(temb)) = (&self.time_emb_proj, temb) {
             let t = proj.forward(&candle_nn::ops::silu(temb)?)?;
             h = h.broadcast_add(&t.unsqueeze(2)?.unsqueeze(3)?)?;
         }
-        let h = self.conv2.forward(&group_norm_silu(&self.norm2, &h)?)?;
+        let h = self.conv2.forward_norm_silu(&self.norm2, &h)?;
         let shortcut = match &self.conv_shortcut {
             Some(conv) => conv.forward(xs)?,
             None => xs.clone(),

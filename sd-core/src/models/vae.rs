@@ -7,8 +7,8 @@ use candle_nn::VarBuilder;
 use crate::nn::{conv2d, group_norm, linear, Conv2d, Conv2dConfig, GroupNorm, Linear};
 use serde::Deserialize;
 
+use super::check_act_fn;
 use super::resnet::{Downsample2D, ResnetBlock2D, ResnetBlock2DConfig, Upsample2D};
-use super::{check_act_fn, group_norm_silu};
 use crate::attention::{attention, AttentionOptions};
 use crate::cpu::contiguous;
 
@@ -239,7 +239,7 @@ impl Module for Encoder {
             }
         }
         let xs = self.mid_block.forward(&xs)?;
-        self.conv_out.forward(&group_norm_silu(&self.conv_norm_out, &xs)?)
+        self.conv_out.forward_norm_silu(&self.conv_norm_out, &xs)
     }
 }
 
@@ -307,7 +307,7 @@ impl Module for Decoder {
                 xs = up.forward(&xs, None)?;
             }
         }
-        self.conv_out.forward(&group_norm_silu(&self.conv_norm_out, &xs)?)
+        self.conv_out.forward_norm_silu(&self.conv_norm_out, &xs)
     }
 }
 

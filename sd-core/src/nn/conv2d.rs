@@ -12,7 +12,8 @@
 //!
 //! 3x3 convolutions with stride 1 and padding 1 go to [`winograd`] instead (2.25x fewer
 //! multiplications): in f32 when the call has enough output tiles, in bf16 always (the layer
-//! keeps its filters transformed from load).
+//! keeps its filters transformed from load). There, [`Conv2d::forward_norm_silu`] also applies
+//! the resnet's group norm and SiLU as it reads the input, instead of reading a normalised copy.
 
 use std::sync::Arc;
 
@@ -21,6 +22,7 @@ use candle_nn::VarBuilder;
 use half::bf16;
 use rayon::prelude::*;
 
+use super::group_norm::GroupNorm;
 use super::lora::{record, LoraLayer, LoraSlot};
 use super::{param_dtype, task_count, use_cpu_kernels, winograd, Source};
 use crate::cpu::bf16::{to_bf16_par, WeightValue};
@@ -301,7 +303,7 @@ impl Conv2d {
             Weight::Packed { .. } | Weight::Winograd(_) if !use_cpu_kernels(xs, DType::BF16) => {
                 candle_core::bail!("conv2d: weights packed for the CPU's bf16 GEMM take f32 CPU inputs, got {:?} on {:?}", xs.dtype(), xs.device())
             }
-            _ => return self.forward_cpu(weight, xs),
+            _ => return self.forward_cpu(weight, xs, winograd::InputMap::Plain),
         };
         let cfg = candle_nn::Conv2dConfig {
             padding: self.cfg.padding,
@@ -311,7 +313,44 @@ impl Conv2d {
         candle_nn::Conv2d::new(weight.clone(), self.bias.clone(), cfg).forward(xs)
     }
 
-    fn forward_cpu(&self, weight: &Weight, xs: &Tensor) -> Result<Tensor> {
+    /// `self.forward(&norm.forward_silu(xs))`: the resnet's `conv(silu(group_norm(x)))`. Where
+    /// the convolution runs on [`winograd`] (and no unfused LoRA reads the normalised input),
+    /// the norm and SiLU are applied as the input is read, so no normalised copy of `xs` is made
+    /// (a full-size tensor); the output is the same, bit for bit.
+    pub fn forward_norm_silu(&self, norm: &GroupNorm, xs: &Tensor) -> Result<Tensor> {
+        let lora = self.lora.read();
+        let weight = lora.fused.as_ref().unwrap_or(&self.weight);
+        if !lora.adds_terms() && self.runs_winograd(weight, xs)? {
+            if let Some(affine) = norm.channel_affine(xs)? {
+                return self.forward_cpu(weight, xs, winograd::InputMap::NormSilu(&affine));
+            }
+        }
+        drop(lora);
+        self.forward(&norm.forward_silu(xs)?)
+    }
+
+    /// Whether [`Self::forward_weight`] runs `xs` on one of the [`winograd`] paths.
+    fn runs_winograd(&self, weight: &Weight, xs: &Tensor) -> Result<bool> {
+        let on_cpu = match weight {
+            Weight::Dense(w) => use_cpu_kernels(xs, w.dtype()),
+            Weight::Mapped { .. } => use_cpu_kernels(xs, DType::F32),
+            Weight::Packed { .. } | Weight::Winograd(_) => use_cpu_kernels(xs, DType::BF16),
+        };
+        let (Ok((batch, c_in, h, w)), Ok((c_out, _, kh, kw))) = (xs.dims4(), weight.dims()) else {
+            return Ok(false);
+        };
+        let shape = winograd::Shape { batch, c_in, c_out, h, w };
+        Ok(on_cpu && on_winograd(weight, (kh, kw), self.cfg, &shape))
+    }
+
+    /// The convolution on the CPU kernels, of `xs` as `input` says (anything but
+    /// [`winograd::InputMap::Plain`] only where [`on_winograd`]).
+    fn forward_cpu(
+        &self,
+        weight: &Weight,
+        xs: &Tensor,
+        input: winograd::InputMap,
+    ) -> Result<Tensor> {
         let xs = xs.contiguous()?;
         let (batch, c_in, h, w) = xs.dims4()?;
         let (c_out, wc_in, kh, kw) = weight.dims()?;
@@ -341,9 +380,10 @@ impl Conv2d {
         };
         let (k, pixels) = (g.k(), g.pixels());
         let shape = winograd::Shape { batch, c_in, c_out, h, w };
-        // The f32 Winograd path takes f32 weights; dense bf16 ones (MKL's bf16 GEMM) stay on
-        // im2col, and packed ones have their own arms below.
-        let f32_weight = !matches!(weight, Weight::Dense(w) if w.dtype() != DType::F32);
+        let winograd = on_winograd(weight, (kh, kw), self.cfg, &shape);
+        if !winograd && !matches!(input, winograd::InputMap::Plain) {
+            candle_core::bail!("conv2d: a normalised input is read on the Winograd path only");
+        }
         // Every element is written by the tasks below (bias or GEMM); the length is set after.
         let len = batch * c_out * pixels;
         let mut out: Vec<f32> = Vec::with_capacity(len);
@@ -353,7 +393,7 @@ impl Conv2d {
                 // Safety: `out` has room for the whole output, written only here; the filters
                 // were packed, so the packed kernel runs.
                 with_slice::<f32, _>(&xs, |x| unsafe {
-                    winograd::conv3x3_bf16(x, &shape, filters, bias, out.as_mut_ptr())
+                    winograd::conv3x3_bf16(x, input, &shape, filters, bias, out.as_mut_ptr())
                 })?;
             }
             Weight::Packed { weight, .. } => {
@@ -396,19 +436,18 @@ impl Conv2d {
                     })
                 })?
             }
-            Weight::Dense(_) | Weight::Mapped { .. }
-                if f32_weight && winograd::applies((kh, kw), stride, pad, &shape) =>
-            {
+            Weight::Dense(_) | Weight::Mapped { .. } if winograd => {
                 let bias = bias.as_deref();
                 with_slice::<f32, _>(&xs, |x| match weight {
                     Weight::Mapped { values, .. } => {
                         // Safety: `out` has room for the whole output, written only here.
-                        unsafe { winograd::conv3x3(x, &shape, values, bias, out.as_mut_ptr()) };
+                        let out = out.as_mut_ptr();
+                        unsafe { winograd::conv3x3(x, input, &shape, values, bias, out) };
                         Ok(())
                     }
                     Weight::Dense(dense) => with_slice::<f32, _>(dense, |wt| {
                         // Safety: as above.
-                        unsafe { winograd::conv3x3(x, &shape, wt, bias, out.as_mut_ptr()) }
+                        unsafe { winograd::conv3x3(x, input, &shape, wt, bias, out.as_mut_ptr()) }
                     }),
                     Weight::Packed { .. } | Weight::Winograd(_) => unreachable!("handled above"),
                 })??;
@@ -462,6 +501,25 @@ impl Conv2d {
         // Safety: the tasks covered every pixel of every channel of every image.
         unsafe { out.set_len(len) };
         Tensor::from_vec(out, (batch, c_out, g.h_out, g.w_out), &Device::Cpu)
+    }
+}
+
+/// Whether [`Conv2d::forward_cpu`] runs a call of this shape on [`winograd`]: always with filters
+/// transformed at load (bf16), and for f32 weights where [`winograd::applies`]. Dense bf16
+/// weights (MKL's bf16 GEMM) and packed ones stay on im2col.
+fn on_winograd(
+    weight: &Weight,
+    kernel: (usize, usize),
+    cfg: Conv2dConfig,
+    shape: &winograd::Shape,
+) -> bool {
+    match weight {
+        Weight::Winograd(_) => true,
+        Weight::Packed { .. } => false,
+        Weight::Dense(w) if w.dtype() != DType::F32 => false,
+        Weight::Dense(_) | Weight::Mapped { .. } => {
+            winograd::applies(kernel, cfg.stride, cfg.padding, shape)
+        }
     }
 }
 
@@ -646,6 +704,92 @@ mod tests {
             (2, 32, 32, 24, 24, 3, 2, 0),
         ];
         check_against_candle(&cases, DType::BF16)
+    }
+
+    /// `forward_norm_silu` gives `forward(silu(norm(x)))` bit for bit: where the norm is read on
+    /// the way into the Winograd paths (f32 with enough tiles; bf16 with its tasks cut by tiles
+    /// and, for small calls, by output channel), and where it falls back to the normalised copy
+    /// (f32 calls with few tiles, 1x1 and strided layers, and a layer with an unfused LoRA term,
+    /// which reads the normalised input too). Odd sizes cover the clipped edge tiles.
+    #[test]
+    fn norm_read_on_the_way_in_matches_the_normalised_copy() -> Result<()> {
+        use std::sync::Arc;
+
+        let dev = Device::Cpu;
+        let (c_in, c_out, groups) = (8, 6, 4);
+        let norm = {
+            let gamma = Tensor::from_vec(values(c_in, 11), c_in, &dev)?;
+            let beta = Tensor::from_vec(values(c_in, 12), c_in, &dev)?;
+            let tensors = [("weight".to_string(), gamma), ("bias".to_string(), beta)];
+            let vb = VarBuilder::from_tensors(tensors.into_iter().collect(), DType::F32, &dev);
+            super::super::group_norm(groups, c_in, 1e-6, vb)?
+        };
+        let mut dtypes = vec![DType::F32];
+        if packed::available() && winograd::enabled() {
+            dtypes.push(DType::BF16);
+        } else {
+            eprintln!("bf16 cases skipped: they need the packed bf16 GEMM and Winograd");
+        }
+        // (batch, h, w, kernel, stride, pad, the call runs on Winograd in f32)
+        let cases = [
+            (2, 24, 24, 3, 1, 1, true),
+            (1, 45, 37, 3, 1, 1, true),
+            (2, 6, 7, 3, 1, 1, false),
+            (2, 24, 24, 1, 1, 0, false),
+            (2, 24, 24, 3, 2, 1, false),
+        ];
+        for dtype in dtypes {
+            for &(b, h, w, k, stride, pad, f32_winograd) in &cases {
+                // Per-image offsets, so each image has its own statistics.
+                let offsets =
+                    Tensor::from_vec(vec![0.5f32, -2.0][..b].to_vec(), (b, 1, 1, 1), &dev)?;
+                let x = Tensor::from_vec(values(b * c_in * h * w, 13), (b, c_in, h, w), &dev)?
+                    .broadcast_add(&offsets)?;
+                let wt =
+                    Tensor::from_vec(values(c_out * c_in * k * k, 14), (c_out, c_in, k, k), &dev)?
+                        .to_dtype(dtype)?;
+                let bias = Tensor::from_vec(values(c_out, 15), c_out, &dev)?;
+                let conv = Conv2d::new(wt, Some(bias), Conv2dConfig { padding: pad, stride })?;
+                let fused = conv.runs_winograd(&conv.weight, &x)?;
+                let expected_fused =
+                    if dtype == DType::F32 { f32_winograd } else { k == 3 && stride == 1 };
+                assert_eq!(fused, expected_fused, "{dtype:?} {b}x{h}x{w} k{k} s{stride}");
+                let expected = conv.forward(&norm.forward_silu(&x)?)?;
+                let ours = conv.forward_norm_silu(&norm, &x)?;
+                same_bits(&ours, &expected, &format!("{dtype:?} {b}x{h}x{w} k{k} s{stride}"))?;
+            }
+        }
+        // An unfused LoRA term reads the normalised input: the same result as the copy.
+        let wt = Tensor::from_vec(values(c_out * c_in * 9, 16), (c_out, c_in, 3, 3), &dev)?;
+        let conv = Conv2d::new(wt, None, Conv2dConfig { padding: 1, stride: 1 })?;
+        let down = Tensor::from_vec(values(2 * c_in * 9, 17), (2, c_in, 3, 3), &dev)?;
+        let up = Tensor::from_vec(values(c_out * 2, 18), (c_out, 2, 1, 1), &dev)?;
+        let same = Conv2dConfig { padding: 1, stride: 1 };
+        conv.lora().write().terms.push(super::super::lora::LowRank {
+            adapter: Arc::from("a"),
+            down: Conv2d::new(down.clone(), None, same)?,
+            up: Conv2d::new(up.clone(), None, Conv2dConfig::default())?,
+            matrices: (up.reshape((c_out, 2))?, down.reshape((2, c_in * 9))?),
+            scale: 1.0,
+            factor: 0.5,
+        });
+        let x = Tensor::from_vec(values(2 * c_in * 24 * 24, 19), (2, c_in, 24, 24), &dev)?;
+        let normalised = norm.forward_silu(&x)?;
+        let expected = conv.forward(&normalised)?;
+        let without = conv.forward_weight(&conv.weight, &normalised)?;
+        assert!(same_bits(&without, &expected, "").is_err(), "the LoRA term adds nothing");
+        same_bits(&conv.forward_norm_silu(&norm, &x)?, &expected, "with an unfused LoRA")
+    }
+
+    /// Ok where `a` and `b` have the same shape and the same f32 values, bit for bit; else an
+    /// error naming the first difference.
+    fn same_bits(a: &Tensor, b: &Tensor, what: &str) -> Result<()> {
+        assert_eq!(a.dims(), b.dims(), "{what}");
+        let (a, b) = (a.flatten_all()?.to_vec1::<f32>()?, b.flatten_all()?.to_vec1::<f32>()?);
+        match a.iter().zip(&b).position(|(x, y)| x.to_bits() != y.to_bits()) {
+            None => Ok(()),
+            Some(i) => candle_core::bail!("{what}: element {i} is {} against {}", a[i], b[i]),
+        }
     }
 
     /// bf16 3x3 layers with stride 1 and padding 1 hold their weight transformed for Winograd

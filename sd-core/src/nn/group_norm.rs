@@ -3,6 +3,10 @@
 //! On the CPU one pass per (image, group) computes the statistics (f64 sums) and a second
 //! writes `x * scale[c] + shift[c]`, SiLU applied in the same loop with a vectorised `exp`.
 //! candle-nn's version goes through four full-size temporaries and a separate SiLU.
+//!
+//! A 3x3 convolution that reads `silu(norm(x))` can skip the second pass: [`GroupNorm::channel_affine`]
+//! gives the per-channel `scale` and `shift`, and the convolution applies them (and the SiLU,
+//! with the same [`affine_with`]) as it reads `x`, so no normalised copy of `x` is made.
 
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::VarBuilder;
@@ -76,25 +80,15 @@ impl GroupNorm {
         }
         let spatial: usize = dims[2..].iter().product();
         let group_len = channels / self.num_groups * spatial;
-        let gamma = self.weight.to_vec1::<f32>()?;
-        let beta = self.bias.to_vec1::<f32>()?;
+        let (gamma, beta) = (self.weight.to_vec1::<f32>()?, self.bias.to_vec1::<f32>()?);
         let mut out = vec![0f32; xs.elem_count()];
-        let eps = self.eps;
-        let groups = self.num_groups;
         with_slice::<f32, _>(&xs, |x| {
             out.par_chunks_mut(group_len).zip(x.par_chunks(group_len)).enumerate().for_each(
                 |(i, (dst, src))| {
-                    let (sum, sum_sq) = moments(src);
-                    let n = src.len() as f64;
-                    let mean = sum / n;
-                    let var = (sum_sq / n - mean * mean).max(0.0);
-                    let rstd = 1.0 / (var + eps).sqrt();
-                    let c0 = (i % groups) * (channels / groups);
-                    for (c, (d, s)) in dst.chunks_mut(spatial).zip(src.chunks(spatial)).enumerate()
+                    let group = self.group_affine(i, src, &gamma, &beta, channels);
+                    for ((d, s), (scale, shift)) in
+                        dst.chunks_mut(spatial).zip(src.chunks(spatial)).zip(group)
                     {
-                        let scale = (rstd * gamma[c0 + c] as f64) as f32;
-                        let shift =
-                            (beta[c0 + c] as f64 - mean * rstd * gamma[c0 + c] as f64) as f32;
                         affine(s, d, scale, shift, silu);
                     }
                 },
@@ -102,6 +96,68 @@ impl GroupNorm {
         })?;
         Tensor::from_vec(out, dims, &Device::Cpu)
     }
+
+    /// `(scale, shift)` of each channel of group `i` (counted over all images), whose values
+    /// are `src`: the normalised value of `x` is `x * scale + shift`.
+    fn group_affine<'a>(
+        &self,
+        i: usize,
+        src: &[f32],
+        gamma: &'a [f32],
+        beta: &'a [f32],
+        channels: usize,
+    ) -> impl Iterator<Item = (f32, f32)> + 'a {
+        let (sum, sum_sq) = moments(src);
+        let n = src.len() as f64;
+        let mean = sum / n;
+        let var = (sum_sq / n - mean * mean).max(0.0);
+        let rstd = 1.0 / (var + self.eps).sqrt();
+        let per_group = channels / self.num_groups;
+        let c0 = (i % self.num_groups) * per_group;
+        (c0..c0 + per_group).map(move |c| {
+            let scale = (rstd * gamma[c] as f64) as f32;
+            let shift = (beta[c] as f64 - mean * rstd * gamma[c] as f64) as f32;
+            (scale, shift)
+        })
+    }
+
+    /// The norm over `xs` (`[batch, channels, ...]`) as one `x * scale + shift` per image and
+    /// channel (`[batch * channels]` each), from one read of `xs`: what a convolution needs to
+    /// read `silu(self.forward(xs))` straight from `xs` (the same values, bit for bit, as
+    /// [`Self::forward_silu`] writes). `None` where the CPU kernel does not run.
+    pub(crate) fn channel_affine(&self, xs: &Tensor) -> Result<Option<ChannelAffine>> {
+        if !self.cpu_kernel_applies(xs) {
+            return Ok(None);
+        }
+        let xs = xs.contiguous()?;
+        let dims = xs.dims();
+        let channels = dims[1];
+        if channels != self.weight.dim(0)? {
+            candle_core::bail!(
+                "group norm: input has {channels} channels, the norm {}",
+                self.weight.dim(0)?
+            );
+        }
+        let spatial: usize = dims[2..].iter().product();
+        let group_len = channels / self.num_groups * spatial;
+        let (gamma, beta) = (self.weight.to_vec1::<f32>()?, self.bias.to_vec1::<f32>()?);
+        let pairs: Vec<(f32, f32)> = with_slice::<f32, _>(&xs, |x| {
+            x.par_chunks(group_len)
+                .enumerate()
+                .flat_map_iter(|(i, src)| self.group_affine(i, src, &gamma, &beta, channels))
+                .collect()
+        })?;
+        let (scale, shift) = pairs.into_iter().unzip();
+        Ok(Some(ChannelAffine { scale, shift }))
+    }
+}
+
+/// A group norm as an affine map per image and channel (`[batch * channels]`): see
+/// [`GroupNorm::channel_affine`].
+#[derive(Debug, Clone)]
+pub(crate) struct ChannelAffine {
+    pub scale: Vec<f32>,
+    pub shift: Vec<f32>,
 }
 
 impl Module for GroupNorm {
@@ -143,8 +199,15 @@ fn affine(src: &[f32], dst: &mut [f32], scale: f32, shift: f32, silu: bool) {
     simd_dispatch!(affine_with(src: &[f32], dst: &mut [f32], scale: f32, shift: f32, silu: bool))
 }
 
+/// [`affine`] on instruction set `A` (for kernels that are dispatched already).
 #[inline(always)]
-fn affine_with<A: MulAdd>(src: &[f32], dst: &mut [f32], scale: f32, shift: f32, silu: bool) {
+pub(crate) fn affine_with<A: MulAdd>(
+    src: &[f32],
+    dst: &mut [f32],
+    scale: f32,
+    shift: f32,
+    silu: bool,
+) {
     if silu {
         for (d, &s) in dst.iter_mut().zip(src) {
             let y = A::mul_add(s, scale, shift);

@@ -75,6 +75,11 @@ impl<W, L: Module> LoraSlot<W, L> {
 }
 
 impl<W, L: Module> LoraState<W, L> {
+    /// Whether [`Self::add_terms`] adds anything (and so reads the layer's input).
+    pub fn adds_terms(&self) -> bool {
+        self.fused.is_none() && self.terms.iter().any(|t| t.factor != 0.0)
+    }
+
     /// `ys + sum factor * scale * up(down(xs))` over the active terms (PEFT's order: the base
     /// output first, then each adapter's scaled update added).
     pub fn add_terms(&self, xs: &Tensor, mut ys: Tensor) -> Result<Tensor> {

@@ -31,6 +31,13 @@
 //! |diff| 1.41 levels against im2col's 1.13).
 //!
 //! `SD_CONV_WINOGRAD=0` turns both off (every convolution on im2col).
+//!
+//! # A group norm and SiLU read on the way in ([`InputMap`])
+//!
+//! Both take the input as it is, or as `silu(x * scale[c] + shift[c])` per image and channel: a
+//! resnet's group norm applied while the input rows are loaded for the transform, so the
+//! normalised copy of `x` (a full-size tensor, 0.6 GB at the VAE's last level at 768 px) is never
+//! made. The values are those [`GroupNorm::forward_silu`](super::GroupNorm) writes, bit for bit.
 
 use std::sync::OnceLock;
 
@@ -43,6 +50,8 @@ use crate::cpu::blas::{gemm_f32, Operand, SendPtr};
 use crate::cpu::packed;
 use crate::cpu::simd::{simd_dispatch, MulAdd};
 use crate::cpu::with_scratch;
+
+use super::group_norm::{affine_with, ChannelAffine};
 
 /// Positions of the 4x4 transforms (ξ), one GEMM each.
 pub(super) const XI: usize = 16;
@@ -73,6 +82,27 @@ impl Shape {
     }
     fn tiles_w(&self) -> usize {
         self.w.div_ceil(2)
+    }
+}
+
+/// What the convolution reads from its input `x`: `x` itself, or `silu(x * scale + shift)` with
+/// one `scale` and `shift` per image and channel (a group norm and SiLU; see the module doc).
+#[derive(Debug, Clone, Copy)]
+pub(super) enum InputMap<'a> {
+    Plain,
+    NormSilu(&'a ChannelAffine),
+}
+
+impl InputMap<'_> {
+    /// The `(scale, shift)` of channel `ci` of image `image`, where the input is normalised.
+    fn channel(&self, image: usize, c_in: usize, ci: usize) -> Option<(f32, f32)> {
+        match self {
+            InputMap::Plain => None,
+            InputMap::NormSilu(a) => {
+                let i = image * c_in + ci;
+                Some((a.scale[i], a.shift[i]))
+            }
+        }
     }
 }
 
@@ -124,6 +154,7 @@ fn fits(s: &Shape) -> bool {
 /// `out` is valid for writes of `batch c_out h w` values and nothing else touches them meanwhile.
 pub(super) unsafe fn conv3x3(
     x: &[f32],
+    input: InputMap,
     s: &Shape,
     weight: &[f32],
     bias: Option<&[f32]>,
@@ -141,7 +172,7 @@ pub(super) unsafe fn conv3x3(
         let (n, b) = (task.tiles(), task.images.start);
         let image = &x[b * c_in * h * w..][..c_in * h * w];
         with_scratch(0, XI * c_in * n, |v: &mut [f32]| {
-            transform_input(image, s, task, v);
+            transform_input(image, input, b, s, task, v);
             with_scratch(1, XI * c_out * n, |m: &mut [f32]| {
                 for xi in 0..XI {
                     let u = &u[xi * c_out * c_in..][..c_out * c_in];
@@ -332,6 +363,7 @@ impl PackedFilters {
 /// As for [`conv3x3`]; and the packed GEMM runs in this process (the filters were packed).
 pub(super) unsafe fn conv3x3_bf16(
     x: &[f32],
+    input: InputMap,
     s: &Shape,
     filters: &PackedFilters,
     bias: Option<&[f32]>,
@@ -365,7 +397,8 @@ pub(super) unsafe fn conv3x3_bf16(
                             let v = &mut pair[c * n + i * per_image..];
                             if ci < c_in {
                                 let plane = &x[(image * c_in + ci) * h * w..][..h * w];
-                                rows.transform(plane, s, task, v, 2 * n);
+                                let map = input.channel(image, c_in, ci);
+                                rows.transform(plane, map, s, task, v, 2 * n);
                             } else {
                                 for xi in 0..XI {
                                     v[2 * xi * n..][..per_image].fill(0.0);
@@ -516,11 +549,19 @@ fn transform_filters_with<S: MulAdd>(
 /// `V_ξ[ci, tile] = (Bᵀ d B)_ξ` for the tiles of `task`, laid out `[16, c_in, tiles]` (see
 /// [`Task`]), with `Bᵀ = [1 0 -1 0; 0 1 1 0; 0 -1 1 0; 0 1 0 -1]` and `d` the tile's 4x4 input
 /// (rows and columns from 2 ty - 1 and 2 tx - 1, zero outside the image).
-fn transform_input(image: &[f32], s: &Shape, task: &Task, v: &mut [f32]) {
+fn transform_input(
+    x: &[f32],
+    input: InputMap,
+    image: usize,
+    s: &Shape,
+    task: &Task,
+    v: &mut [f32],
+) {
     let (n, plane) = (task.tiles(), s.h * s.w);
     let mut rows = InputRows::new(task);
     for ci in 0..s.c_in {
-        rows.transform(&image[ci * plane..][..plane], s, task, &mut v[ci * n..], s.c_in * n);
+        let map = input.channel(image, s.c_in, ci);
+        rows.transform(&x[ci * plane..][..plane], map, s, task, &mut v[ci * n..], s.c_in * n);
     }
 }
 
@@ -540,16 +581,24 @@ impl InputRows {
         }
     }
 
-    /// `V_ξ` of one channel (`plane`, `h x w`) for the tiles of `task`: tile `t` of ξ goes to
-    /// `v[ξ stride + t]`.
-    fn transform(&mut self, plane: &[f32], s: &Shape, task: &Task, v: &mut [f32], stride: usize) {
-        let (padded, rows) = (&mut self.padded[..], &mut self.rows[..]);
+    /// `V_ξ` of one channel (`plane`, `h x w`, read through `map`: `silu(x * scale + shift)`
+    /// where given) for the tiles of `task`: tile `t` of ξ goes to `v[ξ stride + t]`.
+    fn transform(
+        &mut self,
+        plane: &[f32],
+        map: Option<(f32, f32)>,
+        s: &Shape,
+        task: &Task,
+        v: &mut [f32],
+        stride: usize,
+    ) {
+        let scratch = self;
         simd_dispatch!(transform_channel(
             plane: &[f32],
+            map: Option<(f32, f32)>,
             s: &Shape,
             task: &Task,
-            padded: &mut [f32],
-            rows: &mut [f32],
+            scratch: &mut InputRows,
             v: &mut [f32],
             stride: usize
         ))
@@ -559,13 +608,14 @@ impl InputRows {
 #[inline(always)]
 fn transform_channel<S: MulAdd>(
     plane: &[f32],
+    map: Option<(f32, f32)>,
     s: &Shape,
     task: &Task,
-    padded: &mut [f32],
-    rows: &mut [f32],
+    scratch: &mut InputRows,
     v: &mut [f32],
     stride: usize,
 ) {
+    let (padded, rows) = (&mut scratch.padded[..], &mut scratch.rows[..]);
     let (h, w) = (s.h, s.w);
     let tw = task.cols.len();
     // The input rows these tiles see, 2 ty0 - 1 ..= 2 ty1: each is transformed along its
@@ -580,8 +630,13 @@ fn transform_channel<S: MulAdd>(
     for (r, row_t) in rows.chunks_exact_mut(4 * tw).enumerate() {
         let iy = (first_row + r).wrapping_sub(1);
         if iy < h {
+            // The padding stays zero: it pads the normalised input.
             padded[..at].fill(0.0);
-            padded[at..at + hi - lo].copy_from_slice(&plane[iy * w + lo..iy * w + hi]);
+            let (src, dst) = (&plane[iy * w + lo..iy * w + hi], &mut padded[at..at + hi - lo]);
+            match map {
+                None => dst.copy_from_slice(src),
+                Some((scale, shift)) => affine_with::<S>(src, dst, scale, shift, true),
+            }
             padded[at + hi - lo..].fill(0.0);
         } else {
             padded.fill(0.0);
@@ -754,7 +809,7 @@ mod tests {
             let (x, weight, bias) = inputs(&s);
             let mut out = vec![f32::NAN; batch * c_out * h * w];
             // Safety: `out` has room for the whole output.
-            unsafe { conv3x3(&x, &s, &weight, Some(&bias), out.as_mut_ptr()) };
+            unsafe { conv3x3(&x, InputMap::Plain, &s, &weight, Some(&bias), out.as_mut_ptr()) };
             let theirs = candle_conv(&x, &weight, &bias, &s)?;
             let diff = out.iter().zip(&theirs).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
             assert!(diff < 1e-4, "{batch} {c_in} {c_out} {h} {w}: {diff}");
@@ -793,7 +848,9 @@ mod tests {
             let filters = PackedFilters::new(&round(&weight), c_out, c_in);
             let mut ours = vec![f32::NAN; batch * c_out * h * w];
             // Safety: `ours` has room for the whole output; the packed GEMM runs.
-            unsafe { conv3x3_bf16(&x, &s, &filters, Some(&bias), ours.as_mut_ptr()) };
+            unsafe {
+                conv3x3_bf16(&x, InputMap::Plain, &s, &filters, Some(&bias), ours.as_mut_ptr())
+            };
             let exact = candle_conv(&x, &weight, &bias, &s)?;
             let direct = candle_conv(&round(&x), &round(&weight), &bias, &s)?;
             let (err, direct_err) = (rms(&ours, &exact), rms(&direct, &exact));

@@ -16,8 +16,8 @@ use candle_nn::VarBuilder;
 use crate::nn::{conv2d, group_norm, Conv2d, Conv2dConfig, GroupNorm};
 use serde::Deserialize;
 
+use crate::models::check_act_fn;
 use crate::models::resnet::ResnetBlock2DConfig;
-use crate::models::{check_act_fn, group_norm_silu};
 
 /// A config value given once for all blocks or once per block (`attention_head_dim: 8` or
 /// `[5, 10, 20, 20]`).
@@ -426,6 +426,6 @@ impl UNet2DConditionModel {
             };
             xs = block.forward(&xs, &mut skips, &temb, encoder_hidden_states, upsample_size)?;
         }
-        self.conv_out.forward(&group_norm_silu(&self.conv_norm_out, &xs)?)
+        self.conv_out.forward_norm_silu(&self.conv_norm_out, &xs)
     }
 }
