@@ -4,7 +4,9 @@
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
-use crate::nn::{conv2d, group_norm, linear, Conv2d, Conv2dConfig, GroupNorm, Linear};
+use crate::nn::{
+    add_residual, conv2d, group_norm, linear, Conv2d, Conv2dConfig, GroupNorm, Linear,
+};
 
 #[derive(Debug, Clone, Copy)]
 pub struct ResnetBlock2DConfig {
@@ -67,7 +69,7 @@ impl ResnetBlock2D {
             Some(conv) => conv.forward(xs)?,
             None => xs.clone(),
         };
-        let out = (shortcut + h)?;
+        let out = add_residual(h, &shortcut)?;
         if self.output_scale_factor == 1.0 {
             Ok(out)
         } else {
@@ -129,7 +131,11 @@ impl Upsample2D {
     /// `size` is the target `(height, width)`; `None` doubles both.
     pub fn forward(&self, xs: &Tensor, size: Option<(usize, usize)>) -> Result<Tensor> {
         let (_, _, h, w) = xs.dims4()?;
-        let (th, tw) = size.unwrap_or((2 * h, 2 * w));
-        self.conv.forward(&xs.upsample_nearest2d(th, tw)?)
+        match size {
+            Some((th, tw)) if (th, tw) != (2 * h, 2 * w) => {
+                self.conv.forward(&xs.upsample_nearest2d(th, tw)?)
+            }
+            _ => self.conv.forward_upsampled(xs),
+        }
     }
 }

@@ -13,7 +13,8 @@
 //! 3x3 convolutions with stride 1 and padding 1 go to [`winograd`] instead (2.25x fewer
 //! multiplications): in f32 when the call has enough output tiles, in bf16 always (the layer
 //! keeps its filters transformed from load). There, [`Conv2d::forward_norm_silu`] also applies
-//! the resnet's group norm and SiLU as it reads the input, instead of reading a normalised copy.
+//! the resnet's group norm and SiLU as it reads the input, and [`Conv2d::forward_upsampled`] the
+//! upsampler's nearest-neighbour upsampling, instead of reading a normalised or upsampled copy.
 
 use std::sync::Arc;
 
@@ -25,7 +26,7 @@ use rayon::prelude::*;
 use super::group_norm::GroupNorm;
 use super::lora::{record, LoraLayer, LoraSlot};
 use super::{param_dtype, task_count, use_cpu_kernels, winograd, Source};
-use crate::cpu::bf16::{to_bf16_par, WeightValue};
+use crate::cpu::bf16::{to_bf16, to_bf16_par, WeightValue};
 use crate::cpu::blas::{gemm_bf16, gemm_f32, Operand, SendPtr};
 use crate::cpu::packed;
 use crate::cpu::{with_scratch, with_slice};
@@ -320,7 +321,7 @@ impl Conv2d {
     pub fn forward_norm_silu(&self, norm: &GroupNorm, xs: &Tensor) -> Result<Tensor> {
         let lora = self.lora.read();
         let weight = lora.fused.as_ref().unwrap_or(&self.weight);
-        if !lora.adds_terms() && self.runs_winograd(weight, xs)? {
+        if !lora.adds_terms() && self.runs_winograd(weight, xs, 1)? {
             if let Some(affine) = norm.channel_affine(xs)? {
                 return self.forward_cpu(weight, xs, winograd::InputMap::NormSilu(&affine));
             }
@@ -329,8 +330,24 @@ impl Conv2d {
         self.forward(&norm.forward_silu(xs)?)
     }
 
-    /// Whether [`Self::forward_weight`] runs `xs` on one of the [`winograd`] paths.
-    fn runs_winograd(&self, weight: &Weight, xs: &Tensor) -> Result<bool> {
+    /// `self.forward(&xs.upsample_nearest2d(2 h, 2 w))`: an upsampler's convolution. Where it
+    /// runs on [`winograd`] (and no unfused LoRA reads the upsampled input), the upsampling is
+    /// read inside the input transform, so the upsampled copy of `xs` (4x its size) is never
+    /// made; the output is the same, bit for bit.
+    pub fn forward_upsampled(&self, xs: &Tensor) -> Result<Tensor> {
+        let lora = self.lora.read();
+        let weight = lora.fused.as_ref().unwrap_or(&self.weight);
+        if !lora.adds_terms() && self.runs_winograd(weight, xs, 2)? {
+            return self.forward_cpu(weight, xs, winograd::InputMap::Nearest2x);
+        }
+        drop(lora);
+        let (_, _, h, w) = xs.dims4()?;
+        self.forward(&xs.upsample_nearest2d(2 * h, 2 * w)?)
+    }
+
+    /// Whether [`Self::forward_weight`] runs `xs`, upsampled by `scale` (1: as it is), on one of
+    /// the [`winograd`] paths.
+    fn runs_winograd(&self, weight: &Weight, xs: &Tensor, scale: usize) -> Result<bool> {
         let on_cpu = match weight {
             Weight::Dense(w) => use_cpu_kernels(xs, w.dtype()),
             Weight::Mapped { .. } => use_cpu_kernels(xs, DType::F32),
@@ -339,7 +356,7 @@ impl Conv2d {
         let (Ok((batch, c_in, h, w)), Ok((c_out, _, kh, kw))) = (xs.dims4(), weight.dims()) else {
             return Ok(false);
         };
-        let shape = winograd::Shape { batch, c_in, c_out, h, w };
+        let shape = winograd::Shape { batch, c_in, c_out, h: scale * h, w: scale * w };
         Ok(on_cpu && on_winograd(weight, (kh, kw), self.cfg, &shape))
     }
 
@@ -353,6 +370,11 @@ impl Conv2d {
     ) -> Result<Tensor> {
         let xs = xs.contiguous()?;
         let (batch, c_in, h, w) = xs.dims4()?;
+        // The convolution's input is the upsampling of `xs` there.
+        let (h, w) = match input {
+            winograd::InputMap::Nearest2x => (2 * h, 2 * w),
+            _ => (h, w),
+        };
         let (c_out, wc_in, kh, kw) = weight.dims()?;
         if c_in != wc_in {
             candle_core::bail!("conv2d: input has {c_in} channels, the weight expects {wc_in}");
@@ -382,7 +404,7 @@ impl Conv2d {
         let shape = winograd::Shape { batch, c_in, c_out, h, w };
         let winograd = on_winograd(weight, (kh, kw), self.cfg, &shape);
         if !winograd && !matches!(input, winograd::InputMap::Plain) {
-            candle_core::bail!("conv2d: a normalised input is read on the Winograd path only");
+            candle_core::bail!("conv2d: a mapped input is read on the Winograd path only");
         }
         // Every element is written by the tasks below (bias or GEMM); the length is set after.
         let len = batch * c_out * pixels;
@@ -408,32 +430,36 @@ impl Conv2d {
                     SendPtr(out.as_mut_ptr()),
                 );
                 let bias = bias.as_deref().map_or(packed::Bias::None, packed::Bias::Rows);
-                with_slice::<f32, _>(&xs, |x| {
-                    // Convert the input once, not once per kernel tap.
-                    let x16 = to_bf16_par(x);
-                    plan.run(&x16, |image, p0, len, _, c| {
-                        let cols = packed::packed_len(len, k);
-                        with_scratch(1, cols + 32, |buf: &mut [bf16]| {
-                            let cols = packed::aligned(buf, cols);
-                            packed::pack_b_rows(len, k, cols, |tap, row| {
-                                im2col_row(image, &g, p0, tap, row)
-                            });
-                            // Safety: a packed kernel runs here (the weight was packed); see
-                            // `Plan::run`.
-                            unsafe {
-                                packed::gemm(
-                                    weight.as_slice(),
-                                    c_out,
-                                    cols,
-                                    len,
-                                    k,
-                                    bias,
-                                    c,
-                                    pixels,
-                                )
-                            };
-                        })
+                // The task's `len` output pixels from `p0` on: their `k` im2col rows, made by
+                // `row(tap, dst)`, packed and multiplied into `c`.
+                let task = |len: usize, c: *mut f32, row: &dyn Fn(usize, &mut [bf16])| {
+                    let cols = packed::packed_len(len, k);
+                    with_scratch(1, cols + 32, |buf: &mut [bf16]| {
+                        let cols = packed::aligned(buf, cols);
+                        packed::pack_b_rows(len, k, cols, row);
+                        // Safety: a packed kernel runs here (the weight was packed); see
+                        // `Plan::run`.
+                        unsafe {
+                            packed::gemm(weight.as_slice(), c_out, cols, len, k, bias, c, pixels)
+                        };
                     })
+                };
+                let pointwise = kh == 1 && kw == 1 && stride == 1 && pad == 0;
+                with_slice::<f32, _>(&xs, |x| {
+                    if pointwise {
+                        // Each input value is read once (one tap): rounded as it is packed,
+                        // without a bf16 copy of the whole input (0.3 GB at the VAE's last
+                        // level at 768 px).
+                        plan.run(x, |image, p0, len, _, c| {
+                            task(len, c, &|ci, row| to_bf16(&image[ci * pixels + p0..][..len], row))
+                        })
+                    } else {
+                        // Converted once, not once per kernel tap.
+                        let x16 = to_bf16_par(x);
+                        plan.run(&x16, |image, p0, len, _, c| {
+                            task(len, c, &|tap, row| im2col_row(image, &g, p0, tap, row))
+                        })
+                    }
                 })?
             }
             Weight::Dense(_) | Weight::Mapped { .. } if winograd => {
@@ -713,8 +739,6 @@ mod tests {
     /// which reads the normalised input too). Odd sizes cover the clipped edge tiles.
     #[test]
     fn norm_read_on_the_way_in_matches_the_normalised_copy() -> Result<()> {
-        use std::sync::Arc;
-
         let dev = Device::Cpu;
         let (c_in, c_out, groups) = (8, 6, 4);
         let norm = {
@@ -750,7 +774,7 @@ mod tests {
                         .to_dtype(dtype)?;
                 let bias = Tensor::from_vec(values(c_out, 15), c_out, &dev)?;
                 let conv = Conv2d::new(wt, Some(bias), Conv2dConfig { padding: pad, stride })?;
-                let fused = conv.runs_winograd(&conv.weight, &x)?;
+                let fused = conv.runs_winograd(&conv.weight, &x, 1)?;
                 let expected_fused =
                     if dtype == DType::F32 { f32_winograd } else { k == 3 && stride == 1 };
                 assert_eq!(fused, expected_fused, "{dtype:?} {b}x{h}x{w} k{k} s{stride}");
@@ -760,25 +784,74 @@ mod tests {
             }
         }
         // An unfused LoRA term reads the normalised input: the same result as the copy.
-        let wt = Tensor::from_vec(values(c_out * c_in * 9, 16), (c_out, c_in, 3, 3), &dev)?;
-        let conv = Conv2d::new(wt, None, Conv2dConfig { padding: 1, stride: 1 })?;
-        let down = Tensor::from_vec(values(2 * c_in * 9, 17), (2, c_in, 3, 3), &dev)?;
-        let up = Tensor::from_vec(values(c_out * 2, 18), (c_out, 2, 1, 1), &dev)?;
-        let same = Conv2dConfig { padding: 1, stride: 1 };
-        conv.lora().write().terms.push(super::super::lora::LowRank {
-            adapter: Arc::from("a"),
-            down: Conv2d::new(down.clone(), None, same)?,
-            up: Conv2d::new(up.clone(), None, Conv2dConfig::default())?,
-            matrices: (up.reshape((c_out, 2))?, down.reshape((2, c_in * 9))?),
-            scale: 1.0,
-            factor: 0.5,
-        });
+        let conv = conv_with_lora_term(c_in, c_out)?;
         let x = Tensor::from_vec(values(2 * c_in * 24 * 24, 19), (2, c_in, 24, 24), &dev)?;
         let normalised = norm.forward_silu(&x)?;
         let expected = conv.forward(&normalised)?;
         let without = conv.forward_weight(&conv.weight, &normalised)?;
         assert!(same_bits(&without, &expected, "").is_err(), "the LoRA term adds nothing");
         same_bits(&conv.forward_norm_silu(&norm, &x)?, &expected, "with an unfused LoRA")
+    }
+
+    /// `forward_upsampled` gives `forward(upsample_nearest2d(x, 2h, 2w))` bit for bit: where the
+    /// upsampling is read inside the Winograd input transform (odd source sizes included), and
+    /// where it falls back to the upsampled copy (f32 calls with few tiles, strided layers, an
+    /// unfused LoRA term).
+    #[test]
+    fn upsampling_read_on_the_way_in_matches_the_upsampled_copy() -> Result<()> {
+        let dev = Device::Cpu;
+        let (c_in, c_out) = (8, 6);
+        let mut dtypes = vec![DType::F32];
+        if packed::available() && winograd::enabled() {
+            dtypes.push(DType::BF16);
+        } else {
+            eprintln!("bf16 cases skipped: they need the packed bf16 GEMM and Winograd");
+        }
+        // (batch, source h, source w, stride, the call runs on Winograd in f32)
+        let cases = [
+            (2, 12, 12, 1, true),
+            (1, 23, 19, 1, true),
+            (1, 7, 9, 1, false),
+            (2, 12, 12, 2, false),
+        ];
+        for dtype in dtypes {
+            for &(b, h, w, stride, f32_winograd) in &cases {
+                let x = Tensor::from_vec(values(b * c_in * h * w, 21), (b, c_in, h, w), &dev)?;
+                let wt = Tensor::from_vec(values(c_out * c_in * 9, 22), (c_out, c_in, 3, 3), &dev)?
+                    .to_dtype(dtype)?;
+                let bias = Tensor::from_vec(values(c_out, 23), c_out, &dev)?;
+                let conv = Conv2d::new(wt, Some(bias), Conv2dConfig { padding: 1, stride })?;
+                let what = format!("{dtype:?} {b}x{h}x{w} s{stride}");
+                let fused = conv.runs_winograd(&conv.weight, &x, 2)?;
+                let expected_fused = if dtype == DType::F32 { f32_winograd } else { stride == 1 };
+                assert_eq!(fused, expected_fused, "{what}");
+                let expected = conv.forward(&x.upsample_nearest2d(2 * h, 2 * w)?)?;
+                same_bits(&conv.forward_upsampled(&x)?, &expected, &what)?;
+            }
+        }
+        let conv = conv_with_lora_term(c_in, c_out)?;
+        let x = Tensor::from_vec(values(2 * c_in * 12 * 12, 24), (2, c_in, 12, 12), &dev)?;
+        let expected = conv.forward(&x.upsample_nearest2d(24, 24)?)?;
+        same_bits(&conv.forward_upsampled(&x)?, &expected, "with an unfused LoRA")
+    }
+
+    /// A 3x3 f32 layer with one active, unfused LoRA term (which reads the layer's input).
+    fn conv_with_lora_term(c_in: usize, c_out: usize) -> Result<Conv2d> {
+        let dev = Device::Cpu;
+        let same = Conv2dConfig { padding: 1, stride: 1 };
+        let wt = Tensor::from_vec(values(c_out * c_in * 9, 16), (c_out, c_in, 3, 3), &dev)?;
+        let conv = Conv2d::new(wt, None, same)?;
+        let down = Tensor::from_vec(values(2 * c_in * 9, 17), (2, c_in, 3, 3), &dev)?;
+        let up = Tensor::from_vec(values(c_out * 2, 18), (c_out, 2, 1, 1), &dev)?;
+        conv.lora().write().terms.push(super::super::lora::LowRank {
+            adapter: std::sync::Arc::from("a"),
+            down: Conv2d::new(down.clone(), None, same)?,
+            up: Conv2d::new(up.clone(), None, Conv2dConfig::default())?,
+            matrices: (up.reshape((c_out, 2))?, down.reshape((2, c_in * 9))?),
+            scale: 1.0,
+            factor: 0.5,
+        });
+        Ok(conv)
     }
 
     /// Ok where `a` and `b` have the same shape and the same f32 values, bit for bit; else an

@@ -21,6 +21,7 @@ mod conv2d;
 mod group_norm;
 mod linear;
 pub mod lora;
+mod residual;
 pub(crate) mod winograd;
 
 pub use activations::{geglu, gelu_erf};
@@ -28,6 +29,7 @@ pub use conv2d::{conv2d, Conv2d, Conv2dConfig};
 pub use group_norm::{group_norm, GroupNorm};
 pub use linear::{linear, linear_no_bias, Linear};
 pub use lora::{collect_layers, LoraLayer};
+pub use residual::add_residual;
 
 use candle_core::{DType, Device, Result, Shape, Tensor};
 use candle_nn::VarBuilder;

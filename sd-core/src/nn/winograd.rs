@@ -32,12 +32,14 @@
 //!
 //! `SD_CONV_WINOGRAD=0` turns both off (every convolution on im2col).
 //!
-//! # A group norm and SiLU read on the way in ([`InputMap`])
+//! # What is read on the way in ([`InputMap`])
 //!
-//! Both take the input as it is, or as `silu(x * scale[c] + shift[c])` per image and channel: a
-//! resnet's group norm applied while the input rows are loaded for the transform, so the
-//! normalised copy of `x` (a full-size tensor, 0.6 GB at the VAE's last level at 768 px) is never
-//! made. The values are those [`GroupNorm::forward_silu`](super::GroupNorm) writes, bit for bit.
+//! Both take the input as it is, or as `silu(x * scale[c] + shift[c])` per image and channel (a
+//! resnet's group norm), or as its nearest-neighbour upsampling by 2 (an upsampler's input):
+//! applied while the input rows are loaded for the transform, so the normalised or upsampled
+//! copy of `x` (a full-size tensor, 0.6 GB at the VAE's last level at 768 px) is never made. The
+//! values are those [`GroupNorm::forward_silu`](super::GroupNorm) and candle's
+//! `upsample_nearest2d` write, bit for bit.
 
 use std::sync::OnceLock;
 
@@ -85,25 +87,47 @@ impl Shape {
     }
 }
 
-/// What the convolution reads from its input `x`: `x` itself, or `silu(x * scale + shift)` with
-/// one `scale` and `shift` per image and channel (a group norm and SiLU; see the module doc).
+/// What the convolution reads from its input `x` (see the module doc).
 #[derive(Debug, Clone, Copy)]
 pub(super) enum InputMap<'a> {
+    /// `x` itself.
     Plain,
+    /// `silu(x * scale + shift)`, one `scale` and `shift` per image and channel (a group norm
+    /// and SiLU).
     NormSilu(&'a ChannelAffine),
+    /// The nearest-neighbour upsampling of `x` by 2: `x` is `[batch, c_in, h / 2, w / 2]` for
+    /// a [`Shape`] of `h x w`.
+    Nearest2x,
 }
 
 impl InputMap<'_> {
-    /// The `(scale, shift)` of channel `ci` of image `image`, where the input is normalised.
-    fn channel(&self, image: usize, c_in: usize, ci: usize) -> Option<(f32, f32)> {
+    /// How channel `ci` of image `image` is read.
+    fn channel(&self, image: usize, c_in: usize, ci: usize) -> Read {
         match self {
-            InputMap::Plain => None,
+            InputMap::Plain => Read::Plain,
             InputMap::NormSilu(a) => {
                 let i = image * c_in + ci;
-                Some((a.scale[i], a.shift[i]))
+                Read::NormSilu(a.scale[i], a.shift[i])
             }
+            InputMap::Nearest2x => Read::Nearest2x,
         }
     }
+
+    /// The values of one input channel in `x`, for a convolution of `s`.
+    fn plane_len(&self, s: &Shape) -> usize {
+        match self {
+            InputMap::Plain | InputMap::NormSilu(_) => s.h * s.w,
+            InputMap::Nearest2x => (s.h / 2) * (s.w / 2),
+        }
+    }
+}
+
+/// How one input channel is read: [`InputMap`] for a channel.
+#[derive(Debug, Clone, Copy)]
+enum Read {
+    Plain,
+    NormSilu(f32, f32),
+    Nearest2x,
 }
 
 /// Whether the Winograd path is on: unless `SD_CONV_WINOGRAD=0`.
@@ -160,8 +184,9 @@ pub(super) unsafe fn conv3x3(
     bias: Option<&[f32]>,
     out: *mut f32,
 ) {
-    let Shape { batch, c_in, c_out, h, w } = *s;
-    assert!(x.len() >= batch * c_in * h * w && weight.len() >= c_out * c_in * 9);
+    let Shape { batch, c_in, c_out, .. } = *s;
+    let plane = input.plane_len(s);
+    assert!(x.len() >= batch * c_in * plane && weight.len() >= c_out * c_in * 9);
     assert!(bias.is_none_or(|b| b.len() >= c_out));
     let u = transform_weights(weight, c_out, c_in);
     // The builtin GEMM's kernel takes 64 tiles at a time; a remainder of 32 ran on its
@@ -170,7 +195,7 @@ pub(super) unsafe fn conv3x3(
     let out = SendPtr(out);
     tasks.par_iter().for_each(|task| {
         let (n, b) = (task.tiles(), task.images.start);
-        let image = &x[b * c_in * h * w..][..c_in * h * w];
+        let image = &x[b * c_in * plane..][..c_in * plane];
         with_scratch(0, XI * c_in * n, |v: &mut [f32]| {
             transform_input(image, input, b, s, task, v);
             with_scratch(1, XI * c_out * n, |m: &mut [f32]| {
@@ -192,7 +217,7 @@ pub(super) unsafe fn conv3x3(
                     };
                 }
                 // Safety: image `b`'s output pixels of these tiles belong to this task alone.
-                let image_out = unsafe { out.get().add(b * c_out * h * w) };
+                let image_out = unsafe { out.get().add(b * c_out * s.h * s.w) };
                 unsafe { transform_output(m, s, bias, task, b, image_out) };
             })
         })
@@ -370,7 +395,8 @@ pub(super) unsafe fn conv3x3_bf16(
     out: *mut f32,
 ) {
     let Shape { batch, c_in, c_out, h, w } = *s;
-    assert!(x.len() >= batch * c_in * h * w);
+    let plane_len = input.plane_len(s);
+    assert!(x.len() >= batch * c_in * plane_len);
     assert!((filters.c_out, filters.c_in) == (c_out, c_in));
     assert!(bias.is_none_or(|b| b.len() >= c_out));
     let tasks = if batch * s.tiles_h() * s.tiles_w() <= packed::PANEL {
@@ -396,9 +422,9 @@ pub(super) unsafe fn conv3x3_bf16(
                         for (i, image) in task.images.clone().enumerate() {
                             let v = &mut pair[c * n + i * per_image..];
                             if ci < c_in {
-                                let plane = &x[(image * c_in + ci) * h * w..][..h * w];
-                                let map = input.channel(image, c_in, ci);
-                                rows.transform(plane, map, s, task, v, 2 * n);
+                                let plane = &x[(image * c_in + ci) * plane_len..][..plane_len];
+                                let read = input.channel(image, c_in, ci);
+                                rows.transform(plane, read, s, task, v, 2 * n);
                             } else {
                                 for xi in 0..XI {
                                     v[2 * xi * n..][..per_image].fill(0.0);
@@ -557,11 +583,11 @@ fn transform_input(
     task: &Task,
     v: &mut [f32],
 ) {
-    let (n, plane) = (task.tiles(), s.h * s.w);
+    let (n, plane) = (task.tiles(), input.plane_len(s));
     let mut rows = InputRows::new(task);
     for ci in 0..s.c_in {
-        let map = input.channel(image, s.c_in, ci);
-        rows.transform(&x[ci * plane..][..plane], map, s, task, &mut v[ci * n..], s.c_in * n);
+        let read = input.channel(image, s.c_in, ci);
+        rows.transform(&x[ci * plane..][..plane], read, s, task, &mut v[ci * n..], s.c_in * n);
     }
 }
 
@@ -581,12 +607,12 @@ impl InputRows {
         }
     }
 
-    /// `V_ξ` of one channel (`plane`, `h x w`, read through `map`: `silu(x * scale + shift)`
-    /// where given) for the tiles of `task`: tile `t` of ξ goes to `v[ξ stride + t]`.
+    /// `V_ξ` of one channel (`plane`, read as `read` says: `h x w` values, or half of each
+    /// upsampled) for the tiles of `task`: tile `t` of ξ goes to `v[ξ stride + t]`.
     fn transform(
         &mut self,
         plane: &[f32],
-        map: Option<(f32, f32)>,
+        read: Read,
         s: &Shape,
         task: &Task,
         v: &mut [f32],
@@ -595,7 +621,7 @@ impl InputRows {
         let scratch = self;
         simd_dispatch!(transform_channel(
             plane: &[f32],
-            map: Option<(f32, f32)>,
+            read: Read,
             s: &Shape,
             task: &Task,
             scratch: &mut InputRows,
@@ -608,7 +634,7 @@ impl InputRows {
 #[inline(always)]
 fn transform_channel<S: MulAdd>(
     plane: &[f32],
-    map: Option<(f32, f32)>,
+    read: Read,
     s: &Shape,
     task: &Task,
     scratch: &mut InputRows,
@@ -630,12 +656,20 @@ fn transform_channel<S: MulAdd>(
     for (r, row_t) in rows.chunks_exact_mut(4 * tw).enumerate() {
         let iy = (first_row + r).wrapping_sub(1);
         if iy < h {
-            // The padding stays zero: it pads the normalised input.
+            // The padding stays zero: it pads the normalised or upsampled input.
             padded[..at].fill(0.0);
-            let (src, dst) = (&plane[iy * w + lo..iy * w + hi], &mut padded[at..at + hi - lo]);
-            match map {
-                None => dst.copy_from_slice(src),
-                Some((scale, shift)) => affine_with::<S>(src, dst, scale, shift, true),
+            let dst = &mut padded[at..at + hi - lo];
+            match read {
+                Read::Plain => dst.copy_from_slice(&plane[iy * w + lo..iy * w + hi]),
+                Read::NormSilu(scale, shift) => {
+                    affine_with::<S>(&plane[iy * w + lo..iy * w + hi], dst, scale, shift, true)
+                }
+                Read::Nearest2x => {
+                    let src = &plane[iy / 2 * (w / 2)..][..w / 2];
+                    for (d, x) in dst.iter_mut().zip(lo..hi) {
+                        *d = src[x / 2];
+                    }
+                }
             }
             padded[at + hi - lo..].fill(0.0);
         } else {
