@@ -748,12 +748,6 @@ mod tests {
             let vb = VarBuilder::from_tensors(tensors.into_iter().collect(), DType::F32, &dev);
             super::super::group_norm(groups, c_in, 1e-6, vb)?
         };
-        let mut dtypes = vec![DType::F32];
-        if packed::available() && winograd::enabled() {
-            dtypes.push(DType::BF16);
-        } else {
-            eprintln!("bf16 cases skipped: they need the packed bf16 GEMM and Winograd");
-        }
         // (batch, h, w, kernel, stride, pad, the call runs on Winograd in f32)
         let cases = [
             (2, 24, 24, 3, 1, 1, true),
@@ -762,7 +756,7 @@ mod tests {
             (2, 24, 24, 1, 1, 0, false),
             (2, 24, 24, 3, 2, 1, false),
         ];
-        for dtype in dtypes {
+        for dtype in winograd_dtypes() {
             for &(b, h, w, k, stride, pad, f32_winograd) in &cases {
                 // Per-image offsets, so each image has its own statistics.
                 let offsets =
@@ -801,12 +795,6 @@ mod tests {
     fn upsampling_read_on_the_way_in_matches_the_upsampled_copy() -> Result<()> {
         let dev = Device::Cpu;
         let (c_in, c_out) = (8, 6);
-        let mut dtypes = vec![DType::F32];
-        if packed::available() && winograd::enabled() {
-            dtypes.push(DType::BF16);
-        } else {
-            eprintln!("bf16 cases skipped: they need the packed bf16 GEMM and Winograd");
-        }
         // (batch, source h, source w, stride, the call runs on Winograd in f32)
         let cases = [
             (2, 12, 12, 1, true),
@@ -814,7 +802,7 @@ mod tests {
             (1, 7, 9, 1, false),
             (2, 12, 12, 2, false),
         ];
-        for dtype in dtypes {
+        for dtype in winograd_dtypes() {
             for &(b, h, w, stride, f32_winograd) in &cases {
                 let x = Tensor::from_vec(values(b * c_in * h * w, 21), (b, c_in, h, w), &dev)?;
                 let wt = Tensor::from_vec(values(c_out * c_in * 9, 22), (c_out, c_in, 3, 3), &dev)?
@@ -833,6 +821,16 @@ mod tests {
         let x = Tensor::from_vec(values(2 * c_in * 12 * 12, 24), (2, c_in, 12, 12), &dev)?;
         let expected = conv.forward(&x.upsample_nearest2d(24, 24)?)?;
         same_bits(&conv.forward_upsampled(&x)?, &expected, "with an unfused LoRA")
+    }
+
+    /// f32, and bf16 where its Winograd path runs here (packed kernels, Winograd switched on).
+    fn winograd_dtypes() -> Vec<DType> {
+        if packed::available() && winograd::enabled() {
+            vec![DType::F32, DType::BF16]
+        } else {
+            eprintln!("bf16 cases skipped: they need the packed bf16 GEMM and Winograd");
+            vec![DType::F32]
+        }
     }
 
     /// A 3x3 f32 layer with one active, unfused LoRA term (which reads the layer's input).

@@ -69,18 +69,8 @@ impl GroupNorm {
     }
 
     fn forward_cpu(&self, xs: &Tensor, silu: bool) -> Result<Tensor> {
-        let xs = xs.contiguous()?;
-        let dims = xs.dims().to_vec();
-        let channels = dims[1];
-        if channels != self.weight.dim(0)? {
-            candle_core::bail!(
-                "group norm: input has {channels} channels, the norm {}",
-                self.weight.dim(0)?
-            );
-        }
-        let spatial: usize = dims[2..].iter().product();
+        let Groups { xs, channels, spatial, gamma, beta } = self.groups(xs)?;
         let group_len = channels / self.num_groups * spatial;
-        let (gamma, beta) = (self.weight.to_vec1::<f32>()?, self.bias.to_vec1::<f32>()?);
         let mut out = vec![0f32; xs.elem_count()];
         with_slice::<f32, _>(&xs, |x| {
             out.par_chunks_mut(group_len).zip(x.par_chunks(group_len)).enumerate().for_each(
@@ -94,7 +84,23 @@ impl GroupNorm {
                 },
             )
         })?;
-        Tensor::from_vec(out, dims, &Device::Cpu)
+        Tensor::from_vec(out, xs.dims(), &Device::Cpu)
+    }
+
+    /// `xs` made contiguous, with its sizes checked against the norm's, and the norm's
+    /// parameters.
+    fn groups(&self, xs: &Tensor) -> Result<Groups> {
+        let xs = xs.contiguous()?;
+        let channels = xs.dim(1)?;
+        if channels != self.weight.dim(0)? {
+            candle_core::bail!(
+                "group norm: input has {channels} channels, the norm {}",
+                self.weight.dim(0)?
+            );
+        }
+        let spatial = xs.dims()[2..].iter().product();
+        let (gamma, beta) = (self.weight.to_vec1::<f32>()?, self.bias.to_vec1::<f32>()?);
+        Ok(Groups { xs, channels, spatial, gamma, beta })
     }
 
     /// `(scale, shift)` of each channel of group `i` (counted over all images), whose values
@@ -129,18 +135,8 @@ impl GroupNorm {
         if !self.cpu_kernel_applies(xs) {
             return Ok(None);
         }
-        let xs = xs.contiguous()?;
-        let dims = xs.dims();
-        let channels = dims[1];
-        if channels != self.weight.dim(0)? {
-            candle_core::bail!(
-                "group norm: input has {channels} channels, the norm {}",
-                self.weight.dim(0)?
-            );
-        }
-        let spatial: usize = dims[2..].iter().product();
+        let Groups { xs, channels, spatial, gamma, beta } = self.groups(xs)?;
         let group_len = channels / self.num_groups * spatial;
-        let (gamma, beta) = (self.weight.to_vec1::<f32>()?, self.bias.to_vec1::<f32>()?);
         let pairs: Vec<(f32, f32)> = with_slice::<f32, _>(&xs, |x| {
             x.par_chunks(group_len)
                 .enumerate()
@@ -150,6 +146,17 @@ impl GroupNorm {
         let (scale, shift) = pairs.into_iter().unzip();
         Ok(Some(ChannelAffine { scale, shift }))
     }
+}
+
+/// An input of [`GroupNorm::forward_cpu`] or [`GroupNorm::channel_affine`], ready for the
+/// per-group loops: see [`GroupNorm::groups`].
+struct Groups {
+    xs: Tensor,
+    channels: usize,
+    /// Values per channel and image.
+    spatial: usize,
+    gamma: Vec<f32>,
+    beta: Vec<f32>,
 }
 
 /// A group norm as an affine map per image and channel (`[batch * channels]`): see
