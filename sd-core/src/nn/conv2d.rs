@@ -404,7 +404,9 @@ impl Conv2d {
         let shape = winograd::Shape { batch, c_in, c_out, h, w };
         let winograd = on_winograd(weight, (kh, kw), self.cfg, &shape);
         if !winograd && !matches!(input, winograd::InputMap::Plain) {
-            candle_core::bail!("conv2d: a mapped input is read on the Winograd path only");
+            candle_core::bail!(
+                "conv2d: a normalised or upsampled input is read on the Winograd path only"
+            );
         }
         // Every element is written by the tasks below (bias or GEMM); the length is set after.
         let len = batch * c_out * pixels;
