@@ -138,6 +138,21 @@ pub(crate) mod test_values {
             .collect()
     }
 
+    /// Ok where `a` and `b` have the same shape and the same f32 values, bit for bit; else an
+    /// error naming the first difference.
+    pub fn same_bits(
+        a: &candle_core::Tensor,
+        b: &candle_core::Tensor,
+        what: &str,
+    ) -> candle_core::Result<()> {
+        assert_eq!(a.dims(), b.dims(), "{what}");
+        let (a, b) = (a.flatten_all()?.to_vec1::<f32>()?, b.flatten_all()?.to_vec1::<f32>()?);
+        match a.iter().zip(&b).position(|(x, y)| x.to_bits() != y.to_bits()) {
+            None => Ok(()),
+            Some(i) => candle_core::bail!("{what}: element {i} is {} against {}", a[i], b[i]),
+        }
+    }
+
     /// Whether bf16 weights can be multiplied here (packed kernels or MKL); tests that need it
     /// say so.
     pub fn bf16_gemms() -> bool {

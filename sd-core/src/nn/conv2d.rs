@@ -666,7 +666,7 @@ impl Module for Conv2d {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cpu::test_values::{bf16_gemms, values};
+    use crate::cpu::test_values::{bf16_gemms, same_bits, values};
 
     /// `(batch, c_in, c_out, h, w, kernel, stride, pad)`.
     type Case = (usize, usize, usize, usize, usize, usize, usize, usize);
@@ -852,17 +852,6 @@ mod tests {
             factor: 0.5,
         });
         Ok(conv)
-    }
-
-    /// Ok where `a` and `b` have the same shape and the same f32 values, bit for bit; else an
-    /// error naming the first difference.
-    fn same_bits(a: &Tensor, b: &Tensor, what: &str) -> Result<()> {
-        assert_eq!(a.dims(), b.dims(), "{what}");
-        let (a, b) = (a.flatten_all()?.to_vec1::<f32>()?, b.flatten_all()?.to_vec1::<f32>()?);
-        match a.iter().zip(&b).position(|(x, y)| x.to_bits() != y.to_bits()) {
-            None => Ok(()),
-            Some(i) => candle_core::bail!("{what}: element {i} is {} against {}", a[i], b[i]),
-        }
     }
 
     /// bf16 3x3 layers with stride 1 and padding 1 hold their weight transformed for Winograd

@@ -57,7 +57,7 @@ impl InplaceOp2 for AddAssign {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cpu::test_values::values;
+    use crate::cpu::test_values::{same_bits, values};
     use candle_core::Device;
 
     /// The same bits as `shortcut + h`, written into `h`'s storage (no new tensor); strided and
@@ -69,21 +69,18 @@ mod tests {
             Tensor::from_vec(values(2 * 3 * 70_000, 1), (2, 3, 70_000), &dev)?,
             Tensor::from_vec(values(2 * 3 * 70_000, 2), (2, 3, 70_000), &dev)?,
         );
-        let expected = (&shortcut + &h)?.flatten_all()?.to_vec1::<f32>()?;
+        let expected = (&shortcut + &h)?;
         let before = h.clone();
         let sum = add_residual(h, &shortcut)?;
+        same_bits(&sum, &expected, "the sum")?;
         // `before` shares `h`'s storage: it sees the sum, so nothing new was allocated for it.
-        let seen = before.flatten_all()?.to_vec1::<f32>()?;
-        let got = sum.flatten_all()?.to_vec1::<f32>()?;
-        assert!(got.iter().zip(&expected).all(|(a, b)| a.to_bits() == b.to_bits()));
-        assert!(seen.iter().zip(&expected).all(|(a, b)| a.to_bits() == b.to_bits()));
+        same_bits(&before, &expected, "h's storage")?;
         // A transposed shortcut is not contiguous: candle's sum, same values as candle's.
         let square = Tensor::from_vec(values(64, 3), (8, 8), &dev)?;
+        let original = square.copy()?;
         let other = Tensor::from_vec(values(64, 4), (8, 8), &dev)?.t()?;
-        let expected = (&other + &square)?.flatten_all()?.to_vec1::<f32>()?;
-        let got = add_residual(square.clone(), &other)?.flatten_all()?.to_vec1::<f32>()?;
-        assert_eq!(got, expected);
-        assert_ne!(square.flatten_all()?.to_vec1::<f32>()?, expected, "left unchanged");
-        Ok(())
+        let expected = (&other + &square)?;
+        same_bits(&add_residual(square.clone(), &other)?, &expected, "strided")?;
+        same_bits(&square, &original, "h of the strided sum")
     }
 }
