@@ -574,7 +574,8 @@ fn transform_filters_with<S: MulAdd>(
 
 /// `V_ξ[ci, tile] = (Bᵀ d B)_ξ` for the tiles of `task`, laid out `[16, c_in, tiles]` (see
 /// [`Task`]), with `Bᵀ = [1 0 -1 0; 0 1 1 0; 0 -1 1 0; 0 1 0 -1]` and `d` the tile's 4x4 input
-/// (rows and columns from 2 ty - 1 and 2 tx - 1, zero outside the image).
+/// (rows and columns from 2 ty - 1 and 2 tx - 1, zero outside the image). `x` holds the
+/// channels of image `image`, read as `input` says.
 fn transform_input(
     x: &[f32],
     input: InputMap,
