@@ -321,7 +321,7 @@ impl Conv2d {
     pub fn forward_norm_silu(&self, norm: &GroupNorm, xs: &Tensor) -> Result<Tensor> {
         let lora = self.lora.read();
         let weight = lora.fused.as_ref().unwrap_or(&self.weight);
-        if !lora.adds_terms() && self.runs_winograd(weight, xs, 1)? {
+        if !lora.adds_terms() && self.runs_winograd(weight, xs, winograd::InputMap::Plain)? {
             if let Some(affine) = norm.channel_affine(xs)? {
                 return self.forward_cpu(weight, xs, winograd::InputMap::NormSilu(&affine));
             }
@@ -337,17 +337,23 @@ impl Conv2d {
     pub fn forward_upsampled(&self, xs: &Tensor) -> Result<Tensor> {
         let lora = self.lora.read();
         let weight = lora.fused.as_ref().unwrap_or(&self.weight);
-        if !lora.adds_terms() && self.runs_winograd(weight, xs, 2)? {
-            return self.forward_cpu(weight, xs, winograd::InputMap::Nearest2x);
+        let input = winograd::InputMap::Nearest2x;
+        if !lora.adds_terms() && self.runs_winograd(weight, xs, input)? {
+            return self.forward_cpu(weight, xs, input);
         }
         drop(lora);
         let (_, _, h, w) = xs.dims4()?;
         self.forward(&xs.upsample_nearest2d(2 * h, 2 * w)?)
     }
 
-    /// Whether [`Self::forward_weight`] runs `xs`, upsampled by `scale` (1: as it is), on one of
-    /// the [`winograd`] paths.
-    fn runs_winograd(&self, weight: &Weight, xs: &Tensor, scale: usize) -> Result<bool> {
+    /// Whether [`Self::forward_cpu`] runs `xs`, read as `input` says (its upsampling is what
+    /// matters here), on one of the [`winograd`] paths.
+    fn runs_winograd(
+        &self,
+        weight: &Weight,
+        xs: &Tensor,
+        input: winograd::InputMap,
+    ) -> Result<bool> {
         let on_cpu = match weight {
             Weight::Dense(w) => use_cpu_kernels(xs, w.dtype()),
             Weight::Mapped { .. } => use_cpu_kernels(xs, DType::F32),
@@ -356,7 +362,8 @@ impl Conv2d {
         let (Ok((batch, c_in, h, w)), Ok((c_out, _, kh, kw))) = (xs.dims4(), weight.dims()) else {
             return Ok(false);
         };
-        let shape = winograd::Shape { batch, c_in, c_out, h: scale * h, w: scale * w };
+        let up = input.upsampling();
+        let shape = winograd::Shape { batch, c_in, c_out, h: up * h, w: up * w };
         Ok(on_cpu && on_winograd(weight, (kh, kw), self.cfg, &shape))
     }
 
@@ -370,11 +377,8 @@ impl Conv2d {
     ) -> Result<Tensor> {
         let xs = xs.contiguous()?;
         let (batch, c_in, h, w) = xs.dims4()?;
-        // The convolution's input is the upsampling of `xs` there.
-        let (h, w) = match input {
-            winograd::InputMap::Nearest2x => (2 * h, 2 * w),
-            _ => (h, w),
-        };
+        // The convolution's input is `xs` upsampled where `input` says so.
+        let (h, w) = (input.upsampling() * h, input.upsampling() * w);
         let (c_out, wc_in, kh, kw) = weight.dims()?;
         if c_in != wc_in {
             candle_core::bail!("conv2d: input has {c_in} channels, the weight expects {wc_in}");
@@ -770,7 +774,7 @@ mod tests {
                         .to_dtype(dtype)?;
                 let bias = Tensor::from_vec(values(c_out, 15), c_out, &dev)?;
                 let conv = Conv2d::new(wt, Some(bias), Conv2dConfig { padding: pad, stride })?;
-                let fused = conv.runs_winograd(&conv.weight, &x, 1)?;
+                let fused = conv.runs_winograd(&conv.weight, &x, winograd::InputMap::Plain)?;
                 let expected_fused =
                     if dtype == DType::F32 { f32_winograd } else { k == 3 && stride == 1 };
                 assert_eq!(fused, expected_fused, "{dtype:?} {b}x{h}x{w} k{k} s{stride}");
@@ -812,7 +816,7 @@ mod tests {
                 let bias = Tensor::from_vec(values(c_out, 23), c_out, &dev)?;
                 let conv = Conv2d::new(wt, Some(bias), Conv2dConfig { padding: 1, stride })?;
                 let what = format!("{dtype:?} {b}x{h}x{w} s{stride}");
-                let fused = conv.runs_winograd(&conv.weight, &x, 2)?;
+                let fused = conv.runs_winograd(&conv.weight, &x, winograd::InputMap::Nearest2x)?;
                 let expected_fused = if dtype == DType::F32 { f32_winograd } else { stride == 1 };
                 assert_eq!(fused, expected_fused, "{what}");
                 let expected = conv.forward(&x.upsample_nearest2d(2 * h, 2 * w)?)?;

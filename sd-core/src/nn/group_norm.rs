@@ -69,8 +69,7 @@ impl GroupNorm {
     }
 
     fn forward_cpu(&self, xs: &Tensor, silu: bool) -> Result<Tensor> {
-        let Groups { xs, channels, spatial, gamma, beta } = self.groups(xs)?;
-        let group_len = channels / self.num_groups * spatial;
+        let Groups { xs, channels, spatial, group_len, gamma, beta } = self.groups(xs)?;
         let mut out = vec![0f32; xs.elem_count()];
         with_slice::<f32, _>(&xs, |x| {
             out.par_chunks_mut(group_len).zip(x.par_chunks(group_len)).enumerate().for_each(
@@ -98,9 +97,10 @@ impl GroupNorm {
                 self.weight.dim(0)?
             );
         }
-        let spatial = xs.dims()[2..].iter().product();
+        let spatial: usize = xs.dims()[2..].iter().product();
+        let group_len = channels / self.num_groups * spatial;
         let (gamma, beta) = (self.weight.to_vec1::<f32>()?, self.bias.to_vec1::<f32>()?);
-        Ok(Groups { xs, channels, spatial, gamma, beta })
+        Ok(Groups { xs, channels, spatial, group_len, gamma, beta })
     }
 
     /// `(scale, shift)` of each channel of group `i` (counted over all images), whose values
@@ -135,8 +135,7 @@ impl GroupNorm {
         if !self.cpu_kernel_applies(xs) {
             return Ok(None);
         }
-        let Groups { xs, channels, spatial, gamma, beta } = self.groups(xs)?;
-        let group_len = channels / self.num_groups * spatial;
+        let Groups { xs, channels, group_len, gamma, beta, .. } = self.groups(xs)?;
         let pairs: Vec<(f32, f32)> = with_slice::<f32, _>(&xs, |x| {
             x.par_chunks(group_len)
                 .enumerate()
@@ -155,6 +154,8 @@ struct Groups {
     channels: usize,
     /// Values per channel and image.
     spatial: usize,
+    /// Values per group and image: one task of the per-group loops.
+    group_len: usize,
     gamma: Vec<f32>,
     beta: Vec<f32>,
 }

@@ -113,12 +113,17 @@ impl InputMap<'_> {
         }
     }
 
+    /// How many times larger (in height and width) the convolution's input is than `x`.
+    pub(super) fn upsampling(&self) -> usize {
+        match self {
+            InputMap::Plain | InputMap::NormSilu(_) => 1,
+            InputMap::Nearest2x => 2,
+        }
+    }
+
     /// The values of one input channel in `x`, for a convolution of `s`.
     fn plane_len(&self, s: &Shape) -> usize {
-        match self {
-            InputMap::Plain | InputMap::NormSilu(_) => s.h * s.w,
-            InputMap::Nearest2x => (s.h / 2) * (s.w / 2),
-        }
+        (s.h / self.upsampling()) * (s.w / self.upsampling())
     }
 }
 
