@@ -42,7 +42,7 @@ def read_into_page_cache(folder):
 
 
 def run_child(cmd, env=None):
-    """Runs a command; returns (stdout, wall seconds, peak RSS in GiB) of that child alone."""
+    """Runs a command; returns (stdout, stderr, wall seconds, peak RSS in GiB) of that child alone."""
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     _, status, usage = os.wait4(proc.pid, 0)
@@ -51,14 +51,14 @@ def run_child(cmd, env=None):
     code = os.waitstatus_to_exitcode(status)
     if code != 0:
         sys.exit(f"{cmd[0]} failed ({code}):\n{err[-3000:]}")
-    return out, wall, usage.ru_maxrss / 2**20  # ru_maxrss is in KiB on Linux
+    return out, err, wall, usage.ru_maxrss / 2**20  # ru_maxrss is in KiB on Linux
 
 
 def diffusers_run(args, mode):
     py = Path(args.venv) / "bin" / "python"
     cmd = [str(py), str(HERE / "diffusers_run.py"), "--model", args.model, "--size", str(args.size),
            "--steps", str(args.steps), "--seed", str(args.seed), "--mode", mode]
-    out, wall, rss = run_child(cmd)
+    out, _, wall, rss = run_child(cmd)
     r = json.loads(out.strip().splitlines()[-1])
     return {"load": r["load"], "text_encoder": r["text_encoder"], "unet_step": r["unet_step"],
             "vae_decode": r["vae_decode"], "wall": wall, "rss": rss, "precision": mode}
@@ -70,13 +70,15 @@ def openvino_run(args):
            "--steps", str(args.steps), "--seed", str(args.seed), "--precision", args.openvino_precision]
     if args.openvino_cache:
         cmd += ["--cache-dir", args.openvino_cache]
-    out, wall, rss = run_child(cmd)
+    out, _, wall, rss = run_child(cmd)
     r = json.loads(out.strip().splitlines()[-1])
     precision = f"{r['precision']}, model cache" if args.openvino_cache else r["precision"]
     return {"load": r["load"], "text_encoder": r["text_encoder"], "unet_step": r["unet_step"],
             "vae_decode": r["vae_decode"], "wall": wall, "rss": rss, "precision": precision}
 
 
+# sd-cli's note where it runs another dtype than asked (bf16 on a CPU without AMX or AVX512_BF16).
+RAN_INSTEAD = re.compile(r"note: running (\w+) instead of (\w+)")
 SUMMARY = re.compile(r"load ([\d.]+)s \| text encoder ([\d.]+)s \| denoise ([\d.]+)s \(([\d.]+)s/step\) \| vae decode ([\d.]+)s")
 
 
@@ -86,13 +88,16 @@ def ours_run(args, dtype):
            "--scheduler", "euler", "--dtype", dtype, "--out", "/tmp/side_by_side.png"]
     # Without --weight-cache, none: sd-cli's default folder would make the first round write it.
     env = dict(os.environ, SD_WEIGHT_CACHE=args.weight_cache or "off")
-    out, wall, rss = run_child(cmd, env)
+    out, err, wall, rss = run_child(cmd, env)
     m = SUMMARY.search(out)
     if not m:
         sys.exit(f"could not parse sd-cli output: {out}")
     load, text, _, step, vae = map(float, m.groups())
+    # The precision it ran in, as for OpenVINO: not always the one asked for.
+    ran = RAN_INSTEAD.search(err)
+    precision = f"{ran[1].lower()} ({dtype} asked)" if ran else dtype
     return {"load": load, "text_encoder": text, "unet_step": step, "vae_decode": vae, "wall": wall, "rss": rss,
-            "precision": f"{dtype}, weight cache" if args.weight_cache else dtype}
+            "precision": f"{precision}, weight cache" if args.weight_cache else precision}
 
 
 def main():
