@@ -69,21 +69,21 @@ impl GroupNorm {
     }
 
     fn forward_cpu(&self, xs: &Tensor, silu: bool) -> Result<Tensor> {
-        let Groups { xs, channels, spatial, group_len, gamma, beta } = self.groups(xs)?;
-        let mut out = vec![0f32; xs.elem_count()];
-        with_slice::<f32, _>(&xs, |x| {
-            out.par_chunks_mut(group_len).zip(x.par_chunks(group_len)).enumerate().for_each(
+        let g = self.groups(xs)?;
+        let mut out = vec![0f32; g.xs.elem_count()];
+        with_slice::<f32, _>(&g.xs, |x| {
+            out.par_chunks_mut(g.group_len).zip(x.par_chunks(g.group_len)).enumerate().for_each(
                 |(i, (dst, src))| {
-                    let group = self.group_affine(i, src, &gamma, &beta, channels);
+                    let group = self.group_affine(&g, i, src);
                     for ((d, s), (scale, shift)) in
-                        dst.chunks_mut(spatial).zip(src.chunks(spatial)).zip(group)
+                        dst.chunks_mut(g.spatial).zip(src.chunks(g.spatial)).zip(group)
                     {
                         affine(s, d, scale, shift, silu);
                     }
                 },
             )
         })?;
-        Tensor::from_vec(out, xs.dims(), &Device::Cpu)
+        Tensor::from_vec(out, g.xs.dims(), &Device::Cpu)
     }
 
     /// `xs` made contiguous, with its sizes checked against the norm's, and the norm's
@@ -103,16 +103,15 @@ impl GroupNorm {
         Ok(Groups { xs, channels, spatial, group_len, gamma, beta })
     }
 
-    /// `(scale, shift)` of each channel of group `i` (counted over all images), whose values
-    /// are `src`: the normalised value of `x` is `x * scale + shift`.
+    /// `(scale, shift)` of each channel of group `i` of `g` (counted over all images), whose
+    /// values are `src`: the normalised value of `x` is `x * scale + shift`.
     fn group_affine<'a>(
         &self,
+        g: &'a Groups,
         i: usize,
         src: &[f32],
-        gamma: &'a [f32],
-        beta: &'a [f32],
-        channels: usize,
     ) -> impl Iterator<Item = (f32, f32)> + 'a {
+        let Groups { channels, gamma, beta, .. } = g;
         let (sum, sum_sq) = moments(src);
         let n = src.len() as f64;
         let mean = sum / n;
@@ -135,11 +134,11 @@ impl GroupNorm {
         if !self.cpu_kernel_applies(xs) {
             return Ok(None);
         }
-        let Groups { xs, channels, group_len, gamma, beta, .. } = self.groups(xs)?;
-        let pairs: Vec<(f32, f32)> = with_slice::<f32, _>(&xs, |x| {
-            x.par_chunks(group_len)
+        let g = self.groups(xs)?;
+        let pairs: Vec<(f32, f32)> = with_slice::<f32, _>(&g.xs, |x| {
+            x.par_chunks(g.group_len)
                 .enumerate()
-                .flat_map_iter(|(i, src)| self.group_affine(i, src, &gamma, &beta, channels))
+                .flat_map_iter(|(i, src)| self.group_affine(&g, i, src))
                 .collect()
         })?;
         let (scale, shift) = pairs.into_iter().unzip();
